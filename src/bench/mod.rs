@@ -1,0 +1,13 @@
+//! The load-test harness behind `thunderline bench`: each benchmark runs its workload and, in
+//! the same run, a baseline to compare against, and reports both (as a table, or one JSON object
+//! with `--json`).
+
+pub mod pipeline;
+
+/// Reads this process's peak resident set size (VmHWM) in bytes, where the OS tells it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

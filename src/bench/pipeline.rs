@@ -1,0 +1,246 @@
+//! `thunderline bench pipeline`: N small messages through producer → processors → one batcher →
+//! a no-op sink, against a bare crossbeam channel between two threads as the baseline.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::pipeline::{
+    Acknowledger, BatchInfo, BatchSink, BatcherConfig, ConfigError, Demand, Failure, Message,
+    Pipeline, Processor, ProcessorConfig, Produced, Producer, ShutdownError,
+};
+
+/// The payload: 64 bytes, as in the issue's workload.
+pub type Payload = [u8; 64];
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct PipelineArgs {
+    /// Messages to send through each path.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub events: u64,
+    /// Processor workers.
+    #[arg(long, default_value_t = 2)]
+    pub processors: usize,
+    /// Messages a processor asks for at once (chunks are half of it).
+    #[arg(long, default_value_t = 1024)]
+    pub max_demand: usize,
+    #[arg(long, default_value_t = 20)]
+    pub batch_size: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PipelineReport {
+    pub events: u64,
+    pub acked: u64,
+    pub failed: u64,
+    pub seconds: f64,
+    pub events_per_sec: f64,
+    pub baseline_seconds: f64,
+    pub baseline_events_per_sec: f64,
+    pub ratio: f64,
+    pub max_in_flight: usize,
+    pub in_flight_bound: usize,
+    pub processors: usize,
+    pub max_demand: usize,
+    pub batch_size: usize,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot build the pipeline: {0}")]
+    Config(#[from] ConfigError),
+    #[error("the pipeline did not finish: {0}")]
+    Shutdown(#[from] ShutdownError),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+struct Generator {
+    remaining: u64,
+    next: u64,
+    acker: Arc<dyn Acknowledger<Payload>>,
+}
+
+impl Producer<Payload> for Generator {
+    async fn produce(&mut self, demand: &mut Demand<Payload>) -> Produced {
+        while self.remaining > 0 && !demand.is_filled() {
+            let mut payload = [0u8; 64];
+            payload[..8].copy_from_slice(&self.next.to_le_bytes());
+            let _ = demand.push(Message::with_acker(payload, self.acker.clone()));
+            self.next += 1;
+            self.remaining -= 1;
+        }
+        if self.remaining == 0 {
+            Produced::Exhausted
+        } else {
+            Produced::More
+        }
+    }
+}
+
+struct Touch;
+
+impl Processor<Payload> for Touch {
+    async fn handle_message(&self, message: &mut Message<Payload>) -> Result<(), Failure> {
+        message.data[63] = message.data[0];
+        Ok(())
+    }
+}
+
+struct Discard;
+
+impl BatchSink<Payload> for Discard {
+    async fn handle_batch(
+        &self,
+        _batch: &BatchInfo,
+        messages: &mut [Message<Payload>],
+    ) -> Result<(), Failure> {
+        black_box(messages);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Count {
+    successful: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Acknowledger<Payload> for Count {
+    fn ack(&self, successful: Vec<Message<Payload>>, failed: Vec<Message<Payload>>) {
+        self.successful
+            .fetch_add(successful.len() as u64, Ordering::Relaxed);
+        self.failed
+            .fetch_add(failed.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The baseline: one message per send through a bounded crossbeam channel between two threads.
+pub fn baseline(events: u64) -> Duration {
+    let (tx, rx) = crossbeam_channel::bounded::<Payload>(1024);
+    let started = Instant::now();
+    let consumer = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while let Ok(p) = rx.recv() {
+            black_box(p);
+            n += 1;
+        }
+        n
+    });
+    for i in 0..events {
+        let mut payload = [0u8; 64];
+        payload[..8].copy_from_slice(&i.to_le_bytes());
+        if tx.send(payload).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let received = consumer.join().unwrap_or(0);
+    let elapsed = started.elapsed();
+    assert_eq!(received, events, "the baseline consumer lost messages");
+    elapsed
+}
+
+/// Runs the pipeline path on the current runtime; returns (elapsed, acked, failed, stats).
+pub async fn run_pipeline(
+    args: &PipelineArgs,
+) -> Result<(Duration, u64, u64, crate::pipeline::PipelineStats), BenchError> {
+    let count = Arc::new(Count::default());
+    let producer = Generator {
+        remaining: args.events,
+        next: 0,
+        acker: count.clone(),
+    };
+    let started = Instant::now();
+    let pipeline = Pipeline::builder("bench")
+        .producer(producer)
+        .processor(
+            Touch,
+            ProcessorConfig::default()
+                .concurrency(args.processors)
+                .max_demand(args.max_demand),
+        )
+        .batcher(
+            BatcherConfig::new("default")
+                .batch_size(args.batch_size)
+                .batch_timeout(Duration::from_secs(2)),
+            Discard,
+        )
+        .start()?;
+    let stats = pipeline.join().await?;
+    let elapsed = started.elapsed();
+    Ok((
+        elapsed,
+        count.successful.load(Ordering::Relaxed),
+        count.failed.load(Ordering::Relaxed),
+        stats,
+    ))
+}
+
+pub fn run(args: &PipelineArgs) -> Result<PipelineReport, BenchError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let baseline = baseline(args.events);
+    let (elapsed, acked, failed, stats) = runtime.block_on(run_pipeline(args))?;
+    let rate = |d: Duration| args.events as f64 / d.as_secs_f64();
+    Ok(PipelineReport {
+        events: args.events,
+        acked,
+        failed,
+        seconds: elapsed.as_secs_f64(),
+        events_per_sec: rate(elapsed),
+        baseline_seconds: baseline.as_secs_f64(),
+        baseline_events_per_sec: rate(baseline),
+        ratio: baseline.as_secs_f64() / elapsed.as_secs_f64(),
+        max_in_flight: stats.max_in_flight,
+        in_flight_bound: stats.in_flight_bound,
+        processors: args.processors,
+        max_demand: args.max_demand,
+        batch_size: args.batch_size,
+        peak_rss_bytes: super::peak_rss_bytes(),
+    })
+}
+
+impl PipelineReport {
+    pub fn table(&self) -> String {
+        let mib =
+            |b: Option<u64>| b.map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+        format!(
+            "pipeline benchmark: {} events, {} processors, max_demand {}, batch_size {}\n\
+             {:<28}{:>16.0} events/s  ({:.3} s)\n\
+             {:<28}{:>16.0} events/s  ({:.3} s)\n\
+             {:<28}{:>16.3}\n\
+             {:<28}{:>16} ok, {} failed\n\
+             {:<28}{:>16} (bound {})\n\
+             {:<28}{:>16}\n",
+            self.events,
+            self.processors,
+            self.max_demand,
+            self.batch_size,
+            "pipeline",
+            self.events_per_sec,
+            self.seconds,
+            "baseline (crossbeam)",
+            self.baseline_events_per_sec,
+            self.baseline_seconds,
+            "ratio",
+            self.ratio,
+            "acked",
+            self.acked,
+            self.failed,
+            "max in flight",
+            self.max_in_flight,
+            self.in_flight_bound,
+            "peak RSS",
+            mib(self.peak_rss_bytes),
+        )
+    }
+}

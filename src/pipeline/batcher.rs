@@ -1,0 +1,201 @@
+//! The batcher stage: groups processed messages by batch key into batches for a sink.
+//!
+//! A batch leaves when it reaches `batch_size` (trigger `size`), when `batch_timeout` has passed
+//! since its first message (trigger `timeout`; the timer is never reset), when a message in
+//! `Flush` mode joins it, or when the pipeline drains (both trigger `flush`).
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::message::{BatchKey, BatchMode, BatcherName, Failure, Message};
+use super::stage::Shared;
+use super::telemetry::{BatchSizeMetrics, StageMetrics};
+
+/// What sent a batch out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    Size,
+    Timeout,
+    Flush,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Size => "size",
+            Self::Timeout => "timeout",
+            Self::Flush => "flush",
+        })
+    }
+}
+
+/// What a sink is told about the batch it handles.
+#[derive(Clone, Debug)]
+pub struct BatchInfo {
+    pub batcher: BatcherName,
+    pub batch_key: BatchKey,
+    /// Messages in this call (fewer than the batch when retrying part of it).
+    pub size: usize,
+    pub trigger: Trigger,
+}
+
+pub(crate) struct Batch<T> {
+    pub info: BatchInfo,
+    pub messages: Vec<Message<T>>,
+}
+
+struct Open<T> {
+    messages: Vec<Message<T>>,
+    generation: u64,
+}
+
+pub(crate) struct BatcherStage<T> {
+    pub name: BatcherName,
+    pub batch_size: usize,
+    pub batch_timeout: Duration,
+    pub inbox: mpsc::Receiver<Vec<Message<T>>>,
+    pub out: mpsc::Sender<Batch<T>>,
+    pub shared: Arc<Shared<T>>,
+    pub metrics: StageMetrics,
+    pub sizes: BatchSizeMetrics,
+}
+
+impl<T: Send + 'static> BatcherStage<T> {
+    pub async fn run(mut self) {
+        let mut open: HashMap<BatchKey, Open<T>> = HashMap::new();
+        // Every batch has the same timeout, so deadlines come due in the order batches opened.
+        // Entries of batches that already left are skipped by their generation.
+        let mut deadlines: VecDeque<(Instant, u64, BatchKey)> = VecDeque::new();
+        let mut generation = 0u64;
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut ready: Vec<Batch<T>> = Vec::new();
+
+        loop {
+            let next_deadline = deadlines.front().map(|d| d.0);
+            if let Some(at) = next_deadline
+                && timer.deadline() != at
+            {
+                timer.as_mut().reset(at);
+            }
+            tokio::select! {
+                biased;
+                chunk = self.inbox.recv() => {
+                    let Some(chunk) = chunk else { break };
+                    let n = chunk.len() as i64;
+                    self.metrics.received.inc_by(n as u64);
+                    self.metrics.in_flight.add(n);
+                    for msg in chunk {
+                        let key = msg.batch_key().clone();
+                        let batch = match open.entry(key.clone()) {
+                            Entry::Occupied(batch) => batch.into_mut(),
+                            Entry::Vacant(slot) => {
+                                generation += 1;
+                                deadlines.push_back((
+                                    Instant::now() + self.batch_timeout,
+                                    generation,
+                                    key.clone(),
+                                ));
+                                slot.insert(Open {
+                                    messages: Vec::with_capacity(self.batch_size.min(1024)),
+                                    generation,
+                                })
+                            }
+                        };
+                        let flush = msg.batch_mode() == BatchMode::Flush;
+                        batch.messages.push(msg);
+                        let trigger = if batch.messages.len() >= self.batch_size {
+                            Some(Trigger::Size)
+                        } else if flush {
+                            Some(Trigger::Flush)
+                        } else {
+                            None
+                        };
+                        if let Some(trigger) = trigger {
+                            let batch = open.remove(&key).expect("the batch is open");
+                            ready.push(self.seal(key, batch.messages, trigger));
+                        }
+                    }
+                    // Under steady load the timer arm may not get polled: check it here too.
+                    if next_deadline.is_some_and(|at| at <= Instant::now()) {
+                        self.expire(&mut open, &mut deadlines, &mut ready);
+                    }
+                }
+                () = &mut timer, if next_deadline.is_some() => {
+                    self.expire(&mut open, &mut deadlines, &mut ready);
+                }
+            }
+            for batch in ready.drain(..) {
+                self.send(batch).await;
+            }
+        }
+
+        // Drain: every open batch leaves now, oldest first.
+        for (_, generation, key) in deadlines {
+            if open.get(&key).is_some_and(|b| b.generation == generation) {
+                let batch = open.remove(&key).expect("the batch is open");
+                let batch = self.seal(key, batch.messages, Trigger::Flush);
+                self.send(batch).await;
+            }
+        }
+    }
+
+    fn expire(
+        &self,
+        open: &mut HashMap<BatchKey, Open<T>>,
+        deadlines: &mut VecDeque<(Instant, u64, BatchKey)>,
+        ready: &mut Vec<Batch<T>>,
+    ) {
+        let now = Instant::now();
+        while let Some((at, generation, _)) = deadlines.front() {
+            if *at > now {
+                break;
+            }
+            let generation = *generation;
+            let (_, _, key) = deadlines.pop_front().expect("front exists");
+            if open.get(&key).is_some_and(|b| b.generation == generation) {
+                let batch = open.remove(&key).expect("the batch is open");
+                ready.push(self.seal(key, batch.messages, Trigger::Timeout));
+            }
+        }
+    }
+
+    fn seal(&self, batch_key: BatchKey, messages: Vec<Message<T>>, trigger: Trigger) -> Batch<T> {
+        let size = messages.len();
+        match trigger {
+            Trigger::Size => &self.sizes.size,
+            Trigger::Timeout => &self.sizes.timeout,
+            Trigger::Flush => &self.sizes.flush,
+        }
+        .observe(size as f64);
+        Batch {
+            info: BatchInfo {
+                batcher: self.name.clone(),
+                batch_key,
+                size,
+                trigger,
+            },
+            messages,
+        }
+    }
+
+    async fn send(&self, batch: Batch<T>) {
+        let n = batch.messages.len();
+        self.metrics.in_flight.sub(n as i64);
+        self.metrics.sent.inc_by(n as u64);
+        if let Err(lost) = self.out.send(batch).await {
+            // The sinks are gone (they can only have crashed): fail rather than leak permits.
+            let mut messages = lost.0.messages;
+            for m in &mut messages {
+                m.fail(Failure::permanent("the batch sink stopped"));
+            }
+            self.shared.settle(&self.metrics, messages).await;
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! Declaring a pipeline: its producers, processors, batchers and sinks, checked and then started.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Registry;
+use tokio::sync::{Mutex, mpsc, watch};
+
+use super::batcher::BatcherStage;
+use super::error::ConfigError;
+use super::flow::RateLimiter;
+use super::message::{BatcherName, Message};
+use super::processor::{
+    AsyncHandler, ChunkHandler, CpuProcessor, HandlerPolicy, Processor, ProcessorWorker,
+    RayonHandler, Router,
+};
+use super::producer::{DynProducer, PartitionFn, Producer, ProducerStage};
+use super::retry::RetryPolicy;
+use super::running::{Pipeline, StageHandle};
+use super::sink::{BatchSink, DeadLetterSink, DynDeadLetter, DynSink, SinkWorker};
+use super::stage::Shared;
+use super::telemetry::{PipelineMetrics, StageKind};
+
+/// The processor pool's settings.
+#[derive(Clone, Debug)]
+pub struct ProcessorConfig {
+    /// Workers in the pool. Default: the number of cores.
+    pub concurrency: usize,
+    /// Messages a worker asks for at once. Default: 10.
+    pub max_demand: usize,
+    /// A worker asks again once it is owed this many or fewer. Default: `max_demand / 2`.
+    pub min_demand: Option<usize>,
+    pub retry: RetryPolicy,
+    /// Longest a single `handle_message` call may take; past it the call is cancelled and the
+    /// message fails retryably. Async processors only.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_demand: 10,
+            min_demand: None,
+            retry: RetryPolicy::none(),
+            timeout: None,
+        }
+    }
+}
+
+impl ProcessorConfig {
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    pub fn demand(mut self, max: usize, min: usize) -> Self {
+        self.max_demand = max;
+        self.min_demand = Some(min);
+        self
+    }
+
+    pub fn max_demand(mut self, max: usize) -> Self {
+        self.max_demand = max;
+        self
+    }
+
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    fn min_demand(&self) -> usize {
+        self.min_demand.unwrap_or(self.max_demand / 2)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |reason: String| {
+            Err(ConfigError::Invalid {
+                what: "processors".into(),
+                reason,
+            })
+        };
+        if self.concurrency == 0 {
+            return invalid("concurrency must be at least 1".into());
+        }
+        if self.max_demand == 0 {
+            return invalid("max_demand must be at least 1".into());
+        }
+        if self.min_demand() >= self.max_demand {
+            return invalid(format!(
+                "min_demand ({}) must be below max_demand ({})",
+                self.min_demand(),
+                self.max_demand
+            ));
+        }
+        if self.timeout == Some(Duration::ZERO) {
+            return invalid("timeout must be above zero".into());
+        }
+        self.retry.validate("processors")
+    }
+}
+
+/// One batcher's settings.
+#[derive(Clone, Debug)]
+pub struct BatcherConfig {
+    pub name: String,
+    /// Default: 20.
+    pub batch_size: usize,
+    /// Counted from a batch's first message. Default: 2 s.
+    pub batch_timeout: Duration,
+    /// Batch processors handing batches to the sink. Default: 1 (keeps batch order).
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    /// Longest a single `handle_batch` call may take.
+    pub timeout: Option<Duration>,
+}
+
+impl BatcherConfig {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            batch_size: 20,
+            batch_timeout: Duration::from_secs(2),
+            concurrency: 1,
+            retry: RetryPolicy::none(),
+            timeout: None,
+        }
+    }
+
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n;
+        self
+    }
+
+    pub fn batch_timeout(mut self, d: Duration) -> Self {
+        self.batch_timeout = d;
+        self
+    }
+
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let what = format!("batcher {:?}", self.name);
+        let invalid = |reason: &str| {
+            Err(ConfigError::Invalid {
+                what: what.clone(),
+                reason: reason.into(),
+            })
+        };
+        if self.name.is_empty() {
+            return invalid("the name must not be empty");
+        }
+        if self.batch_size == 0 {
+            return invalid("batch_size must be at least 1");
+        }
+        if self.batch_timeout.is_zero() {
+            return invalid("batch_timeout must be above zero");
+        }
+        if self.concurrency == 0 {
+            return invalid("concurrency must be at least 1");
+        }
+        if self.timeout == Some(Duration::ZERO) {
+            return invalid("timeout must be above zero");
+        }
+        self.retry.validate(&what)
+    }
+}
+
+/// Declares a pipeline; [`start`](Self::start) checks it and spawns its stages.
+pub struct PipelineBuilder<T> {
+    name: String,
+    producers: Vec<Box<dyn DynProducer<T>>>,
+    rate_limit: Option<(usize, Duration)>,
+    processor: Option<(Arc<dyn ChunkHandler<T>>, bool)>,
+    processors: ProcessorConfig,
+    partition_by: Option<PartitionFn<T>>,
+    batchers: Vec<(BatcherConfig, Arc<dyn DynSink<T>>)>,
+    dead_letter: Option<Arc<dyn DynDeadLetter<T>>>,
+    in_flight_bound: Option<usize>,
+    shutdown_timeout: Duration,
+    registry: Option<(Registry, Arc<PipelineMetrics>)>,
+}
+
+impl<T: Clone + Send + 'static> PipelineBuilder<T> {
+    pub(crate) fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            producers: Vec::new(),
+            rate_limit: None,
+            processor: None,
+            processors: ProcessorConfig::default(),
+            partition_by: None,
+            batchers: Vec::new(),
+            dead_letter: None,
+            in_flight_bound: None,
+            shutdown_timeout: Duration::from_secs(30),
+            registry: None,
+        }
+    }
+
+    /// Adds a producer; each runs in its own task and every processor draws from all of them.
+    pub fn producer(mut self, producer: impl Producer<T>) -> Self {
+        self.producers.push(Box::new(producer));
+        self
+    }
+
+    /// At most `allowed` messages per `interval`, across all producers.
+    pub fn rate_limit(mut self, allowed: usize, interval: Duration) -> Self {
+        self.rate_limit = Some((allowed, interval));
+        self
+    }
+
+    /// The async message handler and its pool's settings.
+    pub fn processor(mut self, processor: impl Processor<T>, config: ProcessorConfig) -> Self {
+        self.processor = Some((Arc::new(AsyncHandler(processor)), false));
+        self.processors = config;
+        self
+    }
+
+    /// A CPU-bound message handler, run on the global rayon pool.
+    pub fn cpu_processor(
+        mut self,
+        processor: impl CpuProcessor<T>,
+        config: ProcessorConfig,
+    ) -> Self {
+        self.processor = Some((
+            Arc::new(RayonHandler {
+                processor: Arc::new(processor),
+                pool: None,
+            }),
+            true,
+        ));
+        self.processors = config;
+        self
+    }
+
+    /// All messages with one key go to one processor, in order.
+    pub fn partition_by(
+        mut self,
+        key: impl Fn(&Message<T>) -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        self.partition_by = Some(Arc::new(key));
+        self
+    }
+
+    /// Adds a batcher and the sink its batches go to. Messages that name no batcher go to the
+    /// first one added.
+    pub fn batcher(mut self, config: BatcherConfig, sink: impl BatchSink<T>) -> Self {
+        self.batchers.push((config, Arc::new(sink)));
+        self
+    }
+
+    pub fn dead_letter(mut self, sink: impl DeadLetterSink<T>) -> Self {
+        self.dead_letter = Some(Arc::new(sink));
+        self
+    }
+
+    /// The most messages the pipeline holds at once, from the moment a producer hands one out
+    /// to its acknowledgement. Default: what the processors can ask for plus room for every
+    /// batcher to fill a batch while its sinks work on theirs.
+    pub fn in_flight_bound(mut self, n: usize) -> Self {
+        self.in_flight_bound = Some(n);
+        self
+    }
+
+    /// How long [`Pipeline::shutdown`] waits for the drain. Default: 30 s.
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = d;
+        self
+    }
+
+    /// Reports metrics into `registry` through `metrics` (registered there once, shareable by
+    /// several pipelines). Default: a registry of the pipeline's own.
+    pub fn metrics(mut self, registry: Registry, metrics: Arc<PipelineMetrics>) -> Self {
+        self.registry = Some((registry, metrics));
+        self
+    }
+
+    fn default_in_flight_bound(&self) -> usize {
+        let processors =
+            self.producers.len() * self.processors.concurrency * self.processors.max_demand;
+        let batchers: usize = self
+            .batchers
+            .iter()
+            .map(|(b, _)| b.batch_size * (2 * b.concurrency + 1))
+            .sum();
+        processors + batchers
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty() {
+            return Err(ConfigError::Invalid {
+                what: "pipeline".into(),
+                reason: "the name must not be empty".into(),
+            });
+        }
+        if self.producers.is_empty() {
+            return Err(ConfigError::NoProducer);
+        }
+        let Some((_, cpu_bound)) = &self.processor else {
+            return Err(ConfigError::NoProcessor);
+        };
+        self.processors.validate()?;
+        if *cpu_bound && self.processors.timeout.is_some() {
+            return Err(ConfigError::Invalid {
+                what: "processors".into(),
+                reason: "a CPU-bound processor runs on rayon, where work cannot be cancelled: \
+                         it cannot have a timeout"
+                    .into(),
+            });
+        }
+        for (i, (b, _)) in self.batchers.iter().enumerate() {
+            b.validate()?;
+            if self.batchers[..i].iter().any(|(o, _)| o.name == b.name) {
+                return Err(ConfigError::DuplicateBatcher(b.name.clone()));
+            }
+        }
+        if let Some((allowed, interval)) = self.rate_limit
+            && (allowed == 0 || interval.is_zero())
+        {
+            return Err(ConfigError::Invalid {
+                what: "rate limit".into(),
+                reason: "allowed messages and interval must both be above zero".into(),
+            });
+        }
+        if self.in_flight_bound == Some(0) {
+            return Err(ConfigError::Invalid {
+                what: "in_flight_bound".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the declaration and spawns every stage on the current tokio runtime.
+    pub fn start(self) -> Result<Pipeline<T>, ConfigError> {
+        self.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
+        let bound = self
+            .in_flight_bound
+            .unwrap_or_else(|| self.default_in_flight_bound());
+        let (registry, metrics) = match self.registry {
+            Some(r) => r,
+            None => {
+                let registry = Registry::new();
+                let metrics = PipelineMetrics::register(&registry)?;
+                (registry, metrics)
+            }
+        };
+        let name = self.name;
+        let shared = Arc::new(Shared::new(name.clone(), bound, self.dead_letter));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut batcher_stages = Vec::new();
+        let mut tasks = Vec::new();
+
+        // Batchers and their sinks.
+        let mut routes: Vec<(BatcherName, mpsc::Sender<Vec<Message<T>>>)> = Vec::new();
+        for (config, sink) in self.batchers {
+            let batcher_name: BatcherName = config.name.as_str().into();
+            let (tx, inbox) = mpsc::channel(2 * self.processors.concurrency.max(2));
+            let (out, batches) = mpsc::channel(config.concurrency);
+            let stage = format!("batcher:{}", config.name);
+            let metrics_b = metrics.stage(&name, &stage);
+            batcher_stages.push(StageHandle::new(
+                stage.clone(),
+                StageKind::Batcher,
+                1,
+                &metrics_b,
+            ));
+            let batcher = BatcherStage {
+                name: batcher_name.clone(),
+                batch_size: config.batch_size,
+                batch_timeout: config.batch_timeout,
+                inbox,
+                out,
+                shared: shared.clone(),
+                metrics: metrics_b,
+                sizes: metrics.batch_sizes(&name, &config.name),
+            };
+            tasks.push((stage, runtime.spawn(batcher.run())));
+
+            let stage = format!("sink:{}", config.name);
+            let metrics_s = metrics.stage(&name, &stage);
+            batcher_stages.push(StageHandle::new(
+                stage.clone(),
+                StageKind::Sink,
+                config.concurrency,
+                &metrics_s,
+            ));
+            let batches = Arc::new(Mutex::new(batches));
+            for _ in 0..config.concurrency {
+                let worker = SinkWorker {
+                    batches: batches.clone(),
+                    sink: sink.clone(),
+                    retry: config.retry.clone(),
+                    timeout: config.timeout,
+                    shared: shared.clone(),
+                    metrics: metrics_s.clone(),
+                };
+                tasks.push((stage.clone(), runtime.spawn(worker.run())));
+            }
+            routes.push((batcher_name, tx));
+        }
+        let router = Router { batchers: routes };
+
+        // Processors.
+        let (handler, _) = self.processor.expect("validated");
+        let config = self.processors;
+        let policy = Arc::new(HandlerPolicy {
+            retry: config.retry.clone(),
+            timeout: config.timeout,
+        });
+        let metrics_p = metrics.stage(&name, "processor");
+        let processor_stage = StageHandle::new(
+            "processor".into(),
+            StageKind::Processor,
+            config.concurrency,
+            &metrics_p,
+        );
+        let mut ask_txs = Vec::new();
+        let mut ask_rxs = Vec::new();
+        for _ in 0..self.producers.len() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            ask_txs.push(tx);
+            ask_rxs.push(rx);
+        }
+        let mut inboxes = Vec::new();
+        for index in 0..config.concurrency {
+            // Unbounded, because demand bounds it: a worker is never sent more than it asked for.
+            let (tx, inbox) = mpsc::unbounded_channel();
+            inboxes.push(tx);
+            let worker = ProcessorWorker {
+                index,
+                inbox,
+                asks: ask_txs.clone(),
+                max_demand: config.max_demand,
+                min_demand: config.min_demand(),
+                handler: handler.clone(),
+                policy: policy.clone(),
+                router: router.clone(),
+                shared: shared.clone(),
+                metrics: metrics_p.clone(),
+            };
+            tasks.push(("processor".into(), runtime.spawn(worker.run())));
+        }
+        drop(router);
+
+        // Producers.
+        let rate_limit = self
+            .rate_limit
+            .map(|(allowed, interval)| Arc::new(RateLimiter::new(allowed, interval)));
+        let metrics_r = metrics.stage(&name, "producer");
+        let mut stages = vec![
+            StageHandle::new(
+                "producer".into(),
+                StageKind::Producer,
+                self.producers.len(),
+                &metrics_r,
+            ),
+            processor_stage,
+        ];
+        stages.extend(batcher_stages);
+        for (index, (producer, asks)) in self.producers.into_iter().zip(ask_rxs).enumerate() {
+            let stage = ProducerStage {
+                index,
+                producer,
+                asks,
+                workers: inboxes.clone(),
+                partition_by: self.partition_by.clone(),
+                max_chunk: (config.max_demand - config.min_demand()).max(1),
+                rate_limit: rate_limit.clone(),
+                stop: stop_rx.clone(),
+                shared: shared.clone(),
+                metrics: metrics_r.clone(),
+            };
+            tasks.push(("producer".into(), runtime.spawn(stage.run())));
+        }
+
+        Ok(Pipeline::new(
+            shared,
+            stop_tx,
+            tasks,
+            stages,
+            registry,
+            self.shutdown_timeout,
+        ))
+    }
+}

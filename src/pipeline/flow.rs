@@ -1,0 +1,186 @@
+//! Flow control shared by the producers: the bound on messages in flight, and the rate limit.
+//!
+//! Every message takes one in-flight permit when a producer hands it out and gives it back when
+//! it is acknowledged, so the pipeline never holds more than `bound` messages, however many batch
+//! keys or slow sinks there are. Producers only ask their source for as many messages as they
+//! hold permits for.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+pub(crate) struct InFlight {
+    bound: usize,
+    current: AtomicUsize,
+    peak: AtomicUsize,
+    released: Notify,
+}
+
+impl InFlight {
+    pub fn new(bound: usize) -> Self {
+        Self {
+            bound,
+            current: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            released: Notify::new(),
+        }
+    }
+
+    pub fn bound(&self) -> usize {
+        self.bound
+    }
+
+    pub fn current(&self) -> usize {
+        self.current.load(Ordering::Acquire)
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Acquire)
+    }
+
+    fn try_acquire_up_to(&self, want: usize) -> usize {
+        let mut cur = self.current.load(Ordering::Acquire);
+        loop {
+            let n = want.min(self.bound.saturating_sub(cur));
+            if n == 0 {
+                return 0;
+            }
+            match self.current.compare_exchange_weak(
+                cur,
+                cur + n,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.peak.fetch_max(cur + n, Ordering::AcqRel);
+                    return n;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Takes between 1 and `want` permits, waiting until at least one is free.
+    pub async fn acquire_up_to(&self, want: usize) -> usize {
+        debug_assert!(want > 0);
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let n = self.try_acquire_up_to(want);
+            if n > 0 {
+                return n;
+            }
+            released.await;
+        }
+    }
+
+    pub fn release(&self, n: usize) {
+        if n > 0 {
+            self.current.fetch_sub(n, Ordering::AcqRel);
+            self.released.notify_waiters();
+        }
+    }
+}
+
+/// Broadway's rate limiter: at most `allowed` messages per `interval`, one shared counter that
+/// refills at the start of each interval.
+pub struct RateLimiter {
+    allowed: usize,
+    interval: Duration,
+    window: Mutex<Window>,
+}
+
+struct Window {
+    remaining: usize,
+    ends: Option<Instant>,
+}
+
+impl RateLimiter {
+    pub fn new(allowed: usize, interval: Duration) -> Self {
+        Self {
+            allowed,
+            interval,
+            window: Mutex::new(Window {
+                remaining: allowed,
+                ends: None,
+            }),
+        }
+    }
+
+    pub fn allowed(&self) -> usize {
+        self.allowed
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Takes between 1 and `want` tokens, waiting for the next interval when none are left.
+    pub(crate) async fn acquire_up_to(&self, want: usize) -> usize {
+        loop {
+            let wait_until = {
+                let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                match w.ends {
+                    Some(ends) if now < ends => {}
+                    _ => {
+                        w.remaining = self.allowed;
+                        w.ends = Some(now + self.interval);
+                    }
+                }
+                if w.remaining > 0 {
+                    let n = want.min(w.remaining);
+                    w.remaining -= n;
+                    return n;
+                }
+                w.ends.unwrap_or(now)
+            };
+            tokio::time::sleep_until(wait_until).await;
+        }
+    }
+
+    /// Gives back tokens that were taken but not used.
+    pub(crate) fn refund(&self, n: usize) {
+        if n > 0 {
+            let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+            w.remaining = (w.remaining + n).min(self.allowed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiter_allows_per_interval() {
+        let rl = RateLimiter::new(5, Duration::from_secs(1));
+        let start = Instant::now();
+        let mut got = 0;
+        let mut stamps = Vec::new();
+        while got < 12 {
+            got += rl.acquire_up_to(3).await;
+            stamps.push((start.elapsed().as_millis(), got));
+        }
+        // 5 in the first second, 5 in the second, 2 in the third.
+        assert_eq!(
+            stamps,
+            vec![(0, 3), (0, 5), (1000, 8), (1000, 10), (2000, 13)]
+        );
+    }
+
+    #[tokio::test]
+    async fn in_flight_never_exceeds_bound() {
+        let f = InFlight::new(10);
+        assert_eq!(f.acquire_up_to(7).await, 7);
+        assert_eq!(f.acquire_up_to(7).await, 3);
+        assert_eq!(f.current(), 10);
+        f.release(4);
+        assert_eq!(f.acquire_up_to(100).await, 4);
+        assert_eq!(f.peak(), 10);
+    }
+}

@@ -1,0 +1,75 @@
+//! The engine: producer → processor pool → batchers → sinks, with demand-driven backpressure,
+//! per-message acknowledgement, retry, dead letters and a drain that loses nothing.
+//!
+//! It is modelled on Elixir's Broadway, and keeps Broadway's contract:
+//!
+//! - **Demand.** Processors ask producers for messages (`max_demand`, refilled at
+//!   `min_demand`); a producer never hands out more than it was asked for, and the whole
+//!   pipeline never holds more than its in-flight bound.
+//! - **Acknowledgement.** Every message a producer hands out is acknowledged exactly once, after
+//!   its last stage, and only after every sink it went to has it. Messages sharing an
+//!   acknowledger are acknowledged together, once per chunk or batch.
+//! - **Failure.** A failed message goes no further: it is retried if its failure is retryable
+//!   and the stage's [`RetryPolicy`] allows, dead-lettered once attempts run out, and
+//!   acknowledged as failed. A panicking handler fails its message; it never takes a stage down.
+//! - **Drain.** [`Pipeline::shutdown`] stops taking new messages, finishes everything already
+//!   taken, flushes every open batch and acknowledges it all before it returns.
+//!
+//! Beyond Broadway: retry with exponential backoff and full jitter (per processor pool and per
+//! batcher), a dead-letter sink, fan-out to several batchers with one acknowledgement,
+//! per-message timeouts, CPU-bound handlers on rayon, and a hard bound on messages in flight.
+//!
+//! ```no_run
+//! # use thunderline::pipeline::*;
+//! struct Double;
+//! impl Processor<u64> for Double {
+//!     async fn handle_message(&self, m: &mut Message<u64>) -> Result<(), Failure> {
+//!         m.data *= 2;
+//!         Ok(())
+//!     }
+//! }
+//! struct Print;
+//! impl BatchSink<u64> for Print {
+//!     async fn handle_batch(&self, b: &BatchInfo, ms: &mut [Message<u64>]) -> Result<(), Failure> {
+//!         println!("{} messages ({})", ms.len(), b.trigger);
+//!         Ok(())
+//!     }
+//! }
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let (producer, push) = in_memory::<u64>(100);
+//! let pipeline = Pipeline::builder("example")
+//!     .producer(producer)
+//!     .processor(Double, ProcessorConfig::default())
+//!     .batcher(BatcherConfig::new("print"), Print)
+//!     .start()?;
+//! push.push(Message::new(21)).await?;
+//! pipeline.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+mod ack;
+mod batcher;
+mod builder;
+mod error;
+mod flow;
+mod message;
+mod processor;
+mod producer;
+mod retry;
+mod running;
+mod sink;
+mod stage;
+mod telemetry;
+
+pub use ack::Acknowledger;
+pub use batcher::{BatchInfo, Trigger};
+pub use builder::{BatcherConfig, PipelineBuilder, ProcessorConfig};
+pub use error::{ConfigError, PushError, ShutdownError};
+pub use flow::RateLimiter;
+pub use message::{BatchKey, BatchMode, BatcherName, Failure, Message, Metadata, Status};
+pub use processor::{CpuProcessor, Processor};
+pub use producer::{Demand, InMemoryProducer, Produced, Producer, PushHandle, in_memory};
+pub use retry::{Delays, Jitter, RetryPolicy};
+pub use running::{Pipeline, PipelineStats};
+pub use sink::{BatchSink, DeadLetterSink};
+pub use telemetry::{PipelineMetrics, StageKind, StageTopology, Topology};

@@ -1,0 +1,226 @@
+//! The sink stage: a pool of batch processors per batcher that hand each batch to the user's
+//! [`BatchSink`], retry what failed under the batcher's retry policy, and settle the batch:
+//! exhausted failures to the [`DeadLetterSink`], then one acknowledgement per acknowledger.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::{Mutex, mpsc};
+
+use super::batcher::{Batch, BatchInfo};
+use super::message::{Failure, Message};
+use super::processor::panic_message;
+use super::retry::RetryPolicy;
+use super::stage::Shared;
+use super::telemetry::StageMetrics;
+
+/// Where a batcher's batches go: a database, a socket, a broker.
+///
+/// The sink gets the batch's messages by reference, so it cannot lose one. It may fail single
+/// messages (`message.fail(..)`) or return a failure for the whole batch; retryable failures are
+/// retried, as a smaller batch of just those messages, under the batcher's retry policy.
+pub trait BatchSink<T>: Send + Sync + 'static {
+    fn handle_batch(
+        &self,
+        batch: &BatchInfo,
+        messages: &mut [Message<T>],
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
+
+    /// Sees the batch's failed messages after their last attempt, before acknowledgement.
+    fn handle_failed(
+        &self,
+        batch: &BatchInfo,
+        messages: &mut [Message<T>],
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (batch, messages);
+        std::future::ready(())
+    }
+}
+
+/// Receives messages whose retryable failures outlasted their attempts, before they are
+/// acknowledged as failed. `stage` names where they gave up (`processor`, `sink:<batcher>`).
+pub trait DeadLetterSink<T>: Send + Sync + 'static {
+    fn dead_letter(
+        &self,
+        stage: &str,
+        messages: &mut [Message<T>],
+    ) -> impl Future<Output = ()> + Send;
+}
+
+pub(crate) trait DynSink<T>: Send + Sync + 'static {
+    fn handle_batch<'a>(
+        &'a self,
+        batch: &'a BatchInfo,
+        messages: &'a mut [Message<T>],
+    ) -> BoxFuture<'a, Result<(), Failure>>;
+    fn handle_failed<'a>(
+        &'a self,
+        batch: &'a BatchInfo,
+        messages: &'a mut [Message<T>],
+    ) -> BoxFuture<'a, ()>;
+}
+
+impl<T: Send + 'static, S: BatchSink<T>> DynSink<T> for S {
+    fn handle_batch<'a>(
+        &'a self,
+        batch: &'a BatchInfo,
+        messages: &'a mut [Message<T>],
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(BatchSink::handle_batch(self, batch, messages))
+    }
+
+    fn handle_failed<'a>(
+        &'a self,
+        batch: &'a BatchInfo,
+        messages: &'a mut [Message<T>],
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(BatchSink::handle_failed(self, batch, messages))
+    }
+}
+
+pub(crate) trait DynDeadLetter<T>: Send + Sync + 'static {
+    fn dead_letter<'a>(
+        &'a self,
+        stage: &'a str,
+        messages: &'a mut [Message<T>],
+    ) -> BoxFuture<'a, ()>;
+}
+
+impl<T: Send + 'static, D: DeadLetterSink<T>> DynDeadLetter<T> for D {
+    fn dead_letter<'a>(
+        &'a self,
+        stage: &'a str,
+        messages: &'a mut [Message<T>],
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if AssertUnwindSafe(DeadLetterSink::dead_letter(self, stage, messages))
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!("the dead-letter sink panicked");
+            }
+        })
+    }
+}
+
+/// One batch processor of a batcher's pool.
+pub(crate) struct SinkWorker<T> {
+    pub batches: Arc<Mutex<mpsc::Receiver<Batch<T>>>>,
+    pub sink: Arc<dyn DynSink<T>>,
+    pub retry: RetryPolicy,
+    pub timeout: Option<Duration>,
+    pub shared: Arc<Shared<T>>,
+    pub metrics: StageMetrics,
+}
+
+impl<T: Send + 'static> SinkWorker<T> {
+    pub async fn run(self) {
+        loop {
+            let batch = { self.batches.lock().await.recv().await };
+            let Some(Batch { mut info, messages }) = batch else {
+                break;
+            };
+            let n = messages.len();
+            self.metrics.received.inc_by(n as u64);
+            self.metrics.in_flight.add(n as i64);
+            let started = std::time::Instant::now();
+
+            let mut done = self.deliver(&mut info, messages).await;
+            let failed = done.iter().filter(|m| m.is_failed()).count();
+            if failed > 0 {
+                done.sort_by_key(|m| !m.is_failed());
+                let failed_part = &mut done[..failed];
+                info.size = failed;
+                if AssertUnwindSafe(self.sink.handle_failed(&info, failed_part))
+                    .catch_unwind()
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(batcher = %info.batcher, "handle_failed panicked");
+                }
+            }
+            self.metrics.sent.inc_by((n - failed) as u64);
+            self.shared.settle(&self.metrics, done).await;
+            self.metrics
+                .duration
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics.in_flight.sub(n as i64);
+        }
+    }
+
+    /// Hands the batch to the sink, retrying what failed retryably; returns every message.
+    async fn deliver(
+        &self,
+        info: &mut BatchInfo,
+        mut messages: Vec<Message<T>>,
+    ) -> Vec<Message<T>> {
+        for m in &mut messages {
+            m.attempts = 0;
+        }
+        let mut done: Vec<Message<T>> = Vec::new();
+        let mut delays = self.retry.delays();
+        loop {
+            for m in &mut messages {
+                m.attempts += 1;
+            }
+            info.size = messages.len();
+            if let Some(failure) = self.attempt(info, &mut messages).await {
+                for m in &mut messages {
+                    if !m.is_failed() {
+                        m.fail(failure.clone());
+                    }
+                }
+            }
+            if !messages.iter().any(Message::is_failed) {
+                break;
+            }
+            let max = self.retry.max_attempts;
+            let (retry, settled): (Vec<_>, Vec<_>) = messages
+                .into_iter()
+                .partition(|m| m.failure().is_some_and(Failure::is_retryable) && m.attempts < max);
+            done.extend(settled);
+            messages = retry;
+            if messages.is_empty() {
+                break;
+            }
+            self.metrics.retried.inc_by(messages.len() as u64);
+            for m in &mut messages {
+                m.reset_status();
+            }
+            tokio::time::sleep(delays.next().unwrap_or_default()).await;
+        }
+        if done.is_empty() {
+            return messages;
+        }
+        done.extend(messages);
+        done
+    }
+
+    async fn attempt(&self, info: &BatchInfo, messages: &mut [Message<T>]) -> Option<Failure> {
+        let call = AssertUnwindSafe(self.sink.handle_batch(info, messages)).catch_unwind();
+        let outcome = match self.timeout {
+            None => call.await,
+            Some(limit) => match tokio::time::timeout(limit, call).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    return Some(Failure::retryable(format!(
+                        "handle_batch timed out after {limit:?}"
+                    )));
+                }
+            },
+        };
+        match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(failure)) => Some(failure),
+            Err(panic) => Some(Failure::permanent(format!(
+                "handle_batch panicked: {}",
+                panic_message(&*panic)
+            ))),
+        }
+    }
+}
