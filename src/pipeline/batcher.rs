@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::message::{BatchKey, BatchMode, BatcherName, Failure, Message};
@@ -64,6 +64,7 @@ pub(crate) struct BatcherStage<T> {
     pub shared: Arc<Shared<T>>,
     pub metrics: StageMetrics,
     pub sizes: BatchSizeMetrics,
+    pub stop: watch::Receiver<bool>,
 }
 
 impl<T: Send + 'static> BatcherStage<T> {
@@ -76,6 +77,8 @@ impl<T: Send + 'static> BatcherStage<T> {
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut ready: Vec<Batch<T>> = Vec::new();
+        let mut draining = false;
+        let mut stop = self.stop.clone();
 
         loop {
             let next_deadline = deadlines.front().map(|d| d.0);
@@ -86,6 +89,9 @@ impl<T: Send + 'static> BatcherStage<T> {
             }
             tokio::select! {
                 biased;
+                _ = stop.wait_for(|&s| s), if !draining => {
+                    draining = true;
+                }
                 chunk = self.inbox.recv() => {
                     let Some(chunk) = chunk else { break };
                     let n = chunk.len() as i64;
@@ -131,17 +137,34 @@ impl<T: Send + 'static> BatcherStage<T> {
                     self.expire(&mut open, &mut deadlines, &mut ready);
                 }
             }
+            // While draining, no batch waits for its timeout once nothing more is queued: the
+            // messages it holds may be the permits the producers need to finish.
+            if draining && self.inbox.is_empty() {
+                self.flush_all(&mut open, &mut deadlines, &mut ready);
+            }
             for batch in ready.drain(..) {
                 self.send(batch).await;
             }
         }
 
-        // Drain: every open batch leaves now, oldest first.
-        for (_, generation, key) in deadlines {
+        // The inputs are closed: every open batch leaves now.
+        self.flush_all(&mut open, &mut deadlines, &mut ready);
+        for batch in ready.drain(..) {
+            self.send(batch).await;
+        }
+    }
+
+    /// Sends every open batch out, oldest first, with trigger `flush`.
+    fn flush_all(
+        &self,
+        open: &mut HashMap<BatchKey, Open<T>>,
+        deadlines: &mut VecDeque<(Instant, u64, BatchKey)>,
+        ready: &mut Vec<Batch<T>>,
+    ) {
+        for (_, generation, key) in deadlines.drain(..) {
             if open.get(&key).is_some_and(|b| b.generation == generation) {
                 let batch = open.remove(&key).expect("the batch is open");
-                let batch = self.seal(key, batch.messages, Trigger::Flush);
-                self.send(batch).await;
+                ready.push(self.seal(key, batch.messages, Trigger::Flush));
             }
         }
     }

@@ -342,11 +342,23 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 reason: "allowed messages and interval must both be above zero".into(),
             });
         }
-        if self.in_flight_bound == Some(0) {
-            return Err(ConfigError::Invalid {
-                what: "in_flight_bound".into(),
-                reason: "must be at least 1".into(),
-            });
+        if let Some(bound) = self.in_flight_bound {
+            if bound == 0 {
+                return Err(ConfigError::Invalid {
+                    what: "in_flight_bound".into(),
+                    reason: "must be at least 1".into(),
+                });
+            }
+            if let Some((b, _)) = self.batchers.iter().find(|(b, _)| b.batch_size > bound) {
+                return Err(ConfigError::Invalid {
+                    what: "in_flight_bound".into(),
+                    reason: format!(
+                        "{bound} is below batch_size {} of batcher {:?}: its batches could never \
+                         fill, and every one would wait out its timeout",
+                        b.batch_size, b.name
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -395,6 +407,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 shared: shared.clone(),
                 metrics: metrics_b,
                 sizes: metrics.batch_sizes(&name, &config.name),
+                stop: stop_rx.clone(),
             };
             tasks.push((stage, runtime.spawn(batcher.run())));
 
