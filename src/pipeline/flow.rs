@@ -54,10 +54,7 @@ impl InFlight {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => {
-                    self.peak.fetch_max(cur + n, Ordering::AcqRel);
-                    return n;
-                }
+                Ok(_) => return n,
                 Err(actual) => cur = actual,
             }
         }
@@ -76,6 +73,12 @@ impl InFlight {
             }
             released.await;
         }
+    }
+
+    /// Notes the permits held now as a candidate peak. Producers call it once what they
+    /// reserved is either handed out or given back, so reservations never count as peaks.
+    pub fn record_peak(&self) {
+        self.peak.fetch_max(self.current(), Ordering::AcqRel);
     }
 
     pub fn release(&self, n: usize) {
@@ -181,6 +184,7 @@ mod tests {
         assert_eq!(f.current(), 10);
         f.release(4);
         assert_eq!(f.acquire_up_to(100).await, 4);
+        f.record_peak();
         assert_eq!(f.peak(), 10);
     }
 }

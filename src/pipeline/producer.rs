@@ -281,6 +281,7 @@ impl<T: Send + 'static> ProducerStage<T> {
                 let n = shared.in_flight.acquire_up_to(want.min(held.len())).await;
                 let messages: Vec<_> = held.drain(..n).collect();
                 shared.held.fetch_sub(n, Ordering::Relaxed);
+                shared.in_flight.record_peak();
                 add_ready(&mut ready, messages, partition_by.as_deref());
                 metrics.sent.inc_by(n as u64);
                 shared.produced.fetch_add(n as u64, Ordering::Relaxed);
@@ -318,6 +319,7 @@ impl<T: Send + 'static> ProducerStage<T> {
             };
             let got = out.buf.len();
             shared.in_flight.release(permits - got);
+            shared.in_flight.record_peak();
             if let Some(rl) = &rate_limit {
                 rl.refund(permits - got);
             }

@@ -94,9 +94,10 @@ impl RetryPolicy {
     /// The upper bound of the wait before retry number `n` (0-based), without jitter.
     pub fn cap(&self, n: u32) -> Duration {
         let exp = self.multiplier.powi(n.min(i32::MAX as u32) as i32);
-        Duration::try_from_secs_f32(self.initial_delay.as_secs_f32() * exp)
+        let cap = Duration::try_from_secs_f32(self.initial_delay.as_secs_f32() * exp)
             .unwrap_or(self.max_delay)
-            .min(self.max_delay)
+            .min(self.max_delay);
+        to_whole_millis(cap)
     }
 
     /// The waits between attempts, one per retry: `max_attempts - 1` of them.
@@ -127,12 +128,21 @@ impl Iterator for Delays {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        let cap = self.caps.next()?;
+        let cap = to_whole_millis(self.caps.next()?);
         Some(match self.jitter {
             Jitter::None => cap,
             Jitter::Full => cap.mul_f64(self.rng.f64()),
         })
     }
+}
+
+/// backon computes in f32 seconds, so 100 ms × 2 comes out a few nanoseconds over 200 ms, which
+/// a millisecond timer rounds up to 201 ms. Timers resolve milliseconds anyway.
+fn to_whole_millis(d: Duration) -> Duration {
+    if d < Duration::from_millis(1) {
+        return d;
+    }
+    Duration::from_millis((d.as_secs_f64() * 1000.0).round() as u64)
 }
 
 #[cfg(test)]

@@ -105,7 +105,7 @@ impl<T: Send + 'static> Pipeline<T> {
             successful: s.successful.load(Ordering::Relaxed),
             failed: s.failed.load(Ordering::Relaxed),
             dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
-            in_flight: s.in_flight.current(),
+            in_flight: s.in_flight_now(),
             max_in_flight: s.in_flight.peak(),
             in_flight_bound: s.in_flight.bound(),
         }
@@ -125,7 +125,7 @@ impl<T: Send + 'static> Pipeline<T> {
                     in_flight: s.in_flight.get(),
                 })
                 .collect(),
-            in_flight: self.shared.in_flight.current(),
+            in_flight: self.shared.in_flight_now(),
             in_flight_bound: self.shared.in_flight.bound(),
             max_in_flight: self.shared.in_flight.peak(),
         }
@@ -180,8 +180,7 @@ impl<T: Send + 'static> Pipeline<T> {
                 }
                 Err(ShutdownError::Deadline {
                     deadline,
-                    left: self.shared.in_flight.current()
-                        + self.shared.held.load(Ordering::Relaxed),
+                    left: self.shared.in_flight_now() + self.shared.held.load(Ordering::Relaxed),
                 })
             }
         }

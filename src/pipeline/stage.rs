@@ -40,6 +40,13 @@ impl<T: Send + 'static> Shared<T> {
         }
     }
 
+    /// Messages handed out by producers and not yet acknowledged.
+    pub fn in_flight_now(&self) -> usize {
+        let produced = self.produced.load(Ordering::Acquire);
+        let settled = self.successful.load(Ordering::Acquire) + self.failed.load(Ordering::Acquire);
+        produced.saturating_sub(settled) as usize
+    }
+
     /// Ends the journey of `messages` at `stage`: retryable failures that ran out of attempts go
     /// to the dead-letter sink first, then everything is acknowledged and its permit freed.
     pub async fn settle(&self, stage: &StageMetrics, mut messages: Vec<Message<T>>) {

@@ -1,0 +1,59 @@
+//! The `thunderline bench pipeline` command as a user runs it: it finishes by itself, acknowledges
+//! every event, stays within its in-flight bound, and prints the documented JSON keys.
+
+use std::process::Command;
+
+#[test]
+fn bench_pipeline_prints_one_json_object_with_the_documented_keys() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args(["bench", "pipeline", "--events", "20000", "--json"])
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    for key in [
+        "events",
+        "acked",
+        "failed",
+        "events_per_sec",
+        "baseline_events_per_sec",
+        "ratio",
+        "max_in_flight",
+        "in_flight_bound",
+    ] {
+        assert!(report.get(key).is_some(), "missing key {key} in {report}");
+    }
+    assert_eq!(report["events"], 20000);
+    assert_eq!(report["acked"], 20000);
+    assert_eq!(report["failed"], 0);
+    assert!(report["max_in_flight"].as_u64() <= report["in_flight_bound"].as_u64());
+    assert!(report["ratio"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_without_a_name_lists_the_benchmarks() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .arg("bench")
+        .output()
+        .expect("the binary runs");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("pipeline"), "{text}");
+}
+
+#[test]
+fn bad_flags_get_a_clear_error_and_a_failing_exit() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args(["bench", "pipeline", "--events", "lots"])
+        .output()
+        .expect("the binary runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid value 'lots' for '--events"), "{err}");
+}
