@@ -19,6 +19,7 @@ fn pipeline_vs_baseline(c: &mut Criterion) {
         processors: 2,
         max_demand: 1024,
         batch_size: 20,
+        rounds: 1,
         json: false,
     };
     // One runtime for every iteration: building one per run would be measured as well.

@@ -10,11 +10,17 @@ use thunderline::pipeline::*;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+/// A batch as a sink saw it: batcher, key, trigger, data, when.
+type SeenBatch = (String, BatchKey, Trigger, Vec<u32>, Instant);
+/// An acknowledgement call: successful data, failed data with reasons, when.
+type SeenAck = (Vec<u32>, Vec<(u32, String)>, Instant);
+type Build = Box<dyn FnOnce(PipelineBuilder<u32>) -> PipelineBuilder<u32>>;
+
 /// What the test saw, in order.
 #[derive(Default)]
 struct Seen {
-    batches: Mutex<Vec<(String, BatchKey, Trigger, Vec<u32>, Instant)>>,
-    acks: Mutex<Vec<(Vec<u32>, Vec<(u32, String)>, Instant)>>,
+    batches: Mutex<Vec<SeenBatch>>,
+    acks: Mutex<Vec<SeenAck>>,
     attempts: Mutex<Vec<(u32, Instant)>>,
     dead: Mutex<Vec<(String, u32)>>,
 }
@@ -34,13 +40,25 @@ impl Acknowledger<u32> for Seen {
 
 impl Seen {
     fn acked_ok(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.acks.lock().unwrap().iter().flat_map(|a| a.0.clone()).collect();
+        let mut v: Vec<u32> = self
+            .acks
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|a| a.0.clone())
+            .collect();
         v.sort_unstable();
         v
     }
 
     fn acked_failed(&self) -> Vec<(u32, String)> {
-        let mut v: Vec<_> = self.acks.lock().unwrap().iter().flat_map(|a| a.1.clone()).collect();
+        let mut v: Vec<_> = self
+            .acks
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|a| a.1.clone())
+            .collect();
         v.sort_unstable();
         v
     }
@@ -167,7 +185,11 @@ struct Flaky {
 
 impl Processor<u32> for Flaky {
     async fn handle_message(&self, m: &mut Message<u32>) -> Result<(), Failure> {
-        self.seen.attempts.lock().unwrap().push((m.attempts(), Instant::now()));
+        self.seen
+            .attempts
+            .lock()
+            .unwrap()
+            .push((m.attempts(), Instant::now()));
         if m.attempts() <= self.fails {
             return Err(Failure::retryable("flaky"));
         }
@@ -183,8 +205,13 @@ fn gaps(attempts: &[(u32, Instant)]) -> Vec<Duration> {
 async fn processor_retries_follow_the_exponential_backoff() {
     let seen = Arc::new(Seen::default());
     let (producer, push) = in_memory(10);
-    let retry = RetryPolicy::exponential(5, Duration::from_millis(100), 2.0, Duration::from_millis(300))
-        .with_jitter(Jitter::None);
+    let retry = RetryPolicy::exponential(
+        5,
+        Duration::from_millis(100),
+        2.0,
+        Duration::from_millis(300),
+    )
+    .with_jitter(Jitter::None);
     let pipeline = Pipeline::builder("retry")
         .producer(producer)
         .processor(
@@ -200,7 +227,10 @@ async fn processor_retries_follow_the_exponential_backoff() {
     drop(push);
     let stats = pipeline.join().await.unwrap();
     let attempts = seen.attempts.lock().unwrap().clone();
-    assert_eq!(attempts.iter().map(|a| a.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        attempts.iter().map(|a| a.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
     let ms: Vec<u128> = gaps(&attempts).iter().map(Duration::as_millis).collect();
     assert_eq!(ms, vec![100, 200, 300, 300]);
     assert_eq!(seen.acked_ok(), vec![1]);
@@ -211,7 +241,8 @@ async fn processor_retries_follow_the_exponential_backoff() {
 async fn full_jitter_keeps_each_wait_under_its_cap() {
     let seen = Arc::new(Seen::default());
     let (producer, push) = in_memory(100);
-    let retry = RetryPolicy::exponential(4, Duration::from_millis(100), 3.0, Duration::from_secs(1));
+    let retry =
+        RetryPolicy::exponential(4, Duration::from_millis(100), 3.0, Duration::from_secs(1));
     let pipeline = Pipeline::builder("jitter")
         .producer(producer)
         .processor(
@@ -233,7 +264,11 @@ async fn full_jitter_keeps_each_wait_under_its_cap() {
     let mut distinct = std::collections::HashSet::new();
     for per_message in attempts.chunks(4) {
         for (n, gap) in gaps(per_message).into_iter().enumerate() {
-            assert!(gap <= retry.cap(n as u32), "wait {n} was {gap:?}, over {:?}", retry.cap(n as u32));
+            assert!(
+                gap <= retry.cap(n as u32),
+                "wait {n} was {gap:?}, over {:?}",
+                retry.cap(n as u32)
+            );
             distinct.insert(gap);
         }
     }
@@ -250,7 +285,11 @@ struct FlakySink {
 impl BatchSink<u32> for FlakySink {
     async fn handle_batch(&self, _b: &BatchInfo, ms: &mut [Message<u32>]) -> Result<(), Failure> {
         for m in ms.iter_mut() {
-            self.seen.attempts.lock().unwrap().push((m.attempts(), Instant::now()));
+            self.seen
+                .attempts
+                .lock()
+                .unwrap()
+                .push((m.attempts(), Instant::now()));
             if m.data % 2 == 1 && m.attempts() <= self.fails {
                 m.fail(Failure::retryable("odd"));
             }
@@ -295,8 +334,14 @@ async fn sink_retries_only_the_failed_messages_then_dead_letters_them() {
     );
     let mut dead = seen.dead.lock().unwrap().clone();
     dead.sort();
-    assert_eq!(dead, vec![("sink:b".to_owned(), 1), ("sink:b".to_owned(), 3)]);
-    assert_eq!((stats.successful, stats.failed, stats.dead_lettered), (2, 2, 2));
+    assert_eq!(
+        dead,
+        vec![("sink:b".to_owned(), 1), ("sink:b".to_owned(), 3)]
+    );
+    assert_eq!(
+        (stats.successful, stats.failed, stats.dead_lettered),
+        (2, 2, 2)
+    );
     // One acknowledgement call for the whole batch: acks are grouped, not per message.
     assert_eq!(seen.acks.lock().unwrap().len(), 1);
 }
@@ -347,7 +392,10 @@ async fn permanent_failures_skip_retries_and_dead_letters_and_panics_fail_only_t
             (3, "handle_message panicked: boom 3".to_owned()),
         ]
     );
-    assert_eq!(seen.dead.lock().unwrap().clone(), vec![("processor".to_owned(), 2)]);
+    assert_eq!(
+        seen.dead.lock().unwrap().clone(),
+        vec![("processor".to_owned(), 2)]
+    );
 }
 
 struct Slow;
@@ -392,7 +440,11 @@ async fn fan_out_acknowledges_once_after_every_branch_with_the_worst_status() {
     }
     struct FailSome(Arc<Seen>);
     impl BatchSink<u32> for FailSome {
-        async fn handle_batch(&self, b: &BatchInfo, ms: &mut [Message<u32>]) -> Result<(), Failure> {
+        async fn handle_batch(
+            &self,
+            b: &BatchInfo,
+            ms: &mut [Message<u32>],
+        ) -> Result<(), Failure> {
             for m in ms.iter_mut() {
                 if m.data == 1 {
                     m.fail(Failure::permanent("slow branch refused 1"));
@@ -467,7 +519,11 @@ async fn the_rate_limit_caps_messages_per_interval() {
     struct Stamp(Arc<Seen>);
     impl Processor<u32> for Stamp {
         async fn handle_message(&self, m: &mut Message<u32>) -> Result<(), Failure> {
-            self.0.attempts.lock().unwrap().push((m.data, Instant::now()));
+            self.0
+                .attempts
+                .lock()
+                .unwrap()
+                .push((m.data, Instant::now()));
             Ok(())
         }
     }
@@ -476,7 +532,10 @@ async fn the_rate_limit_caps_messages_per_interval() {
     let pipeline = Pipeline::builder("rate")
         .producer(producer)
         .rate_limit(10, Duration::from_secs(1))
-        .processor(Stamp(seen.clone()), ProcessorConfig::default().concurrency(2))
+        .processor(
+            Stamp(seen.clone()),
+            ProcessorConfig::default().concurrency(2),
+        )
         .start()
         .unwrap();
     let start = Instant::now();
@@ -522,7 +581,10 @@ async fn a_full_pipeline_pushes_back_without_dropping_anything() {
     assert_eq!(pipeline.stats().in_flight, 1);
     let refused = push.try_push(msg(&seen, 3)).unwrap_err();
     assert!(matches!(refused, PushError::Full(_)));
-    assert_eq!(refused.to_string(), "the pipeline is full: retry later or use push(..).await to wait");
+    assert_eq!(
+        refused.to_string(),
+        "the pipeline is full: retry later or use push(..).await to wait"
+    );
     assert_eq!(refused.into_message().data, 3, "the message comes back");
     // push(..).await waits for room instead.
     let waiting = tokio::spawn({
@@ -578,7 +640,10 @@ async fn shutdown_flushes_open_batches_and_acknowledges_everything_taken() {
     let (producer, push) = in_memory(1000);
     let pipeline = Pipeline::builder("drain")
         .producer(producer)
-        .processor(Pass { keyed: true }, ProcessorConfig::default().concurrency(2))
+        .processor(
+            Pass { keyed: true },
+            ProcessorConfig::default().concurrency(2),
+        )
         .batcher(
             BatcherConfig::new("b").batch_timeout(Duration::from_secs(3600)),
             Record(seen.clone()),
@@ -590,9 +655,15 @@ async fn shutdown_flushes_open_batches_and_acknowledges_everything_taken() {
     }
     let start = Instant::now();
     let stats = pipeline.shutdown().await.unwrap();
-    assert!(start.elapsed() < Duration::from_secs(1), "the drain does not wait out timeouts");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "the drain does not wait out timeouts"
+    );
     assert_eq!(seen.acked_ok(), (0..105).collect::<Vec<_>>());
-    assert_eq!((stats.produced, stats.successful, stats.in_flight), (105, 105, 0));
+    assert_eq!(
+        (stats.produced, stats.successful, stats.in_flight),
+        (105, 105, 0)
+    );
     let triggers: Vec<Trigger> = seen.batches.lock().unwrap().iter().map(|b| b.2).collect();
     assert!(triggers.contains(&Trigger::Flush));
 }
@@ -637,8 +708,18 @@ async fn cpu_bound_handlers_run_on_rayon_and_retry_in_order() {
     drop(push);
     pipeline.join().await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 7);
-    let order: Vec<u32> = seen.batches.lock().unwrap().iter().flat_map(|b| b.3.clone()).collect();
-    assert_eq!(order, vec![0, 10, 20, 30, 40], "order kept across the retry");
+    let order: Vec<u32> = seen
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.3.clone())
+        .collect();
+    assert_eq!(
+        order,
+        vec![0, 10, 20, 30, 40],
+        "order kept across the retry"
+    );
 }
 
 #[tokio::test]
@@ -654,9 +735,14 @@ async fn impossible_configurations_are_refused_before_anything_starts() {
         )
         .start()
     }
-    let cases: Vec<(Box<dyn FnOnce(PipelineBuilder<u32>) -> PipelineBuilder<u32>>, &str)> = vec![
+    let cases: Vec<(Build, &str)> = vec![
         (
-            Box::new(|b| b.batcher(BatcherConfig::new("x").batch_size(0), Record(Default::default()))),
+            Box::new(|b| {
+                b.batcher(
+                    BatcherConfig::new("x").batch_size(0),
+                    Record(Default::default()),
+                )
+            }),
             "batcher \"x\": batch_size must be at least 1",
         ),
         (
@@ -667,7 +753,12 @@ async fn impossible_configurations_are_refused_before_anything_starts() {
             "two batchers are named \"x\": batcher names must be unique",
         ),
         (
-            Box::new(|b| b.processor(Pass { keyed: false }, ProcessorConfig::default().demand(5, 5))),
+            Box::new(|b| {
+                b.processor(
+                    Pass { keyed: false },
+                    ProcessorConfig::default().demand(5, 5),
+                )
+            }),
             "processors: min_demand (5) must be below max_demand (5)",
         ),
         (
@@ -715,7 +806,10 @@ async fn topology_and_metrics_describe_the_running_pipeline() {
     let (producer, push) = in_memory(100);
     let pipeline = Pipeline::builder("observed")
         .producer(producer)
-        .processor(Pass { keyed: false }, ProcessorConfig::default().concurrency(3))
+        .processor(
+            Pass { keyed: false },
+            ProcessorConfig::default().concurrency(3),
+        )
         .batcher(
             BatcherConfig::new("audit").batch_size(5).concurrency(2),
             Record(seen.clone()),

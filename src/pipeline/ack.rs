@@ -99,6 +99,23 @@ struct Group<T> {
 
 /// Acknowledges finished messages, grouped per acknowledger.
 pub(crate) fn acknowledge<T: 'static>(messages: Vec<Message<T>>) -> Settled {
+    // The common case, one acknowledger and no failures, hands the batch over as it is.
+    if let Some(AckRef::Direct(first)) = messages.first().map(|m| &m.ack) {
+        let key = Arc::as_ptr(first) as *const ();
+        let shared = messages.iter().all(|m| {
+            !m.is_failed()
+                && matches!(&m.ack, AckRef::Direct(a) if Arc::as_ptr(a) as *const () == key)
+        });
+        if shared {
+            let acker = first.clone();
+            let settled = Settled {
+                successful: messages.len(),
+                failed: 0,
+            };
+            call(&*acker, messages, Vec::new());
+            return settled;
+        }
+    }
     let mut settled = Settled::default();
     let mut groups: Vec<Group<T>> = Vec::new();
     'messages: for mut msg in messages {
@@ -142,11 +159,19 @@ pub(crate) fn acknowledge<T: 'static>(messages: Vec<Message<T>>) -> Settled {
             successful,
             failed,
         } = group;
-        if catch_unwind(AssertUnwindSafe(|| acker.ack(successful, failed))).is_err() {
-            tracing::error!("an acknowledger panicked; its messages count as acknowledged");
-        }
+        call(&*acker, successful, failed);
     }
     settled
+}
+
+fn call<T: 'static>(
+    acker: &dyn Acknowledger<T>,
+    successful: Vec<Message<T>>,
+    failed: Vec<Message<T>>,
+) {
+    if catch_unwind(AssertUnwindSafe(|| acker.ack(successful, failed))).is_err() {
+        tracing::error!("an acknowledger panicked; its messages count as acknowledged");
+    }
 }
 
 fn count<T>(settled: &mut Settled, msg: &Message<T>) {

@@ -4,12 +4,12 @@
 //! since its first message (trigger `timeout`; the timer is never reset), when a message in
 //! `Flush` mode joins it, or when the pipeline drains (both trigger `flush`).
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustc_hash::FxHashMap as HashMap;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -69,7 +69,8 @@ pub(crate) struct BatcherStage<T> {
 
 impl<T: Send + 'static> BatcherStage<T> {
     pub async fn run(mut self) {
-        let mut open: HashMap<BatchKey, Open<T>> = HashMap::new();
+        // Fx, not SipHash: keys come from our own pipeline, and this lookup runs per message.
+        let mut open: HashMap<BatchKey, Open<T>> = HashMap::default();
         // Every batch has the same timeout, so deadlines come due in the order batches opened.
         // Entries of batches that already left are skipped by their generation.
         let mut deadlines: VecDeque<(Instant, u64, BatchKey)> = VecDeque::new();
@@ -98,33 +99,35 @@ impl<T: Send + 'static> BatcherStage<T> {
                     self.metrics.received.inc_by(n as u64);
                     self.metrics.in_flight.add(n);
                     for msg in chunk {
-                        let key = msg.batch_key().clone();
-                        let batch = match open.entry(key.clone()) {
-                            Entry::Occupied(batch) => batch.into_mut(),
-                            Entry::Vacant(slot) => {
+                        let flush = msg.batch_mode() == BatchMode::Flush;
+                        // Look up by reference: the key is cloned once per batch, not per message.
+                        let full = match open.get_mut(msg.batch_key()) {
+                            Some(batch) => {
+                                batch.messages.push(msg);
+                                (batch.messages.len() >= self.batch_size || flush)
+                                    .then(|| batch.messages[0].batch_key().clone())
+                            }
+                            None => {
+                                let key = msg.batch_key().clone();
                                 generation += 1;
                                 deadlines.push_back((
                                     Instant::now() + self.batch_timeout,
                                     generation,
                                     key.clone(),
                                 ));
-                                slot.insert(Open {
-                                    messages: Vec::with_capacity(self.batch_size.min(1024)),
-                                    generation,
-                                })
+                                let mut messages = Vec::with_capacity(self.batch_size.min(1024));
+                                messages.push(msg);
+                                open.insert(key.clone(), Open { messages, generation });
+                                (self.batch_size == 1 || flush).then_some(key)
                             }
                         };
-                        let flush = msg.batch_mode() == BatchMode::Flush;
-                        batch.messages.push(msg);
-                        let trigger = if batch.messages.len() >= self.batch_size {
-                            Some(Trigger::Size)
-                        } else if flush {
-                            Some(Trigger::Flush)
-                        } else {
-                            None
-                        };
-                        if let Some(trigger) = trigger {
+                        if let Some(key) = full {
                             let batch = open.remove(&key).expect("the batch is open");
+                            let trigger = if batch.messages.len() >= self.batch_size {
+                                Trigger::Size
+                            } else {
+                                Trigger::Flush
+                            };
                             ready.push(self.seal(key, batch.messages, trigger));
                         }
                     }

@@ -389,7 +389,9 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
         for (config, sink) in self.batchers {
             let batcher_name: BatcherName = config.name.as_str().into();
             let (tx, inbox) = mpsc::channel(2 * self.processors.concurrency.max(2));
-            let (out, batches) = mpsc::channel(config.concurrency);
+            // Room for a processor chunk's worth of batches, so that the batcher and its sinks
+            // do not wake each other for every batch. The in-flight bound still caps the total.
+            let (out, batches) = mpsc::channel((4 * config.concurrency).max(32));
             let stage = format!("batcher:{}", config.name);
             let metrics_b = metrics.stage(&name, &stage);
             batcher_stages.push(StageHandle::new(

@@ -69,6 +69,10 @@ impl InFlight {
             released.as_mut().enable();
             let n = self.try_acquire_up_to(want);
             if n > 0 {
+                if self.current() < self.bound {
+                    // Permits are left: pass the wake-up on to another waiting producer.
+                    self.released.notify_one();
+                }
                 return n;
             }
             released.await;
@@ -84,7 +88,9 @@ impl InFlight {
     pub fn release(&self, n: usize) {
         if n > 0 {
             self.current.fetch_sub(n, Ordering::AcqRel);
-            self.released.notify_waiters();
+            // Lock-free when nobody waits, unlike notify_waiters; a waiter that finds permits
+            // left over wakes the next one.
+            self.released.notify_one();
         }
     }
 }

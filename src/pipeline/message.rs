@@ -15,7 +15,11 @@ pub type BatcherName = Arc<str>;
 
 /// Why a message failed, and whether trying again could help.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
+pub struct Failure(Box<FailureInner>);
+
+/// Boxed so that a message's status costs 8 bytes: failures are rare, messages are not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FailureInner {
     reason: Cow<'static, str>,
     retryable: bool,
 }
@@ -24,33 +28,33 @@ impl Failure {
     /// A failure that may go away on its own (a dropped connection, a timeout): the stage retries
     /// it under its retry policy and dead-letters it once the attempts run out.
     pub fn retryable(reason: impl Into<Cow<'static, str>>) -> Self {
-        Self {
+        Self(Box::new(FailureInner {
             reason: reason.into(),
             retryable: true,
-        }
+        }))
     }
 
     /// A failure that trying again cannot fix (bad input, a refused operation): the message is
     /// acknowledged as failed at once, without retries and without the dead-letter sink.
     pub fn permanent(reason: impl Into<Cow<'static, str>>) -> Self {
-        Self {
+        Self(Box::new(FailureInner {
             reason: reason.into(),
             retryable: false,
-        }
+        }))
     }
 
     pub fn reason(&self) -> &str {
-        &self.reason
+        &self.0.reason
     }
 
     pub fn is_retryable(&self) -> bool {
-        self.retryable
+        self.0.retryable
     }
 }
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.reason)
+        f.write_str(&self.0.reason)
     }
 }
 
@@ -68,7 +72,8 @@ pub enum BatchKey {
     #[default]
     Default,
     Int(u64),
-    Uuid(u128),
+    /// A UUID's 16 bytes (bytes, not `u128`, to keep messages 8-byte aligned).
+    Uuid([u8; 16]),
     Name(Arc<str>),
 }
 
@@ -80,7 +85,7 @@ impl From<u64> for BatchKey {
 
 impl From<u128> for BatchKey {
     fn from(v: u128) -> Self {
-        Self::Uuid(v)
+        Self::Uuid(v.to_be_bytes())
     }
 }
 

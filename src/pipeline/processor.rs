@@ -341,6 +341,22 @@ impl<T: Clone + Send + 'static> Router<T> {
             shared.settle(metrics, messages).await;
             return;
         }
+        // The common case, everything to the first batcher, moves the chunk as it is.
+        let first = &self.batchers[0].0;
+        if messages.iter().all(|m| match &m.route {
+            Route::Default => true,
+            Route::One(name) => name == first,
+            Route::Many(_) => false,
+        }) {
+            if let Err(lost) = self.batchers[0].1.send(messages).await {
+                let mut messages = lost.0;
+                for m in &mut messages {
+                    m.fail(Failure::permanent("the batcher stopped"));
+                }
+                shared.settle(metrics, messages).await;
+            }
+            return;
+        }
         let mut per_batcher: Vec<Vec<Message<T>>> =
             (0..self.batchers.len()).map(|_| Vec::new()).collect();
         let mut unroutable = Vec::new();

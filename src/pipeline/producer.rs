@@ -196,10 +196,11 @@ pub(crate) struct ProducerStage<T> {
     pub metrics: StageMetrics,
 }
 
-/// Messages that have permits and wait for a processor with demand.
+/// Messages that have permits and wait for a processor with demand, kept in the chunks they
+/// were produced in so that a chunk usually travels to its processor without being copied.
 struct Ready<T> {
     /// One queue, or one per processor when partitioned.
-    queues: Vec<VecDeque<Message<T>>>,
+    queues: Vec<VecDeque<Vec<Message<T>>>>,
     len: usize,
 }
 
@@ -255,7 +256,12 @@ impl<T: Send + 'static> ProducerStage<T> {
             .await;
 
             let total: usize = demand.iter().sum();
-            let want = total.saturating_sub(ready.len);
+            let mut want = total.saturating_sub(ready.len);
+            if partition_by.is_none() {
+                // Ask for what one processor can take in one chunk: it then goes as it is.
+                let largest = demand.iter().copied().max().unwrap_or(0);
+                want = want.min(largest).min(max_chunk);
+            }
             let finished = (stopping && held.is_empty()) || exhausted;
             if finished && ready.len == 0 {
                 break;
@@ -357,12 +363,17 @@ async fn drain<T: Send + 'static>(
 fn add_ready<T>(ready: &mut Ready<T>, messages: Vec<Message<T>>, partition_by: Option<&KeyFn<T>>) {
     ready.len += messages.len();
     match partition_by {
-        None => ready.queues[0].extend(messages),
+        None => ready.queues[0].push_back(messages),
         Some(key) => {
-            let n = ready.queues.len() as u64;
+            let n = ready.queues.len();
+            let mut per_worker: Vec<Vec<Message<T>>> = (0..n).map(|_| Vec::new()).collect();
             for msg in messages {
-                let worker = (key(&msg) % n) as usize;
-                ready.queues[worker].push_back(msg);
+                per_worker[(key(&msg) % n as u64) as usize].push(msg);
+            }
+            for (queue, chunk) in ready.queues.iter_mut().zip(per_worker) {
+                if !chunk.is_empty() {
+                    queue.push_back(chunk);
+                }
             }
         }
     }
@@ -398,8 +409,14 @@ async fn dispatch<T: Send + 'static>(
             (w, 0)
         };
         let queue = &mut ready.queues[queue];
-        let n = demand[worker].min(max_chunk).min(queue.len());
-        let messages: Vec<_> = queue.drain(..n).collect();
+        let Some(mut messages) = queue.pop_front() else {
+            return;
+        };
+        let n = demand[worker].min(max_chunk);
+        if messages.len() > n {
+            queue.push_front(messages.split_off(n));
+        }
+        let n = messages.len();
         ready.len -= n;
         demand[worker] -= n;
         if let Err(lost) = workers[worker].send(Chunk { producer, messages }) {

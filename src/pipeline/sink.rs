@@ -163,7 +163,7 @@ impl<T: Send + 'static> SinkWorker<T> {
             m.attempts = 0;
         }
         let mut done: Vec<Message<T>> = Vec::new();
-        let mut delays = self.retry.delays();
+        let mut delays = None;
         loop {
             for m in &mut messages {
                 m.attempts += 1;
@@ -192,7 +192,11 @@ impl<T: Send + 'static> SinkWorker<T> {
             for m in &mut messages {
                 m.reset_status();
             }
-            tokio::time::sleep(delays.next().unwrap_or_default()).await;
+            let delay = delays
+                .get_or_insert_with(|| self.retry.delays())
+                .next()
+                .unwrap_or_default();
+            tokio::time::sleep(delay).await;
         }
         if done.is_empty() {
             return messages;
