@@ -55,6 +55,25 @@ struct Open<T> {
     generation: u64,
 }
 
+/// Drops the deadlines of batches that already left by size or flush, so that the queue holds
+/// about as many entries as there are open batches, not as many as left within one timeout.
+fn forget_left_batches<T>(
+    open: &HashMap<BatchKey, Open<T>>,
+    deadlines: &mut VecDeque<(Instant, u64, BatchKey)>,
+) {
+    let live = |(_, generation, key): &(Instant, u64, BatchKey)| {
+        open.get(key).is_some_and(|b| b.generation == *generation)
+    };
+    while deadlines.front().is_some_and(|d| !live(d)) {
+        deadlines.pop_front();
+    }
+    // A long-lived batch at the front keeps stale entries behind it; compacting once they
+    // outnumber the open batches keeps the cost amortised constant.
+    if deadlines.len() > 2 * open.len() + 64 {
+        deadlines.retain(live);
+    }
+}
+
 pub(crate) struct BatcherStage<T> {
     pub name: BatcherName,
     pub batch_size: usize,
@@ -145,6 +164,7 @@ impl<T: Send + 'static> BatcherStage<T> {
             if draining && self.inbox.is_empty() {
                 self.flush_all(&mut open, &mut deadlines, &mut ready);
             }
+            forget_left_batches(&open, &mut deadlines);
             for batch in ready.drain(..) {
                 self.send(batch).await;
             }
