@@ -576,3 +576,135 @@ proptest! {
         runtime.block_on(drain_case(total, cut, shape))?;
     }
 }
+
+/// Fails every attempt retryably, noting when each ran.
+struct AlwaysFails(Arc<Mutex<Vec<tokio::time::Instant>>>);
+
+impl Processor<u32> for AlwaysFails {
+    async fn handle_message(&self, _m: &mut Message<u32>) -> Result<(), Failure> {
+        self.0.lock().unwrap().push(tokio::time::Instant::now());
+        Err(Failure::retryable("always"))
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Attempt k+1 starts within the k-th cap after attempt k (exactly at it without jitter),
+    /// and there are exactly `max_attempts` attempts.
+    #[test]
+    fn retries_follow_the_configured_backoff(
+        attempts in 1u32..8,
+        initial_ms in 1u64..500,
+        multiplier in 1.0f32..4.0,
+        max_ms in 500u64..5_000,
+        jitter in any::<bool>(),
+    ) {
+        let policy = RetryPolicy::exponential(
+            attempts,
+            Duration::from_millis(initial_ms),
+            multiplier,
+            Duration::from_millis(max_ms),
+        )
+        .with_jitter(if jitter { Jitter::Full } else { Jitter::None });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let stats = runtime.block_on(async {
+            let (producer, push) = in_memory(1);
+            let pipeline = Pipeline::builder("backoff")
+                .producer(producer)
+                .processor(
+                    AlwaysFails(times.clone()),
+                    ProcessorConfig::default().concurrency(1).retry(policy.clone()),
+                )
+                .start()
+                .unwrap();
+            push.push(Message::new(0u32)).await.unwrap();
+            drop(push);
+            pipeline.join().await.unwrap()
+        });
+        prop_assert_eq!(stats.failed, 1);
+        let times = times.lock().unwrap();
+        prop_assert_eq!(times.len(), attempts as usize);
+        for (n, pair) in times.windows(2).enumerate() {
+            let gap = pair[1] - pair[0];
+            let cap = policy.cap(n as u32);
+            // The paused clock fires timers on whole milliseconds.
+            let slack = Duration::from_millis(1);
+            prop_assert!(gap <= cap + slack, "wait {} was {:?}, cap {:?}", n, gap, cap);
+            if !jitter {
+                prop_assert!(gap + slack >= cap, "wait {} was {:?}, expected {:?}", n, gap, cap);
+            }
+        }
+    }
+
+    /// A batch with fewer than `batch_size` messages leaves exactly `batch_timeout` after its
+    /// first message, whatever arrives in between.
+    #[test]
+    fn a_partial_batch_leaves_at_its_timeout(
+        batch_size in 2usize..50,
+        timeout_ms in 1u64..10_000,
+        gaps_ms in prop::collection::vec(0u64..200, 1..20),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let left = Arc::new(Mutex::new(Vec::new()));
+        struct When(Arc<Mutex<Vec<(usize, Trigger, tokio::time::Instant)>>>);
+        impl BatchSink<u32> for When {
+            async fn handle_batch(&self, b: &BatchInfo, m: &mut [Message<u32>]) -> Result<(), Failure> {
+                self.0.lock().unwrap().push((m.len(), b.trigger, tokio::time::Instant::now()));
+                Ok(())
+            }
+        }
+        let n = gaps_ms.len().min(batch_size - 1);
+        let first = runtime.block_on(async {
+            let (producer, push) = in_memory(100);
+            let pipeline = Pipeline::builder("timer")
+                .producer(producer)
+                .processor(Pass, ProcessorConfig::default().concurrency(1))
+                .batcher(
+                    BatcherConfig::new("b")
+                        .batch_size(batch_size)
+                        .batch_timeout(Duration::from_millis(timeout_ms)),
+                    When(left.clone()),
+                )
+                .start()
+                .unwrap();
+            let first = tokio::time::Instant::now();
+            for (i, gap) in gaps_ms.iter().take(n).enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(*gap)).await;
+                }
+                push.push(Message::new(i as u32)).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(timeout_ms + 250 * 20)).await;
+            pipeline.shutdown().await.unwrap();
+            first
+        });
+        let left = left.lock().unwrap();
+        let sent_before_timeout: u64 = gaps_ms.iter().take(n).skip(1).sum();
+        if sent_before_timeout < timeout_ms {
+            let (size, trigger, at) = left[0];
+            prop_assert_eq!(trigger, Trigger::Timeout);
+            prop_assert_eq!(at - first, Duration::from_millis(timeout_ms));
+            prop_assert!(size <= n);
+        }
+        prop_assert_eq!(left.iter().map(|b| b.0).sum::<usize>(), n);
+        prop_assert!(left.iter().all(|b| b.0 < batch_size));
+    }
+}
+
+struct Pass;
+
+impl Processor<u32> for Pass {
+    async fn handle_message(&self, _m: &mut Message<u32>) -> Result<(), Failure> {
+        Ok(())
+    }
+}

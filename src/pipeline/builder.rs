@@ -245,7 +245,6 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
         self.processor = Some((
             Arc::new(RayonHandler {
                 processor: Arc::new(processor),
-                pool: None,
             }),
             true,
         ));

@@ -191,9 +191,9 @@ impl<P> AsyncHandler<P> {
     }
 }
 
+/// Runs on rayon's global pool (size it with `rayon::ThreadPoolBuilder::build_global`).
 pub(crate) struct RayonHandler<P> {
     pub processor: Arc<P>,
-    pub pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl<P> RayonHandler<P> {
@@ -203,10 +203,7 @@ impl<P> RayonHandler<P> {
         let job = move || {
             let _ = tx.send(job());
         };
-        match &self.pool {
-            Some(pool) => pool.spawn(job),
-            None => rayon::spawn(job),
-        }
+        rayon::spawn(job);
         // Every user call inside `job` is wrapped in catch_unwind, so the job always answers.
         rx.await.expect("rayon job ended without a result")
     }
