@@ -3,7 +3,12 @@
 //!
 //! - [`pipeline`]: the engine — producers, processors, batchers, sinks, acknowledgement, retry,
 //!   drain, telemetry. It knows nothing of zones.
+//! - [`zone`]: the domain — zones, permissions, resources, events. It knows nothing of storage
+//!   or sockets.
+//! - [`store`]: zones and the audit log in PostgreSQL or embedded SQLite, and the audit-log sink.
 //! - [`bench`]: the load-test harness behind `thunderline bench`.
 
 pub mod bench;
 pub mod pipeline;
+pub mod store;
+pub mod zone;

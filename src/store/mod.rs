@@ -1,0 +1,194 @@
+//! Durable state through sqlx: zones and the audit log, in PostgreSQL or in an embedded SQLite
+//! file (the default: no server to install). The database URL decides which; everything above
+//! this module sees one [`Store`].
+//!
+//! Both backends run the same queries, written once: [`on_pool!`] expands each for both pool
+//! types. Only what must differ does: the migrations (JSONB and a GIN index on PostgreSQL) and
+//! the audit log's batch insert (`UNNEST` on PostgreSQL, a multi-row `VALUES` on SQLite).
+
+mod audit;
+mod zones;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection};
+
+use crate::zone::ZoneError;
+
+pub use audit::AuditSink;
+
+/// Which database a store is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported database URL {0:?}: expected postgres://… or sqlite://…")]
+    UnsupportedUrl(String),
+    #[error("invalid database URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("cannot open the database at {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("cannot bring the schema up to date: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Zone(#[from] ZoneError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("the database holds data this version cannot read: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Runs the same code against whichever pool the store has.
+macro_rules! on_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::store::Db::Postgres($pool) => $body,
+            $crate::store::Db::Sqlite($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+/// Zones and the audit log.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Db,
+}
+
+/// The embedded default: a SQLite file in the data directory.
+pub fn default_database_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("thunderline.db").display())
+}
+
+impl Store {
+    /// Opens the database at `url` (`postgres://…` or `sqlite://…`), creating a SQLite file and
+    /// its directory if needed, and runs the migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, 10).await
+    }
+
+    /// As [`connect`](Self::connect), with at most `max_connections` connections.
+    pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let invalid = |e: sqlx::Error| StoreError::InvalidUrl {
+            url: redact(url),
+            reason: e.to_string(),
+        };
+        let connect = |e: sqlx::Error| StoreError::Connect {
+            url: redact(url),
+            source: e,
+        };
+        let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url).map_err(invalid)?;
+            // One direct connection first: a pool would retry a refused connection until its
+            // acquire timeout, and a wrong URL deserves an answer now.
+            options
+                .connect()
+                .await
+                .map_err(connect)?
+                .close()
+                .await
+                .map_err(connect)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await
+                .map_err(connect)?;
+            sqlx::migrate!("migrations/postgres").run(&pool).await?;
+            Db::Postgres(pool)
+        } else if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(invalid)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // An acknowledged event is on disk: FULL syncs the WAL at every commit.
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            if let Some(dir) = options.get_filename().parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir).map_err(|e| connect(sqlx::Error::Io(e)))?;
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.clamp(1, 8))
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await
+                .map_err(connect)?;
+            sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+            Db::Sqlite(pool)
+        } else {
+            return Err(StoreError::UnsupportedUrl(redact(url)));
+        };
+        Ok(Self { db })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.db {
+            Db::Postgres(_) => Backend::Postgres,
+            Db::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(&self.db, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        on_pool!(&self.db, pool => pool.close().await);
+    }
+
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
+    }
+}
+
+/// A URL fit for an error message: without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords_in_messages() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+}
