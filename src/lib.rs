@@ -6,9 +6,11 @@
 //! - [`zone`]: the domain — zones, permissions, resources, events. It knows nothing of storage
 //!   or sockets.
 //! - [`store`]: zones and the audit log in PostgreSQL or embedded SQLite, and the audit-log sink.
+//! - [`daemon`]: configuration and the commands that wire the pieces together.
 //! - [`bench`]: the load-test harness behind `thunderline bench`.
 
 pub mod bench;
+pub mod daemon;
 pub mod pipeline;
 pub mod store;
 pub mod zone;

@@ -159,7 +159,7 @@ async fn the_audit_log_is_idempotent_ordered_and_filterable() {
         assert_eq!(store.count_events(None).await.unwrap(), 31, "{}", db.name);
         assert_eq!(store.count_events(Some(zone.id)).await.unwrap(), 30);
 
-        let back = store.zone_events(zone.id, None, None).await.unwrap();
+        let back = store.zone_events(zone.id, None, None, None).await.unwrap();
         assert_eq!(
             back, events,
             "{}: events come back unchanged and in order",
@@ -167,7 +167,7 @@ async fn the_audit_log_is_idempotent_ordered_and_filterable() {
         );
         let since = events[20].occurred_at;
         let later = store
-            .zone_events(zone.id, Some(since), Some(5))
+            .zone_events(zone.id, Some(since), None, Some(5))
             .await
             .unwrap();
         assert_eq!(later.len(), 5);
@@ -280,7 +280,7 @@ async fn replaying_the_log_rebuilds_the_zone_that_was_live() {
         assert_eq!(acks.ok.load(Ordering::SeqCst), events.len());
         store.save_zone(&live).await.unwrap();
 
-        let log = store.zone_events(live.id, None, None).await.unwrap();
+        let log = store.zone_events(live.id, None, None, None).await.unwrap();
         assert_eq!(
             log, events,
             "{}: the log holds every event, in order",
@@ -373,7 +373,7 @@ async fn the_audit_sink_loses_and_duplicates_nothing_while_connections_are_kille
         EVENTS as u64
     );
     let logged: Vec<_> = fresh
-        .zone_events(zone.id, None, None)
+        .zone_events(zone.id, None, None, None)
         .await
         .unwrap()
         .into_iter()

@@ -2,6 +2,7 @@
 //! the same run, a baseline to compare against, and reports both (as a table, or one JSON object
 //! with `--json`).
 
+pub mod audit;
 pub mod pipeline;
 
 /// Reads this process's peak resident set size (VmHWM) in bytes, where the OS tells it.

@@ -82,31 +82,40 @@ impl Store {
         }
     }
 
-    /// One zone's events in the order they were made, from `since` on, at most `limit`.
+    /// One zone's events in the order they were made: those at or after `since`, after the
+    /// event `after` (for paging), at most `limit`.
     pub async fn zone_events(
         &self,
         zone_id: Uuid,
         since: Option<DateTime<Utc>>,
+        after: Option<Uuid>,
         limit: Option<u32>,
     ) -> Result<Vec<ZoneEvent>, StoreError> {
+        // Built once as text; each backend binds the same values.
+        let mut sql = "SELECT id, zone_id, event_type, payload, occurred_at FROM audit_events \
+                       WHERE zone_id = $1"
+            .to_owned();
+        let mut n = 1;
+        if since.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND occurred_at >= ${n}"));
+        }
+        if after.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND id > ${n}"));
+        }
+        sql.push_str(&format!(" ORDER BY id LIMIT ${}", n + 1));
         let limit = limit.map_or(i64::MAX, i64::from);
-        let rows: Vec<EventRow> = match since {
-            None => on_pool!(self.db(), pool => sqlx::query_as(
-                "SELECT id, zone_id, event_type, payload, occurred_at FROM audit_events \
-                 WHERE zone_id = $1 ORDER BY id LIMIT $2")
-                .bind(zone_id)
-                .bind(limit)
-                .fetch_all(pool)
-                .await)?,
-            Some(since) => on_pool!(self.db(), pool => sqlx::query_as(
-                "SELECT id, zone_id, event_type, payload, occurred_at FROM audit_events \
-                 WHERE zone_id = $1 AND occurred_at >= $2 ORDER BY id LIMIT $3")
-                .bind(zone_id)
-                .bind(since)
-                .bind(limit)
-                .fetch_all(pool)
-                .await)?,
-        };
+        let rows: Vec<EventRow> = on_pool!(self.db(), pool => {
+            let mut q = sqlx::query_as(&sql).bind(zone_id);
+            if let Some(since) = since {
+                q = q.bind(since);
+            }
+            if let Some(after) = after {
+                q = q.bind(after);
+            }
+            q.bind(limit).fetch_all(pool).await
+        })?;
         rows.into_iter()
             .map(|r| {
                 let kind = EventKind::from_parts(&r.event_type, r.payload.0)
