@@ -6,11 +6,13 @@
 //! - [`zone`]: the domain — zones, permissions, resources, events. It knows nothing of storage
 //!   or sockets.
 //! - [`store`]: zones and the audit log in PostgreSQL or embedded SQLite, and the audit-log sink.
+//! - [`realtime`]: the Phoenix-Channels WebSocket server, zone topics, presence.
 //! - [`daemon`]: configuration and the commands that wire the pieces together.
 //! - [`bench`]: the load-test harness behind `thunderline bench`.
 
 pub mod bench;
 pub mod daemon;
 pub mod pipeline;
+pub mod realtime;
 pub mod store;
 pub mod zone;

@@ -24,6 +24,10 @@ enum Command {
         #[command(subcommand)]
         which: Option<Bench>,
     },
+    /// Run the zone server: WebSocket channels, admin API, pipeline, audit log.
+    Serve(daemon::server::ServeArgs),
+    /// Mint a join token for an agent and a zone (with the server's secret).
+    Token(daemon::token::TokenArgs),
     /// Print a zone's audited events, in order, as JSON lines.
     Replay(daemon::replay::ReplayArgs),
 }
@@ -70,6 +74,49 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Runs the server until SIGINT or SIGTERM, then drains it.
+async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::server::ServeError> {
+    let server = daemon::server::Server::start(&args).await?;
+    let addr = server.addr;
+    println!("thunderline listening on http://{addr}");
+    println!("  WebSocket (Phoenix Channels V2): ws://{addr}/socket/websocket?vsn=2.0.0");
+    println!("  admin API: http://{addr}/api/zones  (Authorization: Bearer <admin token>)");
+    println!("  metrics: http://{addr}/metrics   health: http://{addr}/healthz");
+    println!("  store: {}", args.db.url());
+    if server.secrets.generated {
+        println!(
+            "  admin token (generated now, kept in {}): {}",
+            args.db.data_dir.display(),
+            server.secrets.admin_token
+        );
+    }
+    wait_for_signal().await;
+    println!("shutting down: draining the pipeline into the audit log");
+    server.shutdown().await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -99,6 +146,27 @@ fn main() -> ExitCode {
                 r.rows_in_db == r.events && r.acked == r.events,
                 "the audit log does not hold exactly the events sent",
             ),
+            Err(e) => fail(e),
+        },
+        Command::Serve(args) => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            match runtime.block_on(serve(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Token(args) => match daemon::token::mint(&args) {
+            Ok((token, expires_at)) => {
+                println!("{token}");
+                eprintln!("expires at {}", expires_at.to_rfc3339());
+                ExitCode::SUCCESS
+            }
             Err(e) => fail(e),
         },
         Command::Replay(args) => {

@@ -1,8 +1,12 @@
-//! The daemon's edge: configuration from flags and the environment, and the commands that work
-//! on its store (`replay`). This is where the engine, the zones and the store are wired together
-//! and where errors are reported with their context.
+//! The daemon: configuration from flags and the environment, the zone server (`serve`), and
+//! the commands around it (`token`, `replay`). This is where the engine, the zones, the store
+//! and the WebSocket channels are wired together, and where errors get their context.
 
+pub mod api;
 pub mod replay;
+pub mod server;
+pub mod token;
+pub mod zones;
 
 use std::path::PathBuf;
 

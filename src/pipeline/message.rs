@@ -113,6 +113,8 @@ pub(crate) enum Route {
     One(BatcherName),
     /// Fan-out: a copy per batcher, acknowledged once after every copy has finished.
     Many(Arc<[BatcherName]>),
+    /// No batcher: acknowledged as soon as its processor is done.
+    Done,
 }
 
 /// Free-form string metadata (a broker's delivery tag, a trace id). Costs one pointer when empty.
@@ -222,9 +224,11 @@ impl<T> Message<T> {
     }
 
     /// Sends a copy of the message to each named batcher; it is acknowledged once, after every
-    /// copy has finished, failed if any copy failed.
+    /// copy has finished, failed if any copy failed. An empty list sends it to no batcher: it is
+    /// acknowledged as soon as its processor is done.
     pub fn put_batchers(&mut self, names: Arc<[BatcherName]>) -> &mut Self {
         self.route = match names.len() {
+            0 => Route::Done,
             1 => Route::One(names[0].clone()),
             _ => Route::Many(names),
         };

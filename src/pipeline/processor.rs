@@ -343,7 +343,7 @@ impl<T: Clone + Send + 'static> Router<T> {
         if messages.iter().all(|m| match &m.route {
             Route::Default => true,
             Route::One(name) => name == first,
-            Route::Many(_) => false,
+            Route::Many(_) | Route::Done => false,
         }) {
             if let Err(lost) = self.batchers[0].1.send(messages).await {
                 let mut messages = lost.0;
@@ -359,6 +359,7 @@ impl<T: Clone + Send + 'static> Router<T> {
         let mut unroutable = Vec::new();
         for mut msg in messages {
             match std::mem::take(&mut msg.route) {
+                Route::Done => unroutable.push(msg),
                 Route::Default => per_batcher[0].push(msg),
                 Route::One(name) => match self.index_of(&name) {
                     Some(i) => {
@@ -408,6 +409,7 @@ impl<T: Clone + Send + 'static> Router<T> {
                 unroutable.extend(messages);
             }
         }
+        // Messages routed nowhere (done, or failed for want of a batcher) end here.
         if !unroutable.is_empty() {
             shared.settle(metrics, unroutable).await;
         }

@@ -148,6 +148,17 @@ impl Store {
     }
 }
 
+/// A pipeline message that may carry a zone event to audit.
+pub trait Audited: Send + Sync + 'static {
+    fn audited(&self) -> Option<&ZoneEvent>;
+}
+
+impl Audited for ZoneEvent {
+    fn audited(&self) -> Option<&ZoneEvent> {
+        Some(self)
+    }
+}
+
 /// The audit-log sink: a batcher's batches of zone events, one statement each.
 ///
 /// A failed write fails the whole batch retryably; give its batcher a retry policy with enough
@@ -163,13 +174,13 @@ impl AuditSink {
     }
 }
 
-impl BatchSink<ZoneEvent> for AuditSink {
+impl<T: Audited> BatchSink<T> for AuditSink {
     async fn handle_batch(
         &self,
         _batch: &BatchInfo,
-        messages: &mut [Message<ZoneEvent>],
+        messages: &mut [Message<T>],
     ) -> Result<(), Failure> {
-        let events: Vec<&ZoneEvent> = messages.iter().map(|m| &m.data).collect();
+        let events: Vec<&ZoneEvent> = messages.iter().filter_map(|m| m.data.audited()).collect();
         match self.store.append_events(&events).await {
             Ok(_) => Ok(()),
             Err(e) => {

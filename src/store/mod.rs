@@ -21,7 +21,7 @@ use sqlx::{ConnectOptions, Connection};
 
 use crate::zone::ZoneError;
 
-pub use audit::AuditSink;
+pub use audit::{AuditSink, Audited};
 
 /// Which database a store is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,19 +4,31 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::error::ZoneError;
 
 bitflags::bitflags! {
-    /// A permission bitfield. `ADMIN_ZONE` allows everything.
-    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-    #[serde(transparent)]
+    /// A permission bitfield. `ADMIN_ZONE` allows everything. In JSON it is the number.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
     pub struct Permissions: u32 {
         const SPAWN_AGENTS = 0x01;
         const MODIFY_ZONE = 0x02;
         const BROADCAST_EVENTS = 0x04;
         const ADMIN_ZONE = 0x08;
+    }
+}
+
+impl Serialize for Permissions {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.bits())
+    }
+}
+
+impl<'de> Deserialize<'de> for Permissions {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bits = u32::deserialize(d)?;
+        Self::from_bits_checked(bits).map_err(serde::de::Error::custom)
     }
 }
 

@@ -91,3 +91,221 @@ pub async fn backends() -> Vec<TestDb> {
     all.extend(postgres().await);
     all
 }
+
+/// A daemon in this process on a free loopback port, with its own SQLite file and data dir.
+pub mod server {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use futures_util::{SinkExt, StreamExt};
+    use serde_json::{Value, json};
+    use thunderline::daemon::DatabaseArgs;
+    use thunderline::daemon::server::{ServeArgs, Server};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::tungstenite::Message;
+
+    pub struct TestServer {
+        pub server: Server,
+        pub dir: PathBuf,
+    }
+
+    pub async fn start(database: Option<String>) -> TestServer {
+        let dir =
+            std::env::temp_dir().join(format!("thunderline-srv-{}", uuid::Uuid::now_v7().simple()));
+        let args = ServeArgs {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            db: DatabaseArgs {
+                database,
+                data_dir: dir.clone(),
+            },
+            tick_ms: 3_600_000,
+        };
+        TestServer {
+            server: Server::start(&args).await.expect("the server starts"),
+            dir,
+        }
+    }
+
+    impl TestServer {
+        pub fn ws_url(&self) -> String {
+            format!("ws://{}/socket/websocket?vsn=2.0.0", self.server.addr)
+        }
+
+        /// An HTTP request with the admin token; returns (status, JSON body or Null).
+        pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+            let token = self.server.secrets.admin_token.clone();
+            http(self.server.addr, method, path, body, Some(&token)).await
+        }
+
+        pub async fn zone(&self, body: Value) -> Value {
+            let (status, zone) = self.api("POST", "/api/zones", Some(body)).await;
+            assert_eq!(status, 201, "{zone}");
+            zone
+        }
+
+        pub async fn token(&self, agent: &str, zone: &str, perms: Value) -> String {
+            let (status, body) = self
+                .api("POST", "/api/tokens", Some(json!({"agent_id": agent, "zone_id": zone, "permissions": perms, "ttl_seconds": 600})))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            body["token"].as_str().unwrap().to_owned()
+        }
+
+        pub async fn stop(self) {
+            self.server.shutdown().await.expect("a clean shutdown");
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Plain HTTP/1.1 over a TCP stream: enough for the admin API's JSON.
+    pub async fn http(
+        addr: std::net::SocketAddr,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        bearer: Option<&str>,
+    ) -> (u16, Value) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let auth = bearer
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8_lossy(&response);
+        let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
+        let (head, payload) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let payload = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(payload)
+        } else {
+            payload.to_owned()
+        };
+        (
+            status,
+            serde_json::from_str(&payload).unwrap_or(Value::Null),
+        )
+    }
+
+    fn dechunk(mut s: &str) -> String {
+        let mut out = String::new();
+        while let Some((size, rest)) = s.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&rest[..n]);
+            s = &rest[n + 2..];
+        }
+        out
+    }
+
+    pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+    /// A Phoenix client speaking raw frames.
+    pub struct Client {
+        pub ws: Ws,
+        next_ref: u64,
+    }
+
+    impl Client {
+        pub async fn connect(url: &str) -> Self {
+            let (ws, _) = tokio_tungstenite::connect_async(url)
+                .await
+                .expect("connects");
+            Self { ws, next_ref: 0 }
+        }
+
+        pub fn next_ref(&mut self) -> String {
+            self.next_ref += 1;
+            self.next_ref.to_string()
+        }
+
+        pub async fn send_raw(&mut self, text: &str) {
+            self.ws.send(Message::text(text)).await.unwrap();
+        }
+
+        /// Sends `[join_ref, ref, topic, event, payload]`; returns the ref.
+        pub async fn push(
+            &mut self,
+            join_ref: Option<&str>,
+            topic: &str,
+            event: &str,
+            payload: Value,
+        ) -> String {
+            let r = self.next_ref();
+            let frame = json!([join_ref, r, topic, event, payload]);
+            self.send_raw(&frame.to_string()).await;
+            r
+        }
+
+        /// Joins; returns (join_ref, reply payload).
+        pub async fn join(&mut self, topic: &str, params: Value) -> (String, Value) {
+            let r = self.next_ref();
+            let frame = json!([r, r, topic, "phx_join", params]);
+            self.send_raw(&frame.to_string()).await;
+            let reply = self.reply_to(&r).await;
+            (r, reply)
+        }
+
+        /// The next frame, or None after 2 s or when the socket closes.
+        pub async fn next(&mut self) -> Option<Value> {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(2), self.ws.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        return Some(serde_json::from_str(&t).unwrap());
+                    }
+                    Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
+                        return None;
+                    }
+                    Ok(Some(Ok(_))) => continue,
+                }
+            }
+        }
+
+        /// Frames until one matches; panics with what came instead.
+        pub async fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+            let mut seen = Vec::new();
+            while let Some(f) = self.next().await {
+                if pred(&f) {
+                    return f;
+                }
+                seen.push(f);
+            }
+            panic!("no {what}; got {seen:#?}");
+        }
+
+        pub async fn reply_to(&mut self, r: &str) -> Value {
+            let r = r.to_owned();
+            self.until(&format!("reply to {r}"), move |f| {
+                f[1] == json!(r) && f[3] == "phx_reply"
+            })
+            .await[4]
+                .clone()
+        }
+
+        pub async fn event(&mut self, event: &str) -> Value {
+            let e = event.to_owned();
+            self.until(event, move |f| f[3] == json!(e)).await
+        }
+
+        /// The close frame's code, once the server closes.
+        pub async fn close_code(&mut self) -> Option<u16> {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(3), self.ws.next()).await {
+                    Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
+                    Ok(Some(Ok(_))) => continue,
+                    _ => return None,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,500 @@
+//! HTTP: the WebSocket endpoint, the admin API (bearer-token protected), health and metrics.
+//!
+//! Every error is JSON `{"error", "details"}` with a status that says whose fault it was: 400
+//! bad input, 401 no or wrong admin token, 404 no such zone, 409 conflict, 422 a refused
+//! operation, 503 not ready.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use prometheus::{Encoder, Registry, TextEncoder};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::zones::ZoneRegistry;
+use crate::realtime::{Hub, SocketContext, TokenSigner, socket};
+use crate::store::StoreError;
+use crate::zone::{NewZone, Permissions, Zone, ZoneError, now, parse_zone_id};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub zones: Arc<ZoneRegistry>,
+    pub hub: Arc<Hub>,
+    pub signer: TokenSigner,
+    pub admin_token: Arc<str>,
+    pub sockets: Arc<SocketContext>,
+    pub registry: Registry,
+    pub server_name: String,
+}
+
+/// An API error: status, a short machine-readable name, and details for a person.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    details: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, details: impl Into<String>) -> Self {
+        Self {
+            status,
+            error,
+            details: details.into(),
+        }
+    }
+
+    fn bad_request(details: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", details)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.error, "details": self.details})),
+        )
+            .into_response()
+    }
+}
+
+impl From<ZoneError> for ApiError {
+    fn from(e: ZoneError) -> Self {
+        let (status, error) = match &e {
+            ZoneError::ZoneNotFound(_) => (StatusCode::NOT_FOUND, "zone_not_found"),
+            ZoneError::MalformedId(_) => (StatusCode::BAD_REQUEST, "malformed_id"),
+            ZoneError::UnknownPermission(_) => (StatusCode::BAD_REQUEST, "unknown_permission"),
+            ZoneError::InvalidZone(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_zone"),
+            _ => (StatusCode::UNPROCESSABLE_ENTITY, "refused"),
+        };
+        Self::new(status, error, e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Zone(z) => z.into(),
+            other => {
+                tracing::error!(error = %other, "store error in the admin API");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    other.to_string(),
+                )
+            }
+        }
+    }
+}
+
+/// `Json` whose rejections are our JSON errors.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(JsonRejection::JsonDataError(e)) => Err(ApiError::bad_request(e.body_text())),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    let admin = Router::new()
+        .route("/api/zones", post(create_zone).get(list_zones))
+        .route(
+            "/api/zones/{id}",
+            get(get_zone).patch(patch_zone).delete(delete_zone),
+        )
+        .route("/api/zones/{id}/permissions", post(change_permissions))
+        .route("/api/zones/{id}/events", get(zone_events))
+        .route("/api/tokens", post(mint_token))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .merge(admin)
+        .route("/socket/websocket", get(websocket))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Constant-time comparison, so the token cannot be guessed a byte at a time.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_admin(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if same(token.trim().as_bytes(), state.admin_token.as_bytes()) => {
+            next.run(request).await
+        }
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the admin token is wrong",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the admin token as `Authorization: Bearer <token>`",
+        )
+        .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct SocketQuery {
+    vsn: Option<String>,
+}
+
+async fn websocket(
+    State(state): State<ApiState>,
+    Query(query): Query<SocketQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    // A missing vsn means 1.0.0; only the V2 serializer is spoken here.
+    let major = query
+        .vsn
+        .as_deref()
+        .unwrap_or("1.0.0")
+        .split('.')
+        .next()
+        .unwrap_or("");
+    if major != "2" {
+        return (
+            StatusCode::FORBIDDEN,
+            "unsupported protocol version: connect with vsn=2.0.0",
+        )
+            .into_response();
+    }
+    let max = state.sockets.config.max_frame_bytes;
+    let sockets = state.sockets.clone();
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .protocols(["phoenix"])
+        .on_upgrade(move |ws| socket::serve(ws, sockets))
+}
+
+async fn ready(State(state): State<ApiState>) -> Response {
+    match state.zones.store().ping().await {
+        Ok(()) if !*state.sockets.shutdown.borrow() => {
+            Json(json!({"status": "ready"})).into_response()
+        }
+        Ok(()) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is draining",
+        )
+        .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let mut body = Vec::new();
+    let encoder = TextEncoder::new();
+    match encoder.encode(&state.registry.gather(), &mut body) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, encoder.format_type().to_owned())],
+            body,
+        )
+            .into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string())
+            .into_response(),
+    }
+}
+
+fn zone_id(raw: &str) -> Result<Uuid, ApiError> {
+    Ok(parse_zone_id(raw)?)
+}
+
+async fn live(state: &ApiState, id: Uuid) -> Result<Zone, ApiError> {
+    Ok(state.zones.get(id).await?.lock().await.clone())
+}
+
+async fn create_zone(
+    State(state): State<ApiState>,
+    ApiJson(spec): ApiJson<NewZone>,
+) -> Result<(StatusCode, Json<Zone>), ApiError> {
+    let zone = Zone::create(spec, &state.server_name, now())?;
+    let zone = state.zones.create(zone).await?;
+    Ok((StatusCode::CREATED, Json(zone)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    #[serde(default)]
+    limit: Option<u32>,
+    #[serde(default)]
+    offset: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ZonePage {
+    zones: Vec<Zone>,
+    limit: u32,
+    offset: u64,
+    total: u64,
+}
+
+async fn list_zones(
+    State(state): State<ApiState>,
+    query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ZonePage>, ApiError> {
+    let Query(page) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = page.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 500"));
+    }
+    let offset = page.offset.unwrap_or(0);
+    let store = state.zones.store();
+    let mut zones = store.list_zones(limit, offset).await?;
+    // Live zones carry their current sessions and resources.
+    for z in &mut zones {
+        *z = live(&state, z.id).await?;
+    }
+    Ok(Json(ZonePage {
+        zones,
+        limit,
+        offset,
+        total: store.count_zones().await?,
+    }))
+}
+
+async fn get_zone(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Zone>, ApiError> {
+    Ok(Json(live(&state, zone_id(&id)?).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ZonePatch {
+    name: Option<String>,
+    capacity: Option<u32>,
+    properties: Option<Value>,
+    assigned_server: Option<String>,
+}
+
+async fn patch_zone(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    ApiJson(patch): ApiJson<ZonePatch>,
+) -> Result<Json<Zone>, ApiError> {
+    let id = zone_id(&id)?;
+    let zone = state.zones.get(id).await?;
+    let mut zone = zone.lock().await;
+    let mut next = zone.clone();
+    if let Some(name) = patch.name {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 200 {
+            return Err(
+                ZoneError::InvalidZone("the name must be 1 to 200 characters".into()).into(),
+            );
+        }
+        next.name = name.to_owned();
+    }
+    if let Some(capacity) = patch.capacity {
+        if capacity == 0 {
+            return Err(ZoneError::InvalidZone("capacity must be at least 1".into()).into());
+        }
+        if capacity < next.active_session_count {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "{} agents are in the zone: capacity cannot go below that",
+                    next.active_session_count
+                ),
+            ));
+        }
+        next.capacity = capacity;
+    }
+    if let Some(properties) = patch.properties {
+        if !properties.is_object() {
+            return Err(ZoneError::InvalidZone("properties must be a JSON object".into()).into());
+        }
+        next.properties = properties;
+    }
+    if let Some(server) = patch.assigned_server {
+        next.assigned_server = server;
+    }
+    next.updated_at = now();
+    state.zones.store().save_zone(&next).await?;
+    *zone = next.clone();
+    Ok(Json(next))
+}
+
+async fn delete_zone(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = zone_id(&id)?;
+    state.zones.delete(id).await?;
+    state.hub.close_zone(id, "zone_deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A permission by name (`"modify_zone"`) or bits (`2`, `"0x02"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PermissionName {
+    Bits(u32),
+    Name(String),
+}
+
+impl PermissionName {
+    fn parse(&self) -> Result<Permissions, ZoneError> {
+        match self {
+            Self::Bits(b) => Permissions::from_bits_checked(*b),
+            Self::Name(n) => n.parse(),
+        }
+    }
+}
+
+fn parse_all(names: &[PermissionName]) -> Result<Permissions, ZoneError> {
+    names
+        .iter()
+        .try_fold(Permissions::empty(), |acc, n| Ok(acc | n.parse()?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PermissionChange {
+    #[serde(default)]
+    grant: Option<Vec<PermissionName>>,
+    #[serde(default)]
+    revoke: Option<Vec<PermissionName>>,
+}
+
+async fn change_permissions(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    ApiJson(change): ApiJson<PermissionChange>,
+) -> Result<Json<Zone>, ApiError> {
+    let id = zone_id(&id)?;
+    if change.grant.is_none() && change.revoke.is_none() {
+        return Err(ApiError::bad_request(
+            "send {\"grant\": [...]} or {\"revoke\": [...]}",
+        ));
+    }
+    let grant = parse_all(change.grant.as_deref().unwrap_or_default())?;
+    let revoke = parse_all(change.revoke.as_deref().unwrap_or_default())?;
+    let zone = state.zones.get(id).await?;
+    let mut zone = zone.lock().await;
+    let mut next = zone.clone();
+    let t = now();
+    next.grant_permission(grant, t);
+    next.revoke_permission(revoke, t);
+    state.zones.store().save_zone(&next).await?;
+    *zone = next.clone();
+    Ok(Json(next))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    agent_id: String,
+    zone_id: String,
+    permissions: Value,
+    ttl_seconds: i64,
+}
+
+async fn mint_token(
+    State(state): State<ApiState>,
+    ApiJson(req): ApiJson<TokenRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let zone = zone_id(&req.zone_id)?;
+    if req.agent_id.trim().is_empty() || req.agent_id.len() > 200 {
+        return Err(ApiError::bad_request(
+            "agent_id must be 1 to 200 characters",
+        ));
+    }
+    let perms = match &req.permissions {
+        Value::Array(items) => {
+            let names: Vec<PermissionName> = serde_json::from_value(Value::Array(items.clone()))
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            parse_all(&names)?
+        }
+        other => serde_json::from_value::<PermissionName>(other.clone())
+            .map_err(|_| {
+                ApiError::bad_request("permissions must be bits, a name, or a list of them")
+            })?
+            .parse()?,
+    };
+    // The zone must exist.
+    state.zones.get(zone).await?;
+    let (token, claims) = state
+        .signer
+        .mint(
+            &req.agent_id,
+            zone,
+            perms,
+            req.ttl_seconds,
+            chrono::Utc::now(),
+        )
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(
+        json!({"token": token, "expires_at": claims.expires_at()}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    since: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn zone_events(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<crate::zone::ZoneEvent>>, ApiError> {
+    let id = zone_id(&id)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|_| ApiError::bad_request(format!("since {s:?} is not an RFC 3339 time")))
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let store = state.zones.store();
+    store.get_zone(id).await?;
+    Ok(Json(store.zone_events(id, since, None, Some(limit)).await?))
+}

@@ -1,0 +1,285 @@
+//! `thunderline serve`: the zone pipeline, the WebSocket endpoint and the admin API on one
+//! listener, and an orderly shutdown.
+//!
+//! The pipeline it runs: an in-memory producer fed by the sockets and the tick timer →
+//! processors partitioned by zone id (one zone's commands in order) → two batchers, `broadcast`
+//! (flushes within a couple of milliseconds, to the topic sink) and `audit` (20 events / 2 s, to
+//! the audit log, retried until the database takes it).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::DatabaseArgs;
+use super::api::{self, ApiState};
+use super::zones::{ZoneProcessor, ZoneRegistry};
+use crate::pipeline::{
+    BatcherConfig, BatcherName, ConfigError, Message, Pipeline, PipelineMetrics, ProcessorConfig,
+    PushHandle, RetryPolicy, ShutdownError, in_memory,
+};
+use crate::realtime::{
+    Command, Hub, HubMetrics, SocketConfig, SocketContext, SocketMetrics, TokenSigner, TopicSink,
+    ZoneWork, random_secret,
+};
+use crate::store::{AuditSink, Store, StoreError};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (HTTP, the WebSocket endpoint and the admin API).
+    #[arg(long, env = "THUNDERLINE_LISTEN", default_value = "127.0.0.1:4000")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Milliseconds between environment ticks of every zone with agents in it.
+    #[arg(long, env = "THUNDERLINE_TICK_MS", default_value_t = 5_000)]
+    pub tick_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot build the zone pipeline: {0}")]
+    Pipeline(#[from] ConfigError),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read or write {path}: {source}")]
+    Secret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the signing secret is unusable: {0}")]
+    Token(#[from] crate::realtime::TokenError),
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("the pipeline did not drain: {0}")]
+    Drain(#[from] ShutdownError),
+}
+
+/// The server's secrets: the token-signing secret and the admin API's bearer token.
+#[derive(Clone, Debug)]
+pub struct Secrets {
+    pub signing: String,
+    pub admin_token: String,
+    /// Whether they were generated just now (print them once).
+    pub generated: bool,
+}
+
+/// Reads a secret from the environment, or from `data_dir/name`, generating it there on first
+/// start (readable by the owner only).
+fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), ServeError> {
+    if let Ok(v) = std::env::var(env)
+        && !v.is_empty()
+    {
+        return Ok((v, false));
+    }
+    let path = data_dir.join(name);
+    let io = |source| ServeError::Secret {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok((s.trim().to_owned(), false)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    std::fs::create_dir_all(data_dir).map_err(io)?;
+    let value = random_secret();
+    std::fs::write(&path, &value).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    Ok((value, true))
+}
+
+pub fn load_secrets(data_dir: &Path) -> Result<Secrets, ServeError> {
+    let (signing, new_signing) = secret("THUNDERLINE_SECRET", data_dir, "secret")?;
+    let (admin_token, new_admin) = secret("THUNDERLINE_ADMIN_TOKEN", data_dir, "admin_token")?;
+    Ok(Secrets {
+        signing,
+        admin_token,
+        generated: new_signing || new_admin,
+    })
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub secrets: Secrets,
+    pub registry: Registry,
+    stop: watch::Sender<bool>,
+    http: JoinHandle<std::io::Result<()>>,
+    ticker: JoinHandle<()>,
+    pipeline: Pipeline<ZoneWork>,
+    push: PushHandle<ZoneWork>,
+    store: Store,
+}
+
+impl Server {
+    /// Opens the store, builds the pipeline and starts listening.
+    pub async fn start(args: &ServeArgs) -> Result<Self, ServeError> {
+        let secrets = load_secrets(&args.db.data_dir)?;
+        let signer = TokenSigner::new(secrets.signing.as_bytes())?;
+        let store = Store::connect(&args.db.url()).await?;
+        let registry = Registry::new();
+        let hub = Arc::new(Hub::new(HubMetrics::register(&registry)?));
+        let zones = Arc::new(ZoneRegistry::new(store.clone()));
+        let pipeline_metrics = PipelineMetrics::register(&registry)?;
+
+        let (producer, push) = in_memory::<ZoneWork>(10_000);
+        let routes: Arc<[BatcherName]> =
+            Arc::from(vec![BatcherName::from("broadcast"), "audit".into()]);
+        let processor = ZoneProcessor::new(zones.clone(), hub.clone(), routes, &registry)?;
+        let pipeline = Pipeline::builder("zones")
+            .producer(producer)
+            .processor(
+                processor,
+                ProcessorConfig::default()
+                    .max_demand(64)
+                    .retry(RetryPolicy::exponential(
+                        5,
+                        Duration::from_millis(50),
+                        2.0,
+                        Duration::from_secs(2),
+                    )),
+            )
+            .partition_by(|m: &Message<ZoneWork>| {
+                let (hi, lo) = m.data.zone_id.as_u64_pair();
+                hi ^ lo
+            })
+            .batcher(
+                BatcherConfig::new("broadcast")
+                    .batch_size(64)
+                    .batch_timeout(Duration::from_millis(1)),
+                TopicSink::new(hub.clone()),
+            )
+            .batcher(
+                BatcherConfig::new("audit")
+                    .batch_size(20)
+                    .batch_timeout(Duration::from_secs(2))
+                    .concurrency(4)
+                    .retry(RetryPolicy::exponential(
+                        u32::MAX,
+                        Duration::from_millis(100),
+                        2.0,
+                        Duration::from_secs(10),
+                    )),
+                AuditSink::new(store.clone()),
+            )
+            .in_flight_bound(20_000)
+            .metrics(registry.clone(), pipeline_metrics)
+            .start()?;
+
+        let (stop, stop_rx) = watch::channel(false);
+        let sockets = Arc::new(SocketContext::new(
+            hub.clone(),
+            signer.clone(),
+            push.clone(),
+            SocketConfig::default(),
+            SocketMetrics::register(&registry)?,
+            stop_rx.clone(),
+        ));
+        let state = ApiState {
+            zones: zones.clone(),
+            hub: hub.clone(),
+            signer,
+            admin_token: Arc::from(secrets.admin_token.as_str()),
+            sockets,
+            registry: registry.clone(),
+            server_name: args.listen.to_string(),
+        };
+        let listener =
+            TcpListener::bind(args.listen)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: args.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(ServeError::Http)?;
+        let app = api::router(state);
+        let mut http_stop = stop_rx.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|&s| s).await;
+                })
+                .await
+        });
+        let ticker = tokio::spawn(tick(
+            zones,
+            push.clone(),
+            Duration::from_millis(args.tick_ms.max(1)),
+            stop_rx,
+        ));
+        Ok(Self {
+            addr,
+            secrets,
+            registry,
+            stop,
+            http,
+            ticker,
+            pipeline,
+            push,
+            store,
+        })
+    }
+
+    /// Stops taking connections and events, tells clients the server is going away, drains the
+    /// pipeline into the audit log, and closes the store.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.stop.send_replace(true);
+        let _ = self.ticker.await;
+        let http = self.http.await;
+        drop(self.push);
+        self.pipeline.shutdown().await?;
+        self.store.close().await;
+        match http {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Http(e)),
+            Err(e) => Err(ServeError::Http(std::io::Error::other(e))),
+        }
+    }
+}
+
+/// Ticks every zone with agents in it, through the pipeline like any other event.
+async fn tick(
+    zones: Arc<ZoneRegistry>,
+    push: PushHandle<ZoneWork>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        tokio::select! {
+            () = async { let _ = stop.wait_for(|&s| s).await; } => return,
+            _ = interval.tick() => {}
+        }
+        for zone_id in zones.active().await {
+            let work = ZoneWork {
+                zone_id,
+                command: Command::Tick,
+                origin: None,
+                event: None,
+            };
+            if push.push(Message::new(work)).await.is_err() {
+                return;
+            }
+        }
+    }
+}

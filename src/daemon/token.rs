@@ -1,0 +1,48 @@
+//! `thunderline token`: mints a join token with the server's secret.
+
+use chrono::{DateTime, Utc};
+
+use super::DatabaseArgs;
+use super::server::{ServeError, load_secrets};
+use crate::realtime::{TokenError, TokenSigner};
+use crate::zone::{Permissions, ZoneError, parse_zone_id};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct TokenArgs {
+    /// The agent the token is for.
+    #[arg(long)]
+    pub agent: String,
+    /// The zone it lets the agent join.
+    #[arg(long)]
+    pub zone: String,
+    /// Permission bits (5, 0x05) or a name (spawn_agents, modify_zone, broadcast_events,
+    /// admin_zone).
+    #[arg(long, default_value = "spawn_agents")]
+    pub perms: String,
+    /// Seconds until it expires.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: i64,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error(transparent)]
+    Zone(#[from] ZoneError),
+    #[error(transparent)]
+    Secrets(#[from] ServeError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+/// The token and when it expires. Uses `THUNDERLINE_SECRET`, or the secret `serve` keeps in the
+/// data directory.
+pub fn mint(args: &TokenArgs) -> Result<(String, DateTime<Utc>), MintError> {
+    let zone = parse_zone_id(&args.zone)?;
+    let perms: Permissions = args.perms.parse()?;
+    let secrets = load_secrets(&args.db.data_dir)?;
+    let signer = TokenSigner::new(secrets.signing.as_bytes())?;
+    let (token, claims) = signer.mint(&args.agent, zone, perms, args.ttl, Utc::now())?;
+    Ok((token, claims.expires_at()))
+}

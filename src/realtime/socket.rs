@@ -1,0 +1,564 @@
+//! One WebSocket connection speaking Phoenix Channels V2: heartbeats, joins, leaves and zone
+//! events in; replies, pushes and broadcasts out.
+//!
+//! A reader loop checks every frame (shape, rate, topic, token, payload) and hands valid work to
+//! the pipeline; a writer task drains the connection's bounded queue, writing every frame that is
+//! waiting before it flushes. Nothing a client sends can stall or crash the server: a bad frame
+//! gets an error reply and the connection stays usable; a flood or an oversize frame closes it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::channel::{Channels, Command, Joined, Origin, ZoneWork};
+use super::hub::{CloseReason, Hub, Peer};
+use super::protocol::{self, Frame};
+use super::token::TokenSigner;
+use crate::pipeline::{Message as PipelineMessage, PushHandle};
+use crate::zone::parse_zone_id;
+
+/// Per-connection limits.
+#[derive(Clone, Debug)]
+pub struct SocketConfig {
+    /// Phoenix's cap on channels per connection.
+    pub max_channels: usize,
+    /// A connection that sends nothing (not even a heartbeat) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Larger frames close the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Frames waiting to be written; past it the client is a slow consumer.
+    pub outbound_queue: usize,
+    /// Frames per second a client may send, on average...
+    pub rate_per_sec: f64,
+    /// ...with bursts of up to this many.
+    pub burst: f64,
+    /// Refused frames in a row (rate-limited) before the connection is closed.
+    pub flood_limit: u32,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        Self {
+            max_channels: 100,
+            idle_timeout: Duration::from_secs(60),
+            max_frame_bytes: 64 * 1024,
+            outbound_queue: 1024,
+            rate_per_sec: 200.0,
+            burst: 500.0,
+            flood_limit: 200,
+        }
+    }
+}
+
+pub const GOING_AWAY: CloseReason = CloseReason {
+    code: 1001,
+    reason: "server shutting down",
+};
+const TOO_BIG: CloseReason = CloseReason {
+    code: 1009,
+    reason: "frame larger than 64 KiB",
+};
+const FLOOD: CloseReason = CloseReason {
+    code: 1008,
+    reason: "too many frames",
+};
+const IDLE: CloseReason = CloseReason {
+    code: 1001,
+    reason: "idle timeout",
+};
+
+#[derive(Clone)]
+pub struct SocketMetrics {
+    pub connections: IntGauge,
+    pub joins: IntCounterVec,
+    pub pushes: IntCounter,
+    pub refused: IntCounterVec,
+}
+
+impl SocketMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            connections: IntGauge::new(
+                "thunderline_socket_connections",
+                "Open WebSocket connections.",
+            )?,
+            joins: IntCounterVec::new(
+                Opts::new(
+                    "thunderline_channel_joins_total",
+                    "Channel joins by outcome.",
+                ),
+                &["outcome"],
+            )?,
+            pushes: IntCounter::new(
+                "thunderline_channel_pushes_total",
+                "Client events accepted into the pipeline.",
+            )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "thunderline_channel_refused_total",
+                    "Client frames refused before the pipeline, by reason.",
+                ),
+                &["reason"],
+            )?,
+        };
+        registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.joins.clone()))?;
+        registry.register(Box::new(m.pushes.clone()))?;
+        registry.register(Box::new(m.refused.clone()))?;
+        Ok(m)
+    }
+}
+
+/// What every connection shares.
+pub struct SocketContext {
+    pub hub: Arc<Hub>,
+    pub signer: TokenSigner,
+    pub work: PushHandle<ZoneWork>,
+    pub config: SocketConfig,
+    pub metrics: SocketMetrics,
+    /// Flips to true when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    next_id: AtomicU64,
+}
+
+impl SocketContext {
+    pub fn new(
+        hub: Arc<Hub>,
+        signer: TokenSigner,
+        work: PushHandle<ZoneWork>,
+        config: SocketConfig,
+        metrics: SocketMetrics,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            hub,
+            signer,
+            work,
+            config,
+            metrics,
+            shutdown,
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// The token bucket behind the per-connection rate limit.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+struct Connection {
+    ctx: Arc<SocketContext>,
+    peer: Peer,
+    channels: Arc<Mutex<Channels>>,
+    bucket: Bucket,
+    refused_in_a_row: u32,
+}
+
+/// Serves one upgraded WebSocket until either side closes it.
+pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(ctx.config.outbound_queue);
+    let (kill_tx, mut kill_rx) = watch::channel(None::<CloseReason>);
+    let kill = Arc::new(kill_tx);
+    let peer = Peer::new(id, tx, kill.clone(), ctx.hub.metrics.slow_consumers.clone());
+    ctx.metrics.connections.inc();
+
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                _ = kill_rx.changed() => {
+                    let reason = (*kill_rx.borrow()).unwrap_or(GOING_AWAY);
+                    // What is already queued (error replies, say) goes out first, unless the
+                    // queue is the problem.
+                    if reason != super::hub::SLOW_CONSUMER {
+                        while let Ok(frame) = rx.try_recv() {
+                            if sink.feed(Message::Text(frame)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code: reason.code,
+                            reason: Utf8Bytes::from_static(reason.reason),
+                        })))
+                        .await;
+                    break;
+                }
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { break };
+                    // Write everything that is waiting, then flush once.
+                    if sink.feed(Message::Text(frame)).await.is_err() {
+                        break;
+                    }
+                    let mut failed = false;
+                    while let Ok(frame) = rx.try_recv() {
+                        if sink.feed(Message::Text(frame)).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if failed || sink.flush().await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+
+    let mut conn = Connection {
+        ctx: ctx.clone(),
+        peer: peer.clone(),
+        channels: Arc::new(Mutex::new(Channels::new())),
+        bucket: Bucket {
+            tokens: ctx.config.burst,
+            at: Instant::now(),
+        },
+        refused_in_a_row: 0,
+    };
+    let mut killed = kill.subscribe();
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = killed.changed() => break,
+            () = async { let _ = shutdown.wait_for(|&s| s).await; } => {
+                peer.close(GOING_AWAY);
+                break;
+            }
+            next = tokio::time::timeout(ctx.config.idle_timeout, stream.next()) => match next {
+                Err(_) => {
+                    peer.close(IDLE);
+                    break;
+                }
+                Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break,
+                Ok(Some(Err(e))) => {
+                    if is_too_big(&e) {
+                        peer.close(TOO_BIG);
+                    }
+                    break;
+                }
+                Ok(Some(Ok(Message::Text(text)))) => conn.on_text(&text).await,
+                Ok(Some(Ok(Message::Binary(_)))) => {
+                    conn.refuse("binary_unsupported");
+                    peer.send_text(protocol::encode(None, None, "phoenix", "phx_error", &json!({
+                        "reason": "binary_unsupported",
+                        "details": "this server speaks the V2 JSON serializer only"
+                    })));
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    // Leave every channel this connection held.
+    let held: Vec<(Uuid, Joined)> = conn
+        .channels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain()
+        .collect();
+    for (zone, joined) in held {
+        conn.submit(zone, Command::Leave { reply: false }, &joined, None)
+            .await;
+    }
+    peer.close(CloseReason {
+        code: 1000,
+        reason: "bye",
+    });
+    let _ = writer.await;
+    ctx.metrics.connections.dec();
+}
+
+fn is_too_big(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("too long") || text.contains("too big") || text.contains("Space limit")
+}
+
+impl Connection {
+    fn refuse(&mut self, reason: &str) {
+        self.ctx.metrics.refused.with_label_values(&[reason]).inc();
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let cfg = &self.ctx.config;
+        let refill = now.duration_since(self.bucket.at).as_secs_f64() * cfg.rate_per_sec;
+        self.bucket.tokens = (self.bucket.tokens + refill).min(cfg.burst);
+        self.bucket.at = now;
+        if self.bucket.tokens >= 1.0 {
+            self.bucket.tokens -= 1.0;
+            self.refused_in_a_row = 0;
+            true
+        } else {
+            self.refused_in_a_row += 1;
+            false
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        if !self.allow() {
+            self.refuse("rate_limited");
+            if self.refused_in_a_row > self.ctx.config.flood_limit {
+                self.peer.close(FLOOD);
+                return;
+            }
+            if let Ok(frame) = protocol::decode(text) {
+                self.peer.send_text(protocol::error_reply(
+                    frame.join_ref.as_deref(),
+                    frame.msg_ref.as_deref(),
+                    &frame.topic,
+                    "rate_limited",
+                    "too many frames: slow down",
+                ));
+            }
+            return;
+        }
+        let frame = match protocol::decode(text) {
+            Ok(frame) => frame,
+            Err((error, msg_ref)) => {
+                self.refuse("malformed_frame");
+                let details = error.to_string();
+                let reply = match msg_ref {
+                    Some(r) => protocol::error_reply(
+                        None,
+                        Some(&r),
+                        "phoenix",
+                        "malformed_frame",
+                        &details,
+                    ),
+                    None => protocol::encode(
+                        None,
+                        None,
+                        "phoenix",
+                        "phx_error",
+                        &json!({
+                            "reason": "malformed_frame", "details": details
+                        }),
+                    ),
+                };
+                self.peer.send_text(reply);
+                return;
+            }
+        };
+        match (frame.topic.as_str(), frame.event.as_str()) {
+            ("phoenix", "heartbeat") => {
+                self.peer.send_text(protocol::reply(
+                    None,
+                    frame.msg_ref.as_deref(),
+                    "phoenix",
+                    true,
+                    &json!({}),
+                ));
+            }
+            (_, "phx_join") => self.join(frame).await,
+            (_, "phx_leave") => self.leave(frame).await,
+            _ => self.event(frame).await,
+        }
+    }
+
+    fn reply_error(&self, frame: &Frame, reason: &str, details: &str) {
+        self.peer.send_text(protocol::error_reply(
+            frame.join_ref.as_deref(),
+            frame.msg_ref.as_deref(),
+            &frame.topic,
+            reason,
+            details,
+        ));
+    }
+
+    /// The zone a `zone:<uuid>` topic names, or why not.
+    fn zone_of(topic: &str) -> Result<Uuid, (&'static str, String)> {
+        let Some(id) = topic.strip_prefix("zone:") else {
+            return Err((
+                "unmatched topic",
+                format!("{topic:?} is not a topic of this server (zone:<uuid>)"),
+            ));
+        };
+        parse_zone_id(id).map_err(|e| ("zone_not_found", e.to_string()))
+    }
+
+    async fn join(&mut self, frame: Frame) {
+        let zone = match Self::zone_of(&frame.topic) {
+            Ok(zone) => zone,
+            Err((reason, details)) => {
+                self.ctx.metrics.joins.with_label_values(&[reason]).inc();
+                return self.reply_error(&frame, reason, &details);
+            }
+        };
+        let text =
+            |p: &Map<String, Value>, k: &str| p.get(k).and_then(Value::as_str).map(str::to_owned);
+        let (Some(agent_id), Some(token)) = (
+            text(&frame.payload, "agent_id"),
+            text(&frame.payload, "token"),
+        ) else {
+            self.ctx
+                .metrics
+                .joins
+                .with_label_values(&["unauthorized"])
+                .inc();
+            return self.reply_error(
+                &frame,
+                "unauthorized",
+                "join params need agent_id and token",
+            );
+        };
+        let claims = match self.ctx.signer.verify(&token, chrono::Utc::now()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.ctx
+                    .metrics
+                    .joins
+                    .with_label_values(&["unauthorized"])
+                    .inc();
+                return self.reply_error(&frame, "unauthorized", &e.to_string());
+            }
+        };
+        if claims.agent_id != agent_id || claims.zone_id != zone {
+            self.ctx
+                .metrics
+                .joins
+                .with_label_values(&["unauthorized"])
+                .inc();
+            return self.reply_error(
+                &frame,
+                "unauthorized",
+                "the token was minted for another agent or zone",
+            );
+        }
+        let joined = Joined {
+            join_ref: frame.join_ref.clone(),
+            agent_id,
+            perms: claims.perms,
+        };
+        let (previous, too_many) = {
+            let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            let previous = channels.remove(&zone);
+            let too_many = channels.len() >= self.ctx.config.max_channels;
+            if !too_many {
+                channels.insert(zone, joined.clone());
+            }
+            (previous, too_many)
+        };
+        if let Some(old) = previous {
+            // A duplicate join closes the old channel first.
+            self.peer.send_text(protocol::encode(
+                old.join_ref.as_deref(),
+                old.join_ref.as_deref(),
+                &frame.topic,
+                "phx_close",
+                &json!({}),
+            ));
+            self.submit(zone, Command::Leave { reply: false }, &old, None)
+                .await;
+        }
+        if too_many {
+            self.ctx
+                .metrics
+                .joins
+                .with_label_values(&["too_many_channels"])
+                .inc();
+            return self.reply_error(
+                &frame,
+                "too many channels joined",
+                "at most 100 channels per connection",
+            );
+        }
+        self.submit(zone, Command::Join, &joined, frame.msg_ref)
+            .await;
+    }
+
+    async fn leave(&mut self, frame: Frame) {
+        let zone = Self::zone_of(&frame.topic).ok();
+        let joined = zone.and_then(|z| {
+            let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            channels.remove(&z).map(|j| (z, j))
+        });
+        match joined {
+            Some((zone, joined)) => {
+                let joined = Joined {
+                    join_ref: frame.join_ref.clone().or(joined.join_ref),
+                    ..joined
+                };
+                self.submit(zone, Command::Leave { reply: true }, &joined, frame.msg_ref)
+                    .await;
+            }
+            None => {
+                self.peer.send_text(protocol::reply(
+                    frame.join_ref.as_deref(),
+                    frame.msg_ref.as_deref(),
+                    &frame.topic,
+                    true,
+                    &json!({}),
+                ));
+            }
+        }
+    }
+
+    async fn event(&mut self, frame: Frame) {
+        let joined = Self::zone_of(&frame.topic).ok().and_then(|zone| {
+            let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            channels
+                .get(&zone)
+                .filter(|j| frame.join_ref.is_none() || j.join_ref == frame.join_ref)
+                .cloned()
+                .map(|j| (zone, j))
+        });
+        let Some((zone, joined)) = joined else {
+            self.refuse("unmatched_topic");
+            self.peer.send_text(protocol::error_reply(
+                None,
+                frame.msg_ref.as_deref(),
+                &frame.topic,
+                "unmatched topic",
+                "join the topic before sending events to it",
+            ));
+            return;
+        };
+        match Command::from_event(&frame.event, frame.payload.clone()) {
+            Ok(command) => {
+                self.ctx.metrics.pushes.inc();
+                self.submit(zone, command, &joined, frame.msg_ref).await;
+            }
+            Err(refusal) => {
+                self.refuse(refusal.reason);
+                self.reply_error(&frame, refusal.reason, &refusal.details);
+            }
+        }
+    }
+
+    async fn submit(&self, zone: Uuid, command: Command, joined: &Joined, msg_ref: Option<String>) {
+        let origin = Origin {
+            peer: self.peer.clone(),
+            agent_id: joined.agent_id.clone(),
+            perms: joined.perms,
+            join_ref: joined.join_ref.clone(),
+            msg_ref,
+            channels: self.channels.clone(),
+        };
+        let work = ZoneWork {
+            zone_id: zone,
+            command,
+            origin: Some(origin),
+            event: None,
+        };
+        if let Err(e) = self.ctx.work.push(PipelineMessage::new(work)).await {
+            // The server is shutting down: nothing was accepted, say so.
+            if let Some(origin) = e.into_message().data.origin {
+                origin.reply_error(zone, "unavailable", "the server is shutting down");
+            }
+        }
+    }
+}

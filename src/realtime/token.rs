@@ -1,0 +1,162 @@
+//! Join tokens: the server's signature over an agent, a zone, permission bits and an expiry.
+//!
+//! A token is `<claims>.<mac>`: the claims as base64url JSON, and an HMAC-SHA256 of that text
+//! under the server's secret, also base64url. Only the server can mint one; anyone holding one
+//! can read its claims, which are not secret.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, TimeZone, Utc};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use uuid::Uuid;
+
+use crate::zone::Permissions;
+
+/// What a token lets its holder do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Claims {
+    pub agent_id: String,
+    pub zone_id: Uuid,
+    pub perms: Permissions,
+    /// Expiry, in seconds since the Unix epoch.
+    pub exp: i64,
+}
+
+impl Claims {
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        Utc.timestamp_opt(self.exp, 0)
+            .single()
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token is malformed")]
+    Malformed,
+    #[error("the token's signature is not the server's")]
+    BadSignature,
+    #[error("the token expired at {0}")]
+    Expired(DateTime<Utc>),
+    #[error("the signing secret must be at least 32 bytes")]
+    WeakSecret,
+    #[error("a token's lifetime must be between 1 second and 10 years")]
+    BadTtl,
+}
+
+/// Mints and checks tokens with one secret.
+#[derive(Clone)]
+pub struct TokenSigner {
+    key: Hmac<Sha256>,
+}
+
+impl std::fmt::Debug for TokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSigner(..)")
+    }
+}
+
+const MAX_TTL_SECS: i64 = 10 * 365 * 24 * 3600;
+
+impl TokenSigner {
+    pub fn new(secret: &[u8]) -> Result<Self, TokenError> {
+        if secret.len() < 32 {
+            return Err(TokenError::WeakSecret);
+        }
+        Ok(Self {
+            key: Hmac::new_from_slice(secret).map_err(|_| TokenError::WeakSecret)?,
+        })
+    }
+
+    /// A token for `agent_id` in `zone_id` with `perms`, valid for `ttl_secs` from `now`.
+    pub fn mint(
+        &self,
+        agent_id: &str,
+        zone_id: Uuid,
+        perms: Permissions,
+        ttl_secs: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(String, Claims), TokenError> {
+        if !(1..=MAX_TTL_SECS).contains(&ttl_secs) {
+            return Err(TokenError::BadTtl);
+        }
+        let claims = Claims {
+            agent_id: agent_id.to_owned(),
+            zone_id,
+            perms,
+            exp: now.timestamp() + ttl_secs,
+        };
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialise"));
+        let mut mac = self.key.clone();
+        mac.update(body.as_bytes());
+        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        Ok((format!("{body}.{sig}"), claims))
+    }
+
+    /// The claims of a token this signer minted that has not expired at `now`.
+    pub fn verify(&self, token: &str, now: DateTime<Utc>) -> Result<Claims, TokenError> {
+        let (body, sig) = token.split_once('.').ok_or(TokenError::Malformed)?;
+        let sig = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| TokenError::Malformed)?;
+        let mut mac = self.key.clone();
+        mac.update(body.as_bytes());
+        // Constant-time comparison.
+        mac.verify_slice(&sig)
+            .map_err(|_| TokenError::BadSignature)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Malformed)?;
+        let claims: Claims = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
+        if claims.exp <= now.timestamp() {
+            return Err(TokenError::Expired(claims.expires_at()));
+        }
+        Ok(claims)
+    }
+}
+
+/// 32 random bytes from the operating system, hex-encoded: a fresh secret or admin token.
+pub fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the OS has a random source");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_only_untampered_unexpired_and_ours() {
+        let signer = TokenSigner::new(&[7u8; 32]).unwrap();
+        let zone = Uuid::now_v7();
+        let now = Utc::now();
+        let (token, claims) = signer
+            .mint("agent-1", zone, Permissions::SPAWN_AGENTS, 60, now)
+            .unwrap();
+        assert_eq!(signer.verify(&token, now).unwrap(), claims);
+        assert_eq!(
+            signer.verify(&token, now + chrono::Duration::seconds(61)),
+            Err(TokenError::Expired(claims.expires_at()))
+        );
+        let other = TokenSigner::new(&[8u8; 32]).unwrap();
+        assert_eq!(other.verify(&token, now), Err(TokenError::BadSignature));
+        // Raising one's own permissions breaks the signature.
+        let (body, sig) = token.split_once('.').unwrap();
+        let mut forged: Claims =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(body).unwrap()).unwrap();
+        forged.perms = Permissions::all();
+        let forged = format!(
+            "{}.{sig}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap())
+        );
+        assert_eq!(signer.verify(&forged, now), Err(TokenError::BadSignature));
+        assert_eq!(signer.verify("garbage", now), Err(TokenError::Malformed));
+        assert_eq!(signer.verify("a.b.c", now), Err(TokenError::Malformed));
+        assert!(TokenSigner::new(b"short").is_err());
+        assert_eq!(random_secret().len(), 64);
+    }
+}

@@ -1,0 +1,555 @@
+//! The zone channels over a real WebSocket, driven by a tokio-tungstenite client against the
+//! real daemon: joins and their errors, pushes and replies, broadcasts and their reach,
+//! presence, permissions re-checked on every push, leaves, duplicate joins, bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use common::server::{Client, TestServer, http, start};
+use serde_json::{Value, json};
+
+async fn server() -> TestServer {
+    start(None).await
+}
+
+fn zone_body(capacity: u32, permissions: u32) -> Value {
+    json!({
+        "name": "Glade",
+        "capacity": capacity,
+        "permissions": permissions,
+        "resources": {"food": {"amount": 100, "max": 100, "regen": 5}},
+        "properties": {"biome": "forest"}
+    })
+}
+
+async fn joined(srv: &TestServer, zone: &str, agent: &str, perms: Value) -> (Client, String) {
+    let token = srv.token(agent, zone, perms).await;
+    let mut c = Client::connect(&srv.ws_url()).await;
+    let (join_ref, reply) = c
+        .join(
+            &format!("zone:{zone}"),
+            json!({"agent_id": agent, "token": token}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    (c, join_ref)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_replies_with_the_zone_then_presence_and_refuses_precisely() {
+    let srv = server().await;
+    let zone = srv.zone(zone_body(1, 0x03)).await;
+    let id = zone["id"].as_str().unwrap();
+    let topic = format!("zone:{id}");
+
+    let token = srv.token("alice", id, json!(["spawn_agents"])).await;
+    let mut alice = Client::connect(&srv.ws_url()).await;
+    let (join_ref, reply) = alice
+        .join(&topic, json!({"agent_id": "alice", "token": token}))
+        .await;
+    assert_eq!(reply["status"], "ok");
+    assert_eq!(reply["response"]["agents"], json!(["alice"]));
+    assert_eq!(reply["response"]["zone"]["id"], json!(id));
+    assert_eq!(reply["response"]["zone"]["active_session_count"], 1);
+    let state = alice.event("presence_state").await;
+    assert_eq!(state[0], json!(join_ref), "pushed to this join");
+    assert_eq!(state[4]["alice"]["metas"].as_array().unwrap().len(), 1);
+    assert!(state[4]["alice"]["metas"][0]["phx_ref"].is_string());
+
+    // Bad token, token for someone else, a zone that does not exist, a full zone.
+    let mut bob = Client::connect(&srv.ws_url()).await;
+    let (_, r) = bob
+        .join(&topic, json!({"agent_id": "bob", "token": "forged.token"}))
+        .await;
+    assert_eq!(
+        (r["status"].clone(), r["response"]["reason"].clone()),
+        (json!("error"), json!("unauthorized"))
+    );
+    let (_, r) = bob
+        .join(&topic, json!({"agent_id": "bob", "token": token}))
+        .await;
+    assert_eq!(r["response"]["reason"], "unauthorized");
+    let (_, r) = bob.join(&topic, json!({"agent_id": "bob"})).await;
+    assert_eq!(r["response"]["reason"], "unauthorized");
+    let bob_token = srv.token("bob", id, json!(1)).await;
+    let (_, r) = bob
+        .join(&topic, json!({"agent_id": "bob", "token": bob_token}))
+        .await;
+    assert_eq!(r["response"]["reason"], "zone_full");
+    let (_, r) = bob
+        .join(
+            "zone:not-a-uuid",
+            json!({"agent_id": "bob", "token": bob_token}),
+        )
+        .await;
+    assert_eq!(r["response"]["reason"], "zone_not_found");
+    let (_, r) = bob.join("room:lobby", json!({})).await;
+    assert_eq!(r["response"]["reason"], "unmatched topic");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_reply_and_broadcast_to_the_zone_only() {
+    let srv = server().await;
+    let zone = srv.zone(zone_body(10, 0x03)).await;
+    let other = srv.zone(zone_body(10, 0x03)).await;
+    let id = zone["id"].as_str().unwrap();
+    let topic = format!("zone:{id}");
+    let (mut alice, alice_ref) =
+        joined(&srv, id, "alice", json!(["spawn_agents", "modify_zone"])).await;
+    let (mut bob, _) = joined(&srv, id, "bob", json!(["spawn_agents"])).await;
+    let (mut carol, _) = joined(
+        &srv,
+        other["id"].as_str().unwrap(),
+        "carol",
+        json!(["spawn_agents"]),
+    )
+    .await;
+
+    // Alice sees Bob arrive: his presence at once, then the zone's agent_entered event.
+    let diff = alice
+        .until("bob's presence", |f| {
+            f[3] == "presence_diff" && f[4]["joins"]["bob"].is_object()
+        })
+        .await;
+    assert_eq!(diff[4]["leaves"], json!({}));
+    let entered = alice
+        .until("bob entered", |f| {
+            f[3] == "agent_entered" && f[4]["agent_id"] == "bob"
+        })
+        .await;
+    assert_eq!(entered[4]["session_count"], 2);
+    assert_eq!(entered[0], Value::Null, "broadcasts carry no join_ref");
+
+    let r = alice
+        .push(
+            Some(&alice_ref),
+            &topic,
+            "agent_move",
+            json!({"position": {"x": 10, "y": 5, "z": 0}}),
+        )
+        .await;
+    assert_eq!(
+        alice.reply_to(&r).await,
+        json!({"status": "ok", "response": {}})
+    );
+    let moved = bob.event("agent_moved").await;
+    assert_eq!(
+        moved[4],
+        json!({"agent_id": "alice", "position": {"x": 10.0, "y": 5.0, "z": 0.0}})
+    );
+    assert_eq!(moved[2], json!(topic));
+
+    let r = alice
+        .push(
+            Some(&alice_ref),
+            &topic,
+            "consume_resource",
+            json!({"resource_type": "food", "amount": 5}),
+        )
+        .await;
+    assert_eq!(
+        alice.reply_to(&r).await,
+        json!({"status": "ok", "response": {"new_resources": {"food": 95}}})
+    );
+    let changed = bob.event("resource_changed").await;
+    assert_eq!(
+        changed[4],
+        json!({"agent_id": "alice", "changes": {"food": -5}, "new_resources": {"food": 95}})
+    );
+
+    // Refusals change nothing and name their reason.
+    for (payload, reason) in [
+        (
+            json!({"resource_type": "food", "amount": 500}),
+            "insufficient_resources",
+        ),
+        (
+            json!({"resource_type": "gold", "amount": 1}),
+            "unknown_resource",
+        ),
+        (
+            json!({"resource_type": "food", "amount": "lots"}),
+            "invalid_payload",
+        ),
+        (
+            json!({"resource_type": "food", "amount": -3}),
+            "invalid_payload",
+        ),
+    ] {
+        let r = alice
+            .push(Some(&alice_ref), &topic, "consume_resource", payload)
+            .await;
+        let reply = alice.reply_to(&r).await;
+        assert_eq!(
+            (reply["status"].clone(), reply["response"]["reason"].clone()),
+            (json!("error"), json!(reason))
+        );
+        assert!(reply["response"]["details"].is_string());
+    }
+    let r = alice
+        .push(Some(&alice_ref), &topic, "get_zone_state", json!({}))
+        .await;
+    let state = alice.reply_to(&r).await;
+    assert_eq!(state["response"]["zone"]["resources"]["food"]["amount"], 95);
+    assert_eq!(state["response"]["agents"], json!(["alice", "bob"]));
+
+    // Carol, in another zone, saw none of it.
+    while let Some(f) = carol.next().await {
+        assert_ne!(f[2], json!(topic), "leaked to another zone: {f}");
+    }
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissions_are_checked_on_every_push() {
+    let srv = server().await;
+    let zone = srv.zone(zone_body(10, 0x03)).await;
+    let id = zone["id"].as_str().unwrap();
+    let topic = format!("zone:{id}");
+    let (mut bob, bob_ref) = joined(&srv, id, "bob", json!(["spawn_agents"])).await;
+
+    let r = bob
+        .push(
+            Some(&bob_ref),
+            &topic,
+            "consume_resource",
+            json!({"resource_type": "food", "amount": 1}),
+        )
+        .await;
+    assert_eq!(
+        bob.reply_to(&r).await["response"]["reason"],
+        "forbidden",
+        "the token lacks modify_zone"
+    );
+    let r = bob
+        .push(
+            Some(&bob_ref),
+            &topic,
+            "agent_move",
+            json!({"position": {"x": 1, "y": 1, "z": 1}}),
+        )
+        .await;
+    assert_eq!(bob.reply_to(&r).await["status"], "ok");
+
+    // Revoking spawn_agents on the zone stops an agent already inside.
+    let (status, z) = srv
+        .api(
+            "POST",
+            &format!("/api/zones/{id}/permissions"),
+            Some(json!({"revoke": ["spawn_agents"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{z}");
+    assert_eq!(z["permissions"], 0x02);
+    let r = bob
+        .push(
+            Some(&bob_ref),
+            &topic,
+            "agent_move",
+            json!({"position": {"x": 1, "y": 1, "z": 1}}),
+        )
+        .await;
+    let reply = bob.reply_to(&r).await;
+    assert_eq!(reply["response"]["reason"], "forbidden");
+    assert!(
+        reply["response"]["details"]
+            .as_str()
+            .unwrap()
+            .contains("the zone")
+    );
+
+    // admin_zone in the token allows everything the zone allows.
+    let (mut root, root_ref) = joined(&srv, id, "root", json!(["admin_zone"])).await;
+    let r = root
+        .push(
+            Some(&root_ref),
+            &topic,
+            "consume_resource",
+            json!({"resource_type": "food", "amount": 1}),
+        )
+        .await;
+    assert_eq!(root.reply_to(&r).await["status"], "ok");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_duplicate_join_and_disconnect_keep_presence_and_counts_exact() {
+    let srv = server().await;
+    let zone = srv.zone(zone_body(10, 0x01)).await;
+    let id = zone["id"].as_str().unwrap();
+    let topic = format!("zone:{id}");
+    let (mut alice, _) = joined(&srv, id, "alice", json!(1)).await;
+    let token = srv.token("bob", id, json!(1)).await;
+    let mut bob = Client::connect(&srv.ws_url()).await;
+    let (first_ref, _) = bob
+        .join(&topic, json!({"agent_id": "bob", "token": token}))
+        .await;
+
+    // A duplicate join closes the old channel first.
+    let r = bob.next_ref();
+    bob.send_raw(
+        &json!([r, r, topic, "phx_join", {"agent_id": "bob", "token": token}]).to_string(),
+    )
+    .await;
+    let close = bob.until("phx_close", |f| f[3] == "phx_close").await;
+    assert_eq!(close[0], json!(first_ref));
+    assert_eq!(bob.reply_to(&r).await["status"], "ok");
+    let state = bob
+        .until("fresh presence_state", |f| {
+            f[3] == "presence_state" && f[0] == json!(r)
+        })
+        .await;
+    assert_eq!(state[4]["bob"]["metas"].as_array().unwrap().len(), 1);
+
+    // Leave: ok, then phx_close; Alice sees Bob's presence go.
+    let leave_ref = bob.push(Some(&r), &topic, "phx_leave", json!({})).await;
+    assert_eq!(bob.reply_to(&leave_ref).await["status"], "ok");
+    bob.until("phx_close after leave", |f| f[3] == "phx_close")
+        .await;
+    alice
+        .until("bob left", |f| {
+            f[3] == "presence_diff" && f[4]["leaves"]["bob"].is_object()
+        })
+        .await;
+    let (_, z) = srv.api("GET", &format!("/api/zones/{id}"), None).await;
+    assert_eq!(z["active_session_count"], 1);
+
+    // A disconnect counts as leaving.
+    drop(alice);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, z) = srv.api("GET", &format!("/api/zones/{id}"), None).await;
+    assert_eq!(z["active_session_count"], 0);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_the_connection_stays_usable() {
+    let srv = server().await;
+    let mut c = Client::connect(&srv.ws_url()).await;
+    c.send_raw("{not json").await;
+    let err = c.event("phx_error").await;
+    assert_eq!(err[4]["reason"], "malformed_frame");
+    c.send_raw("[1,2]").await;
+    assert!(
+        c.event("phx_error").await[4]["details"]
+            .as_str()
+            .unwrap()
+            .contains("5 elements")
+    );
+    c.send_raw(r#"[null,"7","phoenix","heartbeat",null]"#).await;
+    assert_eq!(
+        c.reply_to("7").await["response"]["reason"],
+        "malformed_frame"
+    );
+    c.send_raw(r#"[null,8,"phoenix","heartbeat",{}]"#).await;
+    assert_eq!(
+        c.event("phx_error").await[4]["details"],
+        "ref must be a string or null"
+    );
+    let r = c
+        .push(
+            None,
+            "zone:00000000-0000-0000-0000-000000000000",
+            "agent_move",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        c.reply_to(&r).await["response"]["reason"],
+        "unmatched topic"
+    );
+    // Still usable: a heartbeat is answered.
+    let r = c.push(None, "phoenix", "heartbeat", json!({})).await;
+    assert_eq!(
+        c.reply_to(&r).await,
+        json!({"status": "ok", "response": {}})
+    );
+
+    // An unknown event on a joined channel.
+    let zone = srv.zone(zone_body(10, 0x01)).await;
+    let id = zone["id"].as_str().unwrap();
+    let (mut a, a_ref) = joined(&srv, id, "a", json!(1)).await;
+    let r = a
+        .push(Some(&a_ref), &format!("zone:{id}"), "teleport", json!({}))
+        .await;
+    assert_eq!(a.reply_to(&r).await["response"]["reason"], "unknown_event");
+    let r = a
+        .push(
+            Some(&a_ref),
+            &format!("zone:{id}"),
+            "agent_move",
+            json!({"position": {"x": 1}}),
+        )
+        .await;
+    assert_eq!(
+        a.reply_to(&r).await["response"]["reason"],
+        "invalid_payload"
+    );
+
+    // Over 64 KiB: closed with 1009.
+    let big = format!(
+        r#"[null,"9","phoenix","heartbeat",{{"pad":"{}"}}]"#,
+        "x".repeat(70 * 1024)
+    );
+    c.send_raw(&big).await;
+    assert_eq!(c.close_code().await, Some(1009));
+
+    // Only the V2 protocol is spoken.
+    let old = format!("ws://{}/socket/websocket?vsn=1.0.0", srv.server.addr);
+    let refused = tokio_tungstenite::connect_async(old).await.unwrap_err();
+    assert!(refused.to_string().contains("403"), "{refused}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_gets_error_replies_then_a_disconnect() {
+    let srv = server().await;
+    let mut c = Client::connect(&srv.ws_url()).await;
+    // A burst of a few hundred is fine.
+    for _ in 0..300 {
+        c.push(None, "phoenix", "heartbeat", json!({})).await;
+    }
+    let mut ok = 0;
+    while ok < 300 {
+        let f = c.next().await.expect("replies to the burst");
+        if f[4]["status"] == "ok" {
+            ok += 1;
+        }
+    }
+    // Thousands at once: rate-limited replies, then the connection is closed.
+    let mut limited = 0;
+    for i in 0..3000 {
+        let frame = json!([null, format!("f{i}"), "phoenix", "heartbeat", {}]).to_string();
+        // The server may close the connection before all of them are sent.
+        if futures_util::SinkExt::send(
+            &mut c.ws,
+            tokio_tungstenite::tungstenite::Message::text(frame),
+        )
+        .await
+        .is_err()
+        {
+            break;
+        }
+    }
+    let code = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            futures_util::StreamExt::next(&mut c.ws),
+        )
+        .await
+        {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                let f: Value = serde_json::from_str(&t).unwrap();
+                if f[4]["response"]["reason"] == "rate_limited" {
+                    limited += 1;
+                }
+            }
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame)))) => {
+                break frame.map(|f| u16::from(f.code));
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert!(limited > 0, "some frames were refused with rate_limited");
+    assert_eq!(code, Some(1008), "then the flood closes the connection");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_needs_its_token_and_answers_in_json() {
+    let srv = server().await;
+    let addr = srv.server.addr;
+    let (status, body) = http(addr, "GET", "/api/zones", None, None).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (401, json!("unauthorized"))
+    );
+    let (status, _) = http(addr, "GET", "/api/zones", None, Some("wrong")).await;
+    assert_eq!(status, 401);
+    let (status, body) = srv
+        .api("POST", "/api/zones", Some(json!({"name": ""})))
+        .await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (422, json!("invalid_zone"))
+    );
+    let (status, body) = srv
+        .api("POST", "/api/zones", Some(json!({"nme": "x"})))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let zone = srv.zone(json!({"name": "Plaza"})).await;
+    let keys: Vec<String> = zone.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(
+        keys,
+        [
+            "active_session_count",
+            "assigned_server",
+            "capacity",
+            "id",
+            "inserted_at",
+            "name",
+            "permissions",
+            "properties",
+            "resources",
+            "updated_at"
+        ]
+    );
+    let id = zone["id"].as_str().unwrap();
+    let (status, page) = srv.api("GET", "/api/zones?limit=10", None).await;
+    assert_eq!((status, page["total"].clone()), (200, json!(1)));
+    let (status, _) = srv.api("GET", "/api/zones/not-a-uuid", None).await;
+    assert_eq!(status, 400);
+    let (status, _) = srv
+        .api(
+            "GET",
+            "/api/zones/00000000-0000-7000-8000-000000000000",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, z) = srv
+        .api(
+            "PATCH",
+            &format!("/api/zones/{id}"),
+            Some(json!({"name": "Square", "capacity": 5})),
+        )
+        .await;
+    assert_eq!(
+        (status, z["name"].clone(), z["capacity"].clone()),
+        (200, json!("Square"), json!(5))
+    );
+    let (status, body) = srv
+        .api(
+            "POST",
+            "/api/tokens",
+            Some(
+                json!({"agent_id": "a", "zone_id": id, "permissions": ["fly"], "ttl_seconds": 60}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (400, json!("unknown_permission"))
+    );
+    let (status, body) = srv
+        .api(
+            "POST",
+            "/api/tokens",
+            Some(json!({"agent_id": "a", "zone_id": id, "permissions": 3, "ttl_seconds": 60})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(body["token"].is_string() && body["expires_at"].is_string());
+    let (status, _) = srv.api("DELETE", &format!("/api/zones/{id}"), None).await;
+    assert_eq!(status, 204);
+    let (status, _) = srv.api("DELETE", &format!("/api/zones/{id}"), None).await;
+    assert_eq!(status, 404);
+    let (status, health) = http(addr, "GET", "/healthz", None, None).await;
+    assert_eq!((status, health["status"].clone()), (200, json!("ok")));
+    let (status, _) = http(addr, "GET", "/readyz", None, None).await;
+    assert_eq!(status, 200);
+    srv.stop().await;
+}
