@@ -167,7 +167,7 @@ mod tests {
         );
         assert_eq!(
             error_reply(None, Some("3"), "t", "unmatched topic", "join first"),
-            r#"[null,"3","t","phx_reply",{"status":"error","response":{"reason":"unmatched topic","details":"join first"}}]"#
+            r#"[null,"3","t","phx_reply",{"status":"error","response":{"details":"join first","reason":"unmatched topic"}}]"#
         );
         assert_eq!(
             encode(
