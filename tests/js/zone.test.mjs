@@ -1,0 +1,248 @@
+// The official `phoenix` client, unmodified, against a running thunderline daemon.
+// Run by `cargo test` (tests/js_client.rs), which starts the daemon and sets
+// THUNDERLINE_URL and THUNDERLINE_ADMIN_TOKEN.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { Socket, Presence } from "phoenix";
+import WebSocket from "ws";
+
+const base = process.env.THUNDERLINE_URL;
+const admin = process.env.THUNDERLINE_ADMIN_TOKEN;
+assert.ok(base && admin, "THUNDERLINE_URL and THUNDERLINE_ADMIN_TOKEN must be set");
+const wsUrl = base.replace(/^http/, "ws") + "/socket";
+
+const sockets = [];
+after(() => sockets.forEach((s) => s.disconnect()));
+
+async function api(method, path, body) {
+  const res = await fetch(base + path, {
+    method,
+    headers: { authorization: `Bearer ${admin}`, "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  return { status: res.status, body: text ? JSON.parse(text) : null };
+}
+
+async function zone(overrides = {}) {
+  const { status, body } = await api("POST", "/api/zones", {
+    name: "JS zone",
+    capacity: 10,
+    permissions: 0x03,
+    resources: { food: { amount: 100, max: 100, regen: 1 } },
+    ...overrides,
+  });
+  assert.equal(status, 201, JSON.stringify(body));
+  return body;
+}
+
+async function token(agent, zoneId, permissions = ["spawn_agents", "modify_zone"]) {
+  const { status, body } = await api("POST", "/api/tokens", {
+    agent_id: agent,
+    zone_id: zoneId,
+    permissions,
+    ttl_seconds: 600,
+  });
+  assert.equal(status, 200, JSON.stringify(body));
+  return body.token;
+}
+
+function connect(opts = {}) {
+  const socket = new Socket(wsUrl, { transport: WebSocket, ...opts });
+  socket.connect();
+  sockets.push(socket);
+  return socket;
+}
+
+function join(channel) {
+  return new Promise((resolve, reject) => {
+    channel
+      .join()
+      .receive("ok", resolve)
+      .receive("error", (e) => reject(Object.assign(new Error("join refused"), { response: e })))
+      .receive("timeout", () => reject(new Error("join timed out")));
+  });
+}
+
+function refusal(channel) {
+  return new Promise((resolve, reject) => {
+    channel
+      .join()
+      .receive("ok", () => reject(new Error("join should have been refused")))
+      .receive("error", (e) => {
+        channel.leave(); // stop the client's automatic rejoin attempts
+        resolve(e);
+      });
+  });
+}
+
+function push(channel, event, payload) {
+  return new Promise((resolve) => {
+    channel
+      .push(event, payload)
+      .receive("ok", (r) => resolve({ status: "ok", response: r }))
+      .receive("error", (r) => resolve({ status: "error", response: r }))
+      .receive("timeout", () => resolve({ status: "timeout" }));
+  });
+}
+
+function next(channel, event, pred = () => true) {
+  return new Promise((resolve) => {
+    const ref = channel.on(event, (payload) => {
+      if (pred(payload)) {
+        channel.off(event, ref);
+        resolve(payload);
+      }
+    });
+  });
+}
+
+async function eventually(check, what, ms = 3000) {
+  const until = Date.now() + ms;
+  for (;;) {
+    try {
+      return await check();
+    } catch (e) {
+      if (Date.now() > until) throw new Error(`${what}: ${e.message}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+}
+
+test("join ok, and each join error", async () => {
+  const z = await zone({ capacity: 1 });
+  const socket = connect();
+  const alice = socket.channel(`zone:${z.id}`, { agent_id: "alice", token: await token("alice", z.id) });
+  const reply = await join(alice);
+  assert.equal(reply.zone.id, z.id);
+  assert.equal(reply.zone.active_session_count, 1);
+  assert.deepEqual(reply.agents, ["alice"]);
+
+  const other = connect();
+  const forged = other.channel(`zone:${z.id}`, { agent_id: "bob", token: "not.valid" });
+  assert.equal((await refusal(forged)).reason, "unauthorized");
+  const full = other.channel(`zone:${z.id}`, { agent_id: "bob", token: await token("bob", z.id) });
+  assert.equal((await refusal(full)).reason, "zone_full");
+  const elsewhere = other.channel(`zone:${(await zone()).id}`, { agent_id: "bob", token: await token("bob", z.id) });
+  assert.equal((await refusal(elsewhere)).reason, "unauthorized", "a token for another zone");
+  const doomed = await zone();
+  const doomedToken = await token("bob", doomed.id);
+  assert.equal((await api("DELETE", `/api/zones/${doomed.id}`)).status, 204);
+  const gone = other.channel(`zone:${doomed.id}`, { agent_id: "bob", token: doomedToken });
+  assert.equal((await refusal(gone)).reason, "zone_not_found");
+});
+
+test("push and reply, broadcasts reach the zone and not other zones", async () => {
+  const z = await zone();
+  const elsewhere = await zone();
+  const s1 = connect();
+  const s2 = connect();
+  const s3 = connect();
+  const alice = s1.channel(`zone:${z.id}`, { agent_id: "alice", token: await token("alice", z.id) });
+  const bob = s2.channel(`zone:${z.id}`, { agent_id: "bob", token: await token("bob", z.id) });
+  const carol = s3.channel(`zone:${elsewhere.id}`, { agent_id: "carol", token: await token("carol", elsewhere.id) });
+  await join(alice);
+  await join(bob);
+  await join(carol);
+  const leaked = [];
+  carol.on("agent_moved", (p) => leaked.push(p));
+  carol.on("resource_changed", (p) => leaked.push(p));
+
+  const moved = next(bob, "agent_moved", (p) => p.agent_id === "alice");
+  assert.deepEqual(await push(alice, "agent_move", { position: { x: 10, y: 5, z: 0 } }), { status: "ok", response: {} });
+  assert.deepEqual(await moved, { agent_id: "alice", position: { x: 10, y: 5, z: 0 } });
+
+  const changed = next(bob, "resource_changed");
+  const r = await push(alice, "consume_resource", { resource_type: "food", amount: 5 });
+  assert.deepEqual(r, { status: "ok", response: { new_resources: { food: 95 } } });
+  assert.deepEqual(await changed, { agent_id: "alice", changes: { food: -5 }, new_resources: { food: 95 } });
+
+  const refused = await push(alice, "consume_resource", { resource_type: "food", amount: 1000 });
+  assert.equal(refused.status, "error");
+  assert.equal(refused.response.reason, "insufficient_resources");
+  const state = await push(bob, "get_zone_state", {});
+  assert.equal(state.response.zone.resources.food.amount, 95);
+  assert.deepEqual(state.response.agents, ["alice", "bob"]);
+  await new Promise((r) => setTimeout(r, 200));
+  assert.deepEqual(leaked, [], "nothing from another zone");
+});
+
+test("Presence.onSync and list follow joins and leaves", async () => {
+  const z = await zone();
+  const s1 = connect();
+  const s2 = connect();
+  const alice = s1.channel(`zone:${z.id}`, { agent_id: "alice", token: await token("alice", z.id) });
+  const presence = new Presence(alice);
+  const seen = () => presence.list((id, { metas }) => `${id}:${metas.length}`).sort();
+  await join(alice);
+  await eventually(() => assert.deepEqual(seen(), ["alice:1"]), "alice alone");
+
+  const bob = s2.channel(`zone:${z.id}`, { agent_id: "bob", token: await token("bob", z.id) });
+  await join(bob);
+  await eventually(() => assert.deepEqual(seen(), ["alice:1", "bob:1"]), "bob joined");
+
+  // The same agent on a second connection is a second meta.
+  const s3 = connect();
+  const bob2 = s3.channel(`zone:${z.id}`, { agent_id: "bob", token: await token("bob", z.id) });
+  await join(bob2);
+  await eventually(() => assert.deepEqual(seen(), ["alice:1", "bob:2"]), "bob twice");
+
+  await new Promise((resolve) => bob.leave().receive("ok", resolve));
+  await eventually(() => assert.deepEqual(seen(), ["alice:1", "bob:1"]), "one bob left");
+  s3.disconnect();
+  await eventually(() => assert.deepEqual(seen(), ["alice:1"]), "bob disconnected");
+  const { body } = await api("GET", `/api/zones/${z.id}`);
+  assert.equal(body.active_session_count, 1, "session count follows presence");
+});
+
+test("heartbeats keep an idle socket open", async () => {
+  const socket = connect({ heartbeatIntervalMs: 100 });
+  const replies = [];
+  socket.onMessage((m) => {
+    if (m.topic === "phoenix") replies.push(m.payload.status);
+  });
+  let errors = 0;
+  socket.onError(() => errors++);
+  await new Promise((r) => setTimeout(r, 1000));
+  assert.ok(socket.isConnected());
+  assert.ok(replies.length >= 5, `heartbeat replies: ${replies.length}`);
+  assert.ok(replies.every((s) => s === "ok"));
+  assert.equal(errors, 0);
+});
+
+test("leave, duplicate join, reconnect and rejoin", async () => {
+  const z = await zone();
+  const socket = connect();
+  const params = { agent_id: "dana", token: await token("dana", z.id) };
+  const first = socket.channel(`zone:${z.id}`, params);
+  await join(first);
+  let firstClosed = false;
+  first.onClose(() => (firstClosed = true));
+  // A second channel object on the same topic: the old one is closed, the new one joins.
+  const second = socket.channel(`zone:${z.id}`, params);
+  await join(second);
+  await eventually(() => assert.ok(firstClosed), "the first channel closed");
+  let { body } = await api("GET", `/api/zones/${z.id}`);
+  assert.equal(body.active_session_count, 1);
+
+  // Reconnect: drop the transport; the client reconnects and rejoins, and gets presence again.
+  const presence = new Presence(second);
+  let syncs = 0;
+  presence.onSync(() => syncs++);
+  await eventually(() => assert.ok(syncs >= 1), "first sync", 1000).catch(() => {});
+  const before = syncs;
+  socket.conn.close(4000, "test drop");
+  await eventually(() => assert.ok(syncs > before && second.state === "joined"), "rejoined with a fresh presence_state", 5000);
+  assert.deepEqual(presence.list((id) => id), ["dana"]);
+  await eventually(async () => {
+    ({ body } = await api("GET", `/api/zones/${z.id}`));
+    assert.equal(body.active_session_count, 1, "the old session left, the new one counts");
+  }, "session count after the rejoin");
+
+  await new Promise((resolve) => second.leave().receive("ok", resolve));
+  assert.equal(second.state, "closed");
+  await eventually(async () => {
+    ({ body } = await api("GET", `/api/zones/${z.id}`));
+    assert.equal(body.active_session_count, 0);
+  }, "no sessions after the leave");
+});
