@@ -553,3 +553,52 @@ async fn the_admin_api_needs_its_token_and_answers_in_json() {
     assert_eq!(status, 200);
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_at_most_100_channels_and_metrics_move() {
+    let srv = server().await;
+    let mut c = Client::connect(&srv.ws_url()).await;
+    for i in 0..101 {
+        let zone = srv.zone(zone_body(10, 0x01)).await;
+        let id = zone["id"].as_str().unwrap().to_owned();
+        let token = srv.token("many", &id, json!(1)).await;
+        let (_, reply) = c
+            .join(
+                &format!("zone:{id}"),
+                json!({"agent_id": "many", "token": token}),
+            )
+            .await;
+        if i < 100 {
+            assert_eq!(reply["status"], "ok", "join {i}: {reply}");
+        } else {
+            assert_eq!(reply["response"]["reason"], "too many channels joined");
+        }
+    }
+    let (status, _) = http(srv.server.addr, "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    let text = {
+        let mut stream = tokio::net::TcpStream::connect(srv.server.addr)
+            .await
+            .unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = String::new();
+        stream.read_to_string(&mut buf).await.unwrap();
+        buf
+    };
+    for needle in [
+        "thunderline_socket_connections 1",
+        "thunderline_channel_joins_total{outcome=\"too_many_channels\"} 1",
+        "thunderline_channel_subscriptions 100",
+        "thunderline_presence_metas 100",
+        "thunderline_zone_command_seconds_count{command=\"join\"} 100",
+        "thunderline_pipeline_messages_total{outcome=\"in\",pipeline=\"zones\",stage=\"processor\"} 100",
+        "thunderline_channel_slow_consumer_disconnects_total 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    srv.stop().await;
+}

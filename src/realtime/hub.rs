@@ -349,3 +349,34 @@ fn state_of(presence: &BTreeMap<String, Vec<Meta>>) -> Value {
         .collect();
     Value::Object(map)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_disconnects_the_slow_consumer_once_and_counts_it() {
+        let registry = Registry::new();
+        let metrics = HubMetrics::register(&registry).unwrap();
+        let (tx, _rx) = mpsc::channel(2);
+        let (kill, mut killed) = watch::channel(None);
+        let peer = Peer::new(1, tx, Arc::new(kill), metrics.slow_consumers.clone());
+        let hub = Hub::new(metrics.clone());
+        let zone = Uuid::now_v7();
+        hub.join(zone, &peer, "slow", Some("1"));
+        // presence_state and presence_diff filled the queue of 2; every broadcast now overflows.
+        for _ in 0..5 {
+            hub.broadcast(zone, &Utf8Bytes::from_static("[null,null,\"t\",\"e\",{}]"));
+        }
+        assert!(killed.has_changed().unwrap());
+        assert_eq!(*killed.borrow_and_update(), Some(SLOW_CONSUMER));
+        assert_eq!(metrics.slow_consumers.get(), 1, "counted once");
+        assert_eq!(metrics.broadcasts.get(), 5);
+        assert_eq!(metrics.deliveries.get(), 0);
+        assert_ne!(SLOW_CONSUMER.code, 1000, "clients reconnect after it");
+        assert_eq!(hub.agents(zone), vec!["slow".to_owned()]);
+        assert_eq!(hub.leave(zone, 1).as_deref(), Some("slow"));
+        assert!(hub.agents(zone).is_empty());
+        assert_eq!(metrics.presences.get(), 0);
+    }
+}
