@@ -2,10 +2,10 @@
 //! the real `thunderline serve` binary. Without Node this says so loudly and passes; under
 //! `CI=true` a missing Node fails it.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 fn node_available() -> bool {
     Command::new("node")
@@ -36,43 +36,13 @@ fn the_phoenix_client_works_against_the_daemon_unmodified() {
     }
 
     let dir = std::env::temp_dir().join(format!("thunderline-js-{}", std::process::id()));
-    let admin = "js-test-admin-token";
-    let mut server = Command::new(env!("CARGO_BIN_EXE_thunderline"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .env_remove("THUNDERLINE_DATABASE_URL")
-        .env("THUNDERLINE_ADMIN_TOKEN", admin)
-        .env(
-            "THUNDERLINE_SECRET",
-            "js-test-signing-secret-of-at-least-32-bytes",
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the daemon starts");
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let started = Instant::now();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("the daemon prints where it listens")
-            .unwrap();
-        if let Some(url) = line.strip_prefix("thunderline listening on ") {
-            break url.trim().to_owned();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the daemon did not start"
-        );
-    };
-    // Keep reading its output so it never blocks on a full pipe.
-    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
-
+    let daemon = common::binary::start(&dir, &[]);
+    let url = daemon.url.clone();
     let out = Command::new("node")
         .args(["--test", "--test-concurrency=1", "zone.test.mjs"])
         .current_dir(&js)
         .env("THUNDERLINE_URL", &url)
-        .env("THUNDERLINE_ADMIN_TOKEN", admin)
+        .env("THUNDERLINE_ADMIN_TOKEN", common::binary::ADMIN)
         .output()
         .expect("node runs");
     let report = format!(
@@ -81,11 +51,7 @@ fn the_phoenix_client_works_against_the_daemon_unmodified() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status();
-    let exit = server.wait().expect("the daemon exits");
-    let printed = drain.join().unwrap_or_default();
+    let (exit, printed) = daemon.terminate();
     let _ = std::fs::remove_dir_all(&dir);
     println!("{report}");
     assert!(

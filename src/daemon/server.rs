@@ -127,6 +127,7 @@ pub struct Server {
     pipeline: Pipeline<ZoneWork>,
     push: PushHandle<ZoneWork>,
     store: Store,
+    connections: prometheus::IntGauge,
 }
 
 impl Server {
@@ -193,6 +194,7 @@ impl Server {
             SocketMetrics::register(&registry)?,
             stop_rx.clone(),
         ));
+        let connections = sockets.metrics.connections.clone();
         let state = ApiState {
             zones: zones.clone(),
             hub: hub.clone(),
@@ -235,6 +237,7 @@ impl Server {
             pipeline,
             push,
             store,
+            connections,
         })
     }
 
@@ -244,6 +247,12 @@ impl Server {
         self.stop.send_replace(true);
         let _ = self.ticker.await;
         let http = self.http.await;
+        // Upgraded WebSockets outlive the HTTP server's graceful shutdown: wait (a while) for
+        // each to send its close frame and hand in its leaves before the pipeline drains.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.connections.get() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         drop(self.push);
         self.pipeline.shutdown().await?;
         self.store.close().await;

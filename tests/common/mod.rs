@@ -309,3 +309,78 @@ pub mod server {
         }
     }
 }
+
+/// The real `thunderline serve` binary, as a user starts it.
+pub mod binary {
+    use std::io::{BufRead, BufReader};
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::thread::JoinHandle;
+
+    pub const ADMIN: &str = "test-admin-token";
+    pub const SECRET: &str = "test-signing-secret-of-at-least-32-bytes";
+
+    pub struct Daemon {
+        pub child: Child,
+        pub url: String,
+        pub addr: std::net::SocketAddr,
+        output: Option<JoinHandle<Vec<String>>>,
+    }
+
+    /// Starts `thunderline serve` on a free port with `data_dir`, and waits until it listens.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("THUNDERLINE_DATABASE_URL")
+            .env("THUNDERLINE_ADMIN_TOKEN", ADMIN)
+            .env("THUNDERLINE_SECRET", SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the daemon starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        let url = loop {
+            let Some(Ok(line)) = lines.next() else {
+                panic!("the daemon exited before listening; it printed {seen:?}");
+            };
+            if let Some(url) = line.strip_prefix("thunderline listening on ") {
+                break url.trim().to_owned();
+            }
+            seen.push(line);
+        };
+        let addr = url.trim_start_matches("http://").parse().unwrap();
+        // Keep reading its output so it never blocks on a full pipe.
+        let output = std::thread::spawn(move || lines.map_while(Result::ok).collect());
+        Daemon {
+            child,
+            url,
+            addr,
+            output: Some(output),
+        }
+    }
+
+    impl Daemon {
+        /// SIGTERM, then the exit status and what it printed.
+        pub fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let status = self.child.wait().expect("the daemon exits");
+            let printed = self
+                .output
+                .take()
+                .and_then(|h| h.join().ok())
+                .unwrap_or_default();
+            (status, printed)
+        }
+    }
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The daemon binary as a user runs it: SIGTERM mid-stream loses nothing that was accepted,
+//! tells clients it is going away (1001, never 1000), exits 0, and a restart on the same data
+//! directory serves the same zone with every accepted event in its audit log.
+
+mod common;
+
+use std::time::Duration;
+
+use common::binary;
+use common::server::{Client, http};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_loses_no_accepted_event() {
+    let dir = std::env::temp_dir().join(format!(
+        "thunderline-daemon-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    let daemon = binary::start(&dir, &[]);
+    let addr = daemon.addr;
+    let admin = Some(binary::ADMIN);
+    let (status, zone) = http(
+        addr,
+        "POST",
+        "/api/zones",
+        Some(json!({"name": "Durable", "permissions": 1})),
+        admin,
+    )
+    .await;
+    assert_eq!(status, 201);
+    let id = zone["id"].as_str().unwrap().to_owned();
+    let (_, token) = http(
+        addr,
+        "POST",
+        "/api/tokens",
+        Some(json!({"agent_id": "mover", "zone_id": id, "permissions": 1, "ttl_seconds": 600})),
+        admin,
+    )
+    .await;
+    let mut client = Client::connect(&format!("ws://{addr}/socket/websocket?vsn=2.0.0")).await;
+    let topic = format!("zone:{id}");
+    let (join_ref, reply) = client
+        .join(
+            &topic,
+            json!({"agent_id": "mover", "token": token["token"]}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok");
+
+    let (mut sink, mut stream) = client.ws.split();
+    // Count every ok reply to a move, and the close code, as they come.
+    let reader = tokio::spawn(async move {
+        let mut ok = 0u64;
+        let mut code = None;
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                Message::Text(t) => {
+                    let f: Value = serde_json::from_str(&t).unwrap();
+                    if f[3] == "phx_reply"
+                        && f[1].as_str().is_some_and(|r| r.starts_with('m'))
+                        && f[4]["status"] == "ok"
+                    {
+                        ok += 1;
+                    }
+                }
+                Message::Close(frame) => {
+                    code = frame.map(|f| u16::from(f.code));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        (ok, code)
+    });
+    let terminate = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        daemon.terminate()
+    });
+    let mut sent = 0u64;
+    for i in 0..100_000u64 {
+        let frame = json!([join_ref, format!("m{i}"), topic, "agent_move", {"position": {"x": i, "y": 0, "z": 0}}]);
+        if sink.send(Message::text(frame.to_string())).await.is_err() {
+            break;
+        }
+        sent += 1;
+        if i % 50 == 0 {
+            // Stay under the per-connection rate limit (200/s with bursts of 500).
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        if terminate.is_finished() {
+            break;
+        }
+    }
+    let (status, printed) = terminate.await.unwrap();
+    let (accepted, code) = reader.await.unwrap();
+    assert!(status.success(), "exit {status:?}; printed {printed:?}");
+    assert_eq!(
+        code,
+        Some(1001),
+        "clients are told the server is going away"
+    );
+    assert!(
+        accepted > 0 && accepted <= sent,
+        "accepted {accepted} of {sent}"
+    );
+    eprintln!("sent {sent}, accepted {accepted} before the shutdown");
+
+    // Restart on the same data directory: the zone is there, and so is every accepted move.
+    let daemon = binary::start(&dir, &[]);
+    let (status, again) = http(daemon.addr, "GET", &format!("/api/zones/{id}"), None, admin).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["name"], "Durable");
+    assert_eq!(
+        again["active_session_count"], 0,
+        "sessions do not survive a restart"
+    );
+    let (_, events) = http(
+        daemon.addr,
+        "GET",
+        &format!("/api/zones/{id}/events?limit=1000"),
+        None,
+        admin,
+    )
+    .await;
+    let events = events.as_array().unwrap();
+    let moves = events.iter().filter(|e| e["type"] == "agent_moved").count() as u64;
+    assert!(
+        moves >= accepted,
+        "{moves} moves audited, {accepted} accepted"
+    );
+    assert!(moves <= sent);
+    assert_eq!(events.first().unwrap()["type"], "agent_entered");
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "agent_left",
+        "the disconnect was audited too"
+    );
+    let (status, _) = daemon.terminate();
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_start_generates_and_keeps_its_secrets() {
+    let dir = std::env::temp_dir().join(format!(
+        "thunderline-fresh-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args([
+            "token",
+            "--agent",
+            "a",
+            "--zone",
+            "not-a-zone",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .env_remove("THUNDERLINE_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a UUID"));
+    let zone = uuid::Uuid::now_v7().to_string();
+    let mint = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_thunderline"))
+            .args([
+                "token",
+                "--agent",
+                "a",
+                "--zone",
+                &zone,
+                "--perms",
+                "0x03",
+                "--ttl",
+                "60",
+                "--data-dir",
+            ])
+            .arg(&dir)
+            .env_remove("THUNDERLINE_SECRET")
+            .output()
+            .unwrap()
+    };
+    let first = mint();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let secret = std::fs::read_to_string(dir.join("secret")).unwrap();
+    assert_eq!(
+        secret.len(),
+        64,
+        "a generated secret is kept in the data dir"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("secret"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "readable by its owner only");
+    }
+    let signer = thunderline::realtime::TokenSigner::new(secret.as_bytes()).unwrap();
+    let token = String::from_utf8(first.stdout).unwrap();
+    let claims = signer.verify(token.trim(), chrono::Utc::now()).unwrap();
+    assert_eq!(claims.perms.bits(), 3);
+    assert!(mint().status.success());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("secret")).unwrap(),
+        secret,
+        "kept, not regenerated"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
