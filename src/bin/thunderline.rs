@@ -26,6 +26,11 @@ enum Command {
     },
     /// Run the zone server: WebSocket channels, admin API, pipeline, audit log.
     Serve(daemon::server::ServeArgs),
+    /// Check a pipeline file without starting anything.
+    Check {
+        /// The file, e.g. pipelines/zones.toml.
+        file: std::path::PathBuf,
+    },
     /// Mint a join token for an agent and a zone (with the server's secret).
     Token(daemon::token::TokenArgs),
     /// Print a zone's audited events, in order, as JSON lines.
@@ -76,7 +81,8 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 
 /// Runs the server until SIGINT or SIGTERM, then drains it.
 async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::server::ServeError> {
-    let server = daemon::server::Server::start(&args).await?;
+    let file = args.pipeline()?;
+    let server = daemon::server::Server::start(&args, &file).await?;
     let addr = server.addr;
     println!("thunderline listening on http://{addr}");
     println!("  WebSocket (Phoenix Channels V2): ws://{addr}/socket/websocket?vsn=2.0.0");
@@ -117,6 +123,19 @@ async fn wait_for_signal() {
     }
 }
 
+/// Logs through `tracing`: readable by default, JSON lines for machines; `RUST_LOG` filters.
+fn init_logs(format: daemon::server::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        daemon::server::LogFormat::Json => builder.json().try_init(),
+        daemon::server::LogFormat::Text => builder.try_init(),
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -148,7 +167,15 @@ fn main() -> ExitCode {
             ),
             Err(e) => fail(e),
         },
+        Command::Check { file } => match daemon::config::PipelineFile::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         Command::Serve(args) => {
+            init_logs(args.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -3,6 +3,7 @@
 //! and the WebSocket channels are wired together, and where errors get their context.
 
 pub mod api;
+pub mod config;
 pub mod replay;
 pub mod server;
 pub mod token;

@@ -18,10 +18,11 @@ use tokio::task::JoinHandle;
 
 use super::DatabaseArgs;
 use super::api::{self, ApiState};
+use super::config::{PipelineFile, PipelineFileError};
 use super::zones::{ZoneProcessor, ZoneRegistry};
 use crate::pipeline::{
-    BatcherConfig, BatcherName, ConfigError, Message, Pipeline, PipelineMetrics, ProcessorConfig,
-    PushHandle, RetryPolicy, ShutdownError, in_memory,
+    BatcherName, ConfigError, Message, Pipeline, PipelineMetrics, PushHandle, ShutdownError,
+    in_memory,
 };
 use crate::realtime::{
     Command, Hub, HubMetrics, SocketConfig, SocketContext, SocketMetrics, TokenSigner, TopicSink,
@@ -36,13 +37,34 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub db: DatabaseArgs,
-    /// Milliseconds between environment ticks of every zone with agents in it.
-    #[arg(long, env = "THUNDERLINE_TICK_MS", default_value_t = 5_000)]
-    pub tick_ms: u64,
+    /// The pipeline file (see pipelines/zones.toml); without it, the same built-in defaults.
+    #[arg(long, env = "THUNDERLINE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format: `text` for people, `json` for machines.
+    #[arg(long, env = "THUNDERLINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl ServeArgs {
+    /// The pipeline file, or the defaults.
+    pub fn pipeline(&self) -> Result<PipelineFile, PipelineFileError> {
+        match &self.config {
+            Some(path) => PipelineFile::load(path),
+            None => Ok(PipelineFile::default()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error(transparent)]
+    PipelineFile(#[from] PipelineFileError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot build the zone pipeline: {0}")]
@@ -132,7 +154,7 @@ pub struct Server {
 
 impl Server {
     /// Opens the store, builds the pipeline and starts listening.
-    pub async fn start(args: &ServeArgs) -> Result<Self, ServeError> {
+    pub async fn start(args: &ServeArgs, file: &PipelineFile) -> Result<Self, ServeError> {
         let secrets = load_secrets(&args.db.data_dir)?;
         let signer = TokenSigner::new(secrets.signing.as_bytes())?;
         let store = Store::connect(&args.db.url()).await?;
@@ -141,49 +163,37 @@ impl Server {
         let zones = Arc::new(ZoneRegistry::new(store.clone()));
         let pipeline_metrics = PipelineMetrics::register(&registry)?;
 
-        let (producer, push) = in_memory::<ZoneWork>(10_000);
+        let (producer, push) = in_memory::<ZoneWork>(file.producer.queue.get());
         let routes: Arc<[BatcherName]> =
             Arc::from(vec![BatcherName::from("broadcast"), "audit".into()]);
         let processor = ZoneProcessor::new(zones.clone(), hub.clone(), routes, &registry)?;
-        let pipeline = Pipeline::builder("zones")
+        let mut builder = Pipeline::builder("zones")
             .producer(producer)
-            .processor(
-                processor,
-                ProcessorConfig::default()
-                    .max_demand(64)
-                    .retry(RetryPolicy::exponential(
-                        5,
-                        Duration::from_millis(50),
-                        2.0,
-                        Duration::from_secs(2),
-                    )),
-            )
-            .partition_by(|m: &Message<ZoneWork>| {
-                let (hi, lo) = m.data.zone_id.as_u64_pair();
-                hi ^ lo
-            })
+            .processor(processor, file.processors.config())
             .batcher(
-                BatcherConfig::new("broadcast")
-                    .batch_size(64)
-                    .batch_timeout(Duration::from_millis(1)),
+                file.batchers.broadcast.config("broadcast"),
                 TopicSink::new(hub.clone()),
             )
             .batcher(
-                BatcherConfig::new("audit")
-                    .batch_size(20)
-                    .batch_timeout(Duration::from_secs(2))
-                    .concurrency(4)
-                    .retry(RetryPolicy::exponential(
-                        u32::MAX,
-                        Duration::from_millis(100),
-                        2.0,
-                        Duration::from_secs(10),
-                    )),
+                file.batchers.audit.config("audit"),
                 AuditSink::new(store.clone()),
             )
-            .in_flight_bound(20_000)
-            .metrics(registry.clone(), pipeline_metrics)
-            .start()?;
+            .in_flight_bound(file.in_flight_bound.get())
+            .shutdown_timeout(Duration::from_millis(file.shutdown_timeout_ms.get()))
+            .metrics(registry.clone(), pipeline_metrics);
+        if file.processors.partition_by_zone {
+            builder = builder.partition_by(|m: &Message<ZoneWork>| {
+                let (hi, lo) = m.data.zone_id.as_u64_pair();
+                hi ^ lo
+            });
+        }
+        if let Some(rl) = &file.producer.rate_limit {
+            builder = builder.rate_limit(
+                rl.allowed.get(),
+                Duration::from_millis(rl.interval_ms.get()),
+            );
+        }
+        let pipeline = builder.start()?;
 
         let (stop, stop_rx) = watch::channel(false);
         let sockets = Arc::new(SocketContext::new(
@@ -221,12 +231,8 @@ impl Server {
                 })
                 .await
         });
-        let ticker = tokio::spawn(tick(
-            zones,
-            push.clone(),
-            Duration::from_millis(args.tick_ms.max(1)),
-            stop_rx,
-        ));
+        let every = Duration::from_millis(file.tick_interval_ms.get());
+        let ticker = tokio::spawn(tick(zones, push.clone(), every, stop_rx));
         Ok(Self {
             addr,
             secrets,

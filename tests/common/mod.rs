@@ -119,10 +119,17 @@ pub mod server {
                 database,
                 data_dir: dir.clone(),
             },
-            tick_ms: 3_600_000,
+            config: None,
+            log_format: thunderline::daemon::server::LogFormat::Text,
+        };
+        let file = thunderline::daemon::config::PipelineFile {
+            tick_interval_ms: std::num::NonZeroU64::new(3_600_000).unwrap(),
+            ..Default::default()
         };
         TestServer {
-            server: Server::start(&args).await.expect("the server starts"),
+            server: Server::start(&args, &file)
+                .await
+                .expect("the server starts"),
             dir,
         }
     }

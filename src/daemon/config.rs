@@ -1,0 +1,360 @@
+//! Pipeline files (`pipelines/zones.toml`): the zone pipeline `serve` runs, declared in TOML.
+//!
+//! Every setting maps onto the library's public API (`ProcessorConfig`, `BatcherConfig`,
+//! `RetryPolicy`, the builder's rate limit and bounds), so nothing a file can say is out of a
+//! library user's reach. A bad file is refused before anything starts, with the file, the line
+//! and what was expected: unknown keys, wrong types and impossible values (a batch size of 0)
+//! are all caught while parsing, where the line is known.
+
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::pipeline::{BatcherConfig, Jitter, ProcessorConfig, RetryPolicy};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineFile {
+    /// Milliseconds between environment ticks of every zone with agents in it.
+    pub tick_interval_ms: NonZeroU64,
+    /// Most messages in the pipeline at once.
+    pub in_flight_bound: NonZeroUsize,
+    /// How long a drain may take at shutdown.
+    pub shutdown_timeout_ms: NonZeroU64,
+    pub producer: ProducerSection,
+    pub processors: ProcessorSection,
+    pub batchers: BatcherSections,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerSection {
+    /// Client events waiting for the pipeline before pushes wait.
+    pub queue: NonZeroUsize,
+    pub rate_limit: Option<RateLimitSection>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSection {
+    pub allowed: NonZeroUsize,
+    pub interval_ms: NonZeroU64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorSection {
+    /// Workers; omitted means one per core.
+    pub concurrency: Option<NonZeroUsize>,
+    pub max_demand: NonZeroUsize,
+    /// Omitted means half of max_demand.
+    pub min_demand: Option<usize>,
+    /// Partition by zone id, so one zone's events keep their order.
+    pub partition_by_zone: bool,
+    pub timeout_ms: Option<NonZeroU64>,
+    pub retry: RetrySection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatcherSections {
+    pub broadcast: BatcherSection,
+    pub audit: BatcherSection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatcherSection {
+    pub batch_size: NonZeroUsize,
+    pub batch_timeout_ms: NonZeroU64,
+    #[serde(default = "one")]
+    pub concurrency: NonZeroUsize,
+    #[serde(default)]
+    pub retry: RetrySection,
+}
+
+fn one() -> NonZeroUsize {
+    NonZeroUsize::MIN
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySection {
+    /// Attempts in all, the first included; omitted means no retry... unless "unlimited".
+    pub max_attempts: Attempts,
+    pub initial_delay_ms: u64,
+    #[serde(deserialize_with = "multiplier")]
+    pub multiplier: f32,
+    pub max_delay_ms: u64,
+    pub jitter: bool,
+}
+
+/// A number of attempts, or `"unlimited"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Attempts {
+    Count(NonZeroU32),
+    Unlimited(Unlimited),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unlimited {
+    Unlimited,
+}
+
+fn multiplier<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    let m = f32::deserialize(d)?;
+    if m.is_finite() && m >= 1.0 {
+        Ok(m)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "multiplier must be a number of at least 1.0, not {m}"
+        )))
+    }
+}
+
+impl Default for RetrySection {
+    fn default() -> Self {
+        Self {
+            max_attempts: Attempts::Count(NonZeroU32::MIN),
+            initial_delay_ms: 100,
+            multiplier: 2.0,
+            max_delay_ms: 10_000,
+            jitter: true,
+        }
+    }
+}
+
+impl Default for PipelineFile {
+    /// The same pipeline `pipelines/zones.toml` declares.
+    fn default() -> Self {
+        let nz = |n: usize| NonZeroUsize::new(n).expect("nonzero");
+        let ms = |n: u64| NonZeroU64::new(n).expect("nonzero");
+        Self {
+            tick_interval_ms: ms(5_000),
+            in_flight_bound: nz(20_000),
+            shutdown_timeout_ms: ms(30_000),
+            producer: ProducerSection::default(),
+            processors: ProcessorSection::default(),
+            batchers: BatcherSections::default(),
+        }
+    }
+}
+
+impl Default for BatcherSections {
+    fn default() -> Self {
+        let nz = |n: usize| NonZeroUsize::new(n).expect("nonzero");
+        let ms = |n: u64| NonZeroU64::new(n).expect("nonzero");
+        Self {
+            broadcast: BatcherSection {
+                batch_size: nz(64),
+                batch_timeout_ms: ms(1),
+                concurrency: nz(1),
+                retry: RetrySection::default(),
+            },
+            audit: BatcherSection {
+                batch_size: nz(20),
+                batch_timeout_ms: ms(2_000),
+                concurrency: nz(4),
+                retry: RetrySection {
+                    max_attempts: Attempts::Unlimited(Unlimited::Unlimited),
+                    initial_delay_ms: 100,
+                    multiplier: 2.0,
+                    max_delay_ms: 10_000,
+                    jitter: true,
+                },
+            },
+        }
+    }
+}
+
+impl Default for ProducerSection {
+    fn default() -> Self {
+        Self {
+            queue: NonZeroUsize::new(10_000).expect("nonzero"),
+            rate_limit: None,
+        }
+    }
+}
+
+impl Default for ProcessorSection {
+    fn default() -> Self {
+        Self {
+            concurrency: None,
+            max_demand: NonZeroUsize::new(64).expect("nonzero"),
+            min_demand: None,
+            partition_by_zone: true,
+            timeout_ms: Some(NonZeroU64::new(5_000).expect("nonzero")),
+            retry: RetrySection {
+                max_attempts: Attempts::Count(NonZeroU32::new(5).expect("nonzero")),
+                initial_delay_ms: 50,
+                multiplier: 2.0,
+                max_delay_ms: 2_000,
+                jitter: true,
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl RetrySection {
+    pub fn policy(&self) -> RetryPolicy {
+        let attempts = match self.max_attempts {
+            Attempts::Count(n) => n.get(),
+            Attempts::Unlimited(_) => u32::MAX,
+        };
+        RetryPolicy::exponential(
+            attempts,
+            Duration::from_millis(self.initial_delay_ms),
+            self.multiplier,
+            Duration::from_millis(self.max_delay_ms),
+        )
+        .with_jitter(if self.jitter {
+            Jitter::Full
+        } else {
+            Jitter::None
+        })
+    }
+}
+
+impl BatcherSection {
+    pub fn config(&self, name: &str) -> BatcherConfig {
+        BatcherConfig::new(name)
+            .batch_size(self.batch_size.get())
+            .batch_timeout(Duration::from_millis(self.batch_timeout_ms.get()))
+            .concurrency(self.concurrency.get())
+            .retry(self.retry.policy())
+    }
+}
+
+impl ProcessorSection {
+    pub fn config(&self) -> ProcessorConfig {
+        let mut config = ProcessorConfig::default()
+            .max_demand(self.max_demand.get())
+            .retry(self.retry.policy());
+        if let Some(n) = self.concurrency {
+            config = config.concurrency(n.get());
+        }
+        if let Some(min) = self.min_demand {
+            config = config.demand(self.max_demand.get(), min);
+        }
+        if let Some(t) = self.timeout_ms {
+            config = config.timeout(Duration::from_millis(t.get()));
+        }
+        config
+    }
+}
+
+impl PipelineFile {
+    /// Parses a pipeline file's text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, PipelineFileError> {
+        let file: Self = toml::from_str(text).map_err(|e| PipelineFileError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        // What serde cannot see: relations between fields.
+        let invalid = |message: String| PipelineFileError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if let Some(min) = file.processors.min_demand
+            && min >= file.processors.max_demand.get()
+        {
+            return Err(invalid(format!(
+                "[processors] min_demand ({min}) must be below max_demand ({})",
+                file.processors.max_demand
+            )));
+        }
+        for (name, b) in [
+            ("broadcast", &file.batchers.broadcast),
+            ("audit", &file.batchers.audit),
+        ] {
+            if b.batch_size.get() > file.in_flight_bound.get() {
+                return Err(invalid(format!(
+                    "[batchers.{name}] batch_size ({}) is above in_flight_bound ({}): its batches could never fill",
+                    b.batch_size, file.in_flight_bound
+                )));
+            }
+            if b.retry.initial_delay_ms > b.retry.max_delay_ms {
+                return Err(invalid(format!(
+                    "[batchers.{name}.retry] initial_delay_ms must not exceed max_delay_ms"
+                )));
+            }
+        }
+        if file.processors.retry.initial_delay_ms > file.processors.retry.max_delay_ms {
+            return Err(invalid(
+                "[processors.retry] initial_delay_ms must not exceed max_delay_ms".into(),
+            ));
+        }
+        Ok(file)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, PipelineFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PipelineFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        PipelineFile::parse(text, Path::new("zones.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn the_shipped_file_is_the_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/zones.toml");
+        assert_eq!(PipelineFile::load(&path).unwrap(), PipelineFile::default());
+    }
+
+    #[test]
+    fn bad_files_name_the_line_and_what_was_expected() {
+        let e =
+            err("tick_interval_ms = 100\n[batchers.audit]\nbatch_size = 0\nbatch_timeout_ms = 5\n");
+        assert!(
+            e.starts_with("zones.toml: TOML parse error at line 3"),
+            "{e}"
+        );
+        assert!(e.contains("nonzero"), "{e}");
+        let e = err("[processors]\nmax_demandd = 3\n");
+        assert!(
+            e.contains("line 2") && e.contains("unknown field `max_demandd`"),
+            "{e}"
+        );
+        let e = err("in_flight_bound = \"lots\"\n");
+        assert!(
+            e.contains("line 1") && e.contains("invalid type: string"),
+            "{e}"
+        );
+        let e = err("[processors.retry]\nmultiplier = 0.5\n");
+        assert!(
+            e.contains("line 2") && e.contains("multiplier must be a number of at least 1.0"),
+            "{e}"
+        );
+        let e = err("[processors]\nmax_demand = 4\nmin_demand = 4\n");
+        assert_eq!(
+            e,
+            "zones.toml: [processors] min_demand (4) must be below max_demand (4)"
+        );
+    }
+}
