@@ -216,3 +216,132 @@ async fn a_fresh_start_generates_and_keeps_its_secrets() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn check_validates_pipeline_files_without_starting_anything() {
+    let run = |file: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_thunderline"))
+            .arg("check")
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/zones.toml");
+    let out = run(&shipped);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("zones.toml: ok\n"));
+
+    let bad = std::env::temp_dir().join(format!("bad-{}.toml", uuid::Uuid::now_v7().simple()));
+    std::fs::write(
+        &bad,
+        "tick_interval_ms = 1000\n\n[batchers.audit]\nbatch_size = 0\nbatch_timeout_ms = 10\n",
+    )
+    .unwrap();
+    let out = run(&bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&bad.display().to_string()),
+        "names the file: {err}"
+    );
+    assert!(err.contains("line 4"), "names the line: {err}");
+    assert!(err.contains("nonzero"), "says what was expected: {err}");
+    let _ = std::fs::remove_file(&bad);
+}
+
+/// With a pipeline file, PostgreSQL and JSON logs: a zone over the API, a join and a push over a
+/// WebSocket, and the metrics move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_a_config_and_postgres_and_json_logs() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let dir =
+        std::env::temp_dir().join(format!("thunderline-pg-{}", uuid::Uuid::now_v7().simple()));
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/zones.toml");
+    let daemon = binary::start_with(
+        &dir,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--database",
+            &db.url,
+            "--log-format",
+            "json",
+        ],
+        std::process::Stdio::piped(),
+    );
+    let addr = daemon.addr;
+    let admin = Some(binary::ADMIN);
+    let (status, zone) = http(
+        addr,
+        "POST",
+        "/api/zones",
+        Some(json!({"name": "On Postgres", "permissions": 1})),
+        admin,
+    )
+    .await;
+    assert_eq!(status, 201, "{zone}");
+    let id = zone["id"].as_str().unwrap().to_owned();
+    let (_, token) = http(
+        addr,
+        "POST",
+        "/api/tokens",
+        Some(json!({"agent_id": "pg", "zone_id": id, "permissions": 1, "ttl_seconds": 60})),
+        admin,
+    )
+    .await;
+    let mut c = Client::connect(&format!("ws://{addr}/socket/websocket?vsn=2.0.0")).await;
+    let topic = format!("zone:{id}");
+    let (join_ref, reply) = c
+        .join(&topic, json!({"agent_id": "pg", "token": token["token"]}))
+        .await;
+    assert_eq!(reply["status"], "ok");
+    let r = c
+        .push(
+            Some(&join_ref),
+            &topic,
+            "agent_move",
+            json!({"position": {"x": 1, "y": 2, "z": 3}}),
+        )
+        .await;
+    assert_eq!(c.reply_to(&r).await["status"], "ok");
+    let metrics = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        text
+    };
+    for needle in [
+        "thunderline_channel_joins_total",
+        "thunderline_channel_pushes_total 1",
+        "thunderline_zone_command_seconds_count{command=\"agent_move\"} 1",
+        "thunderline_socket_connections 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle}");
+    }
+    drop(c);
+    let mut daemon = daemon;
+    let stderr = daemon.child.stderr.take().unwrap();
+    let (status, _) = daemon.terminate();
+    assert!(status.success());
+    let logs = std::io::read_to_string(stderr).unwrap();
+    let first: Value =
+        serde_json::from_str(logs.lines().next().expect("it logged")).expect("JSON log lines");
+    assert_eq!(first["fields"]["message"], "thunderline listening");
+    // Everything reached the Postgres audit log.
+    let store = thunderline::store::Store::connect(&db.url).await.unwrap();
+    let events = store
+        .zone_events(uuid::Uuid::parse_str(&id).unwrap(), None, None, None)
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event_type().as_str()).collect();
+    assert_eq!(kinds, ["agent_entered", "agent_moved", "agent_left"]);
+    store.close().await;
+    db.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -84,6 +84,7 @@ async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::server::Se
     let file = args.pipeline()?;
     let server = daemon::server::Server::start(&args, &file).await?;
     let addr = server.addr;
+    tracing::info!(%addr, store = %args.db.url(), "thunderline listening");
     println!("thunderline listening on http://{addr}");
     println!("  WebSocket (Phoenix Channels V2): ws://{addr}/socket/websocket?vsn=2.0.0");
     println!("  admin API: http://{addr}/api/zones  (Authorization: Bearer <admin token>)");
@@ -97,7 +98,7 @@ async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::server::Se
         );
     }
     wait_for_signal().await;
-    println!("shutting down: draining the pipeline into the audit log");
+    tracing::info!("shutting down: draining the pipeline into the audit log");
     server.shutdown().await
 }
 

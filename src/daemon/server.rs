@@ -166,7 +166,14 @@ impl Server {
         let (producer, push) = in_memory::<ZoneWork>(file.producer.queue.get());
         let routes: Arc<[BatcherName]> =
             Arc::from(vec![BatcherName::from("broadcast"), "audit".into()]);
-        let processor = ZoneProcessor::new(zones.clone(), hub.clone(), routes, &registry)?;
+        let socket_metrics = SocketMetrics::register(&registry)?;
+        let processor = ZoneProcessor::new(
+            zones.clone(),
+            hub.clone(),
+            routes,
+            socket_metrics.joins.clone(),
+            &registry,
+        )?;
         let mut builder = Pipeline::builder("zones")
             .producer(producer)
             .processor(processor, file.processors.config())
@@ -201,7 +208,7 @@ impl Server {
             signer.clone(),
             push.clone(),
             SocketConfig::default(),
-            SocketMetrics::register(&registry)?,
+            socket_metrics,
             stop_rx.clone(),
         ));
         let connections = sockets.metrics.connections.clone();

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use prometheus::{HistogramOpts, HistogramVec, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Registry};
 use serde_json::{Map, Value, json};
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -106,6 +106,8 @@ pub struct ZoneProcessor {
     /// Where events go: the broadcast and audit batchers.
     routes: Arc<[BatcherName]>,
     latency: HistogramVec,
+    /// Join outcomes decided here (ok, zone_full, zone_not_found); the socket counts the rest.
+    joins: IntCounterVec,
 }
 
 impl ZoneProcessor {
@@ -113,6 +115,7 @@ impl ZoneProcessor {
         registry: Arc<ZoneRegistry>,
         hub: Arc<Hub>,
         routes: Arc<[BatcherName]>,
+        joins: IntCounterVec,
         metrics: &Registry,
     ) -> Result<Self, prometheus::Error> {
         let latency = HistogramVec::new(
@@ -129,6 +132,7 @@ impl ZoneProcessor {
             hub,
             routes,
             latency,
+            joins,
         })
     }
 }
@@ -290,6 +294,13 @@ impl Processor<ZoneWork> for ZoneProcessor {
         self.latency
             .with_label_values(&[command_label(&work.command)])
             .observe(started.elapsed().as_secs_f64());
+        if work.command == Command::Join {
+            let label = match &outcome {
+                Ok(_) => "ok",
+                Err((reason, _)) => reason,
+            };
+            self.joins.with_label_values(&[label]).inc();
+        }
         match outcome {
             Ok(event) => {
                 let routed = event.is_some();

@@ -336,6 +336,11 @@ pub mod binary {
 
     /// Starts `thunderline serve` on a free port with `data_dir`, and waits until it listens.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Daemon {
+        start_with(data_dir, extra, Stdio::inherit())
+    }
+
+    /// As [`start`], choosing where its standard error (the logs) goes.
+    pub fn start_with(data_dir: &Path, extra: &[&str], stderr: Stdio) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_thunderline"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -344,7 +349,7 @@ pub mod binary {
             .env("THUNDERLINE_ADMIN_TOKEN", ADMIN)
             .env("THUNDERLINE_SECRET", SECRET)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("the daemon starts");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
