@@ -602,3 +602,81 @@ async fn a_connection_holds_at_most_100_channels_and_metrics_move() {
     }
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_queries_is_exported() {
+    let srv = server().await;
+    // Enough activity that every labelled family has a series.
+    let zone = srv.zone(zone_body(10, 0x03)).await;
+    let id = zone["id"].as_str().unwrap();
+    let topic = format!("zone:{id}");
+    let (mut a, a_ref) = joined(&srv, id, "a", json!(3)).await;
+    let r = a
+        .push(
+            Some(&a_ref),
+            &topic,
+            "consume_resource",
+            json!({"resource_type": "gold", "amount": 1}),
+        )
+        .await;
+    a.reply_to(&r).await;
+    let r = a
+        .push(
+            Some(&a_ref),
+            &topic,
+            "agent_move",
+            json!({"position": {"x": 1, "y": 1, "z": 1}}),
+        )
+        .await;
+    a.reply_to(&r).await;
+    a.push(Some(&a_ref), &topic, "teleport", json!({})).await;
+    a.event("agent_moved").await;
+    let text = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(srv.server.addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut t = String::new();
+        s.read_to_string(&mut t).await.unwrap();
+        t
+    };
+    let exported: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("# TYPE "))
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dashboards/thunderline.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("thunderline_") {
+                    continue;
+                }
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .filter(|f| exported.contains(f))
+                    .unwrap_or(word);
+                assert!(
+                    exported.contains(family),
+                    "the dashboard queries {word}, which is not exported"
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 15, "the dashboard queries {queried} metrics");
+    srv.stop().await;
+}

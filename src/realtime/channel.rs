@@ -218,6 +218,11 @@ impl BatchSink<ZoneWork> for TopicSink {
                     &event.kind.payload(),
                 ));
                 self.hub.broadcast(event.zone_id, &frame);
+                let waited = chrono::Utc::now() - event.occurred_at;
+                self.hub
+                    .metrics
+                    .broadcast_latency
+                    .observe(waited.to_std().unwrap_or_default().as_secs_f64());
             }
         }
         Ok(())

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
@@ -109,6 +109,8 @@ pub struct HubMetrics {
     pub slow_consumers: IntCounter,
     pub subscriptions: IntGauge,
     pub presences: IntGauge,
+    /// From an event being applied to its broadcast being queued to subscribers.
+    pub broadcast_latency: Histogram,
 }
 
 impl HubMetrics {
@@ -134,12 +136,20 @@ impl HubMetrics {
                 "thunderline_presence_metas",
                 "Presence metas tracked (one per agent connection in a zone).",
             )?,
+            broadcast_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "thunderline_broadcast_latency_seconds",
+                    "From an event being applied to its broadcast being queued to subscribers.",
+                )
+                .buckets(prometheus::exponential_buckets(0.000_05, 2.0, 14)?),
+            )?,
         };
         registry.register(Box::new(m.broadcasts.clone()))?;
         registry.register(Box::new(m.deliveries.clone()))?;
         registry.register(Box::new(m.slow_consumers.clone()))?;
         registry.register(Box::new(m.subscriptions.clone()))?;
         registry.register(Box::new(m.presences.clone()))?;
+        registry.register(Box::new(m.broadcast_latency.clone()))?;
         Ok(m)
     }
 }
