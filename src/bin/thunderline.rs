@@ -90,7 +90,7 @@ async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::server::Se
     println!("  admin API: http://{addr}/api/zones  (Authorization: Bearer <admin token>)");
     println!("  metrics: http://{addr}/metrics   health: http://{addr}/healthz");
     println!("  store: {}", args.db.url());
-    if server.secrets.generated {
+    if server.secrets.admin_token_generated {
         println!(
             "  admin token (generated now, kept in {}): {}",
             args.db.data_dir.display(),

@@ -94,8 +94,8 @@ pub enum ServeError {
 pub struct Secrets {
     pub signing: String,
     pub admin_token: String,
-    /// Whether they were generated just now (print them once).
-    pub generated: bool,
+    /// Whether the admin token was generated just now (print it once).
+    pub admin_token_generated: bool,
 }
 
 /// Reads a secret from the environment, or from `data_dir/name`, generating it there on first
@@ -129,12 +129,13 @@ fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), Serv
 }
 
 pub fn load_secrets(data_dir: &Path) -> Result<Secrets, ServeError> {
-    let (signing, new_signing) = secret("THUNDERLINE_SECRET", data_dir, "secret")?;
-    let (admin_token, new_admin) = secret("THUNDERLINE_ADMIN_TOKEN", data_dir, "admin_token")?;
+    let (signing, _) = secret("THUNDERLINE_SECRET", data_dir, "secret")?;
+    let (admin_token, admin_token_generated) =
+        secret("THUNDERLINE_ADMIN_TOKEN", data_dir, "admin_token")?;
     Ok(Secrets {
         signing,
         admin_token,
-        generated: new_signing || new_admin,
+        admin_token_generated,
     })
 }
 
