@@ -14,8 +14,8 @@ fn node_available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-#[test]
-fn the_phoenix_client_works_against_the_daemon_unmodified() {
+/// Node and the pinned packages, or None after saying why not (an error under CI).
+fn prepared() -> Option<std::path::PathBuf> {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     if !node_available() {
         assert!(
@@ -23,7 +23,7 @@ fn the_phoenix_client_works_against_the_daemon_unmodified() {
             "Node.js is required under CI=true to run the phoenix client tests"
         );
         eprintln!("\n*** SKIPPED the phoenix JavaScript client tests: `node` is not installed.\n");
-        return;
+        return None;
     }
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     if !js.join("node_modules/phoenix").exists() {
@@ -34,14 +34,17 @@ fn the_phoenix_client_works_against_the_daemon_unmodified() {
             .expect("npm runs");
         assert!(status.success(), "npm ci failed in tests/js");
     }
+    Some(js)
+}
 
-    let dir = std::env::temp_dir().join(format!("thunderline-js-{}", std::process::id()));
-    let daemon = common::binary::start(&dir, &[]);
-    let url = daemon.url.clone();
+/// Runs the suite against the binary started with `extra` flags.
+fn run_suite(js: &Path, name: &str, extra: &[&str]) {
+    let dir = std::env::temp_dir().join(format!("thunderline-js-{name}-{}", std::process::id()));
+    let daemon = common::binary::start(&dir, extra);
     let out = Command::new("node")
         .args(["--test", "--test-concurrency=1", "zone.test.mjs"])
-        .current_dir(&js)
-        .env("THUNDERLINE_URL", &url)
+        .current_dir(js)
+        .env("THUNDERLINE_URL", &daemon.url)
         .env("THUNDERLINE_ADMIN_TOKEN", common::binary::ADMIN)
         .output()
         .expect("node runs");
@@ -50,16 +53,41 @@ fn the_phoenix_client_works_against_the_daemon_unmodified() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-
     let (exit, printed) = daemon.terminate();
     let _ = std::fs::remove_dir_all(&dir);
-    println!("{report}");
+    println!("{name}:\n{report}");
     assert!(
         out.status.success(),
-        "the phoenix client tests failed:\n{report}"
+        "the phoenix client tests failed ({name}):\n{report}"
     );
     assert!(
         exit.success(),
         "the daemon exited with {exit:?} after SIGTERM; it printed {printed:?}"
     );
+}
+
+/// As a new user starts it: no flags, the embedded SQLite store.
+#[test]
+fn the_phoenix_client_works_against_the_daemon_unmodified() {
+    if let Some(js) = prepared() {
+        run_suite(&js, "defaults", &[]);
+    }
+}
+
+/// With the pipeline file and PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_phoenix_client_works_against_the_daemon_on_postgres() {
+    let Some(js) = prepared() else { return };
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/zones.toml");
+    let url = db.url.clone();
+    let config = config.to_str().unwrap().to_owned();
+    tokio::task::spawn_blocking(move || {
+        run_suite(&js, "postgres", &["--config", &config, "--database", &url]);
+    })
+    .await
+    .unwrap();
+    db.cleanup().await;
 }

@@ -680,3 +680,50 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     assert!(queried >= 15, "the dashboard queries {queried} metrics");
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zones_with_agents_tick_through_the_pipeline() {
+    let srv = common::server::start_ticking(None, 100).await;
+    let zone = srv
+        .zone(json!({
+            "name": "Ticking",
+            "resources": {"food": {"amount": 50, "max": 60, "regen": 7}},
+            "properties": {"season": "spring"}
+        }))
+        .await;
+    let id = zone["id"].as_str().unwrap();
+    let idle = srv.zone(json!({"name": "Empty"})).await;
+    let (mut a, _) = joined(&srv, id, "a", json!(1)).await;
+    let first = a.event("environment_tick").await;
+    assert_eq!(first[4]["tick"], 1);
+    assert_eq!(first[4]["properties"], json!({"season": "spring"}));
+    assert_eq!(first[4]["new_resources"], json!({"food": 57}));
+    assert!(first[4]["timestamp"].is_string());
+    let second = a.event("environment_tick").await;
+    assert_eq!(
+        second[4]["new_resources"],
+        json!({"food": 60}),
+        "regeneration stops at max"
+    );
+    // Audited like any other event; a zone nobody is in does not tick.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let (_, events) = srv
+        .api("GET", &format!("/api/zones/{id}/events"), None)
+        .await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "environment_tick")
+    );
+    let (_, none) = srv
+        .api(
+            "GET",
+            &format!("/api/zones/{}/events", idle["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(none, json!([]));
+    srv.stop().await;
+}

@@ -111,6 +111,11 @@ pub mod server {
     }
 
     pub async fn start(database: Option<String>) -> TestServer {
+        start_ticking(database, 3_600_000).await
+    }
+
+    /// As [`start`], with zones ticking every `tick_ms`.
+    pub async fn start_ticking(database: Option<String>, tick_ms: u64) -> TestServer {
         let dir =
             std::env::temp_dir().join(format!("thunderline-srv-{}", uuid::Uuid::now_v7().simple()));
         let args = ServeArgs {
@@ -123,7 +128,7 @@ pub mod server {
             log_format: thunderline::daemon::server::LogFormat::Text,
         };
         let file = thunderline::daemon::config::PipelineFile {
-            tick_interval_ms: std::num::NonZeroU64::new(3_600_000).unwrap(),
+            tick_interval_ms: std::num::NonZeroU64::new(tick_ms).unwrap(),
             ..Default::default()
         };
         TestServer {

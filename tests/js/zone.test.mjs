@@ -246,3 +246,32 @@ test("leave, duplicate join, reconnect and rejoin", async () => {
     assert.equal(body.active_session_count, 0);
   }, "no sessions after the leave");
 });
+
+test("metrics move as clients work", async () => {
+  const scrape = async () => {
+    const text = await (await fetch(base + "/metrics")).text();
+    const value = (name) => {
+      const line = text.split("\n").find((l) => l.startsWith(name + " ") || l.startsWith(name + "{"));
+      return line ? Number(line.split(" ").pop()) : 0;
+    };
+    return {
+      pushes: value("thunderline_channel_pushes_total"),
+      broadcasts: value("thunderline_channel_broadcasts_total"),
+      connections: value("thunderline_socket_connections"),
+    };
+  };
+  const before = await scrape();
+  const z = await zone();
+  const socket = connect();
+  const ch = socket.channel(`zone:${z.id}`, { agent_id: "meter", token: await token("meter", z.id) });
+  await join(ch);
+  for (let i = 0; i < 5; i++) {
+    assert.equal((await push(ch, "agent_move", { position: { x: i, y: 0, z: 0 } })).status, "ok");
+  }
+  await eventually(async () => {
+    const now = await scrape();
+    assert.equal(now.pushes - before.pushes, 5);
+    assert.ok(now.broadcasts - before.broadcasts >= 6, "agent_entered and five agent_moved");
+    assert.ok(now.connections >= 1);
+  }, "metrics after five pushes");
+});
