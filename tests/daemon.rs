@@ -306,24 +306,16 @@ async fn serve_with_a_config_and_postgres_and_json_logs() {
         )
         .await;
     assert_eq!(c.reply_to(&r).await["status"], "ok");
-    let metrics = {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).await.unwrap();
-        text
-    };
-    for needle in [
-        "thunderline_channel_joins_total",
-        "thunderline_channel_pushes_total 1",
-        "thunderline_zone_command_seconds_count{command=\"agent_move\"} 1",
-        "thunderline_socket_connections 1",
-    ] {
-        assert!(metrics.contains(needle), "missing {needle}");
-    }
+    common::server::metrics_showing(
+        addr,
+        &[
+            "thunderline_channel_joins_total{outcome=\"ok\"} 1",
+            "thunderline_channel_pushes_total 1",
+            "thunderline_zone_command_seconds_count{command=\"agent_move\"} 1",
+            "thunderline_socket_connections 1",
+        ],
+    )
+    .await;
     drop(c);
     let mut daemon = daemon;
     let stderr = daemon.child.stderr.take().unwrap();

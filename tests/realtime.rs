@@ -576,30 +576,19 @@ async fn a_connection_holds_at_most_100_channels_and_metrics_move() {
     }
     let (status, _) = http(srv.server.addr, "GET", "/metrics", None, None).await;
     assert_eq!(status, 200);
-    let text = {
-        let mut stream = tokio::net::TcpStream::connect(srv.server.addr)
-            .await
-            .unwrap();
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = String::new();
-        stream.read_to_string(&mut buf).await.unwrap();
-        buf
-    };
-    for needle in [
+    common::server::metrics_showing(
+        srv.server.addr,
+        &[
         "thunderline_socket_connections 1",
-        "thunderline_channel_joins_total{outcome=\"too_many_channels\"} 1",
+        "thunderline_channel_joins_total{outcome=\"too_many_channels_joined\"} 1",
         "thunderline_channel_subscriptions 100",
         "thunderline_presence_metas 100",
         "thunderline_zone_command_seconds_count{command=\"join\"} 100",
         "thunderline_pipeline_messages_total{outcome=\"in\",pipeline=\"zones\",stage=\"processor\"} 100",
         "thunderline_channel_slow_consumer_disconnects_total 0",
-    ] {
-        assert!(text.contains(needle), "missing {needle} in\n{text}");
-    }
+    ],
+    )
+    .await;
     srv.stop().await;
 }
 
@@ -631,18 +620,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     a.reply_to(&r).await;
     a.push(Some(&a_ref), &topic, "teleport", json!({})).await;
     a.event("agent_moved").await;
-    let text = {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(srv.server.addr)
-            .await
-            .unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut t = String::new();
-        s.read_to_string(&mut t).await.unwrap();
-        t
-    };
+    let text = common::server::metrics(srv.server.addr).await;
     let exported: std::collections::HashSet<&str> = text
         .lines()
         .filter(|l| l.starts_with("# TYPE "))

@@ -369,6 +369,13 @@ impl Connection {
         }
     }
 
+    /// Refuses a join before it reaches the pipeline, and counts why.
+    fn refuse_join(&self, frame: &Frame, reason: &'static str, details: &str) {
+        let label = reason.replace(' ', "_");
+        self.ctx.metrics.joins.with_label_values(&[&label]).inc();
+        self.reply_error(frame, reason, details);
+    }
+
     fn reply_error(&self, frame: &Frame, reason: &str, details: &str) {
         self.peer.send_text(protocol::error_reply(
             frame.join_ref.as_deref(),
@@ -394,8 +401,7 @@ impl Connection {
         let zone = match Self::zone_of(&frame.topic) {
             Ok(zone) => zone,
             Err((reason, details)) => {
-                self.ctx.metrics.joins.with_label_values(&[reason]).inc();
-                return self.reply_error(&frame, reason, &details);
+                return self.refuse_join(&frame, reason, &details);
             }
         };
         let text =
@@ -404,12 +410,7 @@ impl Connection {
             text(&frame.payload, "agent_id"),
             text(&frame.payload, "token"),
         ) else {
-            self.ctx
-                .metrics
-                .joins
-                .with_label_values(&["unauthorized"])
-                .inc();
-            return self.reply_error(
+            return self.refuse_join(
                 &frame,
                 "unauthorized",
                 "join params need agent_id and token",
@@ -418,21 +419,11 @@ impl Connection {
         let claims = match self.ctx.signer.verify(&token, chrono::Utc::now()) {
             Ok(c) => c,
             Err(e) => {
-                self.ctx
-                    .metrics
-                    .joins
-                    .with_label_values(&["unauthorized"])
-                    .inc();
-                return self.reply_error(&frame, "unauthorized", &e.to_string());
+                return self.refuse_join(&frame, "unauthorized", &e.to_string());
             }
         };
         if claims.agent_id != agent_id || claims.zone_id != zone {
-            self.ctx
-                .metrics
-                .joins
-                .with_label_values(&["unauthorized"])
-                .inc();
-            return self.reply_error(
+            return self.refuse_join(
                 &frame,
                 "unauthorized",
                 "the token was minted for another agent or zone",
@@ -465,12 +456,7 @@ impl Connection {
                 .await;
         }
         if too_many {
-            self.ctx
-                .metrics
-                .joins
-                .with_label_values(&["too_many_channels"])
-                .inc();
-            return self.reply_error(
+            return self.refuse_join(
                 &frame,
                 "too many channels joined",
                 "at most 100 channels per connection",

@@ -207,6 +207,34 @@ pub mod server {
         )
     }
 
+    /// The daemon's `/metrics` text.
+    pub async fn metrics(addr: std::net::SocketAddr) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        text
+    }
+
+    /// Waits (up to 3 s) until `/metrics` shows every one of `needles`; panics naming the first
+    /// missing one. Replies can reach a client a moment before the metrics are updated.
+    pub async fn metrics_showing(addr: std::net::SocketAddr, needles: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let text = metrics(addr).await;
+            match needles.iter().find(|n| !text.contains(**n)) {
+                None => return text,
+                Some(missing) if tokio::time::Instant::now() > deadline => {
+                    panic!("missing {missing} in\n{text}")
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
     fn dechunk(mut s: &str) -> String {
         let mut out = String::new();
         while let Some((size, rest)) = s.split_once("\r\n") {
