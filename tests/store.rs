@@ -149,6 +149,7 @@ async fn the_audit_log_is_idempotent_ordered_and_filterable() {
                     y: 0.0,
                     z: 0.0,
                 },
+                sent_at: None,
             }),
             now(),
         );

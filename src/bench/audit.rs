@@ -114,6 +114,7 @@ fn workload(args: &AuditArgs) -> (Vec<Uuid>, Vec<ZoneEvent>) {
                     y: 1.5,
                     z: -2.25,
                 },
+                sent_at: None,
             });
             ZoneEvent::new(zones[i as usize % zones.len()], kind, now())
         })

@@ -2,8 +2,12 @@
 //! the same run, a baseline to compare against, and reports both (as a table, or one JSON object
 //! with `--json`).
 
+mod admin_client;
 pub mod audit;
 pub mod pipeline;
+pub mod ws;
+mod ws_baseline;
+mod ws_report;
 
 /// Reads this process's peak resident set size (VmHWM) in bytes, where the OS tells it.
 pub fn peak_rss_bytes() -> Option<u64> {

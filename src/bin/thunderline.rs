@@ -44,11 +44,14 @@ enum Bench {
     Pipeline(bench::pipeline::PipelineArgs),
     /// Zone events through the pipeline into the audit log, against a raw bulk load.
     Audit(bench::audit::AuditArgs),
+    /// WebSocket clients pushing and receiving zone events, against a bare broadcast server.
+    Ws(bench::ws::WsArgs),
 }
 
 const BENCHMARKS: &str = "available benchmarks (each takes --json):
   pipeline   small messages through the engine vs. a crossbeam channel
-  audit      zone events into the audit log vs. a raw COPY (needs --database)";
+  audit      zone events into the audit log vs. a raw COPY (needs --database)
+  ws         WebSocket clients through the zone server vs. a bare broadcast server";
 
 /// Prints a report as JSON or as a table; the exit code says whether it met its invariants.
 fn report<R: Serialize>(
@@ -194,6 +197,28 @@ fn main() -> ExitCode {
                 println!("{token}");
                 eprintln!("expires at {}", expires_at.to_rfc3339());
                 ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Bench {
+            which: Some(Bench::Ws(args)),
+        } => match bench::ws::run(&args) {
+            Ok(r) => {
+                if args.json {
+                    eprint!("{}", r.table());
+                }
+                if let Some(path) = &args.report
+                    && let Err(e) = std::fs::write(path, r.html())
+                {
+                    return fail(format!("cannot write {}: {e}", path.display()));
+                }
+                report(
+                    args.json,
+                    &r,
+                    r.table(),
+                    r.run.errors == 0 && r.run.connected == r.clients,
+                    "some clients failed to connect, or the server refused events",
+                )
             }
             Err(e) => fail(e),
         },

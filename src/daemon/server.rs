@@ -230,6 +230,12 @@ impl Server {
                     source,
                 })?;
         let addr = listener.local_addr().map_err(ServeError::Http)?;
+        // Frames are small and latency matters: no Nagle delay on replies and broadcasts.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let app = api::router(state);
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {

@@ -141,7 +141,7 @@ fn command_label(c: &Command) -> &'static str {
     match c {
         Command::Join => "join",
         Command::Leave { .. } => "leave",
-        Command::Move(_) => "agent_move",
+        Command::Move { .. } => "agent_move",
         Command::Interact { .. } => "agent_interact",
         Command::Consume { .. } => "consume_resource",
         Command::GetState => "get_zone_state",
@@ -219,9 +219,9 @@ impl ZoneProcessor {
                 }
                 event
             }
-            Command::Move(position) => {
+            Command::Move { position, sent_at } => {
                 let e = zone
-                    .agent_moved(agent, *position, t)
+                    .agent_moved_stamped(agent, *position, *sent_at, t)
                     .map_err(|e| refusal(&e))?;
                 if let Some(o) = origin {
                     o.reply_ok(zone.id, &json!({}));

@@ -26,7 +26,11 @@ pub enum Command {
     Leave {
         reply: bool,
     },
-    Move(Position),
+    Move {
+        position: Position,
+        /// The client's time stamp, echoed in the broadcast.
+        sent_at: Option<i64>,
+    },
     Interact {
         target_agent_id: String,
         kind: String,
@@ -52,6 +56,8 @@ pub struct Refusal {
 #[serde(deny_unknown_fields)]
 struct MovePayload {
     position: Position,
+    #[serde(default)]
+    sent_at: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -84,7 +90,10 @@ impl Command {
         match event {
             "agent_move" => {
                 let p: MovePayload = serde_json::from_value(payload).map_err(invalid)?;
-                Ok(Self::Move(p.position))
+                Ok(Self::Move {
+                    position: p.position,
+                    sent_at: p.sent_at,
+                })
             }
             "agent_interact" => {
                 let p: InteractPayload = serde_json::from_value(payload).map_err(invalid)?;
@@ -121,7 +130,7 @@ impl Command {
     /// The permission the command needs, if any.
     pub fn needs(&self) -> Option<Permissions> {
         match self {
-            Self::Move(_) | Self::Interact { .. } => Some(Permissions::SPAWN_AGENTS),
+            Self::Move { .. } | Self::Interact { .. } => Some(Permissions::SPAWN_AGENTS),
             Self::Consume { .. } => Some(Permissions::MODIFY_ZONE),
             _ => None,
         }

@@ -85,6 +85,9 @@ pub struct Presence {
 pub struct Moved {
     pub agent_id: String,
     pub position: Position,
+    /// The client's own time stamp, if it sent one, echoed so it can time the round trip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -212,6 +212,17 @@ impl Zone {
         position: Position,
         now: DateTime<Utc>,
     ) -> Result<ZoneEvent, ZoneError> {
+        self.agent_moved_stamped(agent_id, position, None, now)
+    }
+
+    /// As [`agent_moved`](Self::agent_moved), echoing the client's time stamp in the event.
+    pub fn agent_moved_stamped(
+        &mut self,
+        agent_id: &str,
+        position: Position,
+        sent_at: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<ZoneEvent, ZoneError> {
         if ![position.x, position.y, position.z]
             .iter()
             .all(|c| c.is_finite())
@@ -224,6 +235,7 @@ impl Zone {
         let moved = Moved {
             agent_id: agent_id.to_owned(),
             position,
+            sent_at,
         };
         Ok(self.event(EventKind::AgentMoved(moved), now))
     }

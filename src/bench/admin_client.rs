@@ -1,0 +1,83 @@
+//! A small client for the daemon's admin API, on one keep-alive HTTP/1.1 connection.
+
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot reach the admin API at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP error: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("{method} {path} answered {status}: {body}")]
+    Status {
+        method: Method,
+        path: String,
+        status: u16,
+        body: String,
+    },
+    #[error("the admin API answered something that is not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+}
+
+pub struct AdminClient {
+    sender: SendRequest<Full<Bytes>>,
+    token: String,
+    host: String,
+}
+
+impl AdminClient {
+    pub async fn connect(addr: SocketAddr, token: &str) -> Result<Self, AdminError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| AdminError::Connect { addr, source })?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Self {
+            sender,
+            token: token.to_owned(),
+            host: addr.to_string(),
+        })
+    }
+
+    /// Sends JSON, expects JSON and a 2xx status.
+    pub async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, AdminError> {
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header("host", &self.host)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("a well-formed request");
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        if !(200..300).contains(&status) {
+            return Err(AdminError::Status {
+                method,
+                path: path.to_owned(),
+                status,
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+        }
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+}

@@ -1,0 +1,693 @@
+//! `thunderline bench ws`: N WebSocket clients over M zones push `agent_move` at a total rate
+//! for a while; every client times every broadcast it receives. Then the same clients load a bare
+//! tokio-tungstenite broadcast server, so the report states the pipeline's cost as a ratio.
+//!
+//! Without `--url` the daemon runs as a child process on a free loopback port with a throwaway
+//! SQLite store, so that its memory can be measured apart from the clients'. The clients speak
+//! the protocol the `phoenix` client speaks, and stay cheap: a broadcast is timed by finding its
+//! `sent_at` in the frame text, not by parsing the frame.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use hyper::Method;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{Semaphore, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::admin_client::{AdminClient, AdminError};
+use super::ws_baseline;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct WsArgs {
+    /// WebSocket clients.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Zones the clients are spread over.
+    #[arg(long, default_value_t = 10)]
+    pub zones: usize,
+    /// `agent_move` events per second, all clients together.
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Seconds of load, after everyone has connected.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Load a running server (ws://host:port) instead of starting one on loopback.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The running server's admin token (to create zones and mint tokens).
+    #[arg(long, env = "THUNDERLINE_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// New connections per second while ramping up.
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    /// Skip the bare-server baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Print one JSON object on standard output (the progress and table go to standard error).
+    #[arg(long)]
+    pub json: bool,
+    /// Write a self-contained HTML report (latency distribution, throughput over time).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// What one load run saw.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunFigures {
+    pub connected: usize,
+    pub connect_seconds: f64,
+    pub sent: u64,
+    pub ingress_events_per_sec: f64,
+    pub expected_deliveries: u64,
+    pub delivered: u64,
+    pub delivered_per_sec: f64,
+    pub latency_ms: Latency,
+    pub errors: u64,
+    pub disconnects: u64,
+    pub slow_consumer_disconnects: u64,
+    /// (seconds since the load began, events sent, broadcasts delivered), once a second.
+    pub timeline: Vec<(f64, u64, u64)>,
+    #[serde(skip)]
+    pub histogram: Option<Histogram<u64>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WsReport {
+    pub clients: usize,
+    pub zones: usize,
+    pub rate: f64,
+    pub duration: f64,
+    #[serde(flatten)]
+    pub run: RunFigures,
+    pub server_peak_rss_bytes: Option<u64>,
+    pub server_idle_rss_bytes: Option<u64>,
+    pub rss_per_connection_bytes: Option<f64>,
+    pub baseline_delivered_per_sec: Option<f64>,
+    pub baseline_latency_ms: Option<Latency>,
+    pub ratio: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WsBenchError {
+    #[error("{0}")]
+    Args(String),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("cannot start the daemon: {0}")]
+    Daemon(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The daemon under test, as a child process.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rss(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+fn start_daemon(admin: &str) -> Result<Daemon, WsBenchError> {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!(
+        "thunderline-bench-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env_remove("THUNDERLINE_DATABASE_URL")
+        .env("THUNDERLINE_ADMIN_TOKEN", admin)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(url) = line.strip_prefix("thunderline listening on http://") {
+                    break url
+                        .trim()
+                        .parse()
+                        .map_err(|_| WsBenchError::Daemon(line.clone()))?;
+                }
+            }
+            _ => return Err(WsBenchError::Daemon("it exited before listening".into())),
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(Daemon { child, addr, dir })
+}
+
+/// Lets this process (and the daemon it starts) hold one descriptor per connection.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Counters every client adds to.
+#[derive(Default)]
+struct Shared {
+    connected: AtomicUsize,
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    errors: AtomicU64,
+    disconnects: AtomicU64,
+    slow: AtomicU64,
+    histogram: Mutex<Option<Histogram<u64>>>,
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // Microseconds, 1 µs to 100 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid bounds")
+}
+
+impl Shared {
+    fn merge(&self, h: &Histogram<u64>) {
+        let mut global = self.histogram.lock().unwrap_or_else(|e| e.into_inner());
+        global
+            .get_or_insert_with(new_histogram)
+            .add(h)
+            .expect("same bounds");
+    }
+}
+
+/// Finds `"sent_at":<digits>` in a frame without parsing it.
+fn sent_at(frame: &str) -> Option<u64> {
+    let at = frame.find("\"sent_at\":")? + "\"sent_at\":".len();
+    let digits: &str = &frame[at..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+struct ClientPlan {
+    url: String,
+    topic: String,
+    agent: String,
+    token: String,
+    /// Seconds between this client's pushes.
+    period: f64,
+    /// Delay before its first push, to spread clients over the period.
+    phase: f64,
+}
+
+/// One client: connect, join, push on its schedule until `stop`, time every broadcast.
+async fn client(
+    plan: ClientPlan,
+    epoch: Instant,
+    shared: Arc<Shared>,
+    mut go: watch::Receiver<Option<Instant>>,
+    sent_in_zone: Arc<AtomicU64>,
+    connect_permits: Arc<Semaphore>,
+) {
+    let permit = connect_permits.acquire().await;
+    let Ok((ws, _)) = tokio_tungstenite::connect_async_with_config(&plan.url, None, true).await
+    else {
+        shared.errors.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    drop(permit);
+    let (mut sink, mut stream) = ws.split();
+    let join =
+        json!(["1", "1", plan.topic, "phx_join", {"agent_id": plan.agent, "token": plan.token}]);
+    if sink.send(Message::text(join.to_string())).await.is_err() {
+        shared.errors.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    // The join reply.
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("\"phx_reply\"") => {
+                if !t.contains("\"status\":\"ok\"") {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                break;
+            }
+            Some(Ok(_)) => {}
+            _ => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+    shared.connected.fetch_add(1, Ordering::Relaxed);
+    let Ok(start) = go.wait_for(Option::is_some).await.map(|s| s.expect("set")) else {
+        return;
+    };
+    let mut hist = new_histogram();
+    let mut local = 0u64;
+    let mut next_push = tokio::time::Instant::from_std(start) + Duration::from_secs_f64(plan.phase);
+    let mut stopped = false;
+    let mut seq = 0u64;
+    // After the load stops, keep reading until broadcasts stop arriving.
+    let mut quiet_until = None;
+    loop {
+        if stopped && quiet_until.is_none() {
+            quiet_until = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+        }
+        tokio::select! {
+            biased;
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(t))) => {
+                    if t.contains("\"agent_moved\"") {
+                        if let Some(at) = sent_at(&t) {
+                            let now = epoch.elapsed().as_micros() as u64;
+                            let _ = hist.record(now.saturating_sub(at).max(1));
+                            local += 1;
+                            if local % 256 == 0 {
+                                shared.delivered.fetch_add(256, Ordering::Relaxed);
+                                shared.merge(&hist);
+                                hist.reset();
+                            }
+                        }
+                    } else if t.contains("\"phx_reply\"") && t.contains("\"status\":\"error\"") {
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if stopped {
+                        quiet_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                    if frame.is_some_and(|f| u16::from(f.code) == 1011) {
+                        shared.slow.fetch_add(1, Ordering::Relaxed);
+                    }
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            },
+            _ = go.changed(), if !stopped => {
+                // The run's end is signalled by clearing the start.
+                if go.borrow().is_none() {
+                    stopped = true;
+                }
+            }
+            () = tokio::time::sleep_until(next_push), if !stopped => {
+                seq += 1;
+                let stamp = epoch.elapsed().as_micros() as u64;
+                let frame = format!(
+                    r#"["1","m{seq}","{}","agent_move",{{"position":{{"x":{seq},"y":0,"z":0}},"sent_at":{stamp}}}]"#,
+                    plan.topic
+                );
+                if sink.send(Message::text(frame)).await.is_err() {
+                    shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                shared.sent.fetch_add(1, Ordering::Relaxed);
+                sent_in_zone.fetch_add(1, Ordering::Relaxed);
+                next_push += Duration::from_secs_f64(plan.period);
+            }
+            () = async { tokio::time::sleep_until(quiet_until.expect("set when stopped")).await }, if quiet_until.is_some() => break,
+        }
+    }
+    shared.delivered.fetch_add(local % 256, Ordering::Relaxed);
+    shared.merge(&hist);
+    let _ = sink.send(Message::Close(None)).await;
+}
+
+fn latency(h: &Histogram<u64>) -> Latency {
+    let ms = |us: u64| us as f64 / 1000.0;
+    Latency {
+        p50: ms(h.value_at_quantile(0.5)),
+        p90: ms(h.value_at_quantile(0.9)),
+        p99: ms(h.value_at_quantile(0.99)),
+        p999: ms(h.value_at_quantile(0.999)),
+        max: ms(h.max()),
+    }
+}
+
+/// Connects the clients, runs the load, and gathers what they saw.
+async fn load(
+    args: &WsArgs,
+    ws_url: &str,
+    plans: Vec<(usize, String, String, String)>,
+    progress: &ProgressBar,
+    label: &str,
+) -> RunFigures {
+    let epoch = Instant::now();
+    let shared = Arc::new(Shared::default());
+    let (go_tx, go_rx) = watch::channel(None);
+    let zone_sent: Vec<Arc<AtomicU64>> = (0..args.zones).map(|_| Arc::default()).collect();
+    let mut members = vec![0u64; args.zones];
+    let permits = Arc::new(Semaphore::new(64));
+    let period = args.clients as f64 / args.rate;
+    let connect_gap = Duration::from_secs_f64(1.0 / args.connect_rate.max(1.0));
+    let connect_started = Instant::now();
+    let mut tasks = Vec::with_capacity(plans.len());
+    for (i, (zone, topic, agent, token)) in plans.into_iter().enumerate() {
+        members[zone] += 1;
+        let plan = ClientPlan {
+            url: ws_url.to_owned(),
+            topic,
+            agent,
+            token,
+            period,
+            phase: period * (i as f64 / args.clients as f64),
+        };
+        tasks.push(tokio::spawn(client(
+            plan,
+            epoch,
+            shared.clone(),
+            go_rx.clone(),
+            zone_sent[zone].clone(),
+            permits.clone(),
+        )));
+        tokio::time::sleep(connect_gap).await;
+        progress.set_message(format!(
+            "{label}: connecting {}/{}",
+            shared.connected.load(Ordering::Relaxed),
+            args.clients
+        ));
+    }
+    // Wait for the stragglers (at most 30 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shared.connected.load(Ordering::Relaxed)
+        + (shared.errors.load(Ordering::Relaxed) as usize)
+        < args.clients
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
+    let connected = shared.connected.load(Ordering::Relaxed);
+
+    let start = Instant::now();
+    let _ = go_tx.send(Some(start));
+    let mut timeline = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    while start.elapsed().as_secs_f64() < args.duration {
+        tick.tick().await;
+        let (sent, delivered) = (
+            shared.sent.load(Ordering::Relaxed),
+            shared.delivered.load(Ordering::Relaxed),
+        );
+        let p99 = shared
+            .histogram
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0.0, |h| h.value_at_quantile(0.99) as f64 / 1000.0);
+        let t = start.elapsed().as_secs_f64();
+        let (last_sent, last_delivered) = timeline
+            .last()
+            .map_or((0, 0), |l: &(f64, u64, u64)| (l.1, l.2));
+        progress.set_message(format!(
+            "{label}: {connected} connected, {} in/s, {} out/s, p99 {p99:.1} ms",
+            sent - last_sent,
+            delivered - last_delivered
+        ));
+        timeline.push((t, sent, delivered));
+    }
+    let load_seconds = start.elapsed().as_secs_f64();
+    let _ = go_tx.send(None);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let expected: u64 = zone_sent
+        .iter()
+        .zip(&members)
+        .map(|(s, m)| s.load(Ordering::Relaxed) * m)
+        .sum();
+    let histogram = shared
+        .histogram
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_else(new_histogram);
+    RunFigures {
+        connected,
+        connect_seconds,
+        sent,
+        ingress_events_per_sec: sent as f64 / load_seconds,
+        expected_deliveries: expected,
+        delivered,
+        delivered_per_sec: delivered as f64 / load_seconds,
+        latency_ms: latency(&histogram),
+        errors: shared.errors.load(Ordering::Relaxed),
+        disconnects: shared.disconnects.load(Ordering::Relaxed),
+        slow_consumer_disconnects: shared.slow.load(Ordering::Relaxed),
+        timeline,
+        histogram: Some(histogram),
+    }
+}
+
+fn check(args: &WsArgs) -> Result<(), WsBenchError> {
+    let bad = |m: &str| Err(WsBenchError::Args(m.to_owned()));
+    if args.clients == 0 || args.zones == 0 || args.zones > args.clients {
+        return bad("--clients must be at least 1, and --zones between 1 and --clients");
+    }
+    if !(args.rate > 0.0 && args.rate.is_finite() && args.duration > 0.0 && args.duration <= 3600.0)
+    {
+        return bad("--rate must be above 0 and --duration between 0 and 3600 seconds");
+    }
+    if args.url.is_some() && args.admin_token.is_none() {
+        return bad(
+            "--url needs the server's admin token (--admin-token or THUNDERLINE_ADMIN_TOKEN)",
+        );
+    }
+    Ok(())
+}
+
+pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
+    check(args)?;
+    raise_fd_limit();
+    let progress = if args.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden())
+    } else {
+        ProgressBar::new_spinner()
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("a valid template"),
+    );
+    progress.enable_steady_tick(Duration::from_millis(200));
+
+    let admin_token = args
+        .admin_token
+        .clone()
+        .unwrap_or_else(crate::realtime::random_secret);
+    let daemon = match &args.url {
+        Some(_) => None,
+        None => Some(start_daemon(&admin_token)?),
+    };
+    let (http_addr, ws_url) = match (&args.url, &daemon) {
+        (Some(url), _) => {
+            let hostport = url
+                .trim_start_matches("ws://")
+                .trim_start_matches("http://");
+            let hostport = hostport.split('/').next().unwrap_or(hostport);
+            let addr: SocketAddr = tokio::net::lookup_host(hostport)
+                .await?
+                .next()
+                .ok_or_else(|| WsBenchError::Args(format!("cannot resolve {hostport}")))?;
+            (addr, format!("ws://{hostport}/socket/websocket?vsn=2.0.0"))
+        }
+        (None, Some(d)) => (
+            d.addr,
+            format!("ws://{}/socket/websocket?vsn=2.0.0", d.addr),
+        ),
+        (None, None) => unreachable!("a daemon is started without --url"),
+    };
+
+    // Zones and tokens through the admin API.
+    progress.set_message("creating zones and tokens");
+    let mut admin = AdminClient::connect(http_addr, &admin_token).await?;
+    let per_zone = args.clients.div_ceil(args.zones);
+    let mut zone_ids = Vec::new();
+    for i in 0..args.zones {
+        let z = admin
+            .call(
+                Method::POST,
+                "/api/zones",
+                &json!({"name": format!("bench-{i}"), "capacity": per_zone + 1, "permissions": 1}),
+            )
+            .await?;
+        zone_ids.push(z["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let mut plans = Vec::with_capacity(args.clients);
+    for c in 0..args.clients {
+        let zone = c % args.zones;
+        let agent = format!("bench-agent-{c}");
+        let t = admin
+            .call(Method::POST, "/api/tokens", &json!({"agent_id": agent, "zone_id": zone_ids[zone], "permissions": 1, "ttl_seconds": 3600}))
+            .await?;
+        let token = t["token"].as_str().unwrap_or_default().to_owned();
+        plans.push((zone, format!("zone:{}", zone_ids[zone]), agent, token));
+    }
+    let pid = daemon.as_ref().map(|d| d.child.id());
+    let rss_before = pid.and_then(|p| rss(p, "VmRSS:"));
+    let run = load(args, &ws_url, plans.clone(), &progress, "thunderline").await;
+    let server_peak = pid.and_then(|p| rss(p, "VmHWM:"));
+    drop(daemon);
+
+    let baseline = if args.no_baseline || args.url.is_some() {
+        None
+    } else {
+        let server = ws_baseline::start().await?;
+        let url = format!("ws://{}/socket/websocket?vsn=2.0.0", server.addr);
+        Some(load(args, &url, plans, &progress, "baseline").await)
+    };
+    progress.finish_and_clear();
+
+    let per_connection = match (server_peak, rss_before) {
+        (Some(peak), Some(before)) if run.connected > 0 => {
+            Some(peak.saturating_sub(before) as f64 / run.connected as f64)
+        }
+        _ => None,
+    };
+    let ratio = baseline
+        .as_ref()
+        .filter(|b| b.delivered_per_sec > 0.0)
+        .map(|b| run.delivered_per_sec / b.delivered_per_sec);
+    Ok(WsReport {
+        clients: args.clients,
+        zones: args.zones,
+        rate: args.rate,
+        duration: args.duration,
+        server_peak_rss_bytes: server_peak,
+        server_idle_rss_bytes: rss_before,
+        rss_per_connection_bytes: per_connection,
+        baseline_delivered_per_sec: baseline.as_ref().map(|b| b.delivered_per_sec),
+        baseline_latency_ms: baseline.as_ref().map(|b| b.latency_ms.clone()),
+        ratio,
+        run,
+    })
+}
+
+pub fn run(args: &WsArgs) -> Result<WsReport, WsBenchError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run_async(args))
+}
+
+impl WsReport {
+    pub fn table(&self) -> String {
+        let r = &self.run;
+        let l = &r.latency_ms;
+        let mut out = format!(
+            "websocket benchmark: {} clients over {} zones, {} events/s for {} s\n\
+             {:<30}{:>12.2} s ({} of {} connected)\n\
+             {:<30}{:>12.0} events/s ({} sent)\n\
+             {:<30}{:>12.0} frames/s ({} of {} expected)\n\
+             {:<30}p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2} ms\n\
+             {:<30}{:>12} errors, {} disconnects, {} slow consumers\n",
+            self.clients,
+            self.zones,
+            self.rate,
+            self.duration,
+            "connect time",
+            r.connect_seconds,
+            r.connected,
+            self.clients,
+            "ingress",
+            r.ingress_events_per_sec,
+            r.sent,
+            "delivered broadcasts",
+            r.delivered_per_sec,
+            r.delivered,
+            r.expected_deliveries,
+            "latency (push → receive)",
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            "problems",
+            r.errors,
+            r.disconnects,
+            r.slow_consumer_disconnects,
+        );
+        if let Some(peak) = self.server_peak_rss_bytes {
+            out.push_str(&format!(
+                "{:<30}{:>12.1} MiB peak, {} per connection\n",
+                "server memory",
+                peak as f64 / 1048576.0,
+                self.rss_per_connection_bytes
+                    .map_or("n/a".into(), |b| format!("{:.1} KiB", b / 1024.0)),
+            ));
+        }
+        if let (Some(b), Some(ratio)) = (self.baseline_delivered_per_sec, self.ratio) {
+            out.push_str(&format!(
+                "{:<30}{:>12.0} frames/s; ratio {:.3}\n",
+                "baseline (bare broadcast)", b, ratio
+            ));
+        }
+        out
+    }
+
+    /// A self-contained HTML page with the latency distribution and throughput over time.
+    pub fn html(&self) -> String {
+        super::ws_report::render(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_stamp_without_parsing() {
+        assert_eq!(
+            sent_at(
+                r#"[null,null,"zone:x","agent_moved",{"agent_id":"a","position":{"x":1.0},"sent_at":12345}]"#
+            ),
+            Some(12345)
+        );
+        assert_eq!(sent_at(r#"[null,null,"t","agent_moved",{}]"#), None);
+    }
+}

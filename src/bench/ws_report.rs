@@ -1,0 +1,123 @@
+//! The WebSocket benchmark's HTML report: one self-contained page (inline SVG, no scripts, no
+//! external assets) with the latency distribution and throughput over time.
+
+use std::fmt::Write;
+
+use super::ws::WsReport;
+
+const W: f64 = 720.0;
+const H: f64 = 260.0;
+const PAD: f64 = 48.0;
+
+/// One line of a chart: its name, its colour, its points in data units.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+/// A polyline chart, scaled to fit.
+fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> String {
+    let all = series.iter().flat_map(|s| s.2.iter());
+    let (mut x_max, mut y_max) = (0.0f64, 0.0f64);
+    for &(x, y) in all {
+        x_max = x_max.max(x);
+        y_max = y_max.max(y);
+    }
+    let (x_max, y_max) = (x_max.max(1e-9), y_max.max(1e-9) * 1.1);
+    let sx = |x: f64| PAD + x / x_max * (W - 2.0 * PAD);
+    let sy = |y: f64| H - PAD - y / y_max * (H - 2.0 * PAD);
+    let mut svg = format!(
+        r##"<h2>{title}</h2><svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{title}">
+<line x1="{PAD}" y1="{b}" x2="{r}" y2="{b}" stroke="#444"/><line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{b}" stroke="#444"/>
+<text x="{cx}" y="{ty}" text-anchor="middle" font-size="12">{x_label}</text>
+<text x="12" y="{cy}" font-size="12" transform="rotate(-90 12 {cy})" text-anchor="middle">{y_label}</text>
+<text x="{r}" y="{ly}" text-anchor="end" font-size="11">{x_max:.1}</text><text x="{lx}" y="{top}" text-anchor="end" font-size="11">{y_max:.2}</text>"##,
+        b = H - PAD,
+        r = W - PAD,
+        cx = W / 2.0,
+        ty = H - 10.0,
+        cy = H / 2.0,
+        ly = H - PAD + 14.0,
+        lx = PAD - 4.0,
+        top = PAD + 4.0,
+    );
+    for (i, (name, color, points)) in series.iter().enumerate() {
+        let path: Vec<String> = points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/><text x="{}" y="{}" font-size="12" fill="{color}">{name}</text>"#,
+            path.join(" "),
+            PAD + 10.0 + 160.0 * i as f64,
+            PAD - 10.0,
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+pub fn render(report: &WsReport) -> String {
+    let quantiles = |h: &hdrhistogram::Histogram<u64>| -> Vec<(f64, f64)> {
+        // x: "nines" (0 = p0, 1 = p90, 2 = p99, 3 = p99.9), y: latency in ms.
+        (0..=60)
+            .map(|i| {
+                let nines = i as f64 / 20.0;
+                let q = 1.0 - 10f64.powf(-nines);
+                (nines, h.value_at_quantile(q) as f64 / 1000.0)
+            })
+            .collect()
+    };
+    let mut latency = Vec::new();
+    if let Some(h) = &report.run.histogram {
+        latency.push(("thunderline", "#c0392b", quantiles(h)));
+    }
+    let rates = |t: &[(f64, u64, u64)], which: usize| -> Vec<(f64, f64)> {
+        let mut prev = (0.0, 0u64, 0u64);
+        t.iter()
+            .map(|&p| {
+                let dt = (p.0 - prev.0).max(1e-9);
+                let v = if which == 1 {
+                    p.1 - prev.1
+                } else {
+                    p.2 - prev.2
+                };
+                prev = p;
+                (p.0, v as f64 / dt)
+            })
+            .collect()
+    };
+    let timeline = &report.run.timeline;
+    let mut body = String::new();
+    let _ = write!(
+        body,
+        "<h1>thunderline bench ws</h1><pre>{}</pre>",
+        escape(&report.table())
+    );
+    body.push_str(&chart(
+        "Push → receive latency distribution",
+        "percentile (1 = p90, 2 = p99, 3 = p99.9)",
+        "ms",
+        &latency,
+    ));
+    body.push_str(&chart(
+        "Throughput over time",
+        "seconds",
+        "per second",
+        &[
+            ("events in", "#2980b9", rates(timeline, 1)),
+            ("broadcasts delivered", "#27ae60", rates(timeline, 2)),
+        ],
+    ));
+    let json = serde_json::to_string_pretty(report).unwrap_or_default();
+    let _ = write!(body, "<h2>Figures</h2><pre>{}</pre>", escape(&json));
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>thunderline bench ws</title>\
+         <style>body{{font-family:sans-serif;max-width:760px;margin:2em auto}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>\
+         </head><body>{body}</body></html>\n"
+    )
+}

@@ -1,0 +1,92 @@
+//! `thunderline bench ws` as a user runs it: a small load against a daemon it starts itself,
+//! the baseline in the same run, the documented JSON keys, every broadcast delivered, and a
+//! self-contained HTML report.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn bench_ws_delivers_every_broadcast_and_reports_it() {
+    let report = std::env::temp_dir().join(format!("bench-ws-{}.html", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args([
+            "bench",
+            "ws",
+            "--clients",
+            "30",
+            "--zones",
+            "3",
+            "--rate",
+            "300",
+            "--duration",
+            "2",
+            "--json",
+            "--report",
+        ])
+        .arg(&report)
+        .env_remove("THUNDERLINE_ADMIN_TOKEN")
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    let r: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    for key in [
+        "clients",
+        "zones",
+        "connected",
+        "ingress_events_per_sec",
+        "expected_deliveries",
+        "delivered",
+        "delivered_per_sec",
+        "latency_ms",
+        "errors",
+        "slow_consumer_disconnects",
+        "server_peak_rss_bytes",
+        "rss_per_connection_bytes",
+        "baseline_delivered_per_sec",
+        "ratio",
+    ] {
+        assert!(r.get(key).is_some(), "missing {key} in {r}");
+    }
+    for q in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(
+            r["latency_ms"][q].as_f64().is_some_and(|v| v > 0.0),
+            "latency {q}"
+        );
+    }
+    assert_eq!(r["connected"], 30);
+    assert_eq!(r["errors"], 0);
+    assert!(r["expected_deliveries"].as_u64().unwrap() > 0);
+    assert_eq!(
+        r["delivered"], r["expected_deliveries"],
+        "every broadcast delivered"
+    );
+    assert!(r["ratio"].as_f64().unwrap() > 0.0);
+    assert!(
+        stderr.contains("websocket benchmark"),
+        "the table goes to standard error"
+    );
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        html.starts_with("<!doctype html>") && html.contains("<svg") && !html.contains("<script")
+    );
+    let _ = std::fs::remove_file(&report);
+}
+
+#[test]
+fn bench_ws_refuses_impossible_loads() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args(["bench", "ws", "--clients", "2", "--zones", "5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--zones between 1 and --clients"));
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args(["bench", "ws", "--url", "ws://127.0.0.1:9"])
+        .env_remove("THUNDERLINE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin token"));
+}
