@@ -83,6 +83,8 @@ pub struct RunFigures {
     pub errors: u64,
     pub disconnects: u64,
     pub slow_consumer_disconnects: u64,
+    /// The server's resident memory once every client had joined, before the load.
+    pub connected_rss_bytes: Option<u64>,
     /// (seconds since the load began, events sent, broadcasts delivered), once a second.
     pub timeline: Vec<(f64, u64, u64)>,
     #[serde(skip)]
@@ -375,6 +377,7 @@ async fn load(
     plans: Vec<(usize, String, String, String)>,
     progress: &ProgressBar,
     label: &str,
+    server_pid: Option<u32>,
 ) -> RunFigures {
     let epoch = Instant::now();
     let shared = Arc::new(Shared::default());
@@ -422,6 +425,9 @@ async fn load(
     }
     let connect_seconds = connect_started.elapsed().as_secs_f64();
     let connected = shared.connected.load(Ordering::Relaxed);
+    // Idle memory: everyone joined, nothing sent yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let connected_rss_bytes = server_pid.and_then(|p| rss(p, "VmRSS:"));
 
     let start = Instant::now();
     let _ = go_tx.send(Some(start));
@@ -481,6 +487,7 @@ async fn load(
         errors: shared.errors.load(Ordering::Relaxed),
         disconnects: shared.disconnects.load(Ordering::Relaxed),
         slow_consumer_disconnects: shared.slow.load(Ordering::Relaxed),
+        connected_rss_bytes,
         timeline,
         histogram: Some(histogram),
     }
@@ -570,7 +577,7 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
     }
     let pid = daemon.as_ref().map(|d| d.child.id());
     let rss_before = pid.and_then(|p| rss(p, "VmRSS:"));
-    let run = load(args, &ws_url, plans.clone(), &progress, "thunderline").await;
+    let run = load(args, &ws_url, plans.clone(), &progress, "thunderline", pid).await;
     let server_peak = pid.and_then(|p| rss(p, "VmHWM:"));
     drop(daemon);
 
@@ -579,13 +586,14 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
     } else {
         let server = ws_baseline::start().await?;
         let url = format!("ws://{}/socket/websocket?vsn=2.0.0", server.addr);
-        Some(load(args, &url, plans, &progress, "baseline").await)
+        Some(load(args, &url, plans, &progress, "baseline", None).await)
     };
     progress.finish_and_clear();
 
-    let per_connection = match (server_peak, rss_before) {
-        (Some(peak), Some(before)) if run.connected > 0 => {
-            Some(peak.saturating_sub(before) as f64 / run.connected as f64)
+    // Per connection while idle: what joining everyone added to the server's memory.
+    let per_connection = match (run.connected_rss_bytes, rss_before) {
+        (Some(connected), Some(before)) if run.connected > 0 => {
+            Some(connected.saturating_sub(before) as f64 / run.connected as f64)
         }
         _ => None,
     };
@@ -654,7 +662,7 @@ impl WsReport {
         );
         if let Some(peak) = self.server_peak_rss_bytes {
             out.push_str(&format!(
-                "{:<30}{:>12.1} MiB peak, {} per connection\n",
+                "{:<30}{:>12.1} MiB peak, {} per idle connection\n",
                 "server memory",
                 peak as f64 / 1048576.0,
                 self.rss_per_connection_bytes

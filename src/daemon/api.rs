@@ -195,6 +195,10 @@ async fn websocket(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
+        // tungstenite's defaults (128 KiB each way) would cost most of a connection's memory;
+        // frames here are small, and the writer batches them before a flush.
+        .read_buffer_size(1024)
+        .write_buffer_size(2 * 1024)
         .protocols(["phoenix"])
         .on_upgrade(move |ws| socket::serve(ws, sockets))
 }
