@@ -140,7 +140,9 @@ async fn baseline(store: &Store, events: &[ZoneEvent]) -> Result<Duration, Audit
             let started = Instant::now();
             let mut csv = String::with_capacity(events.len() * 160);
             for e in events {
-                let payload = e.kind.payload().to_string().replace('"', "\"\"");
+                let payload = serde_json::to_string(&e.kind)
+                    .expect("payloads serialise")
+                    .replace('"', "\"\"");
                 csv.push_str(&format!(
                     "{},{},{},\"{}\",{}\n",
                     e.id,
@@ -182,7 +184,7 @@ async fn baseline(store: &Store, events: &[ZoneEvent]) -> Result<Duration, Audit
                     row.push_bind(e.id)
                         .push_bind(e.zone_id)
                         .push_bind(e.event_type().as_str())
-                        .push_bind(sqlx::types::Json(e.kind.payload()))
+                        .push_bind(sqlx::types::Json(&e.kind))
                         .push_bind(e.occurred_at)
                         .push_bind(recorded_at);
                 });

@@ -224,7 +224,7 @@ impl BatchSink<ZoneWork> for TopicSink {
                     None,
                     &super::hub::topic_name(event.zone_id),
                     event.event_type().as_str(),
-                    &event.kind.payload(),
+                    &event.kind,
                 ));
                 self.hub.broadcast(event.zone_id, &frame);
                 let waited = chrono::Utc::now() - event.occurred_at;

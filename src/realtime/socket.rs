@@ -199,10 +199,12 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
                 }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { break };
-                    // Write everything that is waiting, then flush once.
                     if sink.feed(Message::Text(frame)).await.is_err() {
                         break;
                     }
+                    // A broadcast batch is usually still being fanned out: let it land, then
+                    // write everything that is waiting with one flush (one system call).
+                    tokio::task::yield_now().await;
                     let mut failed = false;
                     while let Ok(frame) = rx.try_recv() {
                         if sink.feed(Message::Text(frame)).await.is_err() {

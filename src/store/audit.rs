@@ -38,7 +38,7 @@ impl Store {
                 let types: Vec<&str> = events.iter().map(|e| e.event_type().as_str()).collect();
                 let payloads: Vec<String> = events
                     .iter()
-                    .map(|e| e.kind.payload().to_string())
+                    .map(|e| serde_json::to_string(&e.kind).expect("payloads serialise"))
                     .collect();
                 let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
                 let done = sqlx::query(
@@ -69,7 +69,7 @@ impl Store {
                         row.push_bind(e.id)
                             .push_bind(e.zone_id)
                             .push_bind(e.event_type().as_str())
-                            .push_bind(Json(e.kind.payload()))
+                            .push_bind(Json(&e.kind))
                             .push_bind(e.occurred_at)
                             .push_bind(recorded_at);
                     });

@@ -153,15 +153,10 @@ impl EventKind {
         }
     }
 
+    /// The payload as a JSON value. To write it out, serialise the `EventKind` itself: it
+    /// serialises as its payload, without building a value first.
     pub fn payload(&self) -> Value {
-        let value = match self {
-            Self::AgentEntered(p) | Self::AgentLeft(p) => serde_json::to_value(p),
-            Self::AgentMoved(m) => serde_json::to_value(m),
-            Self::AgentInteraction(i) => serde_json::to_value(i),
-            Self::ResourceChanged(r) => serde_json::to_value(r),
-            Self::EnvironmentTick(t) => serde_json::to_value(t),
-        };
-        value.expect("event payloads are plain data")
+        serde_json::to_value(self).expect("event payloads are plain data")
     }
 
     /// Checks a type name and a payload against each other.
@@ -191,6 +186,19 @@ impl EventKind {
                 Self::EnvironmentTick(serde_json::from_value(payload).map_err(invalid)?)
             }
         })
+    }
+}
+
+/// An event kind serialises as its payload alone (the type travels beside it).
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::AgentEntered(p) | Self::AgentLeft(p) => p.serialize(s),
+            Self::AgentMoved(m) => m.serialize(s),
+            Self::AgentInteraction(i) => i.serialize(s),
+            Self::ResourceChanged(r) => r.serialize(s),
+            Self::EnvironmentTick(t) => t.serialize(s),
+        }
     }
 }
 
