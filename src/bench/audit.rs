@@ -3,7 +3,7 @@
 //! a table of the same shape.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -91,15 +91,6 @@ struct Pass;
 impl Processor<ZoneEvent> for Pass {
     async fn handle_message(&self, _m: &mut Message<ZoneEvent>) -> Result<(), Failure> {
         Ok(())
-    }
-}
-
-#[derive(Default)]
-struct Count(AtomicU64);
-
-impl Acknowledger<ZoneEvent> for Count {
-    fn ack(&self, ok: Vec<Message<ZoneEvent>>, _failed: Vec<Message<ZoneEvent>>) {
-        self.0.fetch_add(ok.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -215,7 +206,7 @@ pub async fn run_async(args: &AuditArgs) -> Result<AuditReport, AuditBenchError>
     let baseline_time = baseline(&store, &events).await?;
     let baseline_rows = baseline_rows(&store).await?;
 
-    let count = Arc::new(Count::default());
+    let count = Arc::new(super::AckCounter::default());
     let started = Instant::now();
     let pipeline = Pipeline::builder("bench-audit")
         .producer(Events(events.into_iter(), count.clone()))
@@ -254,7 +245,7 @@ pub async fn run_async(args: &AuditArgs) -> Result<AuditReport, AuditBenchError>
         },
         events: args.events,
         rows_in_db,
-        acked: count.0.load(Ordering::Relaxed),
+        acked: count.successful.load(Ordering::Relaxed),
         seconds: elapsed.as_secs_f64(),
         events_per_sec: rate(args.events, elapsed),
         baseline_rows,

@@ -9,6 +9,26 @@ pub mod ws;
 mod ws_baseline;
 mod ws_report;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::pipeline::{Acknowledger, Message};
+
+/// Counts what the pipeline acknowledges, in both benchmarks that need to know.
+#[derive(Default)]
+pub struct AckCounter {
+    pub successful: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl<T: 'static> Acknowledger<T> for AckCounter {
+    fn ack(&self, successful: Vec<Message<T>>, failed: Vec<Message<T>>) {
+        self.successful
+            .fetch_add(successful.len() as u64, Ordering::Relaxed);
+        self.failed
+            .fetch_add(failed.len() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Reads this process's peak resident set size (VmHWM) in bytes, where the OS tells it.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

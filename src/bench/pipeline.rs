@@ -3,7 +3,7 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -115,21 +115,6 @@ impl BatchSink<Payload> for Discard {
     }
 }
 
-#[derive(Default)]
-struct Count {
-    successful: AtomicU64,
-    failed: AtomicU64,
-}
-
-impl Acknowledger<Payload> for Count {
-    fn ack(&self, successful: Vec<Message<Payload>>, failed: Vec<Message<Payload>>) {
-        self.successful
-            .fetch_add(successful.len() as u64, Ordering::Relaxed);
-        self.failed
-            .fetch_add(failed.len() as u64, Ordering::Relaxed);
-    }
-}
-
 /// The baseline: one message per send through a bounded crossbeam channel between two threads.
 pub fn baseline(events: u64) -> Duration {
     let (tx, rx) = crossbeam_channel::bounded::<Payload>(1024);
@@ -160,7 +145,7 @@ pub fn baseline(events: u64) -> Duration {
 pub async fn run_pipeline(
     args: &PipelineArgs,
 ) -> Result<(Duration, u64, u64, crate::pipeline::PipelineStats), BenchError> {
-    let count = Arc::new(Count::default());
+    let count = Arc::new(super::AckCounter::default());
     let producer = Generator {
         remaining: args.events,
         next: 0,

@@ -58,21 +58,28 @@ fn int(v: u32) -> i32 {
 const COLUMNS: &str = "id, name, permissions, assigned_server, active_session_count, capacity, \
                        resources, properties, tick, inserted_at, updated_at";
 
+/// Binds the zone's id and stored fields, in column order, up to `tick`.
+macro_rules! bind_zone {
+    ($query:expr, $zone:expr) => {
+        $query
+            .bind($zone.id)
+            .bind(&$zone.name)
+            .bind(int($zone.permissions.bits()))
+            .bind(&$zone.assigned_server)
+            .bind(int($zone.active_session_count))
+            .bind(int($zone.capacity))
+            .bind(Json(&$zone.resources))
+            .bind(Json(&$zone.properties))
+            .bind(i64::try_from($zone.tick).unwrap_or(i64::MAX))
+    };
+}
+
 impl Store {
     pub async fn insert_zone(&self, zone: &Zone) -> Result<(), StoreError> {
         let sql = format!(
             "INSERT INTO zones ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         );
-        on_pool!(self.db(), pool => sqlx::query(&sql)
-            .bind(zone.id)
-            .bind(&zone.name)
-            .bind(int(zone.permissions.bits()))
-            .bind(&zone.assigned_server)
-            .bind(int(zone.active_session_count))
-            .bind(int(zone.capacity))
-            .bind(Json(&zone.resources))
-            .bind(Json(&zone.properties))
-            .bind(i64::try_from(zone.tick).unwrap_or(i64::MAX))
+        on_pool!(self.db(), pool => bind_zone!(sqlx::query(&sql), zone)
             .bind(zone.inserted_at)
             .bind(zone.updated_at)
             .execute(pool)
@@ -107,16 +114,7 @@ impl Store {
         let sql = "UPDATE zones SET name = $2, permissions = $3, assigned_server = $4, \
                    active_session_count = $5, capacity = $6, resources = $7, properties = $8, \
                    tick = $9, updated_at = $10 WHERE id = $1";
-        let done = on_pool!(self.db(), pool => sqlx::query(sql)
-            .bind(zone.id)
-            .bind(&zone.name)
-            .bind(int(zone.permissions.bits()))
-            .bind(&zone.assigned_server)
-            .bind(int(zone.active_session_count))
-            .bind(int(zone.capacity))
-            .bind(Json(&zone.resources))
-            .bind(Json(&zone.properties))
-            .bind(i64::try_from(zone.tick).unwrap_or(i64::MAX))
+        let done = on_pool!(self.db(), pool => bind_zone!(sqlx::query(sql), zone)
             .bind(zone.updated_at)
             .execute(pool)
             .await
