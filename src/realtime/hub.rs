@@ -315,18 +315,6 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Connections subscribed to the zone.
-    pub fn subscribers(&self, zone: Uuid) -> usize {
-        self.existing(zone)
-            .map(|t| {
-                t.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .subscribers
-                    .len()
-            })
-            .unwrap_or(0)
-    }
-
     /// Closes every subscriber of the zone (it was deleted).
     pub fn close_zone(&self, zone: Uuid, reason: &str) {
         let Some(topic) = self.existing(zone) else {
