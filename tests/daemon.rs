@@ -12,6 +12,42 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+/// Creates a zone over the admin API and joins it as `agent`; returns the client, the zone id,
+/// the topic and the join ref.
+async fn join_new_zone(
+    addr: std::net::SocketAddr,
+    name: &str,
+    agent: &str,
+) -> (Client, String, String, String) {
+    let admin = Some(binary::ADMIN);
+    let (status, zone) = http(
+        addr,
+        "POST",
+        "/api/zones",
+        Some(json!({"name": name, "permissions": 1})),
+        admin,
+    )
+    .await;
+    assert_eq!(status, 201, "{zone}");
+    let id = zone["id"].as_str().unwrap().to_owned();
+    let (status, token) = http(
+        addr,
+        "POST",
+        "/api/tokens",
+        Some(json!({"agent_id": agent, "zone_id": id, "permissions": 1, "ttl_seconds": 600})),
+        admin,
+    )
+    .await;
+    assert_eq!(status, 200, "{token}");
+    let mut client = Client::connect(&format!("ws://{addr}/socket/websocket?vsn=2.0.0")).await;
+    let topic = format!("zone:{id}");
+    let (join_ref, reply) = client
+        .join(&topic, json!({"agent_id": agent, "token": token["token"]}))
+        .await;
+    assert_eq!(reply["status"], "ok");
+    (client, id, topic, join_ref)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_loses_no_accepted_event() {
     let dir = std::env::temp_dir().join(format!(
@@ -21,33 +57,7 @@ async fn sigterm_mid_stream_loses_no_accepted_event() {
     let daemon = binary::start(&dir, &[]);
     let addr = daemon.addr;
     let admin = Some(binary::ADMIN);
-    let (status, zone) = http(
-        addr,
-        "POST",
-        "/api/zones",
-        Some(json!({"name": "Durable", "permissions": 1})),
-        admin,
-    )
-    .await;
-    assert_eq!(status, 201);
-    let id = zone["id"].as_str().unwrap().to_owned();
-    let (_, token) = http(
-        addr,
-        "POST",
-        "/api/tokens",
-        Some(json!({"agent_id": "mover", "zone_id": id, "permissions": 1, "ttl_seconds": 600})),
-        admin,
-    )
-    .await;
-    let mut client = Client::connect(&format!("ws://{addr}/socket/websocket?vsn=2.0.0")).await;
-    let topic = format!("zone:{id}");
-    let (join_ref, reply) = client
-        .join(
-            &topic,
-            json!({"agent_id": "mover", "token": token["token"]}),
-        )
-        .await;
-    assert_eq!(reply["status"], "ok");
+    let (client, id, topic, join_ref) = join_new_zone(addr, "Durable", "mover").await;
 
     let (mut sink, mut stream) = client.ws.split();
     // Count every ok reply to a move, and the close code, as they come.
@@ -272,31 +282,7 @@ async fn serve_with_a_config_and_postgres_and_json_logs() {
         std::process::Stdio::piped(),
     );
     let addr = daemon.addr;
-    let admin = Some(binary::ADMIN);
-    let (status, zone) = http(
-        addr,
-        "POST",
-        "/api/zones",
-        Some(json!({"name": "On Postgres", "permissions": 1})),
-        admin,
-    )
-    .await;
-    assert_eq!(status, 201, "{zone}");
-    let id = zone["id"].as_str().unwrap().to_owned();
-    let (_, token) = http(
-        addr,
-        "POST",
-        "/api/tokens",
-        Some(json!({"agent_id": "pg", "zone_id": id, "permissions": 1, "ttl_seconds": 60})),
-        admin,
-    )
-    .await;
-    let mut c = Client::connect(&format!("ws://{addr}/socket/websocket?vsn=2.0.0")).await;
-    let topic = format!("zone:{id}");
-    let (join_ref, reply) = c
-        .join(&topic, json!({"agent_id": "pg", "token": token["token"]}))
-        .await;
-    assert_eq!(reply["status"], "ok");
+    let (mut c, id, topic, join_ref) = join_new_zone(addr, "On Postgres", "pg").await;
     let r = c
         .push(
             Some(&join_ref),
