@@ -232,17 +232,24 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
     };
     let mut killed = kill.subscribe();
     let mut shutdown = ctx.shutdown.clone();
+    // Whether the server started the closing handshake (and should wait for the client's half).
+    let mut closing = false;
     loop {
         tokio::select! {
             biased;
-            _ = killed.changed() => break,
+            _ = killed.changed() => {
+                closing = true;
+                break;
+            }
             () = async { let _ = shutdown.wait_for(|&s| s).await; } => {
                 peer.close(GOING_AWAY);
+                closing = true;
                 break;
             }
             next = tokio::time::timeout(ctx.config.idle_timeout, stream.next()) => match next {
                 Err(_) => {
                     peer.close(IDLE);
+                    closing = true;
                     break;
                 }
                 Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break,
@@ -275,6 +282,19 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
     for (zone, joined) in held {
         conn.submit(zone, Command::Leave { reply: false }, &joined, None)
             .await;
+    }
+    if closing {
+        // Read (and drop) what the client still sends until it answers our close frame: closing
+        // the socket with unread data would reset the connection, and the client would never see
+        // the close code that tells it why.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
     peer.close(CloseReason {
         code: 1000,
