@@ -256,6 +256,7 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
                 Ok(Some(Err(e))) => {
                     if is_too_big(&e) {
                         peer.close(TOO_BIG);
+                        closing = true;
                     }
                     break;
                 }
@@ -288,9 +289,13 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
         // the socket with unread data would reset the connection, and the client would never see
         // the close code that tells it why.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Some(Ok(msg)) = stream.next().await {
-                if matches!(msg, Message::Close(_)) {
-                    break;
+            loop {
+                match stream.next().await {
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Ok(_)) => {}
+                    // The stream cannot be read past an oversize frame: linger instead, so the
+                    // close frame is read before the socket goes.
+                    Some(Err(_)) => tokio::time::sleep(Duration::from_secs(2)).await,
                 }
             }
         })
