@@ -338,28 +338,26 @@ impl<T: Clone + Send + 'static> Router<T> {
             shared.settle(metrics, messages).await;
             return;
         }
+        let mut per_batcher: Vec<Vec<Message<T>>> =
+            (0..self.batchers.len()).map(|_| Vec::new()).collect();
+        // Messages that end here: routed nowhere, or failed for want of a batcher.
+        let mut finished = Vec::new();
         // The common case, everything to the first batcher, moves the chunk as it is.
         let first = &self.batchers[0].0;
-        if messages.iter().all(|m| match &m.route {
+        let all_to_first = messages.iter().all(|m| match &m.route {
             Route::Default => true,
             Route::One(name) => name == first,
             Route::Many(_) | Route::Done => false,
-        }) {
-            if let Err(lost) = self.batchers[0].1.send(messages).await {
-                let mut messages = lost.0;
-                for m in &mut messages {
-                    m.fail(Failure::permanent("the batcher stopped"));
-                }
-                shared.settle(metrics, messages).await;
-            }
-            return;
-        }
-        let mut per_batcher: Vec<Vec<Message<T>>> =
-            (0..self.batchers.len()).map(|_| Vec::new()).collect();
-        let mut unroutable = Vec::new();
-        for mut msg in messages {
+        });
+        let spread = if all_to_first {
+            per_batcher[0] = messages;
+            Vec::new()
+        } else {
+            messages
+        };
+        for mut msg in spread {
             match std::mem::take(&mut msg.route) {
-                Route::Done => unroutable.push(msg),
+                Route::Done => finished.push(msg),
                 Route::Default => per_batcher[0].push(msg),
                 Route::One(name) => match self.index_of(&name) {
                     Some(i) => {
@@ -368,7 +366,7 @@ impl<T: Clone + Send + 'static> Router<T> {
                     }
                     None => {
                         msg.fail(unknown_batcher(&name));
-                        unroutable.push(msg);
+                        finished.push(msg);
                     }
                 },
                 Route::Many(names) => {
@@ -381,7 +379,7 @@ impl<T: Clone + Send + 'static> Router<T> {
                             Some(i) => per_batcher[i].push(copy),
                             None => {
                                 copy.fail(unknown_batcher(name));
-                                unroutable.push(copy);
+                                finished.push(copy);
                             }
                         }
                     }
@@ -391,7 +389,7 @@ impl<T: Clone + Send + 'static> Router<T> {
                         Some(i) => per_batcher[i].push(msg),
                         None => {
                             msg.fail(unknown_batcher(last));
-                            unroutable.push(msg);
+                            finished.push(msg);
                         }
                     }
                 }
@@ -406,12 +404,11 @@ impl<T: Clone + Send + 'static> Router<T> {
                 for m in &mut messages {
                     m.fail(Failure::permanent("the batcher stopped"));
                 }
-                unroutable.extend(messages);
+                finished.extend(messages);
             }
         }
-        // Messages routed nowhere (done, or failed for want of a batcher) end here.
-        if !unroutable.is_empty() {
-            shared.settle(metrics, unroutable).await;
+        if !finished.is_empty() {
+            shared.settle(metrics, finished).await;
         }
     }
 }
