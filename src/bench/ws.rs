@@ -21,7 +21,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::admin_client::{AdminClient, AdminError};
 use super::ws_baseline;
@@ -195,7 +196,11 @@ fn raise_fd_limit() {
 /// Counters every client adds to.
 #[derive(Default)]
 struct Shared {
+    /// Clients in the run.
+    clients: usize,
     connected: AtomicUsize,
+    /// Clients that will push no more (stopped, failed or disconnected).
+    done_pushing: AtomicUsize,
     sent: AtomicU64,
     delivered: AtomicU64,
     errors: AtomicU64,
@@ -233,6 +238,14 @@ impl Shared {
     }
 }
 
+/// The clients' WebSocket settings. tungstenite zero-fills its whole read buffer before every
+/// read: at the default 128 KiB that memset was a quarter of the harness's CPU.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+}
+
 /// Finds `"sent_at":<digits>` in a frame without parsing it.
 fn sent_at(frame: &str) -> Option<u64> {
     let at = frame.find("\"sent_at\":")? + "\"sent_at\":".len();
@@ -254,7 +267,71 @@ struct ClientPlan {
     phase: f64,
 }
 
-/// One client: connect, join, push on its schedule until `stop`, time every broadcast.
+/// How long after the load stops a client waits for the rest of its zone's broadcasts; a
+/// broadcast later than this counts as lost.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// Marks a client as done pushing however it ends, so the others know when every push is in.
+struct DonePushing(Arc<Shared>);
+
+impl Drop for DonePushing {
+    fn drop(&mut self) {
+        self.0.done_pushing.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What a client has read from its socket.
+struct Inbox {
+    epoch: Instant,
+    shared: Arc<Shared>,
+    latencies: Vec<u64>,
+    /// `agent_moved` broadcasts received.
+    received: u64,
+}
+
+impl Inbox {
+    /// Takes one item from the socket; false once the connection is gone.
+    fn take(&mut self, frame: Option<Result<Message, WsError>>) -> bool {
+        match frame {
+            Some(Ok(Message::Text(t))) => {
+                if t.contains("\"agent_moved\"") {
+                    if let Some(at) = sent_at(&t) {
+                        let now = self.epoch.elapsed().as_micros() as u64;
+                        self.received += 1;
+                        self.latencies.push(now.saturating_sub(at));
+                        if self.latencies.len() == FLUSH_EVERY {
+                            self.shared.record(&mut self.latencies);
+                        }
+                    }
+                } else if t.contains("\"phx_reply\"") && t.contains("\"status\":\"error\"") {
+                    self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+            Some(Ok(Message::Close(frame))) => {
+                self.shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                if frame.is_some_and(|f| u16::from(f.code) == 1011) {
+                    self.shared.slow.fetch_add(1, Ordering::Relaxed);
+                }
+                false
+            }
+            Some(Ok(_)) => true,
+            Some(Err(_)) | None => {
+                self.shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.shared.record(&mut self.latencies);
+    }
+}
+
+/// One client: connect, join, push on its schedule until `stop`, time every broadcast, then
+/// read until its zone's last broadcast is in.
 async fn client(
     plan: ClientPlan,
     epoch: Instant,
@@ -263,23 +340,24 @@ async fn client(
     sent_in_zone: Arc<AtomicU64>,
     connect_permits: Arc<Semaphore>,
 ) {
+    let done_pushing = DonePushing(shared.clone());
     let permit = connect_permits.acquire().await;
-    let Ok((ws, _)) = tokio_tungstenite::connect_async_with_config(&plan.url, None, true).await
+    let Ok((mut ws, _)) =
+        tokio_tungstenite::connect_async_with_config(&plan.url, Some(ws_config()), true).await
     else {
         shared.errors.fetch_add(1, Ordering::Relaxed);
         return;
     };
     drop(permit);
-    let (mut sink, mut stream) = ws.split();
     let join =
         json!(["1", "1", plan.topic, "phx_join", {"agent_id": plan.agent, "token": plan.token}]);
-    if sink.send(Message::text(join.to_string())).await.is_err() {
+    if ws.send(Message::text(join.to_string())).await.is_err() {
         shared.errors.fetch_add(1, Ordering::Relaxed);
         return;
     }
     // The join reply.
     loop {
-        match stream.next().await {
+        match ws.next().await {
             Some(Ok(Message::Text(t))) if t.contains("\"phx_reply\"") => {
                 if !t.contains("\"status\":\"ok\"") {
                     shared.errors.fetch_add(1, Ordering::Relaxed);
@@ -298,74 +376,66 @@ async fn client(
     let Ok(start) = go.wait_for(Option::is_some).await.map(|s| s.expect("set")) else {
         return;
     };
-    let mut latencies = Vec::with_capacity(FLUSH_EVERY);
+    let mut inbox = Inbox {
+        epoch,
+        shared: shared.clone(),
+        latencies: Vec::with_capacity(FLUSH_EVERY),
+        received: 0,
+    };
     let mut next_push = tokio::time::Instant::from_std(start) + Duration::from_secs_f64(plan.phase);
-    let mut stopped = false;
     let mut seq = 0u64;
-    // After the load stops, keep reading until broadcasts stop arriving.
-    let mut quiet_until = None;
-    loop {
-        if stopped && quiet_until.is_none() {
-            quiet_until = Some(tokio::time::Instant::now() + Duration::from_secs(2));
-        }
+    let connected = loop {
         tokio::select! {
             biased;
-            frame = stream.next() => match frame {
-                Some(Ok(Message::Text(t))) => {
-                    if t.contains("\"agent_moved\"") {
-                        if let Some(at) = sent_at(&t) {
-                            let now = epoch.elapsed().as_micros() as u64;
-                            latencies.push(now.saturating_sub(at));
-                            if latencies.len() == FLUSH_EVERY {
-                                shared.record(&mut latencies);
-                            }
-                        }
-                    } else if t.contains("\"phx_reply\"") && t.contains("\"status\":\"error\"") {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if stopped {
-                        quiet_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                    }
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                    if frame.is_some_and(|f| u16::from(f.code) == 1011) {
-                        shared.slow.fetch_add(1, Ordering::Relaxed);
-                    }
-                    break;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => {
-                    shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
+            frame = ws.next() => if !inbox.take(frame) {
+                break false;
             },
-            _ = go.changed(), if !stopped => {
-                // The run's end is signalled by clearing the start.
-                if go.borrow().is_none() {
-                    stopped = true;
-                }
-            }
-            () = tokio::time::sleep_until(next_push), if !stopped => {
+            // The run's end is signalled by clearing the start.
+            changed = go.changed() => if changed.is_err() || go.borrow().is_none() {
+                break true;
+            },
+            () = tokio::time::sleep_until(next_push) => {
                 seq += 1;
                 let stamp = epoch.elapsed().as_micros() as u64;
                 let frame = format!(
                     r#"["1","m{seq}","{}","agent_move",{{"position":{{"x":{seq},"y":0,"z":0}},"sent_at":{stamp}}}]"#,
                     plan.topic
                 );
-                if sink.send(Message::text(frame)).await.is_err() {
+                if ws.send(Message::text(frame)).await.is_err() {
                     shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                    break;
+                    break false;
                 }
                 shared.sent.fetch_add(1, Ordering::Relaxed);
                 sent_in_zone.fetch_add(1, Ordering::Relaxed);
                 next_push += Duration::from_secs_f64(plan.period);
             }
-            () = async { tokio::time::sleep_until(quiet_until.expect("set when stopped")).await }, if quiet_until.is_some() => break,
+        }
+    };
+    drop(done_pushing);
+    if !connected {
+        return;
+    }
+    // Every client has stopped once `done_pushing` reaches `clients`; from then on, this zone's
+    // count of pushes is final and this client should see every one of them.
+    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+    let mut check = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        if shared.done_pushing.load(Ordering::Relaxed) >= shared.clients
+            && inbox.received >= sent_in_zone.load(Ordering::Relaxed)
+        {
+            break;
+        }
+        tokio::select! {
+            biased;
+            frame = ws.next() => if !inbox.take(frame) {
+                return;
+            },
+            _ = check.tick() => {}
+            () = tokio::time::sleep_until(deadline) => break,
         }
     }
-    shared.record(&mut latencies);
-    let _ = sink.send(Message::Close(None)).await;
+    drop(inbox);
+    let _ = ws.send(Message::Close(None)).await;
 }
 
 fn latency(h: &Histogram<u64>) -> Latency {
@@ -389,7 +459,10 @@ async fn load(
     server_pid: Option<u32>,
 ) -> RunFigures {
     let epoch = Instant::now();
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        clients: args.clients,
+        ..Shared::default()
+    });
     let (go_tx, go_rx) = watch::channel(None);
     let zone_sent: Vec<Arc<AtomicU64>> = (0..args.zones).map(|_| Arc::default()).collect();
     let mut members = vec![0u64; args.zones];

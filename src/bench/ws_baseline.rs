@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 type Topics = Arc<Mutex<HashMap<String, broadcast::Sender<Utf8Bytes>>>>;
@@ -49,7 +50,11 @@ fn reply(join_ref: &Value, msg_ref: &Value, topic: &str) -> Message {
 
 async fn connection(stream: TcpStream, topics: Topics) {
     let _ = stream.set_nodelay(true);
-    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+    // The same buffer sizes as the real server, so the comparison is about the pipeline.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(2 * 1024);
+    let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
         return;
     };
     let (mut sink, mut stream) = ws.split();

@@ -150,8 +150,8 @@ impl Default for BatcherSections {
         let ms = |n: u64| NonZeroU64::new(n).expect("nonzero");
         Self {
             broadcast: BatcherSection {
-                batch_size: nz(64),
-                batch_timeout_ms: ms(1),
+                batch_size: nz(256),
+                batch_timeout_ms: ms(3),
                 concurrency: nz(1),
                 retry: RetrySection::default(),
             },

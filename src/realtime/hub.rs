@@ -31,11 +31,19 @@ pub const SLOW_CONSUMER: CloseReason = CloseReason {
     reason: "slow consumer",
 };
 
+/// One item of a connection's outbound queue: a frame, or a zone's broadcasts from one batch,
+/// which its writer sends with one system call.
+#[derive(Clone, Debug)]
+pub enum Outbound {
+    Frame(Utf8Bytes),
+    Frames(Arc<[Utf8Bytes]>),
+}
+
 /// One connection, as the rest of the server reaches it.
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub id: ConnId,
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: mpsc::Sender<Outbound>,
     kill: Arc<watch::Sender<Option<CloseReason>>>,
     slow: IntCounter,
 }
@@ -43,7 +51,7 @@ pub struct Peer {
 impl Peer {
     pub fn new(
         id: ConnId,
-        tx: mpsc::Sender<Utf8Bytes>,
+        tx: mpsc::Sender<Outbound>,
         kill: Arc<watch::Sender<Option<CloseReason>>>,
         slow: IntCounter,
     ) -> Self {
@@ -52,7 +60,11 @@ impl Peer {
 
     /// Queues a frame; a full queue disconnects the client instead of waiting for it.
     pub fn send(&self, frame: Utf8Bytes) -> bool {
-        match self.tx.try_send(frame) {
+        self.queue(Outbound::Frame(frame))
+    }
+
+    fn queue(&self, out: Outbound) -> bool {
+        match self.tx.try_send(out) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if self.kill.send_replace(Some(SLOW_CONSUMER)).is_none() {
@@ -199,20 +211,20 @@ impl Hub {
             .cloned()
     }
 
-    /// Sends the same bytes to every subscriber of the zone.
-    pub fn broadcast(&self, zone: Uuid, frame: &Utf8Bytes) {
+    /// Sends the same frames, in order, to every subscriber of the zone: one queue item each.
+    pub fn broadcast(&self, zone: Uuid, frames: Arc<[Utf8Bytes]>) {
         let Some(topic) = self.existing(zone) else {
             return;
         };
         let topic = topic.lock().unwrap_or_else(|e| e.into_inner());
-        self.metrics.broadcasts.inc();
+        self.metrics.broadcasts.inc_by(frames.len() as u64);
         let mut sent = 0;
         for peer in topic.subscribers.values() {
-            if peer.send(frame.clone()) {
+            if peer.queue(Outbound::Frames(frames.clone())) {
                 sent += 1;
             }
         }
-        self.metrics.deliveries.inc_by(sent);
+        self.metrics.deliveries.inc_by(sent * frames.len() as u64);
     }
 
     /// Subscribes the connection, tracks its agent's presence and tells everyone: the joiner
@@ -364,7 +376,10 @@ mod tests {
         hub.join(zone, &peer, "slow", Some("1"));
         // presence_state and presence_diff filled the queue of 2; every broadcast now overflows.
         for _ in 0..5 {
-            hub.broadcast(zone, &Utf8Bytes::from_static("[null,null,\"t\",\"e\",{}]"));
+            hub.broadcast(
+                zone,
+                Arc::from([Utf8Bytes::from_static("[null,null,\"t\",\"e\",{}]")]),
+            );
         }
         assert!(killed.has_changed().unwrap());
         assert_eq!(*killed.borrow_and_update(), Some(SLOW_CONSUMER));

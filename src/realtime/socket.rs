@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::channel::{Channels, Command, Joined, Origin, ZoneWork};
-use super::hub::{CloseReason, Hub, Peer};
+use super::hub::{CloseReason, Hub, Outbound, Peer};
 use super::protocol::{self, Frame};
 use super::token::TokenSigner;
 use crate::pipeline::{Message as PipelineMessage, PushHandle};
@@ -34,7 +34,8 @@ pub struct SocketConfig {
     pub idle_timeout: Duration,
     /// Larger frames close the connection with 1009.
     pub max_frame_bytes: usize,
-    /// Frames waiting to be written; past it the client is a slow consumer.
+    /// Writes waiting (a frame, or one zone's broadcasts from one batch); past it the client is
+    /// a slow consumer.
     pub outbound_queue: usize,
     /// Frames per second a client may send, on average...
     pub rate_per_sec: f64,
@@ -168,7 +169,7 @@ struct Connection {
 pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
     let (mut sink, mut stream) = ws.split();
-    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(ctx.config.outbound_queue);
+    let (tx, mut rx) = mpsc::channel::<Outbound>(ctx.config.outbound_queue);
     let (kill_tx, mut kill_rx) = watch::channel(None::<CloseReason>);
     let kill = Arc::new(kill_tx);
     let peer = Peer::new(id, tx, kill.clone(), ctx.hub.metrics.slow_consumers.clone());
@@ -183,8 +184,8 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
                     // What is already queued (error replies, say) goes out first, unless the
                     // queue is the problem.
                     if reason != super::hub::SLOW_CONSUMER {
-                        while let Ok(frame) = rx.try_recv() {
-                            if sink.feed(Message::Text(frame)).await.is_err() {
+                        while let Ok(out) = rx.try_recv() {
+                            if feed(&mut sink, out).await.is_err() {
                                 break;
                             }
                         }
@@ -197,17 +198,17 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
                         .await;
                     break;
                 }
-                frame = rx.recv() => {
-                    let Some(frame) = frame else { break };
-                    if sink.feed(Message::Text(frame)).await.is_err() {
+                out = rx.recv() => {
+                    let Some(out) = out else { break };
+                    if feed(&mut sink, out).await.is_err() {
                         break;
                     }
                     // A broadcast batch is usually still being fanned out: let it land, then
                     // write everything that is waiting with one flush (one system call).
                     tokio::task::yield_now().await;
                     let mut failed = false;
-                    while let Ok(frame) = rx.try_recv() {
-                        if sink.feed(Message::Text(frame)).await.is_err() {
+                    while let Ok(out) = rx.try_recv() {
+                        if feed(&mut sink, out).await.is_err() {
                             failed = true;
                             break;
                         }
@@ -307,6 +308,22 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
     });
     let _ = writer.await;
     ctx.metrics.connections.dec();
+}
+
+/// Hands a queue item's frames to the socket's write buffer, without flushing.
+async fn feed(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    out: Outbound,
+) -> Result<(), axum::Error> {
+    match out {
+        Outbound::Frame(frame) => sink.feed(Message::Text(frame)).await,
+        Outbound::Frames(frames) => {
+            for frame in frames.iter() {
+                sink.feed(Message::Text(frame.clone())).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 fn is_too_big(e: &axum::Error) -> bool {
