@@ -90,3 +90,49 @@ fn bench_ws_refuses_impossible_loads() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin token"));
 }
+
+fn sweep(extra: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args([
+            "bench",
+            "ws",
+            "--clients",
+            "20",
+            "--zones",
+            "2",
+            "--duration",
+            "1",
+            "--json",
+        ])
+        .args(extra)
+        .env_remove("THUNDERLINE_ADMIN_TOKEN")
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    assert!(
+        stderr.contains("websocket sweep"),
+        "the table goes to stderr"
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+#[test]
+fn a_sweep_runs_every_rate_and_reports_the_highest_within_target() {
+    let r = sweep(&["--sweep", "100,200", "--p99-target-ms", "10000"]);
+    let steps = r["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    for (step, rate) in steps.iter().zip([100.0, 200.0]) {
+        assert_eq!(step["rate"], rate);
+        assert_eq!(step["connected"], 20);
+        assert!(step["expected_deliveries"].as_u64().unwrap() > 0);
+        assert_eq!(step["delivered"], step["expected_deliveries"]);
+        assert_eq!(step["within_target"], true);
+    }
+    assert_eq!(r["highest_rate_within_target"], 200.0);
+
+    // A target no run can hold: every step is reported, and none is within it.
+    let r = sweep(&["--sweep", "100", "--p99-target-ms", "0.001"]);
+    assert_eq!(r["steps"][0]["within_target"], false);
+    assert!(r["highest_rate_within_target"].is_null());
+}

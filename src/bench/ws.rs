@@ -59,6 +59,14 @@ pub struct WsArgs {
     /// Write a self-contained HTML report (latency distribution, throughput over time).
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Instead of one run at --rate: one run at each of these rates (events/s, comma-separated)
+    /// against the same server, reporting the highest that held p99 under --p99-target-ms with
+    /// every broadcast delivered. No baseline.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["rate", "report"])]
+    pub sweep: Vec<f64>,
+    /// The p99 latency a sweep step must stay under.
+    #[arg(long, default_value_t = 25.0)]
+    pub p99_target_ms: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -106,6 +114,28 @@ pub struct WsReport {
     pub baseline_delivered_per_sec: Option<f64>,
     pub baseline_latency_ms: Option<Latency>,
     pub ratio: Option<f64>,
+}
+
+/// One rate of a sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepStep {
+    pub rate: f64,
+    /// p99 under the target, every broadcast delivered, no errors or disconnects.
+    pub within_target: bool,
+    #[serde(flatten)]
+    pub run: RunFigures,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepReport {
+    pub clients: usize,
+    pub zones: usize,
+    pub duration: f64,
+    pub p99_target_ms: f64,
+    pub steps: Vec<SweepStep>,
+    /// The highest rate that held the target, with every lower rate holding it too.
+    pub highest_rate_within_target: Option<f64>,
+    pub server_peak_rss_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -592,7 +622,15 @@ fn check(args: &WsArgs) -> Result<(), WsBenchError> {
     Ok(())
 }
 
-pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
+/// The server under test, its zones, and a token for every client.
+struct Target {
+    daemon: Option<Daemon>,
+    ws_url: String,
+    plans: Vec<(usize, String, String, String)>,
+    progress: ProgressBar,
+}
+
+async fn prepare(args: &WsArgs) -> Result<Target, WsBenchError> {
     check(args)?;
     raise_fd_limit();
     let progress = if args.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -657,6 +695,21 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
         let token = t["token"].as_str().unwrap_or_default().to_owned();
         plans.push((zone, format!("zone:{}", zone_ids[zone]), agent, token));
     }
+    Ok(Target {
+        daemon,
+        ws_url,
+        plans,
+        progress,
+    })
+}
+
+pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
+    let Target {
+        daemon,
+        ws_url,
+        plans,
+        progress,
+    } = prepare(args).await?;
     let pid = daemon.as_ref().map(|d| d.child.id());
     let rss_before = pid.and_then(|p| rss(p, "VmRSS:"));
     let run = load(args, &ws_url, plans.clone(), &progress, "thunderline", pid).await;
@@ -698,11 +751,110 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
     })
 }
 
+/// Runs the load at each of `args.sweep`'s rates against one server, in order.
+pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
+    if args.sweep.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
+        return Err(WsBenchError::Args(
+            "every --sweep rate must be above 0".into(),
+        ));
+    }
+    let Target {
+        daemon,
+        ws_url,
+        plans,
+        progress,
+    } = prepare(args).await?;
+    let pid = daemon.as_ref().map(|d| d.child.id());
+    let mut steps = Vec::with_capacity(args.sweep.len());
+    for &rate in &args.sweep {
+        let step_args = WsArgs {
+            rate,
+            ..args.clone()
+        };
+        let label = format!("{rate} events/s");
+        let run = load(&step_args, &ws_url, plans.clone(), &progress, &label, pid).await;
+        let within_target = run.latency_ms.p99 < args.p99_target_ms
+            && run.delivered == run.expected_deliveries
+            && run.connected == args.clients
+            && run.errors == 0
+            && run.disconnects == 0;
+        steps.push(SweepStep {
+            rate,
+            within_target,
+            run,
+        });
+    }
+    let server_peak_rss_bytes = pid.and_then(|p| rss(p, "VmHWM:"));
+    drop(daemon);
+    progress.finish_and_clear();
+    let mut by_rate: Vec<&SweepStep> = steps.iter().collect();
+    by_rate.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    let highest_rate_within_target = by_rate
+        .iter()
+        .take_while(|s| s.within_target)
+        .last()
+        .map(|s| s.rate);
+    Ok(SweepReport {
+        clients: args.clients,
+        zones: args.zones,
+        duration: args.duration,
+        p99_target_ms: args.p99_target_ms,
+        steps,
+        highest_rate_within_target,
+        server_peak_rss_bytes,
+    })
+}
+
 pub fn run(args: &WsArgs) -> Result<WsReport, WsBenchError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(run_async(args))
+}
+
+pub fn sweep(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(sweep_async(args))
+}
+
+impl SweepReport {
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "websocket sweep: {} clients over {} zones, {} s per rate, target p99 < {} ms\n\
+             {:>10} {:>14} {:>22} {:>9} {:>9} {:>9}  {}\n",
+            self.clients,
+            self.zones,
+            self.duration,
+            self.p99_target_ms,
+            "events/s",
+            "frames/s",
+            "delivered / expected",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "within target"
+        );
+        for s in &self.steps {
+            let r = &s.run;
+            out.push_str(&format!(
+                "{:>10.0} {:>14.0} {:>22} {:>9.2} {:>9.2} {:>9.2}  {}\n",
+                s.rate,
+                r.delivered_per_sec,
+                format!("{} / {}", r.delivered, r.expected_deliveries),
+                r.latency_ms.p50,
+                r.latency_ms.p99,
+                r.latency_ms.max,
+                if s.within_target { "yes" } else { "no" },
+            ));
+        }
+        out.push_str(&match self.highest_rate_within_target {
+            Some(rate) => format!("highest rate within target: {rate} events/s\n"),
+            None => "no rate held the target\n".to_owned(),
+        });
+        out
+    }
 }
 
 impl WsReport {

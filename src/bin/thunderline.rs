@@ -202,6 +202,25 @@ fn main() -> ExitCode {
         },
         Command::Bench {
             which: Some(Bench::Ws(args)),
+        } if !args.sweep.is_empty() => match bench::ws::sweep(&args) {
+            Ok(r) => {
+                if args.json {
+                    eprint!("{}", r.table());
+                }
+                report(
+                    args.json,
+                    &r,
+                    r.table(),
+                    r.steps
+                        .iter()
+                        .all(|s| s.run.errors == 0 && s.run.connected == r.clients),
+                    "some clients failed to connect, or the server refused events",
+                )
+            }
+            Err(e) => fail(e),
+        },
+        Command::Bench {
+            which: Some(Bench::Ws(args)),
         } => match bench::ws::run(&args) {
             Ok(r) => {
                 if args.json {
