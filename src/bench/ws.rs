@@ -414,17 +414,27 @@ async fn client(
     };
     let mut next_push = tokio::time::Instant::from_std(start) + Duration::from_secs_f64(plan.phase);
     let mut seq = 0u64;
+    // Both built once, not per frame read: a fresh timer and watch registration for every
+    // frame showed in the harness's profile.
+    let push = tokio::time::sleep_until(next_push);
+    tokio::pin!(push);
+    // The run's end is signalled by clearing the start.
+    let stop = async {
+        while go.changed().await.is_ok() {
+            if go.borrow().is_none() {
+                break;
+            }
+        }
+    };
+    tokio::pin!(stop);
     let connected = loop {
         tokio::select! {
             biased;
             frame = ws.next() => if !inbox.take(frame) {
                 break false;
             },
-            // The run's end is signalled by clearing the start.
-            changed = go.changed() => if changed.is_err() || go.borrow().is_none() {
-                break true;
-            },
-            () = tokio::time::sleep_until(next_push) => {
+            () = &mut stop => break true,
+            () = &mut push => {
                 seq += 1;
                 let stamp = epoch.elapsed().as_micros() as u64;
                 let frame = format!(
@@ -438,6 +448,7 @@ async fn client(
                 shared.sent.fetch_add(1, Ordering::Relaxed);
                 sent_in_zone.fetch_add(1, Ordering::Relaxed);
                 next_push += Duration::from_secs_f64(plan.period);
+                push.as_mut().reset(next_push);
             }
         }
     };
@@ -447,7 +458,8 @@ async fn client(
     }
     // Every client has stopped once `done_pushing` reaches `clients`; from then on, this zone's
     // count of pushes is final and this client should see every one of them.
-    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+    let deadline = tokio::time::sleep(DRAIN_LIMIT);
+    tokio::pin!(deadline);
     let mut check = tokio::time::interval(Duration::from_millis(20));
     loop {
         if shared.done_pushing.load(Ordering::Relaxed) >= shared.clients
@@ -461,7 +473,7 @@ async fn client(
                 return;
             },
             _ = check.tick() => {}
-            () = tokio::time::sleep_until(deadline) => break,
+            () = &mut deadline => break,
         }
     }
     drop(inbox);
