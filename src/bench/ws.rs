@@ -915,10 +915,14 @@ impl WsReport {
                     .map_or("n/a".into(), |b| format!("{:.1} KiB", b / 1024.0)),
             ));
         }
-        if let (Some(b), Some(ratio)) = (self.baseline_delivered_per_sec, self.ratio) {
+        if let (Some(b), Some(ratio), Some(l)) = (
+            self.baseline_delivered_per_sec,
+            self.ratio,
+            &self.baseline_latency_ms,
+        ) {
             out.push_str(&format!(
-                "{:<30}{:>12.0} frames/s; ratio {:.3}\n",
-                "baseline (bare broadcast)", b, ratio
+                "{:<30}{:>12.0} frames/s, p50 {:.2}  p99 {:.2} ms; ratio {:.3}\n",
+                "baseline (bare broadcast)", b, l.p50, l.p99, ratio
             ));
         }
         out
