@@ -138,52 +138,6 @@ async fn a_partial_batch_leaves_at_its_timeout_counted_from_its_first_message() 
 }
 
 #[tokio::test(start_paused = true)]
-async fn from_the_previous_batch_a_quiet_batcher_sends_at_once_a_busy_one_once_per_timeout() {
-    let seen = Arc::new(Seen::default());
-    let (producer, push) = in_memory(100);
-    let pipeline = Pipeline::builder("linger")
-        .producer(producer)
-        .processor(Pass { keyed: false }, one_worker())
-        .batcher(
-            BatcherConfig::new("b")
-                .batch_timeout(Duration::from_millis(100))
-                .timeout_from(TimeoutFrom::PreviousBatch),
-            Record(seen.clone()),
-        )
-        .start()
-        .unwrap();
-    let start = Instant::now();
-    let ms = Duration::from_millis;
-    // Nothing was sent before: the first message leaves at once.
-    push.push(msg(&seen, 1)).await.unwrap();
-    tokio::time::sleep(ms(10)).await;
-    // Within 100 ms of that batch: these two wait for the 100 ms mark and leave together.
-    push.push(msg(&seen, 2)).await.unwrap();
-    tokio::time::sleep(ms(30)).await;
-    push.push(msg(&seen, 3)).await.unwrap();
-    tokio::time::sleep(ms(200)).await;
-    // More than 100 ms after the last batch: at once again.
-    push.push(msg(&seen, 4)).await.unwrap();
-    tokio::time::sleep(ms(10)).await;
-    let batches: Vec<(Vec<u32>, Duration)> = seen
-        .batches
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, _, trigger, ids, at)| {
-            assert_eq!(*trigger, Trigger::Timeout);
-            (ids.clone(), *at - start)
-        })
-        .collect();
-    assert_eq!(
-        batches,
-        vec![(vec![1], ms(0)), (vec![2, 3], ms(100)), (vec![4], ms(240))]
-    );
-    assert_eq!(seen.acked_ok(), vec![1, 2, 3, 4]);
-    pipeline.shutdown().await.unwrap();
-}
-
-#[tokio::test(start_paused = true)]
 async fn batches_leave_by_size_by_key_and_on_flush() {
     let seen = Arc::new(Seen::default());
     let (producer, push) = in_memory(100);

@@ -40,7 +40,6 @@ struct Shape {
     partitioned: bool,
     cpu_bound: bool,
     in_flight_bound: Option<usize>,
-    timeout_from: TimeoutFrom,
 }
 
 fn item_strategy() -> impl Strategy<Value = (u8, u32, bool, (u32, u8), bool)> {
@@ -94,7 +93,6 @@ fn shape_strategy() -> impl Strategy<Value = Shape> {
         any::<bool>(),
         any::<bool>(),
         prop::option::of(0usize..64),
-        prop_oneof![Just(TimeoutFrom::FirstMessage), Just(TimeoutFrom::PreviousBatch)],
     )
         .prop_flat_map(
             |(
@@ -107,7 +105,6 @@ fn shape_strategy() -> impl Strategy<Value = Shape> {
                 partitioned,
                 cpu_bound,
                 in_flight_bound,
-                timeout_from,
             )| {
                 (0..max_demand).prop_map(move |min_demand| Shape {
                     processors,
@@ -121,7 +118,6 @@ fn shape_strategy() -> impl Strategy<Value = Shape> {
                     cpu_bound,
                     // A bound below batch_size is refused at start (tested elsewhere).
                     in_flight_bound: in_flight_bound.map(|extra| batch_size + extra),
-                    timeout_from,
                 })
             },
         )
@@ -350,7 +346,6 @@ async fn run_case(items: Vec<Item>, shape: Shape) -> (Arc<Log>, PipelineStats) {
             BatcherConfig::new(name)
                 .batch_size(shape.batch_size)
                 .batch_timeout(Duration::from_millis(50))
-                .timeout_from(shape.timeout_from)
                 .concurrency(shape.sink_concurrency)
                 .retry(fast_retry(shape.sink_attempts)),
             Sink {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::pipeline::{BatcherConfig, Jitter, ProcessorConfig, RetryPolicy, TimeoutFrom};
+use crate::pipeline::{BatcherConfig, Jitter, ProcessorConfig, RetryPolicy};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -69,9 +69,6 @@ pub struct BatcherSections {
 pub struct BatcherSection {
     pub batch_size: NonZeroUsize,
     pub batch_timeout_ms: NonZeroU64,
-    /// "first_message" (the default, Broadway's rule) or "previous_batch".
-    #[serde(default)]
-    pub timeout_from: TimeoutFrom,
     #[serde(default = "one")]
     pub concurrency: NonZeroUsize,
     #[serde(default)]
@@ -155,14 +152,12 @@ impl Default for BatcherSections {
             broadcast: BatcherSection {
                 batch_size: nz(256),
                 batch_timeout_ms: ms(3),
-                timeout_from: TimeoutFrom::PreviousBatch,
                 concurrency: nz(1),
                 retry: RetrySection::default(),
             },
             audit: BatcherSection {
                 batch_size: nz(20),
                 batch_timeout_ms: ms(2_000),
-                timeout_from: TimeoutFrom::FirstMessage,
                 concurrency: nz(4),
                 retry: RetrySection {
                     max_attempts: Attempts::Unlimited(Unlimited::Unlimited),
@@ -240,7 +235,6 @@ impl BatcherSection {
         BatcherConfig::new(name)
             .batch_size(self.batch_size.get())
             .batch_timeout(Duration::from_millis(self.batch_timeout_ms.get()))
-            .timeout_from(self.timeout_from)
             .concurrency(self.concurrency.get())
             .retry(self.retry.policy())
     }
@@ -355,13 +349,6 @@ mod tests {
         let e = err("[processors.retry]\nmultiplier = 0.5\n");
         assert!(
             e.contains("line 2") && e.contains("multiplier must be a number of at least 1.0"),
-            "{e}"
-        );
-        let e = err(
-            "[batchers.broadcast]\nbatch_size = 8\nbatch_timeout_ms = 3\ntimeout_from = \"last\"\n",
-        );
-        assert!(
-            e.contains("line 4") && e.contains("expected `first_message` or `previous_batch`"),
             "{e}"
         );
         let e = err("[processors]\nmax_demand = 4\nmin_demand = 4\n");

@@ -1,11 +1,8 @@
 //! The batcher stage: groups processed messages by batch key into batches for a sink.
 //!
-//! A batch leaves when it reaches `batch_size` (trigger `size`), when its timeout has passed
-//! (trigger `timeout`; the timer is never reset), when a message in `Flush` mode joins it, or when
-//! the pipeline drains (both trigger `flush`). The timeout counts from the batch's first message,
-//! as Broadway's does, or, with [`TimeoutFrom::PreviousBatch`], from the moment the batcher last
-//! sent a batch: a batch opened after a quiet spell then leaves as soon as the batcher has taken in
-//! what is already waiting, and under load batches leave at most once per timeout.
+//! A batch leaves when it reaches `batch_size` (trigger `size`), when `batch_timeout` has passed
+//! since its first message (trigger `timeout`; the timer is never reset), when a message in
+//! `Flush` mode joins it, or when the pipeline drains (both trigger `flush`).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -36,19 +33,6 @@ impl fmt::Display for Trigger {
             Self::Flush => "flush",
         })
     }
-}
-
-/// What a batch's timeout counts from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TimeoutFrom {
-    /// The batch's first message: every message waits up to the timeout (Broadway's rule).
-    #[default]
-    FirstMessage,
-    /// The batcher's previous batch: a quiet batcher sends at once, a busy one at most once per
-    /// timeout. For batches that exist to save per-batch work (a system call, a round trip)
-    /// without delaying messages that arrive alone.
-    PreviousBatch,
 }
 
 /// What a sink is told about the batch it handles.
@@ -94,7 +78,6 @@ pub(crate) struct BatcherStage<T> {
     pub name: BatcherName,
     pub batch_size: usize,
     pub batch_timeout: Duration,
-    pub timeout_from: TimeoutFrom,
     pub inbox: mpsc::Receiver<Vec<Message<T>>>,
     pub out: mpsc::Sender<Batch<T>>,
     pub shared: Arc<Shared<T>>,
@@ -107,9 +90,8 @@ impl<T: Send + 'static> BatcherStage<T> {
     pub async fn run(mut self) {
         // Fx, not SipHash: keys come from our own pipeline, and this lookup runs per message.
         let mut open: HashMap<BatchKey, Open<T>> = HashMap::default();
-        // Deadlines never decrease in the order batches open (now + timeout, or the later of now
-        // and the previous send + timeout), so they come due in that order. Entries of batches
-        // that already left are skipped by their generation.
+        // Every batch has the same timeout, so deadlines come due in the order batches opened.
+        // Entries of batches that already left are skipped by their generation.
         let mut deadlines: VecDeque<(Instant, u64, BatchKey)> = VecDeque::new();
         let mut generation = 0u64;
         let timer = tokio::time::sleep(Duration::ZERO);
@@ -117,8 +99,6 @@ impl<T: Send + 'static> BatcherStage<T> {
         let mut ready: Vec<Batch<T>> = Vec::new();
         let mut draining = false;
         let mut stop = self.stop.clone();
-        // When the batcher last sent a batch (for `TimeoutFrom::PreviousBatch`).
-        let mut last_sent: Option<Instant> = None;
 
         loop {
             let next_deadline = deadlines.front().map(|d| d.0);
@@ -149,15 +129,11 @@ impl<T: Send + 'static> BatcherStage<T> {
                             None => {
                                 let key = msg.batch_key().clone();
                                 generation += 1;
-                                let now = Instant::now();
-                                let deadline = match (self.timeout_from, last_sent) {
-                                    (TimeoutFrom::PreviousBatch, Some(at)) => {
-                                        now.max(at + self.batch_timeout)
-                                    }
-                                    (TimeoutFrom::PreviousBatch, None) => now,
-                                    (TimeoutFrom::FirstMessage, _) => now + self.batch_timeout,
-                                };
-                                deadlines.push_back((deadline, generation, key.clone()));
+                                deadlines.push_back((
+                                    Instant::now() + self.batch_timeout,
+                                    generation,
+                                    key.clone(),
+                                ));
                                 let mut messages = Vec::with_capacity(self.batch_size.min(1024));
                                 messages.push(msg);
                                 open.insert(key.clone(), Open { messages, generation });
@@ -189,9 +165,6 @@ impl<T: Send + 'static> BatcherStage<T> {
                 self.flush_all(&mut open, &mut deadlines, &mut ready);
             }
             forget_left_batches(&open, &mut deadlines);
-            if !ready.is_empty() {
-                last_sent = Some(Instant::now());
-            }
             for batch in ready.drain(..) {
                 self.send(batch).await;
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use prometheus::Registry;
 use tokio::sync::{Mutex, mpsc, watch};
 
-use super::batcher::{BatcherStage, TimeoutFrom};
+use super::batcher::BatcherStage;
 use super::error::ConfigError;
 use super::flow::RateLimiter;
 use super::message::{BatcherName, Message};
@@ -112,10 +112,8 @@ pub struct BatcherConfig {
     pub name: String,
     /// Default: 20.
     pub batch_size: usize,
-    /// Default: 2 s, counted from a batch's first message (see `timeout_from`).
+    /// Counted from a batch's first message. Default: 2 s.
     pub batch_timeout: Duration,
-    /// What `batch_timeout` counts from. Default: the batch's first message.
-    pub timeout_from: TimeoutFrom,
     /// Batch processors handing batches to the sink. Default: 1 (keeps batch order).
     pub concurrency: usize,
     pub retry: RetryPolicy,
@@ -129,7 +127,6 @@ impl BatcherConfig {
             name: name.into(),
             batch_size: 20,
             batch_timeout: Duration::from_secs(2),
-            timeout_from: TimeoutFrom::FirstMessage,
             concurrency: 1,
             retry: RetryPolicy::none(),
             timeout: None,
@@ -143,11 +140,6 @@ impl BatcherConfig {
 
     pub fn batch_timeout(mut self, d: Duration) -> Self {
         self.batch_timeout = d;
-        self
-    }
-
-    pub fn timeout_from(mut self, from: TimeoutFrom) -> Self {
-        self.timeout_from = from;
         self
     }
 
@@ -411,7 +403,6 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 name: batcher_name.clone(),
                 batch_size: config.batch_size,
                 batch_timeout: config.batch_timeout,
-                timeout_from: config.timeout_from,
                 inbox,
                 out,
                 shared: shared.clone(),

@@ -62,7 +62,7 @@ mod stage;
 mod telemetry;
 
 pub use ack::Acknowledger;
-pub use batcher::{BatchInfo, TimeoutFrom, Trigger};
+pub use batcher::{BatchInfo, Trigger};
 pub use builder::{BatcherConfig, PipelineBuilder, ProcessorConfig};
 pub use error::{ConfigError, PushError, ShutdownError};
 pub use flow::RateLimiter;
