@@ -5,7 +5,7 @@
 //! is disconnected with a close code its client reconnects after, and never slows the zone.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -39,11 +39,61 @@ pub enum Outbound {
     Frames(Arc<[Utf8Bytes]>),
 }
 
+impl Outbound {
+    fn frames(&self) -> usize {
+        match self {
+            Self::Frame(_) => 1,
+            Self::Frames(f) => f.len(),
+        }
+    }
+}
+
+/// A connection's outbound queue, bounded in frames rather than items: an item may hold many
+/// frames, and the bound is about how far behind a client may fall.
+pub fn outbound_queue(frames: usize) -> (OutboundTx, OutboundRx) {
+    let (tx, rx) = mpsc::channel(frames.max(1));
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        OutboundTx {
+            tx,
+            queued: queued.clone(),
+            limit: frames,
+        },
+        OutboundRx { rx, queued },
+    )
+}
+
+#[derive(Clone, Debug)]
+pub struct OutboundTx {
+    tx: mpsc::Sender<Outbound>,
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+pub struct OutboundRx {
+    rx: mpsc::Receiver<Outbound>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl OutboundRx {
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        let out = self.rx.recv().await?;
+        self.queued.fetch_sub(out.frames(), Ordering::Relaxed);
+        Some(out)
+    }
+
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let out = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(out.frames(), Ordering::Relaxed);
+        Some(out)
+    }
+}
+
 /// One connection, as the rest of the server reaches it.
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub id: ConnId,
-    tx: mpsc::Sender<Outbound>,
+    out: OutboundTx,
     kill: Arc<watch::Sender<Option<CloseReason>>>,
     slow: IntCounter,
 }
@@ -51,11 +101,16 @@ pub struct Peer {
 impl Peer {
     pub fn new(
         id: ConnId,
-        tx: mpsc::Sender<Outbound>,
+        out: OutboundTx,
         kill: Arc<watch::Sender<Option<CloseReason>>>,
         slow: IntCounter,
     ) -> Self {
-        Self { id, tx, kill, slow }
+        Self {
+            id,
+            out,
+            kill,
+            slow,
+        }
     }
 
     /// Queues a frame; a full queue disconnects the client instead of waiting for it.
@@ -64,15 +119,26 @@ impl Peer {
     }
 
     fn queue(&self, out: Outbound) -> bool {
-        match self.tx.try_send(out) {
+        let n = out.frames();
+        let backlog = self.out.queued.fetch_add(n, Ordering::Relaxed) + n;
+        let sent = if backlog > self.out.limit {
+            Err(mpsc::error::TrySendError::Full(out))
+        } else {
+            self.out.tx.try_send(out)
+        };
+        match sent {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.out.queued.fetch_sub(n, Ordering::Relaxed);
                 if self.kill.send_replace(Some(SLOW_CONSUMER)).is_none() {
                     self.slow.inc();
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.out.queued.fetch_sub(n, Ordering::Relaxed);
+                false
+            }
         }
     }
 
@@ -365,10 +431,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_outbound_bound_counts_frames_not_queue_items() {
+        let metrics = HubMetrics::register(&Registry::new()).unwrap();
+        let (tx, mut rx) = outbound_queue(4);
+        let (kill, killed) = watch::channel(None);
+        let peer = Peer::new(1, tx, Arc::new(kill), metrics.slow_consumers.clone());
+        let frames = |n| Outbound::Frames(Arc::from(vec![Utf8Bytes::from_static("f"); n]));
+        assert!(peer.queue(frames(3)));
+        // Once the writer has taken them, they no longer count against the bound.
+        assert_eq!(rx.try_recv().map(|o| o.frames()), Some(3));
+        assert!(peer.queue(frames(3)));
+        assert!(peer.send(Utf8Bytes::from_static("the fourth frame")));
+        assert!(killed.borrow().is_none());
+        // Two items are queued, well under four, but five frames would be.
+        assert!(!peer.queue(frames(1)));
+        assert_eq!(*killed.borrow(), Some(SLOW_CONSUMER));
+        assert_eq!(metrics.slow_consumers.get(), 1);
+    }
+
+    #[test]
     fn a_full_queue_disconnects_the_slow_consumer_once_and_counts_it() {
         let registry = Registry::new();
         let metrics = HubMetrics::register(&registry).unwrap();
-        let (tx, _rx) = mpsc::channel(2);
+        let (tx, _rx) = outbound_queue(2);
         let (kill, mut killed) = watch::channel(None);
         let peer = Peer::new(1, tx, Arc::new(kill), metrics.slow_consumers.clone());
         let hub = Hub::new(metrics.clone());

@@ -14,12 +14,12 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::{Map, Value, json};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::channel::{Channels, Command, Joined, Origin, ZoneWork};
-use super::hub::{CloseReason, Hub, Outbound, Peer};
+use super::hub::{CloseReason, Hub, Outbound, Peer, outbound_queue};
 use super::protocol::{self, Frame};
 use super::token::TokenSigner;
 use crate::pipeline::{Message as PipelineMessage, PushHandle};
@@ -34,8 +34,7 @@ pub struct SocketConfig {
     pub idle_timeout: Duration,
     /// Larger frames close the connection with 1009.
     pub max_frame_bytes: usize,
-    /// Writes waiting (a frame, or one zone's broadcasts from one batch); past it the client is
-    /// a slow consumer.
+    /// Frames waiting to be written; past it the client is a slow consumer.
     pub outbound_queue: usize,
     /// Frames per second a client may send, on average...
     pub rate_per_sec: f64,
@@ -169,7 +168,7 @@ struct Connection {
 pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
     let (mut sink, mut stream) = ws.split();
-    let (tx, mut rx) = mpsc::channel::<Outbound>(ctx.config.outbound_queue);
+    let (tx, mut rx) = outbound_queue(ctx.config.outbound_queue);
     let (kill_tx, mut kill_rx) = watch::channel(None::<CloseReason>);
     let kill = Arc::new(kill_tx);
     let peer = Peer::new(id, tx, kill.clone(), ctx.hub.metrics.slow_consumers.clone());
@@ -184,7 +183,7 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
                     // What is already queued (error replies, say) goes out first, unless the
                     // queue is the problem.
                     if reason != super::hub::SLOW_CONSUMER {
-                        while let Ok(out) = rx.try_recv() {
+                        while let Some(out) = rx.try_recv() {
                             if feed(&mut sink, out).await.is_err() {
                                 break;
                             }
@@ -207,7 +206,7 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
                     // write everything that is waiting with one flush (one system call).
                     tokio::task::yield_now().await;
                     let mut failed = false;
-                    while let Ok(out) = rx.try_recv() {
+                    while let Some(out) = rx.try_recv() {
                         if feed(&mut sink, out).await.is_err() {
                             failed = true;
                             break;
