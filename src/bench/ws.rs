@@ -3,7 +3,8 @@
 //! tokio-tungstenite broadcast server, so the report states the pipeline's cost as a ratio.
 //!
 //! Without `--url` the daemon runs as a child process on a free loopback port with a throwaway
-//! SQLite store, so that its memory can be measured apart from the clients'. The clients speak
+//! SQLite store, so that its memory can be measured apart from the clients'. The child is this
+//! executable run as `serve`: only the `thunderline` binary can load a server it starts itself. The clients speak
 //! the protocol the `phoenix` client speaks, and stay cheap: a broadcast is timed by finding its
 //! `sent_at` in the frame text, not by parsing the frame.
 
