@@ -7,7 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::server::{Client, TestServer, http, start};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 async fn server() -> TestServer {
     start(None).await
@@ -704,4 +706,69 @@ async fn zones_with_agents_tick_through_the_pipeline() {
         .await;
     assert_eq!(none, json!([]));
     srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_the_zone_goes_on() {
+    const PUSHERS: usize = 10;
+    // Within each connection's rate allowance (200/s, bursts of 500): no push is refused.
+    const MOVES_EACH: usize = 450;
+    let srv = server().await;
+    let zone = srv.zone(zone_body(20, 0x03)).await;
+    let id = zone["id"].as_str().unwrap().to_owned();
+    let topic = format!("zone:{id}");
+    let (mut slow, _) = joined(&srv, &id, "slow", json!(["spawn_agents"])).await;
+
+    let mut pushers = Vec::new();
+    for p in 0..PUSHERS {
+        let (c, join_ref) =
+            joined(&srv, &id, &format!("pusher-{p}"), json!(["spawn_agents"])).await;
+        pushers.push((c, join_ref));
+    }
+    let mut tasks = Vec::new();
+    for (c, join_ref) in pushers {
+        let topic = topic.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut tx, mut rx) = c.ws.split();
+            let push = async {
+                // 2,500 moves a second in all: readers keep up, the one that does not read
+                // falls a thousand frames behind within about a second.
+                let mut pace = tokio::time::interval(Duration::from_millis(4));
+                for i in 0..MOVES_EACH {
+                    pace.tick().await;
+                    let frame = json!([join_ref, i.to_string(), topic, "agent_move",
+                        {"position": {"x": i, "y": 0, "z": 0}}]);
+                    tx.send(Message::text(frame.to_string())).await.unwrap();
+                }
+            };
+            // Every pusher reads as it pushes, and sees every move in the zone.
+            let read = async {
+                let mut moved = 0;
+                while moved < PUSHERS * MOVES_EACH {
+                    match tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+                        Ok(Some(Ok(Message::Text(t)))) => {
+                            if t.contains("\"agent_moved\"") {
+                                moved += 1;
+                            }
+                        }
+                        other => {
+                            panic!("a reading client lost broadcasts after {moved}: {other:?}")
+                        }
+                    }
+                }
+            };
+            tokio::join!(push, read);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The client that never read was closed as a slow consumer; what reached its socket before
+    // that is still there to read, then the close frame.
+    assert_eq!(slow.close_code().await, Some(1011));
+    common::server::metrics_showing(
+        srv.server.addr,
+        &["thunderline_channel_slow_consumer_disconnects_total 1"],
+    )
+    .await;
 }

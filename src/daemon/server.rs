@@ -30,6 +30,10 @@ use crate::realtime::{
 };
 use crate::store::{AuditSink, Store, StoreError};
 
+/// Each connection's kernel send buffer (Linux doubles it for bookkeeping): room for several
+/// hundred broadcast frames, so writes still batch, and a bounded amount of hidden lag.
+const SEND_BUFFER_BYTES: usize = 64 * 1024;
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
     /// Address to listen on (HTTP, the WebSocket endpoint and the admin API).
@@ -230,10 +234,16 @@ impl Server {
                     source,
                 })?;
         let addr = listener.local_addr().map_err(ServeError::Http)?;
-        // Frames are small and latency matters: no Nagle delay on replies and broadcasts.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            // Frames are small and latency matters: no Nagle delay on replies and broadcasts.
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+            }
+            // A fixed send buffer instead of the kernel's autotuned one (up to 4 MiB): a client
+            // that reads too slowly then backs up into its outbound queue, where the
+            // slow-consumer bound sees it, instead of hiding seconds of lag in the kernel.
+            if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(SEND_BUFFER_BYTES) {
+                tracing::warn!(error = %e, "cannot set SO_SNDBUF");
             }
         });
         let app = api::router(state);
