@@ -62,6 +62,7 @@ fn bench_ws_delivers_every_broadcast_and_reports_it() {
         r["delivered"], r["expected_deliveries"],
         "every broadcast delivered"
     );
+    assert_eq!(r["replies"], r["sent"], "every push answered ok");
     assert!(r["ratio"].as_f64().unwrap() > 0.0);
     assert!(
         stderr.contains("websocket benchmark"),
@@ -127,6 +128,7 @@ fn a_sweep_runs_every_rate_and_reports_the_highest_within_target() {
         assert_eq!(step["connected"], 20);
         assert!(step["expected_deliveries"].as_u64().unwrap() > 0);
         assert_eq!(step["delivered"], step["expected_deliveries"]);
+        assert_eq!(step["replies"], step["sent"]);
         assert_eq!(step["within_target"], true);
     }
     assert_eq!(r["highest_rate_within_target"], 200.0);

@@ -85,6 +85,8 @@ pub struct RunFigures {
     pub connected: usize,
     pub connect_seconds: f64,
     pub sent: u64,
+    /// Pushes the server answered `ok` (the rest are in `errors`, or were never answered).
+    pub replies: u64,
     pub ingress_events_per_sec: f64,
     pub expected_deliveries: u64,
     pub delivered: u64,
@@ -117,11 +119,18 @@ pub struct WsReport {
     pub ratio: Option<f64>,
 }
 
+impl RunFigures {
+    /// Every client connected, and the server answered every push `ok`.
+    pub fn answered_every_push(&self, clients: usize) -> bool {
+        self.connected == clients && self.errors == 0 && self.replies == self.sent
+    }
+}
+
 /// One rate of a sweep.
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepStep {
     pub rate: f64,
-    /// p99 under the target, every broadcast delivered, no errors or disconnects.
+    /// p99 under the target, every push answered and broadcast to all, no errors or disconnects.
     pub within_target: bool,
     #[serde(flatten)]
     pub run: RunFigures,
@@ -234,6 +243,7 @@ struct Shared {
     done_pushing: AtomicUsize,
     sent: AtomicU64,
     delivered: AtomicU64,
+    replies: AtomicU64,
     errors: AtomicU64,
     disconnects: AtomicU64,
     slow: AtomicU64,
@@ -334,8 +344,12 @@ impl Inbox {
                             self.shared.record(&mut self.latencies);
                         }
                     }
-                } else if t.contains("\"phx_reply\"") && t.contains("\"status\":\"error\"") {
-                    self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                } else if t.contains("\"phx_reply\"") {
+                    if t.contains("\"status\":\"ok\"") {
+                        self.shared.replies.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 true
             }
@@ -609,6 +623,7 @@ async fn load(
         delivered,
         delivered_per_sec: delivered as f64 / load_seconds,
         latency_ms: latency(&histogram),
+        replies: shared.replies.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
         disconnects: shared.disconnects.load(Ordering::Relaxed),
         slow_consumer_disconnects: shared.slow.load(Ordering::Relaxed),
@@ -788,8 +803,7 @@ pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
         let run = load(&step_args, &ws_url, plans.clone(), &progress, &label, pid).await;
         let within_target = run.latency_ms.p99 < args.p99_target_ms
             && run.delivered == run.expected_deliveries
-            && run.connected == args.clients
-            && run.errors == 0
+            && run.answered_every_push(args.clients)
             && run.disconnects == 0;
         steps.push(SweepStep {
             rate,
@@ -877,7 +891,7 @@ impl WsReport {
         let mut out = format!(
             "websocket benchmark: {} clients over {} zones, {} events/s for {} s\n\
              {:<30}{:>12.2} s ({} of {} connected)\n\
-             {:<30}{:>12.0} events/s ({} sent)\n\
+             {:<30}{:>12.0} events/s ({} sent, {} answered ok)\n\
              {:<30}{:>12.0} frames/s ({} of {} expected)\n\
              {:<30}p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2} ms\n\
              {:<30}{:>12} errors, {} disconnects, {} slow consumers\n",
@@ -892,6 +906,7 @@ impl WsReport {
             "ingress",
             r.ingress_events_per_sec,
             r.sent,
+            r.replies,
             "delivered broadcasts",
             r.delivered_per_sec,
             r.delivered,

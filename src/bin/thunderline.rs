@@ -211,10 +211,8 @@ fn main() -> ExitCode {
                     args.json,
                     &r,
                     r.table(),
-                    r.steps
-                        .iter()
-                        .all(|s| s.run.errors == 0 && s.run.connected == r.clients),
-                    "some clients failed to connect, or the server refused events",
+                    r.steps.iter().all(|s| s.run.answered_every_push(r.clients)),
+                    "some clients failed to connect, or the server refused or dropped events",
                 )
             }
             Err(e) => fail(e),
@@ -235,8 +233,8 @@ fn main() -> ExitCode {
                     args.json,
                     &r,
                     r.table(),
-                    r.run.errors == 0 && r.run.connected == r.clients,
-                    "some clients failed to connect, or the server refused events",
+                    r.run.answered_every_push(r.clients),
+                    "some clients failed to connect, or the server refused or dropped events",
                 )
             }
             Err(e) => fail(e),
