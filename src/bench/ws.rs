@@ -647,6 +647,9 @@ fn check(args: &WsArgs) -> Result<(), WsBenchError> {
             "--url needs the server's admin token (--admin-token or THUNDERLINE_ADMIN_TOKEN)",
         );
     }
+    if args.sweep.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
+        return bad("every --sweep rate must be above 0");
+    }
     Ok(())
 }
 
@@ -656,6 +659,13 @@ struct Target {
     ws_url: String,
     plans: Vec<(usize, String, String, String)>,
     progress: ProgressBar,
+}
+
+impl Target {
+    /// The daemon's process id, when the harness started it.
+    fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.child.id())
+    }
 }
 
 async fn prepare(args: &WsArgs) -> Result<Target, WsBenchError> {
@@ -732,13 +742,14 @@ async fn prepare(args: &WsArgs) -> Result<Target, WsBenchError> {
 }
 
 pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
+    let target = prepare(args).await?;
+    let pid = target.pid();
     let Target {
         daemon,
         ws_url,
         plans,
         progress,
-    } = prepare(args).await?;
-    let pid = daemon.as_ref().map(|d| d.child.id());
+    } = target;
     let rss_before = pid.and_then(|p| rss(p, "VmRSS:"));
     let run = load(args, &ws_url, plans.clone(), &progress, "thunderline", pid).await;
     let server_peak = pid.and_then(|p| rss(p, "VmHWM:"));
@@ -781,18 +792,14 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
 
 /// Runs the load at each of `args.sweep`'s rates against one server, in order.
 pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
-    if args.sweep.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
-        return Err(WsBenchError::Args(
-            "every --sweep rate must be above 0".into(),
-        ));
-    }
+    let target = prepare(args).await?;
+    let pid = target.pid();
     let Target {
         daemon,
         ws_url,
         plans,
         progress,
-    } = prepare(args).await?;
-    let pid = daemon.as_ref().map(|d| d.child.id());
+    } = target;
     let mut steps = Vec::with_capacity(args.sweep.len());
     for &rate in &args.sweep {
         let step_args = WsArgs {
@@ -832,18 +839,21 @@ pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
     })
 }
 
-pub fn run(args: &WsArgs) -> Result<WsReport, WsBenchError> {
+fn block_on<R>(
+    work: impl std::future::Future<Output = Result<R, WsBenchError>>,
+) -> Result<R, WsBenchError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run_async(args))
+        .block_on(work)
+}
+
+pub fn run(args: &WsArgs) -> Result<WsReport, WsBenchError> {
+    block_on(run_async(args))
 }
 
 pub fn sweep(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(sweep_async(args))
+    block_on(sweep_async(args))
 }
 
 impl SweepReport {

@@ -121,25 +121,17 @@ impl Peer {
     fn queue(&self, out: Outbound) -> bool {
         let n = out.frames();
         let backlog = self.out.queued.fetch_add(n, Ordering::Relaxed) + n;
-        let sent = if backlog > self.out.limit {
-            Err(mpsc::error::TrySendError::Full(out))
-        } else {
-            self.out.tx.try_send(out)
-        };
-        match sent {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.out.queued.fetch_sub(n, Ordering::Relaxed);
-                if self.kill.send_replace(Some(SLOW_CONSUMER)).is_none() {
-                    self.slow.inc();
-                }
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.out.queued.fetch_sub(n, Ordering::Relaxed);
-                false
-            }
+        let full = backlog > self.out.limit
+            || match self.out.tx.try_send(out) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Full(_)) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            };
+        self.out.queued.fetch_sub(n, Ordering::Relaxed);
+        if full && self.kill.send_replace(Some(SLOW_CONSUMER)).is_none() {
+            self.slow.inc();
         }
+        false
     }
 
     pub fn send_text(&self, text: String) -> bool {
