@@ -605,6 +605,44 @@ async fn a_full_pipeline_pushes_back_without_dropping_anything() {
     assert_eq!(stats.max_in_flight, 1);
 }
 
+/// With `partition_by`, messages ready for a worker that has used up its demand wait for its
+/// next ask. The producer must hear that ask even while it waits for new input: a burst for one
+/// key must finish without any later push to wake the producer.
+#[tokio::test(start_paused = true)]
+async fn a_burst_for_one_partition_finishes_without_more_input() {
+    // Sizes that leave fewer messages ready than the idle worker's demand at the end.
+    for n in [13u32, 23, 57] {
+        let seen = Arc::new(Seen::default());
+        let (producer, push) = in_memory(1000);
+        let pipeline = Pipeline::builder("partitioned")
+            .producer(producer)
+            .processor(
+                Pass { keyed: false },
+                ProcessorConfig::default().concurrency(2).demand(10, 5),
+            )
+            .partition_by(|_| 0)
+            .start()
+            .unwrap();
+        for i in 0..n {
+            push.push(msg(&seen, i)).await.unwrap();
+        }
+        // No more pushes: everything already pushed must still be handled.
+        let all = tokio::time::timeout(Duration::from_secs(5), async {
+            while seen.acked_ok().len() < n as usize {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(
+            all.is_ok(),
+            "{} of {n} acknowledged; the rest sat ready for a worker whose ask went unheard",
+            seen.acked_ok().len()
+        );
+        drop(push);
+        pipeline.join().await.unwrap();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_drain_past_its_deadline_aborts_and_says_what_was_left() {
     let seen = Arc::new(Seen::default());

@@ -148,6 +148,23 @@ impl<T: Send + 'static> PushHandle<T> {
     pub fn capacity(&self) -> usize {
         self.tx.capacity()
     }
+
+    /// Waits for room for one message and holds it, or None once the pipeline is shutting down.
+    /// Cancel-safe: dropping the future (or the permit) gives the room back and loses nothing,
+    /// so a caller can wait for room while it also waits for other things.
+    pub async fn reserve(&self) -> Option<PushPermit<'_, T>> {
+        self.tx.reserve().await.ok().map(PushPermit)
+    }
+}
+
+/// Room for one message in an in-memory producer's queue, held by [`PushHandle::reserve`].
+pub struct PushPermit<'a, T>(mpsc::Permit<'a, Message<T>>);
+
+impl<T> PushPermit<'_, T> {
+    /// Queues the message in the room held: it cannot fail.
+    pub fn push(self, msg: Message<T>) {
+        self.0.send(msg);
+    }
 }
 
 impl<T: Send + 'static> Producer<T> for InMemoryProducer<T> {
@@ -293,9 +310,19 @@ impl<T: Send + 'static> ProducerStage<T> {
                 shared.produced.fetch_add(n as u64, Ordering::Relaxed);
                 continue;
             } else {
+                // Messages ready for a processor without demand wait for its next ask: listen
+                // for it while waiting here, or they (and the permits they hold) would wait for
+                // whatever this waits for.
                 tokio::select! {
                     biased;
                     () = stopped(&mut stop) => None,
+                    ask = asks.recv(), if ready.len > 0 => match ask {
+                        Some(ask) => {
+                            demand[ask.worker] += ask.n;
+                            continue;
+                        }
+                        None => break,
+                    },
                     n = shared.in_flight.acquire_up_to(want) => Some(n),
                 }
             };
@@ -308,6 +335,12 @@ impl<T: Send + 'static> ProducerStage<T> {
                 let tokens = tokio::select! {
                     biased;
                     () = stopped(&mut stop) => 0,
+                    ask = asks.recv(), if ready.len > 0 => {
+                        if let Some(ask) = ask {
+                            demand[ask.worker] += ask.n;
+                        }
+                        0
+                    }
                     n = rl.acquire_up_to(permits) => n,
                 };
                 shared.in_flight.release(permits - tokens);
@@ -318,9 +351,16 @@ impl<T: Send + 'static> ProducerStage<T> {
             }
 
             out.reset(permits);
+            // `produce` is cancel-safe: an ask cuts it short, and what it handed out is kept.
             let outcome = tokio::select! {
                 biased;
                 () = stopped(&mut stop) => None,
+                ask = asks.recv(), if ready.len > 0 => {
+                    if let Some(ask) = ask {
+                        demand[ask.worker] += ask.n;
+                    }
+                    Some(Produced::More)
+                }
                 produced = producer.produce(&mut out) => Some(produced),
             };
             let got = out.buf.len();
