@@ -16,7 +16,10 @@ use thunderline::pipeline::{
     BatchInfo, BatchSink, BatcherConfig, BatcherName, Failure, Message, Pipeline, Processor,
     ProcessorConfig, RetryPolicy, in_memory,
 };
-use thunderline::zone::{NewZone, Position, Zone, ZoneEvent, now};
+use thunderline::zone::{
+    Actor, CommandKind, Context, NewZone, Permissions, Position, Zone, ZoneCommand, ZoneEvent,
+    ZoneState, now,
+};
 
 /// Appends each batch to a file and syncs it before saying the batch is done.
 struct JsonLinesFile {
@@ -69,7 +72,12 @@ impl BatchSink<ZoneEvent> for Console {
         messages: &mut [Message<ZoneEvent>],
     ) -> Result<(), Failure> {
         for m in messages.iter() {
-            println!("console: {} {}", m.data.event_type(), m.data.kind.payload());
+            println!(
+                "console: #{} {} {}",
+                m.data.seq,
+                m.data.name(),
+                m.data.kind.payload()
+            );
         }
         Ok(())
     }
@@ -117,34 +125,45 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .batcher(BatcherConfig::new("console").batch_size(100), Console)
         .start()?;
 
-    // A zone does something; each operation returns the event it caused.
-    let mut zone = Zone::create(
+    // A zone decides commands; each accepted one returns the events it caused.
+    let mut zone = ZoneState::new(Zone::create(
         NewZone {
             name: "Example".into(),
             ..NewZone::default()
         },
         "local",
         now(),
-    )?;
-    for i in 0..3 {
-        push.push(Message::new(
-            zone.agent_entered(&format!("agent-{i}"), now())?,
-        ))
-        .await?;
-    }
+    )?);
+    let agent = |i: u32| Actor::Agent {
+        agent_id: format!("agent-{i}"),
+        connection: format!("conn-{i}"),
+        permissions: Permissions::SPAWN_AGENTS,
+    };
+    let mut commands: Vec<ZoneCommand> = (0..3)
+        .map(|i| ZoneCommand::new(zone.id(), agent(i), CommandKind::Join))
+        .collect();
     for step in 0..8 {
-        let event = zone.agent_moved(
-            "agent-0",
-            Position {
+        let kind = CommandKind::AgentMove {
+            position: Position {
                 x: f64::from(step),
                 y: 0.0,
                 z: 0.0,
             },
-            now(),
-        )?;
-        push.push(Message::new(event)).await?;
+            sent_at: None,
+        };
+        commands.push(ZoneCommand::new(zone.id(), agent(0), kind));
     }
-    push.push(Message::new(zone.tick(now()))).await?;
+    commands.push(ZoneCommand::new(
+        zone.id(),
+        Actor::System,
+        CommandKind::Tick,
+    ));
+    for command in &commands {
+        let accepted = zone.execute(command, &Context::at(now())).result?;
+        for event in accepted.events {
+            push.push(Message::new(event)).await?;
+        }
+    }
     drop(push);
 
     let stats = pipeline.join().await?;

@@ -317,7 +317,7 @@ async fn serve_with_a_config_and_postgres_and_json_logs() {
         .zone_events(uuid::Uuid::parse_str(&id).unwrap(), None, None, None)
         .await
         .unwrap();
-    let kinds: Vec<&str> = events.iter().map(|e| e.event_type().as_str()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.name()).collect();
     assert_eq!(kinds, ["agent_entered", "agent_moved", "agent_left"]);
     store.close().await;
     db.cleanup().await;

@@ -137,9 +137,10 @@ async fn pushes_reply_and_broadcast_to_the_zone_only() {
         json!({"status": "ok", "response": {}})
     );
     let moved = bob.event("agent_moved").await;
+    // Alice's join was seq 1, Bob's 2: every broadcast carries its place in the zone's history.
     assert_eq!(
         moved[4],
-        json!({"agent_id": "alice", "position": {"x": 10.0, "y": 5.0, "z": 0.0}})
+        json!({"agent_id": "alice", "position": {"x": 10.0, "y": 5.0, "z": 0.0}, "seq": 3})
     );
     assert_eq!(moved[2], json!(topic));
 
@@ -158,7 +159,7 @@ async fn pushes_reply_and_broadcast_to_the_zone_only() {
     let changed = bob.event("resource_changed").await;
     assert_eq!(
         changed[4],
-        json!({"agent_id": "alice", "changes": {"food": -5}, "new_resources": {"food": 95}})
+        json!({"agent_id": "alice", "changes": {"food": -5}, "new_resources": {"food": 95}, "seq": 4})
     );
 
     // Refusals change nothing and name their reason.
@@ -490,12 +491,14 @@ async fn the_admin_api_needs_its_token_and_answers_in_json() {
             "active_session_count",
             "assigned_server",
             "capacity",
+            "epoch",
             "id",
             "inserted_at",
             "name",
             "permissions",
             "properties",
             "resources",
+            "seq",
             "updated_at"
         ]
     );

@@ -1,10 +1,12 @@
-//! The store, the same tests against SQLite and PostgreSQL: zones survive a restart, the audit
-//! log is idempotent and ordered, replaying it rebuilds the live zone, and the audit sink loses
-//! and duplicates nothing while its connections are being killed.
+//! The store, the same tests against SQLite and PostgreSQL: snapshots survive a restart and
+//! never go back, the audit log is idempotent and ordered by seq, an event the database refuses
+//! as data is dead-lettered while its batch-mates land, replaying the log rebuilds the live
+//! zone, and the audit sink loses and duplicates nothing while its connections are being killed.
 
 mod common;
 
 use std::collections::BTreeMap;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -42,8 +44,33 @@ fn spec(name: &str) -> NewZone {
     }
 }
 
+fn agent(name: &str) -> Actor {
+    Actor::Agent {
+        agent_id: name.into(),
+        connection: format!("conn-{name}"),
+        permissions: Permissions::from_bits_truncate(0x0f),
+    }
+}
+
+/// Applies a command as a zone's writer does; the events it caused (none if refused).
+fn step(state: &mut ZoneState, actor: Actor, kind: CommandKind) -> Vec<ZoneEvent> {
+    let command = ZoneCommand::new(state.id(), actor, kind);
+    state
+        .execute(&command, &Context::at(now()))
+        .result
+        .map(|a| a.events)
+        .unwrap_or_default()
+}
+
+fn moved(x: f64) -> CommandKind {
+    CommandKind::AgentMove {
+        position: Position { x, y: 0.5, z: -1.0 },
+        sent_at: None,
+    }
+}
+
 #[tokio::test]
-async fn zones_survive_a_restart_exactly_as_committed() {
+async fn snapshots_survive_a_restart_exactly_as_committed_and_never_go_back() {
     for db in common::backends().await {
         let store = Store::connect(&db.url).await.unwrap();
         assert_eq!(
@@ -54,24 +81,44 @@ async fn zones_survive_a_restart_exactly_as_committed() {
                 Backend::Postgres
             }
         );
-        let mut zone = Zone::create(spec("Glade"), "node-a", now()).unwrap();
-        store.insert_zone(&zone).await.unwrap();
-        zone.agent_entered("agent-1", now()).unwrap();
-        zone.consume_resources(
-            Some("agent-1"),
-            json!({"food": -10}).as_object().unwrap(),
-            now(),
-        )
-        .unwrap();
-        zone.tick(now());
-        zone.grant_permission(Permissions::BROADCAST_EVENTS, now());
-        store.save_zone(&zone).await.unwrap();
+        let mut zone = ZoneState::new(Zone::create(spec("Glade"), "node-a", now()).unwrap());
+        store.insert_zone(&zone.snapshot()).await.unwrap();
+        step(&mut zone, agent("agent-1"), CommandKind::Join);
+        step(
+            &mut zone,
+            agent("agent-1"),
+            CommandKind::ConsumeResource {
+                resource_type: "food".into(),
+                amount: 10,
+            },
+        );
+        let older = zone.snapshot();
+        step(&mut zone, Actor::System, CommandKind::Tick);
+        step(
+            &mut zone,
+            Actor::Admin,
+            CommandKind::ChangePermissions {
+                grant: Permissions::BROADCAST_EVENTS,
+                revoke: Permissions::empty(),
+            },
+        );
+        let newest = zone.snapshot();
+        store.save_snapshots(&[&newest]).await.unwrap();
+        // A snapshot delivered late does not roll the zone back; one retried changes nothing.
+        store.save_snapshots(&[&older, &newest]).await.unwrap();
         store.close().await;
 
         let reopened = Store::connect(&db.url).await.unwrap();
-        let back = reopened.get_zone(zone.id).await.unwrap();
-        assert_eq!(back, zone, "{}: what was committed comes back", db.name);
-        assert_eq!(back.tick, 1);
+        let back = reopened.get_zone(zone.id()).await.unwrap();
+        assert_eq!(back, newest, "{}: what was committed comes back", db.name);
+        assert_eq!(back.zone.tick, 1);
+        assert_eq!(back.seq, 4);
+        assert_eq!(back.sessions.len(), 1);
+        assert_eq!(ZoneState::from_snapshot(back), zone);
+        assert_eq!(
+            reopened.zones_with_sessions().await.unwrap(),
+            vec![zone.id()]
+        );
         reopened.close().await;
         db.cleanup().await;
     }
@@ -83,16 +130,17 @@ async fn listing_paging_deleting_and_missing_zones() {
         let store = Store::connect(&db.url).await.unwrap();
         let mut ids = Vec::new();
         for i in 0..5 {
-            let zone = Zone::create(spec(&format!("z{i}")), "node-a", now()).unwrap();
-            store.insert_zone(&zone).await.unwrap();
-            ids.push(zone.id);
+            let zone =
+                ZoneState::new(Zone::create(spec(&format!("z{i}")), "node-a", now()).unwrap());
+            store.insert_zone(&zone.snapshot()).await.unwrap();
+            ids.push(zone.id());
         }
         let page: Vec<_> = store
             .list_zones(2, 1)
             .await
             .unwrap()
             .iter()
-            .map(|z| z.id)
+            .map(|z| z.zone.id)
             .collect();
         assert_eq!(page, ids[1..3].to_vec(), "{}", db.name);
         assert_eq!(store.count_zones().await.unwrap(), 5);
@@ -107,12 +155,9 @@ async fn listing_paging_deleting_and_missing_zones() {
             store.delete_zone(ids[0]).await.unwrap_err(),
             StoreError::Zone(ZoneError::ZoneNotFound(_))
         ));
-        let mut ghost = Zone::create(spec("ghost"), "node-a", now()).unwrap();
-        ghost.name = "never stored".into();
-        assert!(matches!(
-            store.save_zone(&ghost).await.unwrap_err(),
-            StoreError::Zone(ZoneError::ZoneNotFound(_))
-        ));
+        // A snapshot of a deleted zone is dropped, not an error.
+        let ghost = ZoneState::new(Zone::create(spec("ghost"), "node-a", now()).unwrap());
+        store.save_snapshots(&[&ghost.snapshot()]).await.unwrap();
         assert_eq!(store.count_zones().await.unwrap(), 4);
         store.close().await;
         db.cleanup().await;
@@ -120,67 +165,102 @@ async fn listing_paging_deleting_and_missing_zones() {
 }
 
 #[tokio::test]
-async fn the_audit_log_is_idempotent_ordered_and_filterable() {
+async fn the_audit_log_is_idempotent_ordered_by_seq_and_filterable() {
     for db in common::backends().await {
         let store = Store::connect(&db.url).await.unwrap();
-        let mut zone = Zone::create(spec("Log"), "node-a", now()).unwrap();
-        let other = Zone::create(spec("Other"), "node-a", now()).unwrap();
-        let mut events = Vec::new();
-        for i in 0..30 {
-            events.push(
-                zone.agent_moved(
-                    "a",
-                    Position {
-                        x: i as f64,
-                        y: 0.5,
-                        z: -1.0,
-                    },
-                    now(),
-                )
-                .unwrap(),
-            );
+        let mut zone = ZoneState::new(Zone::create(spec("Log"), "node-a", now()).unwrap());
+        let mut other = ZoneState::new(Zone::create(spec("Other"), "node-a", now()).unwrap());
+        let mut events = step(&mut zone, agent("a"), CommandKind::Join);
+        for i in 1..30 {
+            events.extend(step(&mut zone, agent("a"), moved(i as f64)));
         }
-        let noise = ZoneEvent::new(
-            other.id,
-            EventKind::AgentMoved(Moved {
-                agent_id: "b".into(),
-                position: Position {
-                    x: 0.0,
-                    y: 0.0,
-                    z: 0.0,
-                },
-                sent_at: None,
-            }),
-            now(),
-        );
-        let refs: Vec<&ZoneEvent> = events.iter().chain([&noise]).collect();
-        assert_eq!(store.append_events(&refs).await.unwrap(), 31);
+        let mut noise = step(&mut other, agent("b"), CommandKind::Join);
+        noise.extend(step(&mut other, agent("b"), moved(0.0)));
+        let refs: Vec<&ZoneEvent> = events.iter().chain(&noise).collect();
+        assert_eq!(store.append_events(&refs).await.unwrap(), 32);
         // The same batch again, as after a commit whose acknowledgement was lost: nothing new.
-        assert_eq!(store.append_events(&refs).await.unwrap(), 0);
-        assert_eq!(store.count_events(None).await.unwrap(), 31, "{}", db.name);
-        assert_eq!(store.count_events(Some(zone.id)).await.unwrap(), 30);
+        assert_eq!(store.append_events(&refs).await.unwrap(), 0, "{}", db.name);
+        assert_eq!(store.count_events(None).await.unwrap(), 32, "{}", db.name);
+        assert_eq!(store.count_events(Some(zone.id())).await.unwrap(), 30);
 
-        let back = store.zone_events(zone.id, None, None, None).await.unwrap();
+        let back = store
+            .zone_events(zone.id(), None, None, None)
+            .await
+            .unwrap();
         assert_eq!(
             back, events,
             "{}: events come back unchanged and in order",
             db.name
         );
+        let seqs: Vec<u64> = back.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+        let page = store
+            .zone_events(zone.id(), None, Some(10), Some(5))
+            .await
+            .unwrap();
+        assert_eq!(page, events[10..15].to_vec(), "after_seq pages by seq");
         let since = events[20].occurred_at;
         let later = store
-            .zone_events(zone.id, Some(since), None, Some(5))
+            .zone_events(zone.id(), Some(since), None, Some(5))
             .await
             .unwrap();
         assert_eq!(later.len(), 5);
         assert!(later.iter().all(|e| e.occurred_at >= since));
         assert_eq!(
-            later[0],
-            events
-                .iter()
-                .find(|e| e.occurred_at >= since)
-                .unwrap()
-                .clone()
+            store.events_after(zone.id(), 25).await.unwrap(),
+            events[25..].to_vec()
         );
+        store.close().await;
+        db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn an_event_refused_as_data_is_dead_lettered_and_its_batch_mates_land() {
+    for db in common::backends().await {
+        let store = Store::connect(&db.url).await.unwrap();
+        let mut zone = ZoneState::new(Zone::create(spec("Poison"), "node-a", now()).unwrap());
+        let mut events = step(&mut zone, agent("a"), CommandKind::Join);
+        for i in 1..20 {
+            events.extend(step(&mut zone, agent("a"), moved(i as f64)));
+        }
+        // What the zone itself would refuse, made by hand: an event the database cannot take.
+        // PostgreSQL refuses NUL in jsonb; both refuse a seq already taken by another event.
+        let mut poison = events[7].clone();
+        poison.id = uuid::Uuid::now_v7();
+        if db.name == "postgres" {
+            poison.seq = 100;
+            if let EventKind::AgentMoved(m) = &mut poison.kind {
+                m.agent_id = "nul\u{0}agent".into();
+            }
+        }
+        let mut batch: Vec<&ZoneEvent> = events.iter().collect();
+        batch.insert(11, &poison);
+        let report = store.append_or_dead_letter(&batch).await.unwrap();
+        assert_eq!(
+            (report.inserted, report.dead_lettered),
+            (20, 1),
+            "{}: the innocent land, the poison is set aside",
+            db.name
+        );
+        assert_eq!(
+            store
+                .zone_events(zone.id(), None, None, None)
+                .await
+                .unwrap(),
+            events
+        );
+        let dead = store.dead_letters(Some(zone.id()), 10, 0).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, poison.id);
+        assert_eq!(dead[0].event_type, "agent_moved");
+        assert!(!dead[0].reason.is_empty());
+        assert_eq!(ZoneEvent::from_json(&dead[0].event).unwrap(), poison);
+        assert_eq!(store.dead_letters(None, 10, 0).await.unwrap().len(), 1);
+        // Idempotent like the log: the same batch again adds nothing anywhere.
+        let again = store.append_or_dead_letter(&batch).await.unwrap();
+        assert_eq!(again.inserted, 0);
+        assert_eq!(store.dead_letters(None, 10, 0).await.unwrap().len(), 1);
         store.close().await;
         db.cleanup().await;
     }
@@ -237,39 +317,37 @@ fn audit_pipeline(
 async fn replaying_the_log_rebuilds_the_zone_that_was_live() {
     for db in common::backends().await {
         let store = Store::connect(&db.url).await.unwrap();
-        let mut live = Zone::create(spec("Replay"), "node-a", now()).unwrap();
-        store.insert_zone(&live).await.unwrap();
+        let mut live = ZoneState::new(Zone::create(spec("Replay"), "node-a", now()).unwrap());
+        store.insert_zone(&live.snapshot()).await.unwrap();
         let created = live.clone();
         let acks = Arc::new(Acks::default());
         let (pipeline, push) = audit_pipeline(&store, 7).unwrap();
         let mut events = Vec::new();
-        for step in 0..60u32 {
-            let t = now();
-            let result = match step % 6 {
-                0 => live.agent_entered(&format!("agent-{step}"), t),
-                1 => live.consume_resources(
-                    Some("agent"),
-                    json!({"food": -(i64::from(step) % 13), "energy": -2})
-                        .as_object()
-                        .unwrap(),
-                    t,
-                ),
-                2 => Ok(live.tick(t)),
-                3 => live.agent_left(&format!("agent-{step}"), t),
-                4 => live.agent_interaction("a", "b", "wave", Some(json!({"n": step})), t),
-                _ => live.agent_moved(
-                    "a",
-                    Position {
-                        x: 1.0,
-                        y: 2.0,
-                        z: f64::from(step),
-                    },
-                    t,
-                ),
+        for step_no in 0..60u32 {
+            let who = agent(&format!("agent-{}", step_no % 4));
+            let kind = match step_no % 6 {
+                0 => CommandKind::Join,
+                1 => CommandKind::ConsumeResource {
+                    resource_type: "food".into(),
+                    amount: i64::from(step_no % 13) + 1,
+                },
+                2 => CommandKind::Tick,
+                3 => CommandKind::Leave,
+                4 => CommandKind::AgentInteract {
+                    target_agent_id: "b".into(),
+                    kind: "wave".into(),
+                    data: Some(json!({"n": step_no})),
+                },
+                _ => moved(f64::from(step_no)),
             };
-            // Refusals (an empty zone, not enough food) are part of the test: they change
-            // nothing and cause no event.
-            if let Ok(event) = result {
+            let who = if kind == CommandKind::Tick {
+                Actor::System
+            } else {
+                who
+            };
+            // Refusals (a full zone, not enough food, no session) are part of the test: they
+            // change nothing and cause no event.
+            for event in step(&mut live, who, kind) {
                 events.push(event.clone());
                 push.push(Message::with_acker(event, acks.clone()))
                     .await
@@ -279,9 +357,11 @@ async fn replaying_the_log_rebuilds_the_zone_that_was_live() {
         drop(push);
         pipeline.join().await.unwrap();
         assert_eq!(acks.ok.load(Ordering::SeqCst), events.len());
-        store.save_zone(&live).await.unwrap();
 
-        let log = store.zone_events(live.id, None, None, None).await.unwrap();
+        let log = store
+            .zone_events(live.id(), None, None, None)
+            .await
+            .unwrap();
         assert_eq!(
             log, events,
             "{}: the log holds every event, in order",
@@ -292,7 +372,12 @@ async fn replaying_the_log_rebuilds_the_zone_that_was_live() {
             rebuilt.apply(event).unwrap();
         }
         assert_eq!(rebuilt, live, "{}: replay rebuilds the live state", db.name);
-        assert_eq!(rebuilt, store.get_zone(live.id).await.unwrap());
+        // Loading is the stored snapshot (here, the zone as created) and the log after it.
+        let mut loaded = ZoneState::from_snapshot(store.get_zone(live.id()).await.unwrap());
+        for event in store.events_after(live.id(), loaded.seq()).await.unwrap() {
+            loaded.apply(&event).unwrap();
+        }
+        assert_eq!(loaded, live);
         store.close().await;
         db.cleanup().await;
     }
@@ -308,7 +393,7 @@ async fn the_audit_sink_loses_and_duplicates_nothing_while_connections_are_kille
     let mut killer = <sqlx::PgConnection as sqlx::Connection>::connect(&base)
         .await
         .unwrap();
-    let zone = Zone::create(spec("Faults"), "node-a", now()).unwrap();
+    let zone = ZoneState::new(Zone::create(spec("Faults"), "node-a", now()).unwrap());
     let acks = Arc::new(Acks::default());
     let (pipeline, push) = audit_pipeline(&store, 20).unwrap();
 
@@ -335,18 +420,9 @@ async fn the_audit_sink_loses_and_duplicates_nothing_while_connections_are_kille
     const EVENTS: usize = 3000;
     let mut ids = Vec::with_capacity(EVENTS);
     let mut z = zone.clone();
+    step(&mut z, agent("a"), CommandKind::Join);
     for i in 0..EVENTS {
-        let event = z
-            .agent_moved(
-                "a",
-                Position {
-                    x: i as f64,
-                    y: 0.0,
-                    z: 0.0,
-                },
-                now(),
-            )
-            .unwrap();
+        let event = step(&mut z, agent("a"), moved(i as f64)).remove(0);
         ids.push(event.id);
         push.push(Message::with_acker(event, acks.clone()))
             .await
@@ -370,11 +446,11 @@ async fn the_audit_sink_loses_and_duplicates_nothing_while_connections_are_kille
     // Every event exactly once: the count matches and every id is there.
     let fresh = Store::connect(&db.url).await.unwrap();
     assert_eq!(
-        fresh.count_events(Some(zone.id)).await.unwrap(),
+        fresh.count_events(Some(zone.id())).await.unwrap(),
         EVENTS as u64
     );
     let logged: Vec<_> = fresh
-        .zone_events(zone.id, None, None, None)
+        .zone_events(zone.id(), None, None, None)
         .await
         .unwrap()
         .into_iter()

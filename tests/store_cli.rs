@@ -26,7 +26,7 @@ fn thunderline(args: &[&str]) -> (bool, String, String) {
 async fn replay_prints_a_zones_events_in_order_as_json_lines() {
     for db in common::backends().await {
         let store = Store::connect(&db.url).await.unwrap();
-        let mut zone = Zone::create(
+        let created = Zone::create(
             NewZone {
                 name: "Replay".into(),
                 ..NewZone::default()
@@ -35,21 +35,33 @@ async fn replay_prints_a_zones_events_in_order_as_json_lines() {
             now(),
         )
         .unwrap();
-        store.insert_zone(&zone).await.unwrap();
-        let mut events = Vec::new();
-        for i in 0..2500 {
-            events.push(
-                zone.agent_moved(
-                    "a",
-                    Position {
+        let mut zone = ZoneState::new(created);
+        store.insert_zone(&zone.snapshot()).await.unwrap();
+        let actor = Actor::Agent {
+            agent_id: "a".into(),
+            connection: "c".into(),
+            permissions: Permissions::SPAWN_AGENTS,
+        };
+        let run = |zone: &mut ZoneState, kind| {
+            let command = ZoneCommand::new(zone.id(), actor.clone(), kind);
+            zone.execute(&command, &Context::at(now()))
+                .result
+                .unwrap()
+                .events
+        };
+        let mut events = run(&mut zone, CommandKind::Join);
+        for i in 1..2500 {
+            events.extend(run(
+                &mut zone,
+                CommandKind::AgentMove {
+                    position: Position {
                         x: f64::from(i),
                         y: 0.0,
                         z: 0.0,
                     },
-                    now(),
-                )
-                .unwrap(),
-            );
+                    sent_at: None,
+                },
+            ));
         }
         let refs: Vec<&ZoneEvent> = events.iter().collect();
         store.append_events(&refs).await.unwrap();
@@ -58,7 +70,7 @@ async fn replay_prints_a_zones_events_in_order_as_json_lines() {
         let (ok, stdout, stderr) = thunderline(&[
             "replay",
             "--zone",
-            &zone.id.to_string(),
+            &zone.id().to_string(),
             "--database",
             &db.url,
         ]);
@@ -77,7 +89,7 @@ async fn replay_prints_a_zones_events_in_order_as_json_lines() {
         let (ok, stdout, _) = thunderline(&[
             "replay",
             "--zone",
-            &zone.id.to_string(),
+            &zone.id().to_string(),
             "--since",
             &since,
             "--database",
@@ -86,6 +98,7 @@ async fn replay_prints_a_zones_events_in_order_as_json_lines() {
         assert!(ok);
         let first: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
         assert_eq!(first["type"], json!("agent_moved"));
+        assert_eq!(first["seq"], json!(2001));
         let expected = events
             .iter()
             .filter(|e| e.occurred_at >= events[2000].occurred_at)
@@ -101,7 +114,7 @@ async fn replay_prints_a_zones_events_in_order_as_json_lines() {
         let (ok, _, stderr) = thunderline(&[
             "replay",
             "--zone",
-            &zone.id.to_string(),
+            &zone.id().to_string(),
             "--since",
             "yesterday",
             "--database",

@@ -1,14 +1,17 @@
-//! The zone domain: operations keep counts and resources exact, every refusal changes nothing
-//! and says why, replaying the events rebuilds the zone, and events survive JSON and MessagePack
-//! unchanged.
+//! The zone domain: commands are decided against the state and their events applied; sessions
+//! are an exact set under the capacity; every refusal changes nothing and says why; each
+//! command id is applied once, whatever the retries; seq has no gaps; replaying the events onto
+//! the zone as created rebuilds the live state; commands, events and refusals survive JSON and
+//! MessagePack unchanged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use thunderline::zone::*;
+use uuid::Uuid;
 
-fn zone(capacity: u32) -> Zone {
+fn zone(capacity: u32, permissions: Permissions) -> Zone {
     let mut resources = BTreeMap::new();
     resources.insert(
         "food".into(),
@@ -30,6 +33,7 @@ fn zone(capacity: u32) -> Zone {
         NewZone {
             name: "Test".into(),
             capacity: Some(capacity),
+            permissions: Some(permissions),
             resources,
             ..NewZone::default()
         },
@@ -39,113 +43,291 @@ fn zone(capacity: u32) -> Zone {
     .unwrap()
 }
 
+fn all() -> Permissions {
+    Permissions::from_bits_truncate(0x0f)
+}
+
+fn agent(conn: &str, agent_id: &str, permissions: Permissions) -> Actor {
+    Actor::Agent {
+        agent_id: agent_id.into(),
+        connection: conn.into(),
+        permissions,
+    }
+}
+
+fn ctx() -> Context {
+    Context::at(now())
+}
+
+/// Runs a command; the outcome, checking on the way that a refusal changed nothing.
+fn run(state: &mut ZoneState, command: &ZoneCommand) -> Outcome {
+    let before = state.clone();
+    let outcome = state.execute(command, &ctx());
+    match &outcome.result {
+        Err(_) => assert_eq!(*state, before, "a refusal changed the zone"),
+        Ok(a) if a.events.is_empty() => assert_eq!(*state, before, "no event, yet a change"),
+        Ok(_) => {}
+    }
+    outcome
+}
+
+fn cmd(zone: Uuid, actor: Actor, kind: CommandKind) -> ZoneCommand {
+    ZoneCommand::new(zone, actor, kind)
+}
+
+fn moved(x: f64) -> CommandKind {
+    CommandKind::AgentMove {
+        position: Position { x, y: 0.0, z: 0.0 },
+        sent_at: None,
+    }
+}
+
+/// What a socket would send to the zone: the client-side channel logic of one connection is
+/// modelled, so that the zone sees the same command streams the server gives it.
 #[derive(Clone, Debug)]
 enum Op {
-    Enter(u8),
-    Leave(u8),
-    Consume(BTreeMap<String, Value>),
+    Join {
+        conn: u8,
+        agent: u8,
+    },
+    Leave {
+        conn: u8,
+    },
+    Disconnect {
+        conn: u8,
+    },
+    Move {
+        conn: u8,
+    },
+    Consume {
+        conn: u8,
+        amount: i64,
+    },
+    Interact {
+        conn: u8,
+    },
+    Broadcast {
+        conn: u8,
+    },
     Tick,
-    Move(f64, f64, f64),
-    Interact(u8, u8),
-    Grant(u32),
-    Revoke(u32),
+    /// The command before this one is delivered again (a retry or a broker redelivery).
+    Redeliver,
+    Patch {
+        capacity: u32,
+    },
+    Permissions {
+        grant: u32,
+        revoke: u32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let change = prop_oneof![
-        4 => (-30i64..30).prop_map(|n| json!(n)),
-        1 => Just(json!(2.5)),
-        1 => Just(json!("ten")),
-        1 => Just(json!(i64::MIN)),
-    ];
-    let name = prop_oneof![4 => Just("food".to_owned()), 3 => Just("ore".to_owned()), 1 => Just("gold".to_owned())];
     prop_oneof![
-        3 => any::<u8>().prop_map(Op::Enter),
-        2 => any::<u8>().prop_map(Op::Leave),
-        4 => prop::collection::btree_map(name, change, 0..3).prop_map(Op::Consume),
-        2 => Just(Op::Tick),
-        1 => (any::<f64>(), -1e3f64..1e3, -1e3f64..1e3).prop_map(|(x, y, z)| Op::Move(x, y, z)),
-        1 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::Interact(a, b)),
-        1 => (0u32..16).prop_map(Op::Grant),
-        1 => (0u32..16).prop_map(Op::Revoke),
+        4 => (0u8..5, 0u8..4).prop_map(|(conn, agent)| Op::Join { conn, agent }),
+        2 => (0u8..5).prop_map(|conn| Op::Leave { conn }),
+        1 => (0u8..5).prop_map(|conn| Op::Disconnect { conn }),
+        4 => (0u8..5).prop_map(|conn| Op::Move { conn }),
+        2 => (0u8..5, -2i64..40).prop_map(|(conn, amount)| Op::Consume { conn, amount }),
+        1 => (0u8..5).prop_map(|conn| Op::Interact { conn }),
+        1 => (0u8..5).prop_map(|conn| Op::Broadcast { conn }),
+        1 => Just(Op::Tick),
+        2 => Just(Op::Redeliver),
+        1 => (1u32..5).prop_map(|capacity| Op::Patch { capacity }),
+        1 => (0u32..16, 0u32..16).prop_map(|(grant, revoke)| Op::Permissions { grant, revoke }),
     ]
 }
 
-proptest! {
-    #[test]
-    fn refusals_change_nothing_and_replay_rebuilds_the_zone(capacity in 1u32..5, ops in prop::collection::vec(op(), 0..80)) {
-        let mut live = zone(capacity);
-        let initial = live.clone();
-        let mut events = Vec::new();
-        let mut sessions = 0u32;
-        for op in ops {
-            let before = live.clone();
-            let t = now();
-            let result = match &op {
-                Op::Enter(a) => live.agent_entered(&format!("a{a}"), t),
-                Op::Leave(a) => live.agent_left(&format!("a{a}"), t),
-                Op::Consume(changes) => {
-                    let map = changes.clone().into_iter().collect();
-                    live.consume_resources(Some("a"), &map, t)
+/// One connection as the socket keeps it: its name (a new one after each disconnect) and the
+/// agent whose channel it holds, if any.
+#[derive(Clone, Default)]
+struct Conn {
+    generation: u32,
+    channel: Option<String>,
+}
+
+impl Conn {
+    fn name(&self, i: u8) -> String {
+        format!("c{i}.{}", self.generation)
+    }
+}
+
+/// Turns ops into the command stream a server would hand the zone.
+fn commands(state: &ZoneState, ops: &[Op]) -> Vec<ZoneCommand> {
+    let mut conns: Vec<Conn> = vec![Conn::default(); 5];
+    let mut out: Vec<ZoneCommand> = Vec::new();
+    let perms =
+        Permissions::SPAWN_AGENTS | Permissions::MODIFY_ZONE | Permissions::BROADCAST_EVENTS;
+    for op in ops {
+        let push = |out: &mut Vec<ZoneCommand>, c: &Conn, i: u8, kind: CommandKind| {
+            // A push goes out on whatever channel the socket holds, joined or not yet decided;
+            // without one the socket refuses it itself.
+            if let Some(agent_id) = &c.channel {
+                out.push(cmd(state.id(), agent(&c.name(i), agent_id, perms), kind));
+            }
+        };
+        match op {
+            Op::Join { conn, agent: a } => {
+                let c = &mut conns[*conn as usize];
+                if let Some(old) = c.channel.take() {
+                    out.push(cmd(
+                        state.id(),
+                        agent(&c.name(*conn), &old, perms),
+                        CommandKind::Leave,
+                    ));
                 }
-                Op::Tick => Ok(live.tick(t)),
-                Op::Move(x, y, z) => live.agent_moved("a", Position { x: *x, y: *y, z: *z }, t),
-                Op::Interact(a, b) => live.agent_interaction(&format!("a{a}"), &format!("a{b}"), "poke", None, t),
-                Op::Grant(bits) | Op::Revoke(bits) => {
-                    // Permission changes cause no event; they are replayed from the zone row.
-                    let bits = Permissions::from_bits_truncate(*bits);
-                    let expected = if matches!(op, Op::Grant(_)) {
-                        live.grant_permission(bits, t);
-                        before.permissions | bits
-                    } else {
-                        live.revoke_permission(bits, t);
-                        before.permissions - bits
-                    };
-                    prop_assert_eq!(live.permissions, expected);
-                    continue;
+                let agent_id = format!("a{a}");
+                out.push(cmd(
+                    state.id(),
+                    agent(&c.name(*conn), &agent_id, perms),
+                    CommandKind::Join,
+                ));
+                c.channel = Some(agent_id);
+            }
+            Op::Leave { conn } | Op::Disconnect { conn } => {
+                let c = &mut conns[*conn as usize];
+                if let Some(old) = c.channel.take() {
+                    out.push(cmd(
+                        state.id(),
+                        agent(&c.name(*conn), &old, perms),
+                        CommandKind::Leave,
+                    ));
                 }
-            };
-            match result {
-                Ok(event) => {
-                    prop_assert_eq!(event.zone_id, live.id);
-                    match &op {
-                        Op::Enter(_) => sessions += 1,
-                        Op::Leave(_) => sessions -= 1,
-                        _ => {}
-                    }
-                    events.push(event);
-                }
-                Err(e) => {
-                    prop_assert_eq!(&live, &before, "refused {:?} ({}) changed the zone", op, e);
-                    prop_assert!(!e.to_string().is_empty());
+                if matches!(op, Op::Disconnect { .. }) {
+                    c.generation += 1;
                 }
             }
-            prop_assert_eq!(live.active_session_count, sessions);
-            prop_assert!(live.active_session_count <= live.capacity);
-            for r in live.resources.values() {
-                prop_assert!(0 <= r.amount && r.amount <= r.max);
+            Op::Move { conn } => push(&mut out, &conns[*conn as usize], *conn, moved(1.0)),
+            Op::Consume { conn, amount } => push(
+                &mut out,
+                &conns[*conn as usize],
+                *conn,
+                CommandKind::ConsumeResource {
+                    resource_type: "food".into(),
+                    amount: *amount,
+                },
+            ),
+            Op::Interact { conn } => push(
+                &mut out,
+                &conns[*conn as usize],
+                *conn,
+                CommandKind::AgentInteract {
+                    target_agent_id: "a0".into(),
+                    kind: "wave".into(),
+                    data: Some(json!({"n": 1})),
+                },
+            ),
+            Op::Broadcast { conn } => push(
+                &mut out,
+                &conns[*conn as usize],
+                *conn,
+                CommandKind::BroadcastEvent {
+                    event_type: "storm".into(),
+                    payload: Map::new(),
+                },
+            ),
+            Op::Tick => out.push(cmd(state.id(), Actor::System, CommandKind::Tick)),
+            Op::Redeliver => {
+                if let Some(last) = out.last().cloned() {
+                    out.push(last);
+                }
             }
+            Op::Patch { capacity } => out.push(cmd(
+                state.id(),
+                Actor::Admin,
+                CommandKind::UpdateZone(ZonePatch {
+                    capacity: Some(*capacity),
+                    ..ZonePatch::default()
+                }),
+            )),
+            Op::Permissions { grant, revoke } => out.push(cmd(
+                state.id(),
+                Actor::Admin,
+                CommandKind::ChangePermissions {
+                    grant: Permissions::from_bits_truncate(*grant),
+                    revoke: Permissions::from_bits_truncate(*revoke),
+                },
+            )),
         }
-        let mut rebuilt = initial;
-        rebuilt.permissions = live.permissions;
-        for e in &events {
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Sessions are an exact set under the capacity, no event comes from an agent without a
+    /// session, every command id is applied once, seq has no gaps, and replay rebuilds the zone.
+    #[test]
+    fn sessions_stay_exact_commands_apply_once_and_replay_rebuilds_the_zone(
+        capacity in 1u32..4,
+        ops in prop::collection::vec(op(), 0..120),
+    ) {
+        let created = ZoneState::new(zone(capacity, all()));
+        let mut live = created.clone();
+        let mut log: Vec<ZoneEvent> = Vec::new();
+        let mut applied: BTreeSet<Uuid> = BTreeSet::new();
+        // The sessions as the events say, to check each event against.
+        let mut sessions: BTreeSet<(String, String)> = BTreeSet::new();
+        for command in commands(&created, &ops) {
+            let outcome = run(&mut live, &command);
+            let Ok(accepted) = outcome.result else { continue };
+            if !accepted.events.is_empty() {
+                prop_assert!(applied.insert(command.id), "command {} applied twice", command.id);
+            }
+            for e in &accepted.events {
+                prop_assert_eq!(e.seq, log.len() as u64 + 1, "seq has no gaps");
+                prop_assert_eq!(e.command_id, Some(command.id));
+                match &e.kind {
+                    EventKind::AgentEntered(p) => {
+                        prop_assert!(sessions.insert((p.connection.clone(), p.agent_id.clone())));
+                        prop_assert_eq!(p.session_count as usize, sessions.len());
+                    }
+                    EventKind::AgentLeft(p) => {
+                        prop_assert!(sessions.remove(&(p.connection.clone(), p.agent_id.clone())));
+                        prop_assert_eq!(p.session_count as usize, sessions.len());
+                    }
+                    _ => {
+                        if let (Some(agent_id), Actor::Agent { connection, .. }) = (e.kind.agent_id(), &command.actor) {
+                            prop_assert!(
+                                sessions.contains(&(connection.clone(), agent_id.to_owned())),
+                                "{} from {} without a session", e.name(), agent_id
+                            );
+                        }
+                    }
+                }
+                log.push(e.clone());
+            }
+            let count = live.zone().active_session_count as usize;
+            prop_assert_eq!(count, sessions.len(), "active_session_count is the session set's size");
+            prop_assert_eq!(count, live.session_count());
+            prop_assert!(count <= live.zone().capacity as usize || !accepted.events.iter().any(|e| matches!(e.kind, EventKind::AgentEntered(_))),
+                "a join took the zone over its capacity");
+            prop_assert!(count <= capacity.max(live.zone().capacity) as usize);
+        }
+        prop_assert_eq!(live.seq(), log.len() as u64);
+        let mut rebuilt = created.clone();
+        for e in &log {
             rebuilt.apply(e).unwrap();
         }
-        if let Some(last) = events.last() {
-            prop_assert_eq!(rebuilt.updated_at, last.occurred_at);
-            rebuilt.updated_at = live.updated_at;
+        prop_assert_eq!(&rebuilt, &live, "replaying the log rebuilds the live zone");
+        // And through a snapshot taken anywhere: the snapshot, then the events after it.
+        if !log.is_empty() {
+            let cut = log.len() / 2;
+            let mut partial = created.clone();
+            for e in &log[..cut] {
+                partial.apply(e).unwrap();
+            }
+            let mut loaded = ZoneState::from_snapshot(partial.snapshot());
+            for e in &log[cut..] {
+                loaded.apply(e).unwrap();
+            }
+            prop_assert_eq!(&loaded, &live);
         }
-        rebuilt.updated_at = live.updated_at;
-        prop_assert_eq!(rebuilt, live);
-        // Ids are UUID v7, made in order: sorting by id is sorting by when they were made.
-        let mut sorted = events.clone();
-        sorted.sort_by_key(|e| e.id);
-        prop_assert_eq!(sorted, events);
     }
 
     #[test]
-    fn events_round_trip_through_json_and_messagepack_unchanged(
-        seed in prop::collection::vec(op(), 1..30),
+    fn events_and_commands_round_trip_through_json_and_messagepack_unchanged(
+        ops in prop::collection::vec(op(), 1..40),
         props in prop::collection::btree_map("[a-z]{1,8}", prop_oneof![
             any::<i64>().prop_map(|n| json!(n)),
             any::<bool>().prop_map(|b| json!(b)),
@@ -153,151 +335,477 @@ proptest! {
             (-1e9f64..1e9).prop_map(|f| json!(f)),
         ], 0..5),
     ) {
-        let mut z = zone(1000);
+        let mut z = zone(1000, all());
         z.properties = Value::Object(props.into_iter().collect());
-        let mut events = vec![z.tick(now())];
-        for op in seed {
-            let t = now();
-            let e = match op {
-                Op::Enter(a) => z.agent_entered(&format!("a{a}"), t),
-                Op::Leave(a) => z.agent_left(&format!("a{a}"), t),
-                Op::Consume(c) => z.consume_resources(None, &c.into_iter().collect(), t),
-                Op::Move(x, y, zz) => z.agent_moved("mover", Position { x, y, z: zz }, t),
-                Op::Interact(a, b) => z.agent_interaction(&format!("a{a}"), &format!("b{b}"), "trade", Some(json!({"qty": a, "note": "ok"})), t),
-                _ => Ok(z.tick(t)),
-            };
-            events.extend(e.ok());
+        let mut live = ZoneState::new(z);
+        let mut events = Vec::new();
+        let created = live.clone();
+        for command in commands(&created, &ops) {
+            let json = command.to_json();
+            prop_assert_eq!(&ZoneCommand::from_json(&json).unwrap(), &command);
+            prop_assert_eq!(&ZoneCommand::from_msgpack(&command.to_msgpack()).unwrap(), &command);
+            let outcome = live.execute(&command, &ctx());
+            if let Err(refusal) = &outcome.result {
+                let text = serde_json::to_string(refusal).unwrap();
+                prop_assert_eq!(&serde_json::from_str::<ZoneError>(&text).unwrap(), refusal);
+                let packed = rmp_serde::to_vec_named(refusal).unwrap();
+                prop_assert_eq!(&rmp_serde::from_slice::<ZoneError>(&packed).unwrap(), refusal);
+            }
+            events.extend(outcome.result.map(|a| a.events).unwrap_or_default());
         }
         for e in events {
             let json = e.to_json();
             prop_assert_eq!(&ZoneEvent::from_json(&json).unwrap(), &e);
-            let packed = e.to_msgpack();
-            prop_assert_eq!(&ZoneEvent::from_msgpack(&packed).unwrap(), &e);
+            prop_assert_eq!(&ZoneEvent::from_msgpack(&e.to_msgpack()).unwrap(), &e);
             let wire: Value = serde_json::from_str(&json).unwrap();
             let keys: Vec<_> = wire.as_object().unwrap().keys().cloned().collect();
-            prop_assert_eq!(keys, vec!["id", "occurred_at", "payload", "type", "zone_id"]);
+            prop_assert_eq!(keys, vec!["command_id", "id", "occurred_at", "payload", "seq", "type", "zone_id"]);
         }
     }
 }
 
 #[test]
-fn payloads_are_shaped_as_in_the_seed_briefing() {
-    let mut z = zone(10);
-    let t = now();
-    let entered = z.agent_entered("agent-7", t).unwrap();
-    assert_eq!(entered.event_type().as_str(), "agent_entered");
+fn payloads_are_shaped_as_in_the_seed_briefing_with_their_seq() {
+    let mut z = ZoneState::new(zone(10, all()));
+    let zid = z.id();
+    let a = agent("c1", "agent-7", all());
+    let events = |o: Outcome| o.result.unwrap().events;
+    let entered = &events(run(&mut z, &cmd(zid, a.clone(), CommandKind::Join)))[0];
+    assert_eq!(entered.name(), "agent_entered");
+    let t = entered.occurred_at;
     assert_eq!(
         entered.kind.payload(),
-        json!({"agent_id": "agent-7", "session_count": 1, "timestamp": t})
+        json!({"agent_id": "agent-7", "connection": "c1", "session_count": 1, "timestamp": t})
     );
-    let changed = z
-        .consume_resources(
-            Some("agent-7"),
-            json!({"food": -10, "ore": -5}).as_object().unwrap(),
-            t,
-        )
-        .unwrap();
+    assert_eq!(
+        serde_json::to_value(entered.broadcast_payload()).unwrap(),
+        json!({"agent_id": "agent-7", "connection": "c1", "session_count": 1, "timestamp": t, "seq": 1})
+    );
+    let changed = &events(run(
+        &mut z,
+        &cmd(
+            zid,
+            a.clone(),
+            CommandKind::ConsumeResource {
+                resource_type: "food".into(),
+                amount: 10,
+            },
+        ),
+    ))[0];
     assert_eq!(
         changed.kind.payload(),
-        json!({"agent_id": "agent-7", "changes": {"food": -10, "ore": -5}, "new_resources": {"food": 40, "ore": 0}})
+        json!({"agent_id": "agent-7", "changes": {"food": -10}, "new_resources": {"food": 40, "ore": 5}})
     );
-    let tick = z.tick(t);
+    assert_eq!(changed.seq, 2);
+    let tick = &events(run(&mut z, &cmd(zid, Actor::System, CommandKind::Tick)))[0];
     assert_eq!(
         tick.kind.payload(),
-        json!({"tick": 1, "properties": {}, "new_resources": {"food": 47, "ore": 1}, "timestamp": t})
+        json!({"tick": 1, "properties": {}, "new_resources": {"food": 47, "ore": 6}, "timestamp": tick.occurred_at})
     );
-    let moved = z
-        .agent_moved(
-            "agent-7",
-            Position {
-                x: 10.0,
-                y: 5.0,
-                z: 0.0,
+    let moved = &events(run(
+        &mut z,
+        &cmd(
+            zid,
+            a.clone(),
+            CommandKind::AgentMove {
+                position: Position {
+                    x: 10.0,
+                    y: 5.0,
+                    z: 0.0,
+                },
+                sent_at: Some(7),
             },
-            t,
-        )
-        .unwrap();
+        ),
+    ))[0];
     assert_eq!(
-        moved.kind.payload(),
-        json!({"agent_id": "agent-7", "position": {"x": 10.0, "y": 5.0, "z": 0.0}})
+        serde_json::to_value(moved.broadcast_payload()).unwrap(),
+        json!({"agent_id": "agent-7", "position": {"x": 10.0, "y": 5.0, "z": 0.0}, "sent_at": 7, "seq": 4})
+    );
+    let custom = &events(run(
+        &mut z,
+        &cmd(
+            zid,
+            a,
+            CommandKind::BroadcastEvent {
+                event_type: "storm.warning".into(),
+                payload: json!({"level": 3}).as_object().unwrap().clone(),
+            },
+        ),
+    ))[0];
+    assert_eq!(custom.name(), "storm.warning");
+    assert_eq!(
+        serde_json::to_value(custom.broadcast_payload()).unwrap(),
+        json!({"agent_id": "agent-7", "payload": {"level": 3}, "seq": 5})
+    );
+    assert_eq!(ZoneEvent::from_json(&custom.to_json()).unwrap(), *custom);
+}
+
+#[test]
+fn a_join_refused_or_undecided_lets_nothing_through() {
+    let mut z = ZoneState::new(zone(1, all()));
+    let zid = z.id();
+    let alice = agent("c1", "alice", all());
+    let bob = agent("c2", "bob", all());
+    assert!(
+        run(&mut z, &cmd(zid, alice, CommandKind::Join))
+            .result
+            .is_ok()
+    );
+    // Bob's join is refused; the pushes he sent behind it find no session.
+    let refused = run(&mut z, &cmd(zid, bob.clone(), CommandKind::Join));
+    assert_eq!(
+        refused.result.unwrap_err(),
+        ZoneError::ZoneFull { capacity: 1 }
+    );
+    for kind in [
+        moved(1.0),
+        CommandKind::ConsumeResource {
+            resource_type: "food".into(),
+            amount: 5,
+        },
+        CommandKind::AgentInteract {
+            target_agent_id: "alice".into(),
+            kind: "poke".into(),
+            data: None,
+        },
+        CommandKind::GetZoneState,
+    ] {
+        let e = run(&mut z, &cmd(zid, bob.clone(), kind))
+            .result
+            .unwrap_err();
+        assert_eq!(e.reason(), "unmatched topic", "{e}");
+    }
+    // His leave, twice, changes nothing and causes no event.
+    for _ in 0..2 {
+        let left = run(&mut z, &cmd(zid, bob.clone(), CommandKind::Leave));
+        assert!(left.result.unwrap().events.is_empty());
+    }
+    assert_eq!(z.session_count(), 1);
+    assert_eq!(z.seq(), 1);
+    // The same agent on another connection is another session, under the same capacity.
+    let again = run(
+        &mut z,
+        &cmd(zid, agent("c3", "alice", all()), CommandKind::Join),
+    );
+    assert_eq!(again.result.unwrap_err().reason(), "zone_full");
+}
+
+#[test]
+fn a_command_redelivered_is_applied_once_and_gets_its_first_outcome() {
+    let mut z = ZoneState::new(zone(5, all()));
+    let zid = z.id();
+    let created = z.clone();
+    let a = agent("c1", "a", all());
+    let mut log = run(&mut z, &cmd(zid, a.clone(), CommandKind::Join))
+        .result
+        .unwrap()
+        .events;
+    let consume = cmd(
+        zid,
+        a.clone(),
+        CommandKind::ConsumeResource {
+            resource_type: "food".into(),
+            amount: 5,
+        },
+    );
+    let first = run(&mut z, &consume).result.unwrap();
+    assert_eq!(first.events.len(), 1);
+    log.extend(first.events.clone());
+    for _ in 0..3 {
+        let again = run(&mut z, &consume).result.unwrap();
+        assert!(again.duplicate && again.events.is_empty());
+        assert_eq!(again.answer, first.answer);
+    }
+    assert_eq!(z.zone().resources["food"].amount, 45);
+    let greedy = cmd(
+        zid,
+        a,
+        CommandKind::ConsumeResource {
+            resource_type: "food".into(),
+            amount: 500,
+        },
+    );
+    let refused = run(&mut z, &greedy).result.unwrap_err();
+    assert_eq!(run(&mut z, &greedy).result.unwrap_err(), refused);
+    // The memory of applied ids is rebuilt by replay too.
+    let mut replayed = created;
+    for e in &log {
+        replayed.apply(e).unwrap();
+    }
+    let again = run(&mut replayed, &consume).result.unwrap();
+    assert!(again.duplicate && again.events.is_empty());
+    assert_eq!(replayed.zone().resources["food"].amount, 45);
+}
+
+#[test]
+fn broadcasts_need_the_bit_on_token_and_zone_and_a_valid_name_and_are_rate_limited() {
+    let mut z = ZoneState::new(zone(
+        5,
+        Permissions::SPAWN_AGENTS | Permissions::BROADCAST_EVENTS,
+    ));
+    let zid = z.id();
+    let with = agent(
+        "c1",
+        "with",
+        Permissions::SPAWN_AGENTS | Permissions::BROADCAST_EVENTS,
+    );
+    let without = agent("c2", "without", Permissions::SPAWN_AGENTS);
+    run(&mut z, &cmd(zid, with.clone(), CommandKind::Join));
+    run(&mut z, &cmd(zid, without.clone(), CommandKind::Join));
+    let storm = |t: &str| CommandKind::BroadcastEvent {
+        event_type: t.into(),
+        payload: json!({"level": 1}).as_object().unwrap().clone(),
+    };
+    let e = run(&mut z, &cmd(zid, without, storm("storm")))
+        .result
+        .unwrap_err();
+    assert_eq!(
+        e,
+        ZoneError::Forbidden {
+            needed: Permissions::BROADCAST_EVENTS,
+            holder: Holder::Token
+        }
+    );
+    for bad in [
+        "",
+        "agent_moved",
+        "phx_reply",
+        "presence_diff",
+        "has space",
+        &"x".repeat(65),
+    ] {
+        let e = run(&mut z, &cmd(zid, with.clone(), storm(bad)))
+            .result
+            .unwrap_err();
+        assert_eq!(e.reason(), "invalid_payload", "{bad:?}: {e}");
+    }
+    let limit = BroadcastLimit {
+        allowed: 3,
+        interval_ms: 1_000,
+    };
+    let t0 = now();
+    let at = |ms: i64| Context {
+        now: t0 + chrono::Duration::milliseconds(ms),
+        broadcast_limit: Some(limit),
+    };
+    for i in 0..3 {
+        assert!(
+            z.execute(&cmd(zid, with.clone(), storm("storm")), &at(i))
+                .result
+                .is_ok()
+        );
+    }
+    let limited = z.execute(&cmd(zid, with.clone(), storm("storm")), &at(500));
+    assert_eq!(
+        limited.result.unwrap_err(),
+        ZoneError::RateLimited {
+            allowed: 3,
+            interval_ms: 1_000
+        }
+    );
+    assert!(
+        z.execute(&cmd(zid, with.clone(), storm("storm")), &at(1_000))
+            .result
+            .is_ok()
+    );
+    // The admin API needs the zone's bit only.
+    assert!(
+        run(&mut z, &cmd(zid, Actor::Admin, storm("maintenance")))
+            .result
+            .is_ok()
+    );
+    run(
+        &mut z,
+        &cmd(
+            zid,
+            Actor::Admin,
+            CommandKind::ChangePermissions {
+                grant: Permissions::empty(),
+                revoke: Permissions::BROADCAST_EVENTS,
+            },
+        ),
+    );
+    let e = run(&mut z, &cmd(zid, Actor::Admin, storm("maintenance")))
+        .result
+        .unwrap_err();
+    assert_eq!(e.reason(), "forbidden");
+    let e = run(&mut z, &cmd(zid, with, storm("storm")))
+        .result
+        .unwrap_err();
+    assert_eq!(
+        e,
+        ZoneError::Forbidden {
+            needed: Permissions::BROADCAST_EVENTS,
+            holder: Holder::Zone
+        }
     );
 }
 
 #[test]
-fn every_kind_of_bad_input_has_its_own_error_and_changes_nothing() {
-    let mut z = zone(1);
-    let before = z.clone();
-    let t = now();
-    let cases: Vec<(ZoneError, &str)> = vec![
-        (
-            parse_zone_id("not-a-uuid").unwrap_err(),
-            "\"not-a-uuid\" is not a UUID (expected e.g. 123e4567-e89b-12d3-a456-426614174000)",
-        ),
-        (
-            z.consume_resources(None, json!({"food": -51}).as_object().unwrap(), t)
-                .unwrap_err(),
-            "not enough food: 50 available, a change of -51 would leave -1",
-        ),
-        (
-            z.consume_resources(None, json!({"food": 51}).as_object().unwrap(), t)
-                .unwrap_err(),
-            "food cannot exceed its maximum of 100: a change of 51 would make it 101",
-        ),
-        (
-            z.consume_resources(None, json!({"food": -1.5}).as_object().unwrap(), t)
-                .unwrap_err(),
-            "the change to \"food\" must be a whole number, not -1.5",
-        ),
-        (
-            // All or nothing: the valid food change is not applied either.
-            z.consume_resources(
-                None,
-                json!({"food": -1, "gold": -1}).as_object().unwrap(),
-                t,
-            )
-            .unwrap_err(),
-            "the zone has no resource \"gold\"",
-        ),
-        (
-            z.authorize(Permissions::SPAWN_AGENTS, Permissions::MODIFY_ZONE)
-                .unwrap_err(),
-            "this needs the 0x02 [modify_zone] permission, which the agent's token does not hold",
-        ),
-        (
-            z.authorize(Permissions::ADMIN_ZONE, Permissions::MODIFY_ZONE)
-                .unwrap_err(),
-            "this needs the 0x02 [modify_zone] permission, which the zone does not hold",
-        ),
-        (
-            z.agent_left("nobody", t).unwrap_err(),
-            "agent nobody has no session in this zone to leave",
-        ),
-        (
-            EventKind::from_parts("agent_danced", json!({})).unwrap_err(),
-            "unknown event type \"agent_danced\" (expected one of agent_entered, agent_left, agent_moved, agent_interaction, resource_changed, environment_tick)",
-        ),
-        (
-            EventKind::from_parts(
-                "agent_moved",
-                json!({"agent_id": "a", "position": {"x": 1}}),
-            )
-            .unwrap_err(),
-            "the agent_moved payload has the wrong shape: missing field `y`",
-        ),
-    ];
-    for (err, expected) in cases {
-        assert_eq!(err.to_string(), expected);
+fn nul_and_oversize_strings_are_refused_and_change_nothing() {
+    let mut z = ZoneState::new(zone(5, all()));
+    let zid = z.id();
+    let a = agent("c1", "a", all());
+    run(&mut z, &cmd(zid, a.clone(), CommandKind::Join));
+    let interact = |kind: &str, data: Value| CommandKind::AgentInteract {
+        target_agent_id: "b".into(),
+        kind: kind.into(),
+        data: Some(data),
+    };
+    for kind in [
+        interact("po\u{0}ke", json!({})),
+        interact("poke", json!({"note": "a\u{0}b"})),
+        interact("poke", json!({"k\u{0}": 1})),
+        interact("poke", json!({"blob": "x".repeat(9 * 1024)})),
+        interact(&"k".repeat(65), json!({})),
+        CommandKind::BroadcastEvent {
+            event_type: "storm".into(),
+            payload: json!({"text": "\u{0}"}).as_object().unwrap().clone(),
+        },
+        CommandKind::ConsumeResource {
+            resource_type: "food".into(),
+            amount: 0,
+        },
+    ] {
+        let e = run(&mut z, &cmd(zid, a.clone(), kind)).result.unwrap_err();
+        assert_eq!(e.reason(), "invalid_payload", "{e}");
     }
-    assert_eq!(z, before);
-    z.agent_entered("first", t).unwrap();
-    let full = z.clone();
-    assert_eq!(
-        z.agent_entered("second", t).unwrap_err(),
-        ZoneError::ZoneFull { capacity: 1 }
+    for bad in ["a\u{0}", "", &"x".repeat(201)] {
+        let e = run(
+            &mut z,
+            &cmd(zid, agent("c9", bad, all()), CommandKind::Join),
+        )
+        .result
+        .unwrap_err();
+        assert_eq!(e.reason(), "invalid_payload", "{bad:?}");
+    }
+    let patch = |p: ZonePatch| cmd(zid, Actor::Admin, CommandKind::UpdateZone(p));
+    for p in [
+        ZonePatch {
+            name: Some("n\u{0}".into()),
+            ..ZonePatch::default()
+        },
+        ZonePatch {
+            properties: Some(json!({"k": "v\u{0}"})),
+            ..ZonePatch::default()
+        },
+        ZonePatch {
+            properties: Some(json!({"k": "x".repeat(70 * 1024)})),
+            ..ZonePatch::default()
+        },
+    ] {
+        let e = run(&mut z, &patch(p)).result.unwrap_err();
+        assert!(matches!(e, ZoneError::InvalidZone(_)), "{e}");
+    }
+    let e = run(
+        &mut z,
+        &patch(ZonePatch {
+            capacity: Some(0),
+            ..ZonePatch::default()
+        }),
     );
-    assert_eq!(z, full);
+    assert!(e.result.is_err());
+    assert_eq!(z.seq(), 1, "nothing but the join happened");
+}
+
+#[test]
+fn zone_changes_are_events_and_a_deleted_zone_ends_its_sessions() {
+    let mut z = ZoneState::new(zone(3, all()));
+    let zid = z.id();
+    let created = z.clone();
+    run(
+        &mut z,
+        &cmd(zid, agent("c1", "a", all()), CommandKind::Join),
+    );
+    run(
+        &mut z,
+        &cmd(zid, agent("c2", "b", all()), CommandKind::Join),
+    );
+    let e = run(
+        &mut z,
+        &cmd(
+            zid,
+            Actor::Admin,
+            CommandKind::UpdateZone(ZonePatch {
+                capacity: Some(1),
+                ..ZonePatch::default()
+            }),
+        ),
+    )
+    .result
+    .unwrap_err();
+    assert_eq!(e.reason(), "conflict");
+    let updated = run(
+        &mut z,
+        &cmd(
+            zid,
+            Actor::Admin,
+            CommandKind::UpdateZone(ZonePatch {
+                name: Some("Renamed".into()),
+                properties: Some(json!({"weather": "rain"})),
+                ..ZonePatch::default()
+            }),
+        ),
+    )
+    .result
+    .unwrap();
+    assert_eq!(
+        updated.events[0].kind.payload(),
+        json!({"name": "Renamed", "properties": {"weather": "rain"}})
+    );
+    let deleted = run(&mut z, &cmd(zid, Actor::Admin, CommandKind::DeleteZone))
+        .result
+        .unwrap();
+    let names: Vec<&str> = deleted.events.iter().map(|e| e.name()).collect();
+    assert_eq!(names, ["agent_left", "agent_left", "zone_deleted"]);
+    assert_eq!(z.session_count(), 0);
+    assert!(z.is_deleted());
+    let after = run(
+        &mut z,
+        &cmd(zid, agent("c1", "a", all()), CommandKind::Leave),
+    );
+    assert_eq!(after.result.unwrap_err().reason(), "zone_not_found");
+    // Agents cannot do what only the admin API or the server may.
+    let mut fresh = created.clone();
+    let e = run(
+        &mut fresh,
+        &cmd(zid, agent("c1", "a", all()), CommandKind::Tick),
+    );
+    assert_eq!(e.result.unwrap_err().reason(), "forbidden");
+}
+
+#[test]
+fn replay_refuses_events_out_of_order_or_for_another_zone() {
+    let mut z = ZoneState::new(zone(3, all()));
+    let zid = z.id();
+    let events = run(
+        &mut z,
+        &cmd(zid, agent("c1", "a", all()), CommandKind::Join),
+    )
+    .result
+    .unwrap()
+    .events;
+    let mut again = z.clone();
+    assert!(matches!(
+        again.apply(&events[0]).unwrap_err(),
+        ZoneError::OutOfOrder { seq: 1, current: 1 }
+    ));
+    let mut other = ZoneState::new(zone(3, all()));
+    assert!(matches!(
+        other.apply(&events[0]).unwrap_err(),
+        ZoneError::WrongZone { .. }
+    ));
     assert!(ZoneEvent::from_json(r#"{"id":"x"}"#).is_err());
     assert!(ZoneEvent::from_msgpack(&[0xc1, 0x00]).is_err());
+    assert_eq!(
+        EventKind::from_parts(
+            "agent_moved",
+            json!({"agent_id": "a", "position": {"x": 1}})
+        )
+        .unwrap_err()
+        .to_string(),
+        "the agent_moved payload is refused: missing field `y`"
+    );
 }
 
 #[test]
@@ -305,7 +813,7 @@ fn new_zones_are_checked() {
     let bad = |spec: NewZone| Zone::create(spec, "n", now()).unwrap_err().to_string();
     assert_eq!(
         bad(NewZone::default()),
-        "invalid zone: the name must be 1 to 200 characters"
+        "invalid zone: the name must be 1 to 200 characters, without NUL"
     );
     assert_eq!(
         bad(NewZone {
@@ -313,7 +821,7 @@ fn new_zones_are_checked() {
             capacity: Some(0),
             ..NewZone::default()
         }),
-        "invalid zone: capacity must be at least 1"
+        format!("invalid zone: capacity must be 1 to {}", i32::MAX)
     );
     let mut resources = BTreeMap::new();
     resources.insert(
@@ -340,6 +848,14 @@ fn new_zones_are_checked() {
         }),
         "invalid zone: properties must be a JSON object"
     );
+    assert!(
+        bad(NewZone {
+            name: "x".into(),
+            properties: Some(json!({"a": "\u{0}"})),
+            ..NewZone::default()
+        })
+        .contains("NUL")
+    );
     let z = Zone::create(
         NewZone {
             name: " Plaza ".into(),
@@ -358,21 +874,8 @@ fn new_zones_are_checked() {
         ),
         ("Plaza", DEFAULT_CAPACITY, DEFAULT_PERMISSIONS, "node-9")
     );
-    let shown = serde_json::to_value(&z).unwrap();
-    let keys: Vec<_> = shown.as_object().unwrap().keys().cloned().collect();
-    assert_eq!(
-        keys,
-        vec![
-            "active_session_count",
-            "assigned_server",
-            "capacity",
-            "id",
-            "inserted_at",
-            "name",
-            "permissions",
-            "properties",
-            "resources",
-            "updated_at"
-        ]
-    );
+    let state = ZoneState::new(z);
+    assert_eq!(state.seq(), 0);
+    assert_eq!(state.epoch().len(), 32);
+    assert_ne!(state.epoch(), ZoneState::new(state.zone().clone()).epoch());
 }

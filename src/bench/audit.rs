@@ -107,7 +107,9 @@ fn workload(args: &AuditArgs) -> (Vec<Uuid>, Vec<ZoneEvent>) {
                 },
                 sent_at: None,
             });
-            ZoneEvent::new(zones[i as usize % zones.len()], kind, now())
+            // Each zone's events numbered 1, 2, 3… as its writer would.
+            let n = zones.len() as u64;
+            ZoneEvent::new(zones[(i % n) as usize], i / n + 1, kind, now())
         })
         .collect();
     (zones, events)
@@ -119,8 +121,12 @@ const BASELINE_TABLE: &str = "bench_audit_baseline";
 async fn baseline(store: &Store, events: &[ZoneEvent]) -> Result<Duration, AuditBenchError> {
     match store.db() {
         Db::Postgres(pool) => {
+            // Made afresh each run, so it always has the log's current columns.
+            sqlx::query(&format!("DROP TABLE IF EXISTS {BASELINE_TABLE}"))
+                .execute(pool)
+                .await?;
             sqlx::query(&format!(
-                "CREATE TABLE IF NOT EXISTS {BASELINE_TABLE} (LIKE audit_events INCLUDING ALL)"
+                "CREATE TABLE {BASELINE_TABLE} (LIKE audit_events INCLUDING ALL)"
             ))
             .execute(pool)
             .await?;
@@ -135,17 +141,18 @@ async fn baseline(store: &Store, events: &[ZoneEvent]) -> Result<Duration, Audit
                     .expect("payloads serialise")
                     .replace('"', "\"\"");
                 csv.push_str(&format!(
-                    "{},{},{},\"{}\",{}\n",
+                    "{},{},{},{},\"{}\",{}\n",
                     e.id,
                     e.zone_id,
-                    e.event_type().as_str(),
+                    e.seq,
+                    e.name(),
                     payload,
                     e.occurred_at.to_rfc3339()
                 ));
             }
             let mut copy = conn
                 .copy_in_raw(&format!(
-                    "COPY {BASELINE_TABLE} (id, zone_id, event_type, payload, occurred_at) \
+                    "COPY {BASELINE_TABLE} (id, zone_id, seq, event_type, payload, occurred_at) \
                      FROM STDIN WITH (FORMAT csv)"
                 ))
                 .await?;
@@ -154,10 +161,13 @@ async fn baseline(store: &Store, events: &[ZoneEvent]) -> Result<Duration, Audit
             Ok(started.elapsed())
         }
         Db::Sqlite(pool) => {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {BASELINE_TABLE}"))
+                .execute(pool)
+                .await?;
             sqlx::query(&format!(
-                "CREATE TABLE IF NOT EXISTS {BASELINE_TABLE} (id BLOB PRIMARY KEY, zone_id BLOB NOT NULL, \
-                 event_type TEXT NOT NULL, payload TEXT NOT NULL, occurred_at TEXT NOT NULL, \
-                 recorded_at TEXT NOT NULL)"
+                "CREATE TABLE {BASELINE_TABLE} (id BLOB PRIMARY KEY, zone_id BLOB NOT NULL, \
+                 seq INTEGER NOT NULL, event_type TEXT NOT NULL, payload TEXT NOT NULL, \
+                 occurred_at TEXT NOT NULL, recorded_at TEXT NOT NULL)"
             ))
             .execute(pool)
             .await?;
@@ -169,12 +179,13 @@ async fn baseline(store: &Store, events: &[ZoneEvent]) -> Result<Duration, Audit
             let mut tx = pool.begin().await?;
             for chunk in events.chunks(5_000) {
                 let mut insert = sqlx::QueryBuilder::new(format!(
-                    "INSERT INTO {BASELINE_TABLE} (id, zone_id, event_type, payload, occurred_at, recorded_at) "
+                    "INSERT INTO {BASELINE_TABLE} (id, zone_id, seq, event_type, payload, occurred_at, recorded_at) "
                 ));
                 insert.push_values(chunk, |mut row, e| {
                     row.push_bind(e.id)
                         .push_bind(e.zone_id)
-                        .push_bind(e.event_type().as_str())
+                        .push_bind(e.seq as i64)
+                        .push_bind(e.name())
                         .push_bind(sqlx::types::Json(&e.kind))
                         .push_bind(e.occurred_at)
                         .push_bind(recorded_at);

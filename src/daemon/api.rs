@@ -18,18 +18,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::zones::ZoneRegistry;
+use super::zones::{AskError, ZoneHandle};
 use crate::realtime::{Hub, SocketContext, TokenSigner, socket};
-use crate::store::StoreError;
-use crate::zone::{NewZone, Permissions, Zone, ZoneError, now, parse_zone_id};
+use crate::store::{DeadLetter, StoreError};
+use crate::zone::{
+    Actor, Answer, CommandKind, NewZone, Outcome, Permissions, Zone, ZoneCommand, ZoneError,
+    ZonePatch, ZoneState, ZoneView, now, parse_zone_id,
+};
+
+use super::zones::ZoneWork;
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub zones: Arc<ZoneRegistry>,
+    pub zones: ZoneHandle,
     pub hub: Arc<Hub>,
     pub signer: TokenSigner,
     pub admin_token: Arc<str>,
-    pub sockets: Arc<SocketContext>,
+    pub sockets: Arc<SocketContext<ZoneWork>>,
     pub registry: Registry,
     pub server_name: String,
 }
@@ -73,6 +78,15 @@ impl From<ZoneError> for ApiError {
             ZoneError::MalformedId(_) => (StatusCode::BAD_REQUEST, "malformed_id"),
             ZoneError::UnknownPermission(_) => (StatusCode::BAD_REQUEST, "unknown_permission"),
             ZoneError::InvalidZone(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_zone"),
+            ZoneError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ZoneError::Forbidden { .. } | ZoneError::NotAllowed { .. } => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
+            ZoneError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ZoneError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ZoneError::InvalidPayload { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_payload")
+            }
             _ => (StatusCode::UNPROCESSABLE_ENTITY, "refused"),
         };
         Self::new(status, error, e.to_string())
@@ -92,6 +106,17 @@ impl From<StoreError> for ApiError {
                 )
             }
         }
+    }
+}
+
+impl From<AskError> for ApiError {
+    fn from(e: AskError) -> Self {
+        let error = match e {
+            AskError::Overloaded => "overloaded",
+            AskError::ShuttingDown => "shutting_down",
+            AskError::NoAnswer => "no_answer",
+        };
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, error, e.to_string())
     }
 }
 
@@ -118,6 +143,9 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/zones/{id}/permissions", post(change_permissions))
         .route("/api/zones/{id}/events", get(zone_events))
+        .route("/api/zones/{id}/broadcast", post(broadcast))
+        .route("/api/zones/{id}/agents", get(zone_agents))
+        .route("/api/dead_letters", get(dead_letters))
         .route("/api/tokens", post(mint_token))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
@@ -202,7 +230,7 @@ async fn websocket(
 }
 
 async fn ready(State(state): State<ApiState>) -> Response {
-    match state.zones.store().ping().await {
+    match state.zones.registry.store().ping().await {
         Ok(()) if !*state.sockets.shutdown.borrow() => {
             Json(json!({"status": "ready"})).into_response()
         }
@@ -239,17 +267,66 @@ fn zone_id(raw: &str) -> Result<Uuid, ApiError> {
     Ok(parse_zone_id(raw)?)
 }
 
-async fn live(state: &ApiState, id: Uuid) -> Result<Zone, ApiError> {
-    Ok(state.zones.get(id).await?.lock().await.clone())
+/// A zone as the API shows it: its settings and state, and where it stands in its history.
+#[derive(Serialize)]
+struct ZoneJson {
+    #[serde(flatten)]
+    zone: Zone,
+    seq: u64,
+    epoch: String,
+}
+
+impl From<ZoneView> for ZoneJson {
+    fn from(v: ZoneView) -> Self {
+        Self {
+            zone: v.zone,
+            seq: v.seq,
+            epoch: v.epoch,
+        }
+    }
+}
+
+/// How long an admin request waits for room in the pipeline, then for its answer.
+const ROOM: std::time::Duration = std::time::Duration::from_secs(5);
+const ANSWER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Applies an admin command to a zone through its writer; the accepted outcome, or the refusal
+/// as an error.
+async fn ask(state: &ApiState, id: Uuid, kind: CommandKind) -> Result<Outcome, ApiError> {
+    let command = ZoneCommand::new(id, Actor::Admin, kind);
+    let outcome = state.zones.ask(command, ROOM, ANSWER).await?;
+    if let Err(refusal) = &outcome.result {
+        return Err(refusal.clone().into());
+    }
+    Ok(outcome)
+}
+
+fn view(outcome: Outcome) -> Result<ZoneJson, ApiError> {
+    match outcome.result {
+        Ok(accepted) => match accepted.answer {
+            Answer::State(view) => Ok((*view).into()),
+            _ => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the zone answered without its state",
+            )),
+        },
+        Err(refusal) => Err(refusal.into()),
+    }
 }
 
 async fn create_zone(
     State(state): State<ApiState>,
     ApiJson(spec): ApiJson<NewZone>,
-) -> Result<(StatusCode, Json<Zone>), ApiError> {
-    let zone = Zone::create(spec, &state.server_name, now())?;
-    let zone = state.zones.create(zone).await?;
-    Ok((StatusCode::CREATED, Json(zone)))
+) -> Result<(StatusCode, Json<ZoneJson>), ApiError> {
+    let zone = ZoneState::new(Zone::create(spec, &state.server_name, now())?);
+    state
+        .zones
+        .registry
+        .store()
+        .insert_zone(&zone.snapshot())
+        .await?;
+    Ok((StatusCode::CREATED, Json(zone.view().into())))
 }
 
 #[derive(Deserialize)]
@@ -263,7 +340,7 @@ struct Page {
 
 #[derive(Serialize)]
 struct ZonePage {
-    zones: Vec<Zone>,
+    zones: Vec<ZoneJson>,
     limit: u32,
     offset: u64,
     total: u64,
@@ -279,12 +356,19 @@ async fn list_zones(
         return Err(ApiError::bad_request("limit must be between 1 and 500"));
     }
     let offset = page.offset.unwrap_or(0);
-    let store = state.zones.store();
-    let mut zones = store.list_zones(limit, offset).await?;
-    // Live zones carry their current sessions and resources.
-    for z in &mut zones {
-        *z = live(&state, z.id).await?;
-    }
+    let store = state.zones.registry.store();
+    let zones = store
+        .list_zones(limit, offset)
+        .await?
+        .into_iter()
+        // Zones in memory show their live state; the others, their last snapshot.
+        .map(
+            |snapshot| match state.zones.registry.live(snapshot.zone.id) {
+                Some(live) => live.state().view().into(),
+                None => ZoneState::from_snapshot(snapshot).view().into(),
+            },
+        )
+        .collect();
     Ok(Json(ZonePage {
         zones,
         limit,
@@ -296,66 +380,22 @@ async fn list_zones(
 async fn get_zone(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<Zone>, ApiError> {
-    Ok(Json(live(&state, zone_id(&id)?).await?))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ZonePatch {
-    name: Option<String>,
-    capacity: Option<u32>,
-    properties: Option<Value>,
-    assigned_server: Option<String>,
+) -> Result<Json<ZoneJson>, ApiError> {
+    let id = zone_id(&id)?;
+    Ok(Json(view(
+        ask(&state, id, CommandKind::GetZoneState).await?,
+    )?))
 }
 
 async fn patch_zone(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     ApiJson(patch): ApiJson<ZonePatch>,
-) -> Result<Json<Zone>, ApiError> {
+) -> Result<Json<ZoneJson>, ApiError> {
     let id = zone_id(&id)?;
-    let zone = state.zones.get(id).await?;
-    let mut zone = zone.lock().await;
-    let mut next = zone.clone();
-    if let Some(name) = patch.name {
-        let name = name.trim();
-        if name.is_empty() || name.chars().count() > 200 {
-            return Err(
-                ZoneError::InvalidZone("the name must be 1 to 200 characters".into()).into(),
-            );
-        }
-        next.name = name.to_owned();
-    }
-    if let Some(capacity) = patch.capacity {
-        if capacity == 0 {
-            return Err(ZoneError::InvalidZone("capacity must be at least 1".into()).into());
-        }
-        if capacity < next.active_session_count {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!(
-                    "{} agents are in the zone: capacity cannot go below that",
-                    next.active_session_count
-                ),
-            ));
-        }
-        next.capacity = capacity;
-    }
-    if let Some(properties) = patch.properties {
-        if !properties.is_object() {
-            return Err(ZoneError::InvalidZone("properties must be a JSON object".into()).into());
-        }
-        next.properties = properties;
-    }
-    if let Some(server) = patch.assigned_server {
-        next.assigned_server = server;
-    }
-    next.updated_at = now();
-    state.zones.store().save_zone(&next).await?;
-    *zone = next.clone();
-    Ok(Json(next))
+    Ok(Json(view(
+        ask(&state, id, CommandKind::UpdateZone(patch)).await?,
+    )?))
 }
 
 async fn delete_zone(
@@ -363,9 +403,15 @@ async fn delete_zone(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = zone_id(&id)?;
-    state.zones.delete(id).await?;
-    state.hub.close_zone(id, "zone_deleted");
-    Ok(StatusCode::NO_CONTENT)
+    // The row goes first, so nothing can load the zone again; then its writer ends its sessions
+    // and closes its channels.
+    state.zones.registry.store().delete_zone(id).await?;
+    match ask(&state, id, CommandKind::DeleteZone).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        // It was not in memory: nobody was in it.
+        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(StatusCode::NO_CONTENT),
+        Err(e) => Err(e),
+    }
 }
 
 /// A permission by name (`"modify_zone"`) or bits (`2`, `"0x02"`).
@@ -404,7 +450,7 @@ async fn change_permissions(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     ApiJson(change): ApiJson<PermissionChange>,
-) -> Result<Json<Zone>, ApiError> {
+) -> Result<Json<ZoneJson>, ApiError> {
     let id = zone_id(&id)?;
     if change.grant.is_none() && change.revoke.is_none() {
         return Err(ApiError::bad_request(
@@ -413,15 +459,76 @@ async fn change_permissions(
     }
     let grant = parse_all(change.grant.as_deref().unwrap_or_default())?;
     let revoke = parse_all(change.revoke.as_deref().unwrap_or_default())?;
-    let zone = state.zones.get(id).await?;
-    let mut zone = zone.lock().await;
-    let mut next = zone.clone();
-    let t = now();
-    next.grant_permission(grant, t);
-    next.revoke_permission(revoke, t);
-    state.zones.store().save_zone(&next).await?;
-    *zone = next.clone();
-    Ok(Json(next))
+    let kind = CommandKind::ChangePermissions { grant, revoke };
+    Ok(Json(view(ask(&state, id, kind).await?)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastRequest {
+    event_type: String,
+    #[serde(default)]
+    payload: serde_json::Map<String, Value>,
+}
+
+/// `Zone.broadcast_zone_event(zone_id, event_type, payload)`: a custom event to every
+/// subscriber of the zone, audited with its seq.
+async fn broadcast(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<BroadcastRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let id = zone_id(&id)?;
+    let kind = CommandKind::BroadcastEvent {
+        event_type: req.event_type,
+        payload: req.payload,
+    };
+    let outcome = ask(&state, id, kind).await?;
+    let seq = outcome
+        .result
+        .ok()
+        .and_then(|a| a.events.last().map(|e| e.seq));
+    Ok(Json(json!({"seq": seq})))
+}
+
+#[derive(Serialize)]
+struct AgentSessions {
+    agent_id: String,
+    sessions: Vec<SessionJson>,
+}
+
+#[derive(Serialize)]
+struct SessionJson {
+    connection: String,
+    joined_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `Presence.get_zone_agents`: the agents present, with their sessions.
+async fn zone_agents(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = zone_id(&id)?;
+    // Through the writer first: it loads the zone if needed, and its answer comes after every
+    // command sent before this request.
+    let seq = view(ask(&state, id, CommandKind::GetZoneState).await?)?.seq;
+    let mut agents: Vec<AgentSessions> = Vec::new();
+    if let Some(live) = state.zones.registry.live(id) {
+        for (key, joined_at) in live.state().sessions() {
+            let session = SessionJson {
+                connection: key.connection.clone(),
+                joined_at: *joined_at,
+            };
+            match agents.last_mut() {
+                Some(a) if a.agent_id == key.agent_id => a.sessions.push(session),
+                _ => agents.push(AgentSessions {
+                    agent_id: key.agent_id.clone(),
+                    sessions: vec![session],
+                }),
+            }
+        }
+    }
+    Ok(Json(json!({"zone_id": id, "seq": seq, "agents": agents})))
 }
 
 #[derive(Deserialize)]
@@ -438,9 +545,12 @@ async fn mint_token(
     ApiJson(req): ApiJson<TokenRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let zone = zone_id(&req.zone_id)?;
-    if req.agent_id.trim().is_empty() || req.agent_id.len() > 200 {
+    if req.agent_id.trim().is_empty()
+        || req.agent_id.len() > crate::zone::limits::MAX_AGENT_ID_BYTES
+        || req.agent_id.contains('\0')
+    {
         return Err(ApiError::bad_request(
-            "agent_id must be 1 to 200 characters",
+            "agent_id must be 1 to 200 bytes, without NUL",
         ));
     }
     let perms = match &req.permissions {
@@ -456,7 +566,9 @@ async fn mint_token(
             .parse()?,
     };
     // The zone must exist.
-    state.zones.get(zone).await?;
+    if state.zones.registry.live(zone).is_none() {
+        state.zones.registry.store().get_zone(zone).await?;
+    }
     let (token, claims) = state
         .signer
         .mint(
@@ -476,6 +588,7 @@ async fn mint_token(
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     since: Option<String>,
+    after_seq: Option<u64>,
     limit: Option<u32>,
 }
 
@@ -496,7 +609,37 @@ async fn zone_events(
         })
         .transpose()?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let store = state.zones.store();
-    store.get_zone(id).await?;
-    Ok(Json(store.zone_events(id, since, None, Some(limit)).await?))
+    let store = state.zones.registry.store();
+    let events = store
+        .zone_events(id, since, q.after_seq, Some(limit))
+        .await?;
+    if events.is_empty() && state.zones.registry.live(id).is_none() {
+        // None: say so if the zone does not exist at all.
+        store.get_zone(id).await?;
+    }
+    Ok(Json(events))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterQuery {
+    zone_id: Option<String>,
+    limit: Option<u32>,
+    offset: Option<u64>,
+}
+
+/// Events the audit log refused as data, oldest first, with the database's reason.
+async fn dead_letters(
+    State(state): State<ApiState>,
+    query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let zone = q.zone_id.as_deref().map(zone_id).transpose()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let store = state.zones.registry.store();
+    Ok(Json(
+        store
+            .dead_letters(zone, limit, q.offset.unwrap_or(0))
+            .await?,
+    ))
 }

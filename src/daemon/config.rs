@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::zones::Replies;
 use crate::pipeline::{BatcherConfig, Jitter, ProcessorConfig, RetryPolicy};
+use crate::zone::BroadcastLimit;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -26,6 +28,46 @@ pub struct PipelineFile {
     pub producer: ProducerSection,
     pub processors: ProcessorSection,
     pub batchers: BatcherSections,
+    pub replies: RepliesSection,
+    pub zones: ZonesSection,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepliesSection {
+    /// `applied`: `ok` once the zone applied the command; `durable`: once its events are in the
+    /// audit log.
+    pub after: Replies,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZonesSection {
+    /// A zone without sessions for this long leaves memory, once its snapshot is written.
+    pub evict_after_ms: NonZeroU64,
+    /// Custom broadcasts (`broadcast_event`) allowed per zone; omitted means no limit.
+    pub broadcast_rate_limit: Option<RateLimitSection>,
+}
+
+impl Default for ZonesSection {
+    fn default() -> Self {
+        Self {
+            evict_after_ms: NonZeroU64::new(600_000).expect("nonzero"),
+            broadcast_rate_limit: Some(RateLimitSection {
+                allowed: NonZeroUsize::new(20).expect("nonzero"),
+                interval_ms: NonZeroU64::new(1_000).expect("nonzero"),
+            }),
+        }
+    }
+}
+
+impl ZonesSection {
+    pub fn broadcast_limit(&self) -> Option<BroadcastLimit> {
+        self.broadcast_rate_limit.as_ref().map(|r| BroadcastLimit {
+            allowed: u32::try_from(r.allowed.get()).unwrap_or(u32::MAX),
+            interval_ms: r.interval_ms.get(),
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -140,6 +182,8 @@ impl Default for PipelineFile {
             producer: ProducerSection::default(),
             processors: ProcessorSection::default(),
             batchers: BatcherSections::default(),
+            replies: RepliesSection::default(),
+            zones: ZonesSection::default(),
         }
     }
 }
@@ -293,6 +337,13 @@ impl PipelineFile {
                     "[batchers.{name}.retry] initial_delay_ms must not exceed max_delay_ms"
                 )));
             }
+        }
+        if file.batchers.broadcast.concurrency.get() != 1 {
+            return Err(invalid(
+                "[batchers.broadcast] concurrency must be 1: each zone's subscribers see its \
+                 events in seq order, which one sink worker keeps"
+                    .into(),
+            ));
         }
         if file.processors.retry.initial_delay_ms > file.processors.retry.max_delay_ms {
             return Err(invalid(

@@ -53,7 +53,7 @@ pub async fn replay(args: &ReplayArgs, out: &mut impl Write) -> Result<u64, Repl
     loop {
         let page = store.zone_events(zone, since, after, Some(PAGE)).await?;
         let Some(last) = page.last() else { break };
-        after = Some(last.id);
+        after = Some(last.seq);
         for event in &page {
             writeln!(out, "{}", event.to_json())?;
             written += 1;

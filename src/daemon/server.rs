@@ -1,10 +1,11 @@
 //! `thunderline serve`: the zone pipeline, the WebSocket endpoint and the admin API on one
 //! listener, and an orderly shutdown.
 //!
-//! The pipeline it runs: an in-memory producer fed by the sockets and the tick timer →
-//! processors partitioned by zone id (one zone's commands in order) → two batchers, `broadcast`
-//! (flushes within a couple of milliseconds, to the topic sink) and `audit` (20 events / 2 s, to
-//! the audit log, retried until the database takes it).
+//! The pipeline it runs: an in-memory producer fed by the sockets, the admin API and the zones'
+//! clock → one writer per zone (processors partitioned by zone id) → two batchers, `broadcast`
+//! (flushes within a few milliseconds, to the topic sink) and `audit` (20 events / 2 s, to the
+//! audit log, retried until the database takes it). Snapshots of the zones are written by a
+//! second, small pipeline as messages are acknowledged.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,16 +20,19 @@ use tokio::task::JoinHandle;
 use super::DatabaseArgs;
 use super::api::{self, ApiState};
 use super::config::{PipelineFile, PipelineFileError};
-use super::zones::{ZoneProcessor, ZoneRegistry};
+use super::zones::{
+    Replies, Snapshots, TimerConfig, WriterConfig, ZoneAcker, ZoneHandle, ZoneRegistry, ZoneWork,
+    ZoneWriter, run_timers,
+};
 use crate::pipeline::{
-    BatcherName, ConfigError, Message, Pipeline, PipelineMetrics, PushHandle, ShutdownError,
-    in_memory,
+    BatcherName, ConfigError, Message, Pipeline, PipelineMetrics, ShutdownError, in_memory,
 };
 use crate::realtime::{
-    Command, Hub, HubMetrics, SocketConfig, SocketContext, SocketMetrics, TokenSigner, TopicSink,
-    ZoneWork, random_secret,
+    Hub, HubMetrics, SocketConfig, SocketContext, SocketMetrics, TokenSigner, TopicSink,
+    random_secret,
 };
 use crate::store::{AuditSink, Store, StoreError};
+use crate::zone::{Actor, CommandKind, ZoneCommand};
 
 /// Each connection's kernel send buffer (Linux doubles it for bookkeeping): room for several
 /// hundred broadcast frames, so writes still batch, and a bounded amount of hidden lag.
@@ -47,6 +51,11 @@ pub struct ServeArgs {
     /// Log format: `text` for people, `json` for machines.
     #[arg(long, env = "THUNDERLINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// When a client's `ok` is sent: `applied` (once its zone applied the command) or `durable`
+    /// (once the events it caused are committed to the audit log, so that a crash loses nothing
+    /// answered ok). Default: the pipeline file's `[replies] after`, else `applied`.
+    #[arg(long, env = "THUNDERLINE_REPLIES", value_enum)]
+    pub replies: Option<Replies>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -56,12 +65,16 @@ pub enum LogFormat {
 }
 
 impl ServeArgs {
-    /// The pipeline file, or the defaults.
+    /// The pipeline file, or the defaults, with the flags that override it applied.
     pub fn pipeline(&self) -> Result<PipelineFile, PipelineFileError> {
-        match &self.config {
-            Some(path) => PipelineFile::load(path),
-            None => Ok(PipelineFile::default()),
+        let mut file = match &self.config {
+            Some(path) => PipelineFile::load(path)?,
+            None => PipelineFile::default(),
+        };
+        if let Some(replies) = self.replies {
+            file.replies.after = replies;
         }
+        Ok(file)
     }
 }
 
@@ -148,40 +161,51 @@ pub struct Server {
     pub addr: SocketAddr,
     pub secrets: Secrets,
     pub registry: Registry,
+    pub zones: ZoneHandle,
     stop: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
-    ticker: JoinHandle<()>,
+    timers: JoinHandle<()>,
     pipeline: Pipeline<ZoneWork>,
-    push: PushHandle<ZoneWork>,
+    snapshots: Arc<Snapshots>,
     store: Store,
     connections: prometheus::IntGauge,
 }
 
 impl Server {
-    /// Opens the store, builds the pipeline and starts listening.
+    /// Opens the store, builds the pipelines and starts listening.
     pub async fn start(args: &ServeArgs, file: &PipelineFile) -> Result<Self, ServeError> {
         let secrets = load_secrets(&args.db.data_dir)?;
         let signer = TokenSigner::new(secrets.signing.as_bytes())?;
         let store = Store::connect(&args.db.url()).await?;
         let registry = Registry::new();
         let hub = Arc::new(Hub::new(HubMetrics::register(&registry)?));
-        let zones = Arc::new(ZoneRegistry::new(store.clone()));
+        let zone_registry = Arc::new(ZoneRegistry::new(store.clone()));
         let pipeline_metrics = PipelineMetrics::register(&registry)?;
+        let snapshots = Arc::new(Snapshots::start(
+            store.clone(),
+            &zone_registry,
+            registry.clone(),
+            pipeline_metrics.clone(),
+        )?);
+        let acker = Arc::new(ZoneAcker::new(snapshots.clone()));
 
         let (producer, push) = in_memory::<ZoneWork>(file.producer.queue.get());
         let routes: Arc<[BatcherName]> =
             Arc::from(vec![BatcherName::from("broadcast"), "audit".into()]);
-        let socket_metrics = SocketMetrics::register(&registry)?;
-        let processor = ZoneProcessor::new(
-            zones.clone(),
-            hub.clone(),
+        let evict_after = Duration::from_millis(file.zones.evict_after_ms.get());
+        let writer = ZoneWriter::new(
+            zone_registry.clone(),
             routes,
-            socket_metrics.joins.clone(),
+            WriterConfig {
+                replies: file.replies.after,
+                broadcast_limit: file.zones.broadcast_limit(),
+                evict_after,
+            },
             &registry,
         )?;
         let mut builder = Pipeline::builder("zones")
             .producer(producer)
-            .processor(processor, file.processors.config())
+            .processor(writer, file.processors.config())
             .batcher(
                 file.batchers.broadcast.config("broadcast"),
                 TopicSink::new(hub.clone()),
@@ -206,12 +230,22 @@ impl Server {
             );
         }
         let pipeline = builder.start()?;
+        let zones = ZoneHandle::new(zone_registry.clone(), push, acker);
+
+        // Sessions the store still holds belong to connections of an earlier run that ended
+        // without their leaves (a crash): end them before anyone reads them.
+        for id in store.zones_with_sessions().await? {
+            let expire = ZoneCommand::new(id, Actor::System, CommandKind::ExpireSessions);
+            zones.push(ZoneWork::command(expire, None)).await;
+        }
 
         let (stop, stop_rx) = watch::channel(false);
+        let socket_metrics = SocketMetrics::register(&registry)?;
         let sockets = Arc::new(SocketContext::new(
             hub.clone(),
             signer.clone(),
-            push.clone(),
+            zones.push_handle(),
+            zones.envelope(),
             SocketConfig::default(),
             socket_metrics,
             stop_rx.clone(),
@@ -255,17 +289,24 @@ impl Server {
                 })
                 .await
         });
-        let every = Duration::from_millis(file.tick_interval_ms.get());
-        let ticker = tokio::spawn(tick(zones, push.clone(), every, stop_rx));
+        let timers = tokio::spawn(run_timers(
+            zones.clone(),
+            TimerConfig {
+                tick_every: Duration::from_millis(file.tick_interval_ms.get()),
+                evict_after,
+            },
+            stop_rx,
+        ));
         Ok(Self {
             addr,
             secrets,
             registry,
+            zones,
             stop,
             http,
-            ticker,
+            timers,
             pipeline,
-            push,
+            snapshots,
             store,
             connections,
         })
@@ -275,7 +316,7 @@ impl Server {
     /// pipeline into the audit log, and closes the store.
     pub async fn shutdown(self) -> Result<(), ServeError> {
         self.stop.send_replace(true);
-        let _ = self.ticker.await;
+        let _ = self.timers.await;
         let http = self.http.await;
         // Upgraded WebSockets outlive the HTTP server's graceful shutdown: wait (a while) for
         // each to send its close frame and hand in its leaves before the pipeline drains.
@@ -283,42 +324,14 @@ impl Server {
         while self.connections.get() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        drop(self.push);
         self.pipeline.shutdown().await?;
+        // The zone pipeline's last acknowledgements queued the last snapshots.
+        self.snapshots.shutdown().await?;
         self.store.close().await;
         match http {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ServeError::Http(e)),
             Err(e) => Err(ServeError::Http(std::io::Error::other(e))),
-        }
-    }
-}
-
-/// Ticks every zone with agents in it, through the pipeline like any other event.
-async fn tick(
-    zones: Arc<ZoneRegistry>,
-    push: PushHandle<ZoneWork>,
-    every: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut interval = tokio::time::interval(every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval.tick().await;
-    loop {
-        tokio::select! {
-            () = async { let _ = stop.wait_for(|&s| s).await; } => return,
-            _ = interval.tick() => {}
-        }
-        for zone_id in zones.active().await {
-            let work = ZoneWork {
-                zone_id,
-                command: Command::Tick,
-                origin: None,
-                event: None,
-            };
-            if push.push(Message::new(work)).await.is_err() {
-                return;
-            }
         }
     }
 }

@@ -68,7 +68,9 @@ pub use error::{ConfigError, PushError, ShutdownError};
 pub use flow::RateLimiter;
 pub use message::{BatchKey, BatchMode, BatcherName, Failure, Message, Metadata, Status};
 pub use processor::{CpuProcessor, Processor};
-pub use producer::{Demand, InMemoryProducer, Produced, Producer, PushHandle, in_memory};
+pub use producer::{
+    Demand, InMemoryProducer, Produced, Producer, PushHandle, PushPermit, in_memory,
+};
 pub use retry::{Delays, Jitter, RetryPolicy};
 pub use running::{Pipeline, PipelineStats};
 pub use sink::{BatchSink, DeadLetterSink};

@@ -1,11 +1,17 @@
-//! The topic hub: who is subscribed to each zone, who is present in it, and fan-out.
+//! The topic hub: the open connections, who is subscribed to each zone, who is present in it,
+//! and fan-out.
+//!
+//! A zone's subscribers and presence change only as the topic sink reads the zone's events in
+//! seq order (a session's `agent_entered` subscribes its connection, its `agent_left`
+//! unsubscribes it), so presence changes and events reach every subscriber in one order, and a
+//! joiner sees exactly the events after the state its join reply showed.
 //!
 //! A broadcast is serialised once; every subscriber's queue gets the same bytes (a reference
 //! count, not a copy). Each connection's outbound queue is bounded: a client that cannot keep up
 //! is disconnected with a close code its client reconnects after, and never slows the zone.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -14,9 +20,11 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use super::protocol;
+use super::channel::Channels;
 
-pub type ConnId = u64;
+/// A connection's name: unique across the server's runs (a random prefix per run), since
+/// sessions and presence metas (`phx_ref`) are keyed by it.
+pub type ConnId = Arc<str>;
 
 /// Why the server closes a connection: a WebSocket close code and reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,13 +108,13 @@ pub struct Peer {
 
 impl Peer {
     pub fn new(
-        id: ConnId,
+        id: impl Into<ConnId>,
         out: OutboundTx,
         kill: Arc<watch::Sender<Option<CloseReason>>>,
         slow: IntCounter,
     ) -> Self {
         Self {
-            id,
+            id: id.into(),
             out,
             kill,
             slow,
@@ -118,7 +126,7 @@ impl Peer {
         self.queue(Outbound::Frame(frame))
     }
 
-    fn queue(&self, out: Outbound) -> bool {
+    pub(crate) fn queue(&self, out: Outbound) -> bool {
         let n = out.frames();
         let backlog = self.out.queued.fetch_add(n, Ordering::Relaxed) + n;
         let full = backlog > self.out.limit
@@ -154,18 +162,18 @@ impl Peer {
 #[derive(Clone, Debug)]
 struct Meta {
     conn: ConnId,
-    phx_ref: String,
     online_at: i64,
 }
 
 impl Meta {
     fn json(&self) -> Value {
-        json!({"phx_ref": self.phx_ref, "online_at": self.online_at})
+        json!({"phx_ref": &*self.conn, "online_at": self.online_at})
     }
 }
 
+/// A zone's subscribers and presence, as its events so far have left them.
 #[derive(Default)]
-struct ZoneTopic {
+pub(crate) struct ZoneTopic {
     subscribers: HashMap<ConnId, Peer>,
     /// agent id → its connections' metas.
     presence: BTreeMap<String, Vec<Meta>>,
@@ -224,10 +232,18 @@ impl HubMetrics {
     }
 }
 
-/// Zone topics, their subscribers and their presence.
+/// An open connection, as the topic sink reaches it.
+#[derive(Clone)]
+pub(crate) struct Connection {
+    pub peer: Peer,
+    pub channels: Arc<Mutex<Channels>>,
+}
+
+/// The open connections, and each zone's subscribers and presence.
 pub struct Hub {
-    topics: RwLock<HashMap<Uuid, Arc<Mutex<ZoneTopic>>>>,
-    next_ref: AtomicU64,
+    connections: RwLock<HashMap<ConnId, Connection>>,
+    /// Changed only by the topic sink, in each zone's seq order.
+    pub(crate) topics: Mutex<HashMap<Uuid, ZoneTopic>>,
     pub metrics: HubMetrics,
 }
 
@@ -238,44 +254,44 @@ pub fn topic_name(zone: Uuid) -> String {
 impl Hub {
     pub fn new(metrics: HubMetrics) -> Self {
         Self {
-            topics: RwLock::new(HashMap::new()),
-            next_ref: AtomicU64::new(1),
+            connections: RwLock::new(HashMap::new()),
+            topics: Mutex::new(HashMap::new()),
             metrics,
         }
     }
 
-    fn topic(&self, zone: Uuid) -> Arc<Mutex<ZoneTopic>> {
-        if let Some(t) = self
-            .topics
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&zone)
-        {
-            return t.clone();
-        }
-        self.topics
+    /// Makes a connection reachable by its name, for the sessions it will hold.
+    pub fn connect(&self, peer: &Peer, channels: Arc<Mutex<Channels>>) {
+        self.connections
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(zone)
-            .or_default()
-            .clone()
+            .insert(
+                peer.id.clone(),
+                Connection {
+                    peer: peer.clone(),
+                    channels,
+                },
+            );
     }
 
-    fn existing(&self, zone: Uuid) -> Option<Arc<Mutex<ZoneTopic>>> {
-        self.topics
+    /// Forgets a connection. Its sessions end through their own `agent_left` events.
+    pub fn disconnect(&self, conn: &str) {
+        self.connections
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(conn);
+    }
+
+    pub(crate) fn connection(&self, conn: &str) -> Option<Connection> {
+        self.connections
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&zone)
+            .get(conn)
             .cloned()
     }
 
-    /// Sends the same frames, in order, to every subscriber of the zone: one queue item each.
-    pub fn broadcast(&self, zone: Uuid, frames: Arc<[Utf8Bytes]>) {
-        let Some(topic) = self.existing(zone) else {
-            return;
-        };
-        let topic = topic.lock().unwrap_or_else(|e| e.into_inner());
-        self.metrics.broadcasts.inc_by(frames.len() as u64);
+    /// Sends the same frames, in order, to every subscriber: one queue item each.
+    pub(crate) fn fan_out(&self, topic: &ZoneTopic, frames: Arc<[Utf8Bytes]>) {
         let mut sent = 0;
         for peer in topic.subscribers.values() {
             if peer.queue(Outbound::Frames(frames.clone())) {
@@ -285,137 +301,85 @@ impl Hub {
         self.metrics.deliveries.inc_by(sent * frames.len() as u64);
     }
 
-    /// Subscribes the connection, tracks its agent's presence and tells everyone: the joiner
-    /// gets the full `presence_state` first, then all subscribers get the `presence_diff`.
-    pub fn join(&self, zone: Uuid, peer: &Peer, agent_id: &str, join_ref: Option<&str>) {
-        let topic_name = topic_name(zone);
-        let topic = self.topic(zone);
-        let mut topic = topic.lock().unwrap_or_else(|e| e.into_inner());
-        if topic.subscribers.insert(peer.id, peer.clone()).is_none() {
-            self.metrics.subscriptions.inc();
-        }
-        let meta = Meta {
-            conn: peer.id,
-            phx_ref: format!("{:x}", self.next_ref.fetch_add(1, Ordering::Relaxed)),
-            online_at: chrono::Utc::now().timestamp_millis(),
-        };
-        topic
-            .presence
-            .entry(agent_id.to_owned())
-            .or_default()
-            .push(meta.clone());
-        self.metrics.presences.inc();
-        peer.send_text(protocol::encode(
-            join_ref,
-            None,
-            &topic_name,
-            "presence_state",
-            &state_of(&topic.presence),
-        ));
-        let diff = json!({"joins": {agent_id: {"metas": [meta.json()]}}, "leaves": {}});
-        let frame = Utf8Bytes::from(protocol::encode(
-            None,
-            None,
-            &topic_name,
-            "presence_diff",
-            &diff,
-        ));
-        for p in topic.subscribers.values() {
-            p.send(frame.clone());
-        }
-    }
-
-    /// Unsubscribes the connection and broadcasts its agent's leave; returns the agent, if it
-    /// was present.
-    pub fn leave(&self, zone: Uuid, conn: ConnId) -> Option<String> {
-        let topic_arc = self.existing(zone)?;
-        let mut topic = topic_arc.lock().unwrap_or_else(|e| e.into_inner());
-        if topic.subscribers.remove(&conn).is_some() {
-            self.metrics.subscriptions.dec();
-        }
-        let mut left = None;
-        for (agent, metas) in topic.presence.iter_mut() {
-            if let Some(i) = metas.iter().position(|m| m.conn == conn) {
-                left = Some((agent.clone(), metas.remove(i)));
-                break;
-            }
-        }
-        let (agent, meta) = left?;
-        self.metrics.presences.dec();
-        if topic.presence.get(&agent).is_some_and(Vec::is_empty) {
-            topic.presence.remove(&agent);
-        }
-        let diff = json!({"joins": {}, "leaves": {agent.as_str(): {"metas": [meta.json()]}}});
-        let frame = Utf8Bytes::from(protocol::encode(
-            None,
-            None,
-            &topic_name(zone),
-            "presence_diff",
-            &diff,
-        ));
-        for p in topic.subscribers.values() {
-            p.send(frame.clone());
-        }
-        let empty = topic.subscribers.is_empty() && topic.presence.is_empty();
-        drop(topic);
-        if empty {
-            let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-            // Only if nobody joined in between.
-            if topics
-                .get(&zone)
-                .is_some_and(|t| Arc::ptr_eq(t, &topic_arc) && Arc::strong_count(t) == 2)
-            {
-                topics.remove(&zone);
-            }
-        }
-        Some(agent)
-    }
-
-    /// The agents present in the zone, one entry per agent.
-    pub fn agents(&self, zone: Uuid) -> Vec<String> {
-        self.existing(zone)
-            .map(|t| {
-                t.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .presence
-                    .keys()
-                    .cloned()
-                    .collect()
-            })
+    /// The agents present in the zone, one entry per agent, as subscribers see them.
+    pub fn present(&self, zone: Uuid) -> Vec<String> {
+        self.topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&zone)
+            .map(|t| t.presence.keys().cloned().collect())
             .unwrap_or_default()
-    }
-
-    /// Closes every subscriber of the zone (it was deleted).
-    pub fn close_zone(&self, zone: Uuid, reason: &str) {
-        let Some(topic) = self.existing(zone) else {
-            return;
-        };
-        let name = topic_name(zone);
-        let topic = topic.lock().unwrap_or_else(|e| e.into_inner());
-        let frame = Utf8Bytes::from(protocol::encode(
-            None,
-            None,
-            &name,
-            "phx_error",
-            &json!({"reason": reason}),
-        ));
-        for p in topic.subscribers.values() {
-            p.send(frame.clone());
-        }
     }
 }
 
-fn state_of(presence: &BTreeMap<String, Vec<Meta>>) -> Value {
-    let map: serde_json::Map<String, Value> = presence
-        .iter()
-        .map(|(agent, metas)| {
-            (
-                agent.clone(),
-                json!({"metas": metas.iter().map(Meta::json).collect::<Vec<_>>()}),
-            )
-        })
-        .collect();
-    Value::Object(map)
+impl ZoneTopic {
+    /// Tracks a session's presence; returns the `presence_diff` payload for its join.
+    pub(crate) fn track(&mut self, hub: &Hub, agent: &str, conn: &ConnId, online_at: i64) -> Value {
+        let meta = Meta {
+            conn: conn.clone(),
+            online_at,
+        };
+        let metas = self.presence.entry(agent.to_owned()).or_default();
+        if !metas.iter().any(|m| m.conn == *conn) {
+            metas.push(meta.clone());
+            hub.metrics.presences.inc();
+        }
+        json!({"joins": {agent: {"metas": [meta.json()]}}, "leaves": {}})
+    }
+
+    /// Forgets a session's presence; returns the `presence_diff` payload for its leave, if it
+    /// was present.
+    pub(crate) fn untrack(&mut self, hub: &Hub, agent: &str, conn: &str) -> Option<Value> {
+        let metas = self.presence.get_mut(agent)?;
+        let i = metas.iter().position(|m| &*m.conn == conn)?;
+        let meta = metas.remove(i);
+        if metas.is_empty() {
+            self.presence.remove(agent);
+        }
+        hub.metrics.presences.dec();
+        Some(json!({"joins": {}, "leaves": {agent: {"metas": [meta.json()]}}}))
+    }
+
+    /// Every agent present and their metas: the `presence_state` payload.
+    pub(crate) fn state(&self) -> Value {
+        let map: serde_json::Map<String, Value> = self
+            .presence
+            .iter()
+            .map(|(agent, metas)| {
+                (
+                    agent.clone(),
+                    json!({"metas": metas.iter().map(Meta::json).collect::<Vec<_>>()}),
+                )
+            })
+            .collect();
+        Value::Object(map)
+    }
+
+    pub(crate) fn subscribe(&mut self, hub: &Hub, peer: Peer) {
+        if self.subscribers.insert(peer.id.clone(), peer).is_none() {
+            hub.metrics.subscriptions.inc();
+        }
+    }
+
+    pub(crate) fn unsubscribe(&mut self, hub: &Hub, conn: &str) -> Option<Peer> {
+        let peer = self.subscribers.remove(conn)?;
+        hub.metrics.subscriptions.dec();
+        Some(peer)
+    }
+
+    /// Ends every subscription (the zone is gone); returns who was subscribed.
+    pub(crate) fn close(&mut self, hub: &Hub) -> Vec<Peer> {
+        let peers: Vec<Peer> = self.subscribers.drain().map(|(_, p)| p).collect();
+        hub.metrics.subscriptions.sub(peers.len() as i64);
+        let metas: usize = self.presence.values().map(Vec::len).sum();
+        hub.metrics.presences.sub(metas as i64);
+        self.presence.clear();
+        peers
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.subscribers.is_empty() && self.presence.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -427,7 +391,7 @@ mod tests {
         let metrics = HubMetrics::register(&Registry::new()).unwrap();
         let (tx, mut rx) = outbound_queue(4);
         let (kill, killed) = watch::channel(None);
-        let peer = Peer::new(1, tx, Arc::new(kill), metrics.slow_consumers.clone());
+        let peer = Peer::new("c1", tx, Arc::new(kill), metrics.slow_consumers.clone());
         let frames = |n| Outbound::Frames(Arc::from(vec![Utf8Bytes::from_static("f"); n]));
         assert!(peer.queue(frames(3)));
         // Once the writer has taken them, they no longer count against the bound.
@@ -447,26 +411,26 @@ mod tests {
         let metrics = HubMetrics::register(&registry).unwrap();
         let (tx, _rx) = outbound_queue(2);
         let (kill, mut killed) = watch::channel(None);
-        let peer = Peer::new(1, tx, Arc::new(kill), metrics.slow_consumers.clone());
+        let peer = Peer::new("c1", tx, Arc::new(kill), metrics.slow_consumers.clone());
         let hub = Hub::new(metrics.clone());
-        let zone = Uuid::now_v7();
-        hub.join(zone, &peer, "slow", Some("1"));
-        // presence_state and presence_diff filled the queue of 2; every broadcast now overflows.
+        let mut topic = ZoneTopic::default();
+        topic.subscribe(&hub, peer.clone());
         for _ in 0..5 {
-            hub.broadcast(
-                zone,
-                Arc::from([Utf8Bytes::from_static("[null,null,\"t\",\"e\",{}]")]),
+            hub.fan_out(
+                &topic,
+                Arc::from([
+                    Utf8Bytes::from_static("[null,null,\"t\",\"e\",{}]"),
+                    Utf8Bytes::from_static("[null,null,\"t\",\"e\",{}]"),
+                ]),
             );
         }
         assert!(killed.has_changed().unwrap());
         assert_eq!(*killed.borrow_and_update(), Some(SLOW_CONSUMER));
         assert_eq!(metrics.slow_consumers.get(), 1, "counted once");
-        assert_eq!(metrics.broadcasts.get(), 5);
-        assert_eq!(metrics.deliveries.get(), 0);
+        assert_eq!(metrics.deliveries.get(), 2, "the first fit, nothing after");
         assert_ne!(SLOW_CONSUMER.code, 1000, "clients reconnect after it");
-        assert_eq!(hub.agents(zone), vec!["slow".to_owned()]);
-        assert_eq!(hub.leave(zone, 1).as_deref(), Some("slow"));
-        assert!(hub.agents(zone).is_empty());
-        assert_eq!(metrics.presences.get(), 0);
+        assert_eq!(metrics.subscriptions.get(), 1);
+        assert!(topic.unsubscribe(&hub, "c1").is_some());
+        assert_eq!(metrics.subscriptions.get(), 0);
     }
 }

@@ -1,11 +1,20 @@
 //! One WebSocket connection speaking Phoenix Channels V2: heartbeats, joins, leaves and zone
 //! events in; replies, pushes and broadcasts out.
 //!
-//! A reader loop checks every frame (shape, rate, topic, token, payload) and hands valid work to
-//! the pipeline; a writer task drains the connection's bounded queue, writing every frame that is
-//! waiting before it flushes. Nothing a client sends can stall or crash the server: a bad frame
-//! gets an error reply and the connection stays usable; a flood or an oversize frame closes it.
+//! A reader loop checks every frame (shape, rate, topic, token, payload) and hands each valid
+//! one to the zone pipeline as a [`ZoneCommand`]; a writer task drains the connection's bounded
+//! queue, writing every frame that is waiting before it flushes. Nothing a client sends can
+//! stall or crash the server: a bad frame gets an error reply and the connection stays usable;
+//! a flood or an oversize frame closes it.
+//!
+//! The reader never waits for the pipeline. While it is full, commands wait in a short queue of
+//! the connection's own, in order, and the reader goes on answering heartbeats; a push that
+//! cannot be handed over within `push_wait` is answered `overloaded` (joins too; leaves always
+//! wait, so that a session is never left behind). A channel counts as joined only once the zone
+//! accepted the join; pushes sent before that are applied only if it is accepted, since the
+//! zone sees them after the join, in the order they were sent.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,12 +27,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::channel::{Channels, Command, Joined, Origin, ZoneWork};
+use super::channel::{Asked, Channels, Joined, SocketReply, parse_event};
 use super::hub::{CloseReason, Hub, Outbound, Peer, outbound_queue};
 use super::protocol::{self, Frame};
 use super::token::TokenSigner;
-use crate::pipeline::{Message as PipelineMessage, PushHandle};
-use crate::zone::parse_zone_id;
+use crate::pipeline::{Message as PipelineMessage, PushError, PushHandle};
+use crate::zone::{Actor, CommandKind, ReplyTo, ZoneCommand, parse_zone_id};
 
 /// Per-connection limits.
 #[derive(Clone, Debug)]
@@ -40,8 +49,15 @@ pub struct SocketConfig {
     pub rate_per_sec: f64,
     /// ...with bursts of up to this many.
     pub burst: f64,
-    /// Refused frames in a row (rate-limited) before the connection is closed.
+    /// Frames refused (rate-limited) within one second before the connection is closed. Counted
+    /// per second rather than in a row: the tokens a flood earns back as it goes must not reset
+    /// the count, or the flood's own error replies would fill its queue first.
     pub flood_limit: u32,
+    /// Longest a push waits for room in the pipeline before it is answered `overloaded`.
+    pub push_wait: Duration,
+    /// Commands a connection may have waiting for the pipeline at once; past it, pushes are
+    /// answered `overloaded` at once.
+    pub max_waiting: usize,
 }
 
 impl Default for SocketConfig {
@@ -54,6 +70,8 @@ impl Default for SocketConfig {
             rate_per_sec: 200.0,
             burst: 500.0,
             flood_limit: 200,
+            push_wait: Duration::from_secs(5),
+            max_waiting: 256,
         }
     }
 }
@@ -104,7 +122,7 @@ impl SocketMetrics {
             refused: IntCounterVec::new(
                 Opts::new(
                     "thunderline_channel_refused_total",
-                    "Client frames refused before the pipeline, by reason.",
+                    "Client frames refused before the pipeline (overloaded among them), by reason.",
                 ),
                 &["reason"],
             )?,
@@ -117,23 +135,32 @@ impl SocketMetrics {
     }
 }
 
+/// Makes the pipeline's message for a socket's command: the daemon's envelope, with its
+/// acknowledger.
+pub type Envelope<W> =
+    Arc<dyn Fn(ZoneCommand, Arc<dyn ReplyTo>) -> PipelineMessage<W> + Send + Sync>;
+
 /// What every connection shares.
-pub struct SocketContext {
+pub struct SocketContext<W> {
     pub hub: Arc<Hub>,
     pub signer: TokenSigner,
-    pub work: PushHandle<ZoneWork>,
+    pub work: PushHandle<W>,
+    pub envelope: Envelope<W>,
     pub config: SocketConfig,
     pub metrics: SocketMetrics,
     /// Flips to true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// This run's random prefix for connection names.
+    run: String,
     next_id: AtomicU64,
 }
 
-impl SocketContext {
+impl<W: Send + 'static> SocketContext<W> {
     pub fn new(
         hub: Arc<Hub>,
         signer: TokenSigner,
-        work: PushHandle<ZoneWork>,
+        work: PushHandle<W>,
+        envelope: Envelope<W>,
         config: SocketConfig,
         metrics: SocketMetrics,
         shutdown: watch::Receiver<bool>,
@@ -142,9 +169,11 @@ impl SocketContext {
             hub,
             signer,
             work,
+            envelope,
             config,
             metrics,
             shutdown,
+            run: Uuid::new_v4().simple().to_string()[..12].to_owned(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -156,17 +185,28 @@ struct Bucket {
     at: Instant,
 }
 
-struct Connection {
-    ctx: Arc<SocketContext>,
+/// A command waiting for room in the pipeline.
+struct Waiting<W> {
+    message: PipelineMessage<W>,
+    reply: Arc<SocketReply>,
+    /// None for leaves: they wait as long as it takes.
+    deadline: Option<Instant>,
+}
+
+struct Connection<W> {
+    ctx: Arc<SocketContext<W>>,
     peer: Peer,
     channels: Arc<Mutex<Channels>>,
     bucket: Bucket,
-    refused_in_a_row: u32,
+    /// Refusals in the current one-second window, and when it began.
+    refused: (u32, Instant),
+    waiting: VecDeque<Waiting<W>>,
 }
 
 /// Serves one upgraded WebSocket until either side closes it.
-pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
-    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>) {
+    let n = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = format!("{}.{n:x}", ctx.run);
     let (mut sink, mut stream) = ws.split();
     let (tx, mut rx) = outbound_queue(ctx.config.outbound_queue);
     let (kill_tx, mut kill_rx) = watch::channel(None::<CloseReason>);
@@ -220,21 +260,28 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
         }
     });
 
+    let channels = Arc::new(Mutex::new(Channels::new()));
+    ctx.hub.connect(&peer, channels.clone());
     let mut conn = Connection {
         ctx: ctx.clone(),
         peer: peer.clone(),
-        channels: Arc::new(Mutex::new(Channels::new())),
+        channels,
         bucket: Bucket {
             tokens: ctx.config.burst,
             at: Instant::now(),
         },
-        refused_in_a_row: 0,
+        refused: (0, Instant::now()),
+        waiting: VecDeque::new(),
     };
     let mut killed = kill.subscribe();
     let mut shutdown = ctx.shutdown.clone();
     // Whether the server started the closing handshake (and should wait for the client's half).
     let mut closing = false;
+    // One timer for the whole connection, pushed back as frames arrive.
+    let idle = tokio::time::sleep(ctx.config.idle_timeout);
+    tokio::pin!(idle);
     loop {
+        let deadline = conn.waiting.iter().filter_map(|w| w.deadline).min();
         tokio::select! {
             biased;
             _ = killed.changed() => {
@@ -246,34 +293,54 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
                 closing = true;
                 break;
             }
-            next = tokio::time::timeout(ctx.config.idle_timeout, stream.next()) => match next {
-                Err(_) => {
-                    peer.close(IDLE);
-                    closing = true;
-                    break;
+            permit = ctx.work.reserve(), if !conn.waiting.is_empty() => match permit {
+                Some(permit) => {
+                    let waiting = conn.waiting.pop_front().expect("checked non-empty");
+                    permit.push(waiting.message);
                 }
-                Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break,
-                Ok(Some(Err(e))) => {
-                    if is_too_big(&e) {
-                        peer.close(TOO_BIG);
-                        closing = true;
+                None => conn.refuse_waiting(|_| true, "unavailable", "the server is shutting down"),
+            },
+            () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                let now = Instant::now();
+                conn.refuse_waiting(
+                    |w| w.deadline.is_some_and(|d| d <= now),
+                    "overloaded",
+                    "the server is busy: the push waited too long for room; try again later",
+                );
+            }
+            () = &mut idle => {
+                peer.close(IDLE);
+                closing = true;
+                break;
+            }
+            next = stream.next() => {
+                idle.as_mut().reset(Instant::now() + ctx.config.idle_timeout);
+                match next {
+                    None | Some(Ok(Message::Close(_))) => break,
+                    Some(Err(e)) => {
+                        if is_too_big(&e) {
+                            peer.close(TOO_BIG);
+                            closing = true;
+                        }
+                        break;
                     }
-                    break;
+                    Some(Ok(Message::Text(text))) => conn.on_text(&text),
+                    Some(Ok(Message::Binary(_))) => {
+                        conn.refuse("binary_unsupported");
+                        peer.send_text(protocol::encode(None, None, "phoenix", "phx_error", &json!({
+                            "reason": "binary_unsupported",
+                            "details": "this server speaks the V2 JSON serializer only"
+                        })));
+                    }
+                    Some(Ok(_)) => {}
                 }
-                Ok(Some(Ok(Message::Text(text)))) => conn.on_text(&text).await,
-                Ok(Some(Ok(Message::Binary(_)))) => {
-                    conn.refuse("binary_unsupported");
-                    peer.send_text(protocol::encode(None, None, "phoenix", "phx_error", &json!({
-                        "reason": "binary_unsupported",
-                        "details": "this server speaks the V2 JSON serializer only"
-                    })));
-                }
-                Ok(Some(Ok(_))) => {}
             }
         }
     }
 
-    // Leave every channel this connection held.
+    // Leave every channel this connection held or asked for: whatever still waits is dropped
+    // (nobody is left to answer), and a leave of a session that never began changes nothing.
+    conn.waiting.clear();
     let held: Vec<(Uuid, Joined)> = conn
         .channels
         .lock()
@@ -281,9 +348,18 @@ pub async fn serve(ws: WebSocket, ctx: Arc<SocketContext>) {
         .drain()
         .collect();
     for (zone, joined) in held {
-        conn.submit(zone, Command::Leave { reply: false }, &joined, None)
-            .await;
+        let message = conn.message(
+            zone,
+            CommandKind::Leave,
+            Asked::Leave { reply: false },
+            &joined,
+            None,
+        );
+        if let Err(PushError::Closed(_)) = ctx.work.push(message.0).await {
+            break;
+        }
     }
+    ctx.hub.disconnect(&peer.id);
     if closing {
         // Read (and drop) what the client still sends until it answers our close frame: closing
         // the socket with unread data would reset the connection, and the client would never see
@@ -330,7 +406,7 @@ fn is_too_big(e: &axum::Error) -> bool {
     text.contains("too long") || text.contains("too big") || text.contains("Space limit")
 }
 
-impl Connection {
+impl<W: Send + 'static> Connection<W> {
     fn refuse(&mut self, reason: &str) {
         self.ctx.metrics.refused.with_label_values(&[reason]).inc();
     }
@@ -343,18 +419,20 @@ impl Connection {
         self.bucket.at = now;
         if self.bucket.tokens >= 1.0 {
             self.bucket.tokens -= 1.0;
-            self.refused_in_a_row = 0;
             true
         } else {
-            self.refused_in_a_row += 1;
+            if now.duration_since(self.refused.1) >= Duration::from_secs(1) {
+                self.refused = (0, now);
+            }
+            self.refused.0 += 1;
             false
         }
     }
 
-    async fn on_text(&mut self, text: &str) {
+    fn on_text(&mut self, text: &str) {
         if !self.allow() {
             self.refuse("rate_limited");
-            if self.refused_in_a_row > self.ctx.config.flood_limit {
+            if self.refused.0 > self.ctx.config.flood_limit {
                 self.peer.close(FLOOD);
                 return;
             }
@@ -406,9 +484,9 @@ impl Connection {
                     &json!({}),
                 ));
             }
-            (_, "phx_join") => self.join(frame).await,
-            (_, "phx_leave") => self.leave(frame).await,
-            _ => self.event(frame).await,
+            (_, "phx_join") => self.join(frame),
+            (_, "phx_leave") => self.leave(frame),
+            _ => self.event(frame),
         }
     }
 
@@ -440,7 +518,7 @@ impl Connection {
         parse_zone_id(id).map_err(|e| ("zone_not_found", e.to_string()))
     }
 
-    async fn join(&mut self, frame: Frame) {
+    fn join(&mut self, frame: Frame) {
         let zone = match Self::zone_of(&frame.topic) {
             Ok(zone) => zone,
             Err((reason, details)) => {
@@ -476,6 +554,7 @@ impl Connection {
             join_ref: frame.join_ref.clone(),
             agent_id,
             perms: claims.perms,
+            accepted: false,
         };
         let (previous, too_many) = {
             let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
@@ -495,8 +574,13 @@ impl Connection {
                 "phx_close",
                 &json!({}),
             ));
-            self.submit(zone, Command::Leave { reply: false }, &old, None)
-                .await;
+            self.submit(
+                zone,
+                CommandKind::Leave,
+                Asked::Leave { reply: false },
+                &old,
+                None,
+            );
         }
         if too_many {
             return self.refuse_join(
@@ -505,11 +589,10 @@ impl Connection {
                 "at most 100 channels per connection",
             );
         }
-        self.submit(zone, Command::Join, &joined, frame.msg_ref)
-            .await;
+        self.submit(zone, CommandKind::Join, Asked::Join, &joined, frame.msg_ref);
     }
 
-    async fn leave(&mut self, frame: Frame) {
+    fn leave(&mut self, frame: Frame) {
         let zone = Self::zone_of(&frame.topic).ok();
         let joined = zone.and_then(|z| {
             let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
@@ -521,8 +604,13 @@ impl Connection {
                     join_ref: frame.join_ref.clone().or(joined.join_ref),
                     ..joined
                 };
-                self.submit(zone, Command::Leave { reply: true }, &joined, frame.msg_ref)
-                    .await;
+                self.submit(
+                    zone,
+                    CommandKind::Leave,
+                    Asked::Leave { reply: true },
+                    &joined,
+                    frame.msg_ref,
+                );
             }
             None => {
                 self.peer.send_text(protocol::reply(
@@ -536,7 +624,7 @@ impl Connection {
         }
     }
 
-    async fn event(&mut self, frame: Frame) {
+    fn event(&mut self, frame: Frame) {
         let joined = Self::zone_of(&frame.topic).ok().and_then(|zone| {
             let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
             channels
@@ -556,10 +644,10 @@ impl Connection {
             ));
             return;
         };
-        match Command::from_event(&frame.event, frame.payload.clone()) {
+        match parse_event(&frame.event, frame.payload.clone()) {
             Ok(command) => {
                 self.ctx.metrics.pushes.inc();
-                self.submit(zone, command, &joined, frame.msg_ref).await;
+                self.submit(zone, command, Asked::Push, &joined, frame.msg_ref);
             }
             Err(refusal) => {
                 self.refuse(refusal.reason);
@@ -568,26 +656,85 @@ impl Connection {
         }
     }
 
-    async fn submit(&self, zone: Uuid, command: Command, joined: &Joined, msg_ref: Option<String>) {
-        let origin = Origin {
+    /// The pipeline message for a command on one of this connection's channels, and where its
+    /// answer goes.
+    fn message(
+        &self,
+        zone: Uuid,
+        kind: CommandKind,
+        asked: Asked,
+        joined: &Joined,
+        msg_ref: Option<String>,
+    ) -> (PipelineMessage<W>, Arc<SocketReply>) {
+        let reply = Arc::new(SocketReply {
             peer: self.peer.clone(),
-            agent_id: joined.agent_id.clone(),
-            perms: joined.perms,
+            zone,
             join_ref: joined.join_ref.clone(),
             msg_ref,
+            asked,
             channels: self.channels.clone(),
+            joins: self.ctx.metrics.joins.clone(),
+        });
+        let actor = Actor::Agent {
+            agent_id: joined.agent_id.clone(),
+            connection: self.peer.id.to_string(),
+            permissions: joined.perms,
         };
-        let work = ZoneWork {
-            zone_id: zone,
-            command,
-            origin: Some(origin),
-            event: None,
+        let command = ZoneCommand::new(zone, actor, kind);
+        ((self.ctx.envelope)(command, reply.clone()), reply)
+    }
+
+    /// Hands a command to the pipeline, or queues it behind those already waiting for room.
+    fn submit(
+        &mut self,
+        zone: Uuid,
+        kind: CommandKind,
+        asked: Asked,
+        joined: &Joined,
+        msg_ref: Option<String>,
+    ) {
+        let (message, reply) = self.message(zone, kind, asked, joined, msg_ref);
+        let deadline = match asked {
+            Asked::Leave { .. } => None,
+            Asked::Join | Asked::Push => Some(Instant::now() + self.ctx.config.push_wait),
         };
-        if let Err(e) = self.ctx.work.push(PipelineMessage::new(work)).await {
-            // The server is shutting down: nothing was accepted, say so.
-            if let Some(origin) = e.into_message().data.origin {
-                origin.reply_error(zone, "unavailable", "the server is shutting down");
+        if !self.waiting.is_empty() {
+            if deadline.is_some() && self.waiting.len() >= self.ctx.config.max_waiting {
+                self.refuse("overloaded");
+                reply.refuse("overloaded", "the server is busy: try again later");
+                return;
+            }
+            self.waiting.push_back(Waiting {
+                message,
+                reply,
+                deadline,
+            });
+            return;
+        }
+        match self.ctx.work.try_push(message) {
+            Ok(()) => {}
+            Err(PushError::Full(message)) => self.waiting.push_back(Waiting {
+                message,
+                reply,
+                deadline,
+            }),
+            Err(PushError::Closed(_)) => {
+                reply.refuse("unavailable", "the server is shutting down");
             }
         }
+    }
+
+    /// Answers the waiting commands that `which` picks with `reason`, and forgets them.
+    fn refuse_waiting(&mut self, which: impl Fn(&Waiting<W>) -> bool, reason: &str, details: &str) {
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for w in self.waiting.drain(..) {
+            if which(&w) {
+                self.ctx.metrics.refused.with_label_values(&[reason]).inc();
+                w.reply.refuse(reason, details);
+            } else {
+                kept.push_back(w);
+            }
+        }
+        self.waiting = kept;
     }
 }

@@ -1,13 +1,18 @@
-//! The audit log: every zone event, written a batch per statement, read back in order.
+//! The audit log: every zone event, written a batch per statement, read back in `seq` order.
 //!
 //! Writes are idempotent: an event already in the log (its id) is skipped, so a batch retried
-//! after a failure that hid a successful commit never duplicates a row.
+//! after a failure that hid a successful commit never duplicates a row. An event the database
+//! refuses *as data* (a value it cannot store, a seq already taken by another event) is not
+//! retried: its batch is split until that event stands alone, the rest land, and the event goes
+//! to `audit_dead_letters` with the database's reason.
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use super::zones::big;
 use super::{Db, Store, StoreError, on_pool};
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
 use crate::zone::{EventKind, ZoneEvent};
@@ -16,17 +21,73 @@ use crate::zone::{EventKind, ZoneEvent};
 struct EventRow {
     id: Uuid,
     zone_id: Uuid,
+    seq: i64,
+    command_id: Option<Uuid>,
     event_type: String,
     payload: Json<Value>,
     occurred_at: DateTime<Utc>,
 }
 
-/// SQLite allows 32,766 bound parameters per statement; six per row.
-const SQLITE_ROWS_PER_STATEMENT: usize = 5_000;
+impl TryFrom<EventRow> for ZoneEvent {
+    type Error = StoreError;
+
+    fn try_from(r: EventRow) -> Result<Self, StoreError> {
+        let corrupt = |e: String| StoreError::Corrupt(format!("audit event {}: {e}", r.id));
+        Ok(ZoneEvent {
+            id: r.id,
+            zone_id: r.zone_id,
+            seq: u64::try_from(r.seq).map_err(|_| corrupt("negative seq".into()))?,
+            command_id: r.command_id,
+            kind: EventKind::from_parts(&r.event_type, r.payload.0)
+                .map_err(|e| corrupt(e.to_string()))?,
+            occurred_at: r.occurred_at,
+        })
+    }
+}
+
+/// An event the log refused as data, kept with the reason.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub zone_id: Uuid,
+    pub seq: i64,
+    pub event_type: String,
+    /// The whole event, as JSON text.
+    pub event: String,
+    pub reason: String,
+    pub failed_at: DateTime<Utc>,
+}
+
+/// SQLite allows 32,766 bound parameters per statement; eight per row.
+const SQLITE_ROWS_PER_STATEMENT: usize = 4_000;
+
+const EVENT_COLUMNS: &str = "id, zone_id, seq, command_id, event_type, payload, occurred_at";
+
+/// Whether the database refused the statement because of the data in it: retrying the same
+/// data cannot help.
+pub(crate) fn is_data_error(e: &sqlx::Error) -> bool {
+    use sqlx::error::ErrorKind;
+    let Some(db) = e.as_database_error() else {
+        return matches!(e, sqlx::Error::Encode(_));
+    };
+    if matches!(
+        db.kind(),
+        ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation
+    ) {
+        return true;
+    }
+    // PostgreSQL's data exceptions (22…), integrity violations (23…) and program limits
+    // (54…, a value too large).
+    db.code()
+        .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54"))
+}
 
 impl Store {
-    /// Appends events to the audit log in one statement (one transaction), skipping any whose
-    /// id is already there. Returns how many rows were new.
+    /// Appends events to the audit log in one transaction, skipping any whose id is already
+    /// there. Returns how many rows were new.
     pub async fn append_events(&self, events: &[&ZoneEvent]) -> Result<u64, StoreError> {
         if events.is_empty() {
             return Ok(0);
@@ -35,21 +96,25 @@ impl Store {
             Db::Postgres(pool) => {
                 let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
                 let zones: Vec<Uuid> = events.iter().map(|e| e.zone_id).collect();
-                let types: Vec<&str> = events.iter().map(|e| e.event_type().as_str()).collect();
+                let seqs: Vec<i64> = events.iter().map(|e| big(e.seq)).collect();
+                let commands: Vec<Option<Uuid>> = events.iter().map(|e| e.command_id).collect();
+                let types: Vec<&str> = events.iter().map(|e| e.name()).collect();
                 let payloads: Vec<String> = events
                     .iter()
                     .map(|e| serde_json::to_string(&e.kind).expect("payloads serialise"))
                     .collect();
                 let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
                 let done = sqlx::query(
-                    "INSERT INTO audit_events (id, zone_id, event_type, payload, occurred_at) \
-                     SELECT id, zone_id, event_type, payload::jsonb, occurred_at \
-                     FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[]) \
-                       AS t(id, zone_id, event_type, payload, occurred_at) \
+                    "INSERT INTO audit_events (id, zone_id, seq, command_id, event_type, payload, occurred_at) \
+                     SELECT id, zone_id, seq, command_id, event_type, payload::jsonb, occurred_at \
+                     FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::timestamptz[]) \
+                       AS t(id, zone_id, seq, command_id, event_type, payload, occurred_at) \
                      ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(&ids)
                 .bind(&zones)
+                .bind(&seqs)
+                .bind(&commands)
                 .bind(&types)
                 .bind(&payloads)
                 .bind(&times)
@@ -63,12 +128,14 @@ impl Store {
                 let mut inserted = 0;
                 for chunk in events.chunks(SQLITE_ROWS_PER_STATEMENT) {
                     let mut insert = sqlx::QueryBuilder::new(
-                        "INSERT INTO audit_events (id, zone_id, event_type, payload, occurred_at, recorded_at) ",
+                        "INSERT INTO audit_events (id, zone_id, seq, command_id, event_type, payload, occurred_at, recorded_at) ",
                     );
                     insert.push_values(chunk, |mut row, e| {
                         row.push_bind(e.id)
                             .push_bind(e.zone_id)
-                            .push_bind(e.event_type().as_str())
+                            .push_bind(big(e.seq))
+                            .push_bind(e.command_id)
+                            .push_bind(e.name())
                             .push_bind(Json(&e.kind))
                             .push_bind(e.occurred_at)
                             .push_bind(recorded_at);
@@ -82,52 +149,114 @@ impl Store {
         }
     }
 
-    /// One zone's events in the order they were made: those at or after `since`, after the
-    /// event `after` (for paging), at most `limit`.
+    /// Keeps an event the log refused, with the reason. Idempotent on the event's id.
+    pub async fn dead_letter(&self, event: &ZoneEvent, reason: &str) -> Result<(), StoreError> {
+        on_pool!(self.db(), pool => sqlx::query(
+            "INSERT INTO audit_dead_letters (id, zone_id, seq, event_type, event, reason, failed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(event.id)
+        .bind(event.zone_id)
+        .bind(big(event.seq))
+        .bind(event.name().replace('\0', "\u{FFFD}"))
+        .bind(event.to_json())
+        .bind(reason.replace('\0', "\u{FFFD}"))
+        .bind(Utc::now())
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Dead letters, oldest first; one zone's, or all.
+    pub async fn dead_letters(
+        &self,
+        zone_id: Option<Uuid>,
+        limit: u32,
+        offset: u64,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let columns = "id, zone_id, seq, event_type, event, reason, failed_at";
+        let rows = match zone_id {
+            Some(zone) => on_pool!(self.db(), pool => sqlx::query_as(&format!(
+                "SELECT {columns} FROM audit_dead_letters WHERE zone_id = $1 \
+                 ORDER BY failed_at, id LIMIT $2 OFFSET $3"))
+                .bind(zone)
+                .bind(i64::from(limit))
+                .bind(big(offset))
+                .fetch_all(pool)
+                .await)?,
+            None => on_pool!(self.db(), pool => sqlx::query_as(&format!(
+                "SELECT {columns} FROM audit_dead_letters ORDER BY failed_at, id LIMIT $1 OFFSET $2"))
+                .bind(i64::from(limit))
+                .bind(big(offset))
+                .fetch_all(pool)
+                .await)?,
+        };
+        Ok(rows)
+    }
+
+    /// One zone's events in seq order: those at or after `since`, after seq `after_seq`, at
+    /// most `limit`.
     pub async fn zone_events(
         &self,
         zone_id: Uuid,
         since: Option<DateTime<Utc>>,
-        after: Option<Uuid>,
+        after_seq: Option<u64>,
         limit: Option<u32>,
     ) -> Result<Vec<ZoneEvent>, StoreError> {
         // Built once as text; each backend binds the same values.
-        let mut sql = "SELECT id, zone_id, event_type, payload, occurred_at FROM audit_events \
-                       WHERE zone_id = $1"
-            .to_owned();
+        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM audit_events WHERE zone_id = $1");
         let mut n = 1;
         if since.is_some() {
             n += 1;
             sql.push_str(&format!(" AND occurred_at >= ${n}"));
         }
-        if after.is_some() {
+        if after_seq.is_some() {
             n += 1;
-            sql.push_str(&format!(" AND id > ${n}"));
+            sql.push_str(&format!(" AND seq > ${n}"));
         }
-        sql.push_str(&format!(" ORDER BY id LIMIT ${}", n + 1));
+        sql.push_str(&format!(" ORDER BY seq LIMIT ${}", n + 1));
         let limit = limit.map_or(i64::MAX, i64::from);
         let rows: Vec<EventRow> = on_pool!(self.db(), pool => {
             let mut q = sqlx::query_as(&sql).bind(zone_id);
             if let Some(since) = since {
                 q = q.bind(since);
             }
-            if let Some(after) = after {
-                q = q.bind(after);
+            if let Some(after) = after_seq {
+                q = q.bind(big(after));
             }
             q.bind(limit).fetch_all(pool).await
         })?;
-        rows.into_iter()
-            .map(|r| {
-                let kind = EventKind::from_parts(&r.event_type, r.payload.0)
-                    .map_err(|e| StoreError::Corrupt(format!("audit event {}: {e}", r.id)))?;
-                Ok(ZoneEvent {
-                    id: r.id,
-                    zone_id: r.zone_id,
-                    kind,
-                    occurred_at: r.occurred_at,
-                })
-            })
-            .collect()
+        rows.into_iter().map(ZoneEvent::try_from).collect()
+    }
+
+    /// Every event of the zone after `seq`, in seq order, the dead-lettered ones included: what
+    /// loading a zone replays onto its snapshot.
+    pub async fn events_after(
+        &self,
+        zone_id: Uuid,
+        seq: u64,
+    ) -> Result<Vec<ZoneEvent>, StoreError> {
+        let mut events = self.zone_events(zone_id, None, Some(seq), None).await?;
+        let dead: Vec<(String,)> = on_pool!(self.db(), pool => sqlx::query_as(
+            "SELECT event FROM audit_dead_letters WHERE zone_id = $1 AND seq > $2 ORDER BY seq")
+            .bind(zone_id)
+            .bind(big(seq))
+            .fetch_all(pool)
+            .await)?;
+        if !dead.is_empty() {
+            for (text,) in dead {
+                match ZoneEvent::from_json(&text) {
+                    Ok(event) => events.push(event),
+                    Err(e) => {
+                        tracing::warn!(zone = %zone_id, error = %e, "a dead-lettered event cannot be read back")
+                    }
+                }
+            }
+            events.sort_by_key(|e| e.seq);
+            events.dedup_by_key(|e| e.seq);
+        }
+        Ok(events)
     }
 
     /// Rows in the audit log, for one zone or all.
@@ -146,23 +275,63 @@ impl Store {
         };
         Ok(u64::try_from(n).unwrap_or(0))
     }
+
+    /// Appends `events`; those the database refuses as data are split out and dead-lettered
+    /// while the rest land. A failure that is not about the data is returned as it is.
+    pub async fn append_or_dead_letter(
+        &self,
+        events: &[&ZoneEvent],
+    ) -> Result<AppendReport, StoreError> {
+        let mut report = AppendReport::default();
+        // Halves to try, depth first: a batch with one bad event costs about 2·log2(n) writes.
+        let mut pending: Vec<&[&ZoneEvent]> = vec![events];
+        while let Some(part) = pending.pop() {
+            match self.append_events(part).await {
+                Ok(n) => report.inserted += n,
+                Err(StoreError::Database(e)) if is_data_error(&e) => {
+                    if let [event] = part {
+                        let reason = e.to_string();
+                        tracing::error!(event = %event.id, zone = %event.zone_id, seq = event.seq,
+                            %reason, "the audit log refused an event; it is in audit_dead_letters");
+                        self.dead_letter(event, &reason).await?;
+                        report.dead_lettered += 1;
+                    } else {
+                        let (a, b) = part.split_at(part.len() / 2);
+                        pending.push(b);
+                        pending.push(a);
+                    }
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(report)
+    }
 }
 
-/// A pipeline message that may carry a zone event to audit.
+/// What [`Store::append_or_dead_letter`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AppendReport {
+    pub inserted: u64,
+    pub dead_lettered: u64,
+}
+
+/// A pipeline message that may carry zone events to audit.
 pub trait Audited: Send + Sync + 'static {
-    fn audited(&self) -> Option<&ZoneEvent>;
+    fn audited(&self) -> &[ZoneEvent];
 }
 
 impl Audited for ZoneEvent {
-    fn audited(&self) -> Option<&ZoneEvent> {
-        Some(self)
+    fn audited(&self) -> &[ZoneEvent] {
+        std::slice::from_ref(self)
     }
 }
 
 /// The audit-log sink: a batcher's batches of zone events, one statement each.
 ///
-/// A failed write fails the whole batch retryably; give its batcher a retry policy with enough
-/// attempts to outlast a database restart. Nothing is acknowledged until it is committed.
+/// A write that fails for a reason other than the data fails the whole batch retryably; give
+/// its batcher a retry policy with enough attempts to outlast a database restart. Events the
+/// database refuses as data are dead-lettered, so they never hold their batch-mates back.
+/// Nothing is acknowledged until it is committed.
 #[derive(Clone)]
 pub struct AuditSink {
     store: Store,
@@ -180,8 +349,8 @@ impl<T: Audited> BatchSink<T> for AuditSink {
         _batch: &BatchInfo,
         messages: &mut [Message<T>],
     ) -> Result<(), Failure> {
-        let events: Vec<&ZoneEvent> = messages.iter().filter_map(|m| m.data.audited()).collect();
-        match self.store.append_events(&events).await {
+        let events: Vec<&ZoneEvent> = messages.iter().flat_map(|m| m.data.audited()).collect();
+        match self.store.append_or_dead_letter(&events).await {
             Ok(_) => Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, events = events.len(), "audit log write failed; will retry");

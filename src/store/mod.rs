@@ -1,6 +1,6 @@
-//! Durable state through sqlx: zones and the audit log, in PostgreSQL or in an embedded SQLite
-//! file (the default: no server to install). The database URL decides which; everything above
-//! this module sees one [`Store`].
+//! Durable state through sqlx: zone snapshots, the audit log and its dead letters, in PostgreSQL
+//! or in an embedded SQLite file (the default: no server to install). The database URL decides
+//! which; everything above this module sees one [`Store`].
 //!
 //! Both backends run the same queries, written once: [`on_pool!`] expands each for both pool
 //! types. Only what must differ does: the migrations (JSONB and a GIN index on PostgreSQL) and
@@ -21,7 +21,8 @@ use sqlx::{ConnectOptions, Connection};
 
 use crate::zone::ZoneError;
 
-pub use audit::{AuditSink, Audited};
+pub use audit::{AppendReport, AuditSink, Audited, DeadLetter};
+pub use zones::{SnapshotSink, Snapshotted};
 
 /// Which database a store is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,7 +66,7 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
-/// Zones and the audit log.
+/// Zone snapshots, the audit log and its dead letters.
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,

@@ -1,4 +1,8 @@
-//! Zones in the database: what was committed is what comes back after a restart.
+//! Zone snapshots: each zone's row holds its state at some `seq` (its settings, resources and
+//! sessions), and loading a zone is that snapshot plus the logged events after it.
+//!
+//! Snapshots only move forward: a write for an older seq than the row's is skipped, so a
+//! snapshot retried or delivered late never rolls a zone back.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +12,8 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{Store, StoreError, on_pool};
-use crate::zone::{Permissions, Resource, Zone, ZoneError};
+use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
+use crate::zone::{Permissions, Resource, Session, Zone, ZoneError, ZoneSnapshot};
 
 #[derive(sqlx::FromRow)]
 struct ZoneRow {
@@ -16,79 +21,96 @@ struct ZoneRow {
     name: String,
     permissions: i32,
     assigned_server: String,
-    active_session_count: i32,
     capacity: i32,
     resources: Json<BTreeMap<String, Resource>>,
     properties: Json<Value>,
     tick: i64,
     inserted_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    seq: i64,
+    epoch: String,
+    sessions: Json<Vec<Session>>,
 }
 
-impl TryFrom<ZoneRow> for Zone {
+impl TryFrom<ZoneRow> for ZoneSnapshot {
     type Error = StoreError;
 
     fn try_from(r: ZoneRow) -> Result<Self, StoreError> {
         let corrupt = |what: &str| StoreError::Corrupt(format!("zone {}: {what}", r.id));
-        Ok(Zone {
-            id: r.id,
-            name: r.name.clone(),
-            permissions: Permissions::from_bits(
-                u32::try_from(r.permissions).map_err(|_| corrupt("negative permissions"))?,
-            )
-            .ok_or_else(|| corrupt("unknown permission bits"))?,
-            assigned_server: r.assigned_server.clone(),
-            active_session_count: u32::try_from(r.active_session_count)
-                .map_err(|_| corrupt("negative session count"))?,
-            capacity: u32::try_from(r.capacity).map_err(|_| corrupt("negative capacity"))?,
-            resources: r.resources.0,
-            properties: r.properties.0,
-            tick: u64::try_from(r.tick).map_err(|_| corrupt("negative tick"))?,
-            inserted_at: r.inserted_at,
-            updated_at: r.updated_at,
+        let sessions = r.sessions.0;
+        Ok(ZoneSnapshot {
+            zone: Zone {
+                id: r.id,
+                name: r.name.clone(),
+                permissions: Permissions::from_bits(
+                    u32::try_from(r.permissions).map_err(|_| corrupt("negative permissions"))?,
+                )
+                .ok_or_else(|| corrupt("unknown permission bits"))?,
+                assigned_server: r.assigned_server.clone(),
+                active_session_count: sessions.len() as u32,
+                capacity: u32::try_from(r.capacity).map_err(|_| corrupt("negative capacity"))?,
+                resources: r.resources.0,
+                properties: r.properties.0,
+                tick: u64::try_from(r.tick).map_err(|_| corrupt("negative tick"))?,
+                inserted_at: r.inserted_at,
+                updated_at: r.updated_at,
+            },
+            seq: u64::try_from(r.seq).map_err(|_| corrupt("negative seq"))?,
+            epoch: r.epoch,
+            sessions,
         })
     }
 }
 
-/// Integers as the schema stores them (INTEGER columns; the zone's values fit by construction).
+/// Integers as the schema stores them (the zone's values fit by construction).
 fn int(v: u32) -> i32 {
     i32::try_from(v).unwrap_or(i32::MAX)
 }
 
-const COLUMNS: &str = "id, name, permissions, assigned_server, active_session_count, capacity, \
-                       resources, properties, tick, inserted_at, updated_at";
+pub(super) fn big(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
 
-/// Binds the zone's id and stored fields, in column order, up to `tick`.
-macro_rules! bind_zone {
-    ($query:expr, $zone:expr) => {
+const COLUMNS: &str = "id, name, permissions, assigned_server, active_session_count, capacity, \
+                       resources, properties, tick, seq, epoch, sessions, inserted_at, updated_at";
+
+/// Binds a snapshot's columns in `COLUMNS` order, `inserted_at` and `updated_at` excepted.
+macro_rules! bind_snapshot {
+    ($query:expr, $s:expr) => {
         $query
-            .bind($zone.id)
-            .bind(&$zone.name)
-            .bind(int($zone.permissions.bits()))
-            .bind(&$zone.assigned_server)
-            .bind(int($zone.active_session_count))
-            .bind(int($zone.capacity))
-            .bind(Json(&$zone.resources))
-            .bind(Json(&$zone.properties))
-            .bind(i64::try_from($zone.tick).unwrap_or(i64::MAX))
+            .bind($s.zone.id)
+            .bind(&$s.zone.name)
+            .bind(int($s.zone.permissions.bits()))
+            .bind(&$s.zone.assigned_server)
+            .bind(int($s.sessions.len() as u32))
+            .bind(int($s.zone.capacity))
+            .bind(Json(&$s.zone.resources))
+            .bind(Json(&$s.zone.properties))
+            .bind(big($s.zone.tick))
+            .bind(big($s.seq))
+            .bind(&$s.epoch)
+            .bind(Json(&$s.sessions))
     };
 }
 
 impl Store {
-    pub async fn insert_zone(&self, zone: &Zone) -> Result<(), StoreError> {
+    /// Stores a new zone's first snapshot.
+    pub async fn insert_zone(&self, snapshot: &ZoneSnapshot) -> Result<(), StoreError> {
         let sql = format!(
-            "INSERT INTO zones ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            "INSERT INTO zones ({COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         );
-        on_pool!(self.db(), pool => bind_zone!(sqlx::query(&sql), zone)
-            .bind(zone.inserted_at)
-            .bind(zone.updated_at)
+        on_pool!(self.db(), pool => bind_snapshot!(sqlx::query(&sql), snapshot)
+            .bind(snapshot.zone.inserted_at)
+            .bind(snapshot.zone.updated_at)
             .execute(pool)
             .await
             .map(|_| ()))?;
         Ok(())
     }
 
-    pub async fn get_zone(&self, id: Uuid) -> Result<Zone, StoreError> {
+    /// The zone's last snapshot.
+    pub async fn get_zone(&self, id: Uuid) -> Result<ZoneSnapshot, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM zones WHERE id = $1");
         let row: Option<ZoneRow> = on_pool!(self.db(), pool => sqlx::query_as(&sql)
             .bind(id)
@@ -98,31 +120,48 @@ impl Store {
             .try_into()
     }
 
-    /// Zones in creation order (their ids are UUID v7), `limit` from `offset`.
-    pub async fn list_zones(&self, limit: u32, offset: u64) -> Result<Vec<Zone>, StoreError> {
+    /// Snapshots in creation order (ids are UUID v7), `limit` from `offset`.
+    pub async fn list_zones(
+        &self,
+        limit: u32,
+        offset: u64,
+    ) -> Result<Vec<ZoneSnapshot>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM zones ORDER BY id LIMIT $1 OFFSET $2");
         let rows: Vec<ZoneRow> = on_pool!(self.db(), pool => sqlx::query_as(&sql)
             .bind(i64::from(limit))
-            .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+            .bind(big(offset))
             .fetch_all(pool)
             .await)?;
-        rows.into_iter().map(Zone::try_from).collect()
+        rows.into_iter().map(ZoneSnapshot::try_from).collect()
     }
 
-    /// Writes every field of an existing zone.
-    pub async fn save_zone(&self, zone: &Zone) -> Result<(), StoreError> {
-        let sql = "UPDATE zones SET name = $2, permissions = $3, assigned_server = $4, \
-                   active_session_count = $5, capacity = $6, resources = $7, properties = $8, \
-                   tick = $9, updated_at = $10 WHERE id = $1";
-        let done = on_pool!(self.db(), pool => bind_zone!(sqlx::query(sql), zone)
-            .bind(zone.updated_at)
-            .execute(pool)
-            .await
-            .map(|r| r.rows_affected()))?;
-        if done == 0 {
-            return Err(ZoneError::ZoneNotFound(zone.id).into());
-        }
+    /// Writes snapshots, in one transaction, each unless its row already holds a later one (or
+    /// is gone: the zone was deleted).
+    pub async fn save_snapshots(&self, snapshots: &[&ZoneSnapshot]) -> Result<(), StoreError> {
+        let update = "UPDATE zones SET name = $2, permissions = $3, assigned_server = $4, \
+                      active_session_count = $5, capacity = $6, resources = $7, properties = $8, \
+                      tick = $9, seq = $10, epoch = $11, sessions = $12, updated_at = $13 \
+                      WHERE id = $1 AND (seq < $10 OR (seq = $10 AND epoch <> $11))";
+        on_pool!(self.db(), pool => {
+            let mut tx = pool.begin().await?;
+            for s in snapshots {
+                bind_snapshot!(sqlx::query(update), s)
+                    .bind(s.zone.updated_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await
+        })?;
         Ok(())
+    }
+
+    /// Zones whose snapshot holds sessions: after a crash, sessions of connections that are gone.
+    pub async fn zones_with_sessions(&self) -> Result<Vec<Uuid>, StoreError> {
+        let ids: Vec<Uuid> = on_pool!(self.db(), pool => sqlx::query_scalar(
+            "SELECT id FROM zones WHERE active_session_count > 0 ORDER BY id")
+            .fetch_all(pool)
+            .await)?;
+        Ok(ids)
     }
 
     pub async fn delete_zone(&self, id: Uuid) -> Result<(), StoreError> {
@@ -142,5 +181,49 @@ impl Store {
             .fetch_one(pool)
             .await)?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+/// A pipeline message carrying a zone snapshot to write.
+pub trait Snapshotted: Send + Sync + 'static {
+    fn snapshot(&self) -> &ZoneSnapshot;
+}
+
+/// The snapshot sink: a batch's snapshots, the newest per zone only, in one transaction.
+/// Idempotent: a snapshot older than the row's is skipped.
+#[derive(Clone)]
+pub struct SnapshotSink {
+    store: Store,
+}
+
+impl SnapshotSink {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+impl<T: Snapshotted> BatchSink<T> for SnapshotSink {
+    async fn handle_batch(
+        &self,
+        _batch: &BatchInfo,
+        messages: &mut [Message<T>],
+    ) -> Result<(), Failure> {
+        // Coalesced: the newest snapshot of each zone stands for the older ones.
+        let mut newest: Vec<&ZoneSnapshot> = Vec::new();
+        for m in messages.iter() {
+            let s = m.data.snapshot();
+            match newest.iter_mut().find(|n| n.zone.id == s.zone.id) {
+                Some(n) if n.seq < s.seq => *n = s,
+                Some(_) => {}
+                None => newest.push(s),
+            }
+        }
+        match self.store.save_snapshots(&newest).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, zones = newest.len(), "snapshot write failed; will retry");
+                Err(Failure::retryable(format!("snapshot write failed: {e}")))
+            }
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! Zone events: what happened in a zone, as broadcast to its agents and kept in the audit log.
 //!
-//! An event is an id (UUID v7, so ids sort in the order events were made), the zone, a type, a
-//! JSON payload shaped as in the seed briefing, and a timestamp. On the wire it is
-//! `{"id", "zone_id", "type", "payload", "occurred_at"}`, in JSON or MessagePack (the format
-//! between processes); parsing checks the type and the payload's shape.
+//! An event is an id (UUID v7, so ids sort in the order events were made), the zone, its `seq`
+//! (1, 2, 3… per zone, no gaps), the command that caused it, a type, a JSON payload shaped as in
+//! the seed briefing, and a timestamp. On the wire it is
+//! `{"id", "zone_id", "seq", "command_id", "type", "payload", "occurred_at"}`, in JSON or
+//! MessagePack; parsing checks the type and the payload's shape. Broadcasts carry the payload
+//! with `seq` added ([`ZoneEvent::broadcast_payload`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,11 +13,13 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::error::ZoneError;
+use super::permissions::Permissions;
 
+/// The built-in event types. Custom broadcasts may use any other valid name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventType {
     AgentEntered,
@@ -24,16 +28,20 @@ pub enum EventType {
     AgentInteraction,
     ResourceChanged,
     EnvironmentTick,
+    ZoneUpdated,
+    ZoneDeleted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 6] = [
+    pub const ALL: [EventType; 8] = [
         Self::AgentEntered,
         Self::AgentLeft,
         Self::AgentMoved,
         Self::AgentInteraction,
         Self::ResourceChanged,
         Self::EnvironmentTick,
+        Self::ZoneUpdated,
+        Self::ZoneDeleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +52,8 @@ impl EventType {
             Self::AgentInteraction => "agent_interaction",
             Self::ResourceChanged => "resource_changed",
             Self::EnvironmentTick => "environment_tick",
+            Self::ZoneUpdated => "zone_updated",
+            Self::ZoneDeleted => "zone_deleted",
         }
     }
 }
@@ -65,6 +75,36 @@ impl fmt::Display for EventType {
     }
 }
 
+/// Names Phoenix or this server use for frames of their own; no custom event may take them.
+const RESERVED: [&str; 2] = ["presence_state", "presence_diff"];
+
+/// Checks a custom event type: 1 to 64 of `A-Z a-z 0-9 _ . : -`, not a built-in event, not
+/// `phx_…`, not a presence frame.
+pub fn check_custom_event_type(name: &str) -> Result<(), ZoneError> {
+    let refuse = |why: &str| {
+        Err(ZoneError::invalid(
+            "broadcast_event",
+            format!("event_type {name:?} {why}"),
+        ))
+    };
+    if name.is_empty() || name.len() > super::limits::MAX_NAME_BYTES {
+        return refuse("must be 1 to 64 characters");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
+    {
+        return refuse("may only use letters, digits and _ . : -");
+    }
+    if name.parse::<EventType>().is_ok() {
+        return refuse("is a built-in event: broadcast another name");
+    }
+    if name.starts_with("phx_") || RESERVED.contains(&name) {
+        return refuse("is reserved by the Phoenix protocol");
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Position {
@@ -73,10 +113,15 @@ pub struct Position {
     pub z: f64,
 }
 
-/// `agent_entered` / `agent_left`.
+/// `agent_entered` / `agent_left`: one session (a connection of an agent) came or went.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Presence {
     pub agent_id: String,
+    /// The connection holding the session; also the presence meta's `phx_ref`. (Events logged
+    /// before sessions were kept per connection have none.)
+    #[serde(default)]
+    pub connection: String,
+    /// Sessions in the zone after this event.
     pub session_count: u32,
     pub timestamp: DateTime<Utc>,
 }
@@ -119,6 +164,44 @@ pub struct Tick {
     pub timestamp: DateTime<Utc>,
 }
 
+/// `zone_updated`: the zone's settings that changed, with their new values.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_server: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<Permissions>,
+}
+
+impl ZoneUpdate {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// `zone_deleted`: the zone is gone; every session in it ended just before.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub timestamp: DateTime<Utc>,
+}
+
+/// A custom broadcast (`broadcast_event`): its own type name, who sent it, and free JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Custom {
+    #[serde(skip)]
+    pub event_type: String,
+    /// The agent that broadcast it; none when the admin API did.
+    pub agent_id: Option<String>,
+    pub payload: Map<String, Value>,
+}
+
 /// An event's type and payload.
 #[derive(Clone, Debug, PartialEq)]
 pub enum EventKind {
@@ -128,17 +211,24 @@ pub enum EventKind {
     AgentInteraction(Interaction),
     ResourceChanged(ResourceChange),
     EnvironmentTick(Tick),
+    ZoneUpdated(ZoneUpdate),
+    ZoneDeleted(Deleted),
+    Custom(Custom),
 }
 
 impl EventKind {
-    pub fn event_type(&self) -> EventType {
+    /// The event's type name: a built-in one, or a custom broadcast's own.
+    pub fn name(&self) -> &str {
         match self {
-            Self::AgentEntered(_) => EventType::AgentEntered,
-            Self::AgentLeft(_) => EventType::AgentLeft,
-            Self::AgentMoved(_) => EventType::AgentMoved,
-            Self::AgentInteraction(_) => EventType::AgentInteraction,
-            Self::ResourceChanged(_) => EventType::ResourceChanged,
-            Self::EnvironmentTick(_) => EventType::EnvironmentTick,
+            Self::AgentEntered(_) => EventType::AgentEntered.as_str(),
+            Self::AgentLeft(_) => EventType::AgentLeft.as_str(),
+            Self::AgentMoved(_) => EventType::AgentMoved.as_str(),
+            Self::AgentInteraction(_) => EventType::AgentInteraction.as_str(),
+            Self::ResourceChanged(_) => EventType::ResourceChanged.as_str(),
+            Self::EnvironmentTick(_) => EventType::EnvironmentTick.as_str(),
+            Self::ZoneUpdated(_) => EventType::ZoneUpdated.as_str(),
+            Self::ZoneDeleted(_) => EventType::ZoneDeleted.as_str(),
+            Self::Custom(c) => &c.event_type,
         }
     }
 
@@ -149,7 +239,8 @@ impl EventKind {
             Self::AgentMoved(m) => Some(&m.agent_id),
             Self::AgentInteraction(i) => Some(&i.agent_id),
             Self::ResourceChanged(r) => r.agent_id.as_deref(),
-            Self::EnvironmentTick(_) => None,
+            Self::Custom(c) => c.agent_id.as_deref(),
+            Self::EnvironmentTick(_) | Self::ZoneUpdated(_) | Self::ZoneDeleted(_) => None,
         }
     }
 
@@ -159,12 +250,15 @@ impl EventKind {
         serde_json::to_value(self).expect("event payloads are plain data")
     }
 
-    /// Checks a type name and a payload against each other.
+    /// Checks a type name and a payload against each other. A name that is not built in is a
+    /// custom broadcast, whose payload is `{"agent_id", "payload"}`.
     pub fn from_parts(event_type: &str, payload: Value) -> Result<Self, ZoneError> {
-        let kind: EventType = event_type.parse()?;
-        let invalid = |e: serde_json::Error| ZoneError::InvalidPayload {
-            event_type: event_type.to_owned(),
-            reason: e.to_string(),
+        let invalid = |e: serde_json::Error| ZoneError::invalid(event_type, e.to_string());
+        let Ok(kind) = event_type.parse::<EventType>() else {
+            check_custom_event_type(event_type)?;
+            let mut custom: Custom = serde_json::from_value(payload).map_err(invalid)?;
+            custom.event_type = event_type.to_owned();
+            return Ok(Self::Custom(custom));
         };
         Ok(match kind {
             EventType::AgentEntered => {
@@ -185,6 +279,12 @@ impl EventKind {
             EventType::EnvironmentTick => {
                 Self::EnvironmentTick(serde_json::from_value(payload).map_err(invalid)?)
             }
+            EventType::ZoneUpdated => {
+                Self::ZoneUpdated(serde_json::from_value(payload).map_err(invalid)?)
+            }
+            EventType::ZoneDeleted => {
+                Self::ZoneDeleted(serde_json::from_value(payload).map_err(invalid)?)
+            }
         })
     }
 }
@@ -198,6 +298,9 @@ impl Serialize for EventKind {
             Self::AgentInteraction(i) => i.serialize(s),
             Self::ResourceChanged(r) => r.serialize(s),
             Self::EnvironmentTick(t) => t.serialize(s),
+            Self::ZoneUpdated(u) => u.serialize(s),
+            Self::ZoneDeleted(d) => d.serialize(s),
+            Self::Custom(c) => c.serialize(s),
         }
     }
 }
@@ -208,6 +311,10 @@ impl Serialize for EventKind {
 pub struct ZoneEvent {
     pub id: Uuid,
     pub zone_id: Uuid,
+    /// The event's place in its zone's history: 1, 2, 3…, no gaps, no repeats.
+    pub seq: u64,
+    /// The command that caused it, when one did.
+    pub command_id: Option<Uuid>,
     pub kind: EventKind,
     pub occurred_at: DateTime<Utc>,
 }
@@ -218,6 +325,9 @@ pub struct ZoneEvent {
 pub struct WireEvent {
     pub id: Uuid,
     pub zone_id: Uuid,
+    pub seq: u64,
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
     #[serde(rename = "type")]
     pub event_type: String,
     pub payload: Value,
@@ -231,6 +341,8 @@ impl TryFrom<WireEvent> for ZoneEvent {
         Ok(Self {
             id: w.id,
             zone_id: w.zone_id,
+            seq: w.seq,
+            command_id: w.command_id,
             kind: EventKind::from_parts(&w.event_type, w.payload)?,
             occurred_at: w.occurred_at,
         })
@@ -242,7 +354,9 @@ impl From<ZoneEvent> for WireEvent {
         Self {
             id: e.id,
             zone_id: e.zone_id,
-            event_type: e.kind.event_type().as_str().to_owned(),
+            seq: e.seq,
+            command_id: e.command_id,
+            event_type: e.kind.name().to_owned(),
             payload: e.kind.payload(),
             occurred_at: e.occurred_at,
         }
@@ -258,19 +372,37 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
 }
 
+/// A broadcast's payload: the event's payload with its `seq` beside the other fields.
+#[derive(Serialize)]
+pub struct BroadcastPayload<'a> {
+    #[serde(flatten)]
+    kind: &'a EventKind,
+    seq: u64,
+}
+
 impl ZoneEvent {
-    /// A new event happening now in `zone_id`; its id is a fresh UUID v7.
-    pub fn new(zone_id: Uuid, kind: EventKind, occurred_at: DateTime<Utc>) -> Self {
+    /// A new event in `zone_id` at `seq`; its id is a fresh UUID v7.
+    pub fn new(zone_id: Uuid, seq: u64, kind: EventKind, occurred_at: DateTime<Utc>) -> Self {
         Self {
             id: Uuid::now_v7(),
             zone_id,
+            seq,
+            command_id: None,
             kind,
             occurred_at,
         }
     }
 
-    pub fn event_type(&self) -> EventType {
-        self.kind.event_type()
+    pub fn name(&self) -> &str {
+        self.kind.name()
+    }
+
+    /// What subscribers receive: the payload, with `seq`.
+    pub fn broadcast_payload(&self) -> BroadcastPayload<'_> {
+        BroadcastPayload {
+            kind: &self.kind,
+            seq: self.seq,
+        }
     }
 
     /// MessagePack with field names, so other languages can read it without our struct order.

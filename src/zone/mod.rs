@@ -1,16 +1,30 @@
 //! The domain: zones that agents enter and leave, their permission bits, their resources, and
-//! the events they cause. Pure state and rules, no I/O: the store keeps zones, the pipeline
-//! carries their events, and neither is known here.
+//! the commands and events that change them. Pure state and rules, no I/O: the store keeps
+//! zones, the pipeline carries their commands and events, sockets and brokers bring them, and
+//! none of those is known here.
+//!
+//! A [`ZoneCommand`] is decided against a [`ZoneState`]: refused with a [`ZoneError`] (which
+//! changes nothing), or accepted with the [`ZoneEvent`]s it causes, numbered by the zone's
+//! `seq`. Applying those events is the only way a zone changes, live or in replay.
 
+mod command;
 mod error;
 mod event;
+pub mod limits;
 mod model;
 mod permissions;
+mod state;
 
-pub use error::{ZoneError, parse_zone_id};
+pub use command::{Actor, CommandKind, ZoneCommand, ZonePatch};
+pub use error::{Holder, ZoneError, parse_zone_id};
 pub use event::{
-    DecodeError, EventKind, EventType, Interaction, Moved, Position, Presence, ResourceChange,
-    Tick, WireEvent, ZoneEvent,
+    BroadcastPayload, Custom, DecodeError, Deleted, EventKind, EventType, Interaction, Moved,
+    Position, Presence, ResourceChange, Tick, WireEvent, ZoneEvent, ZoneUpdate,
+    check_custom_event_type,
 };
 pub use model::{DEFAULT_CAPACITY, DEFAULT_PERMISSIONS, NewZone, Resource, Zone, now};
 pub use permissions::Permissions;
+pub use state::{
+    Accepted, Answer, ApplyError, BroadcastLimit, Context, Outcome, REMEMBERED_COMMANDS, ReplyTo,
+    Session, SessionKey, ZoneSnapshot, ZoneState, ZoneView, new_epoch,
+};

@@ -126,6 +126,7 @@ pub mod server {
             },
             config: None,
             log_format: thunderline::daemon::server::LogFormat::Text,
+            replies: None,
         };
         let file = thunderline::daemon::config::PipelineFile {
             tick_interval_ms: std::num::NonZeroU64::new(tick_ms).unwrap(),

@@ -150,12 +150,13 @@ test("push and reply, broadcasts reach the zone and not other zones", async () =
 
   const moved = next(bob, "agent_moved", (p) => p.agent_id === "alice");
   assert.deepEqual(await push(alice, "agent_move", { position: { x: 10, y: 5, z: 0 } }), { status: "ok", response: {} });
-  assert.deepEqual(await moved, { agent_id: "alice", position: { x: 10, y: 5, z: 0 } });
+  // Alice's join was seq 1, Bob's 2: every broadcast carries its place in the zone's history.
+  assert.deepEqual(await moved, { agent_id: "alice", position: { x: 10, y: 5, z: 0 }, seq: 3 });
 
   const changed = next(bob, "resource_changed");
   const r = await push(alice, "consume_resource", { resource_type: "food", amount: 5 });
   assert.deepEqual(r, { status: "ok", response: { new_resources: { food: 95 } } });
-  assert.deepEqual(await changed, { agent_id: "alice", changes: { food: -5 }, new_resources: { food: 95 } });
+  assert.deepEqual(await changed, { agent_id: "alice", changes: { food: -5 }, new_resources: { food: 95 }, seq: 4 });
 
   const refused = await push(alice, "consume_resource", { resource_type: "food", amount: 1000 });
   assert.equal(refused.status, "error");

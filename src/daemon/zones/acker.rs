@@ -1,0 +1,50 @@
+//! The zone pipeline's acknowledger: what happens once every sink a message went to has it.
+//!
+//! A durable reply is sent (its events are in the audit log now), a snapshot the writer took is
+//! queued for writing, and a message that failed before its zone could answer (the zone could
+//! not be loaded, the pipeline was shutting down) is answered `unavailable`, so every command
+//! gets exactly one answer.
+
+use std::sync::Arc;
+
+use super::snapshots::Snapshots;
+use super::work::{Job, ZoneWork};
+use super::writer::unavailable;
+use crate::pipeline::{Acknowledger, Message};
+
+pub struct ZoneAcker {
+    snapshots: Arc<Snapshots>,
+}
+
+impl ZoneAcker {
+    pub fn new(snapshots: Arc<Snapshots>) -> Self {
+        Self { snapshots }
+    }
+}
+
+impl Acknowledger<ZoneWork> for ZoneAcker {
+    fn ack(&self, successful: Vec<Message<ZoneWork>>, failed: Vec<Message<ZoneWork>>) {
+        for m in successful {
+            let work = m.data;
+            if let (Some(reply), Some(outcome)) = (&work.reply, &work.outcome) {
+                reply.reply(outcome);
+            }
+            if let Some(snapshot) = work.snapshot {
+                self.snapshots.offer(snapshot);
+            }
+        }
+        for m in failed {
+            let why = m.failure().map_or("", |f| f.reason()).to_owned();
+            let work = m.data;
+            let (Some(reply), Job::Command(command)) = (&work.reply, &work.job) else {
+                continue;
+            };
+            let why = if work.outcome.is_some() {
+                format!("the command was applied but could not be recorded: {why}")
+            } else {
+                why
+            };
+            reply.reply(&unavailable(command.id, &why));
+        }
+    }
+}

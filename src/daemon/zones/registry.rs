@@ -1,0 +1,198 @@
+//! The zones in memory. A zone is loaded by its writer on first use (its snapshot, then the
+//! logged events after it, replayed), lives here while it is used, and leaves once it has had no
+//! session for a while and its latest state is written.
+//!
+//! Only the writer that owns a zone's partition loads it, changes it or removes it; everyone
+//! else only reads.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::store::{Store, StoreError};
+use crate::zone::{EventKind, ZoneEvent, ZoneState};
+
+/// A snapshot is taken after an event that changes what a snapshot holds, and otherwise at
+/// least every this many events, so that loading never replays a long log.
+const SNAPSHOT_EVERY: u64 = 1_000;
+
+/// One zone in memory.
+pub struct LiveZone {
+    state: Mutex<ZoneState>,
+    /// The seq of the newest snapshot written to the store.
+    persisted: AtomicU64,
+    /// The seq of the newest snapshot taken (written, or on its way).
+    taken: AtomicU64,
+    /// Since when the zone has had no session, if it has none.
+    idle_since: Mutex<Option<Instant>>,
+}
+
+impl LiveZone {
+    fn new(state: ZoneState, persisted: u64) -> Self {
+        let idle = (state.session_count() == 0).then(Instant::now);
+        Self {
+            state: Mutex::new(state),
+            persisted: AtomicU64::new(persisted),
+            taken: AtomicU64::new(persisted),
+            idle_since: Mutex::new(idle),
+        }
+    }
+
+    /// The state, for the writer to change or anyone to read. Held briefly: nothing waits
+    /// while holding it.
+    pub fn state(&self) -> MutexGuard<'_, ZoneState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn persisted(&self) -> u64 {
+        self.persisted.load(Ordering::Acquire)
+    }
+
+    /// Notes that a snapshot at `seq` is in the store.
+    pub fn written(&self, seq: u64) {
+        self.persisted.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// Whether to take a snapshot after `events` took the zone to `state`.
+    pub fn snapshot_due(&self, state: &ZoneState, events: &[ZoneEvent]) -> bool {
+        let changed = events.iter().any(|e| {
+            !matches!(
+                e.kind,
+                EventKind::AgentMoved(_) | EventKind::AgentInteraction(_) | EventKind::Custom(_)
+            )
+        });
+        let due = changed || state.seq() >= self.taken.load(Ordering::Acquire) + SNAPSHOT_EVERY;
+        if due {
+            self.taken.fetch_max(state.seq(), Ordering::AcqRel);
+        }
+        due
+    }
+
+    /// Notes whether the zone has sessions now.
+    pub fn note_sessions(&self, sessions: usize, now: Instant) {
+        let mut idle = self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions > 0 {
+            *idle = None;
+        } else if idle.is_none() {
+            *idle = Some(now);
+        }
+    }
+
+    /// Whether the zone has had no session since `now - after` or earlier.
+    pub fn idle_for(&self, after: Duration, now: Instant) -> bool {
+        self.idle_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|since| now.saturating_duration_since(since) >= after)
+    }
+}
+
+/// The zones in memory, by id.
+pub struct ZoneRegistry {
+    store: Store,
+    live: Mutex<HashMap<Uuid, Arc<LiveZone>>>,
+}
+
+/// A zone as loaded: its state, and whether the store should get a snapshot of it now.
+pub struct Loaded {
+    pub state: ZoneState,
+    pub stale_snapshot: bool,
+}
+
+impl ZoneRegistry {
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<Uuid, Arc<LiveZone>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The zone, if it is in memory.
+    pub fn live(&self, id: Uuid) -> Option<Arc<LiveZone>> {
+        self.map().get(&id).cloned()
+    }
+
+    /// The zone, loading it if it is not in memory. When it was loaded just now, the second
+    /// value says whether its snapshot in the store is behind it. Only the zone's writer calls
+    /// this.
+    pub async fn load(&self, id: Uuid) -> Result<(Arc<LiveZone>, Option<bool>), StoreError> {
+        if let Some(live) = self.live(id) {
+            return Ok((live, None));
+        }
+        let Loaded {
+            state,
+            stale_snapshot,
+        } = self.read(id).await?;
+        let persisted = if stale_snapshot { 0 } else { state.seq() };
+        let live = Arc::new(LiveZone::new(state, persisted));
+        self.map().insert(id, live.clone());
+        Ok((live, Some(stale_snapshot)))
+    }
+
+    /// The zone as the store has it: its snapshot with the events logged after it replayed. A
+    /// log with a hole after the snapshot (events lost in a crash) starts a new epoch.
+    pub async fn read(&self, id: Uuid) -> Result<Loaded, StoreError> {
+        let snapshot = self.store.get_zone(id).await?;
+        let events = self.store.events_after(id, snapshot.seq).await?;
+        let mut state = ZoneState::from_snapshot(snapshot);
+        let mut stale_snapshot = !events.is_empty() || state.epoch().is_empty();
+        let mut gap = false;
+        for event in &events {
+            gap |= event.seq != state.seq() + 1;
+            state
+                .apply(event)
+                .map_err(|e| StoreError::Corrupt(format!("zone {id}: {e}")))?;
+        }
+        if gap || state.epoch().is_empty() {
+            if gap {
+                tracing::warn!(zone = %id, "the audit log has a hole (events lost in a crash): a new epoch begins");
+            }
+            state.reset_epoch();
+            stale_snapshot = true;
+        }
+        Ok(Loaded {
+            state,
+            stale_snapshot,
+        })
+    }
+
+    /// Forgets a zone (deleted, or idle and written).
+    pub fn remove(&self, id: Uuid) {
+        self.map().remove(&id);
+    }
+
+    /// The zones in memory.
+    pub fn zones(&self) -> Vec<(Uuid, Arc<LiveZone>)> {
+        self.map().iter().map(|(id, z)| (*id, z.clone())).collect()
+    }
+
+    /// Zones in memory with agents in them.
+    pub fn active(&self) -> Vec<Uuid> {
+        self.zones()
+            .into_iter()
+            .filter(|(_, z)| z.state().session_count() > 0)
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// Zones that have had no session for `after`.
+    pub fn idle(&self, after: Duration, now: Instant) -> Vec<Uuid> {
+        self.zones()
+            .into_iter()
+            .filter(|(_, z)| z.idle_for(after, now))
+            .map(|(id, _)| id)
+            .collect()
+    }
+}

@@ -1,0 +1,95 @@
+//! The zone pipeline's unit of work: a command for one zone (or a request to let an idle zone
+//! leave memory), where its answer goes, and what the writer made of it — the events to
+//! broadcast and audit, the outcome to answer once those are durable, a snapshot to write.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::realtime::Broadcasts;
+use crate::store::Audited;
+use crate::zone::{Outcome, ReplyTo, ZoneCommand, ZoneEvent, ZoneSnapshot};
+
+/// When a command's `ok` is sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Replies {
+    /// As soon as the zone has applied the command. A crash (`kill -9`, power loss) can lose
+    /// what was answered but not yet in the audit log: up to one audit batch.
+    #[default]
+    Applied,
+    /// Once the events the command caused are committed to the audit log: nothing answered
+    /// `ok` is ever lost. Refusals are answered at once either way.
+    Durable,
+}
+
+/// What the writer is asked to do.
+#[derive(Clone, Debug)]
+pub enum Job {
+    Command(ZoneCommand),
+    /// Let the zone leave memory if it has had no session for long enough and its snapshot is
+    /// written (if it is not, write it first).
+    Evict,
+}
+
+/// One message of the zone pipeline.
+#[derive(Clone)]
+pub struct ZoneWork {
+    pub zone_id: Uuid,
+    pub job: Job,
+    /// Where the outcome goes; taken once it has been told.
+    pub reply: Option<Arc<dyn ReplyTo>>,
+    /// The events the job caused, each with its seq.
+    pub events: Arc<[ZoneEvent]>,
+    /// The outcome, kept for the acknowledgement when replies wait for durability.
+    pub outcome: Option<Arc<Outcome>>,
+    /// The zone's state to write once this message is acknowledged.
+    pub snapshot: Option<Arc<ZoneSnapshot>>,
+}
+
+impl ZoneWork {
+    pub fn command(command: ZoneCommand, reply: Option<Arc<dyn ReplyTo>>) -> Self {
+        Self {
+            zone_id: command.zone_id,
+            job: Job::Command(command),
+            reply,
+            events: Arc::from([]),
+            outcome: None,
+            snapshot: None,
+        }
+    }
+
+    pub fn evict(zone_id: Uuid) -> Self {
+        Self {
+            zone_id,
+            job: Job::Evict,
+            reply: None,
+            events: Arc::from([]),
+            outcome: None,
+            snapshot: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ZoneWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZoneWork")
+            .field("zone_id", &self.zone_id)
+            .field("job", &self.job)
+            .field("events", &self.events.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Audited for ZoneWork {
+    fn audited(&self) -> &[ZoneEvent] {
+        &self.events
+    }
+}
+
+impl Broadcasts for ZoneWork {
+    fn broadcasts(&self) -> &[ZoneEvent] {
+        &self.events
+    }
+}

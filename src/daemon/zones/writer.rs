@@ -1,0 +1,181 @@
+//! The zone writer: the pipeline processor that applies commands to zones.
+//!
+//! The pipeline is partitioned by zone, so each zone has one writer, which applies its commands
+//! one at a time in the order they arrived. The writer loads a zone (I/O) before it holds it;
+//! holding it, it only decides and applies ([`ZoneState::execute`]), which cannot wait or time
+//! out, so a retry can never apply a command twice (and the zone remembers command ids besides).
+//! What the command caused leaves through the batchers: events to the broadcast and audit
+//! batchers, a snapshot (at acknowledgement) to the snapshot pipeline. The answer goes back at
+//! once, or, when replies are durable and the command caused events, at acknowledgement.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, Registry};
+use tokio::time::Instant;
+
+use super::registry::ZoneRegistry;
+use super::work::{Job, Replies, ZoneWork};
+use crate::pipeline::{BatcherName, Failure, Message, Processor};
+use crate::store::StoreError;
+use crate::zone::{
+    Actor, BroadcastLimit, CommandKind, Context, Outcome, ZoneCommand, ZoneError, now,
+};
+
+/// The writer's settings.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    pub replies: Replies,
+    /// Custom broadcasts allowed per zone.
+    pub broadcast_limit: Option<BroadcastLimit>,
+    /// How long a zone stays in memory without sessions.
+    pub evict_after: Duration,
+}
+
+/// Applies zone commands; see the module documentation.
+pub struct ZoneWriter {
+    registry: Arc<ZoneRegistry>,
+    /// Where events go: the broadcast and audit batchers.
+    routes: Arc<[BatcherName]>,
+    config: WriterConfig,
+    latency: HistogramVec,
+}
+
+impl ZoneWriter {
+    pub fn new(
+        registry: Arc<ZoneRegistry>,
+        routes: Arc<[BatcherName]>,
+        config: WriterConfig,
+        metrics: &Registry,
+    ) -> Result<Self, prometheus::Error> {
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "thunderline_zone_command_seconds",
+                "Time to apply one zone command in its writer, loading included, by command.",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_005, 4.0, 10)?),
+            &["command"],
+        )?;
+        metrics.register(Box::new(latency.clone()))?;
+        Ok(Self {
+            registry,
+            routes,
+            config,
+            latency,
+        })
+    }
+
+    /// Answers now, or keeps the outcome for the acknowledgement when it must wait for the
+    /// events to be durable.
+    fn answer(&self, work: &mut ZoneWork, outcome: Outcome) {
+        let durable = self.config.replies == Replies::Durable
+            && !work.events.is_empty()
+            && outcome.result.is_ok();
+        if durable {
+            work.outcome = Some(Arc::new(outcome));
+        } else if let Some(reply) = work.reply.take() {
+            reply.reply(&outcome);
+        }
+    }
+}
+
+impl Processor<ZoneWork> for ZoneWriter {
+    async fn handle_message(&self, msg: &mut Message<ZoneWork>) -> Result<(), Failure> {
+        let started = std::time::Instant::now();
+        let work = &mut msg.data;
+        let zone_id = work.zone_id;
+        let command = match &work.job {
+            Job::Command(c) => c.clone(),
+            Job::Evict => {
+                self.evict(work);
+                msg.put_batchers(Arc::from([]));
+                return Ok(());
+            }
+        };
+        let (live, fresh) = match self.registry.load(zone_id).await {
+            Ok(loaded) => loaded,
+            Err(StoreError::Zone(refusal)) => {
+                let outcome = Outcome {
+                    command_id: command.id,
+                    result: Err(refusal),
+                };
+                self.answer(work, outcome);
+                msg.put_batchers(Arc::from([]));
+                return Ok(());
+            }
+            // Nothing was applied: the command can be retried.
+            Err(e) => {
+                return Err(Failure::retryable(format!(
+                    "cannot load zone {zone_id}: {e}"
+                )));
+            }
+        };
+        let ctx = Context {
+            now: now(),
+            broadcast_limit: self.config.broadcast_limit,
+        };
+        let mut events = Vec::new();
+        let outcome = {
+            let mut state = live.state();
+            if fresh.is_some() && state.session_count() > 0 {
+                // Sessions a loaded zone holds belong to connections of an earlier run.
+                let expire = ZoneCommand::new(zone_id, Actor::System, CommandKind::ExpireSessions);
+                if let Ok(accepted) = state.execute(&expire, &ctx).result {
+                    events.extend(accepted.events);
+                }
+            }
+            let outcome = state.execute(&command, &ctx);
+            if let Ok(accepted) = &outcome.result {
+                events.extend(accepted.events.iter().cloned());
+            }
+            live.note_sessions(state.session_count(), Instant::now());
+            let due = live.snapshot_due(&state, &events) || fresh == Some(true);
+            if due {
+                work.snapshot = Some(Arc::new(state.snapshot()));
+            }
+            if state.is_deleted() {
+                self.registry.remove(zone_id);
+            }
+            outcome
+        };
+        let routed = !events.is_empty();
+        work.events = Arc::from(events);
+        self.answer(work, outcome);
+        self.latency
+            .with_label_values(&[command.kind.name()])
+            .observe(started.elapsed().as_secs_f64());
+        msg.put_batchers(if routed {
+            self.routes.clone()
+        } else {
+            Arc::from([])
+        });
+        Ok(())
+    }
+}
+
+impl ZoneWriter {
+    /// Lets an idle zone leave memory once its latest state is written; asks for the write
+    /// (at acknowledgement) when it is not.
+    fn evict(&self, work: &mut ZoneWork) {
+        let Some(live) = self.registry.live(work.zone_id) else {
+            return;
+        };
+        let state = live.state();
+        if state.session_count() > 0 || !live.idle_for(self.config.evict_after, Instant::now()) {
+            return;
+        }
+        if live.persisted() >= state.seq() {
+            self.registry.remove(work.zone_id);
+        } else {
+            work.snapshot = Some(Arc::new(state.snapshot()));
+        }
+    }
+}
+
+/// The outcome of a command that never reached its zone's state.
+pub fn unavailable(command_id: uuid::Uuid, why: &str) -> Outcome {
+    Outcome {
+        command_id,
+        result: Err(ZoneError::Unavailable(why.to_owned())),
+    }
+}

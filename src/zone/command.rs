@@ -1,0 +1,158 @@
+//! Zone commands: what someone asks of a zone. A command carries an id (its idempotency key: a
+//! zone applies one id at most once), the zone, who asks, and what. Commands serialise, in JSON
+//! or MessagePack, in the same vocabulary as the socket's events, so that a broker message or
+//! another node can carry them.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::event::Position;
+use super::permissions::Permissions;
+
+/// Who asks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Actor {
+    /// An agent on a connection, with its token's permission bits.
+    Agent {
+        agent_id: String,
+        connection: String,
+        permissions: Permissions,
+    },
+    /// The admin API.
+    Admin,
+    /// The server itself: ticks, expiring the sessions of a previous run.
+    System,
+}
+
+impl Actor {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Agent { .. } => "an agent",
+            Self::Admin => "the admin API",
+            Self::System => "the server",
+        }
+    }
+}
+
+/// Changes to a zone's settings; what is absent stays as it is.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZonePatch {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub capacity: Option<u32>,
+    #[serde(default)]
+    pub properties: Option<Value>,
+    #[serde(default)]
+    pub assigned_server: Option<String>,
+}
+
+/// What is asked. The names are the socket's event names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "payload", rename_all = "snake_case")]
+pub enum CommandKind {
+    /// Enter the zone: a session for the actor's (connection, agent).
+    Join,
+    /// End the actor's session, if it has one.
+    Leave,
+    AgentMove {
+        position: Position,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sent_at: Option<i64>,
+    },
+    AgentInteract {
+        target_agent_id: String,
+        kind: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<Value>,
+    },
+    /// Take `amount` (> 0) of a resource.
+    ConsumeResource {
+        resource_type: String,
+        amount: i64,
+    },
+    /// A custom event to every subscriber of the zone.
+    BroadcastEvent {
+        event_type: String,
+        payload: Map<String, Value>,
+    },
+    /// The zone as it is now; changes nothing.
+    GetZoneState,
+    /// Regenerate resources and advance the environment.
+    Tick,
+    UpdateZone(ZonePatch),
+    ChangePermissions {
+        grant: Permissions,
+        revoke: Permissions,
+    },
+    DeleteZone,
+    /// End every session (they belong to connections of a previous run).
+    ExpireSessions,
+}
+
+impl CommandKind {
+    /// The command's name, as a metric label and in messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Join => "join",
+            Self::Leave => "leave",
+            Self::AgentMove { .. } => "agent_move",
+            Self::AgentInteract { .. } => "agent_interact",
+            Self::ConsumeResource { .. } => "consume_resource",
+            Self::BroadcastEvent { .. } => "broadcast_event",
+            Self::GetZoneState => "get_zone_state",
+            Self::Tick => "tick",
+            Self::UpdateZone(_) => "update_zone",
+            Self::ChangePermissions { .. } => "change_permissions",
+            Self::DeleteZone => "delete_zone",
+            Self::ExpireSessions => "expire_sessions",
+        }
+    }
+
+    /// Whether the command only reads: it is never remembered and never causes an event.
+    pub fn is_query(&self) -> bool {
+        matches!(self, Self::GetZoneState)
+    }
+}
+
+/// One command for one zone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ZoneCommand {
+    /// The idempotency key: a zone applies a command id at most once.
+    pub id: Uuid,
+    pub zone_id: Uuid,
+    pub actor: Actor,
+    #[serde(flatten)]
+    pub kind: CommandKind,
+}
+
+impl ZoneCommand {
+    /// A command with a fresh id.
+    pub fn new(zone_id: Uuid, actor: Actor, kind: CommandKind) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            zone_id,
+            actor,
+            kind,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("commands serialise")
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    pub fn to_msgpack(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("commands serialise")
+    }
+
+    pub fn from_msgpack(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(bytes)
+    }
+}

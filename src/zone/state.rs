@@ -1,0 +1,821 @@
+//! A zone's whole state, and the only way it changes: a command is *decided* against the state
+//! (a refusal, or the events it causes) and the events are *applied*.
+//!
+//! [`ZoneState::decide`] changes nothing, so a retry or a timeout can always call it again.
+//! [`ZoneState::apply`] changes the state by one event and cannot fail for an event `decide`
+//! produced; replaying the audit log after a restart is the same `apply`, so the live state and
+//! the replayed one are equal by construction. [`ZoneState::execute`] is the writer's one call:
+//! it decides, numbers the events (`seq`: the state's last plus one, no gaps), applies them, and
+//! remembers the command's id so that a command retried or redelivered is never applied twice.
+//!
+//! Sessions are part of the state: a set of (connection, agent), whose size is the zone's
+//! `active_session_count`. A join is a command whose event adds a session; a leave of a session
+//! that does not exist decides to nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::command::{Actor, CommandKind, ZoneCommand, ZonePatch};
+use super::error::ZoneError;
+use super::event::{
+    Custom, Deleted, EventKind, Interaction, Moved, Presence, ResourceChange, Tick, ZoneEvent,
+    ZoneUpdate, check_custom_event_type,
+};
+use super::limits;
+use super::model::{Zone, check_capacity, check_name, check_properties, check_server};
+use super::permissions::Permissions;
+
+/// One session: an agent on a connection.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SessionKey {
+    pub connection: String,
+    pub agent_id: String,
+}
+
+/// A session as a snapshot keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub connection: String,
+    pub agent_id: String,
+    pub joined_at: DateTime<Utc>,
+}
+
+/// At most `allowed` custom broadcasts per `interval_ms` in one zone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BroadcastLimit {
+    pub allowed: u32,
+    pub interval_ms: u64,
+}
+
+/// What a decision may depend on besides the state and the command.
+#[derive(Clone, Copy, Debug)]
+pub struct Context {
+    pub now: DateTime<Utc>,
+    pub broadcast_limit: Option<BroadcastLimit>,
+}
+
+impl Context {
+    pub fn at(now: DateTime<Utc>) -> Self {
+        Self {
+            now,
+            broadcast_limit: None,
+        }
+    }
+}
+
+/// The zone as a client sees it: its settings and amounts, who is present, and the last `seq`
+/// the view reflects, in its `epoch`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ZoneView {
+    pub zone: Zone,
+    pub agents: Vec<String>,
+    pub seq: u64,
+    pub epoch: String,
+}
+
+/// The answer to an accepted command, beside the events it caused.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    /// `{}`
+    Done,
+    /// The zone after the command (joins, `get_zone_state`, settings changes).
+    State(Box<ZoneView>),
+    /// `{"new_resources": …}` after a consume.
+    Resources(BTreeMap<String, i64>),
+}
+
+impl Serialize for Answer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Self::Done => s.serialize_map(Some(0))?.end(),
+            Self::State(view) => view.serialize(s),
+            Self::Resources(amounts) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("new_resources", amounts)?;
+                m.end()
+            }
+        }
+    }
+}
+
+/// An accepted command: the events it caused (each with its seq) and its answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Accepted {
+    pub events: Vec<ZoneEvent>,
+    pub answer: Answer,
+    /// The command's id had been applied before: nothing was applied this time.
+    pub duplicate: bool,
+}
+
+/// What became of a command.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub command_id: Uuid,
+    pub result: Result<Accepted, ZoneError>,
+}
+
+/// Where a command's outcome is told: the connection, HTTP request or broker delivery that
+/// asked. Called once per command, from the writer (or, when replies wait for durability, from
+/// the message's acknowledgement): it must not block.
+pub trait ReplyTo: Send + Sync + 'static {
+    fn reply(&self, outcome: &Outcome);
+}
+
+/// The ids of recent commands and what became of them, so a redelivered command gets its first
+/// outcome again instead of a second application. Bounded: the oldest are forgotten first.
+#[derive(Clone, Debug, Default)]
+struct Recent {
+    outcomes: HashMap<Uuid, Result<u64, ZoneError>>,
+    order: VecDeque<Uuid>,
+}
+
+/// How many command ids a zone remembers.
+pub const REMEMBERED_COMMANDS: usize = 4096;
+
+impl Recent {
+    fn get(&self, id: &Uuid) -> Option<&Result<u64, ZoneError>> {
+        self.outcomes.get(id)
+    }
+
+    fn remember(&mut self, id: Uuid, outcome: Result<u64, ZoneError>) {
+        if self.outcomes.insert(id, outcome).is_none() {
+            self.order.push_back(id);
+            if self.order.len() > REMEMBERED_COMMANDS
+                && let Some(old) = self.order.pop_front()
+            {
+                self.outcomes.remove(&old);
+            }
+        }
+    }
+}
+
+/// A zone's state as it is written down: enough to rebuild it exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ZoneSnapshot {
+    pub zone: Zone,
+    pub seq: u64,
+    pub epoch: String,
+    pub sessions: Vec<Session>,
+}
+
+/// Why an event could not be applied (a log out of order, or for another zone).
+pub type ApplyError = ZoneError;
+
+/// A zone, its sessions, its place in its history, and the commands it has applied.
+#[derive(Clone, Debug)]
+pub struct ZoneState {
+    zone: Zone,
+    seq: u64,
+    epoch: String,
+    sessions: BTreeMap<SessionKey, DateTime<Utc>>,
+    deleted: bool,
+    recent: Recent,
+    /// The current broadcast window: when it started and how many it has allowed.
+    broadcasts: Option<(DateTime<Utc>, u32)>,
+}
+
+/// Two states are equal when their zones, histories and sessions are; what commands they
+/// remember and how their rate windows stand are not part of what replay rebuilds.
+impl PartialEq for ZoneState {
+    fn eq(&self, other: &Self) -> bool {
+        self.zone == other.zone
+            && self.seq == other.seq
+            && self.epoch == other.epoch
+            && self.sessions == other.sessions
+            && self.deleted == other.deleted
+    }
+}
+
+/// A fresh epoch: 32 hex digits.
+pub fn new_epoch() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
+fn permission_needed(kind: &CommandKind) -> Option<Permissions> {
+    match kind {
+        CommandKind::AgentMove { .. } | CommandKind::AgentInteract { .. } => {
+            Some(Permissions::SPAWN_AGENTS)
+        }
+        CommandKind::ConsumeResource { .. } => Some(Permissions::MODIFY_ZONE),
+        CommandKind::BroadcastEvent { .. } => Some(Permissions::BROADCAST_EVENTS),
+        _ => None,
+    }
+}
+
+/// Whether `actor` may ask for `kind` at all.
+fn allowed(actor: &Actor, kind: &CommandKind) -> bool {
+    use CommandKind as K;
+    match actor {
+        Actor::Agent { .. } => matches!(
+            kind,
+            K::Join
+                | K::Leave
+                | K::AgentMove { .. }
+                | K::AgentInteract { .. }
+                | K::ConsumeResource { .. }
+                | K::BroadcastEvent { .. }
+                | K::GetZoneState
+        ),
+        Actor::Admin => matches!(
+            kind,
+            K::UpdateZone(_)
+                | K::ChangePermissions { .. }
+                | K::DeleteZone
+                | K::BroadcastEvent { .. }
+                | K::GetZoneState
+        ),
+        Actor::System => matches!(kind, K::Tick | K::ExpireSessions | K::GetZoneState),
+    }
+}
+
+impl ZoneState {
+    /// A zone as created: seq 0, no sessions, a fresh epoch.
+    pub fn new(zone: Zone) -> Self {
+        Self::from_snapshot(ZoneSnapshot {
+            zone,
+            seq: 0,
+            epoch: new_epoch(),
+            sessions: Vec::new(),
+        })
+    }
+
+    pub fn from_snapshot(snapshot: ZoneSnapshot) -> Self {
+        let sessions: BTreeMap<SessionKey, DateTime<Utc>> = snapshot
+            .sessions
+            .into_iter()
+            .map(|s| {
+                (
+                    SessionKey {
+                        connection: s.connection,
+                        agent_id: s.agent_id,
+                    },
+                    s.joined_at,
+                )
+            })
+            .collect();
+        let mut zone = snapshot.zone;
+        zone.active_session_count = sessions.len() as u32;
+        Self {
+            zone,
+            seq: snapshot.seq,
+            epoch: snapshot.epoch,
+            sessions,
+            deleted: false,
+            recent: Recent::default(),
+            broadcasts: None,
+        }
+    }
+
+    pub fn snapshot(&self) -> ZoneSnapshot {
+        ZoneSnapshot {
+            zone: self.zone.clone(),
+            seq: self.seq,
+            epoch: self.epoch.clone(),
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(k, at)| Session {
+                    connection: k.connection.clone(),
+                    agent_id: k.agent_id.clone(),
+                    joined_at: *at,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn zone(&self) -> &Zone {
+        &self.zone
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.zone.id
+    }
+
+    /// The seq of the last event applied (0 before any).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// Starts a new history: what came before can no longer be replayed to a client.
+    pub fn reset_epoch(&mut self) {
+        self.epoch = new_epoch();
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted
+    }
+
+    pub fn sessions(&self) -> impl Iterator<Item = (&SessionKey, &DateTime<Utc>)> {
+        self.sessions.iter()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn has_session(&self, connection: &str, agent_id: &str) -> bool {
+        self.sessions.contains_key(&SessionKey {
+            connection: connection.to_owned(),
+            agent_id: agent_id.to_owned(),
+        })
+    }
+
+    /// The agents present, each once, in order.
+    pub fn agents(&self) -> Vec<String> {
+        let agents: BTreeSet<&str> = self.sessions.keys().map(|k| k.agent_id.as_str()).collect();
+        agents.into_iter().map(str::to_owned).collect()
+    }
+
+    pub fn view(&self) -> ZoneView {
+        ZoneView {
+            zone: self.zone.clone(),
+            agents: self.agents(),
+            seq: self.seq,
+            epoch: self.epoch.clone(),
+        }
+    }
+
+    /// The events `command` would cause, or why it is refused. Changes nothing.
+    pub fn decide(
+        &self,
+        command: &ZoneCommand,
+        ctx: &Context,
+    ) -> Result<Vec<EventKind>, ZoneError> {
+        if self.deleted || command.zone_id != self.zone.id {
+            return Err(ZoneError::ZoneNotFound(command.zone_id));
+        }
+        let kind = &command.kind;
+        if !allowed(&command.actor, kind) {
+            return Err(ZoneError::NotAllowed {
+                command: kind.name().to_owned(),
+                actor: command.actor.label().to_owned(),
+            });
+        }
+        let agent = match &command.actor {
+            Actor::Agent {
+                agent_id,
+                connection,
+                permissions,
+            } => {
+                limits::text(
+                    kind.name(),
+                    "agent_id",
+                    agent_id,
+                    limits::MAX_AGENT_ID_BYTES,
+                )?;
+                limits::text(
+                    kind.name(),
+                    "connection",
+                    connection,
+                    limits::MAX_CONNECTION_BYTES,
+                )?;
+                let key = SessionKey {
+                    connection: connection.clone(),
+                    agent_id: agent_id.clone(),
+                };
+                if !matches!(kind, CommandKind::Join | CommandKind::Leave) {
+                    // No event, and no answer, for an agent without a session here.
+                    if !self.sessions.contains_key(&key) {
+                        return Err(ZoneError::NotJoined {
+                            agent_id: agent_id.clone(),
+                        });
+                    }
+                }
+                if let Some(needed) = permission_needed(kind) {
+                    self.zone.authorize(*permissions, needed)?;
+                }
+                Some(key)
+            }
+            Actor::Admin => {
+                if let Some(needed) = permission_needed(kind) {
+                    self.zone.authorize_zone(needed)?;
+                }
+                None
+            }
+            Actor::System => None,
+        };
+        let agent_id = agent.as_ref().map(|k| k.agent_id.clone());
+        let now = ctx.now;
+        let presence = |key: &SessionKey, session_count: usize| Presence {
+            agent_id: key.agent_id.clone(),
+            connection: key.connection.clone(),
+            session_count: session_count as u32,
+            timestamp: now,
+        };
+        Ok(match kind {
+            CommandKind::Join => {
+                let key = agent.expect("joins come from agents");
+                if self.sessions.contains_key(&key) {
+                    Vec::new()
+                } else if self.sessions.len() >= self.zone.capacity as usize {
+                    return Err(ZoneError::ZoneFull {
+                        capacity: self.zone.capacity,
+                    });
+                } else {
+                    vec![EventKind::AgentEntered(presence(
+                        &key,
+                        self.sessions.len() + 1,
+                    ))]
+                }
+            }
+            CommandKind::Leave => {
+                let key = agent.expect("leaves come from agents");
+                if self.sessions.contains_key(&key) {
+                    vec![EventKind::AgentLeft(presence(
+                        &key,
+                        self.sessions.len() - 1,
+                    ))]
+                } else {
+                    Vec::new()
+                }
+            }
+            CommandKind::AgentMove { position, sent_at } => {
+                if ![position.x, position.y, position.z]
+                    .iter()
+                    .all(|c| c.is_finite())
+                {
+                    return Err(ZoneError::invalid(
+                        "agent_move",
+                        "position coordinates must be finite numbers",
+                    ));
+                }
+                vec![EventKind::AgentMoved(Moved {
+                    agent_id: agent_id.unwrap_or_default(),
+                    position: *position,
+                    sent_at: *sent_at,
+                })]
+            }
+            CommandKind::AgentInteract {
+                target_agent_id,
+                kind: what,
+                data,
+            } => {
+                let e = "agent_interact";
+                limits::text(
+                    e,
+                    "target_agent_id",
+                    target_agent_id,
+                    limits::MAX_AGENT_ID_BYTES,
+                )?;
+                limits::text(e, "kind", what, limits::MAX_NAME_BYTES)?;
+                if let Some(data) = data {
+                    limits::json(e, "data", data, limits::MAX_DATA_BYTES)?;
+                }
+                vec![EventKind::AgentInteraction(Interaction {
+                    agent_id: agent_id.unwrap_or_default(),
+                    target_agent_id: target_agent_id.clone(),
+                    kind: what.clone(),
+                    data: data.clone(),
+                })]
+            }
+            CommandKind::ConsumeResource {
+                resource_type,
+                amount,
+            } => vec![EventKind::ResourceChanged(self.consume(
+                agent_id,
+                resource_type,
+                *amount,
+            )?)],
+            CommandKind::BroadcastEvent {
+                event_type,
+                payload,
+            } => {
+                check_custom_event_type(event_type)?;
+                let payload_json = serde_json::Value::Object(payload.clone());
+                limits::json(
+                    "broadcast_event",
+                    "payload",
+                    &payload_json,
+                    limits::MAX_DATA_BYTES,
+                )?;
+                if let Some(limit) = ctx.broadcast_limit
+                    && !self.broadcast_allowed(limit, now)
+                {
+                    return Err(ZoneError::RateLimited {
+                        allowed: limit.allowed,
+                        interval_ms: limit.interval_ms,
+                    });
+                }
+                vec![EventKind::Custom(Custom {
+                    event_type: event_type.clone(),
+                    agent_id,
+                    payload: payload.clone(),
+                })]
+            }
+            CommandKind::GetZoneState => Vec::new(),
+            CommandKind::Tick => {
+                let new_resources = self
+                    .zone
+                    .resources
+                    .iter()
+                    .map(|(n, r)| (n.clone(), r.amount.saturating_add(r.regen).min(r.max)))
+                    .collect();
+                vec![EventKind::EnvironmentTick(Tick {
+                    tick: self.zone.tick + 1,
+                    properties: self.zone.properties.clone(),
+                    new_resources,
+                    timestamp: now,
+                })]
+            }
+            CommandKind::UpdateZone(patch) => {
+                let update = self.patch(patch)?;
+                if update.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![EventKind::ZoneUpdated(update)]
+                }
+            }
+            CommandKind::ChangePermissions { grant, revoke } => {
+                let next = (self.zone.permissions | *grant) - *revoke;
+                if next == self.zone.permissions {
+                    Vec::new()
+                } else {
+                    vec![EventKind::ZoneUpdated(ZoneUpdate {
+                        permissions: Some(next),
+                        ..ZoneUpdate::default()
+                    })]
+                }
+            }
+            CommandKind::DeleteZone => {
+                let mut events = self.leave_all(now);
+                events.push(EventKind::ZoneDeleted(Deleted { timestamp: now }));
+                events
+            }
+            CommandKind::ExpireSessions => self.leave_all(now),
+        })
+    }
+
+    fn consume(
+        &self,
+        agent_id: Option<String>,
+        resource_type: &str,
+        amount: i64,
+    ) -> Result<ResourceChange, ZoneError> {
+        if amount <= 0 {
+            return Err(ZoneError::invalid(
+                "consume_resource",
+                format!("amount must be a whole number above 0, not {amount}"),
+            ));
+        }
+        let resource = self
+            .zone
+            .resources
+            .get(resource_type)
+            .ok_or_else(|| ZoneError::UnknownResource(resource_type.to_owned()))?;
+        let result = resource.amount.saturating_sub(amount);
+        if result < 0 {
+            return Err(ZoneError::InsufficientResources {
+                resource: resource_type.to_owned(),
+                available: resource.amount,
+                change: -amount,
+                result,
+            });
+        }
+        let mut new_resources = self.zone.amounts();
+        new_resources.insert(resource_type.to_owned(), result);
+        Ok(ResourceChange {
+            agent_id,
+            changes: BTreeMap::from([(resource_type.to_owned(), -amount)]),
+            new_resources,
+        })
+    }
+
+    fn patch(&self, patch: &ZonePatch) -> Result<ZoneUpdate, ZoneError> {
+        let mut update = ZoneUpdate::default();
+        if let Some(name) = &patch.name {
+            let name = check_name(name)?;
+            if name != self.zone.name {
+                update.name = Some(name);
+            }
+        }
+        if let Some(capacity) = patch.capacity {
+            check_capacity(capacity)?;
+            if (capacity as usize) < self.sessions.len() {
+                return Err(ZoneError::Conflict(format!(
+                    "{} sessions are in the zone: capacity cannot go below that",
+                    self.sessions.len()
+                )));
+            }
+            if capacity != self.zone.capacity {
+                update.capacity = Some(capacity);
+            }
+        }
+        if let Some(properties) = &patch.properties {
+            check_properties(properties)?;
+            if *properties != self.zone.properties {
+                update.properties = Some(properties.clone());
+            }
+        }
+        if let Some(server) = &patch.assigned_server {
+            let server = check_server(server)?;
+            if server != self.zone.assigned_server {
+                update.assigned_server = Some(server);
+            }
+        }
+        Ok(update)
+    }
+
+    fn leave_all(&self, now: DateTime<Utc>) -> Vec<EventKind> {
+        let mut left = self.sessions.len();
+        self.sessions
+            .keys()
+            .map(|key| {
+                left -= 1;
+                EventKind::AgentLeft(Presence {
+                    agent_id: key.agent_id.clone(),
+                    connection: key.connection.clone(),
+                    session_count: left as u32,
+                    timestamp: now,
+                })
+            })
+            .collect()
+    }
+
+    fn broadcast_allowed(&self, limit: BroadcastLimit, now: DateTime<Utc>) -> bool {
+        match self.broadcasts {
+            Some((start, used)) if !window_over(start, limit, now) => used < limit.allowed,
+            _ => limit.allowed > 0,
+        }
+    }
+
+    fn count_broadcast(&mut self, limit: BroadcastLimit, now: DateTime<Utc>) {
+        self.broadcasts = match self.broadcasts {
+            Some((start, used)) if !window_over(start, limit, now) => Some((start, used + 1)),
+            _ => Some((now, 1)),
+        };
+    }
+
+    /// Applies one event: the state it leaves is the state the event left live. Refuses events
+    /// for another zone and events that do not come after the current seq (a log replayed out
+    /// of order); a seq further ahead is taken as it is (events lost in a crash leave a gap).
+    pub fn apply(&mut self, event: &ZoneEvent) -> Result<(), ApplyError> {
+        if event.zone_id != self.zone.id {
+            return Err(ZoneError::WrongZone {
+                event: event.id,
+                event_zone: event.zone_id,
+                zone: self.zone.id,
+            });
+        }
+        if event.seq <= self.seq {
+            return Err(ZoneError::OutOfOrder {
+                seq: event.seq,
+                current: self.seq,
+            });
+        }
+        let amounts = match &event.kind {
+            EventKind::ResourceChanged(c) => Some(&c.new_resources),
+            EventKind::EnvironmentTick(t) => Some(&t.new_resources),
+            _ => None,
+        };
+        if let Some(unknown) =
+            amounts.and_then(|a| a.keys().find(|n| !self.zone.resources.contains_key(*n)))
+        {
+            return Err(ZoneError::UnknownResource(unknown.clone()));
+        }
+        // Checked above: nothing below can fail, so an event is applied whole or not at all.
+        match &event.kind {
+            EventKind::AgentEntered(p) => {
+                self.sessions.insert(
+                    SessionKey {
+                        connection: p.connection.clone(),
+                        agent_id: p.agent_id.clone(),
+                    },
+                    p.timestamp,
+                );
+            }
+            EventKind::AgentLeft(p) => {
+                self.sessions.remove(&SessionKey {
+                    connection: p.connection.clone(),
+                    agent_id: p.agent_id.clone(),
+                });
+            }
+            EventKind::ResourceChanged(c) => self.set_amounts(&c.new_resources),
+            EventKind::EnvironmentTick(t) => {
+                self.set_amounts(&t.new_resources);
+                self.zone.tick = t.tick;
+            }
+            EventKind::ZoneUpdated(u) => {
+                let z = &mut self.zone;
+                if let Some(name) = &u.name {
+                    z.name.clone_from(name);
+                }
+                if let Some(capacity) = u.capacity {
+                    z.capacity = capacity;
+                }
+                if let Some(properties) = &u.properties {
+                    z.properties.clone_from(properties);
+                }
+                if let Some(server) = &u.assigned_server {
+                    z.assigned_server.clone_from(server);
+                }
+                if let Some(permissions) = u.permissions {
+                    z.permissions = permissions;
+                }
+            }
+            EventKind::ZoneDeleted(_) => self.deleted = true,
+            EventKind::AgentMoved(_) | EventKind::AgentInteraction(_) | EventKind::Custom(_) => {}
+        }
+        self.zone.active_session_count = self.sessions.len() as u32;
+        self.zone.updated_at = event.occurred_at;
+        self.seq = event.seq;
+        if let Some(id) = event.command_id {
+            self.recent.remember(id, Ok(event.seq));
+        }
+        Ok(())
+    }
+
+    fn set_amounts(&mut self, amounts: &BTreeMap<String, i64>) {
+        for (name, amount) in amounts {
+            if let Some(r) = self.zone.resources.get_mut(name) {
+                r.amount = *amount;
+            }
+        }
+    }
+
+    /// Decides `command`, numbers and applies the events it causes, and remembers its id. A
+    /// command whose id was seen before gets its first outcome again and changes nothing.
+    pub fn execute(&mut self, command: &ZoneCommand, ctx: &Context) -> Outcome {
+        let remembered = if command.kind.is_query() {
+            None
+        } else {
+            self.recent.get(&command.id).cloned()
+        };
+        let result = match remembered {
+            Some(Err(refusal)) => Err(refusal),
+            Some(Ok(_)) => Ok(Accepted {
+                events: Vec::new(),
+                answer: self.answer(&command.kind),
+                duplicate: true,
+            }),
+            None => match self.decide(command, ctx) {
+                Err(refusal) => {
+                    // Rate limits pass with time: a later redelivery may be accepted.
+                    if !matches!(
+                        refusal,
+                        ZoneError::RateLimited { .. } | ZoneError::NotJoined { .. }
+                    ) {
+                        self.recent.remember(command.id, Err(refusal.clone()));
+                    }
+                    Err(refusal)
+                }
+                Ok(kinds) => {
+                    let events: Vec<ZoneEvent> = kinds
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, kind)| ZoneEvent {
+                            id: Uuid::now_v7(),
+                            zone_id: self.zone.id,
+                            seq: self.seq + 1 + i as u64,
+                            command_id: Some(command.id),
+                            kind,
+                            occurred_at: ctx.now,
+                        })
+                        .collect();
+                    for event in &events {
+                        self.apply(event)
+                            .expect("decide only produces events that apply accepts");
+                    }
+                    if let (CommandKind::BroadcastEvent { .. }, Some(limit)) =
+                        (&command.kind, ctx.broadcast_limit)
+                    {
+                        self.count_broadcast(limit, ctx.now);
+                    }
+                    Ok(Accepted {
+                        events,
+                        answer: self.answer(&command.kind),
+                        duplicate: false,
+                    })
+                }
+            },
+        };
+        Outcome {
+            command_id: command.id,
+            result,
+        }
+    }
+
+    fn answer(&self, kind: &CommandKind) -> Answer {
+        match kind {
+            CommandKind::Join
+            | CommandKind::GetZoneState
+            | CommandKind::UpdateZone(_)
+            | CommandKind::ChangePermissions { .. } => Answer::State(Box::new(self.view())),
+            CommandKind::ConsumeResource { .. } => Answer::Resources(self.zone.amounts()),
+            _ => Answer::Done,
+        }
+    }
+}
+
+fn window_over(start: DateTime<Utc>, limit: BroadcastLimit, now: DateTime<Utc>) -> bool {
+    let interval =
+        chrono::Duration::milliseconds(i64::try_from(limit.interval_ms).unwrap_or(i64::MAX));
+    now.signed_duration_since(start) >= interval
+}
