@@ -137,6 +137,66 @@ async fn a_partial_batch_leaves_at_its_timeout_counted_from_its_first_message() 
     pipeline.shutdown().await.unwrap();
 }
 
+/// Records batches like `Record`, taking 10 ms per batch (a commit).
+struct SlowRecord(Arc<Seen>);
+
+impl BatchSink<u32> for SlowRecord {
+    async fn handle_batch(&self, b: &BatchInfo, ms: &mut [Message<u32>]) -> Result<(), Failure> {
+        Record(self.0.clone()).handle_batch(b, ms).await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_group_commit_a_batch_leaves_when_a_sink_worker_is_free() {
+    let seen = Arc::new(Seen::default());
+    let (producer, push) = in_memory(1000);
+    let pipeline = Pipeline::builder("group-commit")
+        .producer(producer)
+        .processor(Pass { keyed: false }, one_worker())
+        .batcher(
+            BatcherConfig::new("log").group_commit(true),
+            SlowRecord(seen.clone()),
+        )
+        .start()
+        .unwrap();
+    let start = Instant::now();
+    // Alone, a message leaves at once: the worker is idle, nothing waits for the 2 s timer.
+    push.push(msg(&seen, 0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // While the worker commits, what arrives waits, and leaves together when it is free.
+    for i in 1..=45 {
+        push.push(msg(&seen, i)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let batches = seen.batches.lock().unwrap().clone();
+    let (_, _, trigger, ids, at) = &batches[0];
+    assert_eq!(
+        (*trigger, ids.clone(), *at - start),
+        (Trigger::Idle, vec![0], Duration::ZERO)
+    );
+    let rest: Vec<(Trigger, usize)> = batches[1..].iter().map(|b| (b.2, b.3.len())).collect();
+    assert!(
+        rest.iter()
+            .all(|(t, n)| matches!(t, Trigger::Idle | Trigger::Size) && *n <= 20),
+        "{rest:?}"
+    );
+    assert!(
+        rest.len() < 45 / 2,
+        "waiting messages were grouped: {rest:?}"
+    );
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.4 - start < Duration::from_millis(100)),
+        "nothing waited for a timeout"
+    );
+    assert_eq!(seen.acked_ok(), (0..=45).collect::<Vec<_>>());
+    // Without it, the first message would have waited for its batch's timeout.
+    pipeline.shutdown().await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn batches_leave_by_size_by_key_and_on_flush() {
     let seen = Arc::new(Seen::default());

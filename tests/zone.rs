@@ -757,7 +757,7 @@ fn zone_changes_are_events_and_a_deleted_zone_ends_its_sessions() {
         .result
         .unwrap();
     let names: Vec<&str> = deleted.events.iter().map(|e| e.name()).collect();
-    assert_eq!(names, ["agent_left", "agent_left", "zone_deleted"]);
+    assert_eq!(names, ["zone_deleted"]);
     assert_eq!(z.session_count(), 0);
     assert!(z.is_deleted());
     let after = run(

@@ -113,6 +113,9 @@ pub struct BatcherSection {
     pub batch_timeout_ms: NonZeroU64,
     #[serde(default = "one")]
     pub concurrency: NonZeroUsize,
+    /// A batch also leaves as soon as a sink worker is free (size and timeout stay the bounds).
+    #[serde(default)]
+    pub group_commit: bool,
     #[serde(default)]
     pub retry: RetrySection,
 }
@@ -197,12 +200,14 @@ impl Default for BatcherSections {
                 batch_size: nz(256),
                 batch_timeout_ms: ms(3),
                 concurrency: nz(1),
+                group_commit: false,
                 retry: RetrySection::default(),
             },
             audit: BatcherSection {
                 batch_size: nz(20),
                 batch_timeout_ms: ms(2_000),
                 concurrency: nz(4),
+                group_commit: true,
                 retry: RetrySection {
                     max_attempts: Attempts::Unlimited(Unlimited::Unlimited),
                     initial_delay_ms: 100,
@@ -280,6 +285,7 @@ impl BatcherSection {
             .batch_size(self.batch_size.get())
             .batch_timeout(Duration::from_millis(self.batch_timeout_ms.get()))
             .concurrency(self.concurrency.get())
+            .group_commit(self.group_commit)
             .retry(self.retry.policy())
     }
 }

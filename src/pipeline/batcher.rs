@@ -2,15 +2,20 @@
 //!
 //! A batch leaves when it reaches `batch_size` (trigger `size`), when `batch_timeout` has passed
 //! since its first message (trigger `timeout`; the timer is never reset), when a message in
-//! `Flush` mode joins it, or when the pipeline drains (both trigger `flush`).
+//! `Flush` mode joins it, or when the pipeline drains (both trigger `flush`). With group commit,
+//! a batch also leaves as soon as one of its sink workers is idle (trigger `idle`): under light
+//! load each batch is small and leaves at once, under heavy load batches fill while every
+//! worker is busy, so size and timeout stay the upper bounds and nothing waits for a timer
+//! while a worker could take it.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap as HashMap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 use super::message::{BatchKey, BatchMode, BatcherName, Failure, Message};
@@ -23,6 +28,8 @@ pub enum Trigger {
     Size,
     Timeout,
     Flush,
+    /// A sink worker was idle (group commit).
+    Idle,
 }
 
 impl fmt::Display for Trigger {
@@ -31,7 +38,31 @@ impl fmt::Display for Trigger {
             Self::Size => "size",
             Self::Timeout => "timeout",
             Self::Flush => "flush",
+            Self::Idle => "idle",
         })
+    }
+}
+
+/// How many of a batcher's sink workers wait for a batch, and a wake-up for the batcher when
+/// one starts waiting. Only batchers with group commit look at it.
+#[derive(Default)]
+pub(crate) struct IdleWorkers {
+    waiting: AtomicUsize,
+    started_waiting: Notify,
+}
+
+impl IdleWorkers {
+    pub fn waiting(&self) {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.started_waiting.notify_one();
+    }
+
+    pub fn busy(&self) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn count(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 }
 
@@ -80,6 +111,8 @@ pub(crate) struct BatcherStage<T> {
     pub batch_timeout: Duration,
     pub inbox: mpsc::Receiver<Vec<Message<T>>>,
     pub out: mpsc::Sender<Batch<T>>,
+    /// Group commit: the sink workers that wait, when batches leave as soon as one does.
+    pub idle: Option<Arc<IdleWorkers>>,
     pub shared: Arc<Shared<T>>,
     pub metrics: StageMetrics,
     pub sizes: BatchSizeMetrics,
@@ -158,7 +191,14 @@ impl<T: Send + 'static> BatcherStage<T> {
                 () = &mut timer, if next_deadline.is_some() => {
                     self.expire(&mut open, &mut deadlines, &mut ready);
                 }
+                () = async {
+                    match &self.idle {
+                        Some(idle) => idle.started_waiting.notified().await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.idle.is_some() && !open.is_empty() => {}
             }
+            self.to_idle_workers(&mut open, &mut deadlines, &mut ready);
             // While draining, no batch waits for its timeout once nothing more is queued: the
             // messages it holds may be the permits the producers need to finish.
             if draining && self.inbox.is_empty() {
@@ -174,6 +214,30 @@ impl<T: Send + 'static> BatcherStage<T> {
         self.flush_all(&mut open, &mut deadlines, &mut ready);
         for batch in ready.drain(..) {
             self.send(batch).await;
+        }
+    }
+
+    /// Group commit: while sink workers wait and none of them has a batch queued, the oldest
+    /// open batches leave now, one per waiting worker.
+    fn to_idle_workers(
+        &self,
+        open: &mut HashMap<BatchKey, Open<T>>,
+        deadlines: &mut VecDeque<(Instant, u64, BatchKey)>,
+        ready: &mut Vec<Batch<T>>,
+    ) {
+        let Some(idle) = &self.idle else { return };
+        // Batches already queued, or about to be, go to the waiting workers first.
+        let queued = self.out.max_capacity() - self.out.capacity() + ready.len();
+        let mut free = idle.count().saturating_sub(queued);
+        while free > 0 {
+            let Some((_, generation, key)) = deadlines.pop_front() else {
+                break;
+            };
+            if open.get(&key).is_some_and(|b| b.generation == generation) {
+                let batch = open.remove(&key).expect("the batch is open");
+                ready.push(self.seal(key, batch.messages, Trigger::Idle));
+                free -= 1;
+            }
         }
     }
 
@@ -218,6 +282,7 @@ impl<T: Send + 'static> BatcherStage<T> {
             Trigger::Size => &self.sizes.size,
             Trigger::Timeout => &self.sizes.timeout,
             Trigger::Flush => &self.sizes.flush,
+            Trigger::Idle => &self.sizes.idle,
         }
         .observe(size as f64);
         Batch {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use prometheus::Registry;
 use tokio::sync::{Mutex, mpsc, watch};
 
-use super::batcher::BatcherStage;
+use super::batcher::{BatcherStage, IdleWorkers};
 use super::error::ConfigError;
 use super::flow::RateLimiter;
 use super::message::{BatcherName, Message};
@@ -119,6 +119,10 @@ pub struct BatcherConfig {
     pub retry: RetryPolicy,
     /// Longest a single `handle_batch` call may take.
     pub timeout: Option<Duration>,
+    /// Group commit: a batch also leaves as soon as a sink worker is free, so that what is
+    /// waiting never waits for the timeout while a worker could take it; `batch_size` and
+    /// `batch_timeout` stay the upper bounds. Default: off.
+    pub group_commit: bool,
 }
 
 impl BatcherConfig {
@@ -130,7 +134,13 @@ impl BatcherConfig {
             concurrency: 1,
             retry: RetryPolicy::none(),
             timeout: None,
+            group_commit: false,
         }
+    }
+
+    pub fn group_commit(mut self, on: bool) -> Self {
+        self.group_commit = on;
+        self
     }
 
     pub fn batch_size(mut self, n: usize) -> Self {
@@ -399,12 +409,16 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 1,
                 &metrics_b,
             ));
+            let idle = config
+                .group_commit
+                .then(|| Arc::new(IdleWorkers::default()));
             let batcher = BatcherStage {
                 name: batcher_name.clone(),
                 batch_size: config.batch_size,
                 batch_timeout: config.batch_timeout,
                 inbox,
                 out,
+                idle: idle.clone(),
                 shared: shared.clone(),
                 metrics: metrics_b,
                 sizes: metrics.batch_sizes(&name, &config.name),
@@ -424,6 +438,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             for _ in 0..config.concurrency {
                 let worker = SinkWorker {
                     batches: batches.clone(),
+                    idle: idle.clone(),
                     sink: sink.clone(),
                     retry: config.retry.clone(),
                     timeout: config.timeout,

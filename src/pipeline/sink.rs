@@ -11,7 +11,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::{Mutex, mpsc};
 
-use super::batcher::{Batch, BatchInfo};
+use super::batcher::{Batch, BatchInfo, IdleWorkers};
 use super::message::{Failure, Message};
 use super::processor::panic_message;
 use super::retry::RetryPolicy;
@@ -111,6 +111,8 @@ impl<T: Send + 'static, D: DeadLetterSink<T>> DynDeadLetter<T> for D {
 /// One batch processor of a batcher's pool.
 pub(crate) struct SinkWorker<T> {
     pub batches: Arc<Mutex<mpsc::Receiver<Batch<T>>>>,
+    /// Tells a group-commit batcher when this worker waits for a batch.
+    pub idle: Option<Arc<IdleWorkers>>,
     pub sink: Arc<dyn DynSink<T>>,
     pub retry: RetryPolicy,
     pub timeout: Option<Duration>,
@@ -121,7 +123,13 @@ pub(crate) struct SinkWorker<T> {
 impl<T: Send + 'static> SinkWorker<T> {
     pub async fn run(self) {
         loop {
+            if let Some(idle) = &self.idle {
+                idle.waiting();
+            }
             let batch = { self.batches.lock().await.recv().await };
+            if let Some(idle) = &self.idle {
+                idle.busy();
+            }
             let Some(Batch { mut info, messages }) = batch else {
                 break;
             };

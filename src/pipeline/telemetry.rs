@@ -34,7 +34,7 @@ impl PipelineMetrics {
         let batch_size = HistogramVec::new(
             HistogramOpts::new(
                 "thunderline_pipeline_batch_size",
-                "Messages per batch, by what sent the batch out: size, timeout or flush.",
+                "Messages per batch, by what sent the batch out: size, timeout, flush or idle (a sink worker was free, with group commit).",
             )
             .buckets(vec![
                 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
@@ -88,6 +88,7 @@ impl PipelineMetrics {
             size: by("size"),
             timeout: by("timeout"),
             flush: by("flush"),
+            idle: by("idle"),
         }
     }
 }
@@ -110,6 +111,7 @@ pub(crate) struct BatchSizeMetrics {
     pub size: Histogram,
     pub timeout: Histogram,
     pub flush: Histogram,
+    pub idle: Histogram,
 }
 
 /// What a stage is.

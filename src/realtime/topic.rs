@@ -6,7 +6,7 @@
 //! connection and sends it `presence_state`; an `agent_left` unsubscribes it; both add a
 //! `presence_diff` to the stream at their place in it, so no subscriber ever sees a presence
 //! change before the events that happened before it. `zone_deleted` closes every channel of the
-//! zone (`phx_close`). Between such changes, a zone's frames from one batch travel to each
+//! zone (`phx_close`) and forgets its presence. Between such changes, a zone's frames from one batch travel to each
 //! subscriber as one queue item, written with one system call.
 
 use std::collections::hash_map::Entry;

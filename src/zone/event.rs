@@ -186,7 +186,7 @@ impl ZoneUpdate {
     }
 }
 
-/// `zone_deleted`: the zone is gone; every session in it ended just before.
+/// `zone_deleted`: the zone is gone, and every session in it ended with it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Deleted {
     pub timestamp: DateTime<Utc>,

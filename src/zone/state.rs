@@ -544,11 +544,8 @@ impl ZoneState {
                     })]
                 }
             }
-            CommandKind::DeleteZone => {
-                let mut events = self.leave_all(now);
-                events.push(EventKind::ZoneDeleted(Deleted { timestamp: now }));
-                events
-            }
+            // Its sessions end with it: one event, which clients see as their channel closing.
+            CommandKind::DeleteZone => vec![EventKind::ZoneDeleted(Deleted { timestamp: now })],
             CommandKind::ExpireSessions => self.leave_all(now),
         })
     }
@@ -720,7 +717,10 @@ impl ZoneState {
                     z.permissions = permissions;
                 }
             }
-            EventKind::ZoneDeleted(_) => self.deleted = true,
+            EventKind::ZoneDeleted(_) => {
+                self.sessions.clear();
+                self.deleted = true;
+            }
             EventKind::AgentMoved(_) | EventKind::AgentInteraction(_) | EventKind::Custom(_) => {}
         }
         self.zone.active_session_count = self.sessions.len() as u32;
