@@ -621,6 +621,78 @@ impl Processor<u32> for Gate {
     }
 }
 
+/// Holds every batch until the gate opens.
+struct GatedSink(Arc<Notify>, Arc<Seen>);
+
+impl BatchSink<u32> for GatedSink {
+    async fn handle_batch(&self, b: &BatchInfo, ms: &mut [Message<u32>]) -> Result<(), Failure> {
+        self.0.notified().await;
+        Record(self.1.clone()).handle_batch(b, ms).await
+    }
+}
+
+/// Sends every message to both batchers.
+struct Both(Arc<[BatcherName]>);
+
+impl Processor<u32> for Both {
+    async fn handle_message(&self, m: &mut Message<u32>) -> Result<(), Failure> {
+        m.put_batchers(self.0.clone());
+        Ok(())
+    }
+}
+
+/// A sink that cannot keep up holds back its own batcher, and through the in-flight bound the
+/// producers; it does not stop the other batchers while the bound has room.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_sink_does_not_stop_the_other_batchers() {
+    let stuck = Arc::new(Seen::default());
+    let flowing = Arc::new(Seen::default());
+    let gate = Arc::new(Notify::new());
+    let (producer, push) = in_memory(1000);
+    let pipeline = Pipeline::builder("two-sinks")
+        .producer(producer)
+        .processor(
+            Both(Arc::from(vec![
+                BatcherName::from("stuck"),
+                "flowing".into(),
+            ])),
+            one_worker(),
+        )
+        .batcher(
+            BatcherConfig::new("stuck").batch_size(1),
+            GatedSink(gate.clone(), stuck.clone()),
+        )
+        .batcher(
+            BatcherConfig::new("flowing").batch_size(1),
+            Record(flowing.clone()),
+        )
+        .in_flight_bound(500)
+        .start()
+        .unwrap();
+    for i in 0..300 {
+        push.push(msg(&stuck, i)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        flowing.batches.lock().unwrap().len(),
+        300,
+        "the other batcher delivered everything while one sink was stuck"
+    );
+    assert!(
+        stuck.acked_ok().is_empty(),
+        "nothing is acknowledged before every sink has it"
+    );
+    let stats = pipeline.stats();
+    assert_eq!(stats.in_flight, 300);
+    for _ in 0..300 {
+        gate.notify_one();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(push);
+    pipeline.join().await.unwrap();
+    assert_eq!(stuck.acked_ok(), (0..300).collect::<Vec<_>>());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_pipeline_pushes_back_without_dropping_anything() {
     let seen = Arc::new(Seen::default());

@@ -129,7 +129,10 @@ impl<T: Send + 'static> BatcherStage<T> {
         let mut generation = 0u64;
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
-        let mut ready: Vec<Batch<T>> = Vec::new();
+        // Sealed batches on their way to the sinks. The batcher goes on taking messages while
+        // its sinks are busy (the in-flight bound, not this queue, limits how many wait), so a
+        // slow sink slows the producers without stopping the pipeline's other batchers.
+        let mut ready: VecDeque<Batch<T>> = VecDeque::new();
         let mut draining = false;
         let mut stop = self.stop.clone();
 
@@ -142,7 +145,7 @@ impl<T: Send + 'static> BatcherStage<T> {
             }
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|&s| s), if !draining => {
+                () = async { let _ = stop.wait_for(|&s| s).await; }, if !draining => {
                     draining = true;
                 }
                 chunk = self.inbox.recv() => {
@@ -180,7 +183,7 @@ impl<T: Send + 'static> BatcherStage<T> {
                             } else {
                                 Trigger::Flush
                             };
-                            ready.push(self.seal(key, batch.messages, trigger));
+                            ready.push_back(self.seal(key, batch.messages, trigger));
                         }
                     }
                     // Under steady load the timer arm may not get polled: check it here too.
@@ -197,6 +200,14 @@ impl<T: Send + 'static> BatcherStage<T> {
                         None => std::future::pending().await,
                     }
                 }, if self.idle.is_some() && !open.is_empty() => {}
+                permit = self.out.reserve(), if !ready.is_empty() => match permit {
+                    Ok(permit) => {
+                        let batch = ready.pop_front().expect("checked non-empty");
+                        self.count_sent(&batch);
+                        permit.send(batch);
+                    }
+                    Err(_) => self.sinks_gone(&mut ready).await,
+                },
             }
             self.to_idle_workers(&mut open, &mut deadlines, &mut ready);
             // While draining, no batch waits for its timeout once nothing more is queued: the
@@ -205,8 +216,18 @@ impl<T: Send + 'static> BatcherStage<T> {
                 self.flush_all(&mut open, &mut deadlines, &mut ready);
             }
             forget_left_batches(&open, &mut deadlines);
-            for batch in ready.drain(..) {
-                self.send(batch).await;
+            while !ready.is_empty() {
+                match self.out.try_reserve() {
+                    Ok(permit) => {
+                        let batch = ready.pop_front().expect("checked non-empty");
+                        self.count_sent(&batch);
+                        permit.send(batch);
+                    }
+                    Err(mpsc::error::TrySendError::Full(())) => break,
+                    Err(mpsc::error::TrySendError::Closed(())) => {
+                        self.sinks_gone(&mut ready).await;
+                    }
+                }
             }
         }
 
@@ -223,10 +244,10 @@ impl<T: Send + 'static> BatcherStage<T> {
         &self,
         open: &mut HashMap<BatchKey, Open<T>>,
         deadlines: &mut VecDeque<(Instant, u64, BatchKey)>,
-        ready: &mut Vec<Batch<T>>,
+        ready: &mut VecDeque<Batch<T>>,
     ) {
         let Some(idle) = &self.idle else { return };
-        // Batches already queued, or about to be, go to the waiting workers first.
+        // Batches already queued, or waiting to be, go to the waiting workers first.
         let queued = self.out.max_capacity() - self.out.capacity() + ready.len();
         let mut free = idle.count().saturating_sub(queued);
         while free > 0 {
@@ -235,7 +256,7 @@ impl<T: Send + 'static> BatcherStage<T> {
             };
             if open.get(&key).is_some_and(|b| b.generation == generation) {
                 let batch = open.remove(&key).expect("the batch is open");
-                ready.push(self.seal(key, batch.messages, Trigger::Idle));
+                ready.push_back(self.seal(key, batch.messages, Trigger::Idle));
                 free -= 1;
             }
         }
@@ -246,12 +267,12 @@ impl<T: Send + 'static> BatcherStage<T> {
         &self,
         open: &mut HashMap<BatchKey, Open<T>>,
         deadlines: &mut VecDeque<(Instant, u64, BatchKey)>,
-        ready: &mut Vec<Batch<T>>,
+        ready: &mut VecDeque<Batch<T>>,
     ) {
         for (_, generation, key) in deadlines.drain(..) {
             if open.get(&key).is_some_and(|b| b.generation == generation) {
                 let batch = open.remove(&key).expect("the batch is open");
-                ready.push(self.seal(key, batch.messages, Trigger::Flush));
+                ready.push_back(self.seal(key, batch.messages, Trigger::Flush));
             }
         }
     }
@@ -260,7 +281,7 @@ impl<T: Send + 'static> BatcherStage<T> {
         &self,
         open: &mut HashMap<BatchKey, Open<T>>,
         deadlines: &mut VecDeque<(Instant, u64, BatchKey)>,
-        ready: &mut Vec<Batch<T>>,
+        ready: &mut VecDeque<Batch<T>>,
     ) {
         let now = Instant::now();
         while let Some((at, generation, _)) = deadlines.front() {
@@ -271,7 +292,7 @@ impl<T: Send + 'static> BatcherStage<T> {
             let (_, _, key) = deadlines.pop_front().expect("front exists");
             if open.get(&key).is_some_and(|b| b.generation == generation) {
                 let batch = open.remove(&key).expect("the batch is open");
-                ready.push(self.seal(key, batch.messages, Trigger::Timeout));
+                ready.push_back(self.seal(key, batch.messages, Trigger::Timeout));
             }
         }
     }
@@ -296,17 +317,33 @@ impl<T: Send + 'static> BatcherStage<T> {
         }
     }
 
-    async fn send(&self, batch: Batch<T>) {
+    fn count_sent(&self, batch: &Batch<T>) {
         let n = batch.messages.len();
         self.metrics.in_flight.sub(n as i64);
         self.metrics.sent.inc_by(n as u64);
+    }
+
+    async fn send(&self, batch: Batch<T>) {
+        self.count_sent(&batch);
         if let Err(lost) = self.out.send(batch).await {
-            // The sinks are gone (they can only have crashed): fail rather than leak permits.
-            let mut messages = lost.0.messages;
-            for m in &mut messages {
-                m.fail(Failure::permanent("the batch sink stopped"));
-            }
-            self.shared.settle(&self.metrics, messages).await;
+            self.fail_stopped(lost.0).await;
         }
+    }
+
+    /// The sinks are gone (they can only have crashed): fail the waiting batches rather than
+    /// leak their permits.
+    async fn sinks_gone(&self, ready: &mut VecDeque<Batch<T>>) {
+        for batch in ready.drain(..) {
+            self.count_sent(&batch);
+            self.fail_stopped(batch).await;
+        }
+    }
+
+    async fn fail_stopped(&self, batch: Batch<T>) {
+        let mut messages = batch.messages;
+        for m in &mut messages {
+            m.fail(Failure::permanent("the batch sink stopped"));
+        }
+        self.shared.settle(&self.metrics, messages).await;
     }
 }

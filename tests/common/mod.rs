@@ -116,6 +116,18 @@ pub mod server {
 
     /// As [`start`], with zones ticking every `tick_ms`.
     pub async fn start_ticking(database: Option<String>, tick_ms: u64) -> TestServer {
+        let file = thunderline::daemon::config::PipelineFile {
+            tick_interval_ms: std::num::NonZeroU64::new(tick_ms).unwrap(),
+            ..Default::default()
+        };
+        start_with(database, file).await
+    }
+
+    /// As [`start`], with this pipeline file.
+    pub async fn start_with(
+        database: Option<String>,
+        file: thunderline::daemon::config::PipelineFile,
+    ) -> TestServer {
         let dir =
             std::env::temp_dir().join(format!("thunderline-srv-{}", uuid::Uuid::now_v7().simple()));
         let args = ServeArgs {
@@ -127,10 +139,6 @@ pub mod server {
             config: None,
             log_format: thunderline::daemon::server::LogFormat::Text,
             replies: None,
-        };
-        let file = thunderline::daemon::config::PipelineFile {
-            tick_interval_ms: std::num::NonZeroU64::new(tick_ms).unwrap(),
-            ..Default::default()
         };
         TestServer {
             server: Server::start(&args, &file)

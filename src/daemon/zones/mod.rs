@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use acker::ZoneAcker;
-pub use registry::{LiveZone, Loaded, ZoneRegistry};
+pub use registry::{Eviction, LiveZone, Loaded, ZoneRegistry};
 pub use snapshots::Snapshots;
 pub use timers::{TimerConfig, run_timers};
 pub use work::{Job, Replies, ZoneWork};

@@ -89,6 +89,27 @@ impl LiveZone {
             .unwrap_or_else(|e| e.into_inner())
             .is_some_and(|since| now.saturating_duration_since(since) >= after)
     }
+
+    /// Whether the zone may leave memory now: it has had no session for `after`, and the store
+    /// has its latest state (if not, it must be written first).
+    pub fn eviction(&self, state: &ZoneState, after: Duration, now: Instant) -> Eviction {
+        if state.session_count() > 0 || !self.idle_for(after, now) {
+            Eviction::Keep
+        } else if self.persisted() >= state.seq() {
+            Eviction::Evict
+        } else {
+            Eviction::WriteFirst
+        }
+    }
+}
+
+/// What becomes of an idle zone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    Keep,
+    /// Its snapshot is behind: write it, then it may go.
+    WriteFirst,
+    Evict,
 }
 
 /// The zones in memory, by id.
@@ -194,5 +215,72 @@ impl ZoneRegistry {
             .filter(|(_, z)| z.idle_for(after, now))
             .map(|(id, _)| id)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zone::{Actor, CommandKind, Context, NewZone, Permissions, Zone, ZoneCommand, now};
+
+    fn command(state: &mut ZoneState, actor: Actor, kind: CommandKind) {
+        let c = ZoneCommand::new(state.id(), actor, kind);
+        state.execute(&c, &Context::at(now())).result.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zone_leaves_only_after_its_idle_time_and_once_its_snapshot_is_written() {
+        let zone = Zone::create(
+            NewZone {
+                name: "z".into(),
+                ..NewZone::default()
+            },
+            "n",
+            now(),
+        )
+        .unwrap();
+        let agent = Actor::Agent {
+            agent_id: "a".into(),
+            connection: "c".into(),
+            permissions: Permissions::SPAWN_AGENTS,
+        };
+        let mut state = ZoneState::new(zone);
+        let live = LiveZone::new(state.clone(), 0);
+        let after = Duration::from_secs(600);
+        command(&mut state, agent.clone(), CommandKind::Join);
+        live.note_sessions(state.session_count(), Instant::now());
+        tokio::time::advance(after * 2).await;
+        assert_eq!(
+            live.eviction(&state, after, Instant::now()),
+            Eviction::Keep,
+            "it has a session"
+        );
+
+        command(&mut state, agent, CommandKind::Leave);
+        live.note_sessions(state.session_count(), Instant::now());
+        tokio::time::advance(after - Duration::from_secs(1)).await;
+        assert_eq!(
+            live.eviction(&state, after, Instant::now()),
+            Eviction::Keep,
+            "not idle long enough"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            live.eviction(&state, after, Instant::now()),
+            Eviction::WriteFirst
+        );
+        live.written(state.seq() - 1);
+        assert_eq!(
+            live.eviction(&state, after, Instant::now()),
+            Eviction::WriteFirst
+        );
+        live.written(state.seq());
+        assert_eq!(
+            live.eviction(&state, after, Instant::now()),
+            Eviction::Evict
+        );
+        // An older snapshot written late does not count against the newer one.
+        live.written(1);
+        assert_eq!(live.persisted(), state.seq());
     }
 }

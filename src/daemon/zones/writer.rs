@@ -14,7 +14,7 @@ use std::time::Duration;
 use prometheus::{HistogramOpts, HistogramVec, Registry};
 use tokio::time::Instant;
 
-use super::registry::ZoneRegistry;
+use super::registry::{Eviction, ZoneRegistry};
 use super::work::{Job, Replies, ZoneWork};
 use crate::pipeline::{BatcherName, Failure, Message, Processor};
 use crate::store::StoreError;
@@ -161,13 +161,10 @@ impl ZoneWriter {
             return;
         };
         let state = live.state();
-        if state.session_count() > 0 || !live.idle_for(self.config.evict_after, Instant::now()) {
-            return;
-        }
-        if live.persisted() >= state.seq() {
-            self.registry.remove(work.zone_id);
-        } else {
-            work.snapshot = Some(Arc::new(state.snapshot()));
+        match live.eviction(&state, self.config.evict_after, Instant::now()) {
+            Eviction::Keep => {}
+            Eviction::Evict => self.registry.remove(work.zone_id),
+            Eviction::WriteFirst => work.snapshot = Some(Arc::new(state.snapshot())),
         }
     }
 }
