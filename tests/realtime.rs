@@ -775,3 +775,512 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_zone_goes_on() {
     )
     .await;
 }
+
+/// Frames until `done` holds for all of them so far; panics with what came if the socket goes
+/// quiet (2 s) or closes first.
+async fn collect(c: &mut Client, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        match c.next().await {
+            Some(f) => seen.push(f),
+            None => panic!("no {what}; got {seen:#?}"),
+        }
+    }
+    seen
+}
+
+fn reply_in<'a>(frames: &'a [Value], r: &str) -> Option<&'a Value> {
+    frames
+        .iter()
+        .find(|f| f[3] == "phx_reply" && f[1] == json!(r))
+        .map(|f| &f[4])
+}
+
+/// The zone's audit log, polled (up to 5 s) until `check` accepts it.
+async fn audited(srv: &TestServer, zone: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, events) = srv
+            .api("GET", &format!("/api/zones/{zone}/events?limit=1000"), None)
+            .await;
+        assert_eq!(status, 200, "{events}");
+        let events = events.as_array().unwrap().clone();
+        if check(&events) {
+            return events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the audit log never showed it: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_event_and_its_refusals_over_raw_frames() {
+    let srv = server().await;
+    // spawn_agents, modify_zone, broadcast_events; the default limit: 20 a second per zone.
+    let zone = srv.zone(zone_body(10, 0x07)).await;
+    let id = zone["id"].as_str().unwrap();
+    let topic = format!("zone:{id}");
+    let with_bit = json!(["spawn_agents", "broadcast_events"]);
+    let (mut ann, ann_ref) = joined(&srv, id, "ann", with_bit.clone()).await;
+    let (mut ben, ben_ref) = joined(&srv, id, "ben", with_bit).await;
+    let (mut cy, cy_ref) = joined(&srv, id, "cy", json!(["spawn_agents"])).await;
+    // Every frame Ann reads goes through `ann_seen`, to check the seqs at the end.
+    let mut ann_seen: Vec<Value> = Vec::new();
+
+    // A broadcast reaches every member, the sender included, with one seq.
+    let payload = json!({"level": 3, "tags": ["hail"], "nested": {"wind": 12.5}});
+    let r = ann
+        .push(
+            Some(&ann_ref),
+            &topic,
+            "broadcast_event",
+            json!({"event_type": "storm", "payload": payload}),
+        )
+        .await;
+    let frames = collect(&mut ann, "the reply and the storm", |fs| {
+        reply_in(fs, &r).is_some() && fs.iter().any(|f| f[3] == "storm")
+    })
+    .await;
+    assert_eq!(
+        reply_in(&frames, &r).unwrap(),
+        &json!({"status": "ok", "response": {}})
+    );
+    let storm = frames.iter().find(|f| f[3] == "storm").unwrap().clone();
+    ann_seen.extend(frames);
+    let seq = storm[4]["seq"].as_u64().expect("seq is a number");
+    assert!(seq > 3, "after three joins, seq {seq}");
+    let expected =
+        json!([null, null, topic, "storm", {"agent_id": "ann", "payload": payload, "seq": seq}]);
+    assert_eq!(storm, expected);
+    assert_eq!(ben.event("storm").await, expected);
+    assert_eq!(cy.event("storm").await, expected);
+    audited(&srv, id, |events| {
+        events.iter().any(|e| {
+            e["type"] == "storm"
+                && e["seq"] == seq
+                && e["payload"] == json!({"agent_id": "ann", "payload": payload})
+        })
+    })
+    .await;
+
+    // Without the bit on the token.
+    let r = cy
+        .push(
+            Some(&cy_ref),
+            &topic,
+            "broadcast_event",
+            json!({"event_type": "storm", "payload": {}}),
+        )
+        .await;
+    let reply = cy.reply_to(&r).await;
+    assert_eq!(
+        (reply["status"].clone(), reply["response"]["reason"].clone()),
+        (json!("error"), json!("forbidden"))
+    );
+    let details = reply["response"]["details"].as_str().unwrap();
+    assert!(details.contains("token"), "{details}");
+
+    // Bad event types and payloads: invalid_payload, and nothing is broadcast.
+    let long = "x".repeat(65);
+    for payload in [
+        json!({"event_type": "agent_moved", "payload": {}}),
+        json!({"event_type": "zone_deleted", "payload": {}}),
+        json!({"event_type": "phx_reply", "payload": {}}),
+        json!({"event_type": "phx_custom", "payload": {}}),
+        json!({"event_type": "presence_diff", "payload": {}}),
+        json!({"event_type": "has space", "payload": {}}),
+        json!({"event_type": long, "payload": {}}),
+        json!({"event_type": "", "payload": {}}),
+        json!({"event_type": "storm", "payload": [1, 2]}),
+        json!({"payload": {}}),
+    ] {
+        let r = ann
+            .push(Some(&ann_ref), &topic, "broadcast_event", payload.clone())
+            .await;
+        let frames = collect(&mut ann, "the reply", |fs| reply_in(fs, &r).is_some()).await;
+        let reply = reply_in(&frames, &r).unwrap().clone();
+        assert_eq!(
+            (reply["status"].clone(), reply["response"]["reason"].clone()),
+            (json!("error"), json!("invalid_payload")),
+            "{payload}"
+        );
+        assert!(reply["response"]["details"].is_string());
+        ann_seen.extend(frames);
+    }
+    // 64 characters is the longest name allowed.
+    let r = ann
+        .push(
+            Some(&ann_ref),
+            &topic,
+            "broadcast_event",
+            json!({"event_type": "x".repeat(64), "payload": {}}),
+        )
+        .await;
+    let frames = collect(&mut ann, "the reply", |fs| reply_in(fs, &r).is_some()).await;
+    assert_eq!(reply_in(&frames, &r).unwrap()["status"], "ok");
+    ann_seen.extend(frames);
+
+    // Without the bit on the zone: refused to an agent whose token holds it, and to the admin.
+    let (status, z) = srv
+        .api(
+            "POST",
+            &format!("/api/zones/{id}/permissions"),
+            Some(json!({"revoke": ["broadcast_events"]})),
+        )
+        .await;
+    assert_eq!((status, z["permissions"].clone()), (200, json!(0x03)));
+    let r = ann
+        .push(
+            Some(&ann_ref),
+            &topic,
+            "broadcast_event",
+            json!({"event_type": "storm", "payload": {}}),
+        )
+        .await;
+    let frames = collect(&mut ann, "the reply", |fs| reply_in(fs, &r).is_some()).await;
+    let reply = reply_in(&frames, &r).unwrap().clone();
+    ann_seen.extend(frames);
+    assert_eq!(reply["response"]["reason"], "forbidden");
+    let details = reply["response"]["details"].as_str().unwrap();
+    assert!(details.contains("the zone"), "{details}");
+    let (status, body) = srv
+        .api(
+            "POST",
+            &format!("/api/zones/{id}/broadcast"),
+            Some(json!({"event_type": "storm", "payload": {}})),
+        )
+        .await;
+    assert_eq!((status, body["error"].clone()), (403, json!("forbidden")));
+    let (status, z) = srv
+        .api(
+            "POST",
+            &format!("/api/zones/{id}/permissions"),
+            Some(json!({"grant": ["broadcast_events"]})),
+        )
+        .await;
+    assert_eq!((status, z["permissions"].clone()), (200, json!(0x07)));
+
+    // 25 at once from two members: the limit is the zone's. Wait out the current window first.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let started = std::time::Instant::now();
+    let mut ann_refs = Vec::new();
+    let mut ben_refs = Vec::new();
+    for i in 0..25 {
+        let frame = json!({"event_type": "storm", "payload": {"burst": i}});
+        if i % 2 == 0 {
+            ann_refs.push(
+                ann.push(Some(&ann_ref), &topic, "broadcast_event", frame)
+                    .await,
+            );
+        } else {
+            ben_refs.push(
+                ben.push(Some(&ben_ref), &topic, "broadcast_event", frame)
+                    .await,
+            );
+        }
+    }
+    let ann_frames = collect(&mut ann, "replies to the burst", |fs| {
+        ann_refs.iter().all(|r| reply_in(fs, r).is_some())
+    })
+    .await;
+    let ben_frames = collect(&mut ben, "replies to the burst", |fs| {
+        ben_refs.iter().all(|r| reply_in(fs, r).is_some())
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let replies: Vec<Value> = ann_refs
+        .iter()
+        .map(|r| reply_in(&ann_frames, r).unwrap().clone())
+        .chain(
+            ben_refs
+                .iter()
+                .map(|r| reply_in(&ben_frames, r).unwrap().clone()),
+        )
+        .collect();
+    ann_seen.extend(ann_frames);
+    let ok = replies.iter().filter(|r| r["status"] == "ok").count();
+    let limited = replies
+        .iter()
+        .filter(|r| r["response"]["reason"] == "rate_limited")
+        .count();
+    assert_eq!(ok + limited, 25, "{replies:#?}");
+    if elapsed < Duration::from_millis(1000) {
+        // All of them were decided within one window.
+        assert_eq!((ok, limited), (20, 5), "in {elapsed:?}");
+        // The admin API counts against the same limit.
+        let (status, body) = srv
+            .api(
+                "POST",
+                &format!("/api/zones/{id}/broadcast"),
+                Some(json!({"event_type": "storm", "payload": {}})),
+            )
+            .await;
+        if started.elapsed() < Duration::from_millis(1000) {
+            assert_eq!(
+                (status, body["error"].clone()),
+                (429, json!("rate_limited"))
+            );
+        }
+    } else {
+        eprintln!("the burst took {elapsed:?}: only its totals were checked");
+    }
+    // Cy gets exactly the accepted ones: the audit log has them, and so does Cy's socket.
+    let burst_logged = |events: &[Value]| {
+        events
+            .iter()
+            .filter(|e| e["type"] == "storm" && e["payload"]["payload"]["burst"].is_number())
+            .count()
+    };
+    audited(&srv, id, |events| burst_logged(events) == ok).await;
+    let got = collect(&mut cy, "the accepted burst", |fs| {
+        fs.iter()
+            .filter(|f| f[3] == "storm" && f[4]["payload"]["burst"].is_number())
+            .count()
+            == ok
+    })
+    .await;
+    for f in got
+        .iter()
+        .filter(|f| f[3] == "storm" && f[4]["payload"]["burst"].is_number())
+    {
+        assert!(
+            f[4]["agent_id"] == "ann" || f[4]["agent_id"] == "ben",
+            "{f}"
+        );
+    }
+
+    // The admin API: agent_id null, and its seq.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let notice = json!({"text": "rain soon"});
+    let (status, body) = srv
+        .api(
+            "POST",
+            &format!("/api/zones/{id}/broadcast"),
+            Some(json!({"event_type": "weather.notice", "payload": notice})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let notice_seq = body["seq"].as_u64().expect("the seq of the broadcast");
+    assert_eq!(body, json!({"seq": notice_seq}));
+    let expected = json!([null, null, topic, "weather.notice",
+        {"agent_id": null, "payload": notice, "seq": notice_seq}]);
+    assert_eq!(ben.event("weather.notice").await, expected);
+    assert_eq!(cy.event("weather.notice").await, expected);
+    let frames = collect(&mut ann, "the admin broadcast", |fs| {
+        fs.iter().any(|f| f[3] == "weather.notice")
+    })
+    .await;
+    assert!(frames.contains(&expected));
+    ann_seen.extend(frames);
+    for (event_type, status, error) in [
+        (json!("agent_moved"), 422, "invalid_payload"),
+        (json!("phx_reply"), 422, "invalid_payload"),
+        (json!("has space"), 422, "invalid_payload"),
+        (json!("x".repeat(65)), 422, "invalid_payload"),
+    ] {
+        let (s, body) = srv
+            .api(
+                "POST",
+                &format!("/api/zones/{id}/broadcast"),
+                Some(json!({"event_type": event_type, "payload": {}})),
+            )
+            .await;
+        assert_eq!(
+            (s, body["error"].clone()),
+            (status, json!(error)),
+            "{event_type}"
+        );
+    }
+    let (status, body) = srv
+        .api(
+            "POST",
+            "/api/zones/00000000-0000-7000-8000-000000000000/broadcast",
+            Some(json!({"event_type": "storm", "payload": {}})),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+
+    // 25 admin broadcasts at once: 429 past the zone's limit.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let started = std::time::Instant::now();
+    let path = format!("/api/zones/{id}/broadcast");
+    let posted = futures_util::future::join_all((0..25).map(|i| {
+        srv.api(
+            "POST",
+            &path,
+            Some(json!({"event_type": "storm", "payload": {"admin": i}})),
+        )
+    }))
+    .await;
+    let elapsed = started.elapsed();
+    let accepted: Vec<u64> = posted
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b["seq"].as_u64().expect("a seq"))
+        .collect();
+    let too_many = posted
+        .iter()
+        .filter(|(s, b)| *s == 429 && b["error"] == "rate_limited")
+        .count();
+    assert_eq!(accepted.len() + too_many, 25, "{posted:?}");
+    let distinct: std::collections::BTreeSet<u64> = accepted.iter().copied().collect();
+    assert_eq!(distinct.len(), accepted.len(), "one seq each");
+    if elapsed < Duration::from_millis(1000) {
+        assert_eq!((accepted.len(), too_many), (20, 5), "in {elapsed:?}");
+    } else {
+        eprintln!("the admin burst took {elapsed:?}: only its totals were checked");
+    }
+    let frames = collect(&mut ann, "the accepted admin burst", |fs| {
+        fs.iter()
+            .filter(|f| f[3] == "storm" && f[4]["payload"]["admin"].is_number())
+            .count()
+            == accepted.len()
+    })
+    .await;
+    for f in frames.iter().filter(|f| f[3] == "storm") {
+        assert_eq!(f[4]["agent_id"], Value::Null);
+        assert!(distinct.contains(&f[4]["seq"].as_u64().unwrap()));
+    }
+    ann_seen.extend(frames);
+
+    // The audit log has every custom event with its type and seq.
+    let events = audited(&srv, id, |events| {
+        events
+            .iter()
+            .any(|e| e["type"] == "weather.notice" && e["seq"] == notice_seq)
+            && accepted.iter().all(|s| {
+                events
+                    .iter()
+                    .any(|e| e["type"] == "storm" && e["seq"] == *s)
+            })
+    })
+    .await;
+    let notice_logged = events
+        .iter()
+        .find(|e| e["type"] == "weather.notice")
+        .unwrap();
+    assert_eq!(
+        notice_logged["payload"],
+        json!({"agent_id": null, "payload": notice})
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+
+    // Every zone event Ann saw carries seq, strictly increasing.
+    let seen: Vec<u64> = ann_seen
+        .iter()
+        .filter(|f| f[3] != "phx_reply" && f[2] == json!(topic))
+        .filter_map(|f| f[4]["seq"].as_u64())
+        .collect();
+    assert!(seen.len() >= 1 + ok + 1 + accepted.len(), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_lists_agents_with_their_sessions_and_dead_letters() {
+    let srv = server().await;
+    let zone = srv.zone(zone_body(10, 0x01)).await;
+    let id = zone["id"].as_str().unwrap();
+    let topic = format!("zone:{id}");
+    // Joined in this order: a, b, then a again on another connection.
+    let (mut a1, a1_ref) = joined(&srv, id, "a", json!(1)).await;
+    let (_b, _) = joined(&srv, id, "b", json!(1)).await;
+    let (_a2, _) = joined(&srv, id, "a", json!(1)).await;
+
+    let (status, body) = srv
+        .api("GET", &format!("/api/zones/{id}/agents"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["zone_id"], json!(id));
+    assert_eq!(body["seq"], 3, "three joins: {body}");
+    let agents = body["agents"].as_array().unwrap();
+    let ids: Vec<&str> = agents
+        .iter()
+        .map(|a| a["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b"], "one entry per agent: {body:#}");
+    let sessions = |agent: &Value| -> Vec<String> {
+        agent["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                assert!(
+                    s["joined_at"]
+                        .as_str()
+                        .is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok()),
+                    "{s}"
+                );
+                assert_eq!(s.as_object().unwrap().len(), 2, "{s}");
+                s["connection"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let a_sessions = sessions(&agents[0]);
+    let b_sessions = sessions(&agents[1]);
+    assert_eq!((a_sessions.len(), b_sessions.len()), (2, 1), "{body:#}");
+    let all: std::collections::BTreeSet<&String> = a_sessions.iter().chain(&b_sessions).collect();
+    assert_eq!(
+        all.len(),
+        3,
+        "each session's connection is its own: {body:#}"
+    );
+
+    // One of a's connections leaves: a has one session left, on the other connection.
+    let r = a1.push(Some(&a1_ref), &topic, "phx_leave", json!({})).await;
+    assert_eq!(a1.reply_to(&r).await["status"], "ok");
+    let (status, body) = srv
+        .api("GET", &format!("/api/zones/{id}/agents"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["seq"], 4, "and the leave: {body}");
+    let agents = body["agents"].as_array().unwrap();
+    let ids: Vec<&str> = agents
+        .iter()
+        .map(|a| a["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b"], "{body:#}");
+    let left = sessions(&agents[0]);
+    assert_eq!(left.len(), 1, "{body:#}");
+    assert!(a_sessions.contains(&left[0]), "{body:#}");
+    assert_eq!(sessions(&agents[1]), b_sessions);
+
+    // Unknown and malformed zones.
+    let (status, body) = srv
+        .api(
+            "GET",
+            "/api/zones/00000000-0000-7000-8000-000000000000/agents",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (404, json!("zone_not_found"))
+    );
+    let (status, _) = srv.api("GET", "/api/zones/not-a-uuid/agents", None).await;
+    assert_eq!(status, 400);
+
+    // Nothing refused by the audit log: no dead letters, however asked.
+    for path in [
+        "/api/dead_letters".to_owned(),
+        format!("/api/dead_letters?zone_id={id}"),
+        format!("/api/dead_letters?zone_id={id}&limit=5&offset=0"),
+        "/api/dead_letters?limit=1000&offset=10".to_owned(),
+    ] {
+        let (status, body) = srv.api("GET", &path, None).await;
+        assert_eq!((status, body), (200, json!([])), "{path}");
+    }
+    let (status, body) = srv
+        .api("GET", "/api/dead_letters?zone_id=not-a-uuid", None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = srv.api("GET", "/api/dead_letters?limit=lots", None).await;
+    assert_eq!(status, 400);
+    let (status, _) = http(srv.server.addr, "GET", "/api/dead_letters", None, None).await;
+    assert_eq!(status, 401, "the admin token is needed");
+    srv.stop().await;
+}

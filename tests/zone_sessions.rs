@@ -59,7 +59,13 @@ impl Conn {
         }
     }
 
-    async fn send(&mut self, join_ref: Option<&str>, topic: &str, event: &str, payload: Value) -> String {
+    async fn send(
+        &mut self,
+        join_ref: Option<&str>,
+        topic: &str,
+        event: &str,
+        payload: Value,
+    ) -> String {
         self.next += 1;
         let r = self.next.to_string();
         let frame = json!([join_ref, r, topic, event, payload]);
@@ -74,7 +80,10 @@ impl Conn {
         while !self.waiting.is_empty() {
             let frame = tokio::time::timeout_at(deadline, self.client.ws.next()).await;
             let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) = frame else {
-                panic!("a connection stopped answering; still waiting for {:?}", self.waiting);
+                panic!(
+                    "a connection stopped answering; still waiting for {:?}",
+                    self.waiting
+                );
             };
             let f: Value = serde_json::from_str(&t).unwrap();
             if f[3] != "phx_reply" {
@@ -91,7 +100,11 @@ impl Conn {
     /// The agent whose session this connection holds, as far as it was told.
     fn holds(&self) -> Option<&str> {
         let (join_ref, agent) = self.channel.as_ref()?;
-        self.joins.get(join_ref).copied().unwrap_or(false).then_some(agent.as_str())
+        self.joins
+            .get(join_ref)
+            .copied()
+            .unwrap_or(false)
+            .then_some(agent.as_str())
     }
 }
 
@@ -128,7 +141,8 @@ async fn scenario(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Leave { conn } => {
                 let c = &mut conns[conn];
                 let join_ref = c.channel.take().map(|(r, _)| r);
-                c.send(join_ref.as_deref(), &topic, "phx_leave", json!({})).await;
+                c.send(join_ref.as_deref(), &topic, "phx_leave", json!({}))
+                    .await;
             }
             Op::Move { conn } => {
                 let c = &mut conns[conn];
@@ -160,7 +174,9 @@ async fn scenario(ops: Vec<Op>) -> Result<(), TestCaseError> {
     // Dropped connections leave on their own time: wait until the zone agrees, or give up.
     let deadline = Instant::now() + Duration::from_secs(5);
     let (held, count) = loop {
-        let (_, body) = srv.api("GET", &format!("/api/zones/{id}/agents"), None).await;
+        let (_, body) = srv
+            .api("GET", &format!("/api/zones/{id}/agents"), None)
+            .await;
         let mut held: BTreeMap<String, usize> = BTreeMap::new();
         for a in body["agents"].as_array().unwrap() {
             held.insert(
@@ -175,7 +191,11 @@ async fn scenario(ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    prop_assert_eq!(&held, &expected, "the zone's sessions are the channels clients hold");
+    prop_assert_eq!(
+        &held,
+        &expected,
+        "the zone's sessions are the channels clients hold"
+    );
     prop_assert_eq!(count as usize, expected.values().sum::<usize>());
 
     // The log: seq without gaps; sessions never over capacity; no event without a session.
@@ -196,18 +216,35 @@ async fn scenario(ops: Vec<Op>) -> Result<(), TestCaseError> {
         prop_assert_eq!(e.seq, i as u64 + 1);
         match &e.kind {
             thunderline::zone::EventKind::AgentEntered(p) => {
-                prop_assert!(sessions.insert((p.connection.clone(), p.agent_id.clone()), ()).is_none());
-                prop_assert!(sessions.len() as u64 <= CAPACITY, "over capacity at seq {}", e.seq);
+                prop_assert!(
+                    sessions
+                        .insert((p.connection.clone(), p.agent_id.clone()), ())
+                        .is_none()
+                );
+                prop_assert!(
+                    sessions.len() as u64 <= CAPACITY,
+                    "over capacity at seq {}",
+                    e.seq
+                );
                 prop_assert_eq!(p.session_count as usize, sessions.len());
             }
             thunderline::zone::EventKind::AgentLeft(p) => {
-                prop_assert!(sessions.remove(&(p.connection.clone(), p.agent_id.clone())).is_some(),
-                    "agent_left without a session at seq {}", e.seq);
+                prop_assert!(
+                    sessions
+                        .remove(&(p.connection.clone(), p.agent_id.clone()))
+                        .is_some(),
+                    "agent_left without a session at seq {}",
+                    e.seq
+                );
                 prop_assert_eq!(p.session_count as usize, sessions.len());
             }
             thunderline::zone::EventKind::AgentMoved(m) => {
-                prop_assert!(sessions.keys().any(|(_, a)| *a == m.agent_id),
-                    "a move from {} without a session at seq {}", m.agent_id, e.seq);
+                prop_assert!(
+                    sessions.keys().any(|(_, a)| *a == m.agent_id),
+                    "a move from {} without a session at seq {}",
+                    m.agent_id,
+                    e.seq
+                );
             }
             other => prop_assert!(false, "unexpected event {other:?}"),
         }

@@ -512,22 +512,23 @@ async fn zone_agents(
     // Through the writer first: it loads the zone if needed, and its answer comes after every
     // command sent before this request.
     let seq = view(ask(&state, id, CommandKind::GetZoneState).await?)?.seq;
-    let mut agents: Vec<AgentSessions> = Vec::new();
+    // Sessions are keyed by connection first: gather each agent's from wherever they are.
+    let mut by_agent: std::collections::BTreeMap<String, Vec<SessionJson>> = Default::default();
     if let Some(live) = state.zones.registry.live(id) {
         for (key, joined_at) in live.state().sessions() {
-            let session = SessionJson {
-                connection: key.connection.clone(),
-                joined_at: *joined_at,
-            };
-            match agents.last_mut() {
-                Some(a) if a.agent_id == key.agent_id => a.sessions.push(session),
-                _ => agents.push(AgentSessions {
-                    agent_id: key.agent_id.clone(),
-                    sessions: vec![session],
-                }),
-            }
+            by_agent
+                .entry(key.agent_id.clone())
+                .or_default()
+                .push(SessionJson {
+                    connection: key.connection.clone(),
+                    joined_at: *joined_at,
+                });
         }
     }
+    let agents: Vec<AgentSessions> = by_agent
+        .into_iter()
+        .map(|(agent_id, sessions)| AgentSessions { agent_id, sessions })
+        .collect();
     Ok(Json(json!({"zone_id": id, "seq": seq, "agents": agents})))
 }
 

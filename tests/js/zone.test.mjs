@@ -276,3 +276,162 @@ test("metrics move as clients work", async () => {
     assert.ok(now.connections >= 1);
   }, "metrics after five pushes");
 });
+
+// `promise`, or a failure naming `what` after `ms`.
+function within(promise, what, ms = 3000) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+test("broadcast_event reaches every member with its seq; forbidden without the bit on token or zone; rate_limited past the limit", async () => {
+  // spawn_agents, modify_zone, broadcast_events; the default limit: 20 broadcasts a second per zone.
+  const z = await zone({ permissions: 0x07 });
+  const topic = `zone:${z.id}`;
+  const withBit = ["spawn_agents", "broadcast_events"];
+  const conns = [connect(), connect(), connect()];
+  // Every zone event the first member sees, in order of arrival.
+  const annSeqs = [];
+  conns[0].onMessage((m) => {
+    if (m.topic === topic && m.event !== "phx_reply" && typeof m.payload?.seq === "number") {
+      annSeqs.push(m.payload.seq);
+    }
+  });
+  const ann = conns[0].channel(topic, { agent_id: "ann", token: await token("ann", z.id, withBit) });
+  const ben = conns[1].channel(topic, { agent_id: "ben", token: await token("ben", z.id, withBit) });
+  const cy = conns[2].channel(topic, { agent_id: "cy", token: await token("cy", z.id, ["spawn_agents"]) });
+  const members = [ann, ben, cy];
+  for (const ch of members) await join(ch);
+  // Every storm each member receives.
+  const storms = members.map((ch) => {
+    const got = [];
+    ch.on("storm", (p) => got.push(p));
+    return got;
+  });
+
+  // A broadcast reaches every member, the sender included, with one seq.
+  const payload = { level: 3, tags: ["hail"], nested: { wind: 12.5 } };
+  const arrivals = members.map((ch) => within(next(ch, "storm"), "the storm at every member"));
+  assert.deepEqual(await push(ann, "broadcast_event", { event_type: "storm", payload }), { status: "ok", response: {} });
+  const frames = await Promise.all(arrivals);
+  const seq = frames[0].seq;
+  assert.equal(typeof seq, "number");
+  assert.ok(seq > 3, `after three joins, seq ${seq}`);
+  for (const f of frames) assert.deepEqual(f, { agent_id: "ann", payload, seq });
+  await eventually(async () => {
+    const { status, body } = await api("GET", `/api/zones/${z.id}/events?limit=1000`);
+    assert.equal(status, 200);
+    const logged = body.find((e) => e.type === "storm");
+    assert.ok(logged, "the storm is in the audit log");
+    assert.equal(logged.seq, seq);
+    assert.deepEqual(logged.payload, { agent_id: "ann", payload });
+  }, "the storm audited", 5000);
+
+  // Without the bit on the token.
+  let r = await push(cy, "broadcast_event", { event_type: "storm", payload: {} });
+  assert.equal(r.status, "error");
+  assert.equal(r.response.reason, "forbidden");
+  assert.match(r.response.details, /token/);
+
+  // Without the bit on the zone, for an agent whose token holds it, and for the admin API.
+  let changed = await api("POST", `/api/zones/${z.id}/permissions`, { revoke: ["broadcast_events"] });
+  assert.equal(changed.status, 200, JSON.stringify(changed.body));
+  assert.equal(changed.body.permissions, 0x03);
+  r = await push(ann, "broadcast_event", { event_type: "storm", payload: {} });
+  assert.equal(r.status, "error");
+  assert.equal(r.response.reason, "forbidden");
+  assert.match(r.response.details, /the zone/);
+  const refused = await api("POST", `/api/zones/${z.id}/broadcast`, { event_type: "storm", payload: {} });
+  assert.equal(refused.status, 403, JSON.stringify(refused.body));
+  assert.equal(refused.body.error, "forbidden");
+  changed = await api("POST", `/api/zones/${z.id}/permissions`, { grant: ["broadcast_events"] });
+  assert.equal(changed.status, 200, JSON.stringify(changed.body));
+  assert.equal(changed.body.permissions, 0x07);
+
+  // 25 at once, from two members: the limit is the zone's. Wait out the window of the first storm.
+  await sleep(1100);
+  let t0 = Date.now();
+  const burst = await Promise.all(
+    Array.from({ length: 25 }, (_, i) =>
+      push(i % 2 ? ben : ann, "broadcast_event", { event_type: "storm", payload: { burst: i } }),
+    ),
+  );
+  let elapsed = Date.now() - t0;
+  const ok = burst.filter((b) => b.status === "ok").length;
+  const limited = burst.filter((b) => b.status === "error" && b.response.reason === "rate_limited").length;
+  assert.equal(ok + limited, 25, JSON.stringify(burst));
+  assert.ok(ok <= 20 * Math.ceil((elapsed + 1) / 1000), `${ok} ok in ${elapsed} ms`);
+  if (elapsed < 1000) {
+    // Every one was decided within one window.
+    assert.equal(ok, 20, `${ok} ok in ${elapsed} ms`);
+    assert.equal(limited, 5);
+    // The admin API counts against the same limit.
+    const late = await api("POST", `/api/zones/${z.id}/broadcast`, { event_type: "storm", payload: {} });
+    if (Date.now() - t0 < 1000) {
+      assert.equal(late.status, 429, JSON.stringify(late.body));
+      assert.equal(late.body.error, "rate_limited");
+    }
+  } else {
+    console.log(`the burst took ${elapsed} ms: only its totals were checked`);
+  }
+  // Every member gets exactly the accepted ones.
+  await eventually(() => {
+    for (const got of storms) assert.equal(got.filter((p) => p.payload.burst !== undefined).length, ok);
+  }, "the accepted burst at every member");
+
+  // The admin API: delivered with agent_id null and its seq.
+  await sleep(1100);
+  const notice = { text: "rain soon" };
+  const noticed = members.map((ch) => within(next(ch, "weather.notice"), "the admin broadcast at every member"));
+  const sent = await api("POST", `/api/zones/${z.id}/broadcast`, { event_type: "weather.notice", payload: notice });
+  assert.equal(sent.status, 200, JSON.stringify(sent.body));
+  assert.equal(typeof sent.body.seq, "number");
+  for (const f of await Promise.all(noticed)) {
+    assert.deepEqual(f, { agent_id: null, payload: notice, seq: sent.body.seq });
+  }
+  const bad = await api("POST", `/api/zones/${z.id}/broadcast`, { event_type: "agent_moved", payload: {} });
+  assert.equal(bad.status, 422, JSON.stringify(bad.body));
+  assert.equal(bad.body.error, "invalid_payload");
+  const unknown = await api("POST", "/api/zones/00000000-0000-7000-8000-000000000000/broadcast", {
+    event_type: "storm",
+    payload: {},
+  });
+  assert.equal(unknown.status, 404, JSON.stringify(unknown.body));
+
+  // 25 admin broadcasts at once: past the zone's limit, 429.
+  await sleep(1100);
+  t0 = Date.now();
+  const posted = await Promise.all(
+    Array.from({ length: 25 }, (_, i) =>
+      api("POST", `/api/zones/${z.id}/broadcast`, { event_type: "storm", payload: { admin: i } }),
+    ),
+  );
+  elapsed = Date.now() - t0;
+  const accepted = posted.filter((p) => p.status === 200);
+  const tooMany = posted.filter((p) => p.status === 429);
+  assert.equal(accepted.length + tooMany.length, 25, JSON.stringify(posted));
+  assert.ok(tooMany.every((p) => p.body.error === "rate_limited"));
+  assert.ok(accepted.every((p) => typeof p.body.seq === "number"));
+  assert.equal(new Set(accepted.map((p) => p.body.seq)).size, accepted.length, "one seq each");
+  if (elapsed < 1000) {
+    assert.equal(accepted.length, 20, `${accepted.length} accepted in ${elapsed} ms`);
+    assert.equal(tooMany.length, 5);
+  } else {
+    console.log(`the admin burst took ${elapsed} ms: only its totals were checked`);
+  }
+  await eventually(() => {
+    for (const got of storms) {
+      assert.equal(got.filter((p) => p.payload.admin !== undefined && p.agent_id === null).length, accepted.length);
+    }
+  }, "the accepted admin burst at every member");
+
+  // Every payload carries seq: one member sees them strictly increasing.
+  assert.ok(annSeqs.length >= 1 + ok + 1 + accepted.length, `seqs seen: ${annSeqs}`);
+  for (let i = 1; i < annSeqs.length; i++) {
+    assert.ok(annSeqs[i] > annSeqs[i - 1], `seq ${annSeqs[i]} after ${annSeqs[i - 1]}: ${annSeqs}`);
+  }
+});
