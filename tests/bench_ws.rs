@@ -1,6 +1,6 @@
 //! `thunderline bench ws` as a user runs it: a small load against a daemon it starts itself,
-//! the baseline in the same run, the documented JSON keys, every broadcast delivered, and a
-//! self-contained HTML report.
+//! the baseline in the same run, the documented JSON keys, every broadcast delivered, every push
+//! answered and its reply timed, `--replies`, and a self-contained HTML report.
 
 use std::process::Command;
 
@@ -22,6 +22,8 @@ fn bench_ws_delivers_every_broadcast_and_reports_it() {
             "--duration",
             "2",
             "--json",
+            "--replies",
+            "durable",
             "--report",
         ])
         .arg(&report)
@@ -40,21 +42,41 @@ fn bench_ws_delivers_every_broadcast_and_reports_it() {
         "delivered",
         "delivered_per_sec",
         "latency_ms",
+        "reply_latency_ms",
+        "replies_timed",
+        "replies_mode",
         "errors",
         "slow_consumer_disconnects",
         "server_peak_rss_bytes",
         "rss_per_connection_bytes",
         "baseline_delivered_per_sec",
+        "baseline_latency_ms",
+        "baseline_reply_latency_ms",
         "ratio",
     ] {
         assert!(r.get(key).is_some(), "missing {key} in {r}");
     }
-    for q in ["p50", "p90", "p99", "p999", "max"] {
+    for latency in [
+        "latency_ms",
+        "reply_latency_ms",
+        "baseline_latency_ms",
+        "baseline_reply_latency_ms",
+    ] {
+        for q in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(
+                r[latency][q].as_f64().is_some_and(|v| v > 0.0),
+                "{latency} {q} in {r}"
+            );
+        }
+        let l = &r[latency];
+        let q = |k: &str| l[k].as_f64().unwrap();
         assert!(
-            r["latency_ms"][q].as_f64().is_some_and(|v| v > 0.0),
-            "latency {q}"
+            q("p50") <= q("p90") && q("p90") <= q("p99") && q("p99") <= q("p999"),
+            "{latency} percentiles in order: {l}"
         );
+        assert!(q("p999") <= q("max"), "{latency}: {l}");
     }
+    assert_eq!(r["replies_mode"], "durable");
     assert_eq!(r["connected"], 30);
     assert_eq!(r["errors"], 0);
     assert!(r["expected_deliveries"].as_u64().unwrap() > 0);
@@ -63,6 +85,11 @@ fn bench_ws_delivers_every_broadcast_and_reports_it() {
         "every broadcast delivered"
     );
     assert_eq!(r["replies"], r["sent"], "every push answered ok");
+    assert_eq!(r["replies_timed"], r["replies"], "every ok reply timed");
+    assert!(
+        stderr.contains("reply latency (push → ok)"),
+        "the table shows reply latency: {stderr}"
+    );
     assert!(r["ratio"].as_f64().unwrap() > 0.0);
     assert!(
         stderr.contains("websocket benchmark"),
@@ -90,6 +117,31 @@ fn bench_ws_refuses_impossible_loads() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin token"));
+    // The harness cannot set the reply mode of a server it did not start.
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args([
+            "bench",
+            "ws",
+            "--url",
+            "ws://127.0.0.1:9",
+            "--admin-token",
+            "x",
+            "--replies",
+            "applied",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--replies"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args(["bench", "ws", "--replies", "eventually"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an unknown mode is refused");
 }
 
 fn sweep(extra: &[&str]) -> Value {
@@ -129,9 +181,18 @@ fn a_sweep_runs_every_rate_and_reports_the_highest_within_target() {
         assert!(step["expected_deliveries"].as_u64().unwrap() > 0);
         assert_eq!(step["delivered"], step["expected_deliveries"]);
         assert_eq!(step["replies"], step["sent"]);
+        assert_eq!(step["replies_timed"], step["replies"]);
+        assert!(
+            step["reply_latency_ms"]["p50"].as_f64().unwrap()
+                <= step["reply_latency_ms"]["p99"].as_f64().unwrap()
+        );
         assert_eq!(step["within_target"], true);
     }
     assert_eq!(r["highest_rate_within_target"], 200.0);
+    assert!(
+        r["replies_mode"].is_null(),
+        "no --replies: the server's default"
+    );
 
     // A target no run can hold: every step is reported, and none is within it.
     let r = sweep(&["--sweep", "100", "--p99-target-ms", "0.001"]);

@@ -6,7 +6,9 @@
 //! SQLite store, so that its memory can be measured apart from the clients'. The child is this
 //! executable run as `serve`: only the `thunderline` binary can load a server it starts itself. The clients speak
 //! the protocol the `phoenix` client speaks, and stay cheap: a broadcast is timed by finding its
-//! `sent_at` in the frame text, not by parsing the frame.
+//! `sent_at` in the frame text, not by parsing the frame; a push's `phx_reply` is timed by the
+//! send time the client wrote into the push's ref (`m<seq>.<µs>`), which the reply echoes, so no
+//! client keeps a map of pushes in flight.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +70,29 @@ pub struct WsArgs {
     /// The p99 latency a sweep step must stay under.
     #[arg(long, default_value_t = 25.0)]
     pub p99_target_ms: f64,
+    /// When the server answers a push `ok`: once the event is applied, or once it is durable.
+    /// Passed to the daemon the harness starts as `THUNDERLINE_REPLIES`; refused with --url.
+    #[arg(long, value_enum)]
+    pub replies: Option<ReplyMode>,
+}
+
+/// The reply mode `--replies` asks the daemon for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyMode {
+    /// `ok` once the event is applied to the zone.
+    Applied,
+    /// `ok` once the event is in the audit log.
+    Durable,
+}
+
+impl ReplyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplyMode::Applied => "applied",
+            ReplyMode::Durable => "durable",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -87,11 +112,16 @@ pub struct RunFigures {
     pub sent: u64,
     /// Pushes the server answered `ok` (the rest are in `errors`, or were never answered).
     pub replies: u64,
+    /// Of `replies`, those timed into `reply_latency_ms` (all of them, unless a reply's ref was
+    /// not one the harness wrote).
+    pub replies_timed: u64,
     pub ingress_events_per_sec: f64,
     pub expected_deliveries: u64,
     pub delivered: u64,
     pub delivered_per_sec: f64,
     pub latency_ms: Latency,
+    /// From sending a push to reading its `ok` reply.
+    pub reply_latency_ms: Latency,
     pub errors: u64,
     pub disconnects: u64,
     pub slow_consumer_disconnects: u64,
@@ -101,6 +131,8 @@ pub struct RunFigures {
     pub timeline: Vec<(f64, u64, u64)>,
     #[serde(skip)]
     pub histogram: Option<Histogram<u64>>,
+    #[serde(skip)]
+    pub reply_histogram: Option<Histogram<u64>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -109,6 +141,8 @@ pub struct WsReport {
     pub zones: usize,
     pub rate: f64,
     pub duration: f64,
+    /// The `--replies` mode the daemon was started with (null: the server's default).
+    pub replies_mode: Option<ReplyMode>,
     #[serde(flatten)]
     pub run: RunFigures,
     pub server_peak_rss_bytes: Option<u64>,
@@ -116,6 +150,7 @@ pub struct WsReport {
     pub rss_per_connection_bytes: Option<f64>,
     pub baseline_delivered_per_sec: Option<f64>,
     pub baseline_latency_ms: Option<Latency>,
+    pub baseline_reply_latency_ms: Option<Latency>,
     pub ratio: Option<f64>,
 }
 
@@ -142,6 +177,8 @@ pub struct SweepReport {
     pub zones: usize,
     pub duration: f64,
     pub p99_target_ms: f64,
+    /// The `--replies` mode the daemon was started with (null: the server's default).
+    pub replies_mode: Option<ReplyMode>,
     pub steps: Vec<SweepStep>,
     /// The highest rate that held the target, with every lower rate holding it too.
     pub highest_rate_within_target: Option<f64>,
@@ -183,22 +220,28 @@ fn rss(pid: u32, field: &str) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn start_daemon(admin: &str) -> Result<Daemon, WsBenchError> {
+fn start_daemon(admin: &str, replies: Option<ReplyMode>) -> Result<Daemon, WsBenchError> {
     use std::io::{BufRead, BufReader};
     let dir = std::env::temp_dir().join(format!(
         "thunderline-bench-{}",
         uuid::Uuid::now_v7().simple()
     ));
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&dir)
         .env_remove("THUNDERLINE_DATABASE_URL")
         .env("THUNDERLINE_ADMIN_TOKEN", admin)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
+        .stderr(Stdio::null());
+    // The report records the mode, so the child gets exactly the one asked for, or none.
+    match replies {
+        Some(mode) => command.env("THUNDERLINE_REPLIES", mode.as_str()),
+        None => command.env_remove("THUNDERLINE_REPLIES"),
+    };
+    let mut child = command.spawn()?;
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     let addr = loop {
         match lines.next() {
@@ -244,10 +287,14 @@ struct Shared {
     sent: AtomicU64,
     delivered: AtomicU64,
     replies: AtomicU64,
+    replies_timed: AtomicU64,
     errors: AtomicU64,
     disconnects: AtomicU64,
     slow: AtomicU64,
+    /// Broadcast latencies: push → `agent_moved`.
     histogram: Mutex<Option<Histogram<u64>>>,
+    /// Reply latencies: push → its `ok` `phx_reply`.
+    reply_histogram: Mutex<Option<Histogram<u64>>>,
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -258,24 +305,44 @@ fn new_histogram() -> Histogram<u64> {
 /// Latencies a client has measured but not yet handed in.
 const FLUSH_EVERY: usize = 64;
 
+/// Hands in a client's measured latencies (µs), and counts them. One shared histogram per
+/// measure, fed in small batches: a histogram per client would cost ~200 KiB each and, reset
+/// and merged as it filled, a quarter of the harness's CPU in memset (measured with perf).
+fn record(histogram: &Mutex<Option<Histogram<u64>>>, count: &AtomicU64, latencies: &mut Vec<u64>) {
+    if latencies.is_empty() {
+        return;
+    }
+    {
+        let mut global = histogram.lock().unwrap_or_else(|e| e.into_inner());
+        let h = global.get_or_insert_with(new_histogram);
+        for &l in latencies.iter() {
+            let _ = h.record(l.max(1));
+        }
+    }
+    count.fetch_add(latencies.len() as u64, Ordering::Relaxed);
+    latencies.clear();
+}
+
 impl Shared {
-    /// Hands in a client's measured latencies (µs). One shared histogram, fed in small
-    /// batches: a histogram per client would cost ~200 KiB each and, reset and merged as it
-    /// filled, a quarter of the harness's CPU in memset (measured with perf).
-    fn record(&self, latencies: &mut Vec<u64>) {
-        if latencies.is_empty() {
-            return;
-        }
-        {
-            let mut global = self.histogram.lock().unwrap_or_else(|e| e.into_inner());
-            let h = global.get_or_insert_with(new_histogram);
-            for &l in latencies.iter() {
-                let _ = h.record(l.max(1));
-            }
-        }
-        self.delivered
-            .fetch_add(latencies.len() as u64, Ordering::Relaxed);
-        latencies.clear();
+    /// Hands in broadcast latencies, counted as delivered.
+    fn record_broadcasts(&self, latencies: &mut Vec<u64>) {
+        record(&self.histogram, &self.delivered, latencies);
+    }
+
+    /// Hands in reply latencies, counted as replies (and as timed).
+    fn record_replies(&self, latencies: &mut Vec<u64>) {
+        let n = latencies.len() as u64;
+        record(&self.reply_histogram, &self.replies_timed, latencies);
+        self.replies.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The p99 so far of one of the histograms, in ms.
+    fn p99_ms(histogram: &Mutex<Option<Histogram<u64>>>) -> f64 {
+        histogram
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0.0, |h| h.value_at_quantile(0.99) as f64 / 1000.0)
     }
 }
 
@@ -295,6 +362,27 @@ fn sent_at(frame: &str) -> Option<u64> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(digits.len());
     digits[..end].parse().ok()
+}
+
+/// The ref a client gives its push number `seq`, sent at `stamp` µs after the epoch.
+fn push_ref(seq: u64, stamp: u64) -> String {
+    format!("m{seq}.{stamp}")
+}
+
+/// Reads the send time back from a reply to a push, without parsing the frame: the frame is
+/// `[join_ref, msg_ref, …]`, and the harness's own join ref is a plain string (or null).
+fn reply_stamp(frame: &str) -> Option<u64> {
+    let rest = frame.strip_prefix('[')?;
+    let rest = match rest.strip_prefix("null") {
+        Some(rest) => rest,
+        None => {
+            let rest = rest.strip_prefix('"')?;
+            &rest[rest.find('"')? + 1..]
+        }
+    };
+    let msg_ref = rest.strip_prefix(",\"m")?;
+    let msg_ref = &msg_ref[..msg_ref.find('"')?];
+    msg_ref.split_once('.')?.1.parse().ok()
 }
 
 struct ClientPlan {
@@ -326,6 +414,7 @@ struct Inbox {
     epoch: Instant,
     shared: Arc<Shared>,
     latencies: Vec<u64>,
+    reply_latencies: Vec<u64>,
     /// `agent_moved` broadcasts received.
     received: u64,
 }
@@ -341,12 +430,20 @@ impl Inbox {
                         self.received += 1;
                         self.latencies.push(now.saturating_sub(at));
                         if self.latencies.len() == FLUSH_EVERY {
-                            self.shared.record(&mut self.latencies);
+                            self.shared.record_broadcasts(&mut self.latencies);
                         }
                     }
                 } else if t.contains("\"phx_reply\"") {
                     if t.contains("\"status\":\"ok\"") {
-                        self.shared.replies.fetch_add(1, Ordering::Relaxed);
+                        if let Some(at) = reply_stamp(&t) {
+                            let now = self.epoch.elapsed().as_micros() as u64;
+                            self.reply_latencies.push(now.saturating_sub(at));
+                            if self.reply_latencies.len() == FLUSH_EVERY {
+                                self.shared.record_replies(&mut self.reply_latencies);
+                            }
+                        } else {
+                            self.shared.replies.fetch_add(1, Ordering::Relaxed);
+                        }
                     } else {
                         self.shared.errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -371,7 +468,8 @@ impl Inbox {
 
 impl Drop for Inbox {
     fn drop(&mut self) {
-        self.shared.record(&mut self.latencies);
+        self.shared.record_broadcasts(&mut self.latencies);
+        self.shared.record_replies(&mut self.reply_latencies);
     }
 }
 
@@ -425,6 +523,7 @@ async fn client(
         epoch,
         shared: shared.clone(),
         latencies: Vec::with_capacity(FLUSH_EVERY),
+        reply_latencies: Vec::with_capacity(FLUSH_EVERY),
         received: 0,
     };
     let mut next_push = tokio::time::Instant::from_std(start) + Duration::from_secs_f64(plan.phase);
@@ -453,7 +552,8 @@ async fn client(
                 seq += 1;
                 let stamp = epoch.elapsed().as_micros() as u64;
                 let frame = format!(
-                    r#"["1","m{seq}","{}","agent_move",{{"position":{{"x":{seq},"y":0,"z":0}},"sent_at":{stamp}}}]"#,
+                    r#"["1","{}","{}","agent_move",{{"position":{{"x":{seq},"y":0,"z":0}},"sent_at":{stamp}}}]"#,
+                    push_ref(seq, stamp),
                     plan.topic
                 );
                 if ws.send(Message::text(frame)).await.is_err() {
@@ -579,18 +679,14 @@ async fn load(
             shared.sent.load(Ordering::Relaxed),
             shared.delivered.load(Ordering::Relaxed),
         );
-        let p99 = shared
-            .histogram
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map_or(0.0, |h| h.value_at_quantile(0.99) as f64 / 1000.0);
+        let p99 = Shared::p99_ms(&shared.histogram);
+        let reply_p99 = Shared::p99_ms(&shared.reply_histogram);
         let t = start.elapsed().as_secs_f64();
         let (last_sent, last_delivered) = timeline
             .last()
             .map_or((0, 0), |l: &(f64, u64, u64)| (l.1, l.2));
         progress.set_message(format!(
-            "{label}: {connected} connected, {} in/s, {} out/s, p99 {p99:.1} ms",
+            "{label}: {connected} connected, {} in/s, {} out/s, p99 {p99:.1} ms, reply p99 {reply_p99:.1} ms",
             sent - last_sent,
             delivered - last_delivered
         ));
@@ -608,12 +704,14 @@ async fn load(
         .zip(&members)
         .map(|(s, m)| s.load(Ordering::Relaxed) * m)
         .sum();
-    let histogram = shared
-        .histogram
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        .unwrap_or_else(new_histogram);
+    let take = |h: &Mutex<Option<Histogram<u64>>>| {
+        h.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_else(new_histogram)
+    };
+    let histogram = take(&shared.histogram);
+    let reply_histogram = take(&shared.reply_histogram);
     RunFigures {
         connected,
         connect_seconds,
@@ -623,13 +721,16 @@ async fn load(
         delivered,
         delivered_per_sec: delivered as f64 / load_seconds,
         latency_ms: latency(&histogram),
+        reply_latency_ms: latency(&reply_histogram),
         replies: shared.replies.load(Ordering::Relaxed),
+        replies_timed: shared.replies_timed.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
         disconnects: shared.disconnects.load(Ordering::Relaxed),
         slow_consumer_disconnects: shared.slow.load(Ordering::Relaxed),
         connected_rss_bytes,
         timeline,
         histogram: Some(histogram),
+        reply_histogram: Some(reply_histogram),
     }
 }
 
@@ -649,6 +750,12 @@ fn check(args: &WsArgs) -> Result<(), WsBenchError> {
     }
     if args.sweep.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
         return bad("every --sweep rate must be above 0");
+    }
+    if args.url.is_some() && args.replies.is_some() {
+        return bad(
+            "--replies sets the reply mode of the daemon the harness starts; with --url, start \
+             that server in the mode you want and leave --replies out",
+        );
     }
     Ok(())
 }
@@ -687,7 +794,7 @@ async fn prepare(args: &WsArgs) -> Result<Target, WsBenchError> {
         .unwrap_or_else(crate::realtime::random_secret);
     let daemon = match &args.url {
         Some(_) => None,
-        None => Some(start_daemon(&admin_token)?),
+        None => Some(start_daemon(&admin_token, args.replies)?),
     };
     let (http_addr, ws_url) = match (&args.url, &daemon) {
         (Some(url), _) => {
@@ -780,11 +887,13 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
         zones: args.zones,
         rate: args.rate,
         duration: args.duration,
+        replies_mode: args.replies,
         server_peak_rss_bytes: server_peak,
         server_idle_rss_bytes: rss_before,
         rss_per_connection_bytes: per_connection,
         baseline_delivered_per_sec: baseline.as_ref().map(|b| b.delivered_per_sec),
         baseline_latency_ms: baseline.as_ref().map(|b| b.latency_ms.clone()),
+        baseline_reply_latency_ms: baseline.as_ref().map(|b| b.reply_latency_ms.clone()),
         ratio,
         run,
     })
@@ -833,6 +942,7 @@ pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
         zones: args.zones,
         duration: args.duration,
         p99_target_ms: args.p99_target_ms,
+        replies_mode: args.replies,
         steps,
         highest_rate_within_target,
         server_peak_rss_bytes,
@@ -859,30 +969,35 @@ pub fn sweep(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
 impl SweepReport {
     pub fn table(&self) -> String {
         let mut out = format!(
-            "websocket sweep: {} clients over {} zones, {} s per rate, target p99 < {} ms\n\
-             {:>10} {:>14} {:>22} {:>9} {:>9} {:>9}  {}\n",
+            "websocket sweep: {} clients over {} zones, {} s per rate, target p99 < {} ms{}\n\
+             {:>10} {:>14} {:>22} {:>9} {:>9} {:>9} {:>12} {:>12}  {}\n",
             self.clients,
             self.zones,
             self.duration,
             self.p99_target_ms,
+            replies_note(self.replies_mode),
             "events/s",
             "frames/s",
             "delivered / expected",
             "p50 ms",
             "p99 ms",
             "max ms",
+            "reply p50",
+            "reply p99",
             "within target"
         );
         for s in &self.steps {
             let r = &s.run;
             out.push_str(&format!(
-                "{:>10.0} {:>14.0} {:>22} {:>9.2} {:>9.2} {:>9.2}  {}\n",
+                "{:>10.0} {:>14.0} {:>22} {:>9.2} {:>9.2} {:>9.2} {:>12.2} {:>12.2}  {}\n",
                 s.rate,
                 r.delivered_per_sec,
                 format!("{} / {}", r.delivered, r.expected_deliveries),
                 r.latency_ms.p50,
                 r.latency_ms.p99,
                 r.latency_ms.max,
+                r.reply_latency_ms.p50,
+                r.reply_latency_ms.p99,
                 if s.within_target { "yes" } else { "no" },
             ));
         }
@@ -894,21 +1009,29 @@ impl SweepReport {
     }
 }
 
+/// The table's mention of `--replies`, when it was given.
+fn replies_note(mode: Option<ReplyMode>) -> String {
+    mode.map_or(String::new(), |m| format!(", replies {}", m.as_str()))
+}
+
 impl WsReport {
     pub fn table(&self) -> String {
         let r = &self.run;
         let l = &r.latency_ms;
+        let rl = &r.reply_latency_ms;
         let mut out = format!(
-            "websocket benchmark: {} clients over {} zones, {} events/s for {} s\n\
+            "websocket benchmark: {} clients over {} zones, {} events/s for {} s{}\n\
              {:<30}{:>12.2} s ({} of {} connected)\n\
              {:<30}{:>12.0} events/s ({} sent, {} answered ok)\n\
              {:<30}{:>12.0} frames/s ({} of {} expected)\n\
+             {:<30}p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2} ms\n\
              {:<30}p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2} ms\n\
              {:<30}{:>12} errors, {} disconnects, {} slow consumers\n",
             self.clients,
             self.zones,
             self.rate,
             self.duration,
+            replies_note(self.replies_mode),
             "connect time",
             r.connect_seconds,
             r.connected,
@@ -927,6 +1050,12 @@ impl WsReport {
             l.p99,
             l.p999,
             l.max,
+            "reply latency (push → ok)",
+            rl.p50,
+            rl.p90,
+            rl.p99,
+            rl.p999,
+            rl.max,
             "problems",
             r.errors,
             r.disconnects,
@@ -941,14 +1070,15 @@ impl WsReport {
                     .map_or("n/a".into(), |b| format!("{:.1} KiB", b / 1024.0)),
             ));
         }
-        if let (Some(b), Some(ratio), Some(l)) = (
+        if let (Some(b), Some(ratio), Some(l), Some(rl)) = (
             self.baseline_delivered_per_sec,
             self.ratio,
             &self.baseline_latency_ms,
+            &self.baseline_reply_latency_ms,
         ) {
             out.push_str(&format!(
-                "{:<30}{:>12.0} frames/s, p50 {:.2}  p99 {:.2} ms; ratio {:.3}\n",
-                "baseline (bare broadcast)", b, l.p50, l.p99, ratio
+                "{:<30}{:>12.0} frames/s, p50 {:.2}  p99 {:.2} ms; replies p50 {:.2}  p99 {:.2} ms; ratio {:.3}\n",
+                "baseline (bare broadcast)", b, l.p50, l.p99, rl.p50, rl.p99, ratio
             ));
         }
         out
@@ -973,5 +1103,31 @@ mod tests {
             Some(12345)
         );
         assert_eq!(sent_at(r#"[null,null,"t","agent_moved",{}]"#), None);
+    }
+
+    #[test]
+    fn reads_the_send_time_back_from_a_reply_ref() {
+        let r = push_ref(7, 123456);
+        let reply = crate::realtime::protocol::reply(
+            Some("1"),
+            Some(&r),
+            "zone:x",
+            true,
+            &serde_json::json!({}),
+        );
+        assert_eq!(reply_stamp(&reply), Some(123456));
+        let baseline = json!(["1", r, "zone:x", "phx_reply", {"status": "ok", "response": {}}]);
+        assert_eq!(reply_stamp(&baseline.to_string()), Some(123456));
+        assert_eq!(
+            reply_stamp(r#"[null,"m3.42","t","phx_reply",{"status":"ok"}]"#),
+            Some(42)
+        );
+        // Not a ref the harness wrote: the join's, or someone else's.
+        assert_eq!(
+            reply_stamp(r#"["1","1","t","phx_reply",{"status":"ok"}]"#),
+            None
+        );
+        assert_eq!(reply_stamp(r#"["1",null,"t","phx_reply",{}]"#), None);
+        assert_eq!(reply_stamp(r#"["1","m5","t","phx_reply",{}]"#), None);
     }
 }

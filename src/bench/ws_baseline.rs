@@ -1,7 +1,8 @@
 //! The WebSocket benchmark's baseline: a bare tokio-tungstenite broadcast server with no
-//! pipeline, no zones, no store. It answers joins and heartbeats and rebroadcasts each
-//! `agent_move` to the topic's subscribers (serialised once, as the real server does), so the
-//! same clients can load it and the report can state what the pipeline costs.
+//! pipeline, no zones, no store. It answers joins and heartbeats, answers each `agent_move`
+//! `ok` at once (echoing its refs, so the harness can time the reply) and rebroadcasts it to the
+//! topic's subscribers (serialised once, as the real server does), so the same clients can load
+//! it and the report can state what the pipeline costs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

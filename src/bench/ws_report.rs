@@ -1,5 +1,5 @@
 //! The WebSocket benchmark's HTML report: one self-contained page (inline SVG, no scripts, no
-//! external assets) with the latency distribution and throughput over time.
+//! external assets) with the broadcast and reply latency distributions and throughput over time.
 
 use std::fmt::Write;
 
@@ -74,7 +74,10 @@ pub fn render(report: &WsReport) -> String {
     };
     let mut latency = Vec::new();
     if let Some(h) = &report.run.histogram {
-        latency.push(("thunderline", "#c0392b", quantiles(h)));
+        latency.push(("broadcasts", "#c0392b", quantiles(h)));
+    }
+    if let Some(h) = &report.run.reply_histogram {
+        latency.push(("replies", "#8e44ad", quantiles(h)));
     }
     let rates = |t: &[(f64, u64, u64)], which: usize| -> Vec<(f64, f64)> {
         let mut prev = (0.0, 0u64, 0u64);
@@ -99,7 +102,7 @@ pub fn render(report: &WsReport) -> String {
         escape(&report.table())
     );
     body.push_str(&chart(
-        "Push → receive latency distribution",
+        "Latency distribution: push → broadcast, push → ok reply",
         "percentile (1 = p90, 2 = p99, 3 = p99.9)",
         "ms",
         &latency,
