@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::admin_client::{AdminClient, AdminError};
 use super::ws_baseline;
+use crate::daemon::zones::Replies;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct WsArgs {
@@ -73,26 +74,7 @@ pub struct WsArgs {
     /// When the server answers a push `ok`: once the event is applied, or once it is durable.
     /// Passed to the daemon the harness starts as `THUNDERLINE_REPLIES`; refused with --url.
     #[arg(long, value_enum)]
-    pub replies: Option<ReplyMode>,
-}
-
-/// The reply mode `--replies` asks the daemon for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReplyMode {
-    /// `ok` once the event is applied to the zone.
-    Applied,
-    /// `ok` once the event is in the audit log.
-    Durable,
-}
-
-impl ReplyMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReplyMode::Applied => "applied",
-            ReplyMode::Durable => "durable",
-        }
-    }
+    pub replies: Option<Replies>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -142,7 +124,7 @@ pub struct WsReport {
     pub rate: f64,
     pub duration: f64,
     /// The `--replies` mode the daemon was started with (null: the server's default).
-    pub replies_mode: Option<ReplyMode>,
+    pub replies_mode: Option<Replies>,
     #[serde(flatten)]
     pub run: RunFigures,
     pub server_peak_rss_bytes: Option<u64>,
@@ -178,7 +160,7 @@ pub struct SweepReport {
     pub duration: f64,
     pub p99_target_ms: f64,
     /// The `--replies` mode the daemon was started with (null: the server's default).
-    pub replies_mode: Option<ReplyMode>,
+    pub replies_mode: Option<Replies>,
     pub steps: Vec<SweepStep>,
     /// The highest rate that held the target, with every lower rate holding it too.
     pub highest_rate_within_target: Option<f64>,
@@ -220,7 +202,7 @@ fn rss(pid: u32, field: &str) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn start_daemon(admin: &str, replies: Option<ReplyMode>) -> Result<Daemon, WsBenchError> {
+fn start_daemon(admin: &str, replies: Option<Replies>) -> Result<Daemon, WsBenchError> {
     use std::io::{BufRead, BufReader};
     let dir = std::env::temp_dir().join(format!(
         "thunderline-bench-{}",
@@ -417,6 +399,8 @@ struct Inbox {
     reply_latencies: Vec<u64>,
     /// `agent_moved` broadcasts received.
     received: u64,
+    /// Replies to this client's pushes received, ok or not.
+    answered: u64,
 }
 
 impl Inbox {
@@ -434,6 +418,7 @@ impl Inbox {
                         }
                     }
                 } else if t.contains("\"phx_reply\"") {
+                    self.answered += 1;
                     if t.contains("\"status\":\"ok\"") {
                         if let Some(at) = reply_stamp(&t) {
                             let now = self.epoch.elapsed().as_micros() as u64;
@@ -525,9 +510,11 @@ async fn client(
         latencies: Vec::with_capacity(FLUSH_EVERY),
         reply_latencies: Vec::with_capacity(FLUSH_EVERY),
         received: 0,
+        answered: 0,
     };
     let mut next_push = tokio::time::Instant::from_std(start) + Duration::from_secs_f64(plan.phase);
     let mut seq = 0u64;
+    let mut sent_by_me = 0u64;
     // Both built once, not per frame read: a fresh timer and watch registration for every
     // frame showed in the harness's profile.
     let push = tokio::time::sleep_until(next_push);
@@ -562,6 +549,7 @@ async fn client(
                 }
                 shared.sent.fetch_add(1, Ordering::Relaxed);
                 sent_in_zone.fetch_add(1, Ordering::Relaxed);
+                sent_by_me += 1;
                 next_push += Duration::from_secs_f64(plan.period);
                 push.as_mut().reset(next_push);
             }
@@ -572,13 +560,15 @@ async fn client(
         return;
     }
     // Every client has stopped once `done_pushing` reaches `clients`; from then on, this zone's
-    // count of pushes is final and this client should see every one of them.
+    // count of pushes is final and this client should see every one of them, and the answer to
+    // each of its own (with durable replies, an answer comes after its broadcast).
     let deadline = tokio::time::sleep(DRAIN_LIMIT);
     tokio::pin!(deadline);
     let mut check = tokio::time::interval(Duration::from_millis(20));
     loop {
         if shared.done_pushing.load(Ordering::Relaxed) >= shared.clients
             && inbox.received >= sent_in_zone.load(Ordering::Relaxed)
+            && inbox.answered >= sent_by_me
         {
             break;
         }
@@ -1010,7 +1000,7 @@ impl SweepReport {
 }
 
 /// The table's mention of `--replies`, when it was given.
-fn replies_note(mode: Option<ReplyMode>) -> String {
+fn replies_note(mode: Option<Replies>) -> String {
     mode.map_or(String::new(), |m| format!(", replies {}", m.as_str()))
 }
 

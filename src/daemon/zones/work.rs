@@ -24,6 +24,16 @@ pub enum Replies {
     Durable,
 }
 
+impl Replies {
+    /// The name flags, the environment and pipeline files use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Durable => "durable",
+        }
+    }
+}
+
 /// What the writer is asked to do.
 #[derive(Clone, Debug)]
 pub enum Job {
