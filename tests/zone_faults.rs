@@ -13,6 +13,7 @@
 //! 8. Presence diffs keep their order with the zone's broadcast events.
 //! 9. Presence phx_refs stay unique across a restart.
 //! 10. (Found while writing these.) Every push of a burst is answered without further traffic.
+//! 11. A full pipeline: heartbeats answered, pushes answered `overloaded` after a bounded wait.
 
 mod common;
 
@@ -1197,6 +1198,145 @@ async fn a_burst_of_pushes_is_answered_without_more_traffic() {
             )]
         };
         drop(a);
+        finish(srv, &wrong).await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Overload: a full pipeline
+// ---------------------------------------------------------------------------------------------
+
+/// While the pipeline is full (the audit log locked, the in-flight bound reached) a connection
+/// keeps reading: heartbeats are answered at once, a push waits at most 5 s for room and is then
+/// answered `overloaded`, every push gets an answer, and once the log is free again every push
+/// answered ok is in it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pipeline_answers_heartbeats_and_overloads_pushes() {
+    within_pg(60, |url| async move {
+        use sqlx::Connection;
+        use std::num::NonZeroUsize;
+        let mut file = thunderline::daemon::config::PipelineFile::default();
+        file.in_flight_bound = NonZeroUsize::new(40).unwrap();
+        file.producer.queue = NonZeroUsize::new(10).unwrap();
+        file.batchers.broadcast.batch_size = NonZeroUsize::new(20).unwrap();
+        let srv = common::server::start_with(Some(url.clone()), file).await;
+        let admin = Admin::of(&srv);
+        let id = admin.zone(zone_body(10)).await;
+        let topic = format!("zone:{id}");
+        let (a, a_ref) = joined(&admin, &id, "alice").await;
+        let _ = admin
+            .events_until(&id, 5.0, |e| count_of(e, "agent_entered", "alice") == 1)
+            .await;
+
+        // The audit log is locked for 9 s: nothing can be acknowledged, the bound fills.
+        let mut locker = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+        sqlx::query("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        let unlock = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+        });
+
+        let (mut tx, mut rx) = a.ws.split();
+        let moves: Vec<Value> = (0..100)
+            .map(|i| json!([a_ref, format!("m{i}"), topic, "agent_move", {"position": {"x": i, "y": 0, "z": 0}}]))
+            .collect();
+        send_together(&mut tx, &moves).await;
+        let sent_at = Instant::now();
+        let beats = tokio::spawn(async move {
+            for i in 0..40 {
+                let frame = json!([null, format!("h{i}"), "phoenix", "heartbeat", {}]);
+                if tx.send(Message::text(frame.to_string())).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            tx
+        });
+        let mut ok = Vec::new();
+        let mut overloaded = Vec::new();
+        let mut other = Vec::new();
+        let mut beat_sent: HashMap<String, Instant> = HashMap::new();
+        let mut worst_beat = Duration::ZERO;
+        let mut answered = 0;
+        let deadline = in_secs(30.0);
+        while answered < 100 {
+            let Some(f) = next_before(&mut rx, deadline).await else {
+                break;
+            };
+            let r = f[1].as_str().unwrap_or("").to_owned();
+            if f[3] != "phx_reply" {
+                continue;
+            }
+            if let Some(i) = r.strip_prefix('h') {
+                // Sent every 250 ms from the start.
+                let due = sent_at + Duration::from_millis(250 * i.parse::<u64>().unwrap());
+                let took = Instant::now().saturating_duration_since(due);
+                worst_beat = worst_beat.max(took);
+                beat_sent.insert(r, Instant::now());
+            } else if let Some(i) = r.strip_prefix('m') {
+                answered += 1;
+                let i: i64 = i.parse().unwrap();
+                match (f[4]["status"].as_str(), f[4]["response"]["reason"].as_str()) {
+                    (Some("ok"), _) => ok.push(i),
+                    (_, Some("overloaded")) => overloaded.push((i, sent_at.elapsed())),
+                    _ => other.push(f[4].clone()),
+                }
+            }
+        }
+        let _tx = beats.await.unwrap();
+        unlock.await.unwrap();
+        eprintln!(
+            "{} ok, {} overloaded (first after {:?}), {} other; {} heartbeats answered, worst {:?}",
+            ok.len(),
+            overloaded.len(),
+            overloaded.first().map(|o| o.1),
+            other.len(),
+            beat_sent.len(),
+            worst_beat
+        );
+        let mut wrong = Vec::new();
+        if answered < 100 {
+            wrong.push(format!("{answered} of 100 pushes answered"));
+        }
+        if overloaded.is_empty() {
+            wrong.push("no push was answered overloaded while the pipeline was full".into());
+        }
+        if overloaded.iter().any(|(_, at)| *at < Duration::from_secs(4) || *at > Duration::from_secs(8)) {
+            wrong.push(format!("overloaded answers came at {overloaded:?}, want after the 5 s wait"));
+        }
+        if !other.is_empty() {
+            wrong.push(format!("unexpected answers: {other:?}"));
+        }
+        if worst_beat > Duration::from_secs(1) || beat_sent.len() < 20 {
+            wrong.push(format!(
+                "heartbeats: {} answered, the slowest after {worst_beat:?}",
+                beat_sent.len()
+            ));
+        }
+        let events = admin
+            .events_until(&id, 20.0, |e| count_of(e, "agent_moved", "alice") >= ok.len())
+            .await;
+        let mut logged: HashMap<i64, usize> = HashMap::new();
+        for e in events.iter().filter(|e| e["type"] == "agent_moved") {
+            *logged.entry(e["payload"]["position"]["x"].as_f64().unwrap() as i64).or_default() += 1;
+        }
+        let missing: Vec<&i64> = ok.iter().filter(|i| logged.get(i) != Some(&1)).collect();
+        if !missing.is_empty() {
+            wrong.push(format!("ok-answered moves not in the log exactly once: {missing:?}"));
+        }
+        let refused_logged: Vec<i64> = overloaded
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|i| logged.contains_key(i))
+            .collect();
+        if !refused_logged.is_empty() {
+            wrong.push(format!("moves answered overloaded were applied: {refused_logged:?}"));
+        }
         finish(srv, &wrong).await;
     })
     .await;

@@ -123,6 +123,7 @@ impl Store {
                 Ok(done.rows_affected())
             }
             Db::Sqlite(pool) => {
+                let _turn = self.write_turn().await;
                 let recorded_at = Utc::now();
                 let mut tx = pool.begin().await?;
                 let mut inserted = 0;
@@ -151,6 +152,7 @@ impl Store {
 
     /// Keeps an event the log refused, with the reason. Idempotent on the event's id.
     pub async fn dead_letter(&self, event: &ZoneEvent, reason: &str) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         on_pool!(self.db(), pool => sqlx::query(
             "INSERT INTO audit_dead_letters (id, zone_id, seq, event_type, event, reason, failed_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",

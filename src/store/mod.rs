@@ -11,6 +11,7 @@ mod zones;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -70,6 +71,10 @@ pub(crate) use on_pool;
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
+    /// SQLite takes one writer at a time; writers that find it busy sleep in its busy handler
+    /// (1, 2, 5, 10… ms), which made commits wait tens of milliseconds under load. Writers take
+    /// turns here instead, in order. Unused on PostgreSQL.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The embedded default: a SQLite file in the data directory.
@@ -138,7 +143,10 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(redact(url)));
         };
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            writer: Arc::default(),
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -160,6 +168,14 @@ impl Store {
 
     pub(crate) fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// This store's turn to write, on SQLite; nothing to wait for on PostgreSQL.
+    pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.db {
+            Db::Sqlite(_) => Some(self.writer.lock().await),
+            Db::Postgres(_) => None,
+        }
     }
 }
 

@@ -100,6 +100,7 @@ impl Store {
             "INSERT INTO zones ({COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         );
+        let _turn = self.write_turn().await;
         on_pool!(self.db(), pool => bind_snapshot!(sqlx::query(&sql), snapshot)
             .bind(snapshot.zone.inserted_at)
             .bind(snapshot.zone.updated_at)
@@ -142,6 +143,7 @@ impl Store {
                       active_session_count = $5, capacity = $6, resources = $7, properties = $8, \
                       tick = $9, seq = $10, epoch = $11, sessions = $12, updated_at = $13 \
                       WHERE id = $1 AND (seq < $10 OR (seq = $10 AND epoch <> $11))";
+        let _turn = self.write_turn().await;
         on_pool!(self.db(), pool => {
             let mut tx = pool.begin().await?;
             for s in snapshots {
@@ -165,6 +167,7 @@ impl Store {
     }
 
     pub async fn delete_zone(&self, id: Uuid) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let done = on_pool!(self.db(), pool => sqlx::query("DELETE FROM zones WHERE id = $1")
             .bind(id)
             .execute(pool)

@@ -263,6 +263,9 @@ pub mod server {
     pub struct Client {
         pub ws: Ws,
         next_ref: u64,
+        /// Frames read while waiting for a reply, for the reads that come next: with durable
+        /// replies, what a command caused (presence, broadcasts) can arrive before its `ok`.
+        early: std::collections::VecDeque<Value>,
     }
 
     impl Client {
@@ -270,7 +273,11 @@ pub mod server {
             let (ws, _) = tokio_tungstenite::connect_async(url)
                 .await
                 .expect("connects");
-            Self { ws, next_ref: 0 }
+            Self {
+                ws,
+                next_ref: 0,
+                early: Default::default(),
+            }
         }
 
         pub fn next_ref(&mut self) -> String {
@@ -307,6 +314,9 @@ pub mod server {
 
         /// The next frame, or None after 2 s or when the socket closes.
         pub async fn next(&mut self) -> Option<Value> {
+            if let Some(f) = self.early.pop_front() {
+                return Some(f);
+            }
             loop {
                 match tokio::time::timeout(Duration::from_secs(2), self.ws.next()).await {
                     Ok(Some(Ok(Message::Text(t)))) => {
@@ -332,13 +342,20 @@ pub mod server {
             panic!("no {what}; got {seen:#?}");
         }
 
+        /// The reply to `r`; the frames before it stay to be read next.
         pub async fn reply_to(&mut self, r: &str) -> Value {
-            let r = r.to_owned();
-            self.until(&format!("reply to {r}"), move |f| {
-                f[1] == json!(r) && f[3] == "phx_reply"
-            })
-            .await[4]
-                .clone()
+            let mut before = Vec::new();
+            while let Some(f) = self.next().await {
+                if f[1] == json!(r) && f[3] == "phx_reply" {
+                    // Put back what came first, ahead of anything still buffered.
+                    for f in before.into_iter().rev() {
+                        self.early.push_front(f);
+                    }
+                    return f[4].clone();
+                }
+                before.push(f);
+            }
+            panic!("no reply to {r}; got {before:#?}");
         }
 
         pub async fn event(&mut self, event: &str) -> Value {

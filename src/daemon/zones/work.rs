@@ -16,11 +16,11 @@ use crate::zone::{Outcome, ReplyTo, ZoneCommand, ZoneEvent, ZoneSnapshot};
 #[serde(rename_all = "snake_case")]
 pub enum Replies {
     /// As soon as the zone has applied the command. A crash (`kill -9`, power loss) can lose
-    /// what was answered but not yet in the audit log: up to one audit batch.
-    #[default]
+    /// what was answered but not yet in the audit log: the events in its open batches.
     Applied,
     /// Once the events the command caused are committed to the audit log: nothing answered
     /// `ok` is ever lost. Refusals are answered at once either way.
+    #[default]
     Durable,
 }
 
