@@ -1216,8 +1216,10 @@ async fn a_full_pipeline_answers_heartbeats_and_overloads_pushes() {
     within_pg(60, |url| async move {
         use sqlx::Connection;
         use std::num::NonZeroUsize;
-        let mut file = thunderline::daemon::config::PipelineFile::default();
-        file.in_flight_bound = NonZeroUsize::new(40).unwrap();
+        let mut file = thunderline::daemon::config::PipelineFile {
+            in_flight_bound: NonZeroUsize::new(40).unwrap(),
+            ..Default::default()
+        };
         file.producer.queue = NonZeroUsize::new(10).unwrap();
         file.batchers.broadcast.batch_size = NonZeroUsize::new(20).unwrap();
         let srv = common::server::start_with(Some(url.clone()), file).await;
