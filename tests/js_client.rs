@@ -66,11 +66,19 @@ fn run_suite(js: &Path, name: &str, extra: &[&str]) {
     );
 }
 
-/// As a new user starts it: no flags, the embedded SQLite store.
+/// As a new user starts it: no flags, the embedded SQLite store, durable replies.
 #[test]
 fn the_phoenix_client_works_against_the_daemon_unmodified() {
     if let Some(js) = prepared() {
         run_suite(&js, "defaults", &[]);
+    }
+}
+
+/// With replies sent as soon as the zone applied a command (the default waits for the log).
+#[test]
+fn the_phoenix_client_works_with_replies_applied() {
+    if let Some(js) = prepared() {
+        run_suite(&js, "applied", &["--replies", "applied"]);
     }
 }
 
