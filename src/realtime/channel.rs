@@ -3,8 +3,9 @@
 //!
 //! The socket turns a client event into a [`CommandKind`] ([`parse_event`]); whoever applies
 //! commands (the daemon's zone writer) tells the outcome to a [`SocketReply`], which answers
-//! the frame and keeps the connection's channel map right: a channel counts as joined only once
-//! its join was accepted, and a refused join leaves no trace.
+//! the frame and keeps the connection's channel map right: a refused join leaves no trace.
+//! Whether a channel is joined is the zone's to say: it holds the sessions, and sees a
+//! channel's pushes after its join, in order, so a push behind a refused join is refused too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -122,8 +123,6 @@ pub struct Joined {
     pub agent_id: String,
     /// The token's bits.
     pub perms: Permissions,
-    /// False until the zone accepts the join.
-    pub accepted: bool,
 }
 
 /// A connection's channels by zone.
@@ -211,12 +210,6 @@ impl ReplyTo for SocketReply {
             }
             (asked, Ok(accepted)) => {
                 if asked == Asked::Join {
-                    let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(j) = channels.get_mut(&self.zone)
-                        && j.join_ref == self.join_ref
-                    {
-                        j.accepted = true;
-                    }
                     self.joins.with_label_values(&["ok"]).inc();
                 }
                 self.peer.send_text(protocol::reply(

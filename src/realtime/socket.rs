@@ -554,7 +554,6 @@ impl<W: Send + 'static> Connection<W> {
             join_ref: frame.join_ref.clone(),
             agent_id,
             perms: claims.perms,
-            accepted: false,
         };
         let (previous, too_many) = {
             let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
