@@ -177,7 +177,7 @@ async fn baseline(store: &Store, events: &[ZoneEvent]) -> Result<Duration, Audit
             let started = Instant::now();
             let recorded_at = now();
             let mut tx = pool.begin().await?;
-            for chunk in events.chunks(5_000) {
+            for chunk in events.chunks(4_000) {
                 let mut insert = sqlx::QueryBuilder::new(format!(
                     "INSERT INTO {BASELINE_TABLE} (id, zone_id, seq, event_type, payload, occurred_at, recorded_at) "
                 ));
