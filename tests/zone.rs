@@ -538,6 +538,25 @@ fn a_command_redelivered_is_applied_once_and_gets_its_first_outcome() {
 }
 
 #[test]
+fn a_leave_delivered_again_after_a_new_join_does_not_end_the_new_session() {
+    let mut z = ZoneState::new(zone(5, all()));
+    let zid = z.id();
+    let a = agent("c1", "a", all());
+    run(&mut z, &cmd(zid, a.clone(), CommandKind::Join));
+    let leave = cmd(zid, a.clone(), CommandKind::Leave);
+    assert_eq!(run(&mut z, &leave).result.unwrap().events.len(), 1);
+    run(&mut z, &cmd(zid, a.clone(), CommandKind::Join));
+    // A leave that changed nothing is remembered as well as one that did.
+    let idle_leave = cmd(zid, agent("c9", "nobody", all()), CommandKind::Leave);
+    assert!(run(&mut z, &idle_leave).result.unwrap().events.is_empty());
+    for again in [&leave, &idle_leave] {
+        let outcome = run(&mut z, again).result.unwrap();
+        assert!(outcome.duplicate && outcome.events.is_empty());
+    }
+    assert_eq!(z.session_count(), 1, "the new session is still there");
+}
+
+#[test]
 fn broadcasts_need_the_bit_on_token_and_zone_and_a_valid_name_and_are_rate_limited() {
     let mut z = ZoneState::new(zone(
         5,

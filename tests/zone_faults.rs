@@ -1343,3 +1343,74 @@ async fn a_full_pipeline_answers_heartbeats_and_overloads_pushes() {
     })
     .await;
 }
+
+/// A leave that waits for room in a full pipeline is not dropped when its client disconnects
+/// right after: once there is room the session ends, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_waiting_for_room_survives_the_disconnect_after_it() {
+    within_pg(80, |url| async move {
+        use sqlx::Connection;
+        use std::num::NonZeroUsize;
+        let mut file = thunderline::daemon::config::PipelineFile {
+            in_flight_bound: NonZeroUsize::new(20).unwrap(),
+            ..Default::default()
+        };
+        file.producer.queue = NonZeroUsize::new(1).unwrap();
+        file.batchers.broadcast.batch_size = NonZeroUsize::new(20).unwrap();
+        let srv = common::server::start_with(Some(url.clone()), file).await;
+        let admin = Admin::of(&srv);
+        let id = admin.zone(zone_body(10)).await;
+        let topic = format!("zone:{id}");
+        let (mut a, a_ref) = joined(&admin, &id, "alice").await;
+        let (mut b, b_ref) = joined(&admin, &id, "bob").await;
+        let _ = admin
+            .events_until(&id, 5.0, |e| count_of(e, "agent_entered", "bob") == 1)
+            .await;
+
+        let mut locker = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+        sqlx::query("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        // Alice fills the pipeline: the in-flight bound and the producer's queue.
+        let moves: Vec<Value> = (0..40)
+            .map(|i| json!([a_ref, format!("m{i}"), topic, "agent_move", {"position": {"x": i, "y": 0, "z": 0}}]))
+            .collect();
+        send_together(&mut a.ws, &moves).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Bob leaves while there is no room, and is gone before there is.
+        send_together(&mut b.ws, &[json!([b_ref, "l", topic, "phx_leave", {}])]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = b.ws.close(None).await;
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+
+        let mut wrong = Vec::new();
+        // Reads go through the zone's writer too: while the audit log catches up after the
+        // lock (its retries back off up to 10 s) they may be answered 503 overloaded.
+        let deadline = in_secs(30.0);
+        let count = loop {
+            let (status, zone) = admin.call("GET", &format!("/api/zones/{id}"), None).await;
+            let count = zone["active_session_count"].clone();
+            if (status == 200 && count == json!(1)) || Instant::now() > deadline {
+                break count;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if count != json!(1) {
+            wrong.push(format!("active_session_count {count}: bob's session was left behind"));
+        }
+        let events = admin
+            .events_until(&id, 10.0, |e| count_of(e, "agent_left", "bob") >= 1)
+            .await;
+        let lefts = count_of(&events, "agent_left", "bob");
+        if lefts != 1 {
+            wrong.push(format!("{lefts} agent_left audited for bob, want 1"));
+        }
+        drop(a);
+        finish(srv, &wrong).await;
+    })
+    .await;
+}

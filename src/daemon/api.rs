@@ -404,8 +404,16 @@ async fn delete_zone(
 ) -> Result<StatusCode, ApiError> {
     let id = zone_id(&id)?;
     // The row goes first, so nothing can load the zone again; then its writer ends its sessions
-    // and closes its channels.
-    state.zones.registry.store().delete_zone(id).await?;
+    // and closes its channels. A retry after a failed second step finds the row gone but the
+    // zone still in memory, and finishes the job.
+    let row = match state.zones.registry.store().delete_zone(id).await {
+        Ok(()) => true,
+        Err(StoreError::Zone(ZoneError::ZoneNotFound(_))) => false,
+        Err(e) => return Err(e.into()),
+    };
+    if !row && state.zones.registry.live(id).is_none() {
+        return Err(ZoneError::ZoneNotFound(id).into());
+    }
     match ask(&state, id, CommandKind::DeleteZone).await {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         // It was not in memory: nobody was in it.

@@ -93,7 +93,8 @@ pub struct ProcessorSection {
     pub max_demand: NonZeroUsize,
     /// Omitted means half of max_demand.
     pub min_demand: Option<usize>,
-    /// Partition by zone id, so one zone's events keep their order.
+    /// Partition by zone id: each zone has one writer, which applies its commands one at a time
+    /// in the order they came. The zone core needs it, so `false` is refused.
     pub partition_by_zone: bool,
     pub timeout_ms: Option<NonZeroU64>,
     pub retry: RetrySection,
@@ -344,6 +345,13 @@ impl PipelineFile {
                 )));
             }
         }
+        if !file.processors.partition_by_zone {
+            return Err(invalid(
+                "[processors] partition_by_zone must be true: each zone has one writer, which \
+                 applies its commands in order and numbers its events"
+                    .into(),
+            ));
+        }
         if file.batchers.broadcast.concurrency.get() != 1 {
             return Err(invalid(
                 "[batchers.broadcast] concurrency must be 1: each zone's subscribers see its \
@@ -408,6 +416,13 @@ mod tests {
             e.contains("line 2") && e.contains("multiplier must be a number of at least 1.0"),
             "{e}"
         );
+        let e = err("[processors]\npartition_by_zone = false\n");
+        assert!(e.contains("partition_by_zone must be true"), "{e}");
+        let e =
+            err("[batchers.broadcast]\nbatch_size = 10\nbatch_timeout_ms = 3\nconcurrency = 2\n");
+        assert!(e.contains("concurrency must be 1"), "{e}");
+        let e = err("[replies]\nafter = \"eventually\"\n");
+        assert!(e.contains("line 2") && e.contains("unknown variant"), "{e}");
         let e = err("[processors]\nmax_demand = 4\nmin_demand = 4\n");
         assert_eq!(
             e,

@@ -53,7 +53,7 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
     /// When a client's `ok` is sent: `applied` (once its zone applied the command) or `durable`
     /// (once the events it caused are committed to the audit log, so that a crash loses nothing
-    /// answered ok). Default: the pipeline file's `[replies] after`, else `applied`.
+    /// answered ok). Default: the pipeline file's `[replies] after`, else `durable`.
     #[arg(long, env = "THUNDERLINE_REPLIES", value_enum)]
     pub replies: Option<Replies>,
 }
@@ -202,7 +202,7 @@ impl Server {
             registry.clone(),
             pipeline_metrics.clone(),
         )?);
-        let acker = Arc::new(ZoneAcker::new(snapshots.clone()));
+        let acker = Arc::new(ZoneAcker::new(zone_registry.clone(), snapshots.clone()));
 
         let (producer, push) = in_memory::<ZoneWork>(file.producer.queue.get());
         let routes: Arc<[BatcherName]> =
@@ -218,6 +218,7 @@ impl Server {
             },
             &registry,
         )?;
+        // One writer per zone: all of a zone's commands go to one worker, in order.
         let mut builder = Pipeline::builder("zones")
             .producer(producer)
             .processor(writer, file.processors.config())
@@ -228,13 +229,11 @@ impl Server {
             .batcher(audit_config(file, &store), AuditSink::new(store.clone()))
             .in_flight_bound(file.in_flight_bound.get())
             .shutdown_timeout(Duration::from_millis(file.shutdown_timeout_ms.get()))
-            .metrics(registry.clone(), pipeline_metrics);
-        if file.processors.partition_by_zone {
-            builder = builder.partition_by(|m: &Message<ZoneWork>| {
+            .metrics(registry.clone(), pipeline_metrics)
+            .partition_by(|m: &Message<ZoneWork>| {
                 let (hi, lo) = m.data.zone_id.as_u64_pair();
                 hi ^ lo
             });
-        }
         if let Some(rl) = &file.producer.rate_limit {
             builder = builder.rate_limit(
                 rl.allowed.get(),
@@ -336,10 +335,13 @@ impl Server {
         while self.connections.get() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.pipeline.shutdown().await?;
-        // The zone pipeline's last acknowledgements queued the last snapshots.
-        self.snapshots.shutdown().await?;
+        let drained = self.pipeline.shutdown().await;
+        // The zone pipeline's last acknowledgements queued the last snapshots; they are written
+        // even when the drain above ran out of time.
+        let written = self.snapshots.shutdown().await;
         self.store.close().await;
+        drained?;
+        written?;
         match http {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ServeError::Http(e)),

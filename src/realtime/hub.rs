@@ -300,16 +300,6 @@ impl Hub {
         }
         self.metrics.deliveries.inc_by(sent * frames.len() as u64);
     }
-
-    /// The agents present in the zone, one entry per agent, as subscribers see them.
-    pub fn present(&self, zone: Uuid) -> Vec<String> {
-        self.topics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&zone)
-            .map(|t| t.presence.keys().cloned().collect())
-            .unwrap_or_default()
-    }
 }
 
 impl ZoneTopic {

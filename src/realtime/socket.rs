@@ -10,7 +10,7 @@
 //! The reader never waits for the pipeline. While it is full, commands wait in a short queue of
 //! the connection's own, in order, and the reader goes on answering heartbeats; a push that
 //! cannot be handed over within `push_wait` is answered `overloaded` (joins too; leaves always
-//! wait, so that a session is never left behind). A channel counts as joined only once the zone
+//! wait, even past a disconnect, so that a session is never left behind). A channel counts as joined only once the zone
 //! accepted the join; pushes sent before that are applied only if it is accepted, since the
 //! zone sees them after the join, in the order they were sent.
 
@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::{Map, Value, json};
@@ -31,7 +32,7 @@ use super::channel::{Asked, Channels, Joined, SocketReply, parse_event};
 use super::hub::{CloseReason, Hub, Outbound, Peer, outbound_queue};
 use super::protocol::{self, Frame};
 use super::token::TokenSigner;
-use crate::pipeline::{Message as PipelineMessage, PushError, PushHandle};
+use crate::pipeline::{Message as PipelineMessage, PushError, PushHandle, PushPermit};
 use crate::zone::{Actor, CommandKind, ReplyTo, ZoneCommand, parse_zone_id};
 
 /// Per-connection limits.
@@ -277,11 +278,17 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>)
     let mut shutdown = ctx.shutdown.clone();
     // Whether the server started the closing handshake (and should wait for the client's half).
     let mut closing = false;
+    let mut reservation: Option<BoxFuture<'_, Option<PushPermit<'_, W>>>> = None;
     // One timer for the whole connection, pushed back as frames arrive.
     let idle = tokio::time::sleep(ctx.config.idle_timeout);
     tokio::pin!(idle);
     loop {
         let deadline = conn.waiting.iter().filter_map(|w| w.deadline).min();
+        // The wait for room is kept across frames: a new wait would queue behind every other
+        // connection's, and a connection that keeps sending would never get its turn.
+        if reservation.is_none() && !conn.waiting.is_empty() {
+            reservation = Some(Box::pin(ctx.work.reserve()));
+        }
         tokio::select! {
             biased;
             _ = killed.changed() => {
@@ -293,13 +300,17 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>)
                 closing = true;
                 break;
             }
-            permit = ctx.work.reserve(), if !conn.waiting.is_empty() => match permit {
-                Some(permit) => {
-                    let waiting = conn.waiting.pop_front().expect("checked non-empty");
-                    permit.push(waiting.message);
+            permit = async { reservation.as_mut().expect("checked").await }, if reservation.is_some() => {
+                reservation = None;
+                match permit {
+                    // What it was for may have been answered `overloaded` meanwhile.
+                    Some(permit) => match conn.waiting.pop_front() {
+                        Some(waiting) => permit.push(waiting.message),
+                        None => drop(permit),
+                    },
+                    None => conn.refuse_waiting(|_| true, "unavailable", "the server is shutting down"),
                 }
-                None => conn.refuse_waiting(|_| true, "unavailable", "the server is shutting down"),
-            },
+            }
             () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 let now = Instant::now();
                 conn.refuse_waiting(
@@ -338,9 +349,17 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>)
         }
     }
 
-    // Leave every channel this connection held or asked for: whatever still waits is dropped
-    // (nobody is left to answer), and a leave of a session that never began changes nothing.
-    conn.waiting.clear();
+    // A wait for room nobody will poll again would keep the room it is given, and the leaves
+    // below would queue behind it forever.
+    drop(reservation);
+    // Leave every channel this connection held or asked for. Of what still waits for room,
+    // the leaves go (their channels are already out of the map) and the rest is dropped: nobody
+    // is left to answer, and a leave of a session that never began changes nothing.
+    let mut leaves: Vec<PipelineMessage<W>> = std::mem::take(&mut conn.waiting)
+        .into_iter()
+        .filter(|w| matches!(w.reply.asked, Asked::Leave { .. }))
+        .map(|w| w.message)
+        .collect();
     let held: Vec<(Uuid, Joined)> = conn
         .channels
         .lock()
@@ -348,14 +367,17 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>)
         .drain()
         .collect();
     for (zone, joined) in held {
-        let message = conn.message(
+        let (message, _) = conn.message(
             zone,
             CommandKind::Leave,
             Asked::Leave { reply: false },
             &joined,
             None,
         );
-        if let Err(PushError::Closed(_)) = ctx.work.push(message.0).await {
+        leaves.push(message);
+    }
+    for message in leaves {
+        if let Err(PushError::Closed(_)) = ctx.work.push(message).await {
             break;
         }
     }

@@ -13,7 +13,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::zones::big;
-use super::{Db, Store, StoreError, on_pool};
+use super::{Backend, Db, Store, StoreError, on_pool};
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
 use crate::zone::{EventKind, ZoneEvent};
 
@@ -65,7 +65,7 @@ const EVENT_COLUMNS: &str = "id, zone_id, seq, command_id, event_type, payload, 
 
 /// Whether the database refused the statement because of the data in it: retrying the same
 /// data cannot help.
-pub(crate) fn is_data_error(e: &sqlx::Error) -> bool {
+pub(crate) fn is_data_error(e: &sqlx::Error, backend: Backend) -> bool {
     use sqlx::error::ErrorKind;
     let Some(db) = e.as_database_error() else {
         return matches!(e, sqlx::Error::Encode(_));
@@ -79,10 +79,19 @@ pub(crate) fn is_data_error(e: &sqlx::Error) -> bool {
     ) {
         return true;
     }
-    // PostgreSQL's data exceptions (22…), integrity violations (23…) and program limits
-    // (54…, a value too large).
-    db.code()
-        .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54"))
+    let Some(code) = db.code() else { return false };
+    match backend {
+        // SQLSTATE: data exceptions (22…), integrity violations (23…), program limits (54…, a
+        // value too large).
+        Backend::Postgres => ["22", "23", "54"]
+            .iter()
+            .any(|class| code.starts_with(class)),
+        // SQLite's (extended) result codes: only a value too big or of the wrong type is about
+        // the data; I/O, locking and the like are not.
+        Backend::Sqlite => code
+            .parse::<i32>()
+            .is_ok_and(|c| matches!(c & 0xff, 18 | 20)),
+    }
 }
 
 /// One multi-row insert of `events` into the SQLite log.
@@ -311,7 +320,7 @@ impl Store {
         while let Some(part) = pending.pop() {
             match self.append_events(part).await {
                 Ok(n) => report.inserted += n,
-                Err(StoreError::Database(e)) if is_data_error(&e) => {
+                Err(StoreError::Database(e)) if is_data_error(&e, self.backend()) => {
                     if let [event] = part {
                         let reason = e.to_string();
                         tracing::error!(event = %event.id, zone = %event.zone_id, seq = event.seq,

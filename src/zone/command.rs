@@ -1,5 +1,6 @@
 //! Zone commands: what someone asks of a zone. A command carries an id (its idempotency key: a
-//! zone applies one id at most once), the zone, who asks, and what. Commands serialise, in JSON
+//! zone that remembers the id answers it again instead of applying it again), the zone, who
+//! asks, and what. Commands serialise, in JSON
 //! or MessagePack, in the same vocabulary as the socket's events, so that a broker message or
 //! another node can carry them.
 
@@ -121,7 +122,7 @@ impl CommandKind {
 /// One command for one zone.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ZoneCommand {
-    /// The idempotency key: a zone applies a command id at most once.
+    /// The idempotency key: a zone does not apply an id it remembers again.
     pub id: Uuid,
     pub zone_id: Uuid,
     pub actor: Actor,

@@ -6,7 +6,9 @@
 //! produced; replaying the audit log after a restart is the same `apply`, so the live state and
 //! the replayed one are equal by construction. [`ZoneState::execute`] is the writer's one call:
 //! it decides, numbers the events (`seq`: the state's last plus one, no gaps), applies them, and
-//! remembers the command's id so that a command retried or redelivered is never applied twice.
+//! remembers the command's id so that a command retried or redelivered while the zone
+//! remembers it (its last [`REMEMBERED_COMMANDS`], those of events replayed from the log
+//! included) is not applied twice.
 //!
 //! Sessions are part of the state: a set of (connection, agent), whose size is the zone's
 //! `active_session_count`. A join is a command whose event adds a session; a leave of a session
@@ -319,13 +321,6 @@ impl ZoneState {
 
     pub fn session_count(&self) -> usize {
         self.sessions.len()
-    }
-
-    pub fn has_session(&self, connection: &str, agent_id: &str) -> bool {
-        self.sessions.contains_key(&SessionKey {
-            connection: connection.to_owned(),
-            agent_id: agent_id.to_owned(),
-        })
     }
 
     /// The agents present, each once, in order.
@@ -787,6 +782,11 @@ impl ZoneState {
                         (&command.kind, ctx.broadcast_limit)
                     {
                         self.count_broadcast(limit, ctx.now);
+                    }
+                    // A command that changed nothing is remembered too: a leave delivered again
+                    // after a new join must not end the new session.
+                    if events.is_empty() && !command.kind.is_query() {
+                        self.recent.remember(command.id, Ok(self.seq));
                     }
                     Ok(Accepted {
                         events,

@@ -1,24 +1,30 @@
 //! The zone pipeline's acknowledger: what happens once every sink a message went to has it.
 //!
-//! A durable reply is sent (its events are in the audit log now), a snapshot the writer took is
-//! queued for writing, and a message that failed before its zone could answer (the zone could
-//! not be loaded, the pipeline was shutting down) is answered `unavailable`, so every command
-//! gets exactly one answer.
+//! A durable reply is sent (its events are in the audit log now), the zone learns which of its
+//! events are logged, a snapshot is queued for writing once every event it reflects is logged,
+//! and a message that failed before its zone could answer (the zone could not be loaded, the
+//! pipeline was shutting down) is answered `unavailable`, so every command gets exactly one
+//! answer.
 
 use std::sync::Arc;
 
+use super::registry::ZoneRegistry;
 use super::snapshots::Snapshots;
 use super::work::{Job, ZoneWork};
 use super::writer::unavailable;
 use crate::pipeline::{Acknowledger, Message};
 
 pub struct ZoneAcker {
+    registry: Arc<ZoneRegistry>,
     snapshots: Arc<Snapshots>,
 }
 
 impl ZoneAcker {
-    pub fn new(snapshots: Arc<Snapshots>) -> Self {
-        Self { snapshots }
+    pub fn new(registry: Arc<ZoneRegistry>, snapshots: Arc<Snapshots>) -> Self {
+        Self {
+            registry,
+            snapshots,
+        }
     }
 }
 
@@ -29,7 +35,18 @@ impl Acknowledger<ZoneWork> for ZoneAcker {
             if let (Some(reply), Some(outcome)) = (&work.reply, &work.outcome) {
                 reply.reply(outcome);
             }
-            if let Some(snapshot) = work.snapshot {
+            let seqs = work
+                .events
+                .first()
+                .zip(work.events.last())
+                .map(|(first, last)| (first.seq, last.seq));
+            if seqs.is_none() && work.snapshot.is_none() {
+                continue;
+            }
+            // A zone no longer in memory was evicted (written) or deleted: nothing to write.
+            if let Some(live) = self.registry.live(work.zone_id)
+                && let Some(snapshot) = live.logged(seqs, work.snapshot)
+            {
                 self.snapshots.offer(snapshot);
             }
         }

@@ -5,7 +5,7 @@
 //! Only the writer that owns a zone's partition loads it, changes it or removes it; everyone
 //! else only reads.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -14,15 +14,29 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::store::{Store, StoreError};
-use crate::zone::{EventKind, ZoneEvent, ZoneState};
+use crate::zone::{EventKind, ZoneEvent, ZoneSnapshot, ZoneState};
 
 /// A snapshot is taken after an event that changes what a snapshot holds, and otherwise at
 /// least every this many events, so that loading never replays a long log.
 const SNAPSHOT_EVERY: u64 = 1_000;
 
+/// Which of a zone's events are in the audit log. Audit batches commit in parallel, so a later
+/// event may be logged before an earlier one; a snapshot may only be written once every event
+/// it reflects is logged, or a crash could leave a snapshot ahead of a log with a hole in it.
+#[derive(Default)]
+struct Logged {
+    /// Every event up to this seq is in the log.
+    through: u64,
+    /// Ranges logged beyond `through` (first → last), waiting for the gap before them.
+    ahead: BTreeMap<u64, u64>,
+    /// The newest snapshot taken, until the log has caught up with it.
+    waiting: Option<Arc<ZoneSnapshot>>,
+}
+
 /// One zone in memory.
 pub struct LiveZone {
     state: Mutex<ZoneState>,
+    logged: Mutex<Logged>,
     /// The seq of the newest snapshot written to the store.
     persisted: AtomicU64,
     /// The seq of the newest snapshot taken (written, or on its way).
@@ -34,8 +48,13 @@ pub struct LiveZone {
 impl LiveZone {
     fn new(state: ZoneState, persisted: u64) -> Self {
         let idle = (state.session_count() == 0).then(Instant::now);
+        let logged = Logged {
+            through: state.seq(),
+            ..Logged::default()
+        };
         Self {
             state: Mutex::new(state),
+            logged: Mutex::new(logged),
             persisted: AtomicU64::new(persisted),
             taken: AtomicU64::new(persisted),
             idle_since: Mutex::new(idle),
@@ -50,6 +69,44 @@ impl LiveZone {
 
     pub fn persisted(&self) -> u64 {
         self.persisted.load(Ordering::Acquire)
+    }
+
+    /// Notes that the events `seqs` are in the audit log, and that `snapshot` (if any) was
+    /// taken; returns the newest snapshot that may be written now (none of its events is
+    /// missing from the log).
+    pub fn logged(
+        &self,
+        seqs: Option<(u64, u64)>,
+        snapshot: Option<Arc<ZoneSnapshot>>,
+    ) -> Option<Arc<ZoneSnapshot>> {
+        let mut guard = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let logged = &mut *guard;
+        if let Some((first, last)) = seqs
+            && last > logged.through
+        {
+            logged.ahead.insert(first, last);
+        }
+        while let Some(entry) = logged.ahead.first_entry() {
+            if *entry.key() > logged.through + 1 {
+                break;
+            }
+            let last = entry.remove();
+            logged.through = logged.through.max(last);
+        }
+        if let Some(s) = snapshot
+            && logged.waiting.as_ref().is_none_or(|w| w.seq < s.seq)
+        {
+            logged.waiting = Some(s);
+        }
+        if logged
+            .waiting
+            .as_ref()
+            .is_some_and(|w| w.seq <= logged.through)
+        {
+            logged.waiting.take()
+        } else {
+            None
+        }
     }
 
     /// Notes that a snapshot at `seq` is in the store.
@@ -226,6 +283,46 @@ mod tests {
     fn command(state: &mut ZoneState, actor: Actor, kind: CommandKind) {
         let c = ZoneCommand::new(state.id(), actor, kind);
         state.execute(&c, &Context::at(now())).result.unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_waits_until_every_event_it_reflects_is_logged() {
+        let zone = Zone::create(
+            NewZone {
+                name: "z".into(),
+                ..NewZone::default()
+            },
+            "n",
+            now(),
+        )
+        .unwrap();
+        let mut state = ZoneState::new(zone);
+        let live = LiveZone::new(state.clone(), 0);
+        let agent = Actor::Agent {
+            agent_id: "a".into(),
+            connection: "c".into(),
+            permissions: Permissions::SPAWN_AGENTS,
+        };
+        command(&mut state, agent.clone(), CommandKind::Join);
+        command(&mut state, agent.clone(), CommandKind::Leave);
+        command(&mut state, agent, CommandKind::Join);
+        let at = |seq: u64| {
+            let mut s = state.snapshot();
+            s.seq = seq;
+            Some(Arc::new(s))
+        };
+        // Seq 2 and 3 are logged before seq 1 (another audit worker): nothing may be written.
+        assert!(live.logged(Some((3, 3)), at(3)).is_none());
+        assert!(live.logged(Some((2, 2)), at(2)).is_none());
+        // Seq 1 closes the gap: the newest snapshot, at seq 3, may go.
+        assert_eq!(live.logged(Some((1, 1)), at(1)).map(|s| s.seq), Some(3));
+        // Logged again (a retry), or a snapshot at what is already logged: at once.
+        assert!(live.logged(Some((2, 2)), None).is_none());
+        assert_eq!(live.logged(None, at(3)).map(|s| s.seq), Some(3));
+        // Events the log never got (a failed batch) hold every later snapshot back.
+        assert!(live.logged(Some((5, 6)), at(6)).is_none());
+        assert!(live.logged(Some((7, 7)), at(7)).is_none());
+        assert_eq!(live.logged(Some((4, 4)), None).map(|s| s.seq), Some(7));
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,8 +1,9 @@
 //! Writing zone snapshots: a small pipeline of its own, fed as zone messages are acknowledged.
 //!
-//! A snapshot enters it only once the message that took it is acknowledged, that is once every
-//! event up to its seq is in the audit log, so a snapshot never holds what the log lacks, and
-//! loading (snapshot, then the log after it) always rebuilds the live state. Snapshots are
+//! A snapshot enters it only once every event up to its seq is in the audit log (the zone counts
+//! the acknowledged ones, which parallel audit batches may deliver out of order), so a snapshot
+//! never holds what the log lacks, and loading (snapshot, then the log after it) always rebuilds
+//! the live state. Snapshots are
 //! batched and coalesced per zone, written idempotently, and retried until the store takes them;
 //! none is on the way of a reply. When the queue is full a snapshot is dropped: a later one
 //! supersedes it, and loading replays the log in between.

@@ -103,6 +103,15 @@ impl Processor<ZoneWork> for ZoneWriter {
                 msg.put_batchers(Arc::from([]));
                 return Ok(());
             }
+            // The store holds what this version cannot read: retrying will not change that, and
+            // would hold up every other zone of this writer.
+            Err(e @ StoreError::Corrupt(_)) => {
+                tracing::error!(zone = %zone_id, error = %e, "the zone cannot be loaded");
+                let outcome = unavailable(command.id, &e.to_string());
+                self.answer(work, outcome);
+                msg.put_batchers(Arc::from([]));
+                return Ok(());
+            }
             // Nothing was applied: the command can be retried.
             Err(e) => {
                 return Err(Failure::retryable(format!(
