@@ -714,7 +714,7 @@ fn nul_and_oversize_strings_are_refused_and_change_nothing() {
         },
     ] {
         let e = run(&mut z, &patch(p)).result.unwrap_err();
-        assert!(matches!(e, ZoneError::InvalidZone(_)), "{e}");
+        assert_eq!(e.reason(), "invalid_payload", "{e}");
     }
     let e = run(
         &mut z,

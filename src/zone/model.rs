@@ -89,29 +89,30 @@ fn check_resources(resources: &BTreeMap<String, Resource>) -> Result<(), ZoneErr
     Ok(())
 }
 
-/// A zone name, trimmed: 1 to 200 characters, no NUL.
-pub(crate) fn check_name(name: &str) -> Result<String, ZoneError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > limits::MAX_ZONE_NAME_CHARS || name.contains('\0')
-    {
-        return Err(ZoneError::InvalidZone(
-            "the name must be 1 to 200 characters, without NUL".into(),
+/// A zone name or server, trimmed: 1 to 200 characters, no NUL. An empty one is an invalid
+/// zone; one past the limits, like any string that is, an invalid payload.
+fn check_text(field: &str, value: &str) -> Result<String, ZoneError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(ZoneError::InvalidZone(format!(
+            "{field} must be 1 to 200 characters, without NUL"
+        )));
+    }
+    if value.chars().count() > limits::MAX_ZONE_NAME_CHARS || value.contains('\0') {
+        return Err(ZoneError::invalid(
+            "zone",
+            format!("{field} must be 1 to 200 characters, without NUL"),
         ));
     }
-    Ok(name.to_owned())
+    Ok(value.to_owned())
+}
+
+pub(crate) fn check_name(name: &str) -> Result<String, ZoneError> {
+    check_text("the name", name)
 }
 
 pub(crate) fn check_server(server: &str) -> Result<String, ZoneError> {
-    let server = server.trim();
-    if server.is_empty()
-        || server.chars().count() > limits::MAX_ZONE_NAME_CHARS
-        || server.contains('\0')
-    {
-        return Err(ZoneError::InvalidZone(
-            "assigned_server must be 1 to 200 characters, without NUL".into(),
-        ));
-    }
-    Ok(server.to_owned())
+    check_text("assigned_server", server)
 }
 
 pub(crate) fn check_capacity(capacity: u32) -> Result<(), ZoneError> {
@@ -136,10 +137,6 @@ pub(crate) fn check_properties(properties: &Value) -> Result<(), ZoneError> {
         properties,
         limits::MAX_PROPERTIES_BYTES,
     )
-    .map_err(|e| match e {
-        ZoneError::InvalidPayload { reason, .. } => ZoneError::InvalidZone(reason),
-        other => other,
-    })
 }
 
 impl Zone {
