@@ -1207,6 +1207,31 @@ async fn a_burst_of_pushes_is_answered_without_more_traffic() {
 // Overload: a full pipeline
 // ---------------------------------------------------------------------------------------------
 
+/// A server on PostgreSQL whose pipeline fills fast: `in_flight` messages at most, a producer
+/// queue of `queue`.
+async fn small_pipeline(url: &str, in_flight: usize, queue: usize) -> common::server::TestServer {
+    use std::num::NonZeroUsize;
+    let mut file = thunderline::daemon::config::PipelineFile {
+        in_flight_bound: NonZeroUsize::new(in_flight).unwrap(),
+        ..Default::default()
+    };
+    file.producer.queue = NonZeroUsize::new(queue).unwrap();
+    file.batchers.broadcast.batch_size = NonZeroUsize::new(20).unwrap();
+    common::server::start_with(Some(url.to_owned()), file).await
+}
+
+/// Locks the audit log until the returned connection commits: nothing can be acknowledged.
+async fn lock_audit_log(url: &str) -> sqlx::postgres::PgConnection {
+    use sqlx::Connection;
+    let mut locker = sqlx::postgres::PgConnection::connect(url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    locker
+}
+
 /// While the pipeline is full (the audit log locked, the in-flight bound reached) a connection
 /// keeps reading: heartbeats are answered at once, a push waits at most 5 s for room and is then
 /// answered `overloaded`, every push gets an answer, and once the log is free again every push
@@ -1214,15 +1239,7 @@ async fn a_burst_of_pushes_is_answered_without_more_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_pipeline_answers_heartbeats_and_overloads_pushes() {
     within_pg(60, |url| async move {
-        use sqlx::Connection;
-        use std::num::NonZeroUsize;
-        let mut file = thunderline::daemon::config::PipelineFile {
-            in_flight_bound: NonZeroUsize::new(40).unwrap(),
-            ..Default::default()
-        };
-        file.producer.queue = NonZeroUsize::new(10).unwrap();
-        file.batchers.broadcast.batch_size = NonZeroUsize::new(20).unwrap();
-        let srv = common::server::start_with(Some(url.clone()), file).await;
+        let srv = small_pipeline(&url, 40, 10).await;
         let admin = Admin::of(&srv);
         let id = admin.zone(zone_body(10)).await;
         let topic = format!("zone:{id}");
@@ -1232,12 +1249,7 @@ async fn a_full_pipeline_answers_heartbeats_and_overloads_pushes() {
             .await;
 
         // The audit log is locked for 9 s: nothing can be acknowledged, the bound fills.
-        let mut locker = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
-        sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-        sqlx::query("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-            .execute(&mut locker)
-            .await
-            .unwrap();
+        let mut locker = lock_audit_log(&url).await;
         let unlock = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(9)).await;
             sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
@@ -1349,15 +1361,7 @@ async fn a_full_pipeline_answers_heartbeats_and_overloads_pushes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leave_waiting_for_room_survives_the_disconnect_after_it() {
     within_pg(80, |url| async move {
-        use sqlx::Connection;
-        use std::num::NonZeroUsize;
-        let mut file = thunderline::daemon::config::PipelineFile {
-            in_flight_bound: NonZeroUsize::new(20).unwrap(),
-            ..Default::default()
-        };
-        file.producer.queue = NonZeroUsize::new(1).unwrap();
-        file.batchers.broadcast.batch_size = NonZeroUsize::new(20).unwrap();
-        let srv = common::server::start_with(Some(url.clone()), file).await;
+        let srv = small_pipeline(&url, 20, 1).await;
         let admin = Admin::of(&srv);
         let id = admin.zone(zone_body(10)).await;
         let topic = format!("zone:{id}");
@@ -1367,12 +1371,7 @@ async fn a_leave_waiting_for_room_survives_the_disconnect_after_it() {
             .events_until(&id, 5.0, |e| count_of(e, "agent_entered", "bob") == 1)
             .await;
 
-        let mut locker = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
-        sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-        sqlx::query("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-            .execute(&mut locker)
-            .await
-            .unwrap();
+        let mut locker = lock_audit_log(&url).await;
         // Alice fills the pipeline: the in-flight bound and the producer's queue.
         let moves: Vec<Value> = (0..40)
             .map(|i| json!([a_ref, format!("m{i}"), topic, "agent_move", {"position": {"x": i, "y": 0, "z": 0}}]))

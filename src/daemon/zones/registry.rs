@@ -285,8 +285,8 @@ mod tests {
         state.execute(&c, &Context::at(now())).result.unwrap();
     }
 
-    #[test]
-    fn a_snapshot_waits_until_every_event_it_reflects_is_logged() {
+    /// A fresh zone, the same zone in memory, and an agent to act in it.
+    fn fixture() -> (ZoneState, LiveZone, Actor) {
         let zone = Zone::create(
             NewZone {
                 name: "z".into(),
@@ -296,13 +296,19 @@ mod tests {
             now(),
         )
         .unwrap();
-        let mut state = ZoneState::new(zone);
+        let state = ZoneState::new(zone);
         let live = LiveZone::new(state.clone(), 0);
         let agent = Actor::Agent {
             agent_id: "a".into(),
             connection: "c".into(),
             permissions: Permissions::SPAWN_AGENTS,
         };
+        (state, live, agent)
+    }
+
+    #[test]
+    fn a_snapshot_waits_until_every_event_it_reflects_is_logged() {
+        let (mut state, live, agent) = fixture();
         command(&mut state, agent.clone(), CommandKind::Join);
         command(&mut state, agent.clone(), CommandKind::Leave);
         command(&mut state, agent, CommandKind::Join);
@@ -327,22 +333,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_zone_leaves_only_after_its_idle_time_and_once_its_snapshot_is_written() {
-        let zone = Zone::create(
-            NewZone {
-                name: "z".into(),
-                ..NewZone::default()
-            },
-            "n",
-            now(),
-        )
-        .unwrap();
-        let agent = Actor::Agent {
-            agent_id: "a".into(),
-            connection: "c".into(),
-            permissions: Permissions::SPAWN_AGENTS,
-        };
-        let mut state = ZoneState::new(zone);
-        let live = LiveZone::new(state.clone(), 0);
+        let (mut state, live, agent) = fixture();
         let after = Duration::from_secs(600);
         command(&mut state, agent.clone(), CommandKind::Join);
         live.note_sessions(state.session_count(), Instant::now());
