@@ -623,7 +623,9 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         )
         .await;
     a.reply_to(&r).await;
-    a.push(Some(&a_ref), &topic, "teleport", json!({})).await;
+    let r = a.push(Some(&a_ref), &topic, "teleport", json!({})).await;
+    // Its refusal is counted before it is answered: wait for the answer, not for the scrape.
+    a.reply_to(&r).await;
     a.event("agent_moved").await;
     let text = common::server::metrics(srv.server.addr).await;
     let exported: std::collections::HashSet<&str> = text
