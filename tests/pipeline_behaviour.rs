@@ -312,6 +312,8 @@ async fn full_jitter_keeps_each_wait_under_its_cap() {
             },
             one_worker().retry(retry.clone()),
         )
+        // Partitioned, so that retries wait in line and each message's attempts are adjacent.
+        .partition_by(|_| 0)
         .start()
         .unwrap();
     for i in 0..30 {
@@ -320,7 +322,8 @@ async fn full_jitter_keeps_each_wait_under_its_cap() {
     drop(push);
     pipeline.join().await.unwrap();
     let attempts = seen.attempts.lock().unwrap().clone();
-    // One worker handles one message at a time, so each message's attempts are adjacent.
+    // One worker handles one message at a time, retries in line, so each message's attempts
+    // are adjacent.
     let mut distinct = std::collections::HashSet::new();
     for per_message in attempts.chunks(4) {
         for (n, gap) in gaps(per_message).into_iter().enumerate() {
@@ -839,7 +842,7 @@ async fn shutdown_flushes_open_batches_and_acknowledges_everything_taken() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn cpu_bound_handlers_run_on_rayon_and_retry_in_order() {
+async fn cpu_bound_handlers_run_on_rayon_and_retry_in_order_per_key_or_out_of_line() {
     struct Cpu(Arc<AtomicUsize>);
     impl CpuProcessor<u32> for Cpu {
         fn handle_message(&self, m: &mut Message<u32>) -> Result<(), Failure> {
@@ -855,41 +858,53 @@ async fn cpu_bound_handlers_run_on_rayon_and_retry_in_order() {
             Ok(())
         }
     }
-    let seen = Arc::new(Seen::default());
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (producer, push) = in_memory(10);
-    let pipeline = Pipeline::builder("cpu")
-        .producer(producer)
-        .cpu_processor(
-            Cpu(calls.clone()),
-            one_worker().retry(RetryPolicy::exponential(
-                3,
-                Duration::from_millis(10),
-                2.0,
-                Duration::from_secs(1),
-            )),
-        )
-        .batcher(BatcherConfig::new("b").batch_size(5), Record(seen.clone()))
-        .start()
-        .unwrap();
-    for i in 0..5 {
-        push.push(msg(&seen, i)).await.unwrap();
+    for partitioned in [true, false] {
+        let seen = Arc::new(Seen::default());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (producer, push) = in_memory(10);
+        let mut builder = Pipeline::builder("cpu")
+            .producer(producer)
+            .cpu_processor(
+                Cpu(calls.clone()),
+                one_worker().retry(RetryPolicy::exponential(
+                    3,
+                    Duration::from_millis(10),
+                    2.0,
+                    Duration::from_secs(1),
+                )),
+            )
+            .batcher(BatcherConfig::new("b").batch_size(5), Record(seen.clone()));
+        if partitioned {
+            builder = builder.partition_by(|_| 0);
+        }
+        let pipeline = builder.start().unwrap();
+        for i in 0..5 {
+            push.push(msg(&seen, i)).await.unwrap();
+        }
+        drop(push);
+        pipeline.join().await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 7);
+        let order: Vec<u32> = seen
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b.3.clone())
+            .collect();
+        if partitioned {
+            assert_eq!(
+                order,
+                vec![0, 10, 20, 30, 40],
+                "order kept across the retry"
+            );
+        } else {
+            assert_eq!(
+                order,
+                vec![0, 10, 30, 40, 20],
+                "the retry waits out of line"
+            );
+        }
     }
-    drop(push);
-    pipeline.join().await.unwrap();
-    assert_eq!(calls.load(Ordering::SeqCst), 7);
-    let order: Vec<u32> = seen
-        .batches
-        .lock()
-        .unwrap()
-        .iter()
-        .flat_map(|b| b.3.clone())
-        .collect();
-    assert_eq!(
-        order,
-        vec![0, 10, 20, 30, 40],
-        "order kept across the retry"
-    );
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 //! copies finishes, failed if any copy failed.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::message::{Failure, Message, Status};
@@ -43,6 +43,9 @@ impl<T> Clone for AckRef<T> {
 pub(crate) struct Join<T> {
     remaining: AtomicUsize,
     first_failure: Mutex<Option<Failure>>,
+    /// Whether any copy went to the dead-letter sink: the message then counts as dead-lettered,
+    /// once.
+    dead_lettered: AtomicBool,
     origin: AckRef<T>,
 }
 
@@ -51,6 +54,7 @@ impl<T> Join<T> {
         Arc::new(Self {
             remaining: AtomicUsize::new(branches),
             first_failure: Mutex::new(None),
+            dead_lettered: AtomicBool::new(false),
             origin,
         })
     }
@@ -61,9 +65,13 @@ impl<T> Join<T> {
             let mut first = self.first_failure.lock().unwrap_or_else(|e| e.into_inner());
             first.get_or_insert_with(|| failure.clone());
         }
+        if msg.dead_lettered {
+            self.dead_lettered.store(true, Ordering::Release);
+        }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return None;
         }
+        msg.dead_lettered = self.dead_lettered.load(Ordering::Acquire);
         let worst = self
             .first_failure
             .lock()
@@ -83,6 +91,7 @@ impl<T> Join<T> {
 pub(crate) struct Settled {
     pub successful: usize,
     pub failed: usize,
+    pub dead_lettered: usize,
 }
 
 impl Settled {
@@ -110,7 +119,7 @@ pub(crate) fn acknowledge<T: 'static>(messages: Vec<Message<T>>) -> Settled {
             let acker = first.clone();
             let settled = Settled {
                 successful: messages.len(),
-                failed: 0,
+                ..Settled::default()
             };
             call(&*acker, messages, Vec::new());
             return settled;
@@ -175,6 +184,7 @@ fn call<T: 'static>(
 }
 
 fn count<T>(settled: &mut Settled, msg: &Message<T>) {
+    settled.dead_lettered += usize::from(msg.dead_lettered);
     if msg.is_failed() {
         settled.failed += 1;
     } else {

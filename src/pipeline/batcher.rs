@@ -6,7 +6,8 @@
 //! a batch also leaves as soon as one of its sink workers is idle (trigger `idle`): under light
 //! load each batch is small and leaves at once, under heavy load batches fill while every
 //! worker is busy, so size and timeout stay the upper bounds and nothing waits for a timer
-//! while a worker could take it.
+//! while a worker could take it. A `batch_timeout` too long to add to the clock
+//! (`Duration::MAX`) means never: such batches leave by size, flush or idle workers only.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -18,8 +19,8 @@ use rustc_hash::FxHashMap as HashMap;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
-use super::message::{BatchKey, BatchMode, BatcherName, Failure, Message};
-use super::stage::Shared;
+use super::message::{BatchKey, BatchMode, BatcherName};
+use super::stage::{Custody, later};
 use super::telemetry::{BatchSizeMetrics, StageMetrics};
 
 /// What sent a batch out.
@@ -76,19 +77,19 @@ pub struct BatchInfo {
     pub trigger: Trigger,
 }
 
-pub(crate) struct Batch<T> {
+pub(crate) struct Batch<T: Send + 'static> {
     pub info: BatchInfo,
-    pub messages: Vec<Message<T>>,
+    pub messages: Custody<T>,
 }
 
-struct Open<T> {
-    messages: Vec<Message<T>>,
+struct Open<T: Send + 'static> {
+    messages: Custody<T>,
     generation: u64,
 }
 
 /// Drops the deadlines of batches that already left by size or flush, so that the queue holds
 /// about as many entries as there are open batches, not as many as left within one timeout.
-fn forget_left_batches<T>(
+fn forget_left_batches<T: Send + 'static>(
     open: &HashMap<BatchKey, Open<T>>,
     deadlines: &mut VecDeque<(Instant, u64, BatchKey)>,
 ) {
@@ -105,15 +106,14 @@ fn forget_left_batches<T>(
     }
 }
 
-pub(crate) struct BatcherStage<T> {
+pub(crate) struct BatcherStage<T: Send + 'static> {
     pub name: BatcherName,
     pub batch_size: usize,
     pub batch_timeout: Duration,
-    pub inbox: mpsc::Receiver<Vec<Message<T>>>,
+    pub inbox: mpsc::Receiver<Custody<T>>,
     pub out: mpsc::Sender<Batch<T>>,
     /// Group commit: the sink workers that wait, when batches leave as soon as one does.
     pub idle: Option<Arc<IdleWorkers>>,
-    pub shared: Arc<Shared<T>>,
     pub metrics: StageMetrics,
     pub sizes: BatchSizeMetrics,
     pub stop: watch::Receiver<bool>,
@@ -149,11 +149,12 @@ impl<T: Send + 'static> BatcherStage<T> {
                     draining = true;
                 }
                 chunk = self.inbox.recv() => {
-                    let Some(chunk) = chunk else { break };
+                    let Some(mut chunk) = chunk else { break };
                     let n = chunk.len() as i64;
                     self.metrics.received.inc_by(n as u64);
                     self.metrics.in_flight.add(n);
-                    for msg in chunk {
+                    let empty = chunk.empty();
+                    for msg in chunk.take() {
                         let flush = msg.batch_mode() == BatchMode::Flush;
                         // Look up by reference: the key is cloned once per batch, not per message.
                         let full = match open.get_mut(msg.batch_key()) {
@@ -166,11 +167,12 @@ impl<T: Send + 'static> BatcherStage<T> {
                                 let key = msg.batch_key().clone();
                                 generation += 1;
                                 deadlines.push_back((
-                                    Instant::now() + self.batch_timeout,
+                                    later(Instant::now(), self.batch_timeout),
                                     generation,
                                     key.clone(),
                                 ));
-                                let mut messages = Vec::with_capacity(self.batch_size.min(1024));
+                                let mut messages = empty.empty();
+                                messages.reserve(self.batch_size.min(1024));
                                 messages.push(msg);
                                 open.insert(key.clone(), Open { messages, generation });
                                 (self.batch_size == 1 || flush).then_some(key)
@@ -206,7 +208,9 @@ impl<T: Send + 'static> BatcherStage<T> {
                         self.count_sent(&batch);
                         permit.send(batch);
                     }
-                    Err(_) => self.sinks_gone(&mut ready).await,
+                    // The sinks are gone (they can only have been aborted): what waits for
+                    // them is abandoned.
+                    Err(_) => ready.clear(),
                 },
             }
             self.to_idle_workers(&mut open, &mut deadlines, &mut ready);
@@ -224,9 +228,7 @@ impl<T: Send + 'static> BatcherStage<T> {
                         permit.send(batch);
                     }
                     Err(mpsc::error::TrySendError::Full(())) => break,
-                    Err(mpsc::error::TrySendError::Closed(())) => {
-                        self.sinks_gone(&mut ready).await;
-                    }
+                    Err(mpsc::error::TrySendError::Closed(())) => ready.clear(),
                 }
             }
         }
@@ -234,7 +236,8 @@ impl<T: Send + 'static> BatcherStage<T> {
         // The inputs are closed: every open batch leaves now.
         self.flush_all(&mut open, &mut deadlines, &mut ready);
         for batch in ready.drain(..) {
-            self.send(batch).await;
+            self.count_sent(&batch);
+            let _ = self.out.send(batch).await;
         }
     }
 
@@ -297,7 +300,7 @@ impl<T: Send + 'static> BatcherStage<T> {
         }
     }
 
-    fn seal(&self, batch_key: BatchKey, messages: Vec<Message<T>>, trigger: Trigger) -> Batch<T> {
+    fn seal(&self, batch_key: BatchKey, messages: Custody<T>, trigger: Trigger) -> Batch<T> {
         let size = messages.len();
         match trigger {
             Trigger::Size => &self.sizes.size,
@@ -321,29 +324,5 @@ impl<T: Send + 'static> BatcherStage<T> {
         let n = batch.messages.len();
         self.metrics.in_flight.sub(n as i64);
         self.metrics.sent.inc_by(n as u64);
-    }
-
-    async fn send(&self, batch: Batch<T>) {
-        self.count_sent(&batch);
-        if let Err(lost) = self.out.send(batch).await {
-            self.fail_stopped(lost.0).await;
-        }
-    }
-
-    /// The sinks are gone (they can only have crashed): fail the waiting batches rather than
-    /// leak their permits.
-    async fn sinks_gone(&self, ready: &mut VecDeque<Batch<T>>) {
-        for batch in ready.drain(..) {
-            self.count_sent(&batch);
-            self.fail_stopped(batch).await;
-        }
-    }
-
-    async fn fail_stopped(&self, batch: Batch<T>) {
-        let mut messages = batch.messages;
-        for m in &mut messages {
-            m.fail(Failure::permanent("the batch sink stopped"));
-        }
-        self.shared.settle(&self.metrics, messages).await;
     }
 }

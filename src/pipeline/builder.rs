@@ -18,6 +18,7 @@ use super::producer::{DynProducer, PartitionFn, Producer, ProducerStage};
 use super::retry::RetryPolicy;
 use super::running::{Pipeline, StageHandle};
 use super::sink::{BatchSink, DeadLetterSink, DynDeadLetter, DynSink, SinkWorker};
+use super::stage::Custody;
 use super::stage::Shared;
 use super::telemetry::{PipelineMetrics, StageKind};
 
@@ -205,6 +206,7 @@ pub struct PipelineBuilder<T> {
     partition_by: Option<PartitionFn<T>>,
     batchers: Vec<(BatcherConfig, Arc<dyn DynSink<T>>)>,
     dead_letter: Option<Arc<dyn DynDeadLetter<T>>>,
+    dead_letter_permanent: bool,
     in_flight_bound: Option<usize>,
     shutdown_timeout: Duration,
     registry: Option<(Registry, Arc<PipelineMetrics>)>,
@@ -221,6 +223,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             partition_by: None,
             batchers: Vec::new(),
             dead_letter: None,
+            dead_letter_permanent: false,
             in_flight_bound: None,
             shutdown_timeout: Duration::from_secs(30),
             registry: None,
@@ -278,8 +281,17 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
         self
     }
 
+    /// Where messages go whose retryable failures outlasted their attempts, before they are
+    /// acknowledged as failed.
     pub fn dead_letter(mut self, sink: impl DeadLetterSink<T>) -> Self {
         self.dead_letter = Some(Arc::new(sink));
+        self
+    }
+
+    /// Sends permanent failures to the dead-letter sink too: poison messages are what
+    /// dead-letter queues are for. Default: off (they are acknowledged as failed at once).
+    pub fn dead_letter_permanent(mut self, on: bool) -> Self {
+        self.dead_letter_permanent = on;
         self
     }
 
@@ -388,13 +400,19 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             }
         };
         let name = self.name;
-        let shared = Arc::new(Shared::new(name.clone(), bound, self.dead_letter));
+        let shared = Arc::new(Shared::new(
+            name.clone(),
+            bound,
+            self.dead_letter,
+            self.dead_letter_permanent,
+            metrics.abandoned(&name),
+        ));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut batcher_stages = Vec::new();
         let mut tasks = Vec::new();
 
         // Batchers and their sinks.
-        let mut routes: Vec<(BatcherName, mpsc::Sender<Vec<Message<T>>>)> = Vec::new();
+        let mut routes: Vec<(BatcherName, mpsc::Sender<Custody<T>>)> = Vec::new();
         for (config, sink) in self.batchers {
             let batcher_name: BatcherName = config.name.as_str().into();
             let (tx, inbox) = mpsc::channel(2 * self.processors.concurrency.max(2));
@@ -419,7 +437,6 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 inbox,
                 out,
                 idle: idle.clone(),
-                shared: shared.clone(),
                 metrics: metrics_b,
                 sizes: metrics.batch_sizes(&name, &config.name),
                 stop: stop_rx.clone(),
@@ -442,6 +459,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                     sink: sink.clone(),
                     retry: config.retry.clone(),
                     timeout: config.timeout,
+                    stop: stop_rx.clone(),
                     shared: shared.clone(),
                     metrics: metrics_s.clone(),
                 };
@@ -457,6 +475,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
         let policy = Arc::new(HandlerPolicy {
             retry: config.retry.clone(),
             timeout: config.timeout,
+            inline_retries: self.partition_by.is_some(),
         });
         let metrics_p = metrics.stage(&name, "processor");
         let processor_stage = StageHandle::new(
@@ -486,6 +505,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 handler: handler.clone(),
                 policy: policy.clone(),
                 router: router.clone(),
+                stop: stop_rx.clone(),
                 shared: shared.clone(),
                 metrics: metrics_p.clone(),
             };

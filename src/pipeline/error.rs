@@ -60,8 +60,8 @@ impl<T> std::error::Error for PushError<T> {}
 #[derive(Debug, thiserror::Error)]
 pub enum ShutdownError {
     #[error(
-        "drain did not finish within {deadline:?}: {left} message(s) were still in flight and were \
-         not acknowledged"
+        "drain did not finish within {deadline:?}: {left} message(s) were still in flight; they were \
+         acknowledged as failed (abandoned)"
     )]
     Deadline { deadline: Duration, left: usize },
     #[error("pipeline stage {stage} stopped abnormally: {reason}")]

@@ -154,6 +154,8 @@ pub struct Message<T> {
     pub(crate) route: Route,
     batch_key: BatchKey,
     batch_mode: BatchMode,
+    /// Went to the dead-letter sink (counted once per message, fan-out copies included).
+    pub(crate) dead_lettered: bool,
     pub(crate) attempts: u32,
     pub(crate) ack: AckRef<T>,
 }
@@ -168,6 +170,7 @@ impl<T> Message<T> {
             route: Route::Default,
             batch_key: BatchKey::Default,
             batch_mode: BatchMode::Bulk,
+            dead_lettered: false,
             attempts: 0,
             ack: AckRef::None,
         }
@@ -265,6 +268,7 @@ impl<T> Message<T> {
             route: Route::One(batcher),
             batch_key: self.batch_key.clone(),
             batch_mode: self.batch_mode,
+            dead_lettered: false,
             attempts: 0,
             ack,
         }

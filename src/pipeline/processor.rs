@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use super::ack::{AckRef, Join};
 use super::message::{BatcherName, Failure, Message, Route};
 use super::producer::{Ask, Chunk};
-use super::retry::{Delays, RetryPolicy};
-use super::stage::Shared;
+use super::retry::{RetryPolicy, backoff};
+use super::stage::{Custody, Shared, draining, later, within};
 use super::telemetry::StageMetrics;
 
 /// An async message handler, for handlers that wait on I/O.
@@ -69,58 +70,107 @@ pub trait CpuProcessor<T>: Send + Sync + 'static {
 pub(crate) struct HandlerPolicy {
     pub retry: RetryPolicy,
     pub timeout: Option<Duration>,
+    /// Retries wait inside the handler, in order (with `partition_by`); otherwise a message
+    /// waiting to retry is set aside by its worker and the messages behind it go on.
+    pub inline_retries: bool,
+}
+
+/// What one run of a handler over some messages needs besides them.
+pub(crate) struct Run<'a> {
+    pub policy: &'a HandlerPolicy,
+    pub metrics: &'a StageMetrics,
+    /// Runs `prepare_messages` first (a new chunk; not a retry).
+    pub prepare: bool,
+    /// The drain: once it starts, a retry wait is cut short for one last attempt.
+    pub stop: watch::Receiver<bool>,
 }
 
 /// A handler, async or CPU-bound, seen a chunk at a time.
-pub(crate) trait ChunkHandler<T>: Send + Sync + 'static {
-    fn run<'a>(
-        &'a self,
-        messages: Vec<Message<T>>,
-        policy: &'a HandlerPolicy,
-        metrics: &'a StageMetrics,
-    ) -> BoxFuture<'a, Vec<Message<T>>>;
+pub(crate) trait ChunkHandler<T: Send + 'static>: Send + Sync + 'static {
+    /// Makes an attempt at each message not already failed. A retryable failure with attempts
+    /// left is retried here when retries are inline, and otherwise left failed for the worker
+    /// to retry later.
+    fn run<'a>(&'a self, messages: Custody<T>, run: Run<'a>) -> BoxFuture<'a, Custody<T>>;
 
-    fn handle_failed(&self, failed: Vec<Message<T>>) -> BoxFuture<'_, Vec<Message<T>>>;
+    /// `handle_failed`, under the processor's timeout.
+    fn handle_failed<'a>(
+        &'a self,
+        failed: Custody<T>,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Custody<T>>;
+}
+
+/// Whether a failure earns another attempt in this stage. A message failed before its first
+/// attempt (its chunk's `prepare_messages` failed) has none to repeat.
+fn retries(failure: &Failure, attempts: u32, policy: &RetryPolicy) -> bool {
+    failure.is_retryable() && attempts > 0 && attempts < policy.max_attempts
+}
+
+fn fail_all<T>(messages: &mut [Message<T>], failure: Failure) {
+    for m in messages {
+        m.fail(failure.clone());
+    }
 }
 
 pub(crate) struct AsyncHandler<P>(pub P);
 
 impl<T: Send + 'static, P: Processor<T>> ChunkHandler<T> for AsyncHandler<P> {
-    fn run<'a>(
-        &'a self,
-        mut messages: Vec<Message<T>>,
-        policy: &'a HandlerPolicy,
-        metrics: &'a StageMetrics,
-    ) -> BoxFuture<'a, Vec<Message<T>>> {
+    fn run<'a>(&'a self, mut messages: Custody<T>, mut run: Run<'a>) -> BoxFuture<'a, Custody<T>> {
         Box::pin(async move {
-            let prepared = AssertUnwindSafe(self.0.prepare_messages(&mut messages))
-                .catch_unwind()
-                .await;
-            if let Err(panic) = prepared {
-                let failure = Failure::permanent(format!(
-                    "prepare_messages panicked: {}",
-                    panic_message(&*panic)
-                ));
-                for m in &mut messages {
-                    m.fail(failure.clone());
+            if run.prepare {
+                let call = AssertUnwindSafe(self.0.prepare_messages(&mut messages)).catch_unwind();
+                let failure = match run.policy.timeout {
+                    None => call.await.err().map(|panic| (panic, None)),
+                    Some(limit) => match tokio::time::timeout(limit, call).await {
+                        Ok(outcome) => outcome.err().map(|panic| (panic, None)),
+                        Err(_) => Some((Box::new(()) as Box<_>, Some(limit))),
+                    },
+                };
+                if let Some((panic, timed_out)) = failure {
+                    let failure = match timed_out {
+                        Some(limit) => Failure::retryable(format!(
+                            "prepare_messages timed out after {limit:?}"
+                        )),
+                        None => Failure::permanent(format!(
+                            "prepare_messages panicked: {}",
+                            panic_message(&*panic)
+                        )),
+                    };
+                    fail_all(&mut messages, failure);
+                    return messages;
                 }
-                return messages;
             }
-            for msg in &mut messages {
-                self.handle_with_retry(msg, policy, metrics).await;
+            for msg in messages.iter_mut() {
+                if !msg.is_failed() {
+                    self.handle_with_retry(msg, &mut run).await;
+                }
             }
             messages
         })
     }
 
-    fn handle_failed(&self, mut failed: Vec<Message<T>>) -> BoxFuture<'_, Vec<Message<T>>> {
+    fn handle_failed<'a>(
+        &'a self,
+        mut failed: Custody<T>,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Custody<T>> {
         Box::pin(async move {
-            if AssertUnwindSafe(self.0.handle_failed(&mut failed))
-                .catch_unwind()
-                .await
-                .is_err()
-            {
-                tracing::error!("handle_failed panicked; the messages are acknowledged as failed");
+            let call = async {
+                if AssertUnwindSafe(self.0.handle_failed(&mut failed))
+                    .catch_unwind()
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(
+                        "handle_failed panicked; the messages are acknowledged as failed"
+                    );
+                }
+            };
+            if !within(timeout, call).await {
+                tracing::error!(
+                    "handle_failed timed out after {timeout:?}; the messages are acknowledged \
+                     as failed"
+                );
             }
             failed
         })
@@ -128,33 +178,23 @@ impl<T: Send + 'static, P: Processor<T>> ChunkHandler<T> for AsyncHandler<P> {
 }
 
 impl<P> AsyncHandler<P> {
-    async fn handle_with_retry<T>(
-        &self,
-        msg: &mut Message<T>,
-        policy: &HandlerPolicy,
-        metrics: &StageMetrics,
-    ) where
+    async fn handle_with_retry<T>(&self, msg: &mut Message<T>, run: &mut Run<'_>)
+    where
         T: Send + 'static,
         P: Processor<T>,
     {
-        if msg.is_failed() {
-            return;
-        }
-        msg.attempts = 0;
-        let mut delays: Option<Delays> = None;
+        let policy = run.policy;
+        let mut last = false;
         loop {
             msg.attempts += 1;
             let Some(failure) = self.attempt(msg, policy.timeout).await else {
                 return;
             };
-            if failure.is_retryable() && msg.attempts < policy.retry.max_attempts {
-                let delay = delays
-                    .get_or_insert_with(|| policy.retry.delays())
-                    .next()
-                    .unwrap_or_default();
-                metrics.retried.inc();
+            if policy.inline_retries && !last && retries(&failure, msg.attempts, &policy.retry) {
+                run.metrics.retried.inc();
                 msg.reset_status();
-                tokio::time::sleep(delay).await;
+                let delay = policy.retry.delay(msg.attempts - 1);
+                last = !backoff(delay, &mut run.stop).await;
                 continue;
             }
             msg.fail(failure);
@@ -196,103 +236,94 @@ pub(crate) struct RayonHandler<P> {
     pub processor: Arc<P>,
 }
 
-impl<P> RayonHandler<P> {
-    /// Runs `job` on the rayon pool and waits for it without blocking the async runtime.
-    async fn on_pool<R: Send + 'static>(&self, job: impl FnOnce() -> R + Send + 'static) -> R {
-        let (tx, rx) = oneshot::channel();
-        let job = move || {
-            let _ = tx.send(job());
-        };
-        rayon::spawn(job);
-        // Every user call inside `job` is wrapped in catch_unwind, so the job always answers.
-        rx.await.expect("rayon job ended without a result")
-    }
+/// Runs `job` on the rayon pool and waits for it without blocking the async runtime. If the
+/// waiting task is aborted, the job's result is dropped when it is sent: messages in it are in
+/// custody, so they are acknowledged as abandoned, not lost.
+async fn on_pool<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = oneshot::channel();
+    rayon::spawn(move || {
+        let _ = tx.send(job());
+    });
+    // Every user call inside `job` is wrapped in catch_unwind, so the job always answers.
+    rx.await.expect("rayon job ended without a result")
 }
 
 impl<T: Send + 'static, P: CpuProcessor<T>> ChunkHandler<T> for RayonHandler<P> {
-    fn run<'a>(
-        &'a self,
-        messages: Vec<Message<T>>,
-        policy: &'a HandlerPolicy,
-        metrics: &'a StageMetrics,
-    ) -> BoxFuture<'a, Vec<Message<T>>> {
+    fn run<'a>(&'a self, messages: Custody<T>, mut run: Run<'a>) -> BoxFuture<'a, Custody<T>> {
         Box::pin(async move {
-            let max_attempts = policy.retry.max_attempts;
+            let retry = run.policy.retry.clone();
+            let inline = run.policy.inline_retries;
             let mut messages = messages;
             let mut from = 0;
-            let mut prepare = true;
-            // The delays of the message being retried, and its index.
-            let mut delays: Option<(usize, Delays)> = None;
+            let mut prepare = run.prepare;
+            let mut last = false;
             loop {
                 let processor = self.processor.clone();
-                let (back, retry_at) = self
-                    .on_pool(move || {
-                        if prepare {
-                            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| {
-                                processor.prepare_messages(&mut messages)
-                            })) {
-                                let failure = Failure::permanent(format!(
-                                    "prepare_messages panicked: {}",
-                                    panic_message(&*panic)
-                                ));
-                                for m in &mut messages {
-                                    m.fail(failure.clone());
-                                }
-                                return (messages, None);
-                            }
-                            for m in &mut messages {
-                                m.attempts = 0;
-                            }
+                let policy = retry.clone();
+                // After a wait cut short by the drain, the message resumed at gets one last try.
+                let last_at = last.then_some(from);
+                let (back, retry_at) = on_pool(move || {
+                    if prepare {
+                        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| {
+                            processor.prepare_messages(&mut messages)
+                        })) {
+                            let failure = Failure::permanent(format!(
+                                "prepare_messages panicked: {}",
+                                panic_message(&*panic)
+                            ));
+                            fail_all(&mut messages, failure);
+                            return (messages, None);
                         }
-                        for i in from..messages.len() {
-                            let msg = &mut messages[i];
-                            if msg.is_failed() && msg.attempts == 0 {
-                                continue;
-                            }
-                            msg.attempts += 1;
-                            let outcome =
-                                catch_unwind(AssertUnwindSafe(|| processor.handle_message(msg)));
-                            let failure = match outcome {
-                                Ok(Ok(())) => msg.failure().cloned(),
-                                Ok(Err(failure)) => Some(failure),
-                                Err(panic) => Some(Failure::permanent(format!(
-                                    "handle_message panicked: {}",
-                                    panic_message(&*panic)
-                                ))),
-                            };
-                            let Some(failure) = failure else { continue };
-                            if failure.is_retryable() && msg.attempts < max_attempts {
-                                // Wait off the pool, then resume here: order is kept.
-                                msg.reset_status();
-                                return (messages, Some(i));
-                            }
-                            msg.fail(failure);
+                    }
+                    for i in from..messages.len() {
+                        let msg = &mut messages[i];
+                        if msg.is_failed() {
+                            continue;
                         }
-                        (messages, None)
-                    })
-                    .await;
+                        msg.attempts += 1;
+                        let outcome =
+                            catch_unwind(AssertUnwindSafe(|| processor.handle_message(msg)));
+                        let failure = match outcome {
+                            Ok(Ok(())) => msg.failure().cloned(),
+                            Ok(Err(failure)) => Some(failure),
+                            Err(panic) => Some(Failure::permanent(format!(
+                                "handle_message panicked: {}",
+                                panic_message(&*panic)
+                            ))),
+                        };
+                        let Some(failure) = failure else { continue };
+                        if inline && last_at != Some(i) && retries(&failure, msg.attempts, &policy)
+                        {
+                            // Wait off the pool, then resume here: order is kept.
+                            msg.reset_status();
+                            return (messages, Some(i));
+                        }
+                        msg.fail(failure);
+                    }
+                    (messages, None)
+                })
+                .await;
                 messages = back;
                 prepare = false;
                 let Some(i) = retry_at else {
                     return messages;
                 };
-                if delays.as_ref().is_none_or(|(at, _)| *at != i) {
-                    delays = Some((i, policy.retry.delays()));
-                }
-                let delay = delays
-                    .as_mut()
-                    .and_then(|(_, d)| d.next())
-                    .unwrap_or_default();
-                metrics.retried.inc();
-                tokio::time::sleep(delay).await;
+                run.metrics.retried.inc();
+                let delay = retry.delay(messages[i].attempts - 1);
+                last = !backoff(delay, &mut run.stop).await;
                 from = i;
             }
         })
     }
 
-    fn handle_failed(&self, mut failed: Vec<Message<T>>) -> BoxFuture<'_, Vec<Message<T>>> {
+    fn handle_failed<'a>(
+        &'a self,
+        mut failed: Custody<T>,
+        _timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Custody<T>> {
+        // Work on rayon cannot be cancelled: CPU-bound processors have no timeout.
         let processor = self.processor.clone();
-        Box::pin(self.on_pool(move || {
+        Box::pin(on_pool(move || {
             if catch_unwind(AssertUnwindSafe(|| processor.handle_failed(&mut failed))).is_err() {
                 tracing::error!("handle_failed panicked; the messages are acknowledged as failed");
             }
@@ -310,11 +341,11 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Where processed messages go: the batchers, by name.
-pub(crate) struct Router<T> {
-    pub batchers: Vec<(BatcherName, mpsc::Sender<Vec<Message<T>>>)>,
+pub(crate) struct Router<T: Send + 'static> {
+    pub batchers: Vec<(BatcherName, mpsc::Sender<Custody<T>>)>,
 }
 
-impl<T> Clone for Router<T> {
+impl<T: Send + 'static> Clone for Router<T> {
     fn clone(&self) -> Self {
         Self {
             batchers: self.batchers.clone(),
@@ -327,21 +358,23 @@ impl<T: Clone + Send + 'static> Router<T> {
         self.batchers.iter().position(|(n, _)| &**n == name)
     }
 
-    /// Sends each message to its batcher(s), or settles it when the pipeline has none.
+    /// Sends each message to its batcher(s), or settles it when the pipeline has none. A
+    /// batch for a batcher that is gone is dropped, and so acknowledged as abandoned.
     pub async fn route(
         &self,
-        messages: Vec<Message<T>>,
+        mut messages: Custody<T>,
         shared: &Shared<T>,
         metrics: &StageMetrics,
+        timeout: Option<Duration>,
     ) {
         if self.batchers.is_empty() {
-            shared.settle(metrics, messages).await;
+            shared.settle(metrics, messages, timeout).await;
             return;
         }
-        let mut per_batcher: Vec<Vec<Message<T>>> =
-            (0..self.batchers.len()).map(|_| Vec::new()).collect();
+        let mut per_batcher: Vec<Custody<T>> =
+            (0..self.batchers.len()).map(|_| messages.empty()).collect();
         // Messages that end here: routed nowhere, or failed for want of a batcher.
-        let mut finished = Vec::new();
+        let mut finished = messages.empty();
         // The common case, everything to the first batcher, moves the chunk as it is.
         let first = &self.batchers[0].0;
         let all_to_first = messages.iter().all(|m| match &m.route {
@@ -349,13 +382,10 @@ impl<T: Clone + Send + 'static> Router<T> {
             Route::One(name) => name == first,
             Route::Many(_) | Route::Done => false,
         });
-        let spread = if all_to_first {
-            per_batcher[0] = messages;
-            Vec::new()
-        } else {
-            messages
-        };
-        for mut msg in spread {
+        if all_to_first {
+            per_batcher[0] = messages.split_off(0);
+        }
+        for mut msg in messages.take() {
             match std::mem::take(&mut msg.route) {
                 Route::Done => finished.push(msg),
                 Route::Default => per_batcher[0].push(msg),
@@ -396,19 +426,12 @@ impl<T: Clone + Send + 'static> Router<T> {
             }
         }
         for (i, batch) in per_batcher.into_iter().enumerate() {
-            if batch.is_empty() {
-                continue;
-            }
-            if let Err(lost) = self.batchers[i].1.send(batch).await {
-                let mut messages = lost.0;
-                for m in &mut messages {
-                    m.fail(Failure::permanent("the batcher stopped"));
-                }
-                finished.extend(messages);
+            if !batch.is_empty() {
+                let _ = self.batchers[i].1.send(batch).await;
             }
         }
         if !finished.is_empty() {
-            shared.settle(metrics, finished).await;
+            shared.settle(metrics, finished, timeout).await;
         }
     }
 }
@@ -418,7 +441,7 @@ fn unknown_batcher(name: &str) -> Failure {
 }
 
 /// One worker of the processor pool.
-pub(crate) struct ProcessorWorker<T> {
+pub(crate) struct ProcessorWorker<T: Send + 'static> {
     pub index: usize,
     pub inbox: mpsc::UnboundedReceiver<Chunk<T>>,
     /// One per producer.
@@ -428,8 +451,15 @@ pub(crate) struct ProcessorWorker<T> {
     pub handler: Arc<dyn ChunkHandler<T>>,
     pub policy: Arc<HandlerPolicy>,
     pub router: Router<T>,
+    pub stop: watch::Receiver<bool>,
     pub shared: Arc<Shared<T>>,
     pub metrics: StageMetrics,
+}
+
+/// Messages a worker set aside to retry later, with when each is due.
+struct Waiting<T: Send + 'static> {
+    messages: Custody<T>,
+    due: Vec<Instant>,
 }
 
 impl<T: Clone + Send + 'static> ProcessorWorker<T> {
@@ -442,42 +472,126 @@ impl<T: Clone + Send + 'static> ProcessorWorker<T> {
                 n: self.max_demand,
             });
         }
-        while let Some(Chunk { producer, messages }) = self.inbox.recv().await {
-            let n = messages.len();
-            owed[producer] -= n;
-            self.metrics.received.inc_by(n as u64);
-            self.metrics.in_flight.add(n as i64);
-            let started = std::time::Instant::now();
-
-            let mut messages = self
-                .handler
-                .run(messages, &self.policy, &self.metrics)
-                .await;
-            if messages.iter().any(Message::is_failed) {
-                let (failed, ok): (Vec<_>, Vec<_>) =
-                    messages.into_iter().partition(Message::is_failed);
-                let failed = self.handler.handle_failed(failed).await;
-                self.shared.settle(&self.metrics, failed).await;
-                messages = ok;
-            }
-            self.metrics.sent.inc_by(messages.len() as u64);
-            self.router
-                .route(messages, &self.shared, &self.metrics)
-                .await;
-            self.metrics
-                .duration
-                .observe(started.elapsed().as_secs_f64());
-            self.metrics.in_flight.sub(n as i64);
-
-            if owed[producer] <= self.min_demand {
-                let n = self.max_demand - owed[producer];
-                owed[producer] = self.max_demand;
-                // A producer that has finished no longer listens; that is fine.
-                let _ = self.asks[producer].send(Ask {
-                    worker: self.index,
-                    n,
-                });
+        let mut waiting = Waiting {
+            messages: Custody::new(&self.shared, Vec::new()),
+            due: Vec::new(),
+        };
+        let mut inbox_open = true;
+        let mut stop = self.stop.clone();
+        while inbox_open || !waiting.due.is_empty() {
+            let next_due = waiting.due.iter().min().copied();
+            tokio::select! {
+                biased;
+                // The drain: whatever waits to retry is due now, for one last attempt.
+                () = async { let _ = stop.wait_for(|&s| s).await; }, if next_due.is_some() => {
+                    let now = Instant::now();
+                    waiting.due.iter_mut().for_each(|d| *d = now);
+                    self.retry_due(&mut waiting).await;
+                }
+                () = async {
+                    match next_due {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if next_due.is_some() => self.retry_due(&mut waiting).await,
+                chunk = self.inbox.recv(), if inbox_open => {
+                    let Some(Chunk { producer, mut messages }) = chunk else {
+                        inbox_open = false;
+                        continue;
+                    };
+                    let n = messages.len();
+                    owed[producer] -= n;
+                    self.metrics.received.inc_by(n as u64);
+                    self.metrics.in_flight.add(n as i64);
+                    for m in messages.iter_mut() {
+                        m.attempts = 0;
+                    }
+                    self.handle(messages, true, &mut waiting).await;
+                    if owed[producer] <= self.min_demand {
+                        let n = self.max_demand - owed[producer];
+                        owed[producer] = self.max_demand;
+                        // A producer that has finished no longer listens; that is fine.
+                        let _ = self.asks[producer].send(Ask {
+                            worker: self.index,
+                            n,
+                        });
+                    }
+                }
             }
         }
+    }
+
+    /// Retries the messages whose wait is over, in the order they were set aside.
+    async fn retry_due(&self, waiting: &mut Waiting<T>) {
+        let now = Instant::now();
+        let mut due = waiting.messages.empty();
+        let mut kept = waiting.messages.empty();
+        let mut kept_due = Vec::new();
+        for (msg, at) in waiting
+            .messages
+            .take()
+            .into_iter()
+            .zip(waiting.due.drain(..))
+        {
+            if at <= now {
+                due.push(msg);
+            } else {
+                kept.push(msg);
+                kept_due.push(at);
+            }
+        }
+        waiting.messages = kept;
+        waiting.due = kept_due;
+        for m in due.iter_mut() {
+            m.reset_status();
+        }
+        self.handle(due, false, waiting).await;
+    }
+
+    /// Runs the handler over `messages`, sets aside those to retry later, and sends the rest
+    /// on: failed ones to `handle_failed` and acknowledgement, the others to their batchers.
+    async fn handle(&self, messages: Custody<T>, prepare: bool, waiting: &mut Waiting<T>) {
+        let started = std::time::Instant::now();
+        let run = Run {
+            policy: &self.policy,
+            metrics: &self.metrics,
+            prepare,
+            stop: self.stop.clone(),
+        };
+        let mut messages = self.handler.run(messages, run).await;
+        if messages.iter().any(Message::is_failed) {
+            let mut failed = messages.split_by(|m| !m.is_failed());
+            if !self.policy.inline_retries && !draining(&self.stop) {
+                let policy = &self.policy.retry;
+                let mut again = failed
+                    .split_by(|m| !m.failure().is_some_and(|f| retries(f, m.attempts, policy)));
+                let now = Instant::now();
+                for m in again.iter() {
+                    waiting.due.push(later(now, policy.delay(m.attempts - 1)));
+                }
+                self.metrics.retried.inc_by(again.len() as u64);
+                waiting.messages.extend(again.take());
+            }
+            if !failed.is_empty() {
+                let n = failed.len();
+                let failed = self
+                    .handler
+                    .handle_failed(failed, self.policy.timeout)
+                    .await;
+                self.shared
+                    .settle(&self.metrics, failed, self.policy.timeout)
+                    .await;
+                self.metrics.in_flight.sub(n as i64);
+            }
+        }
+        let n = messages.len();
+        self.metrics.sent.inc_by(n as u64);
+        self.router
+            .route(messages, &self.shared, &self.metrics, self.policy.timeout)
+            .await;
+        self.metrics.in_flight.sub(n as i64);
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
     }
 }

@@ -9,16 +9,22 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use super::error::PushError;
 use super::flow::RateLimiter;
 use super::message::{Failure, Message};
-use super::stage::Shared;
+use super::processor::panic_message;
+use super::retry::RetryPolicy;
+use super::stage::{Custody, Shared};
 use super::telemetry::StageMetrics;
 
 /// What a producer says after filling demand.
@@ -75,9 +81,15 @@ impl<T> Demand<T> {
 /// A source of messages. The pipeline calls `produce` whenever the processors have demand.
 ///
 /// `produce` should return once it has handed out at least one message (or the source is
-/// exhausted), waiting for messages if there are none yet. It must be cancel-safe: on shutdown
-/// the pipeline may drop the future, and anything already pushed into `demand` is kept and
-/// processed, while anything held only inside the future would be lost.
+/// exhausted), waiting for messages if there are none yet; a producer that returns
+/// [`Produced::More`] with nothing handed out is called again only after a pause that grows
+/// while it has nothing (up to 100 ms). It must be cancel-safe: on shutdown the pipeline may
+/// drop the future, and anything already pushed into `demand` is kept and processed, while
+/// anything held only inside the future would be lost.
+///
+/// A panic in `produce` keeps what was already pushed into `demand`; the producer is called
+/// again after a pause (growing to 10 s while it keeps panicking). A panic in `drain` keeps
+/// what was already pushed into `held`.
 pub trait Producer<T>: Send + 'static {
     fn produce(&mut self, demand: &mut Demand<T>) -> impl Future<Output = Produced> + Send;
 
@@ -179,16 +191,18 @@ impl<T: Send + 'static> Producer<T> for InMemoryProducer<T> {
 
     async fn drain(&mut self, held: &mut Vec<Message<T>>) {
         self.rx.close();
-        while let Ok(msg) = self.rx.try_recv() {
+        // Until None, not until the first empty read: a push that was given room before the
+        // close may still be on its way, and it was accepted.
+        while let Some(msg) = self.rx.recv().await {
             held.push(msg);
         }
     }
 }
 
 /// A chunk of messages from one producer to one processor.
-pub(crate) struct Chunk<T> {
+pub(crate) struct Chunk<T: Send + 'static> {
     pub producer: usize,
-    pub messages: Vec<Message<T>>,
+    pub messages: Custody<T>,
 }
 
 /// A processor's request for `n` more messages.
@@ -200,7 +214,7 @@ pub(crate) struct Ask {
 pub(crate) type KeyFn<T> = dyn Fn(&Message<T>) -> u64 + Send + Sync;
 pub(crate) type PartitionFn<T> = Arc<KeyFn<T>>;
 
-pub(crate) struct ProducerStage<T> {
+pub(crate) struct ProducerStage<T: Send + 'static> {
     pub index: usize,
     pub producer: Box<dyn DynProducer<T>>,
     pub asks: mpsc::UnboundedReceiver<Ask>,
@@ -215,10 +229,60 @@ pub(crate) struct ProducerStage<T> {
 
 /// Messages that have permits and wait for a processor with demand, kept in the chunks they
 /// were produced in so that a chunk usually travels to its processor without being copied.
-struct Ready<T> {
+struct Ready<T: Send + 'static> {
     /// One queue, or one per processor when partitioned.
-    queues: Vec<VecDeque<Vec<Message<T>>>>,
+    queues: Vec<VecDeque<Custody<T>>>,
     len: usize,
+}
+
+/// What a producer hands out, guarded while `produce` fills it: if the producer task is aborted
+/// mid-call, what it already handed out is acknowledged as failed, not lost.
+struct Out<T: Send + 'static> {
+    demand: Demand<T>,
+    shared: Arc<Shared<T>>,
+}
+
+impl<T: Send + 'static> Out<T> {
+    fn take(&mut self) -> Custody<T> {
+        Custody::new(&self.shared, std::mem::take(&mut self.demand.buf))
+    }
+}
+
+impl<T: Send + 'static> Drop for Out<T> {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
+/// How one call of `produce` ended.
+enum Call {
+    Returned(Produced),
+    /// A processor asked for more while it waited: hand out what is ready first.
+    CutShort,
+    Panicked(String),
+    Stopped,
+}
+
+/// Pauses between calls of a producer that has nothing, or that panics: short and growing, so
+/// that a polling source does not spin and a broken one does not flood the log.
+fn pause(nothing: u32, panicked: u32) -> Duration {
+    if panicked > 0 {
+        RetryPolicy::exponential(
+            u32::MAX,
+            Duration::from_millis(100),
+            2.0,
+            Duration::from_secs(10),
+        )
+        .cap(panicked - 1)
+    } else {
+        RetryPolicy::exponential(
+            u32::MAX,
+            Duration::from_millis(1),
+            2.0,
+            Duration::from_millis(100),
+        )
+        .cap(nothing.saturating_sub(1))
+    }
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -250,11 +314,17 @@ impl<T: Send + 'static> ProducerStage<T> {
             queues: (0..queues).map(|_| VecDeque::new()).collect(),
             len: 0,
         };
-        let mut out = Demand::new();
+        let mut out = Out {
+            demand: Demand::new(),
+            shared: shared.clone(),
+        };
         // Drained messages still waiting for permits.
-        let mut held: VecDeque<Message<T>> = VecDeque::new();
+        let mut held = Custody::unpermitted(&shared);
         let mut stopping = false;
         let mut exhausted = false;
+        // Consecutive calls that handed out nothing, and that panicked; and the pause they earn.
+        let (mut nothing, mut panicked) = (0u32, 0u32);
+        let mut paused_until: Option<Instant> = None;
 
         loop {
             while let Ok(ask) = asks.try_recv() {
@@ -265,12 +335,9 @@ impl<T: Send + 'static> ProducerStage<T> {
                 &mut ready,
                 &mut demand,
                 &workers,
-                partition_by.as_deref(),
+                partition_by.is_some(),
                 max_chunk,
-                &shared,
-                &metrics,
-            )
-            .await;
+            );
 
             let total: usize = demand.iter().sum();
             let mut want = total.saturating_sub(ready.len);
@@ -283,8 +350,10 @@ impl<T: Send + 'static> ProducerStage<T> {
             if finished && ready.len == 0 {
                 break;
             }
-            if want == 0 || finished {
-                // Nothing to ask for until a processor asks for more.
+            let pausing = !stopping && paused_until.is_some();
+            if want == 0 || finished || pausing {
+                // Nothing to ask for until a processor asks for more (or the pause is over).
+                let until = paused_until.filter(|_| pausing);
                 tokio::select! {
                     biased;
                     () = stopped(&mut stop), if !stopping => {
@@ -295,6 +364,12 @@ impl<T: Send + 'static> ProducerStage<T> {
                         Some(ask) => demand[ask.worker] += ask.n,
                         None => break,
                     },
+                    () = async {
+                        match until {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    }, if until.is_some() => paused_until = None,
                 }
                 continue;
             }
@@ -302,12 +377,14 @@ impl<T: Send + 'static> ProducerStage<T> {
             let permits = if stopping {
                 // Draining: what the producer held before it closed needs permits too.
                 let n = shared.in_flight.acquire_up_to(want.min(held.len())).await;
-                let messages: Vec<_> = held.drain(..n).collect();
+                let rest = held.split_off(n);
+                let mut messages = Custody::new(&shared, std::mem::replace(&mut held, rest).take());
                 shared.held.fetch_sub(n, Ordering::Relaxed);
                 shared.in_flight.record_peak();
-                add_ready(&mut ready, messages, partition_by.as_deref());
                 metrics.sent.inc_by(n as u64);
                 shared.produced.fetch_add(n as u64, Ordering::Relaxed);
+                let rejected = add_ready(&mut ready, &mut messages, partition_by.as_deref());
+                settle_rejected(rejected, &shared, &metrics).await;
                 continue;
             } else {
                 // Messages ready for a processor without demand wait for its next ask: listen
@@ -350,20 +427,26 @@ impl<T: Send + 'static> ProducerStage<T> {
                 }
             }
 
-            out.reset(permits);
+            out.demand.reset(permits);
             // `produce` is cancel-safe: an ask cuts it short, and what it handed out is kept.
-            let outcome = tokio::select! {
+            let call = tokio::select! {
                 biased;
-                () = stopped(&mut stop) => None,
+                () = stopped(&mut stop) => Call::Stopped,
                 ask = asks.recv(), if ready.len > 0 => {
                     if let Some(ask) = ask {
                         demand[ask.worker] += ask.n;
                     }
-                    Some(Produced::More)
+                    Call::CutShort
                 }
-                produced = producer.produce(&mut out) => Some(produced),
+                produced = AssertUnwindSafe(producer.produce(&mut out.demand)).catch_unwind() => {
+                    match produced {
+                        Ok(produced) => Call::Returned(produced),
+                        Err(panic) => Call::Panicked(panic_message(&*panic)),
+                    }
+                }
             };
-            let got = out.buf.len();
+            let mut messages = out.take();
+            let got = messages.len();
             shared.in_flight.release(permits - got);
             shared.in_flight.record_peak();
             if let Some(rl) = &rate_limit {
@@ -372,16 +455,27 @@ impl<T: Send + 'static> ProducerStage<T> {
             if got > 0 {
                 metrics.sent.inc_by(got as u64);
                 shared.produced.fetch_add(got as u64, Ordering::Relaxed);
-                let messages = std::mem::take(&mut out.buf);
-                add_ready(&mut ready, messages, partition_by.as_deref());
+                let rejected = add_ready(&mut ready, &mut messages, partition_by.as_deref());
+                settle_rejected(rejected, &shared, &metrics).await;
             }
-            match outcome {
-                Some(Produced::More) => {}
-                Some(Produced::Exhausted) => exhausted = true,
-                None => {
+            match call {
+                Call::Returned(Produced::More) if got == 0 => nothing += 1,
+                Call::Returned(Produced::More) | Call::CutShort => (nothing, panicked) = (0, 0),
+                Call::Returned(Produced::Exhausted) => exhausted = true,
+                Call::Panicked(reason) => {
+                    tracing::error!(
+                        pipeline = %shared.pipeline, producer = index,
+                        "produce panicked ({reason}); it is called again after a pause"
+                    );
+                    panicked += 1;
+                }
+                Call::Stopped => {
                     stopping = true;
                     drain(&mut *producer, &mut held, &shared).await;
                 }
+            }
+            if nothing > 0 || panicked > 0 {
+                paused_until = Some(Instant::now() + pause(nothing, panicked));
             }
         }
         tracing::debug!(pipeline = %shared.pipeline, producer = index, "producer finished");
@@ -391,48 +485,88 @@ impl<T: Send + 'static> ProducerStage<T> {
 /// Takes over what the producer still holds; it gets permits as they free up.
 async fn drain<T: Send + 'static>(
     producer: &mut dyn DynProducer<T>,
-    held: &mut VecDeque<Message<T>>,
+    held: &mut Custody<T>,
     shared: &Shared<T>,
 ) {
     let mut drained = Vec::new();
-    producer.drain(&mut drained).await;
+    if let Err(panic) = AssertUnwindSafe(producer.drain(&mut drained))
+        .catch_unwind()
+        .await
+    {
+        tracing::error!(
+            pipeline = %shared.pipeline,
+            "drain panicked ({}); what it handed over is kept",
+            panic_message(&*panic)
+        );
+    }
     shared.held.fetch_add(drained.len(), Ordering::Relaxed);
     held.extend(drained);
 }
 
-fn add_ready<T>(ready: &mut Ready<T>, messages: Vec<Message<T>>, partition_by: Option<&KeyFn<T>>) {
-    ready.len += messages.len();
+/// Queues messages for the processors: one queue, or the queue of each key's processor. A
+/// message whose key cannot be computed (the partition function panicked) comes back failed.
+fn add_ready<T: Send + 'static>(
+    ready: &mut Ready<T>,
+    messages: &mut Custody<T>,
+    partition_by: Option<&KeyFn<T>>,
+) -> Custody<T> {
+    let mut rejected = messages.empty();
     match partition_by {
-        None => ready.queues[0].push_back(messages),
+        None => {
+            ready.len += messages.len();
+            let all = messages.split_off(0);
+            ready.queues[0].push_back(all);
+        }
         Some(key) => {
             let n = ready.queues.len();
             let mut per_worker: Vec<Vec<Message<T>>> = (0..n).map(|_| Vec::new()).collect();
-            for msg in messages {
-                per_worker[(key(&msg) % n as u64) as usize].push(msg);
+            for mut msg in messages.take() {
+                match catch_unwind(AssertUnwindSafe(|| key(&msg))) {
+                    Ok(k) => per_worker[(k % n as u64) as usize].push(msg),
+                    Err(panic) => {
+                        msg.fail(Failure::permanent(format!(
+                            "the partition function panicked: {}",
+                            panic_message(&*panic)
+                        )));
+                        rejected.push(msg);
+                    }
+                }
             }
             for (queue, chunk) in ready.queues.iter_mut().zip(per_worker) {
                 if !chunk.is_empty() {
-                    queue.push_back(chunk);
+                    ready.len += chunk.len();
+                    let mut custody = messages.empty();
+                    *custody = chunk;
+                    queue.push_back(custody);
                 }
             }
         }
     }
+    rejected
 }
 
-/// Hands ready messages to processors that have demand, in chunks of at most `max_chunk`.
-#[allow(clippy::too_many_arguments)]
-async fn dispatch<T: Send + 'static>(
+async fn settle_rejected<T: Send + 'static>(
+    rejected: Custody<T>,
+    shared: &Shared<T>,
+    metrics: &StageMetrics,
+) {
+    if !rejected.is_empty() {
+        shared.settle(metrics, rejected, None).await;
+    }
+}
+
+/// Hands ready messages to processors that have demand, in chunks of at most `max_chunk`. A
+/// chunk for a processor that is gone is dropped, and so acknowledged as abandoned.
+fn dispatch<T: Send + 'static>(
     producer: usize,
     ready: &mut Ready<T>,
     demand: &mut [usize],
     workers: &[mpsc::UnboundedSender<Chunk<T>>],
-    partition_by: Option<&KeyFn<T>>,
+    partitioned: bool,
     max_chunk: usize,
-    shared: &Shared<T>,
-    metrics: &StageMetrics,
 ) {
     while ready.len > 0 {
-        let (worker, queue) = if partition_by.is_some() {
+        let (worker, queue) = if partitioned {
             match (0..workers.len()).find(|&w| demand[w] > 0 && !ready.queues[w].is_empty()) {
                 Some(w) => (w, w),
                 None => return,
@@ -459,14 +593,6 @@ async fn dispatch<T: Send + 'static>(
         let n = messages.len();
         ready.len -= n;
         demand[worker] -= n;
-        if let Err(lost) = workers[worker].send(Chunk { producer, messages }) {
-            // The processor is gone (it can only have crashed): fail its messages rather than
-            // hold their permits forever.
-            let mut messages = lost.0.messages;
-            for m in &mut messages {
-                m.fail(Failure::permanent("the processor worker stopped"));
-            }
-            shared.settle(metrics, messages).await;
-        }
+        let _ = workers[worker].send(Chunk { producer, messages });
     }
 }

@@ -8,8 +8,10 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use tokio::sync::watch;
 
 use super::error::ConfigError;
+use super::stage::draining;
 
 /// Whether waits are randomised.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +69,12 @@ impl RetryPolicy {
         }
     }
 
+    /// Attempts without end, waits growing as in [`exponential`](Self::exponential). A drain
+    /// still ends them: a message waiting to retry gets one last attempt, then is dead-lettered.
+    pub fn unlimited(initial_delay: Duration, multiplier: f32, max_delay: Duration) -> Self {
+        Self::exponential(u32::MAX, initial_delay, multiplier, max_delay)
+    }
+
     pub fn with_jitter(mut self, jitter: Jitter) -> Self {
         self.jitter = jitter;
         self
@@ -98,6 +106,16 @@ impl RetryPolicy {
             .unwrap_or(self.max_delay)
             .min(self.max_delay);
         to_whole_millis(cap)
+    }
+
+    /// The wait before retry number `n` (0-based), jitter included: for a message that waits
+    /// on its own, without an iterator to keep.
+    pub fn delay(&self, n: u32) -> Duration {
+        let cap = self.cap(n);
+        match self.jitter {
+            Jitter::None => cap,
+            Jitter::Full => cap.mul_f64(fastrand::f64()),
+        }
     }
 
     /// The waits between attempts, one per retry: `max_attempts - 1` of them.
@@ -143,6 +161,17 @@ fn to_whole_millis(d: Duration) -> Duration {
         return d;
     }
     Duration::from_millis((d.as_secs_f64() * 1000.0).round() as u64)
+}
+
+/// Waits out a retry's backoff; false when a drain cut it short.
+pub(crate) async fn backoff(delay: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    if draining(stop) {
+        return false;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = async { let _ = stop.wait_for(|&s| s).await; } => false,
+    }
 }
 
 #[cfg(test)]

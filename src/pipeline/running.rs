@@ -3,9 +3,11 @@
 //! The shutdown contract: `shutdown()` tells every producer to stop asking its source for more
 //! and to hand over what it still holds; everything already handed out is processed, batched,
 //! flushed (trigger `flush`) and acknowledged; then the stages end, upstream first, as each one
-//! sees its inputs close. If that takes longer than the deadline, every stage is aborted and the
-//! error says how many messages were left unacknowledged. Dropping the handle also starts a
-//! drain, but nobody waits for it.
+//! sees its inputs close. A message waiting to retry gets one last attempt at once (however
+//! many attempts its policy allows), then is dead-lettered or acknowledged as failed. If the
+//! drain takes longer than the deadline, every stage is aborted, whatever they still held is
+//! acknowledged as failed ("abandoned"), and the error says how many messages that was.
+//! Dropping the handle also starts a drain, but nobody waits for it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -57,7 +59,11 @@ pub struct PipelineStats {
     pub successful: u64,
     /// Acknowledged as failed (dead-lettered ones included).
     pub failed: u64,
+    /// Messages that went to the dead-letter sink (once each, whatever their fan-out).
     pub dead_lettered: u64,
+    /// Messages acknowledged as failed because the pipeline dropped them outside the ack path
+    /// (a stage aborted at the drain deadline); included in `failed`.
+    pub abandoned: u64,
     pub in_flight: usize,
     pub max_in_flight: usize,
     pub in_flight_bound: usize,
@@ -105,6 +111,7 @@ impl<T: Send + 'static> Pipeline<T> {
             successful: s.successful.load(Ordering::Relaxed),
             failed: s.failed.load(Ordering::Relaxed),
             dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+            abandoned: s.abandoned.load(Ordering::Relaxed),
             in_flight: s.in_flight_now(),
             max_in_flight: s.in_flight.peak(),
             in_flight_bound: s.in_flight.bound(),
@@ -175,13 +182,16 @@ impl<T: Send + 'static> Pipeline<T> {
             Ok(None) => Ok(self.stats()),
             Ok(Some(error)) => Err(error),
             Err(deadline) => {
+                let left = self.shared.in_flight_now() + self.shared.held.load(Ordering::Relaxed);
                 for (_, task) in &self.tasks {
                     task.abort();
                 }
-                Err(ShutdownError::Deadline {
-                    deadline,
-                    left: self.shared.in_flight_now() + self.shared.held.load(Ordering::Relaxed),
-                })
+                // Aborted tasks drop what they hold, which acknowledges it as failed: wait for
+                // that, so that every message is acknowledged when this returns.
+                for (_, task) in &mut self.tasks {
+                    let _ = task.await;
+                }
+                Err(ShutdownError::Deadline { deadline, left })
             }
         }
     }

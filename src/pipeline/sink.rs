@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
 
 use super::batcher::{Batch, BatchInfo, IdleWorkers};
 use super::message::{Failure, Message};
 use super::processor::panic_message;
-use super::retry::RetryPolicy;
-use super::stage::Shared;
+use super::retry::{RetryPolicy, backoff};
+use super::stage::{Custody, Shared, within};
 use super::telemetry::StageMetrics;
 
 /// Where a batcher's batches go: a database, a socket, a broker.
@@ -41,8 +41,10 @@ pub trait BatchSink<T>: Send + Sync + 'static {
     }
 }
 
-/// Receives messages whose retryable failures outlasted their attempts, before they are
-/// acknowledged as failed. `stage` names where they gave up (`processor`, `sink:<batcher>`).
+/// Receives messages whose retryable failures outlasted their attempts (and, with
+/// [`dead_letter_permanent`](super::PipelineBuilder::dead_letter_permanent), permanent
+/// failures), before they are acknowledged as failed. `stage` names where they gave up
+/// (`producer`, `processor`, `sink:<batcher>`). It runs under that stage's timeout.
 pub trait DeadLetterSink<T>: Send + Sync + 'static {
     fn dead_letter(
         &self,
@@ -109,13 +111,16 @@ impl<T: Send + 'static, D: DeadLetterSink<T>> DynDeadLetter<T> for D {
 }
 
 /// One batch processor of a batcher's pool.
-pub(crate) struct SinkWorker<T> {
+pub(crate) struct SinkWorker<T: Send + 'static> {
     pub batches: Arc<Mutex<mpsc::Receiver<Batch<T>>>>,
     /// Tells a group-commit batcher when this worker waits for a batch.
     pub idle: Option<Arc<IdleWorkers>>,
     pub sink: Arc<dyn DynSink<T>>,
     pub retry: RetryPolicy,
+    /// Bounds each `handle_batch`, `handle_failed` and dead-letter call.
     pub timeout: Option<Duration>,
+    /// The drain: once it starts, a retry wait is cut short for one last attempt.
+    pub stop: watch::Receiver<bool>,
     pub shared: Arc<Shared<T>>,
     pub metrics: StageMetrics,
 }
@@ -142,18 +147,26 @@ impl<T: Send + 'static> SinkWorker<T> {
             let failed = done.iter().filter(|m| m.is_failed()).count();
             if failed > 0 {
                 done.sort_by_key(|m| !m.is_failed());
-                let failed_part = &mut done[..failed];
                 info.size = failed;
-                if AssertUnwindSafe(self.sink.handle_failed(&info, failed_part))
-                    .catch_unwind()
-                    .await
-                    .is_err()
-                {
-                    tracing::error!(batcher = %info.batcher, "handle_failed panicked");
+                let call = async {
+                    let failed_part = &mut done[..failed];
+                    if AssertUnwindSafe(self.sink.handle_failed(&info, failed_part))
+                        .catch_unwind()
+                        .await
+                        .is_err()
+                    {
+                        tracing::error!(batcher = %info.batcher, "handle_failed panicked");
+                    }
+                };
+                if !within(self.timeout, call).await {
+                    tracing::error!(
+                        batcher = %info.batcher,
+                        "handle_failed timed out after {:?}", self.timeout
+                    );
                 }
             }
             self.metrics.sent.inc_by((n - failed) as u64);
-            self.shared.settle(&self.metrics, done).await;
+            self.shared.settle(&self.metrics, done, self.timeout).await;
             self.metrics
                 .duration
                 .observe(started.elapsed().as_secs_f64());
@@ -162,23 +175,20 @@ impl<T: Send + 'static> SinkWorker<T> {
     }
 
     /// Hands the batch to the sink, retrying what failed retryably; returns every message.
-    async fn deliver(
-        &self,
-        info: &mut BatchInfo,
-        mut messages: Vec<Message<T>>,
-    ) -> Vec<Message<T>> {
-        for m in &mut messages {
+    async fn deliver(&self, info: &mut BatchInfo, mut messages: Custody<T>) -> Custody<T> {
+        for m in messages.iter_mut() {
             m.attempts = 0;
         }
-        let mut done: Vec<Message<T>> = Vec::new();
-        let mut delays = None;
+        let mut done = messages.empty();
+        let mut stop = self.stop.clone();
+        let mut last = false;
         loop {
-            for m in &mut messages {
+            for m in messages.iter_mut() {
                 m.attempts += 1;
             }
             info.size = messages.len();
             if let Some(failure) = self.attempt(info, &mut messages).await {
-                for m in &mut messages {
+                for m in messages.iter_mut() {
                     if !m.is_failed() {
                         m.fail(failure.clone());
                     }
@@ -188,28 +198,25 @@ impl<T: Send + 'static> SinkWorker<T> {
                 break;
             }
             let max = self.retry.max_attempts;
-            let (retry, settled): (Vec<_>, Vec<_>) = messages
-                .into_iter()
-                .partition(|m| m.failure().is_some_and(Failure::is_retryable) && m.attempts < max);
-            done.extend(settled);
-            messages = retry;
+            let mut settled = messages.split_by(|m| {
+                !last && m.failure().is_some_and(Failure::is_retryable) && m.attempts < max
+            });
+            done.extend(settled.take());
             if messages.is_empty() {
                 break;
             }
             self.metrics.retried.inc_by(messages.len() as u64);
-            for m in &mut messages {
+            for m in messages.iter_mut() {
                 m.reset_status();
             }
-            let delay = delays
-                .get_or_insert_with(|| self.retry.delays())
-                .next()
-                .unwrap_or_default();
-            tokio::time::sleep(delay).await;
+            let delay = self.retry.delay(messages[0].attempts - 1);
+            // Cut short by the drain: one last attempt, then whatever fails is final.
+            last = !backoff(delay, &mut stop).await;
         }
         if done.is_empty() {
             return messages;
         }
-        done.extend(messages);
+        done.extend(messages.take());
         done
     }
 

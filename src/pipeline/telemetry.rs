@@ -17,6 +17,7 @@ use serde::Serialize;
 #[derive(Clone)]
 pub struct PipelineMetrics {
     messages: IntCounterVec,
+    abandoned: IntCounterVec,
     batch_size: HistogramVec,
     duration: HistogramVec,
     in_flight: IntGaugeVec,
@@ -30,6 +31,14 @@ impl PipelineMetrics {
                 "Messages per stage and outcome: in, out, failed, retried, dead_lettered.",
             ),
             &["pipeline", "stage", "outcome"],
+        )?;
+        let abandoned = IntCounterVec::new(
+            Opts::new(
+                "thunderline_pipeline_abandoned_total",
+                "Messages acknowledged as failed because they were dropped outside the ack path: \
+                 a stage aborted at the drain deadline, or a fault in the engine.",
+            ),
+            &["pipeline"],
         )?;
         let batch_size = HistogramVec::new(
             HistogramOpts::new(
@@ -57,11 +66,13 @@ impl PipelineMetrics {
             &["pipeline", "stage"],
         )?;
         registry.register(Box::new(messages.clone()))?;
+        registry.register(Box::new(abandoned.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         Ok(Arc::new(Self {
             messages,
+            abandoned,
             batch_size,
             duration,
             in_flight,
@@ -80,6 +91,10 @@ impl PipelineMetrics {
             duration: self.duration.with_label_values(&[pipeline, stage]),
             in_flight: self.in_flight.with_label_values(&[pipeline, stage]),
         }
+    }
+
+    pub(crate) fn abandoned(&self, pipeline: &str) -> IntCounter {
+        self.abandoned.with_label_values(&[pipeline])
     }
 
     pub(crate) fn batch_sizes(&self, pipeline: &str, batcher: &str) -> BatchSizeMetrics {
