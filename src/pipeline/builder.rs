@@ -1,6 +1,7 @@
 //! Declaring a pipeline: its producers, processors, batchers and sinks, checked and then started.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use prometheus::Registry;
@@ -10,16 +11,15 @@ use super::batcher::{BatcherStage, IdleWorkers};
 use super::error::ConfigError;
 use super::flow::RateLimiter;
 use super::message::{BatcherName, Message};
+use super::pool::{DefaultBound, ProcessorPool, Template};
 use super::processor::{
-    AsyncHandler, ChunkHandler, CpuProcessor, HandlerPolicy, Processor, ProcessorWorker,
-    RayonHandler, Router,
+    AsyncHandler, ChunkHandler, CpuProcessor, HandlerPolicy, Processor, RayonHandler, Router,
 };
 use super::producer::{DynProducer, PartitionFn, Producer, ProducerStage};
 use super::retry::RetryPolicy;
-use super::running::{Pipeline, StageHandle};
-use super::sink::{BatchSink, DeadLetterSink, DynDeadLetter, DynSink, SinkWorker};
-use super::stage::Custody;
-use super::stage::Shared;
+use super::running::{Pipeline, StageHandle, Tasks};
+use super::sink::{BatchSink, DeadLetterSink, DynDeadLetter, DynSink, SinkPool, SinkWorker};
+use super::stage::{Custody, Shared};
 use super::telemetry::{PipelineMetrics, StageKind};
 
 /// The processor pool's settings.
@@ -316,15 +316,18 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
         self
     }
 
-    fn default_in_flight_bound(&self) -> usize {
-        let processors =
-            self.producers.len() * self.processors.concurrency * self.processors.max_demand;
+    /// The default in-flight bound, as what one processor worker adds and what the rest
+    /// needs: a resize of the pool moves it.
+    fn default_in_flight_bound(&self) -> DefaultBound {
         let batchers: usize = self
             .batchers
             .iter()
             .map(|(b, _)| b.batch_size * (2 * b.concurrency + 1))
             .sum();
-        processors + batchers
+        DefaultBound {
+            per_worker: self.producers.len() * self.processors.max_demand,
+            rest: batchers,
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -388,9 +391,14 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
     pub fn start(self) -> Result<Pipeline<T>, ConfigError> {
         self.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
-        let bound = self
+        let default_bound = self
             .in_flight_bound
-            .unwrap_or_else(|| self.default_in_flight_bound());
+            .is_none()
+            .then(|| self.default_in_flight_bound());
+        let bound = match default_bound {
+            Some(d) => d.for_workers(self.processors.concurrency),
+            None => self.in_flight_bound.expect("set when there is no default"),
+        };
         let (registry, metrics) = match self.registry {
             Some(r) => r,
             None => {
@@ -409,7 +417,8 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
         ));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut batcher_stages = Vec::new();
-        let mut tasks = Vec::new();
+        let tasks = Tasks::default();
+        let mut sink_pools = Vec::new();
 
         // Batchers and their sinks.
         let mut routes: Vec<(BatcherName, mpsc::Sender<Custody<T>>)> = Vec::new();
@@ -424,7 +433,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             batcher_stages.push(StageHandle::new(
                 stage.clone(),
                 StageKind::Batcher,
-                1,
+                Arc::new(AtomicUsize::new(1)),
                 &metrics_b,
             ));
             let idle = config
@@ -441,30 +450,35 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 sizes: metrics.batch_sizes(&name, &config.name),
                 stop: stop_rx.clone(),
             };
-            tasks.push((stage, runtime.spawn(batcher.run())));
+            tasks.push(stage, runtime.spawn(batcher.run()));
 
             let stage = format!("sink:{}", config.name);
             let metrics_s = metrics.stage(&name, &stage);
+            let worker = SinkWorker {
+                batches: Arc::new(Mutex::new(batches)),
+                idle: idle.clone(),
+                sink: sink.clone(),
+                retry: config.retry.clone(),
+                timeout: config.timeout,
+                stop: stop_rx.clone(),
+                shared: shared.clone(),
+                metrics: metrics_s.clone(),
+                size: Arc::default(),
+            };
+            let sinks = SinkPool::start(
+                config.name.clone(),
+                worker,
+                config.concurrency,
+                runtime.clone(),
+                tasks.clone(),
+            );
             batcher_stages.push(StageHandle::new(
                 stage.clone(),
                 StageKind::Sink,
-                config.concurrency,
+                sinks.concurrency(),
                 &metrics_s,
             ));
-            let batches = Arc::new(Mutex::new(batches));
-            for _ in 0..config.concurrency {
-                let worker = SinkWorker {
-                    batches: batches.clone(),
-                    idle: idle.clone(),
-                    sink: sink.clone(),
-                    retry: config.retry.clone(),
-                    timeout: config.timeout,
-                    stop: stop_rx.clone(),
-                    shared: shared.clone(),
-                    metrics: metrics_s.clone(),
-                };
-                tasks.push((stage.clone(), runtime.spawn(worker.run())));
-            }
+            sink_pools.push(sinks);
             routes.push((batcher_name, tx));
         }
         let router = Router { batchers: routes };
@@ -478,40 +492,37 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             inline_retries: self.partition_by.is_some(),
         });
         let metrics_p = metrics.stage(&name, "processor");
-        let processor_stage = StageHandle::new(
-            "processor".into(),
-            StageKind::Processor,
-            config.concurrency,
-            &metrics_p,
-        );
-        let mut ask_txs = Vec::new();
-        let mut ask_rxs = Vec::new();
+        let mut signal_txs = Vec::new();
+        let mut signal_rxs = Vec::new();
         for _ in 0..self.producers.len() {
             let (tx, rx) = mpsc::unbounded_channel();
-            ask_txs.push(tx);
-            ask_rxs.push(rx);
+            signal_txs.push(tx);
+            signal_rxs.push(rx);
         }
-        let mut inboxes = Vec::new();
-        for index in 0..config.concurrency {
-            // Unbounded, because demand bounds it: a worker is never sent more than it asked for.
-            let (tx, inbox) = mpsc::unbounded_channel();
-            inboxes.push(tx);
-            let worker = ProcessorWorker {
-                index,
-                inbox,
-                asks: ask_txs.clone(),
+        let (pool, worker_sets) = ProcessorPool::start(
+            Template {
+                handler,
+                policy,
                 max_demand: config.max_demand,
                 min_demand: config.min_demand(),
-                handler: handler.clone(),
-                policy: policy.clone(),
-                router: router.clone(),
                 stop: stop_rx.clone(),
                 shared: shared.clone(),
                 metrics: metrics_p.clone(),
-            };
-            tasks.push(("processor".into(), runtime.spawn(worker.run())));
-        }
-        drop(router);
+                default_bound,
+            },
+            config.concurrency,
+            signal_txs,
+            router,
+            runtime.clone(),
+            tasks.clone(),
+        );
+        let pool = Arc::new(pool);
+        let processor_stage = StageHandle::new(
+            "processor".into(),
+            StageKind::Processor,
+            pool.concurrency.clone(),
+            &metrics_p,
+        );
 
         // Producers.
         let rate_limit = self
@@ -522,35 +533,40 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             StageHandle::new(
                 "producer".into(),
                 StageKind::Producer,
-                self.producers.len(),
+                Arc::new(AtomicUsize::new(self.producers.len())),
                 &metrics_r,
             ),
             processor_stage,
         ];
         stages.extend(batcher_stages);
-        for (index, (producer, asks)) in self.producers.into_iter().zip(ask_rxs).enumerate() {
+        let producers = self.producers.into_iter().zip(signal_rxs).zip(worker_sets);
+        for (index, ((producer, signals), workers)) in producers.enumerate() {
             let stage = ProducerStage {
                 index,
                 producer,
-                asks,
-                workers: inboxes.clone(),
+                signals,
+                workers,
+                max_demand: config.max_demand,
                 partition_by: self.partition_by.clone(),
                 max_chunk: (config.max_demand - config.min_demand()).max(1),
                 rate_limit: rate_limit.clone(),
                 stop: stop_rx.clone(),
                 shared: shared.clone(),
+                pool: pool.clone(),
                 metrics: metrics_r.clone(),
             };
-            tasks.push(("producer".into(), runtime.spawn(stage.run())));
+            tasks.push("producer", runtime.spawn(stage.run()));
         }
 
-        Ok(Pipeline::new(
+        Ok(Pipeline {
             shared,
-            stop_tx,
+            stop: stop_tx,
             tasks,
+            pool,
+            sink_pools,
             stages,
             registry,
-            self.shutdown_timeout,
-        ))
+            shutdown_timeout: self.shutdown_timeout,
+        })
     }
 }

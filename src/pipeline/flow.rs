@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub(crate) struct InFlight {
-    bound: usize,
+    bound: AtomicUsize,
     current: AtomicUsize,
     peak: AtomicUsize,
     released: Notify,
@@ -22,7 +22,7 @@ pub(crate) struct InFlight {
 impl InFlight {
     pub fn new(bound: usize) -> Self {
         Self {
-            bound,
+            bound: AtomicUsize::new(bound),
             current: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             released: Notify::new(),
@@ -30,7 +30,14 @@ impl InFlight {
     }
 
     pub fn bound(&self) -> usize {
-        self.bound
+        self.bound.load(Ordering::Acquire)
+    }
+
+    /// Moves the bound (a resized pool can hold more, or less). Below what is held now, no
+    /// permit is handed out until enough are given back.
+    pub fn set_bound(&self, bound: usize) {
+        self.bound.store(bound, Ordering::Release);
+        self.released.notify_one();
     }
 
     pub fn current(&self) -> usize {
@@ -44,7 +51,7 @@ impl InFlight {
     fn try_acquire_up_to(&self, want: usize) -> usize {
         let mut cur = self.current.load(Ordering::Acquire);
         loop {
-            let n = want.min(self.bound.saturating_sub(cur));
+            let n = want.min(self.bound().saturating_sub(cur));
             if n == 0 {
                 return 0;
             }
@@ -69,7 +76,7 @@ impl InFlight {
             released.as_mut().enable();
             let n = self.try_acquire_up_to(want);
             if n > 0 {
-                if self.current() < self.bound {
+                if self.current() < self.bound() {
                     // Permits are left: pass the wake-up on to another waiting producer.
                     self.released.notify_one();
                 }

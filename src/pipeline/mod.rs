@@ -53,6 +53,7 @@ mod builder;
 mod error;
 mod flow;
 mod message;
+mod pool;
 mod processor;
 mod producer;
 mod retry;

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::ack::{AckRef, Join};
 use super::message::{BatcherName, Failure, Message, Route};
-use super::producer::{Ask, Chunk};
+use super::producer::{Chunk, Signal};
 use super::retry::{RetryPolicy, backoff};
 use super::stage::{Custody, Shared, draining, later, within};
 use super::telemetry::StageMetrics;
@@ -443,9 +443,14 @@ fn unknown_batcher(name: &str) -> Failure {
 /// One worker of the processor pool.
 pub(crate) struct ProcessorWorker<T: Send + 'static> {
     pub index: usize,
+    /// The resize this worker came from (0: the pool's start).
+    pub generation: u64,
     pub inbox: mpsc::UnboundedReceiver<Chunk<T>>,
     /// One per producer.
-    pub asks: Vec<mpsc::UnboundedSender<Ask>>,
+    pub asks: Vec<mpsc::UnboundedSender<Signal<T>>>,
+    /// Held while the worker runs: the next generation's workers wait for every worker of this
+    /// one to drop it, when the pipeline is partitioned.
+    pub _alive: watch::Receiver<()>,
     pub max_demand: usize,
     pub min_demand: usize,
     pub handler: Arc<dyn ChunkHandler<T>>,
@@ -464,14 +469,9 @@ struct Waiting<T: Send + 'static> {
 
 impl<T: Clone + Send + 'static> ProcessorWorker<T> {
     pub async fn run(mut self) {
-        // What each producer still owes this worker.
+        // What each producer still owes this worker: producers count a new worker's first ask
+        // themselves.
         let mut owed = vec![self.max_demand; self.asks.len()];
-        for ask in &self.asks {
-            let _ = ask.send(Ask {
-                worker: self.index,
-                n: self.max_demand,
-            });
-        }
         let mut waiting = Waiting {
             messages: Custody::new(&self.shared, Vec::new()),
             due: Vec::new(),
@@ -511,7 +511,8 @@ impl<T: Clone + Send + 'static> ProcessorWorker<T> {
                         let n = self.max_demand - owed[producer];
                         owed[producer] = self.max_demand;
                         // A producer that has finished no longer listens; that is fine.
-                        let _ = self.asks[producer].send(Ask {
+                        let _ = self.asks[producer].send(Signal::Ask {
+                            generation: self.generation,
                             worker: self.index,
                             n,
                         });

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use super::error::PushError;
 use super::flow::RateLimiter;
 use super::message::{Failure, Message};
+use super::pool::ProcessorPool;
 use super::processor::panic_message;
 use super::retry::RetryPolicy;
 use super::stage::{Custody, Shared};
@@ -205,10 +206,26 @@ pub(crate) struct Chunk<T: Send + 'static> {
     pub messages: Custody<T>,
 }
 
-/// A processor's request for `n` more messages.
-pub(crate) struct Ask {
-    pub worker: usize,
-    pub n: usize,
+/// What reaches a producer from downstream.
+pub(crate) enum Signal<T: Send + 'static> {
+    /// A processor asks for `n` more messages.
+    Ask {
+        generation: u64,
+        worker: usize,
+        n: usize,
+    },
+    /// The processor pool was resized: these workers replace the previous ones.
+    Workers(WorkerSet<T>),
+}
+
+/// One generation of the processor pool, as a producer sees it.
+pub(crate) struct WorkerSet<T: Send + 'static> {
+    pub generation: u64,
+    pub inboxes: Vec<mpsc::UnboundedSender<Chunk<T>>>,
+    /// Closed once every worker of the previous generation has ended. With `partition_by`, a
+    /// producer hands nothing to the new workers before that, so that a key's messages never
+    /// overtake each other across the change.
+    pub previous: Arc<watch::Sender<()>>,
 }
 
 pub(crate) type KeyFn<T> = dyn Fn(&Message<T>) -> u64 + Send + Sync;
@@ -217,13 +234,16 @@ pub(crate) type PartitionFn<T> = Arc<KeyFn<T>>;
 pub(crate) struct ProducerStage<T: Send + 'static> {
     pub index: usize,
     pub producer: Box<dyn DynProducer<T>>,
-    pub asks: mpsc::UnboundedReceiver<Ask>,
-    pub workers: Vec<mpsc::UnboundedSender<Chunk<T>>>,
+    pub signals: mpsc::UnboundedReceiver<Signal<T>>,
+    pub workers: WorkerSet<T>,
+    /// What each new worker asks for at first (it does not send that ask).
+    pub max_demand: usize,
     pub partition_by: Option<PartitionFn<T>>,
     pub max_chunk: usize,
     pub rate_limit: Option<Arc<RateLimiter>>,
     pub stop: watch::Receiver<bool>,
     pub shared: Arc<Shared<T>>,
+    pub pool: Arc<ProcessorPool<T>>,
     pub metrics: StageMetrics,
 }
 
@@ -233,6 +253,144 @@ struct Ready<T: Send + 'static> {
     /// One queue, or one per processor when partitioned.
     queues: Vec<VecDeque<Custody<T>>>,
     len: usize,
+}
+
+/// The producer's side of the processor pool: the current workers, what each has asked for,
+/// and the messages ready for them.
+struct Dispatch<T: Send + 'static> {
+    producer: usize,
+    generation: u64,
+    workers: Vec<mpsc::UnboundedSender<Chunk<T>>>,
+    demand: Vec<usize>,
+    ready: Ready<T>,
+    partition_by: Option<PartitionFn<T>>,
+    max_chunk: usize,
+    max_demand: usize,
+    /// A resize heard but not yet applied.
+    switch: Option<WorkerSet<T>>,
+    /// Signals are gone: every worker and the pipeline handle are.
+    closed: bool,
+}
+
+impl<T: Send + 'static> Dispatch<T> {
+    fn new(producer: usize, set: WorkerSet<T>, stage: &ProducerStage<T>) -> Self {
+        let n = set.inboxes.len();
+        let queues = if stage.partition_by.is_some() { n } else { 1 };
+        Self {
+            producer,
+            generation: set.generation,
+            demand: vec![stage.max_demand; n],
+            workers: set.inboxes,
+            ready: Ready {
+                queues: (0..queues).map(|_| VecDeque::new()).collect(),
+                len: 0,
+            },
+            partition_by: stage.partition_by.clone(),
+            max_chunk: stage.max_chunk,
+            max_demand: stage.max_demand,
+            switch: None,
+            closed: false,
+        }
+    }
+
+    fn hear(&mut self, signal: Option<Signal<T>>) {
+        match signal {
+            Some(Signal::Ask {
+                generation,
+                worker,
+                n,
+            }) => {
+                // A retired worker's ask is for messages it will never get.
+                if generation == self.generation {
+                    self.demand[worker] += n;
+                }
+            }
+            Some(Signal::Workers(set)) => self.switch = Some(set),
+            None => self.closed = true,
+        }
+    }
+
+    /// Moves to the workers of a resize: the previous ones get nothing more (they end once
+    /// every producer has let go of them), and what was ready for them is spread again.
+    async fn apply_switch(&mut self, shared: &Shared<T>, metrics: &StageMetrics) {
+        let Some(set) = self.switch.take() else {
+            return;
+        };
+        let n = set.inboxes.len();
+        self.generation = set.generation;
+        self.workers = set.inboxes;
+        self.demand = vec![self.max_demand; n];
+        let queues = std::mem::take(&mut self.ready.queues);
+        self.ready = Ready {
+            queues: (0..if self.partition_by.is_some() { n } else { 1 })
+                .map(|_| VecDeque::new())
+                .collect(),
+            len: 0,
+        };
+        if self.partition_by.is_some() {
+            set.previous.closed().await;
+        }
+        for queue in queues {
+            for mut chunk in queue {
+                let rejected = add_ready(&mut self.ready, &mut chunk, self.partition_by.as_deref());
+                settle_rejected(rejected, shared, metrics).await;
+            }
+        }
+    }
+
+    /// Hands ready messages to processors that have demand, in chunks of at most `max_chunk`.
+    /// A chunk for a processor that is gone is dropped, and so acknowledged as abandoned.
+    fn dispatch(&mut self) {
+        let ready = &mut self.ready;
+        let demand = &mut self.demand;
+        while ready.len > 0 {
+            let (worker, queue) = if self.partition_by.is_some() {
+                match (0..self.workers.len())
+                    .find(|&w| demand[w] > 0 && !ready.queues[w].is_empty())
+                {
+                    Some(w) => (w, w),
+                    None => return,
+                }
+            } else {
+                let (w, &d) = demand
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, d)| **d)
+                    .expect("a pipeline has at least one processor");
+                if d == 0 {
+                    return;
+                }
+                (w, 0)
+            };
+            let queue = &mut ready.queues[queue];
+            let Some(mut messages) = queue.pop_front() else {
+                return;
+            };
+            let n = demand[worker].min(self.max_chunk);
+            if messages.len() > n {
+                queue.push_front(messages.split_off(n));
+            }
+            let n = messages.len();
+            ready.len -= n;
+            demand[worker] -= n;
+            let _ = self.workers[worker].send(Chunk {
+                producer: self.producer,
+                messages,
+            });
+        }
+    }
+
+    /// How many more messages to ask the source for.
+    fn want(&self) -> usize {
+        let total: usize = self.demand.iter().sum();
+        let want = total.saturating_sub(self.ready.len);
+        if self.partition_by.is_some() {
+            return want;
+        }
+        // Ask for what one processor can take in one chunk: it then goes as it is.
+        let largest = self.demand.iter().copied().max().unwrap_or(0);
+        want.min(largest).min(self.max_chunk)
+    }
 }
 
 /// What a producer hands out, guarded while `produce` fills it: if the producer task is aborted
@@ -257,7 +415,7 @@ impl<T: Send + 'static> Drop for Out<T> {
 /// How one call of `produce` ended.
 enum Call {
     Returned(Produced),
-    /// A processor asked for more while it waited: hand out what is ready first.
+    /// Messages are ready for a processor that asked, or the pool was resized: hand out first.
     CutShort,
     Panicked(String),
     Stopped,
@@ -290,30 +448,35 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|&s| s).await;
 }
 
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl<T: Send + 'static> ProducerStage<T> {
-    pub async fn run(self) {
+    pub async fn run(mut self) {
+        let workers = std::mem::replace(
+            &mut self.workers,
+            WorkerSet {
+                generation: 0,
+                inboxes: Vec::new(),
+                previous: Arc::new(watch::channel(()).0),
+            },
+        );
+        let mut d = Dispatch::new(self.index, workers, &self);
         let Self {
             index,
             mut producer,
-            mut asks,
-            workers,
-            partition_by,
-            max_chunk,
+            mut signals,
             rate_limit,
             mut stop,
             shared,
+            pool,
             metrics,
+            ..
         } = self;
-        let mut demand = vec![0usize; workers.len()];
-        let queues = if partition_by.is_some() {
-            workers.len()
-        } else {
-            1
-        };
-        let mut ready = Ready {
-            queues: (0..queues).map(|_| VecDeque::new()).collect(),
-            len: 0,
-        };
         let mut out = Out {
             demand: Demand::new(),
             shared: shared.clone(),
@@ -327,49 +490,33 @@ impl<T: Send + 'static> ProducerStage<T> {
         let mut paused_until: Option<Instant> = None;
 
         loop {
-            while let Ok(ask) = asks.try_recv() {
-                demand[ask.worker] += ask.n;
+            while let Ok(signal) = signals.try_recv() {
+                d.hear(Some(signal));
             }
-            dispatch(
-                index,
-                &mut ready,
-                &mut demand,
-                &workers,
-                partition_by.is_some(),
-                max_chunk,
-            );
+            d.apply_switch(&shared, &metrics).await;
+            d.dispatch();
+            if d.closed {
+                // Every worker is gone (aborted): what is left is abandoned.
+                break;
+            }
 
-            let total: usize = demand.iter().sum();
-            let mut want = total.saturating_sub(ready.len);
-            if partition_by.is_none() {
-                // Ask for what one processor can take in one chunk: it then goes as it is.
-                let largest = demand.iter().copied().max().unwrap_or(0);
-                want = want.min(largest).min(max_chunk);
-            }
+            let want = d.want();
             let finished = (stopping && held.is_empty()) || exhausted;
-            if finished && ready.len == 0 {
+            if finished && d.ready.len == 0 {
                 break;
             }
             let pausing = !stopping && paused_until.is_some();
             if want == 0 || finished || pausing {
                 // Nothing to ask for until a processor asks for more (or the pause is over).
-                let until = paused_until.filter(|_| pausing);
+                let pause = paused_until.filter(|_| pausing);
                 tokio::select! {
                     biased;
                     () = stopped(&mut stop), if !stopping => {
                         stopping = true;
                         drain(&mut *producer, &mut held, &shared).await;
                     }
-                    ask = asks.recv() => match ask {
-                        Some(ask) => demand[ask.worker] += ask.n,
-                        None => break,
-                    },
-                    () = async {
-                        match until {
-                            Some(at) => tokio::time::sleep_until(at).await,
-                            None => std::future::pending().await,
-                        }
-                    }, if until.is_some() => paused_until = None,
+                    signal = signals.recv() => d.hear(signal),
+                    () = until(pause), if pause.is_some() => paused_until = None,
                 }
                 continue;
             }
@@ -383,7 +530,7 @@ impl<T: Send + 'static> ProducerStage<T> {
                 shared.in_flight.record_peak();
                 metrics.sent.inc_by(n as u64);
                 shared.produced.fetch_add(n as u64, Ordering::Relaxed);
-                let rejected = add_ready(&mut ready, &mut messages, partition_by.as_deref());
+                let rejected = add_ready(&mut d.ready, &mut messages, d.partition_by.as_deref());
                 settle_rejected(rejected, &shared, &metrics).await;
                 continue;
             } else {
@@ -393,13 +540,10 @@ impl<T: Send + 'static> ProducerStage<T> {
                 tokio::select! {
                     biased;
                     () = stopped(&mut stop) => None,
-                    ask = asks.recv(), if ready.len > 0 => match ask {
-                        Some(ask) => {
-                            demand[ask.worker] += ask.n;
-                            continue;
-                        }
-                        None => break,
-                    },
+                    signal = signals.recv() => {
+                        d.hear(signal);
+                        continue;
+                    }
                     n = shared.in_flight.acquire_up_to(want) => Some(n),
                 }
             };
@@ -412,10 +556,8 @@ impl<T: Send + 'static> ProducerStage<T> {
                 let tokens = tokio::select! {
                     biased;
                     () = stopped(&mut stop) => 0,
-                    ask = asks.recv(), if ready.len > 0 => {
-                        if let Some(ask) = ask {
-                            demand[ask.worker] += ask.n;
-                        }
+                    signal = signals.recv() => {
+                        d.hear(signal);
                         0
                     }
                     n = rl.acquire_up_to(permits) => n,
@@ -428,20 +570,25 @@ impl<T: Send + 'static> ProducerStage<T> {
             }
 
             out.demand.reset(permits);
-            // `produce` is cancel-safe: an ask cuts it short, and what it handed out is kept.
-            let call = tokio::select! {
-                biased;
-                () = stopped(&mut stop) => Call::Stopped,
-                ask = asks.recv(), if ready.len > 0 => {
-                    if let Some(ask) = ask {
-                        demand[ask.worker] += ask.n;
-                    }
-                    Call::CutShort
-                }
-                produced = AssertUnwindSafe(producer.produce(&mut out.demand)).catch_unwind() => {
-                    match produced {
-                        Ok(produced) => Call::Returned(produced),
-                        Err(panic) => Call::Panicked(panic_message(&*panic)),
+            // `produce` is cancel-safe: a signal that needs handing out first cuts it short,
+            // and what it handed out so far is kept.
+            let call = {
+                let produce = AssertUnwindSafe(producer.produce(&mut out.demand)).catch_unwind();
+                tokio::pin!(produce);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = stopped(&mut stop) => break Call::Stopped,
+                        signal = signals.recv() => {
+                            d.hear(signal);
+                            if d.ready.len > 0 || d.switch.is_some() || d.closed {
+                                break Call::CutShort;
+                            }
+                        }
+                        produced = &mut produce => break match produced {
+                            Ok(produced) => Call::Returned(produced),
+                            Err(panic) => Call::Panicked(panic_message(&*panic)),
+                        },
                     }
                 }
             };
@@ -455,7 +602,7 @@ impl<T: Send + 'static> ProducerStage<T> {
             if got > 0 {
                 metrics.sent.inc_by(got as u64);
                 shared.produced.fetch_add(got as u64, Ordering::Relaxed);
-                let rejected = add_ready(&mut ready, &mut messages, partition_by.as_deref());
+                let rejected = add_ready(&mut d.ready, &mut messages, d.partition_by.as_deref());
                 settle_rejected(rejected, &shared, &metrics).await;
             }
             match call {
@@ -478,6 +625,7 @@ impl<T: Send + 'static> ProducerStage<T> {
                 paused_until = Some(Instant::now() + pause(nothing, panicked));
             }
         }
+        pool.producer_finished();
         tracing::debug!(pipeline = %shared.pipeline, producer = index, "producer finished");
     }
 }
@@ -552,47 +700,5 @@ async fn settle_rejected<T: Send + 'static>(
 ) {
     if !rejected.is_empty() {
         shared.settle(metrics, rejected, None).await;
-    }
-}
-
-/// Hands ready messages to processors that have demand, in chunks of at most `max_chunk`. A
-/// chunk for a processor that is gone is dropped, and so acknowledged as abandoned.
-fn dispatch<T: Send + 'static>(
-    producer: usize,
-    ready: &mut Ready<T>,
-    demand: &mut [usize],
-    workers: &[mpsc::UnboundedSender<Chunk<T>>],
-    partitioned: bool,
-    max_chunk: usize,
-) {
-    while ready.len > 0 {
-        let (worker, queue) = if partitioned {
-            match (0..workers.len()).find(|&w| demand[w] > 0 && !ready.queues[w].is_empty()) {
-                Some(w) => (w, w),
-                None => return,
-            }
-        } else {
-            let (w, &d) = demand
-                .iter()
-                .enumerate()
-                .max_by_key(|(_, d)| **d)
-                .expect("a pipeline has at least one processor");
-            if d == 0 {
-                return;
-            }
-            (w, 0)
-        };
-        let queue = &mut ready.queues[queue];
-        let Some(mut messages) = queue.pop_front() else {
-            return;
-        };
-        let n = demand[worker].min(max_chunk);
-        if messages.len() > n {
-            queue.push_front(messages.split_off(n));
-        }
-        let n = messages.len();
-        ready.len -= n;
-        demand[worker] -= n;
-        let _ = workers[worker].send(Chunk { producer, messages });
     }
 }

@@ -9,39 +9,81 @@
 //! acknowledged as failed ("abandoned"), and the error says how many messages that was.
 //! Dropping the handle also starts a drain, but nobody waits for it.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{IntGauge, Registry};
 use serde::Serialize;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use super::builder::PipelineBuilder;
-use super::error::ShutdownError;
+use super::error::{ConfigError, ShutdownError};
+use super::pool::ProcessorPool;
+use super::sink::SinkPool;
 use super::stage::Shared;
 use super::telemetry::{StageKind, StageMetrics, StageTopology, Topology};
 
 /// A running pipeline. See the module documentation for how it shuts down.
-pub struct Pipeline<T> {
-    shared: Arc<Shared<T>>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<(String, JoinHandle<()>)>,
-    stages: Vec<StageHandle>,
-    registry: Registry,
-    shutdown_timeout: Duration,
+pub struct Pipeline<T: Send + 'static> {
+    pub(crate) shared: Arc<Shared<T>>,
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) tasks: Tasks,
+    pub(crate) pool: Arc<ProcessorPool<T>>,
+    pub(crate) sink_pools: Vec<SinkPool<T>>,
+    pub(crate) stages: Vec<StageHandle>,
+    pub(crate) registry: Registry,
+    pub(crate) shutdown_timeout: Duration,
+}
+
+/// Every stage task, those spawned by resizes included, for the drain to wait for or abort.
+#[derive(Clone, Default)]
+pub(crate) struct Tasks(Arc<Mutex<TaskList>>);
+
+#[derive(Default)]
+struct TaskList {
+    waiting: VecDeque<(String, JoinHandle<()>)>,
+    aborts: Vec<AbortHandle>,
+}
+
+impl Tasks {
+    pub fn push(&self, stage: impl Into<String>, task: JoinHandle<()>) {
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.aborts.push(task.abort_handle());
+        list.waiting.push_back((stage.into(), task));
+    }
+
+    fn next(&self) -> Option<(String, JoinHandle<()>)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiting
+            .pop_front()
+    }
+
+    fn abort_all(&self) {
+        for task in &self.0.lock().unwrap_or_else(|e| e.into_inner()).aborts {
+            task.abort();
+        }
+    }
 }
 
 pub(crate) struct StageHandle {
     name: String,
     kind: StageKind,
-    concurrency: usize,
+    concurrency: Arc<AtomicUsize>,
     in_flight: IntGauge,
 }
 
 impl StageHandle {
-    pub fn new(name: String, kind: StageKind, concurrency: usize, metrics: &StageMetrics) -> Self {
+    pub fn new(
+        name: String,
+        kind: StageKind,
+        concurrency: Arc<AtomicUsize>,
+        metrics: &StageMetrics,
+    ) -> Self {
         Self {
             name,
             kind,
@@ -76,23 +118,38 @@ impl<T: Clone + Send + 'static> Pipeline<T> {
     }
 }
 
+impl<T: Clone + Send + 'static> Pipeline<T> {
+    /// Replaces the processor pool with one of `concurrency` workers, under load: nothing is
+    /// lost, and with `partition_by` a key's messages keep their order across the change (the
+    /// new workers start once the previous ones have finished what they held). Refuses 0, and
+    /// a pipeline that is draining.
+    pub fn resize_processors(&self, concurrency: usize) -> Result<(), ConfigError> {
+        self.pool.resize(concurrency)
+    }
+}
+
 impl<T: Send + 'static> Pipeline<T> {
-    pub(crate) fn new(
-        shared: Arc<Shared<T>>,
-        stop: watch::Sender<bool>,
-        tasks: Vec<(String, JoinHandle<()>)>,
-        stages: Vec<StageHandle>,
-        registry: Registry,
-        shutdown_timeout: Duration,
-    ) -> Self {
-        Self {
-            shared,
-            stop,
-            tasks,
-            stages,
-            registry,
-            shutdown_timeout,
+    /// Sets how many sink workers hand batcher `name`'s batches to its sink, under load:
+    /// workers are added at once; a worker removed first finishes the batch it has. Refuses 0,
+    /// an unknown batcher, and a pipeline that is draining.
+    pub fn resize_batcher(&self, name: &str, concurrency: usize) -> Result<(), ConfigError> {
+        let invalid = |reason: String| {
+            Err(ConfigError::Invalid {
+                what: format!("batcher {name:?}"),
+                reason,
+            })
+        };
+        let Some(pool) = self.sink_pools.iter().find(|p| p.batcher == name) else {
+            return invalid("there is no batcher by that name".into());
+        };
+        if concurrency == 0 {
+            return invalid("concurrency must be at least 1".into());
         }
+        if *self.stop.borrow() {
+            return invalid("the pipeline is draining: it cannot be resized".into());
+        }
+        pool.resize(concurrency);
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -128,7 +185,7 @@ impl<T: Send + 'static> Pipeline<T> {
                 .map(|s| StageTopology {
                     name: s.name.clone(),
                     kind: s.kind,
-                    concurrency: s.concurrency,
+                    concurrency: s.concurrency.load(Ordering::Acquire),
                     in_flight: s.in_flight.get(),
                 })
                 .collect(),
@@ -151,6 +208,7 @@ impl<T: Send + 'static> Pipeline<T> {
         deadline: Duration,
     ) -> Result<PipelineStats, ShutdownError> {
         self.stop.send_replace(true);
+        self.pool.close();
         self.finish(Some(deadline)).await
     }
 
@@ -161,10 +219,17 @@ impl<T: Send + 'static> Pipeline<T> {
     }
 
     async fn finish(&mut self, deadline: Option<Duration>) -> Result<PipelineStats, ShutdownError> {
-        let tasks = &mut self.tasks;
+        let tasks = self.tasks.clone();
+        // The task being waited for stays here, not in the future, so that a deadline can
+        // still wait for it once aborted.
+        let mut current: Option<(String, JoinHandle<()>)> = None;
         let wait = async {
             let mut first_error = None;
-            for (stage, task) in tasks.iter_mut() {
+            loop {
+                current = tasks.next();
+                let Some((stage, task)) = current.as_mut() else {
+                    break;
+                };
                 if let Err(e) = task.await {
                     first_error.get_or_insert(ShutdownError::StageFailed {
                         stage: stage.clone(),
@@ -183,12 +248,14 @@ impl<T: Send + 'static> Pipeline<T> {
             Ok(Some(error)) => Err(error),
             Err(deadline) => {
                 let left = self.shared.in_flight_now() + self.shared.held.load(Ordering::Relaxed);
-                for (_, task) in &self.tasks {
-                    task.abort();
-                }
+                self.pool.close();
+                self.tasks.abort_all();
                 // Aborted tasks drop what they hold, which acknowledges it as failed: wait for
                 // that, so that every message is acknowledged when this returns.
-                for (_, task) in &mut self.tasks {
+                if let Some((_, task)) = current {
+                    let _ = task.await;
+                }
+                while let Some((_, task)) = self.tasks.next() {
                     let _ = task.await;
                 }
                 Err(ShutdownError::Deadline { deadline, left })

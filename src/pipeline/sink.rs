@@ -5,16 +5,19 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
+use tokio::runtime::Handle;
 use tokio::sync::{Mutex, mpsc, watch};
 
 use super::batcher::{Batch, BatchInfo, IdleWorkers};
 use super::message::{Failure, Message};
 use super::processor::panic_message;
 use super::retry::{RetryPolicy, backoff};
+use super::running::Tasks;
 use super::stage::{Custody, Shared, within};
 use super::telemetry::StageMetrics;
 
@@ -123,11 +126,100 @@ pub(crate) struct SinkWorker<T: Send + 'static> {
     pub stop: watch::Receiver<bool>,
     pub shared: Arc<Shared<T>>,
     pub metrics: StageMetrics,
+    /// The pool's running workers and the number wanted, shared by every worker.
+    pub size: Arc<PoolSize>,
+}
+
+impl<T: Send + 'static> Clone for SinkWorker<T> {
+    fn clone(&self) -> Self {
+        Self {
+            batches: self.batches.clone(),
+            idle: self.idle.clone(),
+            sink: self.sink.clone(),
+            retry: self.retry.clone(),
+            timeout: self.timeout,
+            stop: self.stop.clone(),
+            shared: self.shared.clone(),
+            metrics: self.metrics.clone(),
+            size: self.size.clone(),
+        }
+    }
+}
+
+/// How many sink workers run, and how many are wanted: a worker over the count ends before it
+/// takes its next batch.
+#[derive(Default)]
+pub(crate) struct PoolSize {
+    running: AtomicUsize,
+    wanted: Arc<AtomicUsize>,
+}
+
+impl PoolSize {
+    /// Claims the end of one surplus worker; true when the caller should end.
+    fn leave_if_surplus(&self) -> bool {
+        let wanted = self.wanted.load(Ordering::Acquire);
+        self.running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                (r > wanted).then(|| r - 1)
+            })
+            .is_ok()
+    }
+}
+
+/// A batcher's sink workers, resizable while the pipeline runs.
+pub(crate) struct SinkPool<T: Send + 'static> {
+    pub batcher: String,
+    template: SinkWorker<T>,
+    runtime: Handle,
+    tasks: Tasks,
+    /// Serialises resizes, so that the count spawned matches the count wanted.
+    resizing: std::sync::Mutex<()>,
+}
+
+impl<T: Send + 'static> SinkPool<T> {
+    pub fn start(
+        batcher: String,
+        template: SinkWorker<T>,
+        n: usize,
+        runtime: Handle,
+        tasks: Tasks,
+    ) -> Self {
+        let pool = Self {
+            batcher,
+            template,
+            runtime,
+            tasks,
+            resizing: std::sync::Mutex::new(()),
+        };
+        pool.resize(n);
+        pool
+    }
+
+    pub fn concurrency(&self) -> Arc<AtomicUsize> {
+        self.template.size.wanted.clone()
+    }
+
+    /// Spawns workers up to `n`, or lets the surplus end after their current batch.
+    pub fn resize(&self, n: usize) {
+        let _turn = self.resizing.lock().unwrap_or_else(|e| e.into_inner());
+        let size = &self.template.size;
+        size.wanted.store(n, Ordering::Release);
+        let running = size.running.load(Ordering::Acquire);
+        for _ in running..n {
+            size.running.fetch_add(1, Ordering::AcqRel);
+            let worker = self.template.clone();
+            let stage = format!("sink:{}", self.batcher);
+            self.tasks.push(stage, self.runtime.spawn(worker.run()));
+        }
+    }
 }
 
 impl<T: Send + 'static> SinkWorker<T> {
     pub async fn run(self) {
         loop {
+            if self.size.leave_if_surplus() {
+                break;
+            }
             if let Some(idle) = &self.idle {
                 idle.waiting();
             }

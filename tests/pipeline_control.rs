@@ -1,0 +1,253 @@
+//! Run-time control of a running pipeline: resizing its processor pool and its batchers' sink
+//! pools under load, with nothing lost, nothing twice, and order per partition key kept across
+//! the change. On tokio's paused clock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thunderline::pipeline::*;
+
+#[derive(Default)]
+struct Seen {
+    acked: Mutex<Vec<(u32, bool)>>,
+    /// Messages in the order the processors handled them.
+    handled: Mutex<Vec<u32>>,
+    busy: AtomicUsize,
+    /// The most handlers (or sinks) running at once since the last reset.
+    peak: AtomicUsize,
+}
+
+impl Acknowledger<u32> for Seen {
+    fn ack(&self, successful: Vec<Message<u32>>, failed: Vec<Message<u32>>) {
+        let mut acked = self.acked.lock().unwrap();
+        acked.extend(successful.iter().map(|m| (m.data, true)));
+        acked.extend(failed.iter().map(|m| (m.data, false)));
+    }
+}
+
+impl Seen {
+    fn enter(&self) {
+        let now = self.busy.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn leave(&self) {
+        self.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn take_peak(&self) -> usize {
+        self.peak.swap(0, Ordering::SeqCst)
+    }
+
+    fn exactly_once_ok(&self, n: u32) {
+        let mut acked = self.acked.lock().unwrap().clone();
+        acked.sort_unstable();
+        let expected: Vec<(u32, bool)> = (0..n).map(|i| (i, true)).collect();
+        assert_eq!(
+            acked, expected,
+            "every message acknowledged once, successfully"
+        );
+    }
+}
+
+/// Takes 10 ms per message.
+struct Slow(Arc<Seen>);
+
+impl Processor<u32> for Slow {
+    async fn handle_message(&self, m: &mut Message<u32>) -> Result<(), Failure> {
+        self.0.enter();
+        self.0.handled.lock().unwrap().push(m.data);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        self.0.leave();
+        Ok(())
+    }
+}
+
+/// Takes 50 ms per batch.
+struct SlowSink(Arc<Seen>);
+
+impl BatchSink<u32> for SlowSink {
+    async fn handle_batch(&self, _: &BatchInfo, _: &mut [Message<u32>]) -> Result<(), Failure> {
+        self.0.enter();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.0.leave();
+        Ok(())
+    }
+}
+
+fn concurrency(p: &Pipeline<u32>, stage: &str) -> usize {
+    let topology = p.topology();
+    let stage = topology.stages.iter().find(|s| s.name == stage).unwrap();
+    stage.concurrency
+}
+
+#[tokio::test(start_paused = true)]
+async fn resizing_processors_under_load_keeps_order_per_key_and_loses_nothing() {
+    let seen = Arc::new(Seen::default());
+    let (producer, push) = in_memory(1000);
+    let pipeline = Pipeline::builder("resize-partitioned")
+        .producer(producer)
+        .processor(
+            Slow(seen.clone()),
+            ProcessorConfig::default().concurrency(2),
+        )
+        .partition_by(|m: &Message<u32>| u64::from(m.data % 7))
+        .batcher(BatcherConfig::new("b"), Discard)
+        .start()
+        .unwrap();
+    let feeder = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            for i in 0..2000 {
+                push.push(Message::with_acker(i, seen.clone()))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    for n in [4, 1, 3, 7, 2] {
+        pipeline.resize_processors(n).unwrap();
+        assert_eq!(concurrency(&pipeline, "processor"), n);
+        // The previous workers finish what they hold (at most 10 messages of 10 ms each).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        seen.take_peak();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Seven keys keep every one of n ≤ 7 workers busy, and no more run.
+        assert_eq!(seen.take_peak(), n, "handlers at once with {n} workers");
+    }
+    feeder.await.unwrap();
+    pipeline.shutdown().await.unwrap();
+    seen.exactly_once_ok(2000);
+    let handled = seen.handled.lock().unwrap().clone();
+    assert_eq!(handled.len(), 2000, "each message handled once");
+    let mut last: HashMap<u32, u32> = HashMap::new();
+    for m in handled {
+        if let Some(prev) = last.insert(m % 7, m) {
+            assert!(prev < m, "key {}: {m} handled after {prev}", m % 7);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn resizing_an_unpartitioned_pool_takes_effect_at_once() {
+    let seen = Arc::new(Seen::default());
+    let (producer, push) = in_memory(1000);
+    let pipeline = Pipeline::builder("resize")
+        .producer(producer)
+        .processor(
+            Slow(seen.clone()),
+            ProcessorConfig::default().concurrency(1),
+        )
+        .start()
+        .unwrap();
+    let feeder = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            for i in 0..3000 {
+                push.push(Message::with_acker(i, seen.clone()))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(seen.take_peak(), 1);
+    pipeline.resize_processors(6).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    seen.take_peak();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(seen.take_peak(), 6);
+    pipeline.resize_processors(2).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    seen.take_peak();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(seen.take_peak(), 2);
+    feeder.await.unwrap();
+    let stats = pipeline.shutdown().await.unwrap();
+    seen.exactly_once_ok(3000);
+    // The default bound follows the pool: 10 per worker, so at most 60 at 6 workers, 20 now.
+    assert_eq!(stats.in_flight_bound, 20);
+    assert!(stats.max_in_flight <= 60, "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn resizing_a_batcher_under_load_changes_its_sink_workers() {
+    let seen = Arc::new(Seen::default());
+    let sinks = Arc::new(Seen::default());
+    let (producer, push) = in_memory(1000);
+    let pipeline = Pipeline::builder("resize-batcher")
+        .producer(producer)
+        .processor(Pass, ProcessorConfig::default().concurrency(2))
+        .batcher(
+            BatcherConfig::new("b").batch_size(5),
+            SlowSink(sinks.clone()),
+        )
+        .start()
+        .unwrap();
+    let feeder = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            for i in 0..3000 {
+                push.push(Message::with_acker(i, seen.clone()))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sinks.take_peak(), 1);
+    pipeline.resize_batcher("b", 4).unwrap();
+    assert_eq!(concurrency(&pipeline, "sink:b"), 4);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sinks.take_peak();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sinks.take_peak(), 4);
+    pipeline.resize_batcher("b", 2).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sinks.take_peak();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sinks.take_peak(), 2);
+    feeder.await.unwrap();
+    pipeline.shutdown().await.unwrap();
+    seen.exactly_once_ok(3000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn resizes_to_nothing_unknown_batchers_and_resizes_while_draining_are_refused() {
+    let (producer, push) = in_memory::<u32>(10);
+    let pipeline = Pipeline::builder("refuse")
+        .producer(producer)
+        .processor(Pass, ProcessorConfig::default().concurrency(2))
+        .batcher(BatcherConfig::new("b"), Discard)
+        .start()
+        .unwrap();
+    assert!(pipeline.resize_processors(0).is_err());
+    assert!(pipeline.resize_batcher("b", 0).is_err());
+    let err = pipeline.resize_batcher("nope", 2).unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+    assert_eq!(concurrency(&pipeline, "processor"), 2);
+    assert_eq!(concurrency(&pipeline, "sink:b"), 1);
+    drop(push);
+    // Once its source is exhausted the pipeline ends: a resize then is refused, not a hang.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(pipeline.resize_processors(3).is_err());
+    pipeline.join().await.unwrap();
+}
+
+struct Pass;
+
+impl Processor<u32> for Pass {
+    async fn handle_message(&self, _: &mut Message<u32>) -> Result<(), Failure> {
+        Ok(())
+    }
+}
+
+struct Discard;
+
+impl BatchSink<u32> for Discard {
+    async fn handle_batch(&self, _: &BatchInfo, _: &mut [Message<u32>]) -> Result<(), Failure> {
+        Ok(())
+    }
+}
