@@ -20,6 +20,8 @@ fn pipeline_vs_baseline(c: &mut Criterion) {
         max_demand: 1024,
         batch_size: 20,
         rounds: 1,
+        partitioned: false,
+        fanout: 1,
         json: false,
     };
     // One runtime for every iteration: building one per run would be measured as well.

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::pipeline::{
-    Acknowledger, BatchInfo, BatchSink, BatcherConfig, ConfigError, Demand, Failure, Message,
-    Pipeline, Processor, ProcessorConfig, Produced, Producer, ShutdownError,
+    Acknowledger, BatchInfo, BatchSink, BatcherConfig, BatcherName, ConfigError, Demand, Failure,
+    Message, Pipeline, Processor, ProcessorConfig, Produced, Producer, ShutdownError,
 };
 
 /// The payload: 64 bytes, as in the issue's workload.
@@ -33,6 +33,14 @@ pub struct PipelineArgs {
     /// shared machine only ever slows a run down.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
+    /// Partition by message (its sequence number): every key's messages go to one processor,
+    /// in order, and retries wait in line.
+    #[arg(long)]
+    pub partitioned: bool,
+    /// Send each message to this many batchers (each with its own no-op sink); it is
+    /// acknowledged once every copy is done.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub fanout: u16,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -47,7 +55,12 @@ pub struct PipelineReport {
     pub events_per_sec: f64,
     pub baseline_seconds: f64,
     pub baseline_events_per_sec: f64,
+    /// The best pipeline round against the best baseline round.
     pub ratio: f64,
+    /// The median of each round's pipeline rate over the same round's baseline rate.
+    pub median_ratio: f64,
+    pub partitioned: bool,
+    pub fanout: u16,
     pub max_in_flight: usize,
     pub in_flight_bound: usize,
     pub processors: usize,
@@ -93,11 +106,17 @@ impl Producer<Payload> for Generator {
     }
 }
 
-struct Touch;
+/// Touches each message, and sends it to every batcher when there are several.
+struct Touch {
+    fanout: Option<Arc<[BatcherName]>>,
+}
 
 impl Processor<Payload> for Touch {
     async fn handle_message(&self, message: &mut Message<Payload>) -> Result<(), Failure> {
         message.data[63] = message.data[0];
+        if let Some(names) = &self.fanout {
+            message.put_batchers(names.clone());
+        }
         Ok(())
     }
 }
@@ -151,22 +170,36 @@ pub async fn run_pipeline(
         next: 0,
         acker: count.clone(),
     };
+    let batchers: Vec<BatcherName> = (0..args.fanout)
+        .map(|i| match i {
+            0 => "default".into(),
+            i => format!("copy{i}").into(),
+        })
+        .collect();
+    let touch = Touch {
+        fanout: (args.fanout > 1).then(|| batchers.clone().into()),
+    };
     let started = Instant::now();
-    let pipeline = Pipeline::builder("bench")
-        .producer(producer)
-        .processor(
-            Touch,
-            ProcessorConfig::default()
-                .concurrency(args.processors)
-                .max_demand(args.max_demand),
-        )
-        .batcher(
-            BatcherConfig::new("default")
+    let mut builder = Pipeline::builder("bench").producer(producer).processor(
+        touch,
+        ProcessorConfig::default()
+            .concurrency(args.processors)
+            .max_demand(args.max_demand),
+    );
+    if args.partitioned {
+        builder = builder.partition_by(|m: &Message<Payload>| {
+            u64::from_le_bytes(m.data[..8].try_into().unwrap_or_default())
+        });
+    }
+    for name in &batchers {
+        builder = builder.batcher(
+            BatcherConfig::new(&**name)
                 .batch_size(args.batch_size)
                 .batch_timeout(Duration::from_secs(2)),
             Discard,
-        )
-        .start()?;
+        );
+    }
+    let pipeline = builder.start()?;
     let stats = pipeline.join().await?;
     let elapsed = started.elapsed();
     Ok((
@@ -198,6 +231,17 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineReport, BenchError> {
     let (elapsed, baseline) = (best(&pipeline_samples), best(&baseline_samples));
     let rate = |d: Duration| args.events as f64 / d.as_secs_f64();
     let secs = |v: &[Duration]| v.iter().map(Duration::as_secs_f64).collect();
+    let mut ratios: Vec<f64> = baseline_samples
+        .iter()
+        .zip(&pipeline_samples)
+        .map(|(b, p)| b.as_secs_f64() / p.as_secs_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let median_ratio = match ratios.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => ratios[n / 2],
+        n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+    };
     Ok(PipelineReport {
         events: args.events,
         acked,
@@ -207,6 +251,9 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineReport, BenchError> {
         baseline_seconds: baseline.as_secs_f64(),
         baseline_events_per_sec: rate(baseline),
         ratio: baseline.as_secs_f64() / elapsed.as_secs_f64(),
+        median_ratio,
+        partitioned: args.partitioned,
+        fanout: args.fanout,
         max_in_flight,
         in_flight_bound,
         processors: args.processors,
@@ -224,10 +271,10 @@ impl PipelineReport {
         let mib =
             |b: Option<u64>| b.map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
         format!(
-            "pipeline benchmark: {} events, {} processors, max_demand {}, batch_size {}, best of {} rounds\n\
+            "pipeline benchmark: {} events, {} processors, max_demand {}, batch_size {}{}{}, best of {} rounds\n\
              {:<28}{:>16.0} events/s  ({:.3} s)\n\
              {:<28}{:>16.0} events/s  ({:.3} s)\n\
-             {:<28}{:>16.3}\n\
+             {:<28}{:>16.3}  (median per round {:.3})\n\
              {:<28}{:>16} ok, {} failed\n\
              {:<28}{:>16} (bound {})\n\
              {:<28}{:>16}\n",
@@ -235,6 +282,16 @@ impl PipelineReport {
             self.processors,
             self.max_demand,
             self.batch_size,
+            if self.partitioned {
+                ", partitioned"
+            } else {
+                ""
+            },
+            if self.fanout > 1 {
+                format!(", fan-out {}", self.fanout)
+            } else {
+                String::new()
+            },
             self.rounds,
             "pipeline",
             self.events_per_sec,
@@ -244,6 +301,7 @@ impl PipelineReport {
             self.baseline_seconds,
             "ratio",
             self.ratio,
+            self.median_ratio,
             "acked",
             self.acked,
             self.failed,
