@@ -77,6 +77,26 @@ impl BatchSink<u32> for SlowSink {
     }
 }
 
+/// Pushes `0..n` from a task of its own, acknowledged to `seen`.
+fn feed(push: PushHandle<u32>, seen: &Arc<Seen>, n: u32) -> tokio::task::JoinHandle<()> {
+    let seen = seen.clone();
+    tokio::spawn(async move {
+        for i in 0..n {
+            push.push(Message::with_acker(i, seen.clone()))
+                .await
+                .unwrap();
+        }
+    })
+}
+
+/// The most handlers (or sinks) at once in a window that starts `settle` after a change.
+async fn peak_after(seen: &Seen, settle: Duration, window: Duration) -> usize {
+    tokio::time::sleep(settle).await;
+    seen.take_peak();
+    tokio::time::sleep(window).await;
+    seen.take_peak()
+}
+
 fn concurrency(p: &Pipeline<u32>, stage: &str) -> usize {
     let topology = p.topology();
     let stage = topology.stages.iter().find(|s| s.name == stage).unwrap();
@@ -97,25 +117,19 @@ async fn resizing_processors_under_load_keeps_order_per_key_and_loses_nothing() 
         .batcher(BatcherConfig::new("b"), Discard)
         .start()
         .unwrap();
-    let feeder = {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            for i in 0..2000 {
-                push.push(Message::with_acker(i, seen.clone()))
-                    .await
-                    .unwrap();
-            }
-        })
-    };
+    let feeder = feed(push, &seen, 2000);
     for n in [4, 1, 3, 7, 2] {
         pipeline.resize_processors(n).unwrap();
         assert_eq!(concurrency(&pipeline, "processor"), n);
-        // The previous workers finish what they hold (at most 10 messages of 10 ms each).
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        seen.take_peak();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        // Seven keys keep every one of n ≤ 7 workers busy, and no more run.
-        assert_eq!(seen.take_peak(), n, "handlers at once with {n} workers");
+        // The previous workers finish what they hold (at most 10 messages of 10 ms each), then
+        // seven keys keep every one of n ≤ 7 workers busy, and no more run.
+        let peak = peak_after(
+            &seen,
+            Duration::from_millis(200),
+            Duration::from_millis(300),
+        )
+        .await;
+        assert_eq!(peak, n, "handlers at once with {n} workers");
     }
     feeder.await.unwrap();
     pipeline.shutdown().await.unwrap();
@@ -142,28 +156,14 @@ async fn resizing_an_unpartitioned_pool_takes_effect_at_once() {
         )
         .start()
         .unwrap();
-    let feeder = {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            for i in 0..3000 {
-                push.push(Message::with_acker(i, seen.clone()))
-                    .await
-                    .unwrap();
-            }
-        })
-    };
+    let feeder = feed(push, &seen, 3000);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(seen.take_peak(), 1);
+    let (settle, window) = (Duration::from_millis(200), Duration::from_millis(200));
     pipeline.resize_processors(6).unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    seen.take_peak();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(seen.take_peak(), 6);
+    assert_eq!(peak_after(&seen, settle, window).await, 6);
     pipeline.resize_processors(2).unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    seen.take_peak();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(seen.take_peak(), 2);
+    assert_eq!(peak_after(&seen, settle, window).await, 2);
     feeder.await.unwrap();
     let stats = pipeline.shutdown().await.unwrap();
     seen.exactly_once_ok(3000);
@@ -186,29 +186,15 @@ async fn resizing_a_batcher_under_load_changes_its_sink_workers() {
         )
         .start()
         .unwrap();
-    let feeder = {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            for i in 0..3000 {
-                push.push(Message::with_acker(i, seen.clone()))
-                    .await
-                    .unwrap();
-            }
-        })
-    };
+    let feeder = feed(push, &seen, 3000);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sinks.take_peak(), 1);
     pipeline.resize_batcher("b", 4).unwrap();
     assert_eq!(concurrency(&pipeline, "sink:b"), 4);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    sinks.take_peak();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(sinks.take_peak(), 4);
+    let (settle, window) = (Duration::from_millis(200), Duration::from_millis(500));
+    assert_eq!(peak_after(&sinks, settle, window).await, 4);
     pipeline.resize_batcher("b", 2).unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    sinks.take_peak();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(sinks.take_peak(), 2);
+    assert_eq!(peak_after(&sinks, settle, window).await, 2);
     feeder.await.unwrap();
     pipeline.shutdown().await.unwrap();
     seen.exactly_once_ok(3000);
