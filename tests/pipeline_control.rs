@@ -1,6 +1,7 @@
 //! Run-time control of a running pipeline: resizing its processor pool and its batchers' sink
 //! pools under load, with nothing lost, nothing twice, and order per partition key kept across
-//! the change. On tokio's paused clock.
+//! the change; changing its rate limit; draining it through a shutdown handle. On tokio's
+//! paused clock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -209,17 +210,229 @@ async fn resizes_to_nothing_unknown_batchers_and_resizes_while_draining_are_refu
         .batcher(BatcherConfig::new("b"), Discard)
         .start()
         .unwrap();
-    assert!(pipeline.resize_processors(0).is_err());
-    assert!(pipeline.resize_batcher("b", 0).is_err());
+    assert!(matches!(
+        pipeline.resize_processors(0),
+        Err(ConfigError::Invalid { .. })
+    ));
+    assert!(matches!(
+        pipeline.resize_batcher("b", 0),
+        Err(ConfigError::Invalid { .. })
+    ));
     let err = pipeline.resize_batcher("nope", 2).unwrap_err();
+    assert!(matches!(err, ConfigError::UnknownBatcher(_)), "{err}");
     assert!(err.to_string().contains("nope"), "{err}");
     assert_eq!(concurrency(&pipeline, "processor"), 2);
     assert_eq!(concurrency(&pipeline, "sink:b"), 1);
     drop(push);
     // Once its source is exhausted the pipeline ends: a resize then is refused, not a hang.
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(pipeline.resize_processors(3).is_err());
+    assert!(matches!(
+        pipeline.resize_processors(3),
+        Err(ConfigError::Draining)
+    ));
     pipeline.join().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_handle_drains_from_another_task_and_every_join_gets_the_answer() {
+    let seen = Arc::new(Seen::default());
+    let (producer, push) = in_memory(10);
+    let pipeline = Pipeline::builder("handle")
+        .producer(producer)
+        .processor(
+            Slow(seen.clone()),
+            ProcessorConfig::default().concurrency(2),
+        )
+        .batcher(BatcherConfig::new("b"), Discard)
+        .start()
+        .unwrap();
+    let handle = pipeline.shutdown_handle();
+    let watcher = tokio::spawn(handle.clone().join());
+    let stopper = handle.clone();
+    // A "signal" arrives while messages are still being handled.
+    let signal = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stopper.shutdown();
+        stopper.shutdown();
+        assert!(stopper.is_draining());
+    });
+    let mut accepted = 0;
+    for i in 0..500 {
+        if push
+            .push(Message::with_acker(i, seen.clone()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        accepted += 1;
+    }
+    signal.await.unwrap();
+    assert!(accepted < 500, "the drain stopped taking messages");
+    let stats = handle.join().await.unwrap();
+    assert_eq!(watcher.await.unwrap().unwrap(), stats);
+    assert!(pipeline.is_draining());
+    assert!(matches!(
+        pipeline.resize_batcher("b", 2),
+        Err(ConfigError::Draining)
+    ));
+    assert_eq!(stats.successful, u64::from(accepted));
+    seen.exactly_once_ok(accepted);
+    // The pipeline itself answers the same, and a late shutdown is harmless.
+    pipeline.shutdown_handle().shutdown();
+    assert_eq!(pipeline.join().await.unwrap(), stats);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_handle_joins_a_pipeline_whose_source_ends_by_itself() {
+    let seen = Arc::new(Seen::default());
+    let (producer, push) = in_memory(100);
+    let pipeline = Pipeline::builder("handle-exhausted")
+        .producer(producer)
+        .processor(Slow(seen.clone()), ProcessorConfig::default())
+        .start()
+        .unwrap();
+    let handle = pipeline.shutdown_handle();
+    feed(push, &seen, 50).await.unwrap();
+    // The push handle is gone: the source is exhausted, and the pipeline ends without a
+    // shutdown.
+    let stats = tokio::time::timeout(Duration::from_secs(60), handle.join())
+        .await
+        .expect("the pipeline ends by itself")
+        .unwrap();
+    assert_eq!(stats.successful, 50);
+    seen.exactly_once_ok(50);
+    drop(pipeline);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_pipeline_drains_it() {
+    let seen = Arc::new(Seen::default());
+    let (producer, push) = in_memory(100);
+    let pipeline = Pipeline::builder("dropped")
+        .producer(producer)
+        .processor(Slow(seen.clone()), ProcessorConfig::default())
+        .batcher(BatcherConfig::new("b"), Discard)
+        .start()
+        .unwrap();
+    let handle = pipeline.shutdown_handle();
+    for i in 0..30 {
+        push.push(Message::with_acker(i, seen.clone()))
+            .await
+            .unwrap();
+    }
+    drop(pipeline);
+    assert!(handle.is_draining());
+    let stats = handle.join().await.unwrap();
+    assert_eq!(stats.successful, 30);
+    seen.exactly_once_ok(30);
+    assert!(push.push(Message::new(99)).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_rate_limit_takes_effect_at_once_without_waiting_out_the_old_interval() {
+    let seen = Arc::new(Seen::default());
+    let (producer, push) = in_memory(100);
+    let pipeline = Pipeline::builder("rate")
+        .producer(producer)
+        .processor(Pass, ProcessorConfig::default())
+        .rate_limit(2, Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    assert_eq!(pipeline.rate_limit(), Some((2, Duration::from_secs(3600))));
+    feed(push, &seen, 10).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(seen.acked.lock().unwrap().len(), 2, "two per hour");
+
+    pipeline
+        .set_rate_limit(3, Duration::from_millis(100))
+        .unwrap();
+    assert_eq!(pipeline.rate_limit(), Some((3, Duration::from_millis(100))));
+    // Three at once, three more each 100 ms: the hour is not waited out.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(seen.acked.lock().unwrap().len(), 5);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(seen.acked.lock().unwrap().len(), 8);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(seen.acked.lock().unwrap().len(), 10);
+
+    assert!(pipeline.set_rate_limit(0, Duration::from_secs(1)).is_err());
+    assert!(pipeline.set_rate_limit(1, Duration::ZERO).is_err());
+    assert_eq!(
+        pipeline.rate_limit(),
+        Some((3, Duration::from_millis(100))),
+        "a refused change changes nothing"
+    );
+    pipeline.shutdown().await.unwrap();
+    seen.exactly_once_ok(10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pipeline_started_without_a_rate_limit_can_be_given_one() {
+    let seen = Arc::new(Seen::default());
+    let (producer, push) = in_memory(100);
+    let pipeline = Pipeline::builder("rate-later")
+        .producer(producer)
+        .processor(Pass, ProcessorConfig::default())
+        .start()
+        .unwrap();
+    assert_eq!(pipeline.rate_limit(), None);
+    pipeline.set_rate_limit(4, Duration::from_secs(1)).unwrap();
+    feed(push, &seen, 10).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(seen.acked.lock().unwrap().len(), 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(seen.acked.lock().unwrap().len(), 8);
+    pipeline.shutdown().await.unwrap();
+    seen.exactly_once_ok(10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_show_concurrency_and_the_rate_limit_as_they_change() {
+    let (producer, _push) = in_memory::<u32>(10);
+    let pipeline = Pipeline::builder("metered")
+        .producer(producer)
+        .processor(Pass, ProcessorConfig::default().concurrency(2))
+        .batcher(BatcherConfig::new("b"), Discard)
+        .start()
+        .unwrap();
+    let gauge = |name: &str, stage: Option<&str>| -> f64 {
+        let families = pipeline.registry().gather();
+        let family = families.iter().find(|f| f.name() == name).unwrap();
+        family
+            .get_metric()
+            .iter()
+            .find(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "pipeline" && l.value() == "metered")
+                    && stage.is_none_or(|s| {
+                        m.get_label()
+                            .iter()
+                            .any(|l| l.name() == "stage" && l.value() == s)
+                    })
+            })
+            .unwrap()
+            .get_gauge()
+            .get_value()
+    };
+    let concurrency = "thunderline_pipeline_concurrency";
+    assert_eq!(gauge(concurrency, Some("processor")), 2.0);
+    assert_eq!(gauge(concurrency, Some("sink:b")), 1.0);
+    assert_eq!(gauge("thunderline_pipeline_rate_limit_allowed", None), 0.0);
+    pipeline.resize_processors(5).unwrap();
+    pipeline.resize_batcher("b", 3).unwrap();
+    pipeline
+        .set_rate_limit(7, Duration::from_millis(1500))
+        .unwrap();
+    assert_eq!(gauge(concurrency, Some("processor")), 5.0);
+    assert_eq!(gauge(concurrency, Some("sink:b")), 3.0);
+    assert_eq!(gauge("thunderline_pipeline_rate_limit_allowed", None), 7.0);
+    assert_eq!(
+        gauge("thunderline_pipeline_rate_limit_interval_seconds", None),
+        1.5
+    );
+    pipeline.shutdown().await.unwrap();
 }
 
 struct Pass;

@@ -1,7 +1,7 @@
 //! HTTP: the WebSocket endpoint, the admin API (bearer-token protected), health and metrics.
 //!
 //! Every error is JSON `{"error", "details"}` with a status that says whose fault it was: 400
-//! bad input, 401 no or wrong admin token, 404 no such zone, 409 conflict, 422 a refused
+//! bad input, 401 no or wrong admin token, 404 no such zone (or batcher), 409 conflict, 422 a refused
 //! operation, 503 not ready.
 
 use std::sync::Arc;
@@ -26,6 +26,7 @@ use crate::zone::{
     ZonePatch, ZoneState, ZoneView, now, parse_zone_id,
 };
 
+use super::control::{self, ZonePipeline};
 use super::zones::ZoneWork;
 
 #[derive(Clone)]
@@ -37,6 +38,7 @@ pub struct ApiState {
     pub sockets: Arc<SocketContext<ZoneWork>>,
     pub registry: Registry,
     pub server_name: String,
+    pub pipeline: ZonePipeline,
 }
 
 /// An API error: status, a short machine-readable name, and details for a person.
@@ -48,7 +50,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error: &'static str, details: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, error: &'static str, details: impl Into<String>) -> Self {
         Self {
             status,
             error,
@@ -147,6 +149,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/zones/{id}/agents", get(zone_agents))
         .route("/api/dead_letters", get(dead_letters))
         .route("/api/tokens", post(mint_token))
+        .merge(control::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .merge(admin)

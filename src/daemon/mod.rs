@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod control;
 pub mod replay;
 pub mod server;
 pub mod token;

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use super::DatabaseArgs;
 use super::api::{self, ApiState};
 use super::config::{PipelineFile, PipelineFileError};
+use super::control::ZonePipeline;
 use super::zones::{
     Replies, Snapshots, TimerConfig, WriterConfig, ZoneAcker, ZoneHandle, ZoneRegistry, ZoneWork,
     ZoneWriter, run_timers,
@@ -180,7 +181,7 @@ pub struct Server {
     stop: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
     timers: JoinHandle<()>,
-    pipeline: Pipeline<ZoneWork>,
+    pipeline: ZonePipeline,
     snapshots: Arc<Snapshots>,
     store: Store,
     connections: prometheus::IntGauge,
@@ -240,7 +241,7 @@ impl Server {
                 Duration::from_millis(rl.interval_ms.get()),
             );
         }
-        let pipeline = builder.start()?;
+        let pipeline = Arc::new(builder.start()?);
         let zones = ZoneHandle::new(zone_registry.clone(), push, acker);
 
         // Sessions the store still holds belong to connections of an earlier run that ended
@@ -270,6 +271,7 @@ impl Server {
             sockets,
             registry: registry.clone(),
             server_name: args.listen.to_string(),
+            pipeline: pipeline.clone(),
         };
         let listener =
             TcpListener::bind(args.listen)
@@ -335,7 +337,10 @@ impl Server {
         while self.connections.get() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let drained = self.pipeline.shutdown().await;
+        // The admin API shares the pipeline (to resize it): drain it through a handle.
+        let drain = self.pipeline.shutdown_handle();
+        drain.shutdown();
+        let drained = drain.join().await;
         // The zone pipeline's last acknowledgements queued the last snapshots; they are written
         // even when the drain above ran out of time.
         let written = self.snapshots.shutdown().await;

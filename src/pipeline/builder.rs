@@ -1,7 +1,6 @@
 //! Declaring a pipeline: its producers, processors, batchers and sinks, checked and then started.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use prometheus::Registry;
@@ -11,14 +10,16 @@ use super::batcher::{BatcherStage, IdleWorkers};
 use super::error::ConfigError;
 use super::flow::RateLimiter;
 use super::message::{BatcherName, Message};
-use super::pool::{DefaultBound, ProcessorPool, Template};
+use super::pool::{DefaultBound, ProcessorPool, Template, gauge};
 use super::processor::{
     AsyncHandler, ChunkHandler, CpuProcessor, HandlerPolicy, Processor, RayonHandler, Router,
 };
 use super::producer::{DynProducer, PartitionFn, Producer, ProducerStage};
 use super::retry::RetryPolicy;
-use super::running::{Pipeline, StageHandle, Tasks};
-use super::sink::{BatchSink, DeadLetterSink, DynDeadLetter, DynSink, SinkPool, SinkWorker};
+use super::running::{Control, Pipeline, StageHandle, Tasks};
+use super::sink::{
+    BatchSink, DeadLetterSink, DynDeadLetter, DynSink, PoolSize, SinkPool, SinkWorker,
+};
 use super::stage::{Custody, Shared};
 use super::telemetry::{PipelineMetrics, StageKind};
 
@@ -430,10 +431,10 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             let (out, batches) = mpsc::channel((4 * config.concurrency).max(32));
             let stage = format!("batcher:{}", config.name);
             let metrics_b = metrics.stage(&name, &stage);
+            metrics_b.concurrency.set(1);
             batcher_stages.push(StageHandle::new(
                 stage.clone(),
                 StageKind::Batcher,
-                Arc::new(AtomicUsize::new(1)),
                 &metrics_b,
             ));
             let idle = config
@@ -463,7 +464,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 stop: stop_rx.clone(),
                 shared: shared.clone(),
                 metrics: metrics_s.clone(),
-                size: Arc::default(),
+                size: Arc::new(PoolSize::new(metrics_s.concurrency.clone())),
             };
             let sinks = SinkPool::start(
                 config.name.clone(),
@@ -472,12 +473,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 runtime.clone(),
                 tasks.clone(),
             );
-            batcher_stages.push(StageHandle::new(
-                stage.clone(),
-                StageKind::Sink,
-                sinks.concurrency(),
-                &metrics_s,
-            ));
+            batcher_stages.push(StageHandle::new(stage.clone(), StageKind::Sink, &metrics_s));
             sink_pools.push(sinks);
             routes.push((batcher_name, tx));
         }
@@ -517,25 +513,20 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             tasks.clone(),
         );
         let pool = Arc::new(pool);
-        let processor_stage = StageHandle::new(
-            "processor".into(),
-            StageKind::Processor,
-            pool.concurrency.clone(),
-            &metrics_p,
-        );
+        let processor_stage =
+            StageHandle::new("processor".into(), StageKind::Processor, &metrics_p);
 
         // Producers.
-        let rate_limit = self
-            .rate_limit
-            .map(|(allowed, interval)| Arc::new(RateLimiter::new(allowed, interval)));
+        let rate_limit = Arc::new(match self.rate_limit {
+            Some((allowed, interval)) => RateLimiter::new(allowed, interval),
+            None => RateLimiter::unlimited(),
+        });
+        let rate_metrics = metrics.rate_limit(&name);
+        rate_metrics.show(rate_limit.limit());
         let metrics_r = metrics.stage(&name, "producer");
+        metrics_r.concurrency.set(gauge(self.producers.len()));
         let mut stages = vec![
-            StageHandle::new(
-                "producer".into(),
-                StageKind::Producer,
-                Arc::new(AtomicUsize::new(self.producers.len())),
-                &metrics_r,
-            ),
+            StageHandle::new("producer".into(), StageKind::Producer, &metrics_r),
             processor_stage,
         ];
         stages.extend(batcher_stages);
@@ -558,15 +549,12 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             tasks.push("producer", runtime.spawn(stage.run()));
         }
 
-        Ok(Pipeline {
-            shared,
-            stop: stop_tx,
-            tasks,
-            pool,
+        Ok(Pipeline::new(
+            Control::new(shared, stop_tx, tasks, pool, self.shutdown_timeout),
             sink_pools,
             stages,
             registry,
-            shutdown_timeout: self.shutdown_timeout,
-        })
+            (rate_limit, rate_metrics),
+        ))
     }
 }

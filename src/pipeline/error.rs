@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use super::message::Message;
 
-/// Why a pipeline refused to start. Nothing was spawned.
+/// Why a pipeline refused to start (nothing was spawned), or refused a change while running
+/// (nothing changed).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{what}: {reason}")]
@@ -17,6 +18,10 @@ pub enum ConfigError {
     NoProcessor,
     #[error("two batchers are named {0:?}: batcher names must be unique")]
     DuplicateBatcher(String),
+    #[error("there is no batcher named {0:?}")]
+    UnknownBatcher(String),
+    #[error("the pipeline is draining: it can no longer be changed")]
+    Draining,
     #[error("start() must be called from inside a tokio runtime")]
     NoRuntime,
     #[error("cannot register the pipeline's metrics: {0}")]
@@ -57,7 +62,7 @@ impl<T> fmt::Display for PushError<T> {
 impl<T> std::error::Error for PushError<T> {}
 
 /// A drain that did not finish: what was still in flight when it was cut short.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ShutdownError {
     #[error(
         "drain did not finish within {deadline:?}: {left} message(s) were still in flight; they were \

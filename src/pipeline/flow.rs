@@ -6,11 +6,13 @@
 //! hold permits for.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use super::stage::{later, until};
 
 pub(crate) struct InFlight {
     bound: AtomicUsize,
@@ -103,49 +105,93 @@ impl InFlight {
 }
 
 /// Broadway's rate limiter: at most `allowed` messages per `interval`, one shared counter that
-/// refills at the start of each interval.
+/// refills at the start of each interval. It can be changed while the pipeline runs, and a
+/// pipeline built without a limit has one that lets everything through.
 pub struct RateLimiter {
-    allowed: usize,
-    interval: Duration,
+    /// Read on every produce call: an unlimited pipeline never takes the lock.
+    limited: AtomicBool,
     window: Mutex<Window>,
+    /// Wakes producers waiting out a window when the limit changes.
+    changed: Notify,
 }
 
 struct Window {
+    allowed: usize,
+    interval: Duration,
     remaining: usize,
     ends: Option<Instant>,
 }
 
 impl RateLimiter {
     pub fn new(allowed: usize, interval: Duration) -> Self {
+        let limiter = Self::unlimited();
+        limiter.set(allowed, interval);
+        limiter
+    }
+
+    pub(crate) fn unlimited() -> Self {
         Self {
-            allowed,
-            interval,
+            limited: AtomicBool::new(false),
             window: Mutex::new(Window {
-                remaining: allowed,
+                allowed: usize::MAX,
+                interval: Duration::ZERO,
+                remaining: usize::MAX,
                 ends: None,
             }),
+            changed: Notify::new(),
         }
     }
 
-    pub fn allowed(&self) -> usize {
-        self.allowed
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn interval(&self) -> Duration {
-        self.interval
+    pub(crate) fn is_limited(&self) -> bool {
+        self.limited.load(Ordering::Acquire)
+    }
+
+    /// The limit, or None when there is none.
+    pub fn limit(&self) -> Option<(usize, Duration)> {
+        if !self.limited.load(Ordering::Acquire) {
+            return None;
+        }
+        let w = self.window();
+        Some((w.allowed, w.interval))
+    }
+
+    /// Replaces the limit at once: a new window starts now with `allowed` messages, and a
+    /// producer waiting for the old window's end stops waiting for it (Broadway's
+    /// `update_rate_limiting` leaves the old interval running, its issue #300). The caller has
+    /// checked that neither is zero.
+    pub(crate) fn set(&self, allowed: usize, interval: Duration) {
+        {
+            let mut w = self.window();
+            w.allowed = allowed;
+            w.interval = interval;
+            w.remaining = allowed;
+            w.ends = Some(later(Instant::now(), interval));
+        }
+        self.limited.store(true, Ordering::Release);
+        self.changed.notify_waiters();
     }
 
     /// Takes between 1 and `want` tokens, waiting for the next interval when none are left.
     pub(crate) async fn acquire_up_to(&self, want: usize) -> usize {
         loop {
+            if !self.limited.load(Ordering::Acquire) {
+                return want;
+            }
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let wait_until = {
-                let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+                let mut w = self.window();
                 let now = Instant::now();
                 match w.ends {
                     Some(ends) if now < ends => {}
                     _ => {
-                        w.remaining = self.allowed;
-                        w.ends = Some(now + self.interval);
+                        w.remaining = w.allowed;
+                        w.ends = Some(later(now, w.interval));
                     }
                 }
                 if w.remaining > 0 {
@@ -153,17 +199,20 @@ impl RateLimiter {
                     w.remaining -= n;
                     return n;
                 }
-                w.ends.unwrap_or(now)
+                w.ends
             };
-            tokio::time::sleep_until(wait_until).await;
+            tokio::select! {
+                () = until(wait_until) => {}
+                () = changed => {}
+            }
         }
     }
 
     /// Gives back tokens that were taken but not used.
     pub(crate) fn refund(&self, n: usize) {
-        if n > 0 {
-            let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-            w.remaining = (w.remaining + n).min(self.allowed);
+        if n > 0 && self.limited.load(Ordering::Acquire) {
+            let mut w = self.window();
+            w.remaining = w.remaining.saturating_add(n).min(w.allowed);
         }
     }
 }

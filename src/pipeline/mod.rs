@@ -73,6 +73,6 @@ pub use producer::{
     Demand, InMemoryProducer, Produced, Producer, PushHandle, PushPermit, in_memory,
 };
 pub use retry::{Delays, Jitter, RetryPolicy};
-pub use running::{Pipeline, PipelineStats};
+pub use running::{Pipeline, PipelineStats, ShutdownHandle};
 pub use sink::{BatchSink, DeadLetterSink};
 pub use telemetry::{PipelineMetrics, StageKind, StageTopology, Topology};

@@ -8,6 +8,8 @@
 //! another worker, never overtake the ones before them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prometheus::IntGauge;
 use std::sync::{Arc, Mutex};
 
 use tokio::runtime::Handle;
@@ -63,7 +65,7 @@ pub(crate) struct ProcessorPool<T: Send + 'static> {
     runtime: Handle,
     tasks: Tasks,
     /// The concurrency asked for last, as topology shows it.
-    pub concurrency: Arc<AtomicUsize>,
+    pub concurrency: IntGauge,
     /// Producers still running: when the last one ends, nothing more comes, and the pool lets
     /// go as in a drain.
     producers: AtomicUsize,
@@ -81,6 +83,7 @@ impl<T: Clone + Send + 'static> ProcessorPool<T> {
         tasks: Tasks,
     ) -> (Self, Vec<WorkerSet<T>>) {
         let signals_len = signals.len();
+        let concurrency = template.metrics.concurrency.clone();
         let pool = Self {
             template,
             live: Mutex::new(Some(Live {
@@ -91,7 +94,7 @@ impl<T: Clone + Send + 'static> ProcessorPool<T> {
             })),
             runtime,
             tasks,
-            concurrency: Arc::new(AtomicUsize::new(n)),
+            concurrency,
             producers: AtomicUsize::new(signals_len),
         };
         let sets = {
@@ -130,7 +133,7 @@ impl<T: Clone + Send + 'static> ProcessorPool<T> {
             self.tasks
                 .push("processor", self.runtime.spawn(worker.run()));
         }
-        self.concurrency.store(n, Ordering::Release);
+        self.concurrency.set(gauge(n));
         if let Some(bound) = t.default_bound {
             t.shared.in_flight.set_bound(bound.for_workers(n));
         }
@@ -156,11 +159,11 @@ impl<T: Clone + Send + 'static> ProcessorPool<T> {
             return invalid("concurrency must be at least 1");
         }
         if draining(&self.template.stop) {
-            return invalid("the pipeline is draining: it cannot be resized");
+            return Err(ConfigError::Draining);
         }
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let Some(live) = live.as_mut() else {
-            return invalid("the pipeline is draining: it cannot be resized");
+            return Err(ConfigError::Draining);
         };
         live.generation += 1;
         let sets = self.spawn(live, n);
@@ -184,4 +187,9 @@ impl<T: Send + 'static> ProcessorPool<T> {
             self.close();
         }
     }
+}
+
+/// A worker count as a gauge's value.
+pub(crate) fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

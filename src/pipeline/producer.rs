@@ -25,7 +25,7 @@ use super::message::{Failure, Message};
 use super::pool::ProcessorPool;
 use super::processor::panic_message;
 use super::retry::RetryPolicy;
-use super::stage::{Custody, Shared};
+use super::stage::{Custody, Shared, until};
 use super::telemetry::StageMetrics;
 
 /// What a producer says after filling demand.
@@ -240,7 +240,7 @@ pub(crate) struct ProducerStage<T: Send + 'static> {
     pub max_demand: usize,
     pub partition_by: Option<PartitionFn<T>>,
     pub max_chunk: usize,
-    pub rate_limit: Option<Arc<RateLimiter>>,
+    pub rate_limit: Arc<RateLimiter>,
     pub stop: watch::Receiver<bool>,
     pub shared: Arc<Shared<T>>,
     pub pool: Arc<ProcessorPool<T>>,
@@ -448,13 +448,6 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|&s| s).await;
 }
 
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 impl<T: Send + 'static> ProducerStage<T> {
     pub async fn run(mut self) {
         let workers = std::mem::replace(
@@ -552,7 +545,7 @@ impl<T: Send + 'static> ProducerStage<T> {
                 drain(&mut *producer, &mut held, &shared).await;
                 continue;
             };
-            if let Some(rl) = &rate_limit {
+            if rate_limit.is_limited() {
                 let tokens = tokio::select! {
                     biased;
                     () = stopped(&mut stop) => 0,
@@ -560,7 +553,7 @@ impl<T: Send + 'static> ProducerStage<T> {
                         d.hear(signal);
                         0
                     }
-                    n = rl.acquire_up_to(permits) => n,
+                    n = rate_limit.acquire_up_to(permits) => n,
                 };
                 shared.in_flight.release(permits - tokens);
                 permits = tokens;
@@ -596,9 +589,7 @@ impl<T: Send + 'static> ProducerStage<T> {
             let got = messages.len();
             shared.in_flight.release(permits - got);
             shared.in_flight.record_peak();
-            if let Some(rl) = &rate_limit {
-                rl.refund(permits - got);
-            }
+            rate_limit.refund(permits - got);
             if got > 0 {
                 metrics.sent.inc_by(got as u64);
                 shared.produced.fetch_add(got as u64, Ordering::Relaxed);

@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
+use prometheus::IntGauge;
 use tokio::runtime::Handle;
 use tokio::sync::{Mutex, mpsc, watch};
 
 use super::batcher::{Batch, BatchInfo, IdleWorkers};
 use super::message::{Failure, Message};
+use super::pool::gauge;
 use super::processor::panic_message;
 use super::retry::{RetryPolicy, backoff};
 use super::running::Tasks;
@@ -148,16 +150,23 @@ impl<T: Send + 'static> Clone for SinkWorker<T> {
 
 /// How many sink workers run, and how many are wanted: a worker over the count ends before it
 /// takes its next batch.
-#[derive(Default)]
 pub(crate) struct PoolSize {
     running: AtomicUsize,
-    wanted: Arc<AtomicUsize>,
+    /// The sink stage's concurrency gauge.
+    wanted: IntGauge,
 }
 
 impl PoolSize {
     /// Claims the end of one surplus worker; true when the caller should end.
+    pub fn new(wanted: IntGauge) -> Self {
+        Self {
+            running: AtomicUsize::new(0),
+            wanted,
+        }
+    }
+
     fn leave_if_surplus(&self) -> bool {
-        let wanted = self.wanted.load(Ordering::Acquire);
+        let wanted = usize::try_from(self.wanted.get()).unwrap_or(0);
         self.running
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
                 (r > wanted).then(|| r - 1)
@@ -195,15 +204,11 @@ impl<T: Send + 'static> SinkPool<T> {
         pool
     }
 
-    pub fn concurrency(&self) -> Arc<AtomicUsize> {
-        self.template.size.wanted.clone()
-    }
-
     /// Spawns workers up to `n`, or lets the surplus end after their current batch.
     pub fn resize(&self, n: usize) {
         let _turn = self.resizing.lock().unwrap_or_else(|e| e.into_inner());
         let size = &self.template.size;
-        size.wanted.store(n, Ordering::Release);
+        size.wanted.set(gauge(n));
         let running = size.running.load(Ordering::Acquire);
         for _ in running..n {
             size.running.fetch_add(1, Ordering::AcqRel);

@@ -5,10 +5,11 @@
 //! never once per message.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 use serde::Serialize;
 
@@ -21,6 +22,9 @@ pub struct PipelineMetrics {
     batch_size: HistogramVec,
     duration: HistogramVec,
     in_flight: IntGaugeVec,
+    concurrency: IntGaugeVec,
+    rate_allowed: IntGaugeVec,
+    rate_interval: GaugeVec,
 }
 
 impl PipelineMetrics {
@@ -65,17 +69,44 @@ impl PipelineMetrics {
             ),
             &["pipeline", "stage"],
         )?;
+        let concurrency = IntGaugeVec::new(
+            Opts::new(
+                "thunderline_pipeline_concurrency",
+                "Workers a stage runs (processors and sinks can be resized while running).",
+            ),
+            &["pipeline", "stage"],
+        )?;
+        let rate_allowed = IntGaugeVec::new(
+            Opts::new(
+                "thunderline_pipeline_rate_limit_allowed",
+                "Messages the producers may hand out per rate-limit interval; 0 means no limit.",
+            ),
+            &["pipeline"],
+        )?;
+        let rate_interval = GaugeVec::new(
+            Opts::new(
+                "thunderline_pipeline_rate_limit_interval_seconds",
+                "The rate-limit interval; 0 means no limit.",
+            ),
+            &["pipeline"],
+        )?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(abandoned.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(concurrency.clone()))?;
+        registry.register(Box::new(rate_allowed.clone()))?;
+        registry.register(Box::new(rate_interval.clone()))?;
         Ok(Arc::new(Self {
             messages,
             abandoned,
             batch_size,
             duration,
             in_flight,
+            concurrency,
+            rate_allowed,
+            rate_interval,
         }))
     }
 
@@ -90,6 +121,14 @@ impl PipelineMetrics {
             dead_lettered: count("dead_lettered"),
             duration: self.duration.with_label_values(&[pipeline, stage]),
             in_flight: self.in_flight.with_label_values(&[pipeline, stage]),
+            concurrency: self.concurrency.with_label_values(&[pipeline, stage]),
+        }
+    }
+
+    pub(crate) fn rate_limit(&self, pipeline: &str) -> RateLimitMetrics {
+        RateLimitMetrics {
+            allowed: self.rate_allowed.with_label_values(&[pipeline]),
+            interval: self.rate_interval.with_label_values(&[pipeline]),
         }
     }
 
@@ -119,6 +158,23 @@ pub(crate) struct StageMetrics {
     pub dead_lettered: IntCounter,
     pub duration: Histogram,
     pub in_flight: IntGauge,
+    /// The stage's workers: what `topology()` reports, and what a resize moves.
+    pub concurrency: IntGauge,
+}
+
+/// The rate limit in force, for dashboards.
+#[derive(Clone)]
+pub(crate) struct RateLimitMetrics {
+    pub allowed: IntGauge,
+    pub interval: Gauge,
+}
+
+impl RateLimitMetrics {
+    pub fn show(&self, limit: Option<(usize, Duration)>) {
+        let (allowed, interval) = limit.unwrap_or_default();
+        self.allowed.set(i64::try_from(allowed).unwrap_or(i64::MAX));
+        self.interval.set(interval.as_secs_f64());
+    }
 }
 
 #[derive(Clone)]
