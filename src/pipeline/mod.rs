@@ -5,19 +5,39 @@
 //!
 //! - **Demand.** Processors ask producers for messages (`max_demand`, refilled at
 //!   `min_demand`); a producer never hands out more than it was asked for, and the whole
-//!   pipeline never holds more than its in-flight bound.
+//!   pipeline never holds more than its in-flight bound. A producer keeps hearing asks while it
+//!   waits for in-flight permits or rate-limit tokens, and one with nothing to hand out pauses
+//!   instead of spinning.
 //! - **Acknowledgement.** Every message a producer hands out is acknowledged exactly once, after
 //!   its last stage, and only after every sink it went to has it. Messages sharing an
 //!   acknowledger are acknowledged together, once per chunk or batch.
 //! - **Failure.** A failed message goes no further: it is retried if its failure is retryable
-//!   and the stage's [`RetryPolicy`] allows, dead-lettered once attempts run out, and
-//!   acknowledged as failed. A panicking handler fails its message; it never takes a stage down.
-//! - **Drain.** [`Pipeline::shutdown`] stops taking new messages, finishes everything already
-//!   taken, flushes every open batch and acknowledges it all before it returns.
+//!   and the stage's [`RetryPolicy`] allows, dead-lettered once attempts run out (permanent
+//!   failures too, with [`PipelineBuilder::dead_letter_permanent`]), and acknowledged as
+//!   failed. Without `partition_by`, a message waiting for its next attempt waits out of line and
+//!   holds back nothing behind it; with it, it holds its worker, so order per key is kept.
+//! - **Isolation.** Every user callback (`produce`, `drain`, the partition function, handlers,
+//!   hooks, sinks, the dead-letter sink, acknowledgers) runs behind a panic guard, and every hook
+//!   under its stage's timeout: a panic or a timeout fails only the messages it held, and the
+//!   pipeline goes on. A panicking `produce` is called again after a pause.
+//! - **Custody.** Wherever the engine holds messages, it holds them in a guard that, if they are
+//!   ever dropped outside the ack path (an aborted task, a bug), acknowledges them as failed
+//!   ("abandoned") and counts them in `thunderline_pipeline_abandoned_total` and
+//!   [`PipelineStats::abandoned`]: no acknowledgement is ever lost silently.
+//! - **Drain.** [`Pipeline::shutdown`] (or [`ShutdownHandle::shutdown`]) stops taking new
+//!   messages, finishes everything already taken, flushes every open batch at once, cuts retry
+//!   waits short (one last attempt, then dead letters), and acknowledges it all before its
+//!   deadline; past the deadline it acknowledges what is left as failed and says how many.
+//!
+//! Time is added with checks: `Duration::MAX` (as a batch timeout, say) means "never".
 //!
 //! Beyond Broadway: retry with exponential backoff and full jitter (per processor pool and per
 //! batcher), a dead-letter sink, fan-out to several batchers with one acknowledgement,
-//! per-message timeouts, CPU-bound handlers on rayon, and a hard bound on messages in flight.
+//! per-message timeouts, CPU-bound handlers on rayon, a hard bound on messages in flight, and
+//! run-time control of a running pipeline: [`Pipeline::resize_processors`] and
+//! [`Pipeline::resize_batcher`] under load (nothing lost, order per key kept),
+//! [`Pipeline::set_rate_limit`] (effective at once), and a [`ShutdownHandle`] to drain it from
+//! anywhere.
 //!
 //! ```no_run
 //! # use thunderline::pipeline::*;
