@@ -27,6 +27,8 @@ use super::stage::Shared;
 use super::telemetry::{StageKind, StageMetrics, StageTopology, Topology};
 
 /// A running pipeline. See the module documentation for how it shuts down.
+#[must_use = "dropping a Pipeline starts a drain that nobody waits for: keep it, and end it with \
+              `shutdown().await` or `join().await`"]
 pub struct Pipeline<T: Send + 'static> {
     pub(crate) shared: Arc<Shared<T>>,
     pub(crate) stop: watch::Sender<bool>,
