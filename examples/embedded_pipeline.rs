@@ -4,14 +4,18 @@
 //! batch key per sensor. Some readings fail on purpose, to show the three ways a message can
 //! end: acknowledged as successful, failed at once (permanent), or retried and then
 //! dead-lettered (retryable). Run it with `cargo run --example embedded_pipeline`.
+//!
+//! The tests at the bottom push readings through the same pipeline and await how each one
+//! ended, with `thunderline::pipeline::testing`: `cargo test --example embedded_pipeline`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use thunderline::pipeline::{
-    Acknowledger, BatchInfo, BatchSink, BatcherConfig, DeadLetterSink, Demand, Failure, Jitter,
-    Message, Pipeline, Processor, ProcessorConfig, Produced, Producer, RetryPolicy,
+    Acknowledger, BatchInfo, BatchSink, BatcherConfig, ConfigError, DeadLetterSink, Demand,
+    Failure, Jitter, Message, Pipeline, Processor, ProcessorConfig, Produced, Producer,
+    RetryPolicy,
 };
 
 const SENSORS: [&str; 3] = ["boiler", "intake", "exhaust"];
@@ -23,6 +27,13 @@ struct Reading {
     sensor: &'static str,
     /// Raw ADC counts from the producer; degrees Celsius after the processor.
     value: f64,
+}
+
+impl Reading {
+    fn new(seq: u64, value: f64) -> Self {
+        let sensor = SENSORS[(seq % 3) as usize];
+        Self { seq, sensor, value }
+    }
 }
 
 type Msg = Message<Reading>;
@@ -39,16 +50,13 @@ impl Producer<Reading> for SensorFeed {
     async fn produce(&mut self, demand: &mut Demand<Reading>) -> Produced {
         while self.next < self.total && !demand.is_filled() {
             let seq = self.next;
-            let reading = Reading {
-                seq,
-                sensor: SENSORS[(seq % 3) as usize],
-                // Every 11th reading comes back as a sentinel: the sensor is unplugged.
-                value: if seq % 11 == 10 {
-                    -1.0
-                } else {
-                    400.0 + (seq * 37 % 200) as f64
-                },
+            // Every 11th reading comes back as a sentinel: the sensor is unplugged.
+            let value = if seq % 11 == 10 {
+                -1.0
+            } else {
+                400.0 + (seq * 37 % 200) as f64
             };
+            let reading = Reading::new(seq, value);
             // Every message carries its acknowledger, so the source learns how each one ended.
             let _ = demand.push(Message::with_acker(reading, self.acker.clone()));
             self.next += 1;
@@ -125,23 +133,16 @@ impl Acknowledger<Reading> for Tally {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let tally = Arc::new(Tally::default());
-    let acker = tally.clone();
-    let feed = SensorFeed {
-        next: 0,
-        total: 40,
-        acker,
-    };
-
+/// The pipeline, whatever feeds it: `main` runs it on the sensor feed, the tests on an
+/// in-memory producer.
+fn sensors(producer: impl Producer<Reading>) -> Result<Pipeline<Reading>, ConfigError> {
     // Millisecond delays keep the demo fast; no jitter keeps the retry timing predictable.
     let retry =
         RetryPolicy::exponential(3, Duration::from_millis(1), 2.0, Duration::from_millis(5))
             .with_jitter(Jitter::None);
 
-    let pipeline = Pipeline::builder("sensors")
-        .producer(feed)
+    Pipeline::builder("sensors")
+        .producer(producer)
         // Small demand so that the 40 readings are spread over both workers.
         .processor(
             Calibrate,
@@ -159,7 +160,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             PrintBatches,
         )
         .dead_letter(Quarantine)
-        .start()?;
+        .start()
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let tally = Arc::new(Tally::default());
+    let acker = tally.clone();
+    let feed = SensorFeed {
+        next: 0,
+        total: 40,
+        acker,
+    };
+
+    let pipeline = sensors(feed)?;
 
     // `join` consumes the handle, so take the topology while we still have it.
     let topology = pipeline.topology();
@@ -176,4 +190,39 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The engine's promise: every message handed out is acknowledged exactly once.
     assert_eq!(stats.successful + stats.failed, stats.produced);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use thunderline::pipeline::in_memory;
+    use thunderline::pipeline::testing::{test_batch, test_message};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reading_is_calibrated_refused_or_retried() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let (producer, push) = in_memory(10);
+        let pipeline = sensors(producer)?;
+
+        let ok = test_message(&push, Reading::new(0, 400.0)).await;
+        assert!(ok.is_successful());
+        assert_eq!(ok.data.value, 30.0);
+
+        let unplugged = test_message(&push, Reading::new(10, -1.0)).await;
+        assert_eq!(
+            unplugged.failure(),
+            Some(&Failure::permanent("sensor unplugged"))
+        );
+        assert_eq!((unplugged.attempts, unplugged.dead_lettered), (1, false));
+
+        // 4 recovers on its second attempt; 7 runs out of attempts and is dead-lettered.
+        let flaky = test_batch(&push, [Reading::new(4, 480.0), Reading::new(7, 459.0)]).await;
+        assert!(flaky[0].is_successful());
+        assert_eq!(flaky[1].failure(), Some(&Failure::retryable("bus timeout")));
+        assert_eq!((flaky[1].attempts, flaky[1].dead_lettered), (3, true));
+
+        pipeline.shutdown().await?;
+        Ok(())
+    }
 }

@@ -6,62 +6,41 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use thunderline::pipeline::testing::{Collector, Outcome, test_batch, test_message};
 use thunderline::pipeline::*;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// A batch as a sink saw it: batcher, key, trigger, data, when.
 type SeenBatch = (String, BatchKey, Trigger, Vec<u32>, Instant);
-/// An acknowledgement call: successful data, failed data with reasons, when.
-type SeenAck = (Vec<u32>, Vec<(u32, String)>, Instant);
 type Build = Box<dyn FnOnce(PipelineBuilder<u32>) -> PipelineBuilder<u32>>;
 
-/// What the test saw, in order.
+/// What the test saw, in order (acknowledgements aside: a `Collector` records those).
 #[derive(Default)]
 struct Seen {
     batches: Mutex<Vec<SeenBatch>>,
-    acks: Mutex<Vec<SeenAck>>,
     attempts: Mutex<Vec<(u32, Instant)>>,
     dead: Mutex<Vec<(String, u32)>>,
 }
 
-impl Acknowledger<u32> for Seen {
-    fn ack(&self, successful: Vec<Message<u32>>, failed: Vec<Message<u32>>) {
-        self.acks.lock().unwrap().push((
-            successful.iter().map(|m| m.data).collect(),
-            failed
-                .iter()
-                .map(|m| (m.data, m.failure().unwrap().reason().to_owned()))
-                .collect(),
-            Instant::now(),
-        ));
-    }
+/// The data of the messages acknowledged as successful so far, sorted.
+fn acked_ok(acks: &Collector<u32>) -> Vec<u32> {
+    let mut ok: Vec<u32> = acks
+        .outcomes()
+        .into_iter()
+        .filter(Outcome::is_successful)
+        .map(|o| o.data)
+        .collect();
+    ok.sort_unstable();
+    ok
 }
 
-impl Seen {
-    fn acked_ok(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self
-            .acks
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|a| a.0.clone())
-            .collect();
-        v.sort_unstable();
-        v
-    }
-
-    fn acked_failed(&self) -> Vec<(u32, String)> {
-        let mut v: Vec<_> = self
-            .acks
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|a| a.1.clone())
-            .collect();
-        v.sort_unstable();
-        v
-    }
+/// How each message ended: its data, why it failed, whether it was dead-lettered.
+fn ended(outcomes: &[Outcome<u32>]) -> Vec<(u32, Option<&str>, bool)> {
+    outcomes
+        .iter()
+        .map(|o| (o.data, o.reason(), o.dead_lettered))
+        .collect()
 }
 
 struct Record(Arc<Seen>);
@@ -100,10 +79,6 @@ impl Processor<u32> for Pass {
     }
 }
 
-fn msg(seen: &Arc<Seen>, data: u32) -> Message<u32> {
-    Message::with_acker(data, seen.clone())
-}
-
 fn one_worker() -> ProcessorConfig {
     ProcessorConfig::default().concurrency(1)
 }
@@ -111,6 +86,7 @@ fn one_worker() -> ProcessorConfig {
 #[tokio::test(start_paused = true)]
 async fn a_partial_batch_leaves_at_its_timeout_counted_from_its_first_message() {
     let seen = Arc::new(Seen::default());
+    let acks = Collector::new();
     let (producer, push) = in_memory(100);
     let pipeline = Pipeline::builder("timeout")
         .producer(producer)
@@ -119,10 +95,10 @@ async fn a_partial_batch_leaves_at_its_timeout_counted_from_its_first_message() 
         .start()
         .unwrap();
     let start = Instant::now();
-    push.push(msg(&seen, 1)).await.unwrap();
+    push.push(acks.message(1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // A second message does not restart the batch's timer.
-    push.push(msg(&seen, 2)).await.unwrap();
+    push.push(acks.message(2)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     {
         let batches = seen.batches.lock().unwrap();
@@ -133,7 +109,7 @@ async fn a_partial_batch_leaves_at_its_timeout_counted_from_its_first_message() 
         // Default batch_timeout is 2 s.
         assert_eq!(*at - start, Duration::from_secs(2));
     }
-    assert_eq!(seen.acked_ok(), vec![1, 2]);
+    assert_eq!(acked_ok(&acks), vec![1, 2]);
     pipeline.shutdown().await.unwrap();
 }
 
@@ -151,6 +127,7 @@ impl BatchSink<u32> for SlowRecord {
 #[tokio::test(start_paused = true)]
 async fn with_group_commit_a_batch_leaves_when_a_sink_worker_is_free() {
     let seen = Arc::new(Seen::default());
+    let acks = Collector::new();
     let (producer, push) = in_memory(1000);
     let pipeline = Pipeline::builder("group-commit")
         .producer(producer)
@@ -163,11 +140,11 @@ async fn with_group_commit_a_batch_leaves_when_a_sink_worker_is_free() {
         .unwrap();
     let start = Instant::now();
     // Alone, a message leaves at once: the worker is idle, nothing waits for the 2 s timer.
-    push.push(msg(&seen, 0)).await.unwrap();
+    push.push(acks.message(0)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
     // While the worker commits, what arrives waits, and leaves together when it is free.
     for i in 1..=45 {
-        push.push(msg(&seen, i)).await.unwrap();
+        push.push(acks.message(i)).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let batches = seen.batches.lock().unwrap().clone();
@@ -192,7 +169,7 @@ async fn with_group_commit_a_batch_leaves_when_a_sink_worker_is_free() {
             .all(|b| b.4 - start < Duration::from_millis(100)),
         "nothing waited for a timeout"
     );
-    assert_eq!(seen.acked_ok(), (0..=45).collect::<Vec<_>>());
+    assert_eq!(acked_ok(&acks), (0..=45).collect::<Vec<_>>());
     // Without it, the first message would have waited for its batch's timeout.
     pipeline.shutdown().await.unwrap();
 }
@@ -200,6 +177,7 @@ async fn with_group_commit_a_batch_leaves_when_a_sink_worker_is_free() {
 #[tokio::test(start_paused = true)]
 async fn batches_leave_by_size_by_key_and_on_flush() {
     let seen = Arc::new(Seen::default());
+    let acks = Collector::new();
     let (producer, push) = in_memory(100);
     let pipeline = Pipeline::builder("size")
         .producer(producer)
@@ -208,9 +186,9 @@ async fn batches_leave_by_size_by_key_and_on_flush() {
         .start()
         .unwrap();
     for i in 0..8 {
-        push.push(msg(&seen, i)).await.unwrap();
+        push.push(acks.message(i)).await.unwrap();
     }
-    let mut flush = msg(&seen, 9);
+    let mut flush = acks.message(9);
     flush.put_batch_mode(BatchMode::Flush);
     push.push(flush).await.unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -234,7 +212,7 @@ async fn batches_leave_by_size_by_key_and_on_flush() {
     pipeline.shutdown().await.unwrap();
     let last = seen.batches.lock().unwrap().last().cloned().unwrap();
     assert_eq!((last.2, last.3), (Trigger::Flush, vec![6]));
-    assert_eq!(seen.acked_ok(), vec![0, 1, 2, 3, 4, 5, 6, 7, 9]);
+    assert_eq!(acked_ok(&acks), vec![0, 1, 2, 3, 4, 5, 6, 7, 9]);
 }
 
 /// Fails its first `fails` attempts per message, retryably, noting when each attempt ran.
@@ -283,7 +261,9 @@ async fn processor_retries_follow_the_exponential_backoff() {
         )
         .start()
         .unwrap();
-    push.push(msg(&seen, 1)).await.unwrap();
+    let outcome = test_message(&push, 1).await;
+    assert!(outcome.is_successful(), "{outcome:?}");
+    assert_eq!(outcome.attempts, 5);
     drop(push);
     let stats = pipeline.join().await.unwrap();
     let attempts = seen.attempts.lock().unwrap().clone();
@@ -293,7 +273,6 @@ async fn processor_retries_follow_the_exponential_backoff() {
     );
     let ms: Vec<u128> = gaps(&attempts).iter().map(Duration::as_millis).collect();
     assert_eq!(ms, vec![100, 200, 300, 300]);
-    assert_eq!(seen.acked_ok(), vec![1]);
     assert_eq!(stats.successful, 1);
 }
 
@@ -316,9 +295,8 @@ async fn full_jitter_keeps_each_wait_under_its_cap() {
         .partition_by(|_| 0)
         .start()
         .unwrap();
-    for i in 0..30 {
-        push.push(msg(&seen, i)).await.unwrap();
-    }
+    let outcomes = test_batch(&push, 0..30).await;
+    assert!(outcomes.iter().all(Outcome::is_successful), "{outcomes:?}");
     drop(push);
     pipeline.join().await.unwrap();
     let attempts = seen.attempts.lock().unwrap().clone();
@@ -336,7 +314,6 @@ async fn full_jitter_keeps_each_wait_under_its_cap() {
         }
     }
     assert!(distinct.len() > 30, "full jitter should vary the waits");
-    assert_eq!(seen.acked_ok().len(), 30);
 }
 
 /// Fails a batch's messages whose data is odd, retryably, on their first `fails` attempts.
@@ -380,9 +357,7 @@ async fn sink_retries_only_the_failed_messages_then_dead_letters_them() {
         .dead_letter(Record(seen.clone()))
         .start()
         .unwrap();
-    for i in 0..4 {
-        push.push(msg(&seen, i)).await.unwrap();
-    }
+    let outcomes = test_batch(&push, 0..4).await;
     drop(push);
     let stats = pipeline.join().await.unwrap();
     let attempts = seen.attempts.lock().unwrap().clone();
@@ -390,10 +365,18 @@ async fn sink_retries_only_the_failed_messages_then_dead_letters_them() {
     assert_eq!(attempts.len(), 8);
     assert_eq!(attempts[4].1 - attempts[0].1, Duration::from_millis(50));
     assert_eq!(attempts[6].1 - attempts[4].1, Duration::from_millis(100));
-    assert_eq!(seen.acked_ok(), vec![0, 2]);
     assert_eq!(
-        seen.acked_failed(),
-        vec![(1, "odd".to_owned()), (3, "odd".to_owned())]
+        ended(&outcomes),
+        vec![
+            (0, None, false),
+            (1, Some("odd"), true),
+            (2, None, false),
+            (3, Some("odd"), true),
+        ]
+    );
+    assert_eq!(
+        outcomes.iter().map(|o| o.attempts).collect::<Vec<_>>(),
+        vec![1, 3, 1, 3]
     );
     let mut dead = seen.dead.lock().unwrap().clone();
     dead.sort();
@@ -406,7 +389,7 @@ async fn sink_retries_only_the_failed_messages_then_dead_letters_them() {
         (2, 2, 2)
     );
     // One acknowledgement call for the whole batch: acks are grouped, not per message.
-    assert_eq!(seen.acks.lock().unwrap().len(), 1);
+    assert!(outcomes.iter().all(|o| o.ack_call == 0), "{outcomes:?}");
 }
 
 struct Refuse;
@@ -441,19 +424,26 @@ async fn permanent_failures_skip_retries_and_dead_letters_and_panics_fail_only_t
         .dead_letter(Record(seen.clone()))
         .start()
         .unwrap();
-    for i in 0..4 {
-        push.push(msg(&seen, i)).await.unwrap();
-    }
+    let outcomes = test_batch(&push, 0..4).await;
     drop(push);
     pipeline.join().await.unwrap();
-    assert_eq!(seen.acked_ok(), vec![0]);
     assert_eq!(
-        seen.acked_failed(),
+        ended(&outcomes),
         vec![
-            (1, "refused".to_owned()),
-            (2, "transient".to_owned()),
-            (3, "handle_message panicked: boom 3".to_owned()),
+            (0, None, false),
+            (1, Some("refused"), false),
+            (2, Some("transient"), true),
+            (3, Some("handle_message panicked: boom 3"), false),
         ]
+    );
+    let retryable: Vec<Option<bool>> = outcomes
+        .iter()
+        .map(|o| o.failure().map(Failure::is_retryable))
+        .collect();
+    assert_eq!(retryable, vec![None, Some(false), Some(true), Some(false)]);
+    assert_eq!(
+        outcomes.iter().map(|o| o.attempts).collect::<Vec<_>>(),
+        vec![1, 1, 3, 1]
     );
     assert_eq!(
         seen.dead.lock().unwrap().clone(),
@@ -472,7 +462,6 @@ impl Processor<u32> for Slow {
 
 #[tokio::test(start_paused = true)]
 async fn a_handler_past_its_timeout_is_cancelled_and_failed() {
-    let seen = Arc::new(Seen::default());
     let (producer, push) = in_memory(10);
     let pipeline = Pipeline::builder("timeout")
         .producer(producer)
@@ -480,16 +469,18 @@ async fn a_handler_past_its_timeout_is_cancelled_and_failed() {
         .start()
         .unwrap();
     let start = Instant::now();
-    push.push(msg(&seen, 1)).await.unwrap();
-    push.push(msg(&seen, 60)).await.unwrap();
+    let outcomes = test_batch(&push, [1, 60]).await;
+    assert_eq!(start.elapsed(), Duration::from_secs(6));
+    assert_eq!(
+        ended(&outcomes),
+        vec![
+            (1, None, false),
+            (60, Some("handle_message timed out after 5s"), false),
+        ]
+    );
+    assert!(outcomes[1].failure().unwrap().is_retryable());
     drop(push);
     pipeline.join().await.unwrap();
-    assert_eq!(seen.acked_ok(), vec![1]);
-    assert_eq!(
-        seen.acked_failed(),
-        vec![(60, "handle_message timed out after 5s".to_owned())]
-    );
-    assert_eq!(start.elapsed(), Duration::from_secs(6));
 }
 
 #[tokio::test(start_paused = true)]
@@ -517,6 +508,7 @@ async fn fan_out_acknowledges_once_after_every_branch_with_the_worst_status() {
         }
     }
     let seen = Arc::new(Seen::default());
+    let acks = Collector::new();
     let (producer, push) = in_memory(10);
     let pipeline = Pipeline::builder("fan-out")
         .producer(producer)
@@ -534,19 +526,24 @@ async fn fan_out_acknowledges_once_after_every_branch_with_the_worst_status() {
         .start()
         .unwrap();
     let start = Instant::now();
-    push.push(msg(&seen, 0)).await.unwrap();
-    push.push(msg(&seen, 1)).await.unwrap();
+    push.push(acks.message(0)).await.unwrap();
+    push.push(acks.message(1)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The fast branch is done, but nothing is acknowledged until the slow one is too.
     assert_eq!(seen.batches.lock().unwrap().len(), 1);
-    assert!(seen.acks.lock().unwrap().is_empty());
+    assert!(acks.is_empty());
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let acks = seen.acks.lock().unwrap().clone();
-    assert_eq!(acks.len(), 1, "one call for the group");
-    assert_eq!(acks[0].0, vec![0]);
-    assert_eq!(acks[0].1, vec![(1, "slow branch refused 1".to_owned())]);
-    assert_eq!(acks[0].2 - start, Duration::from_secs(5));
-    drop(acks);
+    let outcomes = acks.outcomes();
+    assert_eq!(acks.ack_calls(), 1, "one call for the group");
+    assert_eq!(
+        ended(&outcomes),
+        vec![(0, None, false), (1, Some("slow branch refused 1"), false)]
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.acked_at - start == Duration::from_secs(5))
+    );
     let stats = pipeline.shutdown().await.unwrap();
     assert_eq!((stats.produced, stats.successful, stats.failed), (2, 1, 1));
 }
@@ -568,13 +565,13 @@ async fn an_unknown_batcher_fails_the_message_instead_of_losing_it() {
         .batcher(BatcherConfig::new("b"), Record(seen.clone()))
         .start()
         .unwrap();
-    push.push(msg(&seen, 5)).await.unwrap();
+    let outcome = test_message(&push, 5).await;
+    assert_eq!(
+        outcome.failure(),
+        Some(&Failure::permanent("no batcher is named \"nowhere\""))
+    );
     drop(push);
     pipeline.join().await.unwrap();
-    assert_eq!(
-        seen.acked_failed(),
-        vec![(5, "no batcher is named \"nowhere\"".to_owned())]
-    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -603,7 +600,7 @@ async fn the_rate_limit_caps_messages_per_interval() {
         .unwrap();
     let start = Instant::now();
     for i in 0..35 {
-        push.push(msg(&seen, i)).await.unwrap();
+        push.push(Message::new(i)).await.unwrap();
     }
     drop(push);
     pipeline.join().await.unwrap();
@@ -650,6 +647,7 @@ impl Processor<u32> for Both {
 async fn a_stuck_sink_does_not_stop_the_other_batchers() {
     let stuck = Arc::new(Seen::default());
     let flowing = Arc::new(Seen::default());
+    let acks = Collector::new();
     let gate = Arc::new(Notify::new());
     let (producer, push) = in_memory(1000);
     let pipeline = Pipeline::builder("two-sinks")
@@ -673,7 +671,7 @@ async fn a_stuck_sink_does_not_stop_the_other_batchers() {
         .start()
         .unwrap();
     for i in 0..300 {
-        push.push(msg(&stuck, i)).await.unwrap();
+        push.push(acks.message(i)).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
@@ -682,7 +680,7 @@ async fn a_stuck_sink_does_not_stop_the_other_batchers() {
         "the other batcher delivered everything while one sink was stuck"
     );
     assert!(
-        stuck.acked_ok().is_empty(),
+        acks.is_empty(),
         "nothing is acknowledged before every sink has it"
     );
     let stats = pipeline.stats();
@@ -693,12 +691,12 @@ async fn a_stuck_sink_does_not_stop_the_other_batchers() {
     }
     drop(push);
     pipeline.join().await.unwrap();
-    assert_eq!(stuck.acked_ok(), (0..300).collect::<Vec<_>>());
+    assert_eq!(acked_ok(&acks), (0..300).collect::<Vec<_>>());
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_full_pipeline_pushes_back_without_dropping_anything() {
-    let seen = Arc::new(Seen::default());
+    let acks = Collector::new();
     let gate = Arc::new(Notify::new());
     let (producer, push) = in_memory(2);
     let pipeline = Pipeline::builder("full")
@@ -709,12 +707,12 @@ async fn a_full_pipeline_pushes_back_without_dropping_anything() {
         .unwrap();
     // One message in flight, two queued: the fourth does not fit.
     for i in 0..3 {
-        push.push(msg(&seen, i)).await.unwrap();
+        push.push(acks.message(i)).await.unwrap();
         tokio::task::yield_now().await;
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(pipeline.stats().in_flight, 1);
-    let refused = push.try_push(msg(&seen, 3)).unwrap_err();
+    let refused = push.try_push(acks.message(3)).unwrap_err();
     assert!(matches!(refused, PushError::Full(_)));
     assert_eq!(
         refused.to_string(),
@@ -724,8 +722,8 @@ async fn a_full_pipeline_pushes_back_without_dropping_anything() {
     // push(..).await waits for room instead.
     let waiting = tokio::spawn({
         let push = push.clone();
-        let seen = seen.clone();
-        async move { push.push(msg(&seen, 3)).await.is_ok() }
+        let acks = acks.clone();
+        async move { push.push(acks.message(3)).await.is_ok() }
     });
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(!waiting.is_finished());
@@ -736,7 +734,7 @@ async fn a_full_pipeline_pushes_back_without_dropping_anything() {
     assert!(waiting.await.unwrap());
     drop(push);
     let stats = pipeline.join().await.unwrap();
-    assert_eq!(seen.acked_ok(), vec![0, 1, 2, 3]);
+    assert_eq!(acked_ok(&acks), vec![0, 1, 2, 3]);
     assert_eq!(stats.max_in_flight, 1);
 }
 
@@ -747,7 +745,7 @@ async fn a_full_pipeline_pushes_back_without_dropping_anything() {
 async fn a_burst_for_one_partition_finishes_without_more_input() {
     // Sizes that leave fewer messages ready than the idle worker's demand at the end.
     for n in [13u32, 23, 57] {
-        let seen = Arc::new(Seen::default());
+        let acks = Collector::new();
         let (producer, push) = in_memory(1000);
         let pipeline = Pipeline::builder("partitioned")
             .producer(producer)
@@ -759,19 +757,16 @@ async fn a_burst_for_one_partition_finishes_without_more_input() {
             .start()
             .unwrap();
         for i in 0..n {
-            push.push(msg(&seen, i)).await.unwrap();
+            push.push(acks.message(i)).await.unwrap();
         }
         // No more pushes: everything already pushed must still be handled.
-        let all = tokio::time::timeout(Duration::from_secs(5), async {
-            while seen.acked_ok().len() < n as usize {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await;
-        assert!(
-            all.is_ok(),
-            "{} of {n} acknowledged; the rest sat ready for a worker whose ask went unheard",
-            seen.acked_ok().len()
+        let acked = acks
+            .wait_for_within(n as usize, Duration::from_secs(5))
+            .await
+            .len();
+        assert_eq!(
+            acked, n as usize,
+            "{acked} of {n} acknowledged; the rest sat ready for a worker whose ask went unheard"
         );
         drop(push);
         pipeline.join().await.unwrap();
@@ -780,7 +775,7 @@ async fn a_burst_for_one_partition_finishes_without_more_input() {
 
 #[tokio::test(start_paused = true)]
 async fn a_drain_past_its_deadline_aborts_and_says_what_was_left() {
-    let seen = Arc::new(Seen::default());
+    let acks = Collector::new();
     let (producer, push) = in_memory(10);
     let pipeline = Pipeline::builder("stuck")
         .producer(producer)
@@ -788,7 +783,7 @@ async fn a_drain_past_its_deadline_aborts_and_says_what_was_left() {
         .start()
         .unwrap();
     for i in 0..3 {
-        push.push(msg(&seen, i)).await.unwrap();
+        push.push(acks.message(i)).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
     let err = pipeline
@@ -802,14 +797,24 @@ async fn a_drain_past_its_deadline_aborts_and_says_what_was_left() {
         }
         other => panic!("unexpected {other}"),
     }
+    // What was left is acknowledged as failed by the time the error is back.
+    let outcomes = acks.outcomes();
+    assert_eq!(outcomes.len(), 3);
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.reason().is_some_and(|r| r.starts_with("abandoned"))),
+        "{outcomes:?}"
+    );
     // Pushes after the drain began are refused, and the message handed back.
-    let refused = push.push(msg(&seen, 9)).await.unwrap_err();
+    let refused = push.push(Message::new(9)).await.unwrap_err();
     assert!(matches!(refused, PushError::Closed(_)));
 }
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_flushes_open_batches_and_acknowledges_everything_taken() {
     let seen = Arc::new(Seen::default());
+    let acks = Collector::new();
     let (producer, push) = in_memory(1000);
     let pipeline = Pipeline::builder("drain")
         .producer(producer)
@@ -824,7 +829,7 @@ async fn shutdown_flushes_open_batches_and_acknowledges_everything_taken() {
         .start()
         .unwrap();
     for i in 0..105 {
-        push.push(msg(&seen, i)).await.unwrap();
+        push.push(acks.message(i)).await.unwrap();
     }
     let start = Instant::now();
     let stats = pipeline.shutdown().await.unwrap();
@@ -832,7 +837,7 @@ async fn shutdown_flushes_open_batches_and_acknowledges_everything_taken() {
         start.elapsed() < Duration::from_secs(1),
         "the drain does not wait out timeouts"
     );
-    assert_eq!(seen.acked_ok(), (0..105).collect::<Vec<_>>());
+    assert_eq!(acked_ok(&acks), (0..105).collect::<Vec<_>>());
     assert_eq!(
         (stats.produced, stats.successful, stats.in_flight),
         (105, 105, 0)
@@ -879,7 +884,7 @@ async fn cpu_bound_handlers_run_on_rayon_and_retry_in_order_per_key_or_out_of_li
         }
         let pipeline = builder.start().unwrap();
         for i in 0..5 {
-            push.push(msg(&seen, i)).await.unwrap();
+            push.push(Message::new(i)).await.unwrap();
         }
         drop(push);
         pipeline.join().await.unwrap();
@@ -1002,7 +1007,7 @@ async fn topology_and_metrics_describe_the_running_pipeline() {
         .start()
         .unwrap();
     for i in 0..12 {
-        push.push(msg(&seen, i)).await.unwrap();
+        push.push(Message::new(i)).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
     let topology = pipeline.topology();

@@ -3,60 +3,16 @@
 //! A message is moved from stage to stage, never cloned on the way; the only copy ever made is
 //! for fan-out, when one message is routed to several batchers.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use super::ack::{AckRef, Acknowledger};
+// Also here because the stages take it from where `Message` and `Status` are.
+pub(super) use super::failure::Failure;
 
 /// The name of a batcher, shared cheaply between the messages routed to it.
 pub type BatcherName = Arc<str>;
-
-/// Why a message failed, and whether trying again could help.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure(Box<FailureInner>);
-
-/// Boxed so that a message's status costs 8 bytes: failures are rare, messages are not.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct FailureInner {
-    reason: Cow<'static, str>,
-    retryable: bool,
-}
-
-impl Failure {
-    /// A failure that may go away on its own (a dropped connection, a timeout): the stage retries
-    /// it under its retry policy and dead-letters it once the attempts run out.
-    pub fn retryable(reason: impl Into<Cow<'static, str>>) -> Self {
-        Self(Box::new(FailureInner {
-            reason: reason.into(),
-            retryable: true,
-        }))
-    }
-
-    /// A failure that trying again cannot fix (bad input, a refused operation): the message is
-    /// acknowledged as failed at once, without retries and without the dead-letter sink.
-    pub fn permanent(reason: impl Into<Cow<'static, str>>) -> Self {
-        Self(Box::new(FailureInner {
-            reason: reason.into(),
-            retryable: false,
-        }))
-    }
-
-    pub fn reason(&self) -> &str {
-        &self.0.reason
-    }
-
-    pub fn is_retryable(&self) -> bool {
-        self.0.retryable
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0.reason)
-    }
-}
 
 /// Where a message stands: still good, or failed with a reason.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -132,6 +88,16 @@ impl Metadata {
         self.0
             .get_or_insert_with(Default::default)
             .insert(key.into(), value.into())
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        let map = self.0.as_mut()?;
+        let value = map.remove(key);
+        // Back to no map at all, so that it equals `Metadata::default()` again.
+        if map.is_empty() {
+            self.0 = None;
+        }
+        value
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {

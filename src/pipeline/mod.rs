@@ -39,6 +39,10 @@
 //! [`Pipeline::set_rate_limit`] (effective at once), and a [`ShutdownHandle`] to drain it from
 //! anywhere.
 //!
+//! Handlers fail a message with a [`Failure`], to which `?` converts the common errors
+//! ([`FailureExt`] takes any other). [`testing`] pushes messages through a running pipeline and
+//! awaits how each one ended, as Broadway's `test_message` and `test_batch` do.
+//!
 //! ```no_run
 //! # use thunderline::pipeline::*;
 //! struct Double;
@@ -71,6 +75,7 @@ mod ack;
 mod batcher;
 mod builder;
 mod error;
+mod failure;
 mod flow;
 mod message;
 mod pool;
@@ -81,13 +86,15 @@ mod running;
 mod sink;
 mod stage;
 mod telemetry;
+pub mod testing;
 
 pub use ack::Acknowledger;
 pub use batcher::{BatchInfo, Trigger};
 pub use builder::{BatcherConfig, PipelineBuilder, ProcessorConfig};
 pub use error::{ConfigError, PushError, ShutdownError};
+pub use failure::{Failure, FailureExt};
 pub use flow::RateLimiter;
-pub use message::{BatchKey, BatchMode, BatcherName, Failure, Message, Metadata, Status};
+pub use message::{BatchKey, BatchMode, BatcherName, Message, Metadata, Status};
 pub use processor::{CpuProcessor, Processor};
 pub use producer::{
     Demand, InMemoryProducer, Produced, Producer, PushHandle, PushPermit, in_memory,
