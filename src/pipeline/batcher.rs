@@ -202,11 +202,17 @@ impl<T: Send + 'static> BatcherStage<T> {
                         None => std::future::pending().await,
                     }
                 }, if self.idle.is_some() && !open.is_empty() => {}
-                permit = self.out.reserve(), if !ready.is_empty() => match permit {
-                    Ok(permit) => {
-                        let batch = ready.pop_front().expect("checked non-empty");
-                        self.count_sent(&batch);
-                        permit.send(batch);
+                // Room for several batches at once: the sinks then wake this batcher once per
+                // few batches they take, not once per batch.
+                permits = self.out.reserve_many(
+                    ready.len().min(self.out.max_capacity() / 4).max(1)
+                ), if !ready.is_empty() => match permits {
+                    Ok(permits) => {
+                        for permit in permits {
+                            let batch = ready.pop_front().expect("one permit per ready batch");
+                            self.count_sent(&batch);
+                            permit.send(batch);
+                        }
                     }
                     // The sinks are gone (they can only have been aborted): what waits for
                     // them is abandoned.

@@ -19,6 +19,8 @@ pub(crate) struct InFlight {
     current: AtomicUsize,
     peak: AtomicUsize,
     released: Notify,
+    /// The fewest free permits a waiting producer can use (`usize::MAX` when none waits).
+    waiting_for: AtomicUsize,
 }
 
 impl InFlight {
@@ -28,6 +30,7 @@ impl InFlight {
             current: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             released: Notify::new(),
+            waiting_for: AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -69,20 +72,33 @@ impl InFlight {
         }
     }
 
-    /// Takes between 1 and `want` permits, waiting until at least one is free.
+    /// How many free permits wake a waiting producer: enough for a worthwhile call to
+    /// `produce`, so that acknowledging many small batches wakes it once, not once per batch.
+    fn wake_at(&self) -> usize {
+        (self.bound() / 16).clamp(1, 128)
+    }
+
+    /// Takes between 1 and `want` permits, waiting until `want` or a worthwhile number of them
+    /// (see `wake_at`) are free.
     pub async fn acquire_up_to(&self, want: usize) -> usize {
         debug_assert!(want > 0);
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            let n = self.try_acquire_up_to(want);
-            if n > 0 {
-                if self.current() < self.bound() {
-                    // Permits are left: pass the wake-up on to another waiting producer.
-                    self.released.notify_one();
+            let enough = want.min(self.wake_at());
+            self.waiting_for.fetch_min(enough, Ordering::AcqRel);
+            if self.bound().saturating_sub(self.current()) >= enough {
+                let n = self.try_acquire_up_to(want);
+                if n > 0 {
+                    // Another waiter wanting less is still woken at `wake_at` free permits.
+                    self.waiting_for.store(usize::MAX, Ordering::Release);
+                    if self.current() < self.bound() {
+                        // Permits are left: pass the wake-up on to another waiting producer.
+                        self.released.notify_one();
+                    }
+                    return n;
                 }
-                return n;
             }
             released.await;
         }
@@ -96,10 +112,13 @@ impl InFlight {
 
     pub fn release(&self, n: usize) {
         if n > 0 {
-            self.current.fetch_sub(n, Ordering::AcqRel);
+            let held = self.current.fetch_sub(n, Ordering::AcqRel) - n;
+            let free = self.bound().saturating_sub(held);
             // Lock-free when nobody waits, unlike notify_waiters; a waiter that finds permits
             // left over wakes the next one.
-            self.released.notify_one();
+            if free >= self.wake_at().min(self.waiting_for.load(Ordering::Acquire)) {
+                self.released.notify_one();
+            }
         }
     }
 }
