@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use thunderline::pipeline::testing::{Discard, Pass};
 use thunderline::pipeline::*;
 
 #[derive(Default)]
@@ -433,20 +434,4 @@ async fn metrics_show_concurrency_and_the_rate_limit_as_they_change() {
         1.5
     );
     pipeline.shutdown().await.unwrap();
-}
-
-struct Pass;
-
-impl Processor<u32> for Pass {
-    async fn handle_message(&self, _: &mut Message<u32>) -> Result<(), Failure> {
-        Ok(())
-    }
-}
-
-struct Discard;
-
-impl BatchSink<u32> for Discard {
-    async fn handle_batch(&self, _: &BatchInfo, _: &mut [Message<u32>]) -> Result<(), Failure> {
-        Ok(())
-    }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use thunderline::pipeline::testing::{Discard, Pass};
 use thunderline::pipeline::*;
 use tokio::time::Instant;
 
@@ -59,22 +60,6 @@ impl Acks {
 
 fn msg(acks: &Arc<Acks>, data: u32) -> Message<u32> {
     Message::with_acker(data, acks.clone())
-}
-
-struct Pass;
-
-impl Processor<u32> for Pass {
-    async fn handle_message(&self, _: &mut Message<u32>) -> Result<(), Failure> {
-        Ok(())
-    }
-}
-
-struct Discard;
-
-impl BatchSink<u32> for Discard {
-    async fn handle_batch(&self, _: &BatchInfo, _: &mut [Message<u32>]) -> Result<(), Failure> {
-        Ok(())
-    }
 }
 
 fn one_worker() -> ProcessorConfig {

@@ -57,9 +57,32 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::ack::{AckRef, Acknowledger};
+use super::batcher::BatchInfo;
 use super::failure::Failure;
 use super::message::{BatchMode, Message, Metadata, Status};
+use super::processor::Processor;
 use super::producer::PushHandle;
+use super::sink::BatchSink;
+
+/// A processor that passes every message on as it is: for tests about the other stages.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pass;
+
+impl<T: Send + 'static> Processor<T> for Pass {
+    async fn handle_message(&self, _: &mut Message<T>) -> Result<(), Failure> {
+        Ok(())
+    }
+}
+
+/// A batch sink that takes every batch and keeps nothing: for tests about the other stages.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Discard;
+
+impl<T: Send + 'static> BatchSink<T> for Discard {
+    async fn handle_batch(&self, _: &BatchInfo, _: &mut [Message<T>]) -> Result<(), Failure> {
+        Ok(())
+    }
+}
 
 /// How long a wait lasts before it panics: longer than any batch timeout or retry schedule a
 /// test should need (the default batch timeout is 2 s), short enough that a stuck test fails
