@@ -383,7 +383,7 @@ impl<T: Clone + Send + 'static> Router<T> {
             Route::Many(_) | Route::Done => false,
         });
         if all_to_first {
-            per_batcher[0] = messages.split_off(0);
+            per_batcher[0] = messages.take_all();
         }
         for mut msg in messages.take() {
             match std::mem::take(&mut msg.route) {

@@ -45,6 +45,9 @@ pub enum Produced {
 pub struct Demand<T> {
     buf: Vec<Message<T>>,
     limit: usize,
+    /// How many the last call handed out: room for as many is made up front, so that a
+    /// producer filling its demand does not grow the buffer (and copy it) step by step.
+    last: usize,
 }
 
 impl<T> Demand<T> {
@@ -52,6 +55,7 @@ impl<T> Demand<T> {
         Self {
             buf: Vec::new(),
             limit: 0,
+            last: 0,
         }
     }
 
@@ -76,6 +80,7 @@ impl<T> Demand<T> {
     fn reset(&mut self, limit: usize) {
         debug_assert!(self.buf.is_empty());
         self.limit = limit;
+        self.buf.reserve(limit.min(self.last.max(16)));
     }
 }
 
@@ -402,6 +407,7 @@ struct Out<T: Send + 'static> {
 
 impl<T: Send + 'static> Out<T> {
     fn take(&mut self) -> Custody<T> {
+        self.demand.last = self.demand.buf.len();
         Custody::new(&self.shared, std::mem::take(&mut self.demand.buf))
     }
 }
@@ -653,7 +659,7 @@ fn add_ready<T: Send + 'static>(
     match partition_by {
         None => {
             ready.len += messages.len();
-            let all = messages.split_off(0);
+            let all = messages.take_all();
             ready.queues[0].push_back(all);
         }
         Some(key) => {

@@ -202,6 +202,16 @@ impl<T: Send + 'static> Custody<T> {
         std::mem::take(&mut self.messages)
     }
 
+    /// Moves every message into a custody of their own, leaving this one empty. Unlike
+    /// `split_off(0)`, which copies every message into a new buffer, it moves the buffer.
+    pub fn take_all(&mut self) -> Self {
+        Self {
+            messages: self.take(),
+            shared: self.shared.clone(),
+            permits: self.permits,
+        }
+    }
+
     /// Splits off the messages from `at` on, into a custody of their own.
     pub fn split_off(&mut self, at: usize) -> Self {
         Self {
