@@ -10,6 +10,7 @@
 //! (`Duration::MAX`) means never: such batches leave by size, flush or idle workers only.
 
 use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -154,37 +155,45 @@ impl<T: Send + 'static> BatcherStage<T> {
                     self.metrics.received.inc_by(n as u64);
                     self.metrics.in_flight.add(n);
                     let empty = chunk.empty();
-                    for msg in chunk.take() {
-                        let flush = msg.batch_mode() == BatchMode::Flush;
-                        // Look up by reference: the key is cloned once per batch, not per message.
-                        let full = match open.get_mut(msg.batch_key()) {
-                            Some(batch) => {
-                                batch.messages.push(msg);
-                                (batch.messages.len() >= self.batch_size || flush)
-                                    .then(|| batch.messages[0].batch_key().clone())
-                            }
-                            None => {
-                                let key = msg.batch_key().clone();
+                    let mut messages = chunk.take().into_iter();
+                    // Messages move in runs that share a batch: one copy each, straight into
+                    // the batch, instead of one out of the chunk and another into the batch.
+                    while let Some(first) = messages.as_slice().first() {
+                        let key = first.batch_key().clone();
+                        let batch = match open.entry(key.clone()) {
+                            Entry::Occupied(batch) => batch.into_mut(),
+                            Entry::Vacant(slot) => {
                                 generation += 1;
                                 deadlines.push_back((
                                     later(Instant::now(), self.batch_timeout),
                                     generation,
-                                    key.clone(),
+                                    slot.key().clone(),
                                 ));
                                 let mut messages = empty.empty();
                                 messages.reserve(self.batch_size.min(1024));
-                                messages.push(msg);
-                                open.insert(key.clone(), Open { messages, generation });
-                                (self.batch_size == 1 || flush).then_some(key)
+                                slot.insert(Open { messages, generation })
                             }
                         };
-                        if let Some(key) = full {
-                            let batch = open.remove(&key).expect("the batch is open");
+                        let room = self.batch_size.saturating_sub(batch.messages.len()).max(1);
+                        let (mut run, mut flush) = (0, false);
+                        for m in messages.as_slice().iter().take(room) {
+                            if *m.batch_key() != key {
+                                break;
+                            }
+                            run += 1;
+                            if m.batch_mode() == BatchMode::Flush {
+                                flush = true;
+                                break;
+                            }
+                        }
+                        batch.messages.extend(messages.by_ref().take(run));
+                        if batch.messages.len() >= self.batch_size || flush {
                             let trigger = if batch.messages.len() >= self.batch_size {
                                 Trigger::Size
                             } else {
                                 Trigger::Flush
                             };
+                            let batch = open.remove(&key).expect("the batch is open");
                             ready.push_back(self.seal(key, batch.messages, trigger));
                         }
                     }
