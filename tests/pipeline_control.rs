@@ -435,3 +435,44 @@ async fn metrics_show_concurrency_and_the_rate_limit_as_they_change() {
     );
     pipeline.shutdown().await.unwrap();
 }
+
+/// Records the order messages are handled in, 10 ms each.
+struct InOrder(Arc<Mutex<Vec<u32>>>);
+
+impl Processor<u32> for InOrder {
+    async fn handle_message(&self, m: &mut Message<u32>) -> Result<(), Failure> {
+        self.0.lock().unwrap().push(m.data);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_resizes_before_a_producer_hears_the_first_keep_order_per_key() {
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let (producer, push) = in_memory(100);
+    let pipeline = Pipeline::builder("two-resizes")
+        .producer(producer)
+        .processor(
+            InOrder(handled.clone()),
+            ProcessorConfig::default().concurrency(1),
+        )
+        // One key: everything in order.
+        .partition_by(|_: &Message<u32>| 0)
+        .start()
+        .unwrap();
+    for i in 0..10 {
+        push.push(Message::new(i)).await.unwrap();
+    }
+    // The first worker is busy with 0..10 when the pool changes twice in a row: the producer
+    // must wait for that worker, not for the generation in between, which it never fed.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    pipeline.resize_processors(2).unwrap();
+    pipeline.resize_processors(3).unwrap();
+    for i in 10..20 {
+        push.push(Message::new(i)).await.unwrap();
+    }
+    drop(push);
+    pipeline.join().await.unwrap();
+    assert_eq!(*handled.lock().unwrap(), (0..20).collect::<Vec<_>>());
+}

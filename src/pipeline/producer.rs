@@ -310,7 +310,15 @@ impl<T: Send + 'static> Dispatch<T> {
                     self.demand[worker] += n;
                 }
             }
-            Some(Signal::Workers(set)) => self.switch = Some(set),
+            Some(Signal::Workers(mut set)) => {
+                // Two resizes before this producer applied the first: it still feeds the
+                // workers before both, so those are the ones to wait for, not the generation
+                // in between, which it never fed.
+                if let Some(pending) = self.switch.take() {
+                    set.previous = pending.previous;
+                }
+                self.switch = Some(set);
+            }
             None => self.closed = true,
         }
     }
