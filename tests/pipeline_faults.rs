@@ -625,3 +625,39 @@ async fn a_panicking_acknowledger_or_sink_fails_only_its_own_messages() {
     assert_eq!(stats.produced, 10);
     assert_eq!(stats.in_flight, 0);
 }
+
+/// Found by the property tests: a producer waiting for input held the permits it had taken for
+/// it, so with an explicit bound an idle producer could keep a busy one from ever handing out.
+#[tokio::test(start_paused = true)]
+async fn an_idle_producer_does_not_starve_a_busy_one() {
+    let (idle, _idle_push) = in_memory::<u32>(10);
+    let (busy, push) = in_memory::<u32>(10);
+    let pipeline = Pipeline::builder("starve")
+        .producer(idle)
+        .producer(busy)
+        .processor(Pass, ProcessorConfig::default().concurrency(1))
+        .in_flight_bound(4)
+        .start()
+        .unwrap();
+    for i in 0..8 {
+        push.push(Message::new(i)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        pipeline.stats().produced,
+        8,
+        "the busy producer's messages were taken"
+    );
+    pipeline.shutdown().await.unwrap();
+
+    // Fewer permits than producers could never be shared out: refused at the start.
+    let (a, _a) = in_memory::<u32>(10);
+    let (b, _b) = in_memory::<u32>(10);
+    let refused = Pipeline::builder("too-few")
+        .producer(a)
+        .producer(b)
+        .processor(Pass, ProcessorConfig::default())
+        .in_flight_bound(1)
+        .start();
+    assert!(matches!(refused, Err(ConfigError::Invalid { .. })));
+}

@@ -368,10 +368,14 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             });
         }
         if let Some(bound) = self.in_flight_bound {
-            if bound == 0 {
+            if bound < self.producers.len().max(1) {
                 return Err(ConfigError::Invalid {
                     what: "in_flight_bound".into(),
-                    reason: "must be at least 1".into(),
+                    reason: format!(
+                        "must be at least 1 per producer ({}): each producer needs a permit of \
+                         its own",
+                        self.producers.len()
+                    ),
                 });
             }
             if let Some((b, _)) = self.batchers.iter().find(|(b, _)| b.batch_size > bound) {
@@ -530,6 +534,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             processor_stage,
         ];
         stages.extend(batcher_stages);
+        let producer_count = self.producers.len();
         let producers = self.producers.into_iter().zip(signal_rxs).zip(worker_sets);
         for (index, ((producer, signals), workers)) in producers.enumerate() {
             let stage = ProducerStage {
@@ -540,6 +545,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 max_demand: config.max_demand,
                 partition_by: self.partition_by.clone(),
                 max_chunk: (config.max_demand - config.min_demand()).max(1),
+                producers: producer_count,
                 rate_limit: rate_limit.clone(),
                 stop: stop_rx.clone(),
                 shared: shared.clone(),

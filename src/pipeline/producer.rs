@@ -245,6 +245,8 @@ pub(crate) struct ProducerStage<T: Send + 'static> {
     pub max_demand: usize,
     pub partition_by: Option<PartitionFn<T>>,
     pub max_chunk: usize,
+    /// How many producers share the in-flight bound.
+    pub producers: usize,
     pub rate_limit: Arc<RateLimiter>,
     pub stop: watch::Receiver<bool>,
     pub shared: Arc<Shared<T>>,
@@ -482,8 +484,12 @@ impl<T: Send + 'static> ProducerStage<T> {
             shared,
             pool,
             metrics,
+            producers,
             ..
         } = self;
+        // A producer waiting for input keeps the permits it took for it: at most its share of
+        // the bound, so that idle producers can never hold every permit a busy one needs.
+        let share = |shared: &Shared<T>| (shared.in_flight.bound() / producers).max(1);
         let mut out = Out {
             demand: Demand::new(),
             shared: shared.clone(),
@@ -530,7 +536,10 @@ impl<T: Send + 'static> ProducerStage<T> {
 
             let permits = if stopping {
                 // Draining: what the producer held before it closed needs permits too.
-                let n = shared.in_flight.acquire_up_to(want.min(held.len())).await;
+                let n = shared
+                    .in_flight
+                    .acquire_up_to(want.min(held.len()).min(share(&shared)))
+                    .await;
                 let rest = held.split_off(n);
                 let mut messages = Custody::new(&shared, std::mem::replace(&mut held, rest).take());
                 shared.held.fetch_sub(n, Ordering::Relaxed);
@@ -551,7 +560,7 @@ impl<T: Send + 'static> ProducerStage<T> {
                         d.hear(signal);
                         continue;
                     }
-                    n = shared.in_flight.acquire_up_to(want) => Some(n),
+                    n = shared.in_flight.acquire_up_to(want.min(share(&shared))) => Some(n),
                 }
             };
             let Some(mut permits) = permits else {
