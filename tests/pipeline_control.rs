@@ -234,6 +234,12 @@ async fn resizes_to_nothing_unknown_batchers_and_resizes_while_draining_are_refu
     pipeline.join().await.unwrap();
 }
 
+/// A handle goes anywhere: into a signal handler's task, a supervisor, a static.
+const _: fn() = || {
+    fn shareable<H: Clone + Send + Sync + 'static>() {}
+    shareable::<ShutdownHandle>();
+};
+
 #[tokio::test(start_paused = true)]
 async fn a_shutdown_handle_drains_from_another_task_and_every_join_gets_the_answer() {
     let seen = Arc::new(Seen::default());
