@@ -14,5 +14,6 @@ pub mod bench;
 pub mod daemon;
 pub mod pipeline;
 pub mod realtime;
+pub mod sources;
 pub mod store;
 pub mod zone;

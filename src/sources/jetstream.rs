@@ -1,0 +1,1 @@
+//! NATS JetStream: a durable pull consumer whose pulls follow the pipeline's demand.
