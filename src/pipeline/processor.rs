@@ -263,17 +263,17 @@ impl<T: Send + 'static, P: CpuProcessor<T>> ChunkHandler<T> for RayonHandler<P> 
                 // After a wait cut short by the drain, the message resumed at gets one last try.
                 let last_at = last.then_some(from);
                 let (back, retry_at) = on_pool(move || {
-                    if prepare {
-                        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| {
+                    if prepare
+                        && let Err(panic) = catch_unwind(AssertUnwindSafe(|| {
                             processor.prepare_messages(&mut messages)
-                        })) {
-                            let failure = Failure::permanent(format!(
-                                "prepare_messages panicked: {}",
-                                panic_message(&*panic)
-                            ));
-                            fail_all(&mut messages, failure);
-                            return (messages, None);
-                        }
+                        }))
+                    {
+                        let failure = Failure::permanent(format!(
+                            "prepare_messages panicked: {}",
+                            panic_message(&*panic)
+                        ));
+                        fail_all(&mut messages, failure);
+                        return (messages, None);
                     }
                     for i in from..messages.len() {
                         let msg = &mut messages[i];
