@@ -480,3 +480,59 @@ async fn bad_urls_get_clear_errors() {
     );
     assert!(!text.contains("hunter2"));
 }
+
+/// A command whose events are logged and covered by the zone's snapshot, delivered again after
+/// a restart (a broker redelivers what was not acknowledged before a crash), is answered as a
+/// duplicate, not applied a second time: the zone loaded from the store remembers the ids of the
+/// commands its log holds, not only those logged after the snapshot.
+#[tokio::test]
+async fn a_command_behind_the_snapshot_is_not_applied_again_after_a_restart() {
+    for db in common::backends().await {
+        let store = Store::connect(&db.url).await.unwrap();
+        let mut zone = ZoneState::new(Zone::create(spec("Glade"), "node-a", now()).unwrap());
+        store.insert_zone(&zone.snapshot()).await.unwrap();
+        let service = Actor::Service {
+            agent_id: Some("npc-1".into()),
+        };
+        let first = ZoneCommand::new(zone.id(), service.clone(), moved(1.0));
+        let later = ZoneCommand::new(zone.id(), service.clone(), moved(2.0));
+        let mut logged = Vec::new();
+        for command in [&first, &later] {
+            let outcome = zone.execute(command, &Context::at(now()));
+            logged.extend(outcome.result.unwrap().events);
+        }
+        store
+            .append_events(&logged.iter().collect::<Vec<_>>())
+            .await
+            .unwrap();
+        store.save_snapshots(&[&zone.snapshot()]).await.unwrap();
+
+        let registry = thunderline::daemon::zones::ZoneRegistry::new(store.clone());
+        let mut loaded = registry.read(zone.id()).await.unwrap().state;
+        assert_eq!(loaded.seq(), 2);
+        for command in [&first, &later] {
+            let again = loaded.execute(command, &Context::at(now()));
+            let accepted = again.result.unwrap();
+            assert!(
+                accepted.duplicate && accepted.events.is_empty(),
+                "{}: {} applied again after a restart",
+                db.name,
+                command.id
+            );
+        }
+        assert_eq!(loaded.seq(), 2);
+        // A new command still applies.
+        let fresh = ZoneCommand::new(zone.id(), service, moved(3.0));
+        assert_eq!(
+            loaded
+                .execute(&fresh, &Context::at(now()))
+                .result
+                .unwrap()
+                .events
+                .len(),
+            1
+        );
+        store.close().await;
+        db.cleanup().await;
+    }
+}

@@ -30,6 +30,84 @@ pub struct PipelineFile {
     pub batchers: BatcherSections,
     pub replies: RepliesSection,
     pub zones: ZonesSection,
+    /// Broker ingest: zone commands from NATS JetStream and/or RabbitMQ, beside the sockets.
+    pub sources: SourceSections,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceSections {
+    pub nats: Option<NatsSection>,
+    pub rabbitmq: Option<RabbitMqSection>,
+}
+
+/// `[sources.nats]`: a JetStream durable pull consumer (the stream, the dead-letter stream and
+/// the consumer are declared at start when absent).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSection {
+    pub url: String,
+    pub stream: String,
+    pub subjects: Vec<String>,
+    pub consumer: String,
+    pub dead_stream: String,
+    pub dead_subject: String,
+    /// How long the server waits for a settlement before delivering again (progress acks keep
+    /// a slow message from being delivered again while it is handled).
+    pub ack_wait_ms: NonZeroU64,
+    /// Most messages one pull asks for.
+    pub pull_batch: NonZeroUsize,
+    pub idle_heartbeat_ms: NonZeroU64,
+    /// Deliveries in all (the first included) and the delays of the naks between them.
+    pub retry: RetrySection,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            stream: "THUNDERLINE".into(),
+            subjects: vec!["thunderline.commands.>".into()],
+            consumer: "thunderline".into(),
+            dead_stream: "THUNDERLINE_DEAD".into(),
+            dead_subject: "thunderline.dead".into(),
+            ack_wait_ms: NonZeroU64::new(30_000).expect("nonzero"),
+            pull_batch: NonZeroUsize::new(512).expect("nonzero"),
+            idle_heartbeat_ms: NonZeroU64::new(5_000).expect("nonzero"),
+            retry: RetrySection {
+                max_attempts: Attempts::Count(NonZeroU32::new(5).expect("nonzero")),
+                initial_delay_ms: 500,
+                multiplier: 2.0,
+                max_delay_ms: 30_000,
+                jitter: true,
+            },
+        }
+    }
+}
+
+/// `[sources.rabbitmq]`: a durable queue with a dead-letter exchange (declared at start).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitMqSection {
+    pub url: String,
+    pub queue: String,
+    pub dead_exchange: String,
+    pub dead_queue: String,
+    /// Unacknowledged deliveries the broker sends ahead; omitted: what the processors can ask
+    /// for (workers × max_demand), at most the in-flight bound.
+    pub prefetch: Option<std::num::NonZeroU16>,
+}
+
+impl Default for RabbitMqSection {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            queue: "thunderline.commands".into(),
+            dead_exchange: "thunderline.dead".into(),
+            dead_queue: "thunderline.commands.dead".into(),
+            prefetch: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -188,6 +266,7 @@ impl Default for PipelineFile {
             batchers: BatcherSections::default(),
             replies: RepliesSection::default(),
             zones: ZonesSection::default(),
+            sources: SourceSections::default(),
         }
     }
 }
@@ -309,6 +388,82 @@ impl ProcessorSection {
     }
 }
 
+/// A NATS subject or a name of a stream, consumer, queue or exchange: printable, no spaces.
+fn check_name(what: &str, name: &str, dots: bool) -> Result<(), String> {
+    let bad = name.is_empty()
+        || name.len() > 255
+        || name.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || (!dots && matches!(c, '.' | '*' | '>'))
+        });
+    if bad {
+        let rule = if dots {
+            "a non-empty name without spaces"
+        } else {
+            "a non-empty name without spaces, dots, * or >"
+        };
+        return Err(format!("{what} {name:?} is not {rule}"));
+    }
+    Ok(())
+}
+
+impl NatsSection {
+    fn check(&self) -> Result<(), String> {
+        if !(self.url.starts_with("nats://") || self.url.starts_with("tls://")) {
+            return Err(format!(
+                "url {:?} must start with nats:// (e.g. nats://127.0.0.1:4222)",
+                self.url
+            ));
+        }
+        check_name("stream", &self.stream, false)?;
+        check_name("dead_stream", &self.dead_stream, false)?;
+        check_name("consumer", &self.consumer, false)?;
+        check_name("dead_subject", &self.dead_subject, true)?;
+        if self.dead_subject.contains(['*', '>']) {
+            return Err("dead_subject is a subject prefix: no wildcards".into());
+        }
+        let [subject] = self.subjects.as_slice() else {
+            return Err(format!(
+                "subjects must name exactly one subject (the consumer's filter), not {}",
+                self.subjects.len()
+            ));
+        };
+        check_name("subject", subject, true)?;
+        if self.ack_wait_ms.get() < 1_000 {
+            return Err("ack_wait_ms must be at least 1000".into());
+        }
+        if self.retry.initial_delay_ms > self.retry.max_delay_ms {
+            return Err("[retry] initial_delay_ms must not exceed max_delay_ms".into());
+        }
+        Ok(())
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_millis(self.ack_wait_ms.get())
+    }
+
+    pub fn idle_heartbeat(&self) -> Duration {
+        Duration::from_millis(self.idle_heartbeat_ms.get())
+    }
+}
+
+impl RabbitMqSection {
+    fn check(&self) -> Result<(), String> {
+        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
+            return Err(format!(
+                "url {:?} must start with amqp:// (e.g. amqp://guest:guest@127.0.0.1:5672/%2f)",
+                self.url
+            ));
+        }
+        check_name("queue", &self.queue, true)?;
+        check_name("dead_exchange", &self.dead_exchange, true)?;
+        check_name("dead_queue", &self.dead_queue, true)?;
+        if self.queue == self.dead_queue {
+            return Err("queue and dead_queue must differ".into());
+        }
+        Ok(())
+    }
+}
+
 impl PipelineFile {
     /// Parses a pipeline file's text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, PipelineFileError> {
@@ -364,6 +519,15 @@ impl PipelineFile {
                 "[processors.retry] initial_delay_ms must not exceed max_delay_ms".into(),
             ));
         }
+        if let Some(nats) = &file.sources.nats {
+            nats.check()
+                .map_err(|m| invalid(format!("[sources.nats] {m}")))?;
+        }
+        if let Some(rabbit) = &file.sources.rabbitmq {
+            rabbit
+                .check()
+                .map_err(|m| invalid(format!("[sources.rabbitmq] {m}")))?;
+        }
         Ok(file)
     }
 
@@ -390,6 +554,50 @@ mod tests {
     fn the_shipped_file_is_the_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/zones.toml");
         assert_eq!(PipelineFile::load(&path).unwrap(), PipelineFile::default());
+    }
+
+    #[test]
+    fn the_broker_files_are_the_default_with_a_source() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let nats = PipelineFile::load(&dir.join("nats.toml")).unwrap();
+        assert_eq!(nats.sources.nats, Some(NatsSection::default()));
+        let rabbit = PipelineFile::load(&dir.join("rabbitmq.toml")).unwrap();
+        assert_eq!(rabbit.sources.rabbitmq, Some(RabbitMqSection::default()));
+        for mut file in [nats, rabbit] {
+            file.sources = SourceSections::default();
+            assert_eq!(file, PipelineFile::default());
+        }
+    }
+
+    #[test]
+    fn bad_source_sections_are_refused_with_what_to_change() {
+        let e = err("[sources.nats]\nurl = \"http://x\"\n");
+        assert!(
+            e.contains("[sources.nats] url \"http://x\" must start with nats://"),
+            "{e}"
+        );
+        let e = err("[sources.nats]\nsubjects = []\n");
+        assert!(e.contains("subjects must name exactly one subject"), "{e}");
+        let e = err("[sources.nats]\nstream = \"a.b\"\n");
+        assert!(e.contains("stream \"a.b\" is not"), "{e}");
+        let e = err("[sources.nats]\nack_wait_ms = 10\n");
+        assert!(e.contains("ack_wait_ms must be at least 1000"), "{e}");
+        let e = err("[sources.nats]\nconsumerr = \"x\"\n");
+        assert!(
+            e.contains("line 2") && e.contains("unknown field `consumerr`"),
+            "{e}"
+        );
+        let e = err("[sources.rabbitmq]\nurl = \"nats://x\"\n");
+        assert!(
+            e.contains("[sources.rabbitmq] url \"nats://x\" must start with amqp://"),
+            "{e}"
+        );
+        let e = err("[sources.rabbitmq]\nprefetch = 0\n");
+        assert!(e.contains("line 2") && e.contains("nonzero"), "{e}");
+        let e = err("[sources.rabbitmq]\ndead_queue = \"thunderline.commands\"\n");
+        assert!(e.contains("queue and dead_queue must differ"), "{e}");
+        let e = err("[sources.kafka]\n");
+        assert!(e.contains("unknown field `kafka`"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use super::DatabaseArgs;
 use super::api::{self, ApiState};
 use super::config::{PipelineFile, PipelineFileError};
 use super::control::ZonePipeline;
+use super::ingest::{IngestError, Sources, SourcesSettled};
 use super::zones::{
     Replies, Snapshots, TimerConfig, WriterConfig, ZoneAcker, ZoneHandle, ZoneRegistry, ZoneWork,
     ZoneWriter, run_timers,
@@ -105,6 +106,8 @@ pub enum ServeError {
     Http(std::io::Error),
     #[error("the pipeline did not drain: {0}")]
     Drain(#[from] ShutdownError),
+    #[error(transparent)]
+    Source(#[from] IngestError),
 }
 
 /// The server's secrets: the token-signing secret and the admin API's bearer token.
@@ -185,6 +188,8 @@ pub struct Server {
     snapshots: Arc<Snapshots>,
     store: Store,
     connections: prometheus::IntGauge,
+    /// The broker sources' last settlements, waited for after the drain.
+    settled: SourcesSettled,
 }
 
 impl Server {
@@ -204,6 +209,9 @@ impl Server {
             pipeline_metrics.clone(),
         )?);
         let acker = Arc::new(ZoneAcker::new(zone_registry.clone(), snapshots.clone()));
+        let processors = file.processors.config().concurrency;
+        let mut sources = Sources::connect(file, acker.clone(), &registry, processors).await?;
+        let settled = sources.settled();
 
         let (producer, push) = in_memory::<ZoneWork>(file.producer.queue.get());
         let routes: Arc<[BatcherName]> =
@@ -235,6 +243,12 @@ impl Server {
                 let (hi, lo) = m.data.zone_id.as_u64_pair();
                 hi ^ lo
             });
+        if let Some(source) = sources.jetstream.take() {
+            builder = builder.producer(source);
+        }
+        if let Some(source) = sources.rabbitmq.take() {
+            builder = builder.producer(source);
+        }
         if let Some(rl) = &file.producer.rate_limit {
             builder = builder.rate_limit(
                 rl.allowed.get(),
@@ -322,6 +336,7 @@ impl Server {
             snapshots,
             store,
             connections,
+            settled,
         })
     }
 
@@ -341,6 +356,9 @@ impl Server {
         let drain = self.pipeline.shutdown_handle();
         drain.shutdown();
         let drained = drain.join().await;
+        // Settlements not sent are not lost (the broker delivers again, and the zones apply a
+        // command once), but a clean stop should not cause redeliveries.
+        self.settled.wait(Duration::from_secs(5)).await;
         // The zone pipeline's last acknowledgements queued the last snapshots; they are written
         // even when the drain above ran out of time.
         let written = self.snapshots.shutdown().await;

@@ -29,7 +29,7 @@
 //! slow-consumer events are counted.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::ErrorCode;
@@ -150,7 +150,7 @@ pub struct JetStreamSource<T> {
     messages: Option<pull::Stream>,
     config: JetStreamConfig,
     decoder: Arc<dyn Decoder<T>>,
-    settler: Arc<Settler>,
+    settler: Arc<Settler<T>>,
     tasks: Vec<JoinHandle<()>>,
     client: Client,
 }
@@ -204,6 +204,7 @@ impl<T: Send + 'static> JetStreamSource<T> {
         let (dead, dead_rx) = mpsc::unbounded_channel();
         let settler = Arc::new(Settler {
             held: Mutex::new(HashMap::new()),
+            then: OnceLock::new(),
             acks,
             dead,
             retry: config.retry.clone(),
@@ -234,6 +235,14 @@ impl<T: Send + 'static> JetStreamSource<T> {
             tasks,
             client,
         })
+    }
+
+    /// Has `acker` told how each message ended, after the broker's settlement is decided: how a
+    /// user keeps bookkeeping of their own (the daemon's zones do). Set once; later calls are
+    /// ignored.
+    pub fn then_acknowledge(self, acker: Arc<dyn Acknowledger<T>>) -> Self {
+        let _ = self.settler.then.set(acker);
+        self
     }
 
     /// What to wait on at shutdown, after the pipeline has finished: see [`Settled::wait`].
@@ -615,8 +624,10 @@ struct DeadLetter {
 }
 
 /// The source's acknowledger: turns how each message ended into what the server is told.
-struct Settler {
+struct Settler<T> {
     held: Mutex<HashMap<String, Held>>,
+    /// The user's acknowledger, told after the settlement is decided.
+    then: OnceLock<Arc<dyn Acknowledger<T>>>,
     /// (ack subject, what to publish on it): acks, naks, terms, progress.
     acks: mpsc::UnboundedSender<(String, Bytes)>,
     dead: mpsc::UnboundedSender<DeadLetter>,
@@ -624,7 +635,7 @@ struct Settler {
     metrics: SourceMetrics,
 }
 
-impl Settler {
+impl<T> Settler<T> {
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -638,7 +649,7 @@ impl Settler {
     }
 }
 
-impl<T: Send + 'static> Acknowledger<T> for Settler {
+impl<T: Send + 'static> Acknowledger<T> for Settler<T> {
     fn ack(&self, successful: Vec<Message<T>>, failed: Vec<Message<T>>) {
         let mut acked = 0;
         for m in &successful {
@@ -674,6 +685,9 @@ impl<T: Send + 'static> Acknowledger<T> for Settler {
                     reason: failure.reason().to_owned(),
                 });
             }
+        }
+        if let Some(then) = self.then.get() {
+            then.ack(successful, failed);
         }
     }
 }
@@ -758,8 +772,8 @@ fn one_line(reason: &str) -> String {
 
 /// Sends `+WPI` for every message held longer than half the ack wait, so that the server does
 /// not deliver again what is still being handled.
-async fn progress(
-    settler: std::sync::Weak<Settler>,
+async fn progress<T>(
+    settler: std::sync::Weak<Settler<T>>,
     client: Client,
     ack_wait: Duration,
     metrics: SourceMetrics,

@@ -262,6 +262,37 @@ impl Store {
         rows.into_iter().map(ZoneEvent::try_from).collect()
     }
 
+    /// The ids of the last `limit` commands whose events are logged at or before `seq`, with
+    /// the seq of each one's last event, oldest first: what a zone loaded from a snapshot
+    /// remembers, so that a command delivered again after a restart is not applied twice.
+    pub async fn command_ids_up_to(
+        &self,
+        zone_id: Uuid,
+        seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, u64)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<(Uuid, i64)> = on_pool!(self.db(), pool => sqlx::query_as(
+            // The newest rows by the (zone, seq) index: a zone's whole log is never read.
+            "SELECT command_id, seq FROM audit_events \
+             WHERE zone_id = $1 AND seq <= $2 AND command_id IS NOT NULL \
+             ORDER BY seq DESC LIMIT $3")
+            .bind(zone_id)
+            .bind(big(seq))
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?;
+        // A command with several events appears once, at its last event.
+        let mut seen = std::collections::HashSet::new();
+        let mut ids: Vec<(Uuid, u64)> = rows
+            .into_iter()
+            .filter(|(id, _)| seen.insert(*id))
+            .map(|(id, last)| (id, u64::try_from(last).unwrap_or(0)))
+            .collect();
+        ids.reverse();
+        Ok(ids)
+    }
+
     /// Every event of the zone after `seq`, in seq order, the dead-lettered ones included: what
     /// loading a zone replays onto its snapshot.
     pub async fn events_after(

@@ -23,6 +23,13 @@ pub enum Actor {
     },
     /// The admin API.
     Admin,
+    /// A trusted service (a game server, an NPC brain) sending commands through a broker: it
+    /// needs no token and no session, but the zone's own permission bits apply. It acts for
+    /// `agent_id`, which agent events name (a tick needs none).
+    Service {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent_id: Option<String>,
+    },
     /// The server itself: ticks, expiring the sessions of a previous run.
     System,
 }
@@ -32,6 +39,7 @@ impl Actor {
         match self {
             Self::Agent { .. } => "an agent",
             Self::Admin => "the admin API",
+            Self::Service { .. } => "a service",
             Self::System => "the server",
         }
     }

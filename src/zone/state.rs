@@ -230,6 +230,15 @@ fn allowed(actor: &Actor, kind: &CommandKind) -> bool {
                 | K::BroadcastEvent { .. }
                 | K::GetZoneState
         ),
+        Actor::Service { .. } => matches!(
+            kind,
+            K::AgentMove { .. }
+                | K::AgentInteract { .. }
+                | K::ConsumeResource { .. }
+                | K::BroadcastEvent { .. }
+                | K::Tick
+                | K::GetZoneState
+        ),
         Actor::System => matches!(kind, K::Tick | K::ExpireSessions | K::GetZoneState),
     }
 }
@@ -395,9 +404,34 @@ impl ZoneState {
                 }
                 None
             }
+            Actor::Service { agent_id } => {
+                if let Some(agent_id) = agent_id {
+                    limits::text(
+                        kind.name(),
+                        "agent_id",
+                        agent_id,
+                        limits::MAX_AGENT_ID_BYTES,
+                    )?;
+                } else if matches!(
+                    kind,
+                    CommandKind::AgentMove { .. } | CommandKind::AgentInteract { .. }
+                ) {
+                    return Err(ZoneError::invalid(
+                        kind.name(),
+                        "agent_id is required: the agent the service acts for",
+                    ));
+                }
+                if let Some(needed) = permission_needed(kind) {
+                    self.zone.authorize_zone(needed)?;
+                }
+                None
+            }
             Actor::System => None,
         };
-        let agent_id = agent.as_ref().map(|k| k.agent_id.clone());
+        let agent_id = match &command.actor {
+            Actor::Service { agent_id } => agent_id.clone(),
+            _ => agent.as_ref().map(|k| k.agent_id.clone()),
+        };
         let now = ctx.now;
         let presence = |key: &SessionKey, session_count: usize| Presence {
             agent_id: key.agent_id.clone(),
@@ -733,6 +767,12 @@ impl ZoneState {
                 r.amount = *amount;
             }
         }
+    }
+
+    /// Remembers a command the log shows applied (its last event at `seq`) before the snapshot
+    /// this state was loaded from: delivered again after a restart, it is answered, not applied.
+    pub fn remember_applied(&mut self, command_id: Uuid, seq: u64) {
+        self.recent.remember(command_id, Ok(seq));
     }
 
     /// Decides `command`, numbers and applies the events it causes, and remembers its id. A

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::store::{Store, StoreError};
-use crate::zone::{EventKind, ZoneEvent, ZoneSnapshot, ZoneState};
+use crate::zone::{EventKind, REMEMBERED_COMMANDS, ZoneEvent, ZoneSnapshot, ZoneState};
 
 /// A snapshot is taken after an event that changes what a snapshot holds, and otherwise at
 /// least every this many events, so that loading never replays a long log.
@@ -224,7 +224,15 @@ impl ZoneRegistry {
     pub async fn read(&self, id: Uuid) -> Result<Loaded, StoreError> {
         let snapshot = self.store.get_zone(id).await?;
         let events = self.store.events_after(id, snapshot.seq).await?;
+        // The commands behind the snapshot, remembered as the replayed ones after it are.
+        let applied = self
+            .store
+            .command_ids_up_to(id, snapshot.seq, REMEMBERED_COMMANDS)
+            .await?;
         let mut state = ZoneState::from_snapshot(snapshot);
+        for (command_id, seq) in applied {
+            state.remember_applied(command_id, seq);
+        }
         let mut stale_snapshot = !events.is_empty() || state.epoch().is_empty();
         let mut gap = false;
         for event in &events {

@@ -95,6 +95,10 @@ impl Processor<ZoneWork> for ZoneWriter {
         let (live, fresh) = match self.registry.load(zone_id).await {
             Ok(loaded) => loaded,
             Err(StoreError::Zone(refusal)) => {
+                // A failed message goes no further: no batchers to clear.
+                if let Some(failure) = service_refusal(&command, &refusal) {
+                    return Err(failure);
+                }
                 let outcome = Outcome {
                     command_id: command.id,
                     result: Err(refusal),
@@ -107,6 +111,9 @@ impl Processor<ZoneWork> for ZoneWriter {
             // would hold up every other zone of this writer.
             Err(e @ StoreError::Corrupt(_)) => {
                 tracing::error!(zone = %zone_id, error = %e, "the zone cannot be loaded");
+                if matches!(command.actor, Actor::Service { .. }) {
+                    return Err(Failure::permanent(format!("unavailable: {e}")));
+                }
                 let outcome = unavailable(command.id, &e.to_string());
                 self.answer(work, outcome);
                 msg.put_batchers(Arc::from([]));
@@ -149,6 +156,10 @@ impl Processor<ZoneWork> for ZoneWriter {
         };
         let routed = !events.is_empty();
         work.events = Arc::from(events);
+        let refused = match &outcome.result {
+            Err(refusal) => service_refusal(&command, refusal),
+            Ok(_) => None,
+        };
         self.answer(work, outcome);
         self.latency
             .with_label_values(&[command.kind.name()])
@@ -158,8 +169,30 @@ impl Processor<ZoneWork> for ZoneWriter {
         } else {
             Arc::from([])
         });
-        Ok(())
+        match refused {
+            Some(failure) if !routed => Err(failure),
+            // The events of the session expiry above must still go out, and a failed message
+            // would take them nowhere: the refusal is only logged.
+            Some(failure) => {
+                tracing::warn!(command = %command.id, reason = failure.reason(), "a service's command was refused");
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
+}
+
+/// A refusal of a service's command fails its message: nobody awaits an answer, and the source
+/// dead-letters it with the reason (or, for what passes with time, gives it back for later).
+fn service_refusal(command: &ZoneCommand, refusal: &ZoneError) -> Option<Failure> {
+    if !matches!(command.actor, Actor::Service { .. }) {
+        return None;
+    }
+    let reason = format!("{}: {refusal}", refusal.reason());
+    Some(match refusal {
+        ZoneError::RateLimited { .. } | ZoneError::Unavailable(_) => Failure::retryable(reason),
+        _ => Failure::permanent(reason),
+    })
 }
 
 impl ZoneWriter {

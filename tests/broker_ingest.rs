@@ -1,0 +1,247 @@
+//! Zone commands from real brokers into the daemon: `thunderline serve` with a `[sources.*]`
+//! section, PostgreSQL for the audit log, and the broker at its usual address.
+//!
+//! - 3,000 commands over 3 zones, 1 in 50 poisoned (half an invalid payload, half not JSON),
+//!   with the daemon killed (`kill -9`) while it consumes them and started again: every valid
+//!   command is in the audit log exactly once, every poisoned one is in the dead letters.
+//! - A broker command's events reach the zone's WebSocket subscribers, with their seq.
+//!
+//! Each test declares streams or queues of its own and removes them at the end.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::binary;
+use common::server::{self, Client, http};
+use serde_json::{Value, json};
+use sqlx::Connection;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+mod brokers;
+use brokers::{Broker, Kind};
+
+const TOTAL: usize = 3_000;
+const ZONES: usize = 3;
+
+fn zone_body() -> Value {
+    json!({
+        "name": "Quarry",
+        "capacity": 100,
+        "permissions": 0x03,
+        "resources": {"stone": {"amount": 1000000, "max": 1000000, "regen": 0}}
+    })
+}
+
+/// What the test published: command id → poisoned or not.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sent {
+    Valid,
+    InvalidPayload,
+    NotJson,
+}
+
+/// Command `i`: 1 in 50 is poisoned, half of those with an invalid payload (refused by the
+/// decoder, a position that is not one, and by the zone, an amount below 1, in turn), half not
+/// JSON.
+fn command(i: usize, zone: &str) -> (Uuid, Vec<u8>, Sent) {
+    let id = Uuid::now_v7();
+    let agent = format!("npc-{}", i % 7);
+    let (body, sent) = match (i % 50, i % 200) {
+        (0, 0) => (
+            json!({"id": id, "zone_id": zone, "agent_id": agent, "type": "agent_move", "payload": {"position": "nowhere"}}),
+            Sent::InvalidPayload,
+        ),
+        (0, 100) => (
+            json!({"id": id, "zone_id": zone, "agent_id": agent, "type": "consume_resource", "payload": {"resource_type": "stone", "amount": 0}}),
+            Sent::InvalidPayload,
+        ),
+        (0, _) => return (id, format!("garbage {i} {{").into_bytes(), Sent::NotJson),
+        _ => (
+            json!({"id": id, "zone_id": zone, "agent_id": agent, "type": "agent_move", "payload": {"position": {"x": i, "y": 0, "z": 0}}}),
+            Sent::Valid,
+        ),
+    };
+    (id, body.to_string().into_bytes(), sent)
+}
+
+async fn audited(db: &str) -> HashMap<Uuid, i64> {
+    let mut c = sqlx::PgConnection::connect(db).await.unwrap();
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT command_id, COUNT(*) FROM audit_events WHERE command_id IS NOT NULL AND event_type = 'agent_moved' GROUP BY command_id",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    rows.into_iter().collect()
+}
+
+async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(kind: Kind) {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let broker = Broker::new(kind).await;
+    let dir = std::env::temp_dir().join(format!("thunderline-broker-{}", Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pipeline.toml");
+    std::fs::write(&config, broker.pipeline_file()).unwrap();
+    let args = ["--config", config.to_str().unwrap(), "--database", &db.url];
+    let mut daemon = binary::start(&dir, &args);
+
+    let mut zones = Vec::new();
+    for _ in 0..ZONES {
+        let (status, zone) = http(
+            daemon.addr,
+            "POST",
+            "/api/zones",
+            Some(zone_body()),
+            Some(binary::ADMIN),
+        )
+        .await;
+        assert_eq!(status, 201, "{zone}");
+        zones.push(zone["id"].as_str().unwrap().to_owned());
+    }
+    let commands: Vec<(Uuid, Vec<u8>, Sent, String)> = (0..TOTAL)
+        .map(|i| {
+            let zone = &zones[i % ZONES];
+            let (id, body, sent) = command(i, zone);
+            (id, body, sent, zone.clone())
+        })
+        .collect();
+
+    // Published over about 3 s; the daemon is killed 1.2 s in, while it consumes them.
+    let publisher = {
+        let broker = broker.clone();
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            for chunk in commands.chunks(100) {
+                for (id, body, _, zone) in chunk {
+                    broker.publish(zone, *id, body).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-9", &daemon.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    daemon.child.wait().unwrap();
+    drop(daemon);
+    let before = audited(&db.url).await.len();
+    publisher.await.unwrap();
+
+    let daemon = binary::start(&dir, &args);
+    let valid: HashSet<Uuid> = commands
+        .iter()
+        .filter(|c| c.2 == Sent::Valid)
+        .map(|c| c.0)
+        .collect();
+    let poisoned: HashMap<Uuid, Sent> = commands
+        .iter()
+        .filter(|c| c.2 != Sent::Valid)
+        .map(|c| (c.0, c.2))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (log, dead) = loop {
+        let log = audited(&db.url).await;
+        let dead = broker.dead_letters().await;
+        let done = valid.iter().all(|id| log.contains_key(id))
+            && poisoned.keys().all(|id| dead.contains_key(id));
+        if done || Instant::now() > deadline {
+            break (log, dead);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!(
+        "{kind:?}: {before} commands audited before the kill, {} after the restart; {} dead letters",
+        log.len(),
+        dead.len()
+    );
+    let (status, _) = daemon.terminate();
+    assert!(status.success());
+
+    let missing: Vec<_> = valid.iter().filter(|id| !log.contains_key(id)).collect();
+    let twice: Vec<_> = log.iter().filter(|(_, n)| **n != 1).collect();
+    let stray: Vec<_> = log.keys().filter(|id| !valid.contains(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} valid commands not audited: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(
+        twice.is_empty(),
+        "commands audited more than once: {twice:?}"
+    );
+    assert!(stray.is_empty(), "poisoned commands audited: {stray:?}");
+    for (id, sent) in &poisoned {
+        let Some(reason) = dead.get(id) else {
+            panic!("poisoned command {id} ({sent:?}) is not in the dead letters");
+        };
+        let expected = match sent {
+            Sent::NotJson => "not_json",
+            _ => "invalid_payload",
+        };
+        assert!(reason.starts_with(expected), "{id}: {reason}");
+    }
+    let unknown: Vec<_> = dead
+        .keys()
+        .filter(|id| !poisoned.contains_key(id))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "valid commands dead-lettered: {unknown:?}"
+    );
+    broker.assert_settled().await;
+    broker.cleanup().await;
+    db.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn broker_commands_are_broadcast_to_the_zone(kind: Kind) {
+    let broker = Broker::new(kind).await;
+    let mut file: thunderline::daemon::config::PipelineFile =
+        toml::from_str(&broker.pipeline_file()).unwrap();
+    file.tick_interval_ms = std::num::NonZeroU64::new(3_600_000).unwrap();
+    let srv = server::start_with(None, file).await;
+    let zone = srv.zone(zone_body()).await;
+    let zone = zone["id"].as_str().unwrap().to_owned();
+    let token = srv.token("watcher", &zone, json!(["spawn_agents"])).await;
+    let mut client = Client::connect(&srv.ws_url()).await;
+    let topic = format!("zone:{zone}");
+    let (_, reply) = client
+        .join(&topic, json!({"agent_id": "watcher", "token": token}))
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let first_seq = reply["response"]["seq"].as_u64().unwrap();
+    for i in 0..10 {
+        let id = Uuid::now_v7();
+        let body = json!({"id": id, "zone_id": zone, "agent_id": "npc", "type": "agent_move", "payload": {"position": {"x": i, "y": 1, "z": 2}}});
+        broker.publish(&zone, id, body.to_string().as_bytes()).await;
+    }
+    let mut seqs = Vec::new();
+    for i in 0..10 {
+        let moved = client.until("agent_moved", |f| f[3] == "agent_moved").await;
+        assert_eq!(moved[4]["agent_id"], "npc");
+        assert_eq!(moved[4]["position"]["x"].as_f64(), Some(f64::from(i)));
+        seqs.push(moved[4]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, (first_seq + 1..first_seq + 11).collect::<Vec<_>>());
+    srv.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(Kind::Nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_commands_are_broadcast_to_the_zone() {
+    broker_commands_are_broadcast_to_the_zone(Kind::Nats).await;
+}
