@@ -328,3 +328,86 @@ async fn a_slow_message_gets_progress_acks_and_is_not_redelivered() {
     assert_eq!(metrics.messages("redelivered"), 0);
     cleanup(&js, &n).await;
 }
+
+/// Fails, in the sink, the batches holding certain values: retryably the first time each is
+/// seen, or permanently every time.
+#[derive(Clone, Default)]
+struct FlakySink {
+    retryable_once: Arc<Vec<u64>>,
+    permanent: Arc<Vec<u64>>,
+    failed_once: Arc<Mutex<Vec<u64>>>,
+    stored: Arc<Mutex<Vec<u64>>>,
+}
+
+impl BatchSink<u64> for FlakySink {
+    async fn handle_batch(&self, _: &BatchInfo, ms: &mut [Message<u64>]) -> Result<(), Failure> {
+        for m in ms.iter_mut() {
+            if self.permanent.contains(&m.data) {
+                m.fail(Failure::permanent(format!("the sink refuses {}", m.data)));
+                continue;
+            }
+            if self.retryable_once.contains(&m.data) {
+                let mut failed = self.failed_once.lock().unwrap();
+                if !failed.contains(&m.data) {
+                    failed.push(m.data);
+                    m.fail(Failure::retryable(format!(
+                        "the sink is busy with {}",
+                        m.data
+                    )));
+                    continue;
+                }
+            }
+            self.stored.lock().unwrap().push(m.data);
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_failures_are_redelivered_when_retryable_and_dead_lettered_when_permanent() {
+    let js = context().await;
+    let n = names();
+    let source = JetStreamSource::connect(config(&n), decode).await.unwrap();
+    let metrics = source.metrics().clone();
+    publish(&js, &n, 200).await;
+    let sink = FlakySink {
+        retryable_once: Arc::new(vec![3, 50, 150]),
+        permanent: Arc::new(vec![4, 99]),
+        ..FlakySink::default()
+    };
+    let p = Pipeline::builder("jetstream-sink-faults")
+        .producer(source)
+        .processor(Judge::default(), ProcessorConfig::default().concurrency(2))
+        .batcher(
+            BatcherConfig::new("out")
+                .batch_size(20)
+                .batch_timeout(Duration::from_millis(20)),
+            sink.clone(),
+        )
+        .start()
+        .unwrap();
+    eventually("every message settled", || async {
+        let (floor, pending, left) = consumer_state(&js, &n).await;
+        floor == 200 && pending == 0 && left == 0
+    })
+    .await;
+    p.shutdown().await.unwrap();
+    let mut stored = sink.stored.lock().unwrap().clone();
+    stored.sort_unstable();
+    let expected: Vec<u64> = (0..200).filter(|v| ![4, 99].contains(v)).collect();
+    assert_eq!(
+        stored, expected,
+        "each stored once; the busy ones on their second delivery"
+    );
+    let dead = dead_letters(&js, &n).await;
+    let mut dead_payloads: Vec<&str> = dead.iter().map(|d| d.0.as_str()).collect();
+    dead_payloads.sort_unstable();
+    assert_eq!(dead_payloads, ["4", "99"]);
+    assert!(
+        dead.iter().all(|d| d.1.starts_with("the sink refuses")),
+        "{dead:?}"
+    );
+    assert_eq!(metrics.messages("retried"), 3);
+    assert_eq!(metrics.messages("redelivered"), 3);
+    cleanup(&js, &n).await;
+}

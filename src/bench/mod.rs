@@ -4,6 +4,7 @@
 
 mod admin_client;
 pub mod audit;
+pub mod broker;
 pub mod pipeline;
 pub mod ws;
 mod ws_baseline;

@@ -46,12 +46,16 @@ enum Bench {
     Audit(bench::audit::AuditArgs),
     /// WebSocket clients pushing and receiving zone events, against a bare broadcast server.
     Ws(bench::ws::WsArgs),
+    /// Zone commands from NATS JetStream or RabbitMQ into the audit log, against the broker's
+    /// raw consume-and-ack rate.
+    Broker(bench::broker::BrokerArgs),
 }
 
 const BENCHMARKS: &str = "available benchmarks (each takes --json):
   pipeline   small messages through the engine vs. a crossbeam channel
   audit      zone events into the audit log vs. a raw COPY (needs --database)
-  ws         WebSocket clients through the zone server vs. a bare broadcast server";
+  ws         WebSocket clients through the zone server vs. a bare broadcast server
+  broker     commands from NATS or RabbitMQ into the audit log vs. raw consume + ack (--kind)";
 
 /// Prints a report as JSON or as a table; the exit code says whether it met its invariants.
 fn report<R: Serialize>(
@@ -168,6 +172,18 @@ fn main() -> ExitCode {
                 r.table(),
                 r.rows_in_db == r.events && r.acked == r.events,
                 "the audit log does not hold exactly the events sent",
+            ),
+            Err(e) => fail(e),
+        },
+        Command::Bench {
+            which: Some(Bench::Broker(args)),
+        } => match bench::broker::run(&args) {
+            Ok(r) => report(
+                args.json,
+                &r,
+                r.table(),
+                r.complete(),
+                "not every command reached the audit log and its acknowledgement exactly once",
             ),
             Err(e) => fail(e),
         },

@@ -1,0 +1,448 @@
+//! `thunderline bench broker`: zone commands from a real broker through the daemon's pipeline
+//! into the audit log, against the broker's raw consume-and-ack rate with the same client and
+//! no pipeline, in the same run.
+//!
+//! Both paths read the same commands, published before either starts (to one stream read by
+//! two consumers on NATS, to two queues on RabbitMQ), and both are timed from connecting to the
+//! last acknowledgement. The pipeline's path is the daemon's own: `serve` in this process with
+//! the pipeline file's settings and a `[sources.*]` section reading the benchmark's stream or
+//! queue; a command is acknowledged once its events are committed to the audit log.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::admin_client::{AdminClient, AdminError};
+use crate::daemon::DatabaseArgs;
+use crate::daemon::config::{
+    NatsSection, PipelineFile, PipelineFileError, RabbitMqSection, SourceSections,
+};
+use crate::daemon::server::{LogFormat, ServeArgs, ServeError, Server};
+use crate::store::{Store, StoreError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    Nats,
+    Rabbitmq,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct BrokerArgs {
+    /// Which broker: nats (JetStream at --url, default nats://127.0.0.1:4222) or rabbitmq
+    /// (default amqp://guest:guest@127.0.0.1:5672/%2f).
+    #[arg(long, value_enum)]
+    pub kind: BrokerKind,
+    /// Commands to send through each path.
+    #[arg(long, default_value_t = 50_000)]
+    pub events: u64,
+    /// Zones the commands are spread over.
+    #[arg(long, default_value_t = 10)]
+    pub zones: usize,
+    /// The broker's URL; default: the local one of --kind.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The audit log's database (postgres://… or sqlite://…); default: a fresh SQLite file.
+    #[arg(long, env = "THUNDERLINE_DATABASE_URL")]
+    pub database: Option<String>,
+    /// A pipeline file for the daemon's settings (its [sources.*] names are replaced by the
+    /// benchmark's own); default: the built-in pipeline.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BrokerReport {
+    pub kind: BrokerKind,
+    pub backend: String,
+    pub events: u64,
+    pub zones: usize,
+    /// Commands per second from the broker into the audit log, acknowledged.
+    pub pipeline_per_sec: f64,
+    pub pipeline_seconds: f64,
+    /// Commands in the audit log afterwards.
+    pub audited: u64,
+    /// Commands acknowledged to the broker.
+    pub acked: u64,
+    /// The same client consuming and acknowledging the same commands, without the pipeline.
+    pub raw_per_sec: f64,
+    pub raw_seconds: f64,
+    /// pipeline_per_sec / raw_per_sec.
+    pub ratio: f64,
+}
+
+impl BrokerReport {
+    /// Every command is in the audit log and acknowledged, once.
+    pub fn complete(&self) -> bool {
+        self.audited == self.events && self.acked == self.events
+    }
+
+    pub fn table(&self) -> String {
+        format!(
+            "broker benchmark ({:?}, audit log on {}): {} commands over {} zones\n\
+             {:<34}{:>12.0} commands/s  ({:.3} s)\n\
+             {:<34}{:>12.0} messages/s  ({:.3} s)\n\
+             {:<34}{:>12.3}\n\
+             {:<34}{:>12} of {} ({} acknowledged)\n",
+            self.kind,
+            self.backend,
+            self.events,
+            self.zones,
+            "broker → pipeline → audit log",
+            self.pipeline_per_sec,
+            self.pipeline_seconds,
+            "baseline (raw consume + ack)",
+            self.raw_per_sec,
+            self.raw_seconds,
+            "ratio",
+            self.ratio,
+            "commands in the audit log",
+            self.audited,
+            self.events,
+            self.acked,
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerBenchError {
+    #[error("--events and --zones must be at least 1")]
+    Empty,
+    #[error(transparent)]
+    PipelineFile(#[from] PipelineFileError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("RabbitMQ: {0}")]
+    Rabbit(String),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    #[error("the pipeline acknowledged {acked} of {events} commands within {secs} s")]
+    Stalled { acked: u64, events: u64, secs: u64 },
+}
+
+fn nats_err(e: impl std::fmt::Display) -> BrokerBenchError {
+    BrokerBenchError::Nats(e.to_string())
+}
+
+fn rabbit_err(e: impl std::fmt::Display) -> BrokerBenchError {
+    BrokerBenchError::Rabbit(e.to_string())
+}
+
+/// The benchmark's own stream or queue names, so that it never reads anyone else's commands.
+struct Names {
+    tag: String,
+}
+
+impl Names {
+    fn nats(&self, url: &str) -> NatsSection {
+        NatsSection {
+            url: url.to_owned(),
+            stream: format!("BENCH_{}", self.tag),
+            subjects: vec![format!("bench{}.commands.>", self.tag)],
+            dead_stream: format!("BENCH_{}_DEAD", self.tag),
+            dead_subject: format!("bench{}.dead", self.tag),
+            ..NatsSection::default()
+        }
+    }
+
+    fn rabbit(&self, url: &str) -> RabbitMqSection {
+        RabbitMqSection {
+            url: url.to_owned(),
+            queue: format!("bench.{}.commands", self.tag),
+            dead_exchange: format!("bench.{}.dead", self.tag),
+            dead_queue: format!("bench.{}.commands.dead", self.tag),
+            prefetch: None,
+        }
+    }
+
+    fn raw_queue(&self) -> String {
+        format!("bench.{}.raw", self.tag)
+    }
+}
+
+/// One agent move for zone `zone`.
+fn command(i: u64, zone: Uuid) -> (Uuid, Vec<u8>) {
+    let id = Uuid::now_v7();
+    let body = json!({
+        "id": id, "zone_id": zone, "agent_id": format!("npc-{}", i % 16),
+        "type": "agent_move", "payload": {"position": {"x": i, "y": 0, "z": 0}}
+    });
+    (id, body.to_string().into_bytes())
+}
+
+pub async fn run_async(args: &BrokerArgs) -> Result<BrokerReport, BrokerBenchError> {
+    if args.events == 0 || args.zones == 0 {
+        return Err(BrokerBenchError::Empty);
+    }
+    let names = Names {
+        tag: Uuid::new_v4().simple().to_string()[..12].to_owned(),
+    };
+    let url = args.url.clone().unwrap_or_else(|| match args.kind {
+        BrokerKind::Nats => NatsSection::default().url,
+        BrokerKind::Rabbitmq => RabbitMqSection::default().url,
+    });
+    let dir = std::env::temp_dir().join(format!("thunderline-bench-broker-{}", names.tag));
+    let database = args
+        .database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", dir.join("bench.db").display()));
+    let mut file = match &args.config {
+        Some(path) => PipelineFile::load(path)?,
+        None => PipelineFile::default(),
+    };
+    let serve = ServeArgs {
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        db: DatabaseArgs {
+            database: Some(database.clone()),
+            data_dir: dir.clone(),
+        },
+        config: None,
+        log_format: LogFormat::Text,
+        replies: None,
+    };
+
+    // The zones first, with the server alone: the commands are published once they exist.
+    file.sources = SourceSections::default();
+    let server = Server::start(&serve, &file).await?;
+    let mut admin = AdminClient::connect(server.addr, &server.secrets.admin_token).await?;
+    let mut zones = Vec::with_capacity(args.zones);
+    for n in 0..args.zones {
+        let zone = admin
+            .call(
+                hyper::Method::POST,
+                "/api/zones",
+                &json!({"name": format!("bench-{n}"), "capacity": 1000, "permissions": 0x03}),
+            )
+            .await?;
+        let id = zone["id"].as_str().and_then(|s| Uuid::parse_str(s).ok());
+        zones.push(id.ok_or_else(|| nats_err("the admin API returned a zone without an id"))?);
+    }
+    drop(admin);
+    server.shutdown().await?;
+
+    let commands: Vec<(Uuid, Uuid, Vec<u8>)> = (0..args.events)
+        .map(|i| {
+            let zone = zones[(i % zones.len() as u64) as usize];
+            let (id, body) = command(i, zone);
+            (zone, id, body)
+        })
+        .collect();
+    let raw = match args.kind {
+        BrokerKind::Nats => {
+            let section = names.nats(&url);
+            nats::publish(&section, &commands).await?;
+            let raw = nats::raw(&section, args.events).await?;
+            file.sources.nats = Some(section);
+            raw
+        }
+        BrokerKind::Rabbitmq => {
+            let section = names.rabbit(&url);
+            rabbit::publish(&section, &names.raw_queue(), &commands).await?;
+            let raw = rabbit::raw(&url, &names.raw_queue(), args.events).await?;
+            file.sources.rabbitmq = Some(section);
+            raw
+        }
+    };
+
+    // The pipeline: the daemon with the source, timed until every command is acknowledged.
+    let started = Instant::now();
+    let server = Server::start(&serve, &file).await?;
+    let limit = Duration::from_secs(60 + args.events / 1_000);
+    let acked = loop {
+        let acked = acked(&server.registry);
+        if acked >= args.events {
+            break acked;
+        }
+        if started.elapsed() > limit {
+            server.shutdown().await?;
+            return Err(BrokerBenchError::Stalled {
+                acked,
+                events: args.events,
+                secs: limit.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let elapsed = started.elapsed();
+    server.shutdown().await?;
+
+    let store = Store::connect(&database).await?;
+    let audited = store.count_events(None).await?;
+    let backend = format!("{:?}", store.backend()).to_lowercase();
+    store.close().await;
+    match args.kind {
+        BrokerKind::Nats => nats::cleanup(&names.nats(&url)).await,
+        BrokerKind::Rabbitmq => rabbit::cleanup(&names.rabbit(&url), &names.raw_queue()).await,
+    }
+    if args.database.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let per_sec = |d: Duration| args.events as f64 / d.as_secs_f64();
+    Ok(BrokerReport {
+        kind: args.kind,
+        backend,
+        events: args.events,
+        zones: args.zones,
+        pipeline_per_sec: per_sec(elapsed),
+        pipeline_seconds: elapsed.as_secs_f64(),
+        audited,
+        acked,
+        raw_per_sec: per_sec(raw),
+        raw_seconds: raw.as_secs_f64(),
+        ratio: raw.as_secs_f64() / elapsed.as_secs_f64(),
+    })
+}
+
+/// What the daemon's sources have acknowledged, from its metrics.
+fn acked(registry: &prometheus::Registry) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "thunderline_source_messages_total")
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "outcome" && l.value() == "acked")
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+pub fn run(args: &BrokerArgs) -> Result<BrokerReport, BrokerBenchError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run_async(args))
+}
+
+mod nats {
+    use super::*;
+    use async_nats::jetstream::{self, consumer::pull, stream};
+
+    async fn context(url: &str) -> Result<jetstream::Context, BrokerBenchError> {
+        let client = async_nats::connect(url).await.map_err(nats_err)?;
+        Ok(jetstream::new(client))
+    }
+
+    /// The stream, with the commands in it (each with its id as `Nats-Msg-Id`).
+    pub async fn publish(
+        section: &NatsSection,
+        commands: &[(Uuid, Uuid, Vec<u8>)],
+    ) -> Result<(), BrokerBenchError> {
+        let js = context(&section.url).await?;
+        js.create_stream(stream::Config {
+            name: section.stream.clone(),
+            subjects: section.subjects.clone(),
+            ..stream::Config::default()
+        })
+        .await
+        .map_err(nats_err)?;
+        let prefix = section.subjects[0].trim_end_matches('>');
+        for chunk in commands.chunks(1_000) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for (zone, id, body) in chunk {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", id.to_string().as_str());
+                let ack = js
+                    .publish_with_headers(format!("{prefix}{zone}"), headers, body.clone().into())
+                    .await
+                    .map_err(nats_err)?;
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.map_err(nats_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A second durable pull consumer on the same stream, consumed and acknowledged message by
+    /// message with the same client and pull size as the source, and nothing else.
+    pub async fn raw(section: &NatsSection, events: u64) -> Result<Duration, BrokerBenchError> {
+        let started = Instant::now();
+        let js = context(&section.url).await?;
+        let stream = js.get_stream(&section.stream).await.map_err(nats_err)?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some("raw".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                max_ack_pending: 20_000,
+                ..pull::Config::default()
+            })
+            .await
+            .map_err(nats_err)?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(section.pull_batch.get())
+            .heartbeat(section.idle_heartbeat())
+            .expires(section.idle_heartbeat() * 4)
+            .messages()
+            .await
+            .map_err(nats_err)?;
+        let mut seen = 0;
+        while seen < events {
+            match messages.next().await {
+                Some(Ok(m)) => {
+                    m.ack().await.map_err(nats_err)?;
+                    seen += 1;
+                }
+                Some(Err(e)) => return Err(nats_err(e)),
+                None => return Err(nats_err("the raw consumer's stream ended")),
+            }
+        }
+        js.client().flush().await.map_err(nats_err)?;
+        Ok(started.elapsed())
+    }
+
+    pub async fn cleanup(section: &NatsSection) {
+        if let Ok(js) = context(&section.url).await {
+            let _ = js.delete_stream(&section.stream).await;
+            let _ = js.delete_stream(&section.dead_stream).await;
+        }
+    }
+}
+
+mod rabbit {
+    use super::*;
+
+    pub async fn publish(
+        _section: &RabbitMqSection,
+        _raw_queue: &str,
+        _commands: &[(Uuid, Uuid, Vec<u8>)],
+    ) -> Result<(), BrokerBenchError> {
+        Err(rabbit_err("not yet"))
+    }
+
+    pub async fn raw(_url: &str, _queue: &str, _events: u64) -> Result<Duration, BrokerBenchError> {
+        Err(rabbit_err("not yet"))
+    }
+
+    pub async fn cleanup(_section: &RabbitMqSection, _raw_queue: &str) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_acked_count_is_read_from_the_source_metrics() {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::sources::SourceMetrics::new("jetstream", &registry).unwrap();
+        metrics.message("acked", 7);
+        metrics.for_source("rabbitmq").message("acked", 2);
+        metrics.message("received", 100);
+        assert_eq!(acked(&registry), 9);
+    }
+}

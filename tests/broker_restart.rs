@@ -1,0 +1,222 @@
+//! The broker restarted mid-stream loses nothing: a pipeline fed by a broker source goes on after
+//! the broker comes back, and every message published is processed and settled.
+//!
+//! These tests stop the machine's broker and start it again (with the commands of the machine
+//! notes, the same `.ci/run` uses), whatever happens in the test: a guard starts it again when
+//! the test ends, even by a panic. They run one at a time.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use thunderline::pipeline::{
+    BatchInfo, BatchSink, BatcherConfig, Failure, Message, Pipeline, Processor, ProcessorConfig,
+};
+use thunderline::sources::Delivery;
+use thunderline::sources::jetstream::{JetStreamConfig, JetStreamSource};
+use tokio::time::Instant;
+
+/// One broker restart at a time, across the tests of this file.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+fn wait_until(what: &str, secs: u64, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn start_nats() {
+    let _ = Command::new("start-stop-daemon")
+        .args([
+            "--start",
+            "--oknodo",
+            "--background",
+            "--exec",
+            "/usr/sbin/nats-server",
+            "--",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "4222",
+            "-js",
+            "-sd",
+            "/var/lib/nats-server",
+            "-l",
+            "/var/log/nats-server.log",
+        ])
+        .status();
+    wait_until("NATS listens again", 60, || listening(4222));
+}
+
+fn stop_nats() {
+    let stopped = Command::new("start-stop-daemon")
+        .args([
+            "--stop",
+            "--oknodo",
+            "--retry",
+            "10",
+            "--exec",
+            "/usr/sbin/nats-server",
+        ])
+        .status()
+        .expect("start-stop-daemon runs");
+    assert!(stopped.success());
+    wait_until("NATS stops listening", 20, || !listening(4222));
+}
+
+/// Starts NATS again when dropped, whatever happened.
+struct NatsBack;
+
+impl Drop for NatsBack {
+    fn drop(&mut self) {
+        start_nats();
+    }
+}
+
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<u64>>>);
+
+impl Processor<u64> for Seen {
+    async fn handle_message(&self, _: &mut Message<u64>) -> Result<(), Failure> {
+        Ok(())
+    }
+}
+
+impl BatchSink<u64> for Seen {
+    async fn handle_batch(&self, _: &BatchInfo, ms: &mut [Message<u64>]) -> Result<(), Failure> {
+        self.0.lock().unwrap().extend(ms.iter().map(|m| m.data));
+        Ok(())
+    }
+}
+
+fn decode(d: &Delivery<'_>) -> Result<u64, Failure> {
+    Ok(std::str::from_utf8(d.payload)?.parse()?)
+}
+
+const COUNT: u64 = 2_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_mid_stream_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let _back = NatsBack;
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let config = JetStreamConfig {
+        stream: format!("R_{tag}"),
+        subjects: vec![format!("r{tag}.commands.>")],
+        filter_subject: format!("r{tag}.commands.>"),
+        dead_stream: format!("R_{tag}_DEAD"),
+        dead_subject: format!("r{tag}.dead"),
+        ack_wait: Duration::from_secs(3),
+        ..JetStreamConfig::default()
+    };
+    let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let js = jetstream::new(client);
+    let source = JetStreamSource::connect(config.clone(), decode)
+        .await
+        .unwrap();
+    let metrics = source.metrics().clone();
+    let seen = Seen::default();
+    let pipeline = Pipeline::builder("nats-restart")
+        .producer(source)
+        .processor(seen.clone(), ProcessorConfig::default())
+        .batcher(
+            BatcherConfig::new("out")
+                .batch_size(50)
+                .batch_timeout(Duration::from_millis(10)),
+            seen.clone(),
+        )
+        .start()
+        .unwrap();
+
+    // Published over about 2 s, each retried until the stream has it; the server is stopped
+    // and started again about 0.7 s in.
+    let publisher = {
+        let js = js.clone();
+        let subject = format!("r{tag}.commands.z");
+        tokio::spawn(async move {
+            for i in 0..COUNT {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("{tag}-{i}").as_str());
+                loop {
+                    let sent = js
+                        .publish_with_headers(
+                            subject.clone(),
+                            headers.clone(),
+                            i.to_string().into(),
+                        )
+                        .await;
+                    if let Ok(ack) = sent
+                        && ack.await.is_ok()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if i % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = seen.0.lock().unwrap().len();
+    tokio::task::spawn_blocking(|| {
+        stop_nats();
+        std::thread::sleep(Duration::from_secs(1));
+        start_nats();
+    })
+    .await
+    .unwrap();
+    publisher.await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        if let Ok(stream) = js.get_stream(&config.stream).await {
+            break stream;
+        }
+        assert!(Instant::now() < deadline, "the stream is back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    loop {
+        let distinct: HashSet<u64> = seen.0.lock().unwrap().iter().copied().collect();
+        let info = stream.consumer_info(&config.consumer).await.ok();
+        let settled = info
+            .as_ref()
+            .is_some_and(|i| i.num_ack_pending == 0 && i.num_pending == 0);
+        if distinct.len() == COUNT as usize && settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {COUNT} processed after the restart; consumer: {:?}",
+            distinct.len(),
+            info.map(|i| (i.num_ack_pending, i.num_pending))
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pipeline.shutdown().await.unwrap();
+    eprintln!(
+        "{before} processed before the restart; {} deliveries in all for {COUNT} messages; {} reconnects",
+        seen.0.lock().unwrap().len(),
+        metrics.events("reconnected")
+    );
+    assert!(
+        before > 0 && before < COUNT as usize,
+        "the restart came mid-stream"
+    );
+    assert!(metrics.events("disconnected") >= 1);
+    let _ = js.delete_stream(&config.stream).await;
+    let _ = js.delete_stream(&config.dead_stream).await;
+}
