@@ -245,3 +245,13 @@ async fn nats_kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
 async fn nats_commands_are_broadcast_to_the_zone() {
     broker_commands_are_broadcast_to_the_zone(Kind::Nats).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(Kind::Rabbitmq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_commands_are_broadcast_to_the_zone() {
+    broker_commands_are_broadcast_to_the_zone(Kind::Rabbitmq).await;
+}

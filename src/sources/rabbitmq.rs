@@ -89,7 +89,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -250,7 +250,7 @@ pub struct RabbitMqSource<T> {
     /// Reused by each `produce`; always empty between calls.
     buf: Vec<Incoming>,
     decoder: Box<dyn Decoder<T>>,
-    settler: Arc<Settler>,
+    settler: Arc<Settler<T>>,
     generation: Arc<AtomicU64>,
     /// Tells the consuming task to cancel the consumer; dropped (the same) with the source.
     stop: Option<oneshot::Sender<()>>,
@@ -313,6 +313,7 @@ impl<T: Send + 'static> RabbitMqSource<T> {
             decoder: Box::new(decoder),
             settler: Arc::new(Settler {
                 pending: Mutex::new(HashMap::new()),
+                then: OnceLock::new(),
                 jobs: jobs_tx,
                 metrics: metrics.clone(),
             }),
@@ -324,6 +325,14 @@ impl<T: Send + 'static> RabbitMqSource<T> {
 
     pub fn metrics(&self) -> &SourceMetrics {
         &self.metrics
+    }
+
+    /// Has `acker` told how each message ended, after the broker's settlement is queued: how a
+    /// user keeps bookkeeping of their own (the daemon's zones do). Set once; later calls are
+    /// ignored.
+    pub fn then_acknowledge(self, acker: Arc<dyn Acknowledger<T>>) -> Self {
+        let _ = self.settler.then.set(acker);
+        self
     }
 
     /// Turns a delivery into a message, or settles it at once: a delivery of a lost channel is
@@ -514,13 +523,15 @@ struct DeadLetter {
 
 /// The acknowledger: finds each message's delivery and queues its settlement for the settling
 /// task. One per source, shared by all its messages.
-struct Settler {
+struct Settler<T> {
     pending: Mutex<HashMap<(u64, u64), Pending>>,
+    /// The user's acknowledger, told after the settlement is queued.
+    then: OnceLock<Arc<dyn Acknowledger<T>>>,
     jobs: mpsc::UnboundedSender<Vec<Settlement>>,
     metrics: SourceMetrics,
 }
 
-impl Settler {
+impl<T> Settler<T> {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Pending>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -535,7 +546,7 @@ impl Settler {
     }
 }
 
-impl<T: Send + 'static> Acknowledger<T> for Settler {
+impl<T: Send + 'static> Acknowledger<T> for Settler<T> {
     fn ack(&self, successful: Vec<Message<T>>, failed: Vec<Message<T>>) {
         let mut job = Vec::with_capacity(successful.len() + failed.len());
         let mut unknown = 0;
@@ -567,6 +578,9 @@ impl<T: Send + 'static> Acknowledger<T> for Settler {
         }
         if !job.is_empty() {
             self.send(job);
+        }
+        if let Some(then) = self.then.get() {
+            then.ack(successful, failed);
         }
     }
 }

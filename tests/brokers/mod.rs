@@ -3,18 +3,28 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
-use thunderline::daemon::config::{NatsSection, PipelineFile, SourceSections};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use thunderline::daemon::config::{NatsSection, PipelineFile, RabbitMqSection, SourceSections};
+use thunderline::sources::rabbitmq::{RabbitMqConfig, RabbitMqSource};
 use uuid::Uuid;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Nats,
+    Rabbitmq,
 }
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// One test's broker objects, named with a tag of its own.
 #[derive(Clone)]
@@ -22,6 +32,9 @@ pub struct Broker {
     pub kind: Kind,
     pub tag: String,
     js: jetstream::Context,
+    amqp: Option<(Arc<Connection>, Channel)>,
+    /// Dead letters taken off the dead-letter queue so far (RabbitMQ).
+    taken: Arc<Mutex<HashMap<Uuid, String>>>,
 }
 
 impl Broker {
@@ -30,10 +43,44 @@ impl Broker {
         let client = async_nats::connect(NATS_URL)
             .await
             .expect("NATS with JetStream runs at 127.0.0.1:4222 (see the README)");
-        Self {
+        let mut broker = Self {
             kind,
             tag,
             js: jetstream::new(client),
+            amqp: None,
+            taken: Arc::default(),
+        };
+        if kind == Kind::Rabbitmq {
+            let section = broker.rabbit();
+            let config = RabbitMqConfig {
+                url: section.url.clone(),
+                queue: section.queue.clone(),
+                dead_exchange: section.dead_exchange.clone(),
+                dead_queue: section.dead_queue.clone(),
+                ..RabbitMqConfig::default()
+            };
+            RabbitMqSource::declare(&config)
+                .await
+                .expect("RabbitMQ runs at 127.0.0.1:5672 (see the README)");
+            let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+                .await
+                .unwrap();
+            let channel = connection.create_channel().await.unwrap();
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            broker.amqp = Some((Arc::new(connection), channel));
+        }
+        broker
+    }
+
+    fn rabbit(&self) -> RabbitMqSection {
+        RabbitMqSection {
+            queue: format!("t.{}.commands", self.tag),
+            dead_exchange: format!("t.{}.dead", self.tag),
+            dead_queue: format!("t.{}.commands.dead", self.tag),
+            ..RabbitMqSection::default()
         }
     }
 
@@ -51,11 +98,18 @@ impl Broker {
 
     /// The default zone pipeline with this broker's source.
     pub fn pipeline_file(&self) -> String {
-        let file = PipelineFile {
-            sources: SourceSections {
+        let sources = match self.kind {
+            Kind::Nats => SourceSections {
                 nats: Some(self.nats()),
                 ..SourceSections::default()
             },
+            Kind::Rabbitmq => SourceSections {
+                rabbitmq: Some(self.rabbit()),
+                ..SourceSections::default()
+            },
+        };
+        let file = PipelineFile {
+            sources,
             ..PipelineFile::default()
         };
         toml::to_string(&file).unwrap()
@@ -63,6 +117,26 @@ impl Broker {
 
     /// Publishes a command for `zone` with `id` as its message id, once the broker has it.
     pub async fn publish(&self, zone: &str, id: Uuid, body: &[u8]) {
+        if let Some((_, channel)) = &self.amqp {
+            let properties = BasicProperties::default()
+                .with_message_id(id.to_string().into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    self.rabbit().queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            assert!(confirm.is_ack(), "the broker took the command");
+            return;
+        }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.to_string().as_str());
         let subject = format!("t{}.commands.{zone}", self.tag);
@@ -76,6 +150,33 @@ impl Broker {
 
     /// The dead letters so far: message id → reason.
     pub async fn dead_letters(&self) -> HashMap<Uuid, String> {
+        if let Some((_, channel)) = &self.amqp {
+            let queue = self.rabbit().dead_queue;
+            while let Some(m) = channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+            {
+                let p = &m.delivery.properties;
+                let id = p
+                    .message_id()
+                    .as_ref()
+                    .and_then(|v| Uuid::parse_str(v.as_str()).ok());
+                let reason = p
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get(thunderline::sources::REASON_HEADER).cloned());
+                let reason = match reason {
+                    Some(AMQPValue::LongString(s)) => s.to_string(),
+                    Some(other) => format!("{other:?}"),
+                    None => String::new(),
+                };
+                if let Some(id) = id {
+                    self.taken.lock().unwrap().insert(id, reason);
+                }
+            }
+            return self.taken.lock().unwrap().clone();
+        }
         let nats = self.nats();
         let Ok(stream) = self.js.get_stream(&nats.dead_stream).await else {
             return HashMap::new();
@@ -118,6 +219,35 @@ impl Broker {
 
     /// Nothing is left unsettled or undelivered.
     pub async fn assert_settled(&self) {
+        if self.amqp.is_some() {
+            let queue = self.rabbit().queue;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let out = std::process::Command::new("rabbitmqctl")
+                    .args([
+                        "list_queues",
+                        "-q",
+                        "--no-table-headers",
+                        "name",
+                        "messages",
+                    ])
+                    .output()
+                    .expect("rabbitmqctl runs");
+                let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+                let left = listing.lines().find_map(|l| {
+                    let mut f = l.split_whitespace();
+                    (f.next() == Some(queue.as_str())).then(|| f.next()?.parse::<u64>().ok())?
+                });
+                if left == Some(0) {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "queue {queue} still holds {left:?} messages"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
         let nats = self.nats();
         let stream = self.js.get_stream(&nats.stream).await.unwrap();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -137,6 +267,22 @@ impl Broker {
     }
 
     pub async fn cleanup(&self) {
+        if let Some((connection, channel)) = &self.amqp {
+            let r = self.rabbit();
+            for queue in [&r.queue, &r.dead_queue] {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            let _ = channel
+                .exchange_delete(
+                    r.dead_exchange.as_str().into(),
+                    ExchangeDeleteOptions::default(),
+                )
+                .await;
+            let _ = connection.close(200, "OK".into()).await;
+            return;
+        }
         let nats = self.nats();
         let _ = self.js.delete_stream(&nats.stream).await;
         let _ = self.js.delete_stream(&nats.dead_stream).await;
