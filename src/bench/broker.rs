@@ -42,6 +42,10 @@ pub struct BrokerArgs {
     /// Zones the commands are spread over.
     #[arg(long, default_value_t = 10)]
     pub zones: usize,
+    /// Rounds, each with fresh streams or queues, zones and commands: raw, then pipeline. The
+    /// report gives each round and the medians.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// The broker's URL; default: the local one of --kind.
     #[arg(long)]
     pub url: Option<String>,
@@ -72,19 +76,45 @@ pub struct BrokerReport {
     /// The same client consuming and acknowledging the same commands, without the pipeline.
     pub raw_per_sec: f64,
     pub raw_seconds: f64,
-    /// pipeline_per_sec / raw_per_sec.
+    /// pipeline_per_sec / raw_per_sec (medians of the rounds; the ratio is the median of each
+    /// round's own ratio).
     pub ratio: f64,
+    pub rounds: Vec<Round>,
+}
+
+/// One round's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct Round {
+    pub pipeline_per_sec: f64,
+    pub raw_per_sec: f64,
+    pub ratio: f64,
+    pub audited: u64,
+    pub acked: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 impl BrokerReport {
-    /// Every command is in the audit log and acknowledged, once.
+    /// Every command is in the audit log and acknowledged, once, in every round.
     pub fn complete(&self) -> bool {
-        self.audited == self.events && self.acked == self.events
+        self.rounds
+            .iter()
+            .all(|r| r.audited == self.events && r.acked == self.events)
     }
 
     pub fn table(&self) -> String {
-        format!(
-            "broker benchmark ({:?}, audit log on {}): {} commands over {} zones\n\
+        let mut table = format!(
+            "broker benchmark ({:?}, audit log on {}): {} commands over {} zones, median of {} rounds\n\
              {:<34}{:>12.0} commands/s  ({:.3} s)\n\
              {:<34}{:>12.0} messages/s  ({:.3} s)\n\
              {:<34}{:>12.3}\n\
@@ -93,6 +123,7 @@ impl BrokerReport {
             self.backend,
             self.events,
             self.zones,
+            self.rounds.len(),
             "broker → pipeline → audit log",
             self.pipeline_per_sec,
             self.pipeline_seconds,
@@ -105,13 +136,23 @@ impl BrokerReport {
             self.audited,
             self.events,
             self.acked,
-        )
+        );
+        for (n, r) in self.rounds.iter().enumerate() {
+            table.push_str(&format!(
+                "  round {}: pipeline {:.0}/s, raw {:.0}/s, ratio {:.3}\n",
+                n + 1,
+                r.pipeline_per_sec,
+                r.raw_per_sec,
+                r.ratio
+            ));
+        }
+        table
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerBenchError {
-    #[error("--events and --zones must be at least 1")]
+    #[error("--events, --zones and --rounds must be at least 1")]
     Empty,
     #[error(transparent)]
     PipelineFile(#[from] PipelineFileError),
@@ -182,9 +223,37 @@ fn command(i: u64, zone: Uuid) -> (Uuid, Vec<u8>) {
 }
 
 pub async fn run_async(args: &BrokerArgs) -> Result<BrokerReport, BrokerBenchError> {
-    if args.events == 0 || args.zones == 0 {
+    if args.events == 0 || args.zones == 0 || args.rounds == 0 {
         return Err(BrokerBenchError::Empty);
     }
+    let mut rounds = Vec::with_capacity(args.rounds);
+    let mut backend = String::new();
+    for _ in 0..args.rounds {
+        let (round, used) = one_round(args).await?;
+        backend = used;
+        rounds.push(round);
+    }
+    let pick = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+    let pipeline_per_sec = pick(|r| r.pipeline_per_sec);
+    let raw_per_sec = pick(|r| r.raw_per_sec);
+    let last = rounds.last().cloned().expect("at least one round");
+    Ok(BrokerReport {
+        kind: args.kind,
+        backend,
+        events: args.events,
+        zones: args.zones,
+        pipeline_per_sec,
+        pipeline_seconds: args.events as f64 / pipeline_per_sec,
+        audited: last.audited,
+        acked: last.acked,
+        raw_per_sec,
+        raw_seconds: args.events as f64 / raw_per_sec,
+        ratio: pick(|r| r.ratio),
+        rounds,
+    })
+}
+
+async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchError> {
     let names = Names {
         tag: Uuid::new_v4().simple().to_string()[..12].to_owned(),
     };
@@ -278,7 +347,10 @@ pub async fn run_async(args: &BrokerArgs) -> Result<BrokerReport, BrokerBenchErr
     server.shutdown().await?;
 
     let store = Store::connect(&database).await?;
-    let audited = store.count_events(None).await?;
+    let mut audited = 0;
+    for zone in &zones {
+        audited += store.count_events(Some(*zone)).await?;
+    }
     let backend = format!("{:?}", store.backend()).to_lowercase();
     store.close().await;
     match args.kind {
@@ -289,19 +361,14 @@ pub async fn run_async(args: &BrokerArgs) -> Result<BrokerReport, BrokerBenchErr
         let _ = std::fs::remove_dir_all(&dir);
     }
     let per_sec = |d: Duration| args.events as f64 / d.as_secs_f64();
-    Ok(BrokerReport {
-        kind: args.kind,
-        backend,
-        events: args.events,
-        zones: args.zones,
+    let round = Round {
         pipeline_per_sec: per_sec(elapsed),
-        pipeline_seconds: elapsed.as_secs_f64(),
+        raw_per_sec: per_sec(raw),
+        ratio: raw.as_secs_f64() / elapsed.as_secs_f64(),
         audited,
         acked,
-        raw_per_sec: per_sec(raw),
-        raw_seconds: raw.as_secs_f64(),
-        ratio: raw.as_secs_f64() / elapsed.as_secs_f64(),
-    })
+    };
+    Ok((round, backend))
 }
 
 /// What the daemon's sources have acknowledged, from its metrics.
@@ -416,20 +483,153 @@ mod nats {
 
 mod rabbit {
     use super::*;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
 
+    use crate::sources::rabbitmq::{RabbitMqConfig, RabbitMqSource};
+
+    async fn connect(url: &str) -> Result<Connection, BrokerBenchError> {
+        Connection::connect(url, ConnectionProperties::default())
+            .await
+            .map_err(rabbit_err)
+    }
+
+    /// The source's topology and a plain durable queue for the raw consumer, each with every
+    /// command (persistent, its id as `message_id`), confirmed by the broker.
     pub async fn publish(
-        _section: &RabbitMqSection,
-        _raw_queue: &str,
-        _commands: &[(Uuid, Uuid, Vec<u8>)],
+        section: &RabbitMqSection,
+        raw_queue: &str,
+        commands: &[(Uuid, Uuid, Vec<u8>)],
     ) -> Result<(), BrokerBenchError> {
-        Err(rabbit_err("not yet"))
+        let config = RabbitMqConfig {
+            url: section.url.clone(),
+            queue: section.queue.clone(),
+            dead_exchange: section.dead_exchange.clone(),
+            dead_queue: section.dead_queue.clone(),
+            ..RabbitMqConfig::default()
+        };
+        RabbitMqSource::declare(&config).await.map_err(rabbit_err)?;
+        let connection = connect(&section.url).await?;
+        let channel = connection.create_channel().await.map_err(rabbit_err)?;
+        channel
+            .queue_declare(
+                raw_queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(rabbit_err)?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(rabbit_err)?;
+        for queue in [section.queue.as_str(), raw_queue] {
+            for chunk in commands.chunks(1_000) {
+                let mut confirms = Vec::with_capacity(chunk.len());
+                for (_, id, body) in chunk {
+                    let properties = BasicProperties::default()
+                        .with_message_id(id.to_string().into())
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2);
+                    let confirm = channel
+                        .basic_publish(
+                            "".into(),
+                            queue.into(),
+                            BasicPublishOptions::default(),
+                            body,
+                            properties,
+                        )
+                        .await
+                        .map_err(rabbit_err)?;
+                    confirms.push(confirm);
+                }
+                for confirm in confirms {
+                    confirm.await.map_err(rabbit_err)?;
+                }
+            }
+        }
+        let _ = connection.close(200, "OK".into()).await;
+        Ok(())
     }
 
-    pub async fn raw(_url: &str, _queue: &str, _events: u64) -> Result<Duration, BrokerBenchError> {
-        Err(rabbit_err("not yet"))
+    /// The same client consuming the raw queue with the prefetch the daemon would use and
+    /// acknowledging message by message, and nothing else.
+    pub async fn raw(url: &str, queue: &str, events: u64) -> Result<Duration, BrokerBenchError> {
+        let started = Instant::now();
+        let connection = connect(url).await?;
+        let channel = connection.create_channel().await.map_err(rabbit_err)?;
+        let prefetch = PipelineFile::default().processors.config().concurrency
+            * PipelineFile::default().processors.max_demand.get();
+        channel
+            .basic_qos(
+                u16::try_from(prefetch).unwrap_or(u16::MAX),
+                BasicQosOptions::default(),
+            )
+            .await
+            .map_err(rabbit_err)?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "raw".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(rabbit_err)?;
+        // Message by message, as the source does, with what has arrived acknowledged together
+        // (the acks of one round trip in flight at once) rather than one round trip each.
+        let mut seen = 0;
+        let mut ready = Vec::with_capacity(256);
+        while seen < events {
+            let mut next = Some(consumer.next().await);
+            while let Some(item) = next.take() {
+                match item {
+                    Some(Ok(delivery)) => ready.push(delivery),
+                    Some(Err(e)) => return Err(rabbit_err(e)),
+                    None => return Err(rabbit_err("the raw consumer ended")),
+                }
+                if ready.len() < 256 {
+                    next = futures_util::FutureExt::now_or_never(consumer.next());
+                }
+            }
+            let acks = ready.iter().map(|d| d.ack(BasicAckOptions::default()));
+            for acked in futures_util::future::join_all(acks).await {
+                acked.map_err(rabbit_err)?;
+            }
+            seen += ready.len() as u64;
+            ready.clear();
+        }
+        let elapsed = started.elapsed();
+        let _ = connection.close(200, "OK".into()).await;
+        Ok(elapsed)
     }
 
-    pub async fn cleanup(_section: &RabbitMqSection, _raw_queue: &str) {}
+    pub async fn cleanup(section: &RabbitMqSection, raw_queue: &str) {
+        let Ok(connection) = connect(&section.url).await else {
+            return;
+        };
+        if let Ok(channel) = connection.create_channel().await {
+            for queue in [section.queue.as_str(), &section.dead_queue, raw_queue] {
+                let _ = channel
+                    .queue_delete(queue.into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            let _ = channel
+                .exchange_delete(
+                    section.dead_exchange.as_str().into(),
+                    ExchangeDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = connection.close(200, "OK".into()).await;
+    }
 }
 
 #[cfg(test)]

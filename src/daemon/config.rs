@@ -564,7 +564,9 @@ mod tests {
         let rabbit = PipelineFile::load(&dir.join("rabbitmq.toml")).unwrap();
         assert_eq!(rabbit.sources.rabbitmq, Some(RabbitMqSection::default()));
         for mut file in [nats, rabbit] {
+            assert_eq!(file.batchers.audit.batch_size.get(), 1000);
             file.sources = SourceSections::default();
+            file.batchers.audit.batch_size = PipelineFile::default().batchers.audit.batch_size;
             assert_eq!(file, PipelineFile::default());
         }
     }

@@ -66,14 +66,21 @@ fn is_msgpack(content_type: Option<&str>) -> bool {
 
 /// A broker message as a zone command, or why it cannot be one.
 pub fn decode_command(delivery: &Delivery<'_>) -> Result<ZoneCommand, Failure> {
-    let value: Value = if is_msgpack(delivery.content_type) {
-        rmp_serde::from_slice(delivery.payload)
-            .map_err(|e| Failure::permanent(format!("not_msgpack: {e}")))?
+    let wire: Wire = if is_msgpack(delivery.content_type) {
+        rmp_serde::from_slice(delivery.payload).map_err(|e| match e {
+            rmp_serde::decode::Error::Syntax(_) | rmp_serde::decode::Error::Uncategorized(_) => {
+                invalid(e)
+            }
+            e => Failure::permanent(format!("not_msgpack: {e}")),
+        })?
     } else {
-        serde_json::from_slice(delivery.payload)
-            .map_err(|e| Failure::permanent(format!("not_json: {e}")))?
+        // Straight into the command's shape: what is not JSON at all and what is JSON of
+        // another shape are told apart by the parser's own classification.
+        serde_json::from_slice(delivery.payload).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => invalid(e),
+            _ => Failure::permanent(format!("not_json: {e}")),
+        })?
     };
-    let wire: Wire = serde_json::from_value(value).map_err(invalid)?;
     let id = match (wire.id.as_deref(), delivery.message_id) {
         (Some(id), Some(message_id)) if id != message_id => {
             return Err(invalid(format!(

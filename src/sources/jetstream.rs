@@ -139,10 +139,9 @@ pub enum JetStreamError {
     Invalid(String),
 }
 
-/// Metadata key of the message's ack subject: how the acknowledger finds the delivery.
+/// Metadata key of the message's ack subject: how the acknowledger finds the delivery. (The
+/// subject it was published on is the decoder's to keep, in the payload it makes.)
 pub const ACK_SUBJECT: &str = "nats.ack_subject";
-/// Metadata key of the subject the message was published on.
-pub const SUBJECT: &str = "nats.subject";
 
 /// A JetStream pull consumer as a pipeline producer; see the module documentation.
 pub struct JetStreamSource<T> {
@@ -288,10 +287,12 @@ impl<T: Send + 'static> JetStreamSource<T> {
             attempt,
         };
         let decoded = self.decoder.decode(&delivery);
+        // What a dead letter carries over: the payload (shared, not copied) and two headers.
         let held = Held {
             subject: msg.subject.to_string(),
             payload: msg.payload.clone(),
-            headers: msg.headers.clone(),
+            message_id: delivery.message_id.map(str::to_owned),
+            content_type: delivery.content_type.map(str::to_owned),
             attempt,
             since: Instant::now(),
         };
@@ -299,9 +300,7 @@ impl<T: Send + 'static> JetStreamSource<T> {
             Ok(data) => {
                 self.settler.hold(ack_subject.clone(), held);
                 let mut message = Message::with_acker(data, self.settler.clone());
-                let metadata = message.metadata_mut();
-                metadata.insert(ACK_SUBJECT, ack_subject);
-                metadata.insert(SUBJECT, msg.subject.to_string());
+                message.metadata_mut().insert(ACK_SUBJECT, ack_subject);
                 Some(message)
             }
             Err(failure) => {
@@ -612,7 +611,8 @@ async fn open(
 struct Held {
     subject: String,
     payload: Bytes,
-    headers: Option<HeaderMap>,
+    message_id: Option<String>,
+    content_type: Option<String>,
     attempt: u32,
     since: Instant,
 }
@@ -726,12 +726,12 @@ async fn send_dead_letters(
             .filter(|r| !r.is_empty())
             .unwrap_or(&dead.held.subject);
         let subject = format!("{}.{rest}", config.dead_subject);
-        let mut headers = dead.held.headers.clone().unwrap_or_default();
-        let id = headers
-            .get("Nats-Msg-Id")
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_else(|| dead.ack_subject.clone());
-        headers.insert("Nats-Msg-Id", id.as_str());
+        let mut headers = HeaderMap::new();
+        let id = dead.held.message_id.as_deref().unwrap_or(&dead.ack_subject);
+        headers.insert("Nats-Msg-Id", id);
+        if let Some(content_type) = &dead.held.content_type {
+            headers.insert("Content-Type", content_type.as_str());
+        }
         headers.insert(REASON_HEADER, one_line(&dead.reason).as_str());
         headers.insert(ATTEMPTS_HEADER, dead.held.attempt.to_string().as_str());
         let stored = match context
