@@ -11,11 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use thunderline::pipeline::{
     BatchInfo, BatchSink, BatcherConfig, Failure, Message, Pipeline, Processor, ProcessorConfig,
 };
 use thunderline::sources::Delivery;
 use thunderline::sources::jetstream::{JetStreamConfig, JetStreamSource};
+use thunderline::sources::rabbitmq::{RabbitMqConfig, RabbitMqSource};
 use tokio::time::Instant;
 
 /// One broker restart at a time, across the tests of this file.
@@ -219,4 +224,177 @@ async fn nats_restarted_mid_stream_loses_nothing() {
     assert!(metrics.events("disconnected") >= 1);
     let _ = js.delete_stream(&config.stream).await;
     let _ = js.delete_stream(&config.dead_stream).await;
+}
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn start_rabbitmq() {
+    if !listening(5672) {
+        let _ = Command::new("rabbitmq-server").arg("-detached").status();
+    }
+    wait_until("RabbitMQ listens again", 90, || listening(5672));
+    let _ = Command::new("rabbitmqctl")
+        .args(["await_startup", "--timeout", "60"])
+        .status();
+}
+
+fn stop_rabbitmq() {
+    let stopped = Command::new("rabbitmqctl")
+        .arg("stop")
+        .status()
+        .expect("rabbitmqctl runs");
+    assert!(stopped.success());
+    wait_until("RabbitMQ stops listening", 60, || !listening(5672));
+}
+
+/// Starts RabbitMQ again when dropped, whatever happened.
+struct RabbitBack;
+
+impl Drop for RabbitBack {
+    fn drop(&mut self) {
+        start_rabbitmq();
+    }
+}
+
+/// Publishes message `i` until the broker confirms it, reconnecting as needed.
+async fn publish_confirmed(link: &mut Option<(Connection, lapin::Channel)>, queue: &str, i: u64) {
+    loop {
+        if link.is_none() {
+            if let Ok(connection) =
+                Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                && let Ok(channel) = connection.create_channel().await
+                && channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .is_ok()
+            {
+                *link = Some((connection, channel));
+            } else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        let (_, channel) = link.as_ref().expect("connected above");
+        let properties = BasicProperties::default()
+            .with_message_id(i.to_string().into())
+            .with_delivery_mode(2);
+        let sent = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                i.to_string().as_bytes(),
+                properties,
+            )
+            .await;
+        match sent {
+            Ok(confirm) => match confirm.await {
+                Ok(c) if c.is_ack() => return,
+                _ => {}
+            },
+            Err(_) => *link = None,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_restarted_mid_stream_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let _back = RabbitBack;
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let config = RabbitMqConfig {
+        queue: format!("r.{tag}.commands"),
+        dead_exchange: format!("r.{tag}.dead"),
+        dead_queue: format!("r.{tag}.commands.dead"),
+        prefetch: 100,
+        ..RabbitMqConfig::new(AMQP_URL)
+    };
+    RabbitMqSource::declare(&config)
+        .await
+        .expect("RabbitMQ runs at 127.0.0.1:5672");
+    let source = RabbitMqSource::connect(config.clone(), decode)
+        .await
+        .unwrap();
+    let metrics = source.metrics().clone();
+    let seen = Seen::default();
+    let pipeline = Pipeline::builder("rabbitmq-restart")
+        .producer(source)
+        .processor(seen.clone(), ProcessorConfig::default())
+        .batcher(
+            BatcherConfig::new("out")
+                .batch_size(50)
+                .batch_timeout(Duration::from_millis(10)),
+            seen.clone(),
+        )
+        .start()
+        .unwrap();
+
+    let publisher = {
+        let queue = config.queue.clone();
+        tokio::spawn(async move {
+            let mut link = None;
+            for i in 0..COUNT {
+                publish_confirmed(&mut link, &queue, i).await;
+                if i % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = seen.0.lock().unwrap().len();
+    tokio::task::spawn_blocking(|| {
+        stop_rabbitmq();
+        start_rabbitmq();
+    })
+    .await
+    .unwrap();
+    publisher.await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let distinct: HashSet<u64> = seen.0.lock().unwrap().iter().copied().collect();
+        let acked = metrics.messages("acked");
+        if distinct.len() == COUNT as usize && acked >= COUNT {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {COUNT} processed, {acked} acked after the restart",
+            distinct.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pipeline.shutdown().await.unwrap();
+    eprintln!(
+        "{before} processed before the restart; {} deliveries in all for {COUNT} messages; {} reconnects, {} settlements refused",
+        seen.0.lock().unwrap().len(),
+        metrics.events("reconnected"),
+        metrics.messages("settle_failed")
+    );
+    assert!(
+        before > 0 && before < COUNT as usize,
+        "the restart came mid-stream"
+    );
+    assert!(metrics.events("reconnected") >= 1);
+    let (connection, channel) = {
+        let c = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = c.create_channel().await.unwrap();
+        (c, ch)
+    };
+    for queue in [&config.queue, &config.dead_queue] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(
+            config.dead_exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = connection.close(200, "OK".into()).await;
 }

@@ -53,7 +53,8 @@ pub struct BrokerArgs {
     #[arg(long, env = "THUNDERLINE_DATABASE_URL")]
     pub database: Option<String>,
     /// A pipeline file for the daemon's settings (its [sources.*] names are replaced by the
-    /// benchmark's own); default: the built-in pipeline.
+    /// benchmark's own); default: the one pipelines/nats.toml and pipelines/rabbitmq.toml
+    /// declare.
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
     #[arg(long)]
@@ -268,7 +269,7 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
         .unwrap_or_else(|| format!("sqlite://{}", dir.join("bench.db").display()));
     let mut file = match &args.config {
         Some(path) => PipelineFile::load(path)?,
-        None => PipelineFile::default(),
+        None => PipelineFile::for_broker(),
     };
     let serve = ServeArgs {
         listen: "127.0.0.1:0".parse().expect("an address"),
