@@ -3,6 +3,8 @@
 //!
 //! - [`pipeline`]: the engine — producers, processors, batchers, sinks, acknowledgement, retry,
 //!   drain, telemetry. It knows nothing of zones.
+//! - [`sources`]: broker producers (NATS JetStream, RabbitMQ) that settle each message with its
+//!   broker once the pipeline is done with it. They know messages, not zones.
 //! - [`zone`]: the domain — zones, permissions, resources, events. It knows nothing of storage
 //!   or sockets.
 //! - [`store`]: zones and the audit log in PostgreSQL or embedded SQLite, and the audit-log sink.

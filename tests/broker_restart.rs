@@ -17,6 +17,7 @@ use lapin::options::{
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use thunderline::pipeline::{
     BatchInfo, BatchSink, BatcherConfig, Failure, Message, Pipeline, Processor, ProcessorConfig,
+    Producer,
 };
 use thunderline::sources::Delivery;
 use thunderline::sources::jetstream::{JetStreamConfig, JetStreamSource};
@@ -106,6 +107,21 @@ impl BatchSink<u64> for Seen {
     }
 }
 
+/// A pipeline that records every message it is given.
+fn collecting(name: &str, source: impl Producer<u64>, seen: &Seen) -> Pipeline<u64> {
+    Pipeline::builder(name)
+        .producer(source)
+        .processor(seen.clone(), ProcessorConfig::default())
+        .batcher(
+            BatcherConfig::new("out")
+                .batch_size(50)
+                .batch_timeout(Duration::from_millis(10)),
+            seen.clone(),
+        )
+        .start()
+        .unwrap()
+}
+
 fn decode(d: &Delivery<'_>) -> Result<u64, Failure> {
     Ok(std::str::from_utf8(d.payload)?.parse()?)
 }
@@ -133,17 +149,7 @@ async fn nats_restarted_mid_stream_loses_nothing() {
         .unwrap();
     let metrics = source.metrics().clone();
     let seen = Seen::default();
-    let pipeline = Pipeline::builder("nats-restart")
-        .producer(source)
-        .processor(seen.clone(), ProcessorConfig::default())
-        .batcher(
-            BatcherConfig::new("out")
-                .batch_size(50)
-                .batch_timeout(Duration::from_millis(10)),
-            seen.clone(),
-        )
-        .start()
-        .unwrap();
+    let pipeline = collecting("nats-restart", source, &seen);
 
     // Published over about 2 s, each retried until the stream has it; the server is stopped
     // and started again about 0.7 s in.
@@ -318,17 +324,7 @@ async fn rabbitmq_restarted_mid_stream_loses_nothing() {
         .unwrap();
     let metrics = source.metrics().clone();
     let seen = Seen::default();
-    let pipeline = Pipeline::builder("rabbitmq-restart")
-        .producer(source)
-        .processor(seen.clone(), ProcessorConfig::default())
-        .batcher(
-            BatcherConfig::new("out")
-                .batch_size(50)
-                .batch_timeout(Duration::from_millis(10)),
-            seen.clone(),
-        )
-        .start()
-        .unwrap();
+    let pipeline = collecting("rabbitmq-restart", source, &seen);
 
     let publisher = {
         let queue = config.queue.clone();

@@ -91,6 +91,8 @@ pub struct Round {
     pub ratio: f64,
     pub audited: u64,
     pub acked: u64,
+    /// Deliveries the broker made again (an ack wait ran out, a nak): each costs the round time.
+    pub redelivered: u64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -140,11 +142,12 @@ impl BrokerReport {
         );
         for (n, r) in self.rounds.iter().enumerate() {
             table.push_str(&format!(
-                "  round {}: pipeline {:.0}/s, raw {:.0}/s, ratio {:.3}\n",
+                "  round {}: pipeline {:.0}/s, raw {:.0}/s, ratio {:.3}, {} redelivered\n",
                 n + 1,
                 r.pipeline_per_sec,
                 r.raw_per_sec,
-                r.ratio
+                r.ratio,
+                r.redelivered
             ));
         }
         table
@@ -330,7 +333,7 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
     let server = Server::start(&serve, &file).await?;
     let limit = Duration::from_secs(60 + args.events / 1_000);
     let acked = loop {
-        let acked = acked(&server.registry);
+        let acked = counted(&server.registry, "acked");
         if acked >= args.events {
             break acked;
         }
@@ -345,6 +348,7 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let elapsed = started.elapsed();
+    let redelivered = counted(&server.registry, "redelivered");
     server.shutdown().await?;
 
     let store = Store::connect(&database).await?;
@@ -368,12 +372,13 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
         ratio: raw.as_secs_f64() / elapsed.as_secs_f64(),
         audited,
         acked,
+        redelivered,
     };
     Ok((round, backend))
 }
 
-/// What the daemon's sources have acknowledged, from its metrics.
-fn acked(registry: &prometheus::Registry) -> u64 {
+/// How many of the daemon's source messages ended with `outcome`, from its metrics.
+fn counted(registry: &prometheus::Registry, outcome: &str) -> u64 {
     registry
         .gather()
         .iter()
@@ -382,7 +387,7 @@ fn acked(registry: &prometheus::Registry) -> u64 {
         .filter(|m| {
             m.get_label()
                 .iter()
-                .any(|l| l.name() == "outcome" && l.value() == "acked")
+                .any(|l| l.name() == "outcome" && l.value() == outcome)
         })
         .map(|m| m.get_counter().get_value() as u64)
         .sum()
@@ -644,6 +649,6 @@ mod tests {
         metrics.message("acked", 7);
         metrics.for_source("rabbitmq").message("acked", 2);
         metrics.message("received", 100);
-        assert_eq!(acked(&registry), 9);
+        assert_eq!(counted(&registry, "acked"), 9);
     }
 }

@@ -14,6 +14,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::zones::Replies;
 use crate::pipeline::{BatcherConfig, Jitter, ProcessorConfig, RetryPolicy};
+use crate::sources::jetstream::JetStreamConfig;
+use crate::sources::rabbitmq::RabbitMqConfig;
 use crate::zone::BroadcastLimit;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,17 +65,22 @@ pub struct NatsSection {
 }
 
 impl Default for NatsSection {
+    /// The source's own defaults, but for the retry delays: a command given back waits longer.
     fn default() -> Self {
+        let source = JetStreamConfig::default();
+        let ms = |d: Duration| {
+            NonZeroU64::new(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).expect("nonzero")
+        };
         Self {
-            url: "nats://127.0.0.1:4222".into(),
-            stream: "THUNDERLINE".into(),
-            subjects: vec!["thunderline.commands.>".into()],
-            consumer: "thunderline".into(),
-            dead_stream: "THUNDERLINE_DEAD".into(),
-            dead_subject: "thunderline.dead".into(),
-            ack_wait_ms: NonZeroU64::new(30_000).expect("nonzero"),
-            pull_batch: NonZeroUsize::new(512).expect("nonzero"),
-            idle_heartbeat_ms: NonZeroU64::new(5_000).expect("nonzero"),
+            url: source.url,
+            stream: source.stream,
+            subjects: source.subjects,
+            consumer: source.consumer,
+            dead_stream: source.dead_stream,
+            dead_subject: source.dead_subject,
+            ack_wait_ms: ms(source.ack_wait),
+            pull_batch: NonZeroUsize::new(source.pull_batch).expect("nonzero"),
+            idle_heartbeat_ms: ms(source.idle_heartbeat),
             retry: RetrySection {
                 max_attempts: Attempts::Count(NonZeroU32::new(5).expect("nonzero")),
                 initial_delay_ms: 500,
@@ -100,11 +107,12 @@ pub struct RabbitMqSection {
 
 impl Default for RabbitMqSection {
     fn default() -> Self {
+        let source = RabbitMqConfig::default();
         Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            queue: "thunderline.commands".into(),
-            dead_exchange: "thunderline.dead".into(),
-            dead_queue: "thunderline.commands.dead".into(),
+            url: source.url,
+            queue: source.queue,
+            dead_exchange: source.dead_exchange,
+            dead_queue: source.dead_queue,
             prefetch: None,
         }
     }
