@@ -57,3 +57,40 @@ fn bad_flags_get_a_clear_error_and_a_failing_exit() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid value 'lots' for '--events"), "{err}");
 }
+
+/// `bench broker` on each broker, small: every command reaches the audit log and its
+/// acknowledgement once, and the report carries both rates and their ratio.
+#[test]
+fn bench_broker_runs_on_both_brokers_and_audits_every_command() {
+    for kind in ["nats", "rabbitmq"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+            .args([
+                "bench", "broker", "--kind", kind, "--events", "500", "--rounds", "1",
+            ])
+            .arg("--json")
+            .output()
+            .expect("the binary runs");
+        assert!(
+            out.status.success(),
+            "{kind}: exit {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+        assert_eq!(report["kind"], kind);
+        assert_eq!(report["events"], 500);
+        assert_eq!(report["audited"], 500, "{report}");
+        assert_eq!(report["acked"], 500, "{report}");
+        for key in ["pipeline_per_sec", "raw_per_sec", "ratio"] {
+            assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
+        }
+        assert_eq!(report["rounds"].as_array().unwrap().len(), 1);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args(["bench", "broker", "--kind", "kafka"])
+        .output()
+        .expect("the binary runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'kafka'"));
+}
