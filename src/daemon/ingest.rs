@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::config::{PipelineFile, RetrySection};
+use super::config::PipelineFile;
 use super::zones::{ZoneAcker, ZoneWork};
 use crate::pipeline::{Acknowledger, Failure};
 use crate::sources::jetstream::{JetStreamConfig, JetStreamError, JetStreamSource, Settled};
@@ -187,7 +187,7 @@ impl Sources {
                     max_ack_pending: share,
                     pull_batch: nats.pull_batch.get().min(share),
                     idle_heartbeat: nats.idle_heartbeat(),
-                    retry: retry(&nats.retry),
+                    retry: nats.retry.policy(),
                     metrics: metrics.for_source("jetstream"),
                 };
                 let source = JetStreamSource::connect(config, zone_work).await?;
@@ -228,10 +228,6 @@ impl Sources {
             jetstream: self.jetstream.as_mut().map(JetStreamSource::settled),
         }
     }
-}
-
-fn retry(section: &RetrySection) -> crate::pipeline::RetryPolicy {
-    section.policy()
 }
 
 #[cfg(test)]
