@@ -549,6 +549,53 @@ async fn fan_out_acknowledges_once_after_every_branch_with_the_worst_status() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn each_message_reaches_its_acknowledger_with_its_ack_data_through_a_fan_out() {
+    struct Route;
+    impl Processor<u32> for Route {
+        async fn handle_message(&self, m: &mut Message<u32>) -> Result<(), Failure> {
+            m.put_batchers(Arc::from(vec![BatcherName::from("a"), "b".into()]));
+            Ok(())
+        }
+    }
+    /// (data, ack_data, successful) of every message it was told about.
+    #[derive(Default)]
+    struct ByData(Mutex<Vec<(u32, u64, bool)>>);
+    impl Acknowledger<u32> for ByData {
+        fn ack(&self, ok: Vec<Message<u32>>, failed: Vec<Message<u32>>) {
+            let mut seen = self.0.lock().unwrap();
+            seen.extend(ok.iter().map(|m| (m.data, m.ack_data(), true)));
+            seen.extend(failed.iter().map(|m| (m.data, m.ack_data(), false)));
+        }
+    }
+    let seen = Arc::new(Seen::default());
+    let acker = Arc::new(ByData::default());
+    let (producer, push) = in_memory(10);
+    let pipeline = Pipeline::builder("ack-data")
+        .producer(producer)
+        .processor(Route, one_worker())
+        .batcher(BatcherConfig::new("a").batch_size(1), Record(seen.clone()))
+        .batcher(BatcherConfig::new("b").batch_size(1), Record(seen.clone()))
+        .start()
+        .unwrap();
+    for (data, key) in [(7, 1_000_u64), (8, u64::MAX)] {
+        push.push(Message::with_ack_data(data, acker.clone(), key))
+            .await
+            .unwrap();
+    }
+    push.push(Message::with_acker(9, acker.clone()))
+        .await
+        .unwrap();
+    drop(push);
+    pipeline.join().await.unwrap();
+    let mut told = acker.0.lock().unwrap().clone();
+    told.sort_unstable();
+    assert_eq!(
+        told,
+        vec![(7, 1_000, true), (8, u64::MAX, true), (9, 0, true)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_unknown_batcher_fails_the_message_instead_of_losing_it() {
     struct Misroute;
     impl Processor<u32> for Misroute {

@@ -332,10 +332,25 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
     let started = Instant::now();
     let server = Server::start(&serve, &file).await?;
     let limit = Duration::from_secs(60 + args.events / 1_000);
+    // (acknowledged, when that count was first seen)
+    let mut last = (0, Instant::now());
     let acked = loop {
         let acked = counted(&server.registry, "acked");
         if acked >= args.events {
             break acked;
+        }
+        // A round that stops moving is reported as it happens, with where it stopped: taken
+        // from the broker (received) or in the pipeline (received, not acknowledged).
+        if acked != last.0 {
+            last = (acked, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(2) {
+            tracing::warn!(
+                after = ?started.elapsed(),
+                acked,
+                received = counted(&server.registry, "received"),
+                "the pipeline acknowledged nothing for 2 s"
+            );
+            last.1 = Instant::now();
         }
         if started.elapsed() > limit {
             server.shutdown().await?;
@@ -345,7 +360,7 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
                 secs: limit.as_secs(),
             });
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let elapsed = started.elapsed();
     let redelivered = counted(&server.registry, "redelivered");

@@ -6,6 +6,9 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use thunderline::{bench, daemon};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "thunderline",
@@ -132,9 +135,9 @@ async fn wait_for_signal() {
 }
 
 /// Logs through `tracing`: readable by default, JSON lines for machines; `RUST_LOG` filters.
-fn init_logs(format: daemon::server::LogFormat) {
+fn init_logs(format: daemon::server::LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -146,6 +149,11 @@ fn init_logs(format: daemon::server::LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { .. } = cli.command {
+        // What goes wrong during a run (a stalled round, a lost connection) is said; the
+        // servers a benchmark starts in process keep their routine lines to themselves.
+        init_logs(daemon::server::LogFormat::Text, "warn");
+    }
     match cli.command {
         Command::Bench { which: None } => {
             println!("{BENCHMARKS}");
@@ -195,7 +203,7 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Serve(args) => {
-            init_logs(args.log_format);
+            init_logs(args.log_format, "info");
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::config::PipelineFile;
@@ -35,10 +36,11 @@ pub const BROKER_COMMANDS: [&str; 5] = [
     "tick",
 ];
 
-/// A broker command as it travels.
+/// A broker command as it travels. JSON keeps its payload as the raw text, parsed once into
+/// the command; MessagePack has no raw form and goes through a `Value`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Wire {
+struct Wire<P> {
     #[serde(default)]
     id: Option<String>,
     zone_id: String,
@@ -46,8 +48,26 @@ struct Wire {
     agent_id: Option<String>,
     #[serde(rename = "type")]
     kind: String,
-    #[serde(default)]
-    payload: Option<Value>,
+    #[serde(default = "Option::default")]
+    payload: Option<P>,
+}
+
+/// A command's type and payload as the command's kind.
+trait KindPayload {
+    fn into_kind(self, kind: &str) -> serde_json::Result<CommandKind>;
+}
+
+impl KindPayload for &RawValue {
+    fn into_kind(self, kind: &str) -> serde_json::Result<CommandKind> {
+        // `kind` is one of BROKER_COMMANDS: nothing in it needs escaping.
+        serde_json::from_str(&format!(r#"{{"type":"{kind}","payload":{}}}"#, self.get()))
+    }
+}
+
+impl KindPayload for Value {
+    fn into_kind(self, kind: &str) -> serde_json::Result<CommandKind> {
+        serde_json::from_value(serde_json::json!({"type": kind, "payload": self}))
+    }
 }
 
 fn invalid(reason: impl std::fmt::Display) -> Failure {
@@ -66,21 +86,27 @@ fn is_msgpack(content_type: Option<&str>) -> bool {
 
 /// A broker message as a zone command, or why it cannot be one.
 pub fn decode_command(delivery: &Delivery<'_>) -> Result<ZoneCommand, Failure> {
-    let wire: Wire = if is_msgpack(delivery.content_type) {
-        rmp_serde::from_slice(delivery.payload).map_err(|e| match e {
+    if is_msgpack(delivery.content_type) {
+        let wire: Wire<Value> = rmp_serde::from_slice(delivery.payload).map_err(|e| match e {
             rmp_serde::decode::Error::Syntax(_) | rmp_serde::decode::Error::Uncategorized(_) => {
                 invalid(e)
             }
             e => Failure::permanent(format!("not_msgpack: {e}")),
-        })?
+        })?;
+        command(wire, delivery)
     } else {
         // Straight into the command's shape: what is not JSON at all and what is JSON of
         // another shape are told apart by the parser's own classification.
-        serde_json::from_slice(delivery.payload).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => invalid(e),
-            _ => Failure::permanent(format!("not_json: {e}")),
-        })?
-    };
+        let wire: Wire<&RawValue> =
+            serde_json::from_slice(delivery.payload).map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => invalid(e),
+                _ => Failure::permanent(format!("not_json: {e}")),
+            })?;
+        command(wire, delivery)
+    }
+}
+
+fn command<P: KindPayload>(wire: Wire<P>, delivery: &Delivery<'_>) -> Result<ZoneCommand, Failure> {
     let id = match (wire.id.as_deref(), delivery.message_id) {
         (Some(id), Some(message_id)) if id != message_id => {
             return Err(invalid(format!(
@@ -100,13 +126,12 @@ pub fn decode_command(delivery: &Delivery<'_>) -> Result<ZoneCommand, Failure> {
             BROKER_COMMANDS.join(", ")
         )));
     }
-    let kind = if wire.kind == "tick" {
-        CommandKind::Tick
-    } else {
-        let payload = wire.payload.unwrap_or(Value::Object(Default::default()));
-        serde_json::from_value(serde_json::json!({"type": wire.kind, "payload": payload}))
-            .map_err(|e| invalid(format!("{}: {e}", wire.kind)))?
-    };
+    let kind = match wire.payload {
+        _ if wire.kind == "tick" => Ok(CommandKind::Tick),
+        Some(payload) => payload.into_kind(&wire.kind),
+        None => Value::Object(Default::default()).into_kind(&wire.kind),
+    }
+    .map_err(|e| invalid(format!("{}: {e}", wire.kind)))?;
     Ok(ZoneCommand {
         id,
         zone_id,

@@ -124,6 +124,9 @@ pub struct Message<T> {
     pub(crate) dead_lettered: bool,
     pub(crate) attempts: u32,
     pub(crate) ack: AckRef<T>,
+    /// What the acknowledger needs to find the message's delivery again (a broker's tag, an
+    /// index into its own table): a number, so that a source pays no allocation for it.
+    ack_data: u64,
 }
 
 impl<T> Message<T> {
@@ -139,6 +142,7 @@ impl<T> Message<T> {
             dead_lettered: false,
             attempts: 0,
             ack: AckRef::None,
+            ack_data: 0,
         }
     }
 
@@ -147,6 +151,20 @@ impl<T> Message<T> {
         let mut msg = Self::new(data);
         msg.ack = AckRef::Direct(acker);
         msg
+    }
+
+    /// A message whose acknowledger is told how it ended, with `ack_data` (see
+    /// [`Message::ack_data`]) to tell it which delivery it was.
+    pub fn with_ack_data(data: T, acker: Arc<dyn Acknowledger<T>>, ack_data: u64) -> Self {
+        let mut msg = Self::with_acker(data, acker);
+        msg.ack_data = ack_data;
+        msg
+    }
+
+    /// What the message's source gave it to find the delivery again at acknowledgement (0 when
+    /// it gave nothing). Fan-out copies carry the original's.
+    pub fn ack_data(&self) -> u64 {
+        self.ack_data
     }
 
     pub fn metadata(&self) -> &Metadata {
@@ -237,6 +255,7 @@ impl<T> Message<T> {
             dead_lettered: false,
             attempts: 0,
             ack,
+            ack_data: self.ack_data,
         }
     }
 }

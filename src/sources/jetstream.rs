@@ -37,7 +37,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pu
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::{self, StorageType};
 use async_nats::jetstream::{self, Context};
-use async_nats::{Client, HeaderMap};
+use async_nats::{Client, HeaderMap, Subject};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
@@ -139,10 +139,6 @@ pub enum JetStreamError {
     Invalid(String),
 }
 
-/// Metadata key of the message's ack subject: how the acknowledger finds the delivery. (The
-/// subject it was published on is the decoder's to keep, in the payload it makes.)
-pub const ACK_SUBJECT: &str = "nats.ack_subject";
-
 /// A JetStream pull consumer as a pipeline producer; see the module documentation.
 pub struct JetStreamSource<T> {
     consumer: PullConsumer,
@@ -152,6 +148,8 @@ pub struct JetStreamSource<T> {
     settler: Arc<Settler<T>>,
     tasks: Vec<JoinHandle<()>>,
     client: Client,
+    /// The next delivery's key in the held table (its `ack_data`).
+    next_key: u64,
 }
 
 /// Waits for a source's last settlements to reach the server, once its pipeline has finished.
@@ -233,6 +231,7 @@ impl<T: Send + 'static> JetStreamSource<T> {
             settler,
             tasks,
             client,
+            next_key: 1,
         })
     }
 
@@ -258,10 +257,10 @@ impl<T: Send + 'static> JetStreamSource<T> {
 
     /// Takes one delivery: the message for the pipeline if it decodes; to the dead letters if
     /// not.
-    fn take(&self, msg: jetstream::Message) -> Option<Message<T>> {
+    fn take(&mut self, msg: jetstream::Message) -> Option<Message<T>> {
         let metrics = &self.config.metrics;
         metrics.message("received", 1);
-        let Some(ack_subject) = msg.reply.as_ref().map(|r| r.to_string()) else {
+        let Some(ack_subject) = msg.reply.clone() else {
             // Not a JetStream delivery: nothing could settle it.
             tracing::warn!(subject = %msg.subject, "a message without an ack subject was ignored");
             return None;
@@ -279,34 +278,31 @@ impl<T: Send + 'static> JetStreamSource<T> {
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str())
         };
-        let delivery = Delivery {
+        let decoded = self.decoder.decode(&Delivery {
             payload: &msg.payload,
             content_type: header("Content-Type"),
             message_id: header("Nats-Msg-Id"),
             subject: msg.subject.as_str(),
             attempt,
-        };
-        let decoded = self.decoder.decode(&delivery);
-        // What a dead letter carries over: the payload (shared, not copied) and two headers.
+        });
+        // The delivery itself is kept (moved, not copied): what a settlement, a progress ack or
+        // a dead letter needs.
         let held = Held {
-            subject: msg.subject.to_string(),
-            payload: msg.payload.clone(),
-            message_id: delivery.message_id.map(str::to_owned),
-            content_type: delivery.content_type.map(str::to_owned),
+            ack_subject,
+            message: msg.message,
             attempt,
             since: Instant::now(),
         };
         match decoded {
             Ok(data) => {
-                self.settler.hold(ack_subject.clone(), held);
-                let mut message = Message::with_acker(data, self.settler.clone());
-                message.metadata_mut().insert(ACK_SUBJECT, ack_subject);
-                Some(message)
+                let key = self.next_key;
+                self.next_key += 1;
+                self.settler.hold(key, held);
+                Some(Message::with_ack_data(data, self.settler.clone(), key))
             }
             Err(failure) => {
                 metrics.message("undecodable", 1);
                 let _ = self.settler.dead.send(DeadLetter {
-                    ack_subject,
                     held,
                     reason: failure.reason().to_owned(),
                 });
@@ -607,80 +603,87 @@ async fn open(
         })
 }
 
-/// A delivery the pipeline holds: what a dead letter or a progress ack needs.
+/// A delivery the pipeline holds: what a settlement, a dead letter or a progress ack needs.
 struct Held {
-    subject: String,
-    payload: Bytes,
-    message_id: Option<String>,
-    content_type: Option<String>,
+    ack_subject: Subject,
+    message: async_nats::Message,
     attempt: u32,
     since: Instant,
 }
 
+impl Held {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str())
+    }
+}
+
 struct DeadLetter {
-    ack_subject: String,
     held: Held,
     reason: String,
 }
 
 /// The source's acknowledger: turns how each message ended into what the server is told.
 struct Settler<T> {
-    held: Mutex<HashMap<String, Held>>,
+    /// Deliveries in the pipeline, by their messages' `ack_data`.
+    held: Mutex<HashMap<u64, Held>>,
     /// The user's acknowledger, told after the settlement is decided.
     then: OnceLock<Arc<dyn Acknowledger<T>>>,
     /// (ack subject, what to publish on it): acks, naks, terms, progress.
-    acks: mpsc::UnboundedSender<(String, Bytes)>,
+    acks: mpsc::UnboundedSender<(Subject, Bytes)>,
     dead: mpsc::UnboundedSender<DeadLetter>,
     retry: RetryPolicy,
     metrics: SourceMetrics,
 }
 
 impl<T> Settler<T> {
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn hold(&self, ack_subject: String, held: Held) {
-        self.held().insert(ack_subject, held);
-    }
-
-    fn release(&self, ack_subject: &str) -> Option<Held> {
-        self.held().remove(ack_subject)
+    fn hold(&self, key: u64, held: Held) {
+        self.held().insert(key, held);
     }
 }
 
 impl<T: Send + 'static> Acknowledger<T> for Settler<T> {
     fn ack(&self, successful: Vec<Message<T>>, failed: Vec<Message<T>>) {
-        let mut acked = 0;
-        for m in &successful {
-            if let Some(subject) = m.metadata().get(ACK_SUBJECT) {
-                self.release(subject);
-                let _ = self
-                    .acks
-                    .send((subject.to_owned(), Bytes::from_static(b"+ACK")));
-                acked += 1;
-            }
+        // Taken out of the table under one lock for the whole group.
+        let (done, failed_held): (Vec<Held>, Vec<(Held, Failure)>) = {
+            let mut held = self.held();
+            let done = successful
+                .iter()
+                .filter_map(|m| held.remove(&m.ack_data()))
+                .collect();
+            let failed_held = failed
+                .iter()
+                .filter_map(|m| {
+                    let failure = m
+                        .failure()
+                        .cloned()
+                        .unwrap_or_else(|| Failure::permanent("failed"));
+                    held.remove(&m.ack_data()).map(|h| (h, failure))
+                })
+                .collect();
+            (done, failed_held)
+        };
+        self.metrics.message("acked", done.len() as u64);
+        for held in done {
+            let _ = self
+                .acks
+                .send((held.ack_subject, Bytes::from_static(b"+ACK")));
         }
-        self.metrics.message("acked", acked);
-        for m in &failed {
-            let Some(subject) = m.metadata().get(ACK_SUBJECT) else {
-                continue;
-            };
-            let Some(held) = self.release(subject) else {
-                continue;
-            };
-            let failure = m
-                .failure()
-                .cloned()
-                .unwrap_or_else(|| Failure::permanent("failed"));
+        for (held, failure) in failed_held {
             if failure.is_retryable() && held.attempt < self.retry.max_attempts {
                 let delay = self.retry.delay(held.attempt - 1);
                 let nak = format!("-NAK {{\"delay\": {}}}", delay.as_nanos());
-                let _ = self.acks.send((subject.to_owned(), Bytes::from(nak)));
+                let _ = self.acks.send((held.ack_subject, Bytes::from(nak)));
                 self.metrics.message("retried", 1);
             } else {
                 let _ = self.dead.send(DeadLetter {
-                    ack_subject: subject.to_owned(),
                     held,
                     reason: failure.reason().to_owned(),
                 });
@@ -693,7 +696,7 @@ impl<T: Send + 'static> Acknowledger<T> for Settler<T> {
 }
 
 /// Publishes acks, naks and terms in the order they were decided.
-async fn send_acks(client: Client, mut rx: mpsc::UnboundedReceiver<(String, Bytes)>) {
+async fn send_acks(client: Client, mut rx: mpsc::UnboundedReceiver<(Subject, Bytes)>) {
     let mut batch = Vec::with_capacity(256);
     while rx.recv_many(&mut batch, 256).await > 0 {
         for (subject, payload) in batch.drain(..) {
@@ -711,31 +714,34 @@ async fn send_dead_letters(
     context: Context,
     config: JetStreamConfig,
     mut rx: mpsc::UnboundedReceiver<DeadLetter>,
-    acks: mpsc::UnboundedSender<(String, Bytes)>,
+    acks: mpsc::UnboundedSender<(Subject, Bytes)>,
 ) {
     let prefix = config
         .filter_subject
         .trim_end_matches('>')
         .trim_end_matches('.');
     while let Some(dead) = rx.recv().await {
-        let rest = dead
-            .held
-            .subject
+        let held = &dead.held;
+        let original = held.message.subject.as_str();
+        let rest = original
             .strip_prefix(prefix)
             .map(|r| r.trim_start_matches('.'))
             .filter(|r| !r.is_empty())
-            .unwrap_or(&dead.held.subject);
+            .unwrap_or(original);
         let subject = format!("{}.{rest}", config.dead_subject);
+        let ack_subject = held.ack_subject.clone();
         let mut headers = HeaderMap::new();
-        let id = dead.held.message_id.as_deref().unwrap_or(&dead.ack_subject);
-        headers.insert("Nats-Msg-Id", id);
-        if let Some(content_type) = &dead.held.content_type {
-            headers.insert("Content-Type", content_type.as_str());
+        headers.insert(
+            "Nats-Msg-Id",
+            held.header("Nats-Msg-Id").unwrap_or(ack_subject.as_str()),
+        );
+        if let Some(content_type) = held.header("Content-Type") {
+            headers.insert("Content-Type", content_type);
         }
         headers.insert(REASON_HEADER, one_line(&dead.reason).as_str());
         headers.insert(ATTEMPTS_HEADER, dead.held.attempt.to_string().as_str());
         let stored = match context
-            .publish_with_headers(subject, headers, dead.held.payload.clone())
+            .publish_with_headers(subject, headers, held.message.payload.clone())
             .await
         {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -744,14 +750,14 @@ async fn send_dead_letters(
         match stored {
             Ok(()) => {
                 config.metrics.message("dead_lettered", 1);
-                let _ = acks.send((dead.ack_subject, Bytes::from_static(b"+TERM")));
+                let _ = acks.send((ack_subject, Bytes::from_static(b"+TERM")));
             }
             Err(e) => {
                 config.metrics.message("settle_failed", 1);
                 tracing::warn!(error = %e, "a dead letter could not be stored; the message will come back");
                 let delay = config.retry.max_delay.as_nanos();
                 let nak = format!("-NAK {{\"delay\": {delay}}}");
-                let _ = acks.send((dead.ack_subject, Bytes::from(nak)));
+                let _ = acks.send((ack_subject, Bytes::from(nak)));
             }
         }
     }
@@ -787,13 +793,13 @@ async fn progress<T>(
             return;
         };
         let now = Instant::now();
-        let due: Vec<String> = settler
+        let due: Vec<Subject> = settler
             .held()
-            .iter_mut()
-            .filter(|(_, h)| now.duration_since(h.since) >= half)
-            .map(|(subject, h)| {
+            .values_mut()
+            .filter(|h| now.duration_since(h.since) >= half)
+            .map(|h| {
                 h.since = now;
-                subject.clone()
+                h.ack_subject.clone()
             })
             .collect();
         drop(settler);
