@@ -283,6 +283,7 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
         config: None,
         log_format: LogFormat::Text,
         replies: None,
+        history_max: None,
     };
 
     // The zones first, with the server alone: the commands are published once they exist.

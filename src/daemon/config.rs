@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::zones::Replies;
+use super::zones::{HistoryConfig, Replies};
 use crate::pipeline::{BatcherConfig, Jitter, ProcessorConfig, RetryPolicy};
 use crate::sources::jetstream::JetStreamConfig;
 use crate::sources::rabbitmq::RabbitMqConfig;
@@ -133,6 +133,14 @@ pub struct ZonesSection {
     pub evict_after_ms: NonZeroU64,
     /// Custom broadcasts (`broadcast_event`) allowed per zone; omitted means no limit.
     pub broadcast_rate_limit: Option<RateLimitSection>,
+    /// Recent events each zone keeps in memory for clients that rejoin (`since`); 0 keeps none
+    /// (every rejoin reads the audit log).
+    pub history_events: usize,
+    /// How long an event stays in that memory.
+    pub history_ms: u64,
+    /// The most events a rejoin may have missed and still get them all (from memory and the
+    /// audit log); `serve --history-max` overrides it.
+    pub history_max: u64,
 }
 
 impl Default for ZonesSection {
@@ -143,11 +151,22 @@ impl Default for ZonesSection {
                 allowed: NonZeroUsize::new(20).expect("nonzero"),
                 interval_ms: NonZeroU64::new(1_000).expect("nonzero"),
             }),
+            history_events: HistoryConfig::default().events,
+            history_ms: HistoryConfig::default().age.as_millis() as u64,
+            history_max: HistoryConfig::default().max,
         }
     }
 }
 
 impl ZonesSection {
+    pub fn history(&self) -> HistoryConfig {
+        HistoryConfig {
+            events: self.history_events,
+            age: Duration::from_millis(self.history_ms),
+            max: self.history_max,
+        }
+    }
+
     pub fn broadcast_limit(&self) -> Option<BroadcastLimit> {
         self.broadcast_rate_limit.as_ref().map(|r| BroadcastLimit {
             allowed: u32::try_from(r.allowed.get()).unwrap_or(u32::MAX),

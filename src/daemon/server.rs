@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// answered ok). Default: the pipeline file's `[replies] after`, else `durable`.
     #[arg(long, env = "THUNDERLINE_REPLIES", value_enum)]
     pub replies: Option<Replies>,
+    /// The most events a client that rejoins (`since` in its join) may have missed and still
+    /// get them all, from memory and the audit log; past it, it gets a fresh snapshot.
+    /// Default: the pipeline file's `[zones] history_max`, else 10000.
+    #[arg(long, env = "THUNDERLINE_HISTORY_MAX")]
+    pub history_max: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -75,6 +80,9 @@ impl ServeArgs {
         };
         if let Some(replies) = self.replies {
             file.replies.after = replies;
+        }
+        if let Some(max) = self.history_max {
+            file.zones.history_max = max;
         }
         Ok(file)
     }
@@ -224,6 +232,7 @@ impl Server {
                 replies: file.replies.after,
                 broadcast_limit: file.zones.broadcast_limit(),
                 evict_after,
+                history: file.zones.history(),
             },
             &registry,
         )?;

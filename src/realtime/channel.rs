@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use axum::extract::ws::Utf8Bytes;
 use prometheus::IntCounterVec;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -17,7 +18,7 @@ use uuid::Uuid;
 
 use super::hub::{Peer, topic_name};
 use super::protocol;
-use crate::zone::{CommandKind, Outcome, Permissions, Position, ReplyTo};
+use crate::zone::{Answer, CommandKind, Outcome, Permissions, Position, ReplyTo};
 
 /// Why a client's event could not become a command. Replied with this reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,6 +220,25 @@ impl ReplyTo for SocketReply {
                     true,
                     &accepted.answer,
                 ));
+                // What a rejoin missed follows its reply, before anything newer: the connection
+                // is subscribed only when the topic sink reaches the join's own event.
+                if let Answer::Joined { missed, .. } = &accepted.answer
+                    && !missed.is_empty()
+                {
+                    let frames: Vec<Utf8Bytes> = missed
+                        .iter()
+                        .map(|e| {
+                            Utf8Bytes::from(protocol::encode(
+                                None,
+                                None,
+                                &topic,
+                                e.name(),
+                                &e.broadcast_payload(),
+                            ))
+                        })
+                        .collect();
+                    self.peer.send_replay(Arc::from(frames));
+                }
             }
             (asked, Err(refusal)) => {
                 if asked == Asked::Join {

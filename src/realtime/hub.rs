@@ -45,12 +45,16 @@ pub const SLOW_CONSUMER: CloseReason = CloseReason {
 pub enum Outbound {
     Frame(Utf8Bytes),
     Frames(Arc<[Utf8Bytes]>),
+    /// What a rejoining client missed: counted as one frame against the queue's bound, since
+    /// the client asked for all of it at once and its size is bounded by the history's depth;
+    /// what comes after it is bounded as usual.
+    Replay(Arc<[Utf8Bytes]>),
 }
 
 impl Outbound {
     fn frames(&self) -> usize {
         match self {
-            Self::Frame(_) => 1,
+            Self::Frame(_) | Self::Replay(_) => 1,
             Self::Frames(f) => f.len(),
         }
     }
@@ -144,6 +148,11 @@ impl Peer {
 
     pub fn send_text(&self, text: String) -> bool {
         self.send(Utf8Bytes::from(text))
+    }
+
+    /// Queues what a rejoin missed, as one item: see [`Outbound::Replay`].
+    pub fn send_replay(&self, frames: Arc<[Utf8Bytes]>) -> bool {
+        self.queue(Outbound::Replay(frames))
     }
 
     /// Closes the connection with `reason`.

@@ -23,6 +23,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -33,7 +34,7 @@ use super::hub::{CloseReason, Hub, Outbound, Peer, outbound_queue};
 use super::protocol::{self, Frame};
 use super::token::TokenSigner;
 use crate::pipeline::{Message as PipelineMessage, PushError, PushHandle, PushPermit};
-use crate::zone::{Actor, CommandKind, ReplyTo, ZoneCommand, parse_zone_id};
+use crate::zone::{Actor, CommandKind, ReplyTo, Since, ZoneCommand, parse_zone_id};
 
 /// Per-connection limits.
 #[derive(Clone, Debug)]
@@ -138,8 +139,9 @@ impl SocketMetrics {
 
 /// Makes the pipeline's message for a socket's command: the daemon's envelope, with its
 /// acknowledger.
+/// With a join, where a rejoining client left off (its `since`).
 pub type Envelope<W> =
-    Arc<dyn Fn(ZoneCommand, Arc<dyn ReplyTo>) -> PipelineMessage<W> + Send + Sync>;
+    Arc<dyn Fn(ZoneCommand, Arc<dyn ReplyTo>, Option<Since>) -> PipelineMessage<W> + Send + Sync>;
 
 /// What every connection shares.
 pub struct SocketContext<W> {
@@ -373,6 +375,7 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>)
             Asked::Leave { reply: false },
             &joined,
             None,
+            None,
         );
         leaves.push(message);
     }
@@ -414,7 +417,7 @@ async fn feed(
 ) -> Result<(), axum::Error> {
     match out {
         Outbound::Frame(frame) => sink.feed(Message::Text(frame)).await,
-        Outbound::Frames(frames) => {
+        Outbound::Frames(frames) | Outbound::Replay(frames) => {
             for frame in frames.iter() {
                 sink.feed(Message::Text(frame.clone())).await?;
             }
@@ -559,6 +562,21 @@ impl<W: Send + 'static> Connection<W> {
                 "join params need agent_id and token",
             );
         };
+        let since = match frame.payload.get("since") {
+            None | Some(Value::Null) => None,
+            Some(v) => match Since::deserialize(v) {
+                Ok(since) => Some(since),
+                Err(e) => {
+                    return self.refuse_join(
+                        &frame,
+                        "invalid_payload",
+                        &format!(
+                            "since must be {{\"seq\": <last seq seen>, \"epoch\": \"…\"}}: {e}"
+                        ),
+                    );
+                }
+            },
+        };
         let claims = match self.ctx.signer.verify(&token, chrono::Utc::now()) {
             Ok(c) => c,
             Err(e) => {
@@ -601,6 +619,7 @@ impl<W: Send + 'static> Connection<W> {
                 Asked::Leave { reply: false },
                 &old,
                 None,
+                None,
             );
         }
         if too_many {
@@ -610,7 +629,14 @@ impl<W: Send + 'static> Connection<W> {
                 "at most 100 channels per connection",
             );
         }
-        self.submit(zone, CommandKind::Join, Asked::Join, &joined, frame.msg_ref);
+        self.submit(
+            zone,
+            CommandKind::Join,
+            Asked::Join,
+            &joined,
+            frame.msg_ref,
+            since,
+        );
     }
 
     fn leave(&mut self, frame: Frame) {
@@ -631,6 +657,7 @@ impl<W: Send + 'static> Connection<W> {
                     Asked::Leave { reply: true },
                     &joined,
                     frame.msg_ref,
+                    None,
                 );
             }
             None => {
@@ -668,7 +695,7 @@ impl<W: Send + 'static> Connection<W> {
         match parse_event(&frame.event, frame.payload.clone()) {
             Ok(command) => {
                 self.ctx.metrics.pushes.inc();
-                self.submit(zone, command, Asked::Push, &joined, frame.msg_ref);
+                self.submit(zone, command, Asked::Push, &joined, frame.msg_ref, None);
             }
             Err(refusal) => {
                 self.refuse(refusal.reason);
@@ -686,6 +713,7 @@ impl<W: Send + 'static> Connection<W> {
         asked: Asked,
         joined: &Joined,
         msg_ref: Option<String>,
+        since: Option<Since>,
     ) -> (PipelineMessage<W>, Arc<SocketReply>) {
         let reply = Arc::new(SocketReply {
             peer: self.peer.clone(),
@@ -702,7 +730,7 @@ impl<W: Send + 'static> Connection<W> {
             permissions: joined.perms,
         };
         let command = ZoneCommand::new(zone, actor, kind);
-        ((self.ctx.envelope)(command, reply.clone()), reply)
+        ((self.ctx.envelope)(command, reply.clone(), since), reply)
     }
 
     /// Hands a command to the pipeline, or queues it behind those already waiting for room.
@@ -713,8 +741,9 @@ impl<W: Send + 'static> Connection<W> {
         asked: Asked,
         joined: &Joined,
         msg_ref: Option<String>,
+        since: Option<Since>,
     ) {
-        let (message, reply) = self.message(zone, kind, asked, joined, msg_ref);
+        let (message, reply) = self.message(zone, kind, asked, joined, msg_ref, since);
         let deadline = match asked {
             Asked::Leave { .. } => None,
             Asked::Join | Asked::Push => Some(Instant::now() + self.ctx.config.push_wait),

@@ -26,5 +26,5 @@ pub use model::{DEFAULT_CAPACITY, DEFAULT_PERMISSIONS, NewZone, Resource, Zone, 
 pub use permissions::Permissions;
 pub use state::{
     Accepted, Answer, ApplyError, BroadcastLimit, Context, Outcome, REMEMBERED_COMMANDS, ReplyTo,
-    Session, SessionKey, ZoneSnapshot, ZoneState, ZoneView, new_epoch,
+    Session, SessionKey, Since, ZoneSnapshot, ZoneState, ZoneView, new_epoch,
 };

@@ -15,6 +15,7 @@
 //! that does not exist decides to nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -78,13 +79,29 @@ pub struct ZoneView {
     pub epoch: String,
 }
 
+/// Where a client that joins again left off: the last `seq` it saw, in which `epoch`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Since {
+    pub seq: u64,
+    pub epoch: String,
+}
+
 /// The answer to an accepted command, beside the events it caused.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Answer {
     /// `{}`
     Done,
-    /// The zone after the command (joins, `get_zone_state`, settings changes).
+    /// The zone after the command (`get_zone_state`, settings changes).
     State(Box<ZoneView>),
+    /// The zone after a join, with `recovered`: whether `missed` (the events after the client's
+    /// `since` and before its join, oldest first) is everything it missed. They are sent after
+    /// the reply; they are not part of it.
+    Joined {
+        view: Box<ZoneView>,
+        recovered: bool,
+        missed: Arc<[ZoneEvent]>,
+    },
     /// `{"new_resources": …}` after a consume.
     Resources(BTreeMap<String, i64>),
 }
@@ -95,6 +112,21 @@ impl Serialize for Answer {
         match self {
             Self::Done => s.serialize_map(Some(0))?.end(),
             Self::State(view) => view.serialize(s),
+            Self::Joined {
+                view, recovered, ..
+            } => {
+                #[derive(Serialize)]
+                struct Joined<'a> {
+                    #[serde(flatten)]
+                    view: &'a ZoneView,
+                    recovered: bool,
+                }
+                Joined {
+                    view,
+                    recovered: *recovered,
+                }
+                .serialize(s)
+            }
             Self::Resources(amounts) => {
                 let mut m = s.serialize_map(Some(1))?;
                 m.serialize_entry("new_resources", amounts)?;
@@ -844,8 +876,12 @@ impl ZoneState {
 
     fn answer(&self, kind: &CommandKind) -> Answer {
         match kind {
-            CommandKind::Join
-            | CommandKind::GetZoneState
+            CommandKind::Join => Answer::Joined {
+                view: Box::new(self.view()),
+                recovered: false,
+                missed: Arc::from([]),
+            },
+            CommandKind::GetZoneState
             | CommandKind::UpdateZone(_)
             | CommandKind::ChangePermissions { .. } => Answer::State(Box::new(self.view())),
             CommandKind::ConsumeResource { .. } => Answer::Resources(self.zone.amounts()),

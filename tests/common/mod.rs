@@ -139,6 +139,7 @@ pub mod server {
             config: None,
             log_format: thunderline::daemon::server::LogFormat::Text,
             replies: None,
+            history_max: None,
         };
         TestServer {
             server: Server::start(&args, &file)

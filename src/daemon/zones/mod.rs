@@ -9,6 +9,7 @@
 //! ```
 
 mod acker;
+mod history;
 mod registry;
 mod snapshots;
 mod timers;
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use acker::ZoneAcker;
+pub use history::HistoryConfig;
 pub use registry::{Eviction, LiveZone, Loaded, ZoneRegistry};
 pub use snapshots::Snapshots;
 pub use timers::{TimerConfig, run_timers};
@@ -85,8 +87,11 @@ impl ZoneHandle {
     /// How sockets wrap their commands.
     pub fn envelope(&self) -> Envelope<ZoneWork> {
         let acker = self.acker.clone();
-        Arc::new(move |command, reply| {
-            Message::with_acker(ZoneWork::command(command, Some(reply)), acker.clone())
+        Arc::new(move |command, reply, since| {
+            Message::with_acker(
+                ZoneWork::command(command, Some(reply)).since(since),
+                acker.clone(),
+            )
         })
     }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::history::History;
 use crate::store::{Store, StoreError};
 use crate::zone::{EventKind, REMEMBERED_COMMANDS, ZoneEvent, ZoneSnapshot, ZoneState};
 
@@ -43,6 +44,8 @@ pub struct LiveZone {
     taken: AtomicU64,
     /// Since when the zone has had no session, if it has none.
     idle_since: Mutex<Option<Instant>>,
+    /// Its newest events, for rejoins (the writer's to change).
+    history: Mutex<History>,
 }
 
 impl LiveZone {
@@ -58,7 +61,13 @@ impl LiveZone {
             persisted: AtomicU64::new(persisted),
             taken: AtomicU64::new(persisted),
             idle_since: Mutex::new(idle),
+            history: Mutex::new(History::default()),
         }
+    }
+
+    /// Its newest events. Held briefly, like the state.
+    pub fn history(&self) -> MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The state, for the writer to change or anyone to read. Held briefly: nothing waits

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::realtime::Broadcasts;
 use crate::store::Audited;
-use crate::zone::{Outcome, ReplyTo, ZoneCommand, ZoneEvent, ZoneSnapshot};
+use crate::zone::{Outcome, ReplyTo, Since, ZoneCommand, ZoneEvent, ZoneSnapshot};
 
 /// When a command's `ok` is sent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -56,6 +56,8 @@ pub struct ZoneWork {
     pub outcome: Option<Arc<Outcome>>,
     /// The zone's state to write once this message is acknowledged.
     pub snapshot: Option<Arc<ZoneSnapshot>>,
+    /// A join's `since`: where the rejoining client left off.
+    pub since: Option<Since>,
 }
 
 impl ZoneWork {
@@ -67,7 +69,14 @@ impl ZoneWork {
             events: Arc::from([]),
             outcome: None,
             snapshot: None,
+            since: None,
         }
+    }
+
+    /// A join that asks for what the client missed since `since`.
+    pub fn since(mut self, since: Option<Since>) -> Self {
+        self.since = since;
+        self
     }
 
     pub fn evict(zone_id: Uuid) -> Self {
@@ -78,6 +87,7 @@ impl ZoneWork {
             events: Arc::from([]),
             outcome: None,
             snapshot: None,
+            since: None,
         }
     }
 }

@@ -14,12 +14,14 @@ use std::time::Duration;
 use prometheus::{HistogramOpts, HistogramVec, Registry};
 use tokio::time::Instant;
 
-use super::registry::{Eviction, ZoneRegistry};
+use super::history::{self, HistoryConfig, Plan};
+use super::registry::{Eviction, LiveZone, ZoneRegistry};
 use super::work::{Job, Replies, ZoneWork};
 use crate::pipeline::{BatcherName, Failure, Message, Processor};
 use crate::store::StoreError;
 use crate::zone::{
-    Actor, BroadcastLimit, CommandKind, Context, Outcome, ZoneCommand, ZoneError, now,
+    Actor, Answer, BroadcastLimit, CommandKind, Context, Outcome, Since, ZoneCommand, ZoneError,
+    ZoneEvent, now,
 };
 
 /// The writer's settings.
@@ -30,6 +32,8 @@ pub struct WriterConfig {
     pub broadcast_limit: Option<BroadcastLimit>,
     /// How long a zone stays in memory without sessions.
     pub evict_after: Duration,
+    /// What each zone keeps for rejoins.
+    pub history: HistoryConfig,
 }
 
 /// Applies zone commands; see the module documentation.
@@ -67,10 +71,15 @@ impl ZoneWriter {
 
     /// Answers now, or keeps the outcome for the acknowledgement when it must wait for the
     /// events to be durable.
+    ///
+    /// A join is answered at once either way: what it missed must follow its reply before the
+    /// topic sink sends it anything newer, and a session does not outlive a crash anyway.
     fn answer(&self, work: &mut ZoneWork, outcome: Outcome) {
+        let join = matches!(&work.job, Job::Command(c) if c.kind == CommandKind::Join);
         let durable = self.config.replies == Replies::Durable
             && !work.events.is_empty()
-            && outcome.result.is_ok();
+            && outcome.result.is_ok()
+            && !join;
         if durable {
             work.outcome = Some(Arc::new(outcome));
         } else if let Some(reply) = work.reply.take() {
@@ -126,6 +135,14 @@ impl Processor<ZoneWork> for ZoneWriter {
                 )));
             }
         };
+        // What a rejoin missed before memory's reach is read from the log now, before the
+        // zone is held (nothing else changes the zone meanwhile: this is its only writer).
+        let rejoin = match work.since.take() {
+            Some(since) if command.kind == CommandKind::Join => {
+                Some((since.seq, self.missed_in_log(zone_id, &live, &since).await))
+            }
+            _ => None,
+        };
         let ctx = Context {
             now: now(),
             broadcast_limit: self.config.broadcast_limit,
@@ -140,9 +157,27 @@ impl Processor<ZoneWork> for ZoneWriter {
                     events.extend(accepted.events);
                 }
             }
-            let outcome = state.execute(&command, &ctx);
+            let mut outcome = state.execute(&command, &ctx);
             if let Ok(accepted) = &outcome.result {
                 events.extend(accepted.events.iter().cloned());
+            }
+            live.history()
+                .record(&events, &self.config.history, ctx.now);
+            if let (Some((after, Some(mut missed))), Ok(accepted)) = (rejoin, &mut outcome.result)
+                && let Answer::Joined {
+                    recovered,
+                    missed: replayed,
+                    ..
+                } = &mut accepted.answer
+            {
+                // The join's own event reaches the client through its subscription.
+                let before_join = accepted.events.first().map_or(state.seq(), |e| e.seq - 1);
+                let through_log = missed.last().map_or(after, |e| e.seq);
+                missed.extend(live.history().between(through_log, before_join).cloned());
+                if history::complete(&missed, after, before_join + 1) {
+                    *recovered = true;
+                    *replayed = Arc::from(missed);
+                }
             }
             live.note_sessions(state.session_count(), Instant::now());
             let due = live.snapshot_due(&state, &events) || fresh == Some(true);
@@ -207,6 +242,45 @@ impl ZoneWriter {
             Eviction::Keep => {}
             Eviction::Evict => self.registry.remove(work.zone_id),
             Eviction::WriteFirst => work.snapshot = Some(Arc::new(state.snapshot())),
+        }
+    }
+}
+
+impl ZoneWriter {
+    /// The events a rejoin missed that memory no longer has, from the audit log (oldest
+    /// first); `None` when it cannot be recovered: another epoch, too far behind, a seq the
+    /// zone never reached, or events not in the log yet (still in an audit batch).
+    async fn missed_in_log(
+        &self,
+        zone_id: uuid::Uuid,
+        live: &LiveZone,
+        since: &Since,
+    ) -> Option<Vec<ZoneEvent>> {
+        let config = &self.config.history;
+        let plan = {
+            let state = live.state();
+            let memory_first = live.history().first_seq(config, now());
+            history::plan(since, state.epoch(), state.seq(), memory_first, config)
+        };
+        let Plan::Recover { after, upto } = plan else {
+            return None;
+        };
+        if upto == after + 1 {
+            return Some(Vec::new());
+        }
+        let limit = u32::try_from(upto - after - 1).ok()?;
+        match self
+            .registry
+            .store()
+            .zone_events(zone_id, None, Some(after), Some(limit))
+            .await
+        {
+            Ok(events) if history::complete(&events, after, upto) => Some(events),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(zone = %zone_id, error = %e, "a rejoin's missed events could not be read from the audit log; it gets a fresh snapshot");
+                None
+            }
         }
     }
 }
