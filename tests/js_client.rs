@@ -82,6 +82,43 @@ fn the_phoenix_client_works_with_replies_applied() {
     }
 }
 
+/// Runs one phase of tests/js/recovery_restart.mjs against `daemon`.
+fn recovery_phase(js: &Path, daemon: &common::binary::Daemon, phase: &str, state: &Path) {
+    let out = Command::new("node")
+        .args(["recovery_restart.mjs", phase])
+        .current_dir(js)
+        .env("THUNDERLINE_URL", &daemon.url)
+        .env("THUNDERLINE_ADMIN_TOKEN", common::binary::ADMIN)
+        .env("RECOVERY_STATE", state)
+        .output()
+        .expect("node runs");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{phase}: {report}");
+    assert!(out.status.success(), "recovery {phase} failed:\n{report}");
+}
+
+/// A client that dropped before the daemon restarted rejoins the restarted daemon (nothing in
+/// memory) and gets what it missed from the audit log.
+#[test]
+fn a_rejoin_after_a_daemon_restart_recovers_from_the_audit_log() {
+    let Some(js) = prepared() else { return };
+    let dir = std::env::temp_dir().join(format!("thunderline-js-restart-{}", std::process::id()));
+    let state = dir.join("recovery.json");
+    let daemon = common::binary::start(&dir, &[]);
+    recovery_phase(&js, &daemon, "before", &state);
+    let (exit, printed) = daemon.terminate();
+    assert!(exit.success(), "{printed:?}");
+    let daemon = common::binary::start(&dir, &[]);
+    recovery_phase(&js, &daemon, "after", &state);
+    let (exit, printed) = daemon.terminate();
+    assert!(exit.success(), "{printed:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// With the pipeline file and PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_phoenix_client_works_against_the_daemon_on_postgres() {
