@@ -94,3 +94,48 @@ fn bench_broker_runs_on_both_brokers_and_audits_every_command() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'kafka'"));
 }
+
+/// `bench recovery`, small: every rejoin recovers every missed event, from memory and from the
+/// audit log, and the report has both and the plain join's baseline.
+#[test]
+fn bench_recovery_recovers_every_rejoin_from_memory_and_from_the_log() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args([
+            "bench",
+            "recovery",
+            "--missed",
+            "50,200",
+            "--rejoins",
+            "3",
+            "--json",
+        ])
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let cases = report["cases"].as_array().unwrap();
+    let seen: Vec<(u64, &str)> = cases
+        .iter()
+        .map(|c| (c["missed"].as_u64().unwrap(), c["from"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (50, "memory"),
+            (50, "audit_log"),
+            (200, "memory"),
+            (200, "audit_log")
+        ]
+    );
+    for c in cases {
+        assert_eq!(c["recovered"], 3, "{c}");
+        assert!(c["recovery"]["p99_ms"].as_f64().unwrap() > 0.0, "{c}");
+        assert!(c["plain_join"]["p99_ms"].as_f64().unwrap() > 0.0, "{c}");
+    }
+}

@@ -6,6 +6,7 @@ mod admin_client;
 pub mod audit;
 pub mod broker;
 pub mod pipeline;
+pub mod recovery;
 pub mod ws;
 mod ws_baseline;
 mod ws_report;

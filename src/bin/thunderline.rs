@@ -52,13 +52,17 @@ enum Bench {
     /// Zone commands from NATS JetStream or RabbitMQ into the audit log, against the broker's
     /// raw consume-and-ack rate.
     Broker(bench::broker::BrokerArgs),
+    /// Time from a rejoin with `since` to the last missed event, from memory and from the audit
+    /// log, against a plain join.
+    Recovery(bench::recovery::RecoveryArgs),
 }
 
 const BENCHMARKS: &str = "available benchmarks (each takes --json):
   pipeline   small messages through the engine vs. a crossbeam channel
   audit      zone events into the audit log vs. a raw COPY (needs --database)
   ws         WebSocket clients through the zone server vs. a bare broadcast server
-  broker     commands from NATS or RabbitMQ into the audit log vs. raw consume + ack (--kind)";
+  broker     commands from NATS or RabbitMQ into the audit log vs. raw consume + ack (--kind)
+  recovery   a rejoin's missed events (from memory, from the audit log) vs. a plain join";
 
 /// Prints a report as JSON or as a table; the exit code says whether it met its invariants.
 fn report<R: Serialize>(
@@ -180,6 +184,18 @@ fn main() -> ExitCode {
                 r.table(),
                 r.rows_in_db == r.events && r.acked == r.events,
                 "the audit log does not hold exactly the events sent",
+            ),
+            Err(e) => fail(e),
+        },
+        Command::Bench {
+            which: Some(Bench::Recovery(args)),
+        } => match bench::recovery::run(&args) {
+            Ok(r) => report(
+                args.json,
+                &r,
+                r.table(),
+                r.complete(),
+                "not every rejoin recovered every missed event, in order, once",
             ),
             Err(e) => fail(e),
         },
