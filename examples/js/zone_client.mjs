@@ -5,7 +5,9 @@
 //   THUNDERLINE_ADMIN_TOKEN=... node examples/js/zone_client.mjs [http://127.0.0.1:4000]
 //
 // It creates a zone over the admin API, mints a token for agent "example-agent", joins
-// `zone:<id>`, moves, consumes some food, and prints every event, presence change and reply.
+// `zone:<id>`, moves, consumes some food, drops its connection while the zone announces three
+// notices, rejoins with what it last saw and gets them (`recovered: true`), and prints every
+// event, presence change and reply.
 import { createRequire } from "node:module";
 
 const require = createRequire(new URL("../../tests/js/package.json", import.meta.url));
@@ -32,7 +34,7 @@ async function api(method, path, body) {
 
 const zone = await api("POST", "/api/zones", {
   name: "Example glade",
-  permissions: 0x03,
+  permissions: 0x07, // spawn_agents, modify_zone, broadcast_events
   resources: { food: { amount: 100, max: 100, regen: 2 } },
   properties: { biome: "forest" },
 });
@@ -44,13 +46,26 @@ const { token } = await api("POST", "/api/tokens", {
   ttl_seconds: 3600,
 });
 
-const socket = new Socket(base.replace(/^http/, "ws") + "/socket", { transport: WebSocket });
+// Reconnects a second after a drop (the default is sooner), so the demo below has time to miss
+// something.
+const socket = new Socket(base.replace(/^http/, "ws") + "/socket", { transport: WebSocket, reconnectAfterMs: () => 1000 });
 socket.connect();
-const channel = socket.channel(`zone:${zone.id}`, { agent_id: "example-agent", token });
+// The params are a function: every rejoin after a drop passes the last seq seen, and the server
+// sends what was missed (`recovered: true`) or a fresh snapshot (`recovered: false`).
+let last = null;
+let epoch = null;
+const channel = socket.channel(`zone:${zone.id}`, () => ({
+  agent_id: "example-agent",
+  token,
+  ...(last === null ? {} : { since: { seq: last, epoch } }),
+}));
 const presence = new Presence(channel);
 presence.onSync(() => console.log("present:", presence.list((id) => id).join(", ")));
-for (const event of ["agent_entered", "agent_left", "agent_moved", "agent_interaction", "resource_changed", "environment_tick"]) {
-  channel.on(event, (payload) => console.log(event, JSON.stringify(payload)));
+for (const event of ["agent_entered", "agent_left", "agent_moved", "agent_interaction", "resource_changed", "environment_tick", "notice"]) {
+  channel.on(event, (payload) => {
+    console.log(event, JSON.stringify(payload));
+    if (last === null || payload.seq > last) last = payload.seq;
+  });
 }
 
 const reply = (push, what) =>
@@ -60,13 +75,27 @@ const reply = (push, what) =>
       .receive("error", (r) => (console.log(what, "error", JSON.stringify(r)), resolve())),
   );
 
+let joins = 0;
 channel
   .join()
-  .receive("ok", async ({ agents }) => {
-    console.log("joined; agents here:", agents);
-    await reply(channel.push("agent_move", { position: { x: 10, y: 5, z: 0 } }), "agent_move");
-    await reply(channel.push("consume_resource", { resource_type: "food", amount: 5 }), "consume_resource");
-    await reply(channel.push("consume_resource", { resource_type: "food", amount: 500 }), "consume_resource (too much)");
+  // Called on the first join and on every rejoin.
+  .receive("ok", async ({ agents, seq, epoch: e, recovered }) => {
+    joins += 1;
+    epoch = e;
+    if (!recovered) last = seq;
+    console.log(`joined (#${joins}) at seq ${seq}, recovered: ${recovered}; agents here:`, agents);
+    if (joins === 1) {
+      await reply(channel.push("agent_move", { position: { x: 10, y: 5, z: 0 } }), "agent_move");
+      await reply(channel.push("consume_resource", { resource_type: "food", amount: 5 }), "consume_resource");
+      await reply(channel.push("consume_resource", { resource_type: "food", amount: 500 }), "consume_resource (too much)");
+      // Drop the connection; while the client is away, the zone announces three notices.
+      console.log("dropping the connection");
+      socket.conn.close(4000, "demo drop");
+      for (let i = 1; i <= 3; i++) {
+        await api("POST", `/api/zones/${zone.id}/broadcast`, { event_type: "notice", payload: { n: i } });
+      }
+      return;
+    }
     setTimeout(() => {
       channel.leave().receive("ok", () => {
         socket.disconnect();
