@@ -507,6 +507,13 @@ test("a client whose transport is cut gets every move it missed once, in order, 
   const all = client.events.filter((e) => !(e.event === "agent_entered" && e.agent_id === "cleo"));
   for (let i = 1; i < all.length; i++) assert.ok(all[i].seq > all[i - 1].seq, `seq ${all[i].seq} after ${all[i - 1].seq}`);
 
+  const rejoins = async (outcome) => {
+    const text = await (await fetch(base + "/metrics")).text();
+    const line = text.split("\n").find((l) => l.startsWith(`thunderline_zone_rejoins_total{outcome="${outcome}"}`));
+    return line ? Number(line.split(" ").pop()) : 0;
+  };
+  assert.ok((await rejoins("recovered")) >= 1, "counted in /metrics");
+
   // The observer never dropped: it saw every event from its join on, with no gap.
   await eventually(() => assert.equal(observer.events.filter((e) => e.event === "agent_moved").length, 100), "observer saw every move");
   const seen = observer.events.map((e) => e.seq);

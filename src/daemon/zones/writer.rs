@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tokio::time::Instant;
 
 use super::history::{self, HistoryConfig, Plan};
@@ -43,6 +43,8 @@ pub struct ZoneWriter {
     routes: Arc<[BatcherName]>,
     config: WriterConfig,
     latency: HistogramVec,
+    /// Joins with `since`, by whether what they missed was recovered.
+    rejoins: IntCounterVec,
 }
 
 impl ZoneWriter {
@@ -61,11 +63,21 @@ impl ZoneWriter {
             &["command"],
         )?;
         metrics.register(Box::new(latency.clone()))?;
+        let rejoins = IntCounterVec::new(
+            Opts::new(
+                "thunderline_zone_rejoins_total",
+                "Joins with `since`, by outcome: recovered (the missed events followed the \
+                 reply) or fresh (a snapshot: another epoch, too far back, or ahead).",
+            ),
+            &["outcome"],
+        )?;
+        metrics.register(Box::new(rejoins.clone()))?;
         Ok(Self {
             registry,
             routes,
             config,
             latency,
+            rejoins,
         })
     }
 
@@ -163,6 +175,8 @@ impl Processor<ZoneWork> for ZoneWriter {
             }
             live.history()
                 .record(&events, &self.config.history, ctx.now);
+            let rejoined = rejoin.is_some();
+            let mut recovered_now = false;
             if let (Some((after, Some(mut missed))), Ok(accepted)) = (rejoin, &mut outcome.result)
                 && let Answer::Joined {
                     recovered,
@@ -177,7 +191,12 @@ impl Processor<ZoneWork> for ZoneWriter {
                 if history::complete(&missed, after, before_join + 1) {
                     *recovered = true;
                     *replayed = Arc::from(missed);
+                    recovered_now = true;
                 }
+            }
+            if rejoined && outcome.result.is_ok() {
+                let label = if recovered_now { "recovered" } else { "fresh" };
+                self.rejoins.with_label_values(&[label]).inc();
             }
             live.note_sessions(state.session_count(), Instant::now());
             let due = live.snapshot_due(&state, &events) || fresh == Some(true);
