@@ -3,20 +3,25 @@
 
 use std::process::Command;
 
-#[test]
-fn bench_pipeline_prints_one_json_object_with_the_documented_keys() {
+/// Runs `thunderline <args>` and returns its stdout as the one JSON object it must print,
+/// failing with its stderr when it exits unsuccessfully.
+fn json_report(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
-        .args(["bench", "pipeline", "--events", "20000", "--json"])
+        .args(args)
         .output()
         .expect("the binary runs");
     assert!(
         out.status.success(),
-        "exit {:?}: {}",
+        "{args:?}: exit {:?}: {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+#[test]
+fn bench_pipeline_prints_one_json_object_with_the_documented_keys() {
+    let report = json_report(&["bench", "pipeline", "--events", "20000", "--json"]);
     for key in [
         "events",
         "acked",
@@ -63,21 +68,9 @@ fn bad_flags_get_a_clear_error_and_a_failing_exit() {
 #[test]
 fn bench_broker_runs_on_both_brokers_and_audits_every_command() {
     for kind in ["nats", "rabbitmq"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
-            .args([
-                "bench", "broker", "--kind", kind, "--events", "500", "--rounds", "1",
-            ])
-            .arg("--json")
-            .output()
-            .expect("the binary runs");
-        assert!(
-            out.status.success(),
-            "{kind}: exit {:?}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+        let report = json_report(&[
+            "bench", "broker", "--kind", kind, "--events", "500", "--rounds", "1", "--json",
+        ]);
         assert_eq!(report["kind"], kind);
         assert_eq!(report["events"], 500);
         assert_eq!(report["audited"], 500, "{report}");
@@ -99,26 +92,15 @@ fn bench_broker_runs_on_both_brokers_and_audits_every_command() {
 /// audit log, and the report has both and the plain join's baseline.
 #[test]
 fn bench_recovery_recovers_every_rejoin_from_memory_and_from_the_log() {
-    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
-        .args([
-            "bench",
-            "recovery",
-            "--missed",
-            "50,200",
-            "--rejoins",
-            "3",
-            "--json",
-        ])
-        .output()
-        .expect("the binary runs");
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let report = json_report(&[
+        "bench",
+        "recovery",
+        "--missed",
+        "50,200",
+        "--rejoins",
+        "3",
+        "--json",
+    ]);
     let cases = report["cases"].as_array().unwrap();
     let seen: Vec<(u64, &str)> = cases
         .iter()

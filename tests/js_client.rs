@@ -37,15 +37,19 @@ fn prepared() -> Option<std::path::PathBuf> {
     Some(js)
 }
 
-/// Runs the suite against the binary started with `extra` flags.
-fn run_suite(js: &Path, name: &str, extra: &[&str]) {
-    let dir = std::env::temp_dir().join(format!("thunderline-js-{name}-{}", std::process::id()));
-    let daemon = common::binary::start(&dir, extra);
+/// Runs `node <args>` in `js` against `daemon`; whether it succeeded, and what it printed.
+fn node(
+    js: &Path,
+    daemon: &common::binary::Daemon,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String) {
     let out = Command::new("node")
-        .args(["--test", "--test-concurrency=1", "zone.test.mjs"])
+        .args(args)
         .current_dir(js)
         .env("THUNDERLINE_URL", &daemon.url)
         .env("THUNDERLINE_ADMIN_TOKEN", common::binary::ADMIN)
+        .envs(env.iter().copied())
         .output()
         .expect("node runs");
     let report = format!(
@@ -53,13 +57,23 @@ fn run_suite(js: &Path, name: &str, extra: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    (out.status.success(), report)
+}
+
+/// Runs the suite against the binary started with `extra` flags.
+fn run_suite(js: &Path, name: &str, extra: &[&str]) {
+    let dir = std::env::temp_dir().join(format!("thunderline-js-{name}-{}", std::process::id()));
+    let daemon = common::binary::start(&dir, extra);
+    let (ok, report) = node(
+        js,
+        &daemon,
+        &["--test", "--test-concurrency=1", "zone.test.mjs"],
+        &[],
+    );
     let (exit, printed) = daemon.terminate();
     let _ = std::fs::remove_dir_all(&dir);
     println!("{name}:\n{report}");
-    assert!(
-        out.status.success(),
-        "the phoenix client tests failed ({name}):\n{report}"
-    );
+    assert!(ok, "the phoenix client tests failed ({name}):\n{report}");
     assert!(
         exit.success(),
         "the daemon exited with {exit:?} after SIGTERM; it printed {printed:?}"
@@ -84,21 +98,15 @@ fn the_phoenix_client_works_with_replies_applied() {
 
 /// Runs one phase of tests/js/recovery_restart.mjs against `daemon`.
 fn recovery_phase(js: &Path, daemon: &common::binary::Daemon, phase: &str, state: &Path) {
-    let out = Command::new("node")
-        .args(["recovery_restart.mjs", phase])
-        .current_dir(js)
-        .env("THUNDERLINE_URL", &daemon.url)
-        .env("THUNDERLINE_ADMIN_TOKEN", common::binary::ADMIN)
-        .env("RECOVERY_STATE", state)
-        .output()
-        .expect("node runs");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let state = state.to_str().expect("a UTF-8 path");
+    let (ok, report) = node(
+        js,
+        daemon,
+        &["recovery_restart.mjs", phase],
+        &[("RECOVERY_STATE", state)],
     );
     println!("{phase}: {report}");
-    assert!(out.status.success(), "recovery {phase} failed:\n{report}");
+    assert!(ok, "recovery {phase} failed:\n{report}");
 }
 
 /// A client that dropped before the daemon restarted rejoins the restarted daemon (nothing in
