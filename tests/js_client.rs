@@ -127,6 +127,38 @@ fn a_rejoin_after_a_daemon_restart_recovers_from_the_audit_log() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The console at `/` in Debian's Chromium, driven by Playwright: nothing without the token;
+/// with it, stage counters and a zone's agents change as traffic flows. The screenshot is kept
+/// as `target/console.png`.
+#[test]
+fn the_console_shows_the_pipeline_and_the_zones_in_a_real_browser() {
+    let Some(js) = prepared() else { return };
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if !Path::new("/usr/bin/chromium").exists() {
+        assert!(
+            !ci,
+            "Debian's chromium is required under CI=true for the console test"
+        );
+        eprintln!("\n*** SKIPPED the console browser test: /usr/bin/chromium is not installed.\n");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("thunderline-console-{}", std::process::id()));
+    let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console.png");
+    let daemon = common::binary::start(&dir, &[]);
+    let (ok, report) = node(
+        &js,
+        &daemon,
+        &["--test", "--test-concurrency=1", "console.test.mjs"],
+        &[("CONSOLE_SCREENSHOT", shot.to_str().expect("a UTF-8 path"))],
+    );
+    let (exit, printed) = daemon.terminate();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("console:\n{report}");
+    assert!(ok, "the console test failed:\n{report}");
+    assert!(exit.success(), "{printed:?}");
+    assert!(shot.exists(), "the screenshot was saved");
+}
+
 /// With the pipeline file and PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_phoenix_client_works_against_the_daemon_on_postgres() {

@@ -136,14 +136,26 @@ async fn listing_paging_deleting_and_missing_zones() {
             ids.push(zone.id());
         }
         let page: Vec<_> = store
-            .list_zones(2, 1)
+            .list_zones(2, 1, None)
             .await
             .unwrap()
             .iter()
             .map(|z| z.zone.id)
             .collect();
         assert_eq!(page, ids[1..3].to_vec(), "{}", db.name);
-        assert_eq!(store.count_zones().await.unwrap(), 5);
+        assert_eq!(store.count_zones(None).await.unwrap(), 5);
+        // A name search: any case, and a `%` or `_` in it matches only itself.
+        let found: Vec<_> = store
+            .list_zones(10, 0, Some("Z3"))
+            .await
+            .unwrap()
+            .iter()
+            .map(|z| z.zone.id)
+            .collect();
+        assert_eq!(found, vec![ids[3]], "{}", db.name);
+        assert_eq!(store.count_zones(Some("z")).await.unwrap(), 5);
+        assert_eq!(store.count_zones(Some("%")).await.unwrap(), 0);
+        assert_eq!(store.count_zones(Some("_")).await.unwrap(), 0);
         store.delete_zone(ids[0]).await.unwrap();
         let missing = store.get_zone(ids[0]).await.unwrap_err();
         assert!(
@@ -158,7 +170,7 @@ async fn listing_paging_deleting_and_missing_zones() {
         // A snapshot of a deleted zone is dropped, not an error.
         let ghost = ZoneState::new(Zone::create(spec("ghost"), "node-a", now()).unwrap());
         store.save_snapshots(&[&ghost.snapshot()]).await.unwrap();
-        assert_eq!(store.count_zones().await.unwrap(), 4);
+        assert_eq!(store.count_zones(None).await.unwrap(), 4);
         store.close().await;
         db.cleanup().await;
     }

@@ -157,13 +157,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .merge(super::console::routes())
         .with_state(state)
 }
 
-/// Constant-time comparison, so the token cannot be guessed a byte at a time.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+use crate::realtime::token::same;
 
 async fn require_admin(
     State(state): State<ApiState>,
@@ -339,6 +337,9 @@ struct Page {
     limit: Option<u32>,
     #[serde(default)]
     offset: Option<u64>,
+    /// Only zones whose name contains this (any case).
+    #[serde(default)]
+    q: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -361,7 +362,7 @@ async fn list_zones(
     let offset = page.offset.unwrap_or(0);
     let store = state.zones.registry.store();
     let zones = store
-        .list_zones(limit, offset)
+        .list_zones(limit, offset, page.q.as_deref())
         .await?
         .into_iter()
         // Zones in memory show their live state; the others, their last snapshot.
@@ -376,7 +377,7 @@ async fn list_zones(
         zones,
         limit,
         offset,
-        total: store.count_zones().await?,
+        total: store.count_zones(page.q.as_deref()).await?,
     }))
 }
 

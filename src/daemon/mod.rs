@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod ingest;
 pub mod replay;

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use super::DatabaseArgs;
 use super::api::{self, ApiState};
 use super::config::{PipelineFile, PipelineFileError};
+use super::console;
 use super::control::ZonePipeline;
 use super::ingest::{IngestError, Sources, SourcesSettled};
 use super::zones::{
@@ -276,15 +277,18 @@ impl Server {
 
         let (stop, stop_rx) = watch::channel(false);
         let socket_metrics = SocketMetrics::register(&registry)?;
-        let sockets = Arc::new(SocketContext::new(
-            hub.clone(),
-            signer.clone(),
-            zones.push_handle(),
-            zones.envelope(),
-            SocketConfig::default(),
-            socket_metrics,
-            stop_rx.clone(),
-        ));
+        let sockets = Arc::new(
+            SocketContext::new(
+                hub.clone(),
+                signer.clone(),
+                zones.push_handle(),
+                zones.envelope(),
+                SocketConfig::default(),
+                socket_metrics,
+                stop_rx.clone(),
+            )
+            .with_console(console::feed(secrets.admin_token.clone(), registry.clone())),
+        );
         let connections = sockets.metrics.connections.clone();
         let state = ApiState {
             zones: zones.clone(),

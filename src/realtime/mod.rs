@@ -1,11 +1,13 @@
 //! Real time: a WebSocket server that speaks the Phoenix Channels protocol (V2 JSON), so the
 //! official `phoenix` JavaScript client works against it unmodified; zone topics with presence;
-//! and the topic sink that fans zone events out to subscribers.
+//! the topic sink that fans zone events out to subscribers; and the console's read-only admin
+//! topic.
 //!
 //! It turns frames into zone commands and outcomes into frames; what the commands do is the
 //! zone's business, and who applies them is the daemon's.
 
 pub mod channel;
+pub mod console;
 pub mod hub;
 pub mod protocol;
 pub mod socket;
@@ -13,6 +15,7 @@ pub mod token;
 pub mod topic;
 
 pub use channel::{Asked, SocketReply, parse_event};
+pub use console::{CONSOLE_TOPIC, ConsoleFeed};
 pub use hub::{Hub, HubMetrics, Peer};
 pub use socket::{Envelope, SocketConfig, SocketContext, SocketMetrics};
 pub use token::{Claims, TokenError, TokenSigner, random_secret};

@@ -26,10 +26,12 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::channel::{Asked, Channels, Joined, SocketReply, parse_event};
+use super::console::{CONSOLE_TOPIC, ConsoleFeed};
 use super::hub::{CloseReason, Hub, Outbound, Peer, outbound_queue};
 use super::protocol::{self, Frame};
 use super::token::TokenSigner;
@@ -153,12 +155,20 @@ pub struct SocketContext<W> {
     pub metrics: SocketMetrics,
     /// Flips to true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// The console's topic, when the server offers it.
+    pub console: Option<ConsoleFeed>,
     /// This run's random prefix for connection names.
     run: String,
     next_id: AtomicU64,
 }
 
 impl<W: Send + 'static> SocketContext<W> {
+    /// Offers the console topic ([`CONSOLE_TOPIC`]) with `feed`.
+    pub fn with_console(mut self, feed: ConsoleFeed) -> Self {
+        self.console = Some(feed);
+        self
+    }
+
     pub fn new(
         hub: Arc<Hub>,
         signer: TokenSigner,
@@ -176,6 +186,7 @@ impl<W: Send + 'static> SocketContext<W> {
             config,
             metrics,
             shutdown,
+            console: None,
             run: Uuid::new_v4().simple().to_string()[..12].to_owned(),
             next_id: AtomicU64::new(1),
         }
@@ -204,6 +215,16 @@ struct Connection<W> {
     /// Refusals in the current one-second window, and when it began.
     refused: (u32, Instant),
     waiting: VecDeque<Waiting<W>>,
+    /// The console topic's pushes, while it is joined.
+    console: Option<JoinHandle<()>>,
+}
+
+impl<W> Drop for Connection<W> {
+    fn drop(&mut self) {
+        if let Some(task) = self.console.take() {
+            task.abort();
+        }
+    }
 }
 
 /// Serves one upgraded WebSocket until either side closes it.
@@ -275,6 +296,7 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>)
         },
         refused: (0, Instant::now()),
         waiting: VecDeque::new(),
+        console: None,
     };
     let mut killed = kill.subscribe();
     let mut shutdown = ctx.shutdown.clone();
@@ -509,10 +531,53 @@ impl<W: Send + 'static> Connection<W> {
                     &json!({}),
                 ));
             }
+            (CONSOLE_TOPIC, "phx_join") => self.join_console(frame),
+            (CONSOLE_TOPIC, "phx_leave") => self.leave_console(frame),
+            (CONSOLE_TOPIC, _) => self.reply_error(
+                &frame,
+                "read_only",
+                "the console topic takes no events: it only pushes stats",
+            ),
             (_, "phx_join") => self.join(frame),
             (_, "phx_leave") => self.leave(frame),
             _ => self.event(frame),
         }
+    }
+
+    /// Joins the console topic with the admin token, and starts its pushes.
+    fn join_console(&mut self, frame: Frame) {
+        let Some(feed) = &self.ctx.console else {
+            return self.refuse_join(&frame, "unmatched topic", "this server has no console");
+        };
+        let token = frame.payload.get("token").and_then(Value::as_str);
+        if !token.is_some_and(|t| feed.admits(t)) {
+            return self.refuse_join(&frame, "unauthorized", "the console needs the admin token");
+        }
+        if let Some(old) = self.console.take() {
+            old.abort();
+        }
+        self.ctx.metrics.joins.with_label_values(&["ok"]).inc();
+        self.peer.send_text(protocol::reply(
+            frame.join_ref.as_deref(),
+            frame.msg_ref.as_deref(),
+            CONSOLE_TOPIC,
+            true,
+            &json!({"every_ms": feed.every.as_millis() as u64}),
+        ));
+        self.console = Some(feed.start(self.peer.clone(), frame.join_ref));
+    }
+
+    fn leave_console(&mut self, frame: Frame) {
+        if let Some(task) = self.console.take() {
+            task.abort();
+        }
+        self.peer.send_text(protocol::reply(
+            frame.join_ref.as_deref(),
+            frame.msg_ref.as_deref(),
+            CONSOLE_TOPIC,
+            true,
+            &json!({}),
+        ));
     }
 
     /// Refuses a join before it reaches the pipeline, and counts why.

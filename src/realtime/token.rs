@@ -119,6 +119,11 @@ impl TokenSigner {
 }
 
 /// 32 random bytes from the operating system, hex-encoded: a fresh secret or admin token.
+/// Constant-time comparison, so a token cannot be guessed a byte at a time.
+pub fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 pub fn random_secret() -> String {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).expect("the OS has a random source");

@@ -265,8 +265,11 @@ impl<T: Send + 'static> JetStreamSource<T> {
             tracing::warn!(subject = %msg.subject, "a message without an ack subject was ignored");
             return None;
         };
-        let attempt = msg
-            .info()
+        let info = msg.info().ok();
+        if let Some(info) = &info {
+            metrics.lag(info.pending);
+        }
+        let attempt = info
             .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX).max(1))
             .unwrap_or(1);
         if attempt > 1 {

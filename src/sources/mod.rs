@@ -23,7 +23,7 @@
 pub mod jetstream;
 pub mod rabbitmq;
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use crate::pipeline::Failure;
 
@@ -65,12 +65,15 @@ where
 /// `undecodable` (refused by the decoder, dead-lettered too) and `settle_failed` (the broker
 /// did not take an ack, nak or dead letter: it will deliver the message again);
 /// `thunderline_source_events_total{source, event}` counts connection events (`reconnected`,
-/// `disconnected`, `slow_consumer`, `missed_heartbeat`, `progress_ack`).
+/// `disconnected`, `slow_consumer`, `missed_heartbeat`, `progress_ack`);
+/// `thunderline_source_lag{source}` is how many messages the broker still holds for the
+/// consumer, as of the last delivery that said (JetStream's deliveries do).
 #[derive(Clone)]
 pub struct SourceMetrics {
     source: &'static str,
     messages: IntCounterVec,
     events: IntCounterVec,
+    lag: IntGaugeVec,
 }
 
 impl SourceMetrics {
@@ -91,12 +94,21 @@ impl SourceMetrics {
             ),
             &["source", "event"],
         )?;
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                "thunderline_source_lag",
+                "Messages the broker still holds for the consumer, as of its last delivery.",
+            ),
+            &["source"],
+        )?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(events.clone()))?;
+        registry.register(Box::new(lag.clone()))?;
         Ok(Self {
             source,
             messages,
             events,
+            lag,
         })
     }
 
@@ -119,6 +131,12 @@ impl SourceMetrics {
                 .with_label_values(&[self.source, outcome])
                 .inc_by(n);
         }
+    }
+
+    pub fn lag(&self, pending: u64) {
+        self.lag
+            .with_label_values(&[self.source])
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 
     pub fn event(&self, event: &str) {

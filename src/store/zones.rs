@@ -122,15 +122,21 @@ impl Store {
     }
 
     /// Snapshots in creation order (ids are UUID v7), `limit` from `offset`.
+    /// A page of zones in id order, those whose name contains `name` (any case) when given.
     pub async fn list_zones(
         &self,
         limit: u32,
         offset: u64,
+        name: Option<&str>,
     ) -> Result<Vec<ZoneSnapshot>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM zones ORDER BY id LIMIT $1 OFFSET $2");
+        let sql = format!(
+            "SELECT {COLUMNS} FROM zones WHERE ($3 IS NULL OR lower(name) LIKE $3 ESCAPE '\\') \
+             ORDER BY id LIMIT $1 OFFSET $2"
+        );
         let rows: Vec<ZoneRow> = on_pool!(self.db(), pool => sqlx::query_as(&sql)
             .bind(i64::from(limit))
             .bind(big(offset))
+            .bind(name.map(name_pattern))
             .fetch_all(pool)
             .await)?;
         rows.into_iter().map(ZoneSnapshot::try_from).collect()
@@ -179,12 +185,30 @@ impl Store {
         Ok(())
     }
 
-    pub async fn count_zones(&self) -> Result<u64, StoreError> {
-        let n: i64 = on_pool!(self.db(), pool => sqlx::query_scalar("SELECT COUNT(*) FROM zones")
+    /// How many zones there are, those whose name contains `name` (any case) when given.
+    pub async fn count_zones(&self, name: Option<&str>) -> Result<u64, StoreError> {
+        let sql =
+            "SELECT COUNT(*) FROM zones WHERE ($1 IS NULL OR lower(name) LIKE $1 ESCAPE '\\')";
+        let n: i64 = on_pool!(self.db(), pool => sqlx::query_scalar(sql)
+            .bind(name.map(name_pattern))
             .fetch_one(pool)
             .await)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
+}
+
+/// A `LIKE` pattern for names containing `part`, whose own `%`, `_` and `\` match themselves.
+fn name_pattern(part: &str) -> String {
+    let mut pattern = String::with_capacity(part.len() + 2);
+    pattern.push('%');
+    for c in part.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
 }
 
 /// A pipeline message carrying a zone snapshot to write.

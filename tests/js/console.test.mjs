@@ -1,0 +1,119 @@
+// The console at `/` in a real browser: Debian's Chromium, headless, driven by Playwright,
+// against a running daemon (tests/console.rs starts it and sets THUNDERLINE_URL,
+// THUNDERLINE_ADMIN_TOKEN and CONSOLE_SCREENSHOT).
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+import { Socket } from "phoenix";
+import WebSocket from "ws";
+
+const base = process.env.THUNDERLINE_URL;
+const admin = process.env.THUNDERLINE_ADMIN_TOKEN;
+const screenshot = process.env.CONSOLE_SCREENSHOT;
+assert.ok(base && admin && screenshot, "THUNDERLINE_URL, THUNDERLINE_ADMIN_TOKEN and CONSOLE_SCREENSHOT must be set");
+
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  headless: true,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"],
+});
+const sockets = [];
+after(async () => {
+  sockets.forEach((s) => s.disconnect());
+  await browser.close();
+});
+
+async function api(method, path, body) {
+  const res = await fetch(base + path, {
+    method,
+    headers: { authorization: `Bearer ${admin}`, "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return res.json();
+}
+
+async function agent(zoneId, agentId) {
+  const { token } = await api("POST", "/api/tokens", { agent_id: agentId, zone_id: zoneId, permissions: ["spawn_agents"], ttl_seconds: 600 });
+  const socket = new Socket(base.replace(/^http/, "ws") + "/socket", { transport: WebSocket });
+  socket.connect();
+  sockets.push(socket);
+  const channel = socket.channel(`zone:${zoneId}`, { agent_id: agentId, token });
+  await new Promise((resolve, reject) => channel.join().receive("ok", resolve).receive("error", reject));
+  const move = (x, y) => new Promise((resolve) => channel.push("agent_move", { position: { x, y, z: 0 } }).receive("ok", resolve).receive("error", resolve));
+  return { channel, move };
+}
+
+/// Every request the page makes, to check that nothing leaves the daemon's own address.
+function watchRequests(page) {
+  const urls = [];
+  page.on("request", (r) => urls.push(r.url()));
+  return urls;
+}
+
+test("without the admin token the console shows nothing but the prompt for it", async () => {
+  const page = await browser.newPage();
+  const urls = watchRequests(page);
+  await page.goto(base + "/");
+  await page.waitForSelector("#login:not([hidden])");
+  assert.equal(await page.isHidden("#app"), true);
+  assert.equal(await page.locator("#stages tbody tr").count(), 0);
+  assert.equal(await page.locator("#zones tbody tr").count(), 0);
+  // A wrong token is refused and still shows nothing.
+  await page.fill("#token", "not-the-admin-token-not-the-admin-token");
+  await page.click("#login button");
+  await page.waitForFunction(() => document.getElementById("login-error").textContent.includes("refused"));
+  assert.equal(await page.isHidden("#app"), true);
+  assert.ok(urls.every((u) => u.startsWith(base)), `only the daemon is asked: ${urls.filter((u) => !u.startsWith(base))}`);
+  await page.close();
+});
+
+test("with the token: stage counters and a zone's agents change on the page as traffic flows", async () => {
+  const zone = await api("POST", "/api/zones", { name: "Console glade", capacity: 100, permissions: 0x03, resources: { food: { amount: 80, max: 100, regen: 1 } } });
+  const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
+  const urls = watchRequests(page);
+  // The token once in the URL: taken, then out of the address bar.
+  await page.goto(`${base}/?token=${encodeURIComponent(admin)}`);
+  await page.waitForSelector("#app:not([hidden])");
+  assert.ok(!page.url().includes("token="), page.url());
+  await page.waitForSelector("#stages tbody tr[data-stage='processor']");
+
+  // Traffic: one agent moving all the time.
+  const ada = await agent(zone.id, "ada");
+  let x = 0;
+  let moving = true;
+  const traffic = (async () => {
+    while (moving) {
+      x += 1;
+      await ada.move(x, x % 7);
+      await new Promise((r) => setTimeout(r, 30));
+    }
+  })();
+  const processorIn = async () => Number((await page.textContent("#stages tr[data-stage='processor'] td:nth-child(3)")).replace("k", "e3"));
+  await page.waitForFunction(() => {
+    const cell = document.querySelector("#stages tr[data-stage='processor'] td:nth-child(3)");
+    return cell && parseFloat(cell.textContent) > 0;
+  }, null, { timeout: 10_000 });
+  assert.ok((await processorIn()) > 0, "the processor's rate moved");
+
+  // The zone list, then the zone: its agents change as agents come.
+  await page.fill("#zone-q", "console glade");
+  await page.click("#zone-search button");
+  const row = page.locator(`#zones tr[data-zone='${zone.id}']`);
+  await row.waitFor();
+  await row.click();
+  await page.waitForFunction(() => document.getElementById("agents").textContent.includes("ada ("));
+  assert.ok(!(await page.textContent("#agents")).includes("bob"));
+  const bob = await agent(zone.id, "bob");
+  await bob.move(3, 4);
+  await page.waitForFunction(() => document.getElementById("agents").textContent.includes("bob (3, 4, 0)"), null, { timeout: 10_000 });
+  await page.waitForFunction(() => document.querySelectorAll("#events li").length > 0);
+  const newest = await page.locator("#events li").first().getAttribute("value");
+  assert.ok(Number(newest) > 1, `events carry their seq: ${newest}`);
+
+  moving = false;
+  await traffic;
+  await page.waitForTimeout(600);
+  await page.screenshot({ path: screenshot, fullPage: true });
+  assert.ok(urls.every((u) => u.startsWith(base) || u.startsWith(base.replace(/^http/, "ws"))), `only the daemon is asked: ${urls.filter((u) => !u.startsWith(base))}`);
+  await page.close();
+});
