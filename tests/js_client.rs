@@ -128,7 +128,8 @@ fn a_rejoin_after_a_daemon_restart_recovers_from_the_audit_log() {
 }
 
 /// The console at `/` in Debian's Chromium, driven by Playwright: nothing without the token;
-/// with it, stage counters and a zone's agents change as traffic flows. The screenshot is kept
+/// with it, stage counters and a zone's agents change as traffic flows, and the NATS source
+/// shows. The screenshot is kept
 /// as `target/console.png`.
 #[test]
 fn the_console_shows_the_pipeline_and_the_zones_in_a_real_browser() {
@@ -144,7 +145,9 @@ fn the_console_shows_the_pipeline_and_the_zones_in_a_real_browser() {
     }
     let dir = std::env::temp_dir().join(format!("thunderline-console-{}", std::process::id()));
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console.png");
-    let daemon = common::binary::start(&dir, &[]);
+    // With the NATS source, so that the console has a broker source to show.
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/nats.toml");
+    let daemon = common::binary::start(&dir, &["--config", config.to_str().unwrap()]);
     let (ok, report) = node(
         &js,
         &daemon,

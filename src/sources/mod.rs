@@ -112,12 +112,30 @@ impl SourceMetrics {
         })
     }
 
-    /// The same counters, labelled for another source.
+    /// The same counters, labelled for another source, whose main series show at zero from now
+    /// on.
     pub fn for_source(&self, source: &'static str) -> Self {
         Self {
             source,
             ..self.clone()
         }
+        .shown()
+    }
+
+    /// Makes the source's main series exist at zero, so that a source that has received
+    /// nothing yet still shows in `/metrics` and the console.
+    fn shown(self) -> Self {
+        for outcome in [
+            "received",
+            "acked",
+            "redelivered",
+            "retried",
+            "dead_lettered",
+        ] {
+            self.messages.with_label_values(&[self.source, outcome]);
+        }
+        self.lag.with_label_values(&[self.source]);
+        self
     }
 
     /// Counters that go nowhere, for a source nobody scrapes.

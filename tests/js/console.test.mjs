@@ -94,6 +94,9 @@ test("with the token: stage counters and a zone's agents change on the page as t
     return cell && parseFloat(cell.textContent) > 0;
   }, null, { timeout: 10_000 });
   assert.ok((await processorIn()) > 0, "the processor's rate moved");
+  // The daemon runs with pipelines/nats.toml: its JetStream source is shown, with its lag.
+  await page.waitForFunction(() => document.querySelector("#sources tbody").textContent.startsWith("jetstream"));
+  assert.match(await page.textContent("#sources tbody tr"), /^jetstream\d+/);
 
   // The zone list, then the zone: its agents change as agents come.
   await page.fill("#zone-q", "console glade");
