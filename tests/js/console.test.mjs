@@ -113,10 +113,35 @@ test("with the token: stage counters and a zone's agents change on the page as t
   const newest = await page.locator("#events li").first().getAttribute("value");
   assert.ok(Number(newest) > 1, `events carry their seq: ${newest}`);
 
+  // Under traffic it draws at most twice a second.
+  const draws = async () => Number(await page.evaluate(() => document.body.dataset.draws ?? 0));
+  const before = await draws();
+  await page.waitForTimeout(3000);
+  const drawn = (await draws()) - before;
+  assert.ok(drawn >= 1 && drawn <= 7, `${drawn} draws in 3 s`);
+
   moving = false;
   await traffic;
   await page.waitForTimeout(600);
   await page.screenshot({ path: screenshot, fullPage: true });
   assert.ok(urls.every((u) => u.startsWith(base) || u.startsWith(base.replace(/^http/, "ws"))), `only the daemon is asked: ${urls.filter((u) => !u.startsWith(base))}`);
+  await page.close();
+});
+
+test("the zone list is paged and searchable", async () => {
+  await Promise.all(Array.from({ length: 45 }, (_, i) => api("POST", "/api/zones", { name: `Bulk ${i}`, permissions: 0x03 })));
+  const page = await browser.newPage();
+  await page.goto(`${base}/?token=${encodeURIComponent(admin)}`);
+  await page.waitForSelector("#app:not([hidden])");
+  await page.fill("#zone-q", "bulk");
+  await page.click("#zone-search button");
+  await page.waitForFunction(() => document.getElementById("page-info").textContent.includes("1–20 of 45"));
+  assert.equal(await page.locator("#zones tbody tr").count(), 20);
+  await page.click("#next");
+  await page.waitForFunction(() => document.getElementById("page-info").textContent.includes("21–40 of 45"));
+  await page.click("#next");
+  await page.waitForFunction(() => document.getElementById("page-info").textContent.includes("41–45 of 45"));
+  assert.equal(await page.locator("#zones tbody tr").count(), 5);
+  assert.equal(await page.isDisabled("#next"), true);
   await page.close();
 });
