@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
 import { Socket } from "phoenix";
 import WebSocket from "ws";
+import { adminApi } from "./admin.mjs";
 
 const base = process.env.THUNDERLINE_URL;
 const admin = process.env.THUNDERLINE_ADMIN_TOKEN;
@@ -23,14 +24,7 @@ after(async () => {
   await browser.close();
 });
 
-async function api(method, path, body) {
-  const res = await fetch(base + path, {
-    method,
-    headers: { authorization: `Bearer ${admin}`, "content-type": "application/json" },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  return res.json();
-}
+const api = adminApi(base, admin);
 
 async function agent(zoneId, agentId) {
   const { token } = await api("POST", "/api/tokens", { agent_id: agentId, zone_id: zoneId, permissions: ["spawn_agents"], ttl_seconds: 600 });

@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
 import { Socket } from "phoenix";
 import WebSocket from "ws";
+import { adminApi } from "./admin.mjs";
 
 const [phase] = process.argv.slice(2);
 const base = process.env.THUNDERLINE_URL;
@@ -15,14 +16,7 @@ const stateFile = process.env.RECOVERY_STATE;
 const wsUrl = base.replace(/^http/, "ws") + "/socket";
 const EVENTS = ["agent_entered", "agent_left", "agent_moved", "agent_interaction", "resource_changed", "environment_tick"];
 
-async function api(method, path, body) {
-  const res = await fetch(base + path, {
-    method,
-    headers: { authorization: `Bearer ${admin}`, "content-type": "application/json" },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  return res.json();
-}
+const api = adminApi(base, admin);
 
 const token = async (agent, zone) =>
   (await api("POST", "/api/tokens", { agent_id: agent, zone_id: zone, permissions: ["spawn_agents"], ttl_seconds: 600 })).token;
