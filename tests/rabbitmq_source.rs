@@ -387,6 +387,28 @@ async fn every_message_is_processed_and_acked_once() {
     cleanup(&config).await;
 }
 
+/// The lag gauge follows the queue's depth while a slow pipeline works through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_follows_the_queue_depth() {
+    let _serial = SERIAL.lock().await;
+    let Some(config) = test_config().await else {
+        return;
+    };
+    publish_after_declare(&config, numbered(0..300)).await;
+    let metrics: SourceMetrics = config.metrics.clone();
+    let source = RabbitMqSource::connect(config.clone(), decode)
+        .await
+        .expect("connect");
+    let seen = Seen::default();
+    let pipeline = paced_pipeline(source, |_| Ok(()), Duration::from_millis(5), &seen);
+    // 300 queued, at most 50 delivered ahead: the rest waits in the queue.
+    wait_until("a lag of the queue's depth", || metrics.lag() >= 100).await;
+    wait_until("300 acks", || metrics.messages("acked") == 300).await;
+    wait_until("no lag", || metrics.lag() == 0).await;
+    finish(pipeline, &config).await;
+    cleanup(&config).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_messages_are_dead_lettered_with_their_reason_and_attempts() {
     let _serial = SERIAL.lock().await;

@@ -267,7 +267,7 @@ impl<T: Send + 'static> JetStreamSource<T> {
         };
         let info = msg.info().ok();
         if let Some(info) = &info {
-            metrics.lag(info.pending);
+            metrics.set_lag(info.pending);
         }
         let attempt = info
             .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX).max(1))

@@ -151,10 +151,15 @@ impl SourceMetrics {
         }
     }
 
-    pub fn lag(&self, pending: u64) {
+    pub fn set_lag(&self, pending: u64) {
         self.lag
             .with_label_values(&[self.source])
             .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
+    /// The lag last set.
+    pub fn lag(&self) -> u64 {
+        u64::try_from(self.lag.with_label_values(&[self.source]).get()).unwrap_or(0)
     }
 
     pub fn event(&self, event: &str) {

@@ -130,6 +130,8 @@ const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the broker may take to confirm a cancel on drain, or a dead letter, or a close.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the queue's depth is read for the lag gauge.
+const LAG_EVERY: Duration = Duration::from_secs(1);
 
 /// Where and how to consume.
 #[derive(Clone)]
@@ -1077,12 +1079,15 @@ impl Driver {
     }
 
     async fn consume(&mut self, link: &mut Link) -> Ended {
+        let mut lag = tokio::time::interval(LAG_EVERY);
+        lag.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 biased;
                 _ = &mut self.settled => return Ended::Settled,
                 // Sent by the drain, or dropped with the source: either way, stop consuming.
                 _ = &mut self.stop => return self.cancel(link).await,
+                _ = lag.tick() => self.measure_lag(link).await,
                 next = link.consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let incoming = Incoming { generation: link.generation, delivery };
@@ -1099,6 +1104,21 @@ impl Driver {
                     None => return Ended::Lost("the broker cancelled the consumer".into()),
                 },
             }
+        }
+    }
+
+    /// Reads how many messages wait in the queue (ready, not yet delivered) into the lag gauge.
+    /// A failure is left to the consumer's stream to report.
+    async fn measure_lag(&self, link: &Link) {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared =
+            link.channel
+                .queue_declare(self.settings.queue.clone(), passive, FieldTable::default());
+        if let Ok(Ok(queue)) = timeout(BROKER_TIMEOUT, declared).await {
+            self.metrics.set_lag(u64::from(queue.message_count()));
         }
     }
 
