@@ -197,11 +197,33 @@ struct SocketQuery {
     vsn: Option<String>,
 }
 
+/// Whether an upgrade's `Sec-WebSocket-Key` is what RFC 6455 §4.2.1 requires: the base64 of
+/// 16 bytes (24 characters, padded).
+fn valid_websocket_key(headers: &HeaderMap) -> bool {
+    use base64::Engine;
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|key| {
+            base64::engine::general_purpose::STANDARD
+                .decode(key.as_bytes())
+                .ok()
+        })
+        .is_some_and(|nonce| nonce.len() == 16)
+}
+
 async fn websocket(
     State(state): State<ApiState>,
     Query(query): Query<SocketQuery>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    if !valid_websocket_key(&headers) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key must be the base64 of 16 bytes (RFC 6455 §4.2.1)",
+        )
+            .into_response();
+    }
     // A missing vsn means 1.0.0; only the V2 serializer is spoken here.
     let major = query
         .vsn

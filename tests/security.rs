@@ -1,0 +1,52 @@
+//! Hardening against hostile clients, over real sockets: what an upgrade must carry to become
+//! a WebSocket.
+
+mod common;
+
+use common::server::start;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The status code the server answers an upgrade request with `key` (none: no key header).
+async fn upgrade_status(addr: std::net::SocketAddr, key: Option<&str>) -> u16 {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let key = key
+        .map(|k| format!("Sec-WebSocket-Key: {k}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{key}\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = tcp.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    head.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"))
+}
+
+/// RFC 6455 §4.2.1: the key is the base64 of 16 bytes; anything else is a bad request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_whose_key_is_not_16_bytes_of_base64_is_refused_400() {
+    let srv = start(None).await;
+    let addr = srv.server.addr;
+    assert_eq!(
+        upgrade_status(addr, Some("dGhlIHNhbXBsZSBub25jZQ==")).await,
+        101,
+        "the RFC's own sample key"
+    );
+    let long = "A".repeat(4096);
+    for key in [
+        "c2hvcnQ=",                 // 5 bytes
+        "dGhlIHNhbXBsZSBub25jZQ",   // no padding: not canonical base64
+        "dGhlIHNhbXBsZSBub25jZSE=", // 17 bytes
+        "!!!!!!!!!!!!!!!!!!!!!!!!", // not base64
+        long.as_str(),
+    ] {
+        assert_eq!(upgrade_status(addr, Some(key)).await, 400, "key {key:.40}");
+    }
+    assert_eq!(upgrade_status(addr, None).await, 400, "no key at all");
+    srv.stop().await;
+}
