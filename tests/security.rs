@@ -50,3 +50,51 @@ async fn an_upgrade_whose_key_is_not_16_bytes_of_base64_is_refused_400() {
     assert_eq!(upgrade_status(addr, None).await, 400, "no key at all");
     srv.stop().await;
 }
+
+/// Tokens live at most `--max-token-ttl` (default 24 h): a longer TTL is refused with 422 by the
+/// admin API and with an error by `thunderline token`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_ttl_above_the_maximum_is_refused() {
+    let srv = start(None).await;
+    let zone = srv
+        .zone(serde_json::json!({"name": "ttl", "permissions": 3}))
+        .await;
+    let zone = zone["id"].as_str().unwrap();
+    let mint = |ttl: i64| {
+        let body = serde_json::json!({
+            "agent_id": "a", "zone_id": zone, "permissions": ["spawn_agents"], "ttl_seconds": ttl
+        });
+        srv.api("POST", "/api/tokens", Some(body))
+    };
+    assert_eq!(mint(24 * 3600).await.0, 200, "exactly the maximum");
+    let (status, body) = mint(24 * 3600 + 1).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"], "ttl_too_long", "{body}");
+    let (status, _) = mint(10 * 365 * 24 * 3600).await;
+    assert_eq!(status, 422);
+    srv.stop().await;
+
+    let cli = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_thunderline"))
+            .args(["token", "--agent", "a", "--zone"])
+            .arg(uuid::Uuid::now_v7().to_string())
+            .args(extra)
+            .env(
+                "THUNDERLINE_SECRET",
+                "a-test-secret-that-is-long-enough-0123456789",
+            )
+            .env_remove("THUNDERLINE_MAX_TOKEN_TTL")
+            .output()
+            .unwrap()
+    };
+    let refused = cli(&["--ttl", "90000"]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("above the maximum of 86400"), "{said}");
+    assert!(cli(&["--ttl", "86400"]).status.success());
+    assert!(
+        cli(&["--ttl", "90000", "--max-token-ttl", "100000"])
+            .status
+            .success()
+    );
+}

@@ -284,6 +284,7 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
         log_format: LogFormat::Text,
         replies: None,
         history_max: None,
+        max_token_ttl: crate::daemon::server::DEFAULT_MAX_TOKEN_TTL,
     };
 
     // The zones first, with the server alone: the commands are published once they exist.

@@ -227,6 +227,7 @@ async fn one_case(
         log_format: LogFormat::Text,
         replies: None,
         history_max: Some(missed + 1_000),
+        max_token_ttl: crate::daemon::server::DEFAULT_MAX_TOKEN_TTL,
     };
     let mut file = PipelineFile::default();
     // From memory: all of it kept; from the log: nothing kept in memory.

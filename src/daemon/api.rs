@@ -39,6 +39,8 @@ pub struct ApiState {
     pub registry: Registry,
     pub server_name: String,
     pub pipeline: ZonePipeline,
+    /// The longest a minted join token may live, in seconds.
+    pub max_token_ttl: u64,
 }
 
 /// An API error: status, a short machine-readable name, and details for a person.
@@ -600,6 +602,16 @@ async fn mint_token(
             })?
             .parse()?,
     };
+    if u64::try_from(req.ttl_seconds).is_ok_and(|ttl| ttl > state.max_token_ttl) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ttl_too_long",
+            format!(
+                "ttl_seconds {} is above this server's maximum of {} (serve --max-token-ttl)",
+                req.ttl_seconds, state.max_token_ttl
+            ),
+        ));
+    }
     // The zone must exist.
     if state.zones.registry.live(zone).is_none() {
         state.zones.registry.store().get_zone(zone).await?;

@@ -64,7 +64,14 @@ pub struct ServeArgs {
     /// Default: the pipeline file's `[zones] history_max`, else 10000.
     #[arg(long, env = "THUNDERLINE_HISTORY_MAX")]
     pub history_max: Option<u64>,
+    /// The longest a join token minted through the admin API may live, in seconds; a longer
+    /// `ttl_seconds` is refused with 422.
+    #[arg(long, env = "THUNDERLINE_MAX_TOKEN_TTL", default_value_t = DEFAULT_MAX_TOKEN_TTL)]
+    pub max_token_ttl: u64,
 }
+
+/// 24 hours.
+pub const DEFAULT_MAX_TOKEN_TTL: u64 = 24 * 3600;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -299,6 +306,7 @@ impl Server {
             registry: registry.clone(),
             server_name: args.listen.to_string(),
             pipeline: pipeline.clone(),
+            max_token_ttl: args.max_token_ttl,
         };
         let listener =
             TcpListener::bind(args.listen)

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 
 use super::DatabaseArgs;
-use super::server::{ServeError, load_secrets};
+use super::server::{DEFAULT_MAX_TOKEN_TTL, ServeError, load_secrets};
 use crate::realtime::{TokenError, TokenSigner};
 use crate::zone::{Permissions, ZoneError, parse_zone_id};
 
@@ -22,6 +22,9 @@ pub struct TokenArgs {
     /// Seconds until it expires.
     #[arg(long, default_value_t = 3600)]
     pub ttl: i64,
+    /// The longest it may live, in seconds (as `serve --max-token-ttl`).
+    #[arg(long, env = "THUNDERLINE_MAX_TOKEN_TTL", default_value_t = DEFAULT_MAX_TOKEN_TTL)]
+    pub max_token_ttl: u64,
     #[command(flatten)]
     pub db: DatabaseArgs,
 }
@@ -34,11 +37,19 @@ pub enum MintError {
     Secrets(#[from] ServeError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error("--ttl {ttl} is above the maximum of {max} seconds (--max-token-ttl)")]
+    TtlTooLong { ttl: i64, max: u64 },
 }
 
 /// The token and when it expires. Uses `THUNDERLINE_SECRET`, or the secret `serve` keeps in the
 /// data directory.
 pub fn mint(args: &TokenArgs) -> Result<(String, DateTime<Utc>), MintError> {
+    if u64::try_from(args.ttl).is_ok_and(|ttl| ttl > args.max_token_ttl) {
+        return Err(MintError::TtlTooLong {
+            ttl: args.ttl,
+            max: args.max_token_ttl,
+        });
+    }
     let zone = parse_zone_id(&args.zone)?;
     let perms: Permissions = args.perms.parse()?;
     let secrets = load_secrets(&args.db.data_dir)?;

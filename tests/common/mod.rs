@@ -140,6 +140,7 @@ pub mod server {
             log_format: thunderline::daemon::server::LogFormat::Text,
             replies: None,
             history_max: None,
+            max_token_ttl: thunderline::daemon::server::DEFAULT_MAX_TOKEN_TTL,
         };
         TestServer {
             server: Server::start(&args, &file)
