@@ -98,3 +98,61 @@ async fn a_token_ttl_above_the_maximum_is_refused() {
             .success()
     );
 }
+
+/// One agent may hold at most `--max-sessions-per-agent` sessions (default 4) in a zone: one
+/// agent's token alone cannot fill it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_past_its_session_cap_is_refused_too_many_sessions() {
+    use common::server::Client;
+    let srv = start(None).await;
+    let zone = srv
+        .zone(serde_json::json!({"name": "cap", "capacity": 100, "permissions": 3}))
+        .await;
+    let zone = zone["id"].as_str().unwrap().to_owned();
+    let topic = format!("zone:{zone}");
+    let token = srv
+        .token("a", &zone, serde_json::json!(["spawn_agents"]))
+        .await;
+    let mut held = Vec::new();
+    for n in 0..4 {
+        let mut c = Client::connect(&srv.ws_url()).await;
+        let (_, reply) = c
+            .join(&topic, serde_json::json!({"agent_id": "a", "token": token}))
+            .await;
+        assert_eq!(reply["status"], "ok", "session {n}: {reply}");
+        held.push(c);
+    }
+    let mut fifth = Client::connect(&srv.ws_url()).await;
+    let (_, reply) = fifth
+        .join(&topic, serde_json::json!({"agent_id": "a", "token": token}))
+        .await;
+    assert_eq!(reply["status"], "error", "{reply}");
+    assert_eq!(reply["response"]["reason"], "too_many_sessions", "{reply}");
+    // Another agent is not held back, and the zone counts the four.
+    let other = srv
+        .token("b", &zone, serde_json::json!(["spawn_agents"]))
+        .await;
+    let (_, reply) = fifth
+        .join(&topic, serde_json::json!({"agent_id": "b", "token": other}))
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let (_, view) = srv.api("GET", &format!("/api/zones/{zone}"), None).await;
+    assert_eq!(view["active_session_count"], 5);
+    // One of the four leaves: the agent may join again.
+    drop(held.pop());
+    let mut again = Client::connect(&srv.ws_url()).await;
+    let mut joined = false;
+    for _ in 0..100 {
+        let (_, reply) = again
+            .join(&topic, serde_json::json!({"agent_id": "a", "token": token}))
+            .await;
+        if reply["status"] == "ok" {
+            joined = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(joined, "a freed session can be taken again");
+    drop(held);
+    srv.stop().await;
+}

@@ -604,8 +604,8 @@ fn broadcasts_need_the_bit_on_token_and_zone_and_a_valid_name_and_are_rate_limit
     };
     let t0 = now();
     let at = |ms: i64| Context {
-        now: t0 + chrono::Duration::milliseconds(ms),
         broadcast_limit: Some(limit),
+        ..Context::at(t0 + chrono::Duration::milliseconds(ms))
     };
     for i in 0..3 {
         assert!(

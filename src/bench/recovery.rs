@@ -228,6 +228,7 @@ async fn one_case(
         replies: None,
         history_max: Some(missed + 1_000),
         max_token_ttl: crate::daemon::server::DEFAULT_MAX_TOKEN_TTL,
+        max_sessions_per_agent: 4,
     };
     let mut file = PipelineFile::default();
     // From memory: all of it kept; from the log: nothing kept in memory.

@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// `ttl_seconds` is refused with 422.
     #[arg(long, env = "THUNDERLINE_MAX_TOKEN_TTL", default_value_t = DEFAULT_MAX_TOKEN_TTL)]
     pub max_token_ttl: u64,
+    /// The most sessions one agent may hold in one zone; one more join is refused
+    /// `too_many_sessions`.
+    #[arg(long, env = "THUNDERLINE_MAX_SESSIONS_PER_AGENT", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sessions_per_agent: u32,
 }
 
 /// 24 hours.
@@ -241,6 +246,7 @@ impl Server {
                 broadcast_limit: file.zones.broadcast_limit(),
                 evict_after,
                 history: file.zones.history(),
+                max_sessions_per_agent: Some(args.max_sessions_per_agent),
             },
             &registry,
         )?;

@@ -33,6 +33,10 @@ pub enum ZoneError {
     MalformedId(String),
     #[error("the zone is full: {capacity} agent session(s) is its capacity")]
     ZoneFull { capacity: u32 },
+    #[error(
+        "agent {agent_id} already has {max} session(s) in this zone, the most one agent may have"
+    )]
+    TooManySessions { agent_id: String, max: u32 },
     #[error("agent {agent_id} has no session on this connection in this zone: join it first")]
     NotJoined { agent_id: String },
     #[error("this needs the {needed} permission, which {holder} does not hold")]
@@ -94,6 +98,7 @@ impl ZoneError {
             Self::ZoneNotFound(_) => "zone_not_found",
             Self::MalformedId(_) => "zone_not_found",
             Self::ZoneFull { .. } => "zone_full",
+            Self::TooManySessions { .. } => "too_many_sessions",
             // Phoenix's own reason for a push to a channel the connection has not joined.
             Self::NotJoined { .. } => "unmatched topic",
             Self::Forbidden { .. } | Self::NotAllowed { .. } => "forbidden",

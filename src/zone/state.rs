@@ -58,6 +58,9 @@ pub struct BroadcastLimit {
 pub struct Context {
     pub now: DateTime<Utc>,
     pub broadcast_limit: Option<BroadcastLimit>,
+    /// The most sessions one agent may hold in a zone (a join past it is refused), so that one
+    /// agent's token cannot fill a zone.
+    pub max_sessions_per_agent: Option<u32>,
 }
 
 impl Context {
@@ -65,6 +68,7 @@ impl Context {
         Self {
             now,
             broadcast_limit: None,
+            max_sessions_per_agent: None,
         }
     }
 }
@@ -474,8 +478,20 @@ impl ZoneState {
         Ok(match kind {
             CommandKind::Join => {
                 let key = agent.expect("joins come from agents");
+                let held = |max: u32| {
+                    self.sessions
+                        .keys()
+                        .filter(|k| k.agent_id == key.agent_id)
+                        .count()
+                        >= max as usize
+                };
                 if self.sessions.contains_key(&key) {
                     Vec::new()
+                } else if let Some(max) = ctx.max_sessions_per_agent.filter(|&m| held(m)) {
+                    return Err(ZoneError::TooManySessions {
+                        agent_id: key.agent_id.clone(),
+                        max,
+                    });
                 } else if self.sessions.len() >= self.zone.capacity as usize {
                     return Err(ZoneError::ZoneFull {
                         capacity: self.zone.capacity,

@@ -141,6 +141,7 @@ pub mod server {
             replies: None,
             history_max: None,
             max_token_ttl: thunderline::daemon::server::DEFAULT_MAX_TOKEN_TTL,
+            max_sessions_per_agent: 4,
         };
         TestServer {
             server: Server::start(&args, &file)

@@ -34,6 +34,8 @@ pub struct WriterConfig {
     pub evict_after: Duration,
     /// What each zone keeps for rejoins.
     pub history: HistoryConfig,
+    /// The most sessions one agent may hold in one zone.
+    pub max_sessions_per_agent: Option<u32>,
 }
 
 /// Applies zone commands; see the module documentation.
@@ -158,6 +160,7 @@ impl Processor<ZoneWork> for ZoneWriter {
         let ctx = Context {
             now: now(),
             broadcast_limit: self.config.broadcast_limit,
+            max_sessions_per_agent: self.config.max_sessions_per_agent,
         };
         let mut events = Vec::new();
         let outcome = {
