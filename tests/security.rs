@@ -156,3 +156,73 @@ async fn an_agent_past_its_session_cap_is_refused_too_many_sessions() {
     drop(held);
     srv.stop().await;
 }
+
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Generated secrets are private from their first byte, in a private data directory; a secret
+/// file others can read, or a short admin token from the environment, stops the server at
+/// start with the reason.
+#[cfg(unix)]
+#[test]
+fn secrets_are_private_and_a_shared_or_short_one_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    use thunderline::daemon::server::load_secrets;
+    let dir = std::env::temp_dir().join(format!("thunderline-secrets-{}", uuid::Uuid::now_v7()));
+    let data = dir.join("data");
+    // Only when neither variable is set are files used; this test's process sets neither.
+    if std::env::var("THUNDERLINE_SECRET").is_ok()
+        || std::env::var("THUNDERLINE_ADMIN_TOKEN").is_ok()
+    {
+        return;
+    }
+    let secrets = load_secrets(&data).unwrap();
+    assert!(secrets.admin_token_generated);
+    assert_eq!(mode(&data), 0o700, "the data directory");
+    assert_eq!(mode(&data.join("secret")), 0o600);
+    assert_eq!(mode(&data.join("admin_token")), 0o600);
+    // Read again: the same, nothing generated.
+    let again = load_secrets(&data).unwrap();
+    assert_eq!(again.admin_token, secrets.admin_token);
+    assert!(!again.admin_token_generated);
+
+    // Readable by the group: refused, saying how to fix it.
+    let token = data.join("admin_token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let Err(err) = load_secrets(&data) else {
+        panic!("a secret file others can read was taken");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("readable by others") && err.contains("chmod 600"),
+        "{err}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env_remove("THUNDERLINE_SECRET")
+        .env_remove("THUNDERLINE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A short admin token from the environment: refused.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("THUNDERLINE_ADMIN_TOKEN", "short-token")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("THUNDERLINE_ADMIN_TOKEN must be at least 32 characters"),
+        "{said}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

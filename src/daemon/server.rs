@@ -116,6 +116,12 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{env} must be at least 32 characters: a short token can be guessed")]
+    WeakSecret { env: String },
+    #[error(
+        "{path} is readable by others (mode {mode:o}): it holds a secret; run `chmod 600 {path}` and start again"
+    )]
+    SharedSecret { path: PathBuf, mode: u32 },
     #[error("cannot read or write {path}: {source}")]
     Secret {
         path: PathBuf,
@@ -142,10 +148,18 @@ pub struct Secrets {
 
 /// Reads a secret from the environment, or from `data_dir/name`, generating it there on first
 /// start (readable by the owner only).
+/// The shortest secret or admin token taken from the environment.
+const MIN_SECRET_CHARS: usize = 32;
+
 fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), ServeError> {
     if let Ok(v) = std::env::var(env)
         && !v.is_empty()
     {
+        if v.chars().count() < MIN_SECRET_CHARS {
+            return Err(ServeError::WeakSecret {
+                env: env.to_owned(),
+            });
+        }
         return Ok((v, false));
     }
     let path = data_dir.join(name);
@@ -154,20 +168,60 @@ fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), Serv
         source,
     };
     match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => return Ok((s.trim().to_owned(), false)),
+        Ok(s) if !s.trim().is_empty() => {
+            refuse_if_shared(&path)?;
+            return Ok((s.trim().to_owned(), false));
+        }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
-    std::fs::create_dir_all(data_dir).map_err(io)?;
     let value = random_secret();
-    std::fs::write(&path, &value).map_err(io)?;
+    write_private(data_dir, &path, &value).map_err(io)?;
+    Ok((value, true))
+}
+
+/// A secret file others can read is a leaked secret: refuse it and say how to fix it.
+fn refuse_if_shared(path: &Path) -> Result<(), ServeError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        let mode = std::fs::metadata(path)
+            .map_err(|source| ServeError::Secret {
+                path: path.to_owned(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(ServeError::SharedSecret {
+                path: path.to_owned(),
+                mode: mode & 0o777,
+            });
+        }
     }
-    Ok((value, true))
+    Ok(())
+}
+
+/// Creates `path` holding `value`, readable by its owner only from the first byte on (never
+/// written first and restricted after), in a data directory only its owner may enter when it
+/// is created here. An existing file is not overwritten.
+fn write_private(data_dir: &Path, path: &Path, value: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut dir = std::fs::DirBuilder::new();
+    dir.recursive(true);
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        dir.mode(0o700);
+        file.mode(0o600);
+    }
+    dir.create(data_dir)?;
+    let mut file = file.open(path)?;
+    file.write_all(value.as_bytes())?;
+    file.sync_all()
 }
 
 pub fn load_secrets(data_dir: &Path) -> Result<Secrets, ServeError> {

@@ -386,7 +386,7 @@ pub mod binary {
     use std::process::{Child, Command, Stdio};
     use std::thread::JoinHandle;
 
-    pub const ADMIN: &str = "test-admin-token";
+    pub const ADMIN: &str = "test-admin-token-long-enough-0123456789";
     pub const SECRET: &str = "test-signing-secret-of-at-least-32-bytes";
 
     pub struct Daemon {
