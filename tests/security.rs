@@ -226,3 +226,20 @@ fn secrets_are_private_and_a_shared_or_short_one_is_refused_at_start() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The admin API takes bodies up to 128 KiB (a zone's 64 KiB of properties fit): past it, 413
+/// with a reason, and nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_body_over_the_limit_is_refused_413() {
+    let srv = start(None).await;
+    let fits = serde_json::json!({"name": "big", "properties": {"blob": "x".repeat(60 * 1024)}});
+    assert_eq!(srv.api("POST", "/api/zones", Some(fits)).await.0, 201);
+    let over =
+        serde_json::json!({"name": "bigger", "properties": {"blob": "x".repeat(200 * 1024)}});
+    let (status, body) = srv.api("POST", "/api/zones", Some(over)).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"], "payload_too_large", "{body}");
+    let (_, page) = srv.api("GET", "/api/zones?q=bigger", None).await;
+    assert_eq!(page["total"], 0, "nothing created");
+    srv.stop().await;
+}

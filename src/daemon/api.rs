@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -127,6 +128,10 @@ impl From<AskError> for ApiError {
 /// `Json` whose rejections are our JSON errors.
 pub struct ApiJson<T>(pub T);
 
+/// The largest admin API request body: room for a zone's properties at their own limit (64 KiB)
+/// with the rest of the zone around them, and no more.
+pub const ADMIN_BODY_LIMIT: usize = 128 * 1024;
+
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
@@ -134,7 +139,14 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
         Json::<T>::from_request(req, state)
             .await
             .map(|Json(v)| Self(v))
-            .map_err(|e| ApiError::bad_request(e.body_text()))
+            .map_err(|e| match e.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the body is over the admin API's limit of {ADMIN_BODY_LIMIT} bytes"),
+                ),
+                _ => ApiError::bad_request(e.body_text()),
+            })
     }
 }
 
@@ -152,6 +164,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/dead_letters", get(dead_letters))
         .route("/api/tokens", post(mint_token))
         .merge(control::routes())
+        .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .merge(admin)
