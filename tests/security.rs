@@ -243,3 +243,73 @@ async fn an_admin_body_over_the_limit_is_refused_413() {
     assert_eq!(page["total"], 0, "nothing created");
     srv.stop().await;
 }
+
+/// `GET path` on `addr`, with a bearer token if given: the status and the body.
+async fn get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, response)
+}
+
+/// `/metrics` can require a bearer token (`--metrics-token`), or move to its own address
+/// (`--metrics-listen`), where the public address no longer serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_be_protected_by_a_token_or_moved_off_the_public_address() {
+    let dir = std::env::temp_dir().join(format!("thunderline-metrics-{}", uuid::Uuid::now_v7()));
+    let token = "a-metrics-token-that-is-long-enough-42";
+    let daemon = common::binary::start(&dir, &["--metrics-token", token]);
+    assert_eq!(get(daemon.addr, "/metrics", None).await.0, 401);
+    assert_eq!(get(daemon.addr, "/metrics", Some("wrong")).await.0, 401);
+    let (status, body) = get(daemon.addr, "/metrics", Some(token)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("thunderline_"), "{body:.200}");
+    let _ = daemon.terminate();
+
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_at = free.local_addr().unwrap();
+    drop(free);
+    let daemon = common::binary::start(&dir, &["--metrics-listen", &metrics_at.to_string()]);
+    assert_eq!(
+        get(daemon.addr, "/metrics", None).await.0,
+        404,
+        "not on the public address"
+    );
+    let (status, body) = get(metrics_at, "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("thunderline_"));
+    assert_eq!(
+        get(metrics_at, "/api/zones", None).await.0,
+        404,
+        "only /metrics there"
+    );
+    let _ = daemon.terminate();
+
+    // A short metrics token is refused at start.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-token",
+            "short",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics-token must be at least 32"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -286,6 +286,8 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
         history_max: None,
         max_token_ttl: crate::daemon::server::DEFAULT_MAX_TOKEN_TTL,
         max_sessions_per_agent: 4,
+        metrics_listen: None,
+        metrics_token: None,
     };
 
     // The zones first, with the server alone: the commands are published once they exist.

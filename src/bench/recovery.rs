@@ -229,6 +229,8 @@ async fn one_case(
         history_max: Some(missed + 1_000),
         max_token_ttl: crate::daemon::server::DEFAULT_MAX_TOKEN_TTL,
         max_sessions_per_agent: 4,
+        metrics_listen: None,
+        metrics_token: None,
     };
     let mut file = PipelineFile::default();
     // From memory: all of it kept; from the log: nothing kept in memory.

@@ -102,7 +102,8 @@ async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::server::Se
     println!("thunderline listening on http://{addr}");
     println!("  WebSocket (Phoenix Channels V2): ws://{addr}/socket/websocket?vsn=2.0.0");
     println!("  admin API: http://{addr}/api/zones  (Authorization: Bearer <admin token>)");
-    println!("  metrics: http://{addr}/metrics   health: http://{addr}/healthz");
+    let metrics = server.metrics_addr.unwrap_or(addr);
+    println!("  metrics: http://{metrics}/metrics   health: http://{addr}/healthz");
     println!("  store: {}", args.db.url());
     if server.secrets.admin_token_generated {
         println!(

@@ -42,6 +42,8 @@ pub struct ApiState {
     pub pipeline: ZonePipeline,
     /// The longest a minted join token may live, in seconds.
     pub max_token_ttl: u64,
+    /// The bearer token `/metrics` asks for, if any.
+    pub metrics_token: Option<Arc<str>>,
 }
 
 /// An API error: status, a short machine-readable name, and details for a person.
@@ -150,7 +152,9 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
     }
 }
 
-pub fn router(state: ApiState) -> Router {
+/// The server's routes; `/metrics` among them unless it is served elsewhere
+/// ([`metrics_router`] on `serve --metrics-listen`).
+pub fn router(state: ApiState, with_metrics: bool) -> Router {
     let admin = Router::new()
         .route("/api/zones", post(create_zone).get(list_zones))
         .route(
@@ -166,13 +170,24 @@ pub fn router(state: ApiState) -> Router {
         .merge(control::routes())
         .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
-    Router::new()
+    let public = Router::new()
         .merge(admin)
         .route("/socket/websocket", get(websocket))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
+        .merge(super::console::routes());
+    let public = if with_metrics {
+        public.route("/metrics", get(metrics))
+    } else {
+        public
+    };
+    public.with_state(state)
+}
+
+/// `/metrics` alone, for its own address.
+pub fn metrics_router(state: ApiState) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
-        .merge(super::console::routes())
         .with_state(state)
 }
 
@@ -287,7 +302,21 @@ async fn ready(State(state): State<ApiState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Some(token) = &state.metrics_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "/metrics needs Authorization: Bearer <metrics token> (serve --metrics-token)",
+            )
+            .into_response();
+        }
+    }
     let mut body = Vec::new();
     let encoder = TextEncoder::new();
     match encoder.encode(&state.registry.gather(), &mut body) {

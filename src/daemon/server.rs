@@ -70,6 +70,12 @@ pub struct ServeArgs {
     pub max_token_ttl: u64,
     /// The most sessions one agent may hold in one zone; one more join is refused
     /// `too_many_sessions`.
+    /// Serve `/metrics` on this address instead of the public one (e.g. 127.0.0.1:9100).
+    #[arg(long, env = "THUNDERLINE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Require `Authorization: Bearer <this>` on `/metrics` (at least 32 characters).
+    #[arg(long, env = "THUNDERLINE_METRICS_TOKEN")]
+    pub metrics_token: Option<String>,
     #[arg(long, env = "THUNDERLINE_MAX_SESSIONS_PER_AGENT", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sessions_per_agent: u32,
@@ -253,11 +259,14 @@ fn audit_config(file: &PipelineFile, store: &Store) -> crate::pipeline::BatcherC
 /// A running server.
 pub struct Server {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served when it has its own address.
+    pub metrics_addr: Option<SocketAddr>,
     pub secrets: Secrets,
     pub registry: Registry,
     pub zones: ZoneHandle,
     stop: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
+    metrics_http: Option<JoinHandle<std::io::Result<()>>>,
     timers: JoinHandle<()>,
     pipeline: ZonePipeline,
     snapshots: Arc<Snapshots>,
@@ -271,6 +280,15 @@ impl Server {
     /// Opens the store, builds the pipelines and starts listening.
     pub async fn start(args: &ServeArgs, file: &PipelineFile) -> Result<Self, ServeError> {
         let secrets = load_secrets(&args.db.data_dir)?;
+        if args
+            .metrics_token
+            .as_ref()
+            .is_some_and(|t| t.chars().count() < MIN_SECRET_CHARS)
+        {
+            return Err(ServeError::WeakSecret {
+                env: "--metrics-token".into(),
+            });
+        }
         let signer = TokenSigner::new(secrets.signing.as_bytes())?;
         let store = Store::connect(&args.db.url()).await?;
         let registry = Registry::new();
@@ -367,6 +385,7 @@ impl Server {
             server_name: args.listen.to_string(),
             pipeline: pipeline.clone(),
             max_token_ttl: args.max_token_ttl,
+            metrics_token: args.metrics_token.as_deref().map(Arc::from),
         };
         let listener =
             TcpListener::bind(args.listen)
@@ -388,7 +407,26 @@ impl Server {
                 tracing::warn!(error = %e, "cannot set SO_SNDBUF");
             }
         });
-        let app = api::router(state);
+        let metrics_http = match args.metrics_listen {
+            None => None,
+            Some(at) => {
+                let listener = TcpListener::bind(at)
+                    .await
+                    .map_err(|source| ServeError::Listen { addr: at, source })?;
+                let bound = listener.local_addr().map_err(ServeError::Http)?;
+                let app = api::metrics_router(state.clone());
+                let mut stop = stop_rx.clone();
+                let task = tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stop.wait_for(|&s| s).await;
+                        })
+                        .await
+                });
+                Some((bound, task))
+            }
+        };
+        let app = api::router(state, metrics_http.is_none());
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -412,6 +450,8 @@ impl Server {
             zones,
             stop,
             http,
+            metrics_addr: metrics_http.as_ref().map(|(at, _)| *at),
+            metrics_http: metrics_http.map(|(_, task)| task),
             timers,
             pipeline,
             snapshots,
@@ -427,6 +467,9 @@ impl Server {
         self.stop.send_replace(true);
         let _ = self.timers.await;
         let http = self.http.await;
+        if let Some(task) = self.metrics_http {
+            let _ = task.await;
+        }
         // Upgraded WebSockets outlive the HTTP server's graceful shutdown: wait (a while) for
         // each to send its close frame and hand in its leaves before the pipeline drains.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -142,6 +142,8 @@ pub mod server {
             history_max: None,
             max_token_ttl: thunderline::daemon::server::DEFAULT_MAX_TOKEN_TTL,
             max_sessions_per_agent: 4,
+            metrics_listen: None,
+            metrics_token: None,
         };
         TestServer {
             server: Server::start(&args, &file)
