@@ -313,3 +313,48 @@ async fn metrics_can_be_protected_by_a_token_or_moved_off_the_public_address() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics-token must be at least 32"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Pings and binary frames count against the per-connection rate limit like any frame: a flood
+/// of them is closed with 1008.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_pings_or_binary_frames_is_closed_like_any_flood() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let srv = start(None).await;
+    for flood in [
+        Message::Ping(vec![1].into()),
+        Message::Binary(vec![1].into()),
+    ] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(srv.ws_url())
+            .await
+            .unwrap();
+        let mut closed = None;
+        'send: for _ in 0..2_000 {
+            if ws.send(flood.clone()).await.is_err() {
+                break;
+            }
+            // Read whatever came back so far (pongs, errors, the close).
+            while let Ok(Some(msg)) =
+                tokio::time::timeout(std::time::Duration::ZERO, ws.next()).await
+            {
+                match msg {
+                    Ok(Message::Close(frame)) => {
+                        closed = frame.map(|f| u16::from(f.code));
+                        break 'send;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break 'send,
+                }
+            }
+        }
+        while closed.is_none() {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => closed = frame.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        assert_eq!(closed, Some(1008), "{flood:?} flood");
+    }
+    srv.stop().await;
+}

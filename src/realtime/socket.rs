@@ -361,13 +361,18 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>)
                     }
                     Some(Ok(Message::Text(text))) => conn.on_text(&text),
                     Some(Ok(Message::Binary(_))) => {
-                        conn.refuse("binary_unsupported");
-                        peer.send_text(protocol::encode(None, None, "phoenix", "phx_error", &json!({
-                            "reason": "binary_unsupported",
-                            "details": "this server speaks the V2 JSON serializer only"
-                        })));
+                        if conn.charge() {
+                            conn.refuse("binary_unsupported");
+                            peer.send_text(protocol::encode(None, None, "phoenix", "phx_error", &json!({
+                                "reason": "binary_unsupported",
+                                "details": "this server speaks the V2 JSON serializer only"
+                            })));
+                        }
                     }
-                    Some(Ok(_)) => {}
+                    // Answered by the WebSocket layer itself, but not for free: they count.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                        conn.charge();
+                    }
                 }
             }
         }
@@ -474,6 +479,19 @@ impl<W: Send + 'static> Connection<W> {
             self.refused.0 += 1;
             false
         }
+    }
+
+    /// Charges a frame that is not a Phoenix message (binary, ping, pong) to the rate limit,
+    /// closing a flood as for any frame; whether it was within the limit.
+    fn charge(&mut self) -> bool {
+        if self.allow() {
+            return true;
+        }
+        self.refuse("rate_limited");
+        if self.refused.0 > self.ctx.config.flood_limit {
+            self.peer.close(FLOOD);
+        }
+        false
     }
 
     fn on_text(&mut self, text: &str) {
