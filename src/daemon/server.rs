@@ -256,6 +256,25 @@ fn audit_config(file: &PipelineFile, store: &Store) -> crate::pipeline::BatcherC
     config
 }
 
+/// Serves `app` on `listener` until `stop` turns true, then finishes the requests under way.
+fn serve_until<L>(
+    listener: L,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<std::io::Result<()>>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|&s| s).await;
+            })
+            .await
+    })
+}
+
 /// A running server.
 pub struct Server {
     pub addr: SocketAddr,
@@ -415,26 +434,11 @@ impl Server {
                     .map_err(|source| ServeError::Listen { addr: at, source })?;
                 let bound = listener.local_addr().map_err(ServeError::Http)?;
                 let app = api::metrics_router(state.clone());
-                let mut stop = stop_rx.clone();
-                let task = tokio::spawn(async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = stop.wait_for(|&s| s).await;
-                        })
-                        .await
-                });
-                Some((bound, task))
+                Some((bound, serve_until(listener, app, stop_rx.clone())))
             }
         };
         let app = api::router(state, metrics_http.is_none());
-        let mut http_stop = stop_rx.clone();
-        let http = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stop.wait_for(|&s| s).await;
-                })
-                .await
-        });
+        let http = serve_until(listener, app, stop_rx.clone());
         let timers = tokio::spawn(run_timers(
             zones.clone(),
             TimerConfig {
