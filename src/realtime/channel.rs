@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use super::hub::{Peer, topic_name};
 use super::protocol;
+use super::topic::event_frame;
 use crate::zone::{Answer, CommandKind, Outcome, Permissions, Position, ReplyTo};
 
 /// Why a client's event could not become a command. Replied with this reason.
@@ -227,15 +228,7 @@ impl ReplyTo for SocketReply {
                 {
                     let frames: Vec<Utf8Bytes> = missed
                         .iter()
-                        .map(|e| {
-                            Utf8Bytes::from(protocol::encode(
-                                None,
-                                None,
-                                &topic,
-                                e.name(),
-                                &e.broadcast_payload(),
-                            ))
-                        })
+                        .map(|e| Utf8Bytes::from(event_frame(e)))
                         .collect();
                     self.peer.send_replay(Arc::from(frames));
                 }

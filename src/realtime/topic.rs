@@ -32,6 +32,18 @@ impl Broadcasts for ZoneEvent {
     }
 }
 
+/// A zone event as its subscribers receive it: `[null, null, "zone:<id>", <name>, <payload with
+/// seq>]`. Also what a rejoin's missed events are sent as.
+pub fn event_frame(event: &ZoneEvent) -> String {
+    protocol::encode(
+        None,
+        None,
+        &topic_name(event.zone_id),
+        event.name(),
+        &event.broadcast_payload(),
+    )
+}
+
 /// Broadcasts each processed event to its zone's subscribers; see the module documentation.
 pub struct TopicSink {
     hub: Arc<Hub>,
@@ -66,7 +78,7 @@ impl TopicSink {
     fn event(&self, topic: &mut ZoneTopic, run: &mut Run, event: &ZoneEvent) {
         let hub = &*self.hub;
         let name = topic_name(event.zone_id);
-        let frame = protocol::encode(None, None, &name, event.name(), &event.broadcast_payload());
+        let frame = event_frame(event);
         let diff = |payload: serde_json::Value| {
             protocol::encode(None, None, &name, "presence_diff", &payload)
         };
