@@ -358,3 +358,483 @@ async fn a_flood_of_pings_or_binary_frames_is_closed_like_any_flood() {
     }
     srv.stop().await;
 }
+
+/// The next frame matching `pred` within `secs`, skipping others; None if none came.
+async fn frame_within(
+    client: &mut common::server::Client,
+    secs: u64,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    tokio::time::timeout(std::time::Duration::from_secs(secs), async {
+        loop {
+            match client.next().await {
+                Some(f) if pred(&f) => return Some(f),
+                Some(_) | None => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// A zone, with an observer `b` joined to it: (zone id, topic, observer).
+async fn observed_zone(
+    srv: &common::server::TestServer,
+) -> (String, String, common::server::Client) {
+    use common::server::Client;
+    let zone = srv
+        .zone(serde_json::json!({"name": "guarded", "capacity": 100, "permissions": 3}))
+        .await;
+    let zone = zone["id"].as_str().unwrap().to_owned();
+    let topic = format!("zone:{zone}");
+    let token = srv
+        .token("b", &zone, serde_json::json!(["spawn_agents"]))
+        .await;
+    let mut observer = Client::connect(&srv.ws_url()).await;
+    let (_, reply) = observer
+        .join(&topic, serde_json::json!({"agent_id": "b", "token": token}))
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    (zone, topic, observer)
+}
+
+/// Whether `frame` says that agent `a` left the zone.
+fn a_left(frame: &serde_json::Value) -> bool {
+    frame[3] == "agent_left" && frame[4]["agent_id"] == "a"
+}
+
+/// A session lasts no longer than its token: at expiry the server closes the channel
+/// (`phx_close`, reason `token_expired`) and the agent leaves as on any leave; the connection
+/// stays open and takes a join with a fresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_token_expires_is_closed_and_its_agent_leaves() {
+    use common::server::Client;
+    let srv = start(None).await;
+    let (zone, topic, mut observer) = observed_zone(&srv).await;
+    let (status, body) = srv
+        .api(
+            "POST",
+            "/api/tokens",
+            Some(serde_json::json!({"agent_id": "a", "zone_id": zone,
+                "permissions": ["spawn_agents"], "ttl_seconds": 2})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let short = body["token"].as_str().unwrap().to_owned();
+    let mut a = Client::connect(&srv.ws_url()).await;
+    let (join_ref, reply) = a
+        .join(&topic, serde_json::json!({"agent_id": "a", "token": short}))
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let joined_at = std::time::Instant::now();
+    let close = frame_within(&mut a, 5, |f| f[3] == "phx_close")
+        .await
+        .expect("the channel is closed when its token expires");
+    assert_eq!(close[0], serde_json::json!(join_ref), "{close}");
+    assert_eq!(close[2], serde_json::json!(topic));
+    assert_eq!(close[4]["reason"], "token_expired", "{close}");
+    let waited = joined_at.elapsed();
+    assert!(
+        waited <= std::time::Duration::from_millis(3200),
+        "closed {waited:?} after a join with a 2 s token"
+    );
+    assert!(
+        frame_within(&mut observer, 3, a_left).await.is_some(),
+        "the others see the agent leave"
+    );
+    let (_, view) = srv.api("GET", &format!("/api/zones/{zone}"), None).await;
+    assert_eq!(view["active_session_count"], 1, "{view}");
+    // The old token no longer joins; a fresh one does, on the same connection.
+    let (_, reply) = a
+        .join(&topic, serde_json::json!({"agent_id": "a", "token": short}))
+        .await;
+    assert_eq!(reply["response"]["reason"], "unauthorized", "{reply}");
+    let fresh = srv
+        .token("a", &zone, serde_json::json!(["spawn_agents"]))
+        .await;
+    let (_, reply) = a
+        .join(&topic, serde_json::json!({"agent_id": "a", "token": fresh}))
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let metrics = common::server::metrics(srv.server.addr).await;
+    assert!(
+        metrics.contains("thunderline_channel_sessions_ended_total{reason=\"token_expired\"} 1"),
+        "{metrics}"
+    );
+    srv.stop().await;
+}
+
+/// `POST /api/tokens/revoke` refuses later joins with the agent's tokens minted before it and
+/// ends the agent's live sessions in the zone within a second; other agents and tokens minted
+/// afterwards are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_agents_tokens_ends_its_sessions_and_refuses_the_old_tokens() {
+    use common::server::Client;
+    let srv = start(None).await;
+    let (zone, topic, mut observer) = observed_zone(&srv).await;
+    let token = srv
+        .token("a", &zone, serde_json::json!(["spawn_agents"]))
+        .await;
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let mut a = Client::connect(&srv.ws_url()).await;
+        let (_, reply) = a
+            .join(&topic, serde_json::json!({"agent_id": "a", "token": token}))
+            .await;
+        assert_eq!(reply["status"], "ok", "{reply}");
+        sessions.push(a);
+    }
+    // Bad requests change nothing.
+    for (body, want) in [
+        (serde_json::json!({"agent_id": "a"}), 400),
+        (serde_json::json!({"agent_id": "a", "zone_id": "nope"}), 400),
+        (
+            serde_json::json!({"agent_id": "a", "zone_id": uuid::Uuid::now_v7()}),
+            404,
+        ),
+        (serde_json::json!({"agent_id": "", "zone_id": zone}), 400),
+    ] {
+        let (status, reply) = srv.api("POST", "/api/tokens/revoke", Some(body)).await;
+        assert_eq!(status, want, "{reply}");
+    }
+    let (status, _) = common::server::http(
+        srv.server.addr,
+        "POST",
+        "/api/tokens/revoke",
+        Some(serde_json::json!({"agent_id": "a", "zone_id": zone})),
+        None,
+    )
+    .await;
+    assert_eq!(status, 401, "the admin token is needed");
+
+    let revoked_at = std::time::Instant::now();
+    let (status, reply) = srv
+        .api(
+            "POST",
+            "/api/tokens/revoke",
+            Some(serde_json::json!({"agent_id": "a", "zone_id": zone})),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    for a in &mut sessions {
+        let close = frame_within(a, 2, |f| f[3] == "phx_close")
+            .await
+            .expect("each live session is closed");
+        assert_eq!(close[4]["reason"], "token_revoked", "{close}");
+    }
+    let took = revoked_at.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "sessions ended {took:?} after the revocation"
+    );
+    assert!(frame_within(&mut observer, 3, a_left).await.is_some());
+    assert!(frame_within(&mut observer, 3, a_left).await.is_some());
+    let (_, view) = srv.api("GET", &format!("/api/zones/{zone}"), None).await;
+    assert_eq!(view["active_session_count"], 1, "only b is left: {view}");
+    // The old token is refused; one minted now works; b was never touched.
+    let (_, reply) = sessions[0]
+        .join(&topic, serde_json::json!({"agent_id": "a", "token": token}))
+        .await;
+    assert_eq!(reply["response"]["reason"], "unauthorized", "{reply}");
+    let fresh = srv
+        .token("a", &zone, serde_json::json!(["spawn_agents"]))
+        .await;
+    let (_, reply) = sessions[0]
+        .join(&topic, serde_json::json!({"agent_id": "a", "token": fresh}))
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let r = observer
+        .push(None, &topic, "get_zone_state", serde_json::json!({}))
+        .await;
+    assert_eq!(observer.reply_to(&r).await["status"], "ok");
+    srv.stop().await;
+}
+
+/// A revocation is recorded: after a restart the revoked token still opens nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_outlives_a_restart() {
+    use common::binary::{ADMIN, start as daemon};
+    use common::server::{Client, http};
+    let dir = std::env::temp_dir().join(format!("thunderline-revoke-{}", uuid::Uuid::now_v7()));
+    let first = daemon(&dir, &[]);
+    let (status, zone) = http(
+        first.addr,
+        "POST",
+        "/api/zones",
+        Some(serde_json::json!({"name": "kept", "permissions": 3})),
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(status, 201, "{zone}");
+    let zone = zone["id"].as_str().unwrap().to_owned();
+    let body = serde_json::json!({"agent_id": "a", "zone_id": zone,
+        "permissions": ["spawn_agents"], "ttl_seconds": 600});
+    let mint = |addr| {
+        let body = body.clone();
+        async move {
+            let (status, body) = http(addr, "POST", "/api/tokens", Some(body), Some(ADMIN)).await;
+            assert_eq!(status, 200, "{body}");
+            body["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let old = mint(first.addr).await;
+    let (status, _) = http(
+        first.addr,
+        "POST",
+        "/api/tokens/revoke",
+        Some(serde_json::json!({"agent_id": "a", "zone_id": zone})),
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = first.terminate();
+    assert!(status.success());
+
+    let second = daemon(&dir, &[]);
+    let url = format!("ws://{}/socket/websocket?vsn=2.0.0", second.addr);
+    let topic = format!("zone:{zone}");
+    let mut client = Client::connect(&url).await;
+    let (_, reply) = client
+        .join(&topic, serde_json::json!({"agent_id": "a", "token": old}))
+        .await;
+    assert_eq!(reply["response"]["reason"], "unauthorized", "{reply}");
+    let fresh = mint(second.addr).await;
+    let (_, reply) = client
+        .join(&topic, serde_json::json!({"agent_id": "a", "token": fresh}))
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    drop(client);
+    let _ = second.terminate();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An upgrade from `from` (a loopback address); the status, and the stream to keep it open.
+async fn upgrade_from(addr: std::net::SocketAddr, from: std::net::IpAddr) -> (u16, TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+    let mut tcp = socket.connect(addr).await.unwrap();
+    let request = format!(
+        "GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = tcp.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    (status, tcp)
+}
+
+/// `--max-connections` and `--max-connections-per-ip` refuse upgrades past them with 503,
+/// counted in `/metrics`; a closed connection frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_refuse_upgrades_with_503_and_count_them() {
+    let dir = std::env::temp_dir().join(format!("thunderline-caps-{}", uuid::Uuid::now_v7()));
+    let daemon = common::binary::start(
+        &dir,
+        &["--max-connections", "3", "--max-connections-per-ip", "2"],
+    );
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let (s1, first) = upgrade_from(daemon.addr, ip("127.0.0.1")).await;
+    let (s2, _second) = upgrade_from(daemon.addr, ip("127.0.0.1")).await;
+    assert_eq!((s1, s2), (101, 101));
+    let (s3, _) = upgrade_from(daemon.addr, ip("127.0.0.1")).await;
+    assert_eq!(s3, 503, "a third from one address");
+    let (s4, _other) = upgrade_from(daemon.addr, ip("127.0.0.2")).await;
+    assert_eq!(s4, 101, "another address still may");
+    let (s5, _) = upgrade_from(daemon.addr, ip("127.0.0.3")).await;
+    assert_eq!(s5, 503, "past three in all");
+    let metrics = common::server::metrics_showing(
+        daemon.addr,
+        &[
+            "thunderline_socket_connections_refused_total{reason=\"max_connections\"} 1",
+            "thunderline_socket_connections_refused_total{reason=\"max_connections_per_ip\"} 1",
+        ],
+    )
+    .await;
+    assert!(
+        metrics.contains("thunderline_socket_connections 3"),
+        "{metrics}"
+    );
+    // A connection that goes frees its place.
+    drop(first);
+    let mut again = 0;
+    for _ in 0..100 {
+        again = upgrade_from(daemon.addr, ip("127.0.0.1")).await.0;
+        if again == 101 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(again, 101);
+    let _ = daemon.terminate();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client that stops reading while asking for large replies is cut off by the bytes it has
+/// waiting (1011, as for too many frames), long before it has 1,024 frames waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_by_the_bytes_waiting() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let srv = start(None).await;
+    // Properties near their 64 KiB cap: every get_zone_state reply carries them.
+    let filler = "x".repeat(60 * 1024);
+    let zone = srv
+        .zone(serde_json::json!({"name": "heavy", "permissions": 3,
+            "properties": {"filler": filler}}))
+        .await;
+    let zone = zone["id"].as_str().unwrap().to_owned();
+    let topic = format!("zone:{zone}");
+    let token = srv
+        .token("a", &zone, serde_json::json!(["spawn_agents"]))
+        .await;
+    // A small receive window, so what the client does not read backs up on the server soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(srv.server.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(srv.ws_url(), tcp)
+        .await
+        .unwrap();
+    let join = serde_json::json!(["1", "1", topic, "phx_join", {"agent_id": "a", "token": token}]);
+    ws.send(Message::text(join.to_string())).await.unwrap();
+    loop {
+        let Some(Ok(Message::Text(t))) = ws.next().await else {
+            panic!("no join reply")
+        };
+        if t.contains("phx_reply") {
+            assert!(t.contains("\"ok\""), "{t}");
+            break;
+        }
+    }
+    // 100 replies of 60 KiB: 6 MiB, but only 100 frames.
+    for n in 0..100 {
+        let ask = serde_json::json!(["1", format!("q{n}"), topic, "get_zone_state", {}]);
+        ws.send(Message::text(ask.to_string())).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mut replies = 0;
+    let close = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    if t.contains("phx_reply") {
+                        replies += 1;
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the server closes the connection");
+    assert_eq!(close, Some(1011), "closed as a slow consumer");
+    assert!(replies < 100, "cut off before all 100 replies ({replies})");
+    let metrics = common::server::metrics(srv.server.addr).await;
+    assert!(
+        metrics.contains("thunderline_channel_slow_consumer_disconnects_total 1"),
+        "{metrics}"
+    );
+    srv.stop().await;
+}
+
+/// Runs `thunderline serve` on a fresh port with `data_dir` (through `script`, on a terminal,
+/// when `on_terminal`), until it has printed its start-up lines; everything it wrote.
+#[cfg(unix)]
+fn serve_output(data_dir: &std::path::Path, on_terminal: bool) -> String {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let serve = format!(
+        "exec {} serve --listen 127.0.0.1:0 --data-dir {}",
+        env!("CARGO_BIN_EXE_thunderline"),
+        data_dir.display()
+    );
+    let mut command = if on_terminal {
+        let mut c = Command::new("script");
+        c.args(["-qfec", &serve, "/dev/null"]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &serve]);
+        c
+    };
+    let mut child = command
+        .env_remove("THUNDERLINE_SECRET")
+        .env_remove("THUNDERLINE_ADMIN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let out = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    // The start-up lines are printed at once; give them a moment, then stop the server.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !data_dir.join("thunderline.db").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    format!("{}{}", out.join().unwrap(), err.join().unwrap())
+}
+
+/// A generated admin token is shown once, on the terminal that started the server: never when
+/// the output goes to a pipe or a file (a log), and never again on later starts.
+#[cfg(unix)]
+#[test]
+fn a_generated_admin_token_is_printed_only_once_and_only_on_a_terminal() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").is_err(),
+            "`script` (util-linux) is needed"
+        );
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("thunderline-print-{}", uuid::Uuid::now_v7()));
+    let piped = dir.join("piped");
+    let said = serve_output(&piped, false);
+    let token = std::fs::read_to_string(piped.join("admin_token")).unwrap();
+    assert!(said.contains("listening on"), "{said}");
+    assert!(!said.contains(token.trim()), "printed to a pipe: {said}");
+    assert!(said.contains("not printed"), "{said}");
+
+    let tty = dir.join("tty");
+    let said = serve_output(&tty, true);
+    let token = std::fs::read_to_string(tty.join("admin_token")).unwrap();
+    assert_eq!(said.matches(token.trim()).count(), 1, "{said}");
+    let said = serve_output(&tty, true);
+    assert!(said.contains("listening on"), "{said}");
+    assert!(!said.contains(token.trim()), "printed again: {said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

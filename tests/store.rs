@@ -15,6 +15,7 @@ use serde_json::json;
 use thunderline::pipeline::*;
 use thunderline::store::{AuditSink, Backend, Store, StoreError};
 use thunderline::zone::*;
+use uuid::Uuid;
 
 fn spec(name: &str) -> NewZone {
     let mut resources = BTreeMap::new();
@@ -544,6 +545,41 @@ async fn a_command_behind_the_snapshot_is_not_applied_again_after_a_restart() {
                 .len(),
             1
         );
+        store.close().await;
+        db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn token_revocations_keep_the_latest_cutoff_and_go_with_their_zone() {
+    for db in common::backends().await {
+        let store = Store::connect(&db.url).await.unwrap();
+        let zone = ZoneState::new(Zone::create(spec("revoked"), "node-a", now()).unwrap());
+        store.insert_zone(&zone.snapshot()).await.unwrap();
+        let id = zone.id();
+        store.revoke_tokens("a", id, 20).await.unwrap();
+        store.revoke_tokens("a", id, 10).await.unwrap();
+        store.revoke_tokens("b", id, 5).await.unwrap();
+        let mut all = store.token_revocations().await.unwrap();
+        all.sort();
+        assert_eq!(
+            all,
+            vec![("a".to_owned(), id, 20), ("b".to_owned(), id, 5)],
+            "{}",
+            db.name
+        );
+        store.revoke_tokens("a", id, 30).await.unwrap();
+        assert!(
+            store
+                .token_revocations()
+                .await
+                .unwrap()
+                .contains(&("a".to_owned(), id, 30))
+        );
+        // Unknown zones cannot be revoked for; a deleted zone takes its revocations with it.
+        assert!(store.revoke_tokens("a", Uuid::now_v7(), 1).await.is_err());
+        store.delete_zone(id).await.unwrap();
+        assert!(store.token_revocations().await.unwrap().is_empty());
         store.close().await;
         db.cleanup().await;
     }

@@ -16,11 +16,10 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::admin_client::{AdminClient, AdminError};
-use crate::daemon::DatabaseArgs;
 use crate::daemon::config::{
     NatsSection, PipelineFile, PipelineFileError, RabbitMqSection, SourceSections,
 };
-use crate::daemon::server::{LogFormat, ServeArgs, ServeError, Server};
+use crate::daemon::server::{ServeArgs, ServeError, Server};
 use crate::store::{Store, StoreError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -274,21 +273,7 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
         Some(path) => PipelineFile::load(path)?,
         None => PipelineFile::for_broker(),
     };
-    let serve = ServeArgs {
-        listen: "127.0.0.1:0".parse().expect("an address"),
-        db: DatabaseArgs {
-            database: Some(database.clone()),
-            data_dir: dir.clone(),
-        },
-        config: None,
-        log_format: LogFormat::Text,
-        replies: None,
-        history_max: None,
-        max_token_ttl: crate::daemon::server::DEFAULT_MAX_TOKEN_TTL,
-        max_sessions_per_agent: 4,
-        metrics_listen: None,
-        metrics_token: None,
-    };
+    let serve = ServeArgs::local(Some(database.clone()), dir.clone());
 
     // The zones first, with the server alone: the commands are published once they exist.
     file.sources = SourceSections::default();

@@ -13,9 +13,8 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 use uuid::Uuid;
 
 use super::admin_client::{AdminClient, AdminError};
-use crate::daemon::DatabaseArgs;
 use crate::daemon::config::PipelineFile;
-use crate::daemon::server::{LogFormat, ServeArgs, ServeError, Server};
+use crate::daemon::server::{ServeArgs, ServeError, Server};
 use crate::daemon::zones::ZoneWork;
 use crate::realtime::TokenSigner;
 use crate::zone::{Actor, CommandKind, Permissions, ZoneCommand};
@@ -217,21 +216,8 @@ async fn one_case(
         .database
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", dir.join("bench.db").display()));
-    let serve = ServeArgs {
-        listen: "127.0.0.1:0".parse().expect("an address"),
-        db: DatabaseArgs {
-            database: Some(database),
-            data_dir: dir.clone(),
-        },
-        config: None,
-        log_format: LogFormat::Text,
-        replies: None,
-        history_max: Some(missed + 1_000),
-        max_token_ttl: crate::daemon::server::DEFAULT_MAX_TOKEN_TTL,
-        max_sessions_per_agent: 4,
-        metrics_listen: None,
-        metrics_token: None,
-    };
+    let mut serve = ServeArgs::local(Some(database), dir.clone());
+    serve.history_max = Some(missed + 1_000);
     let mut file = PipelineFile::default();
     // From memory: all of it kept; from the log: nothing kept in memory.
     file.zones.history_events = if from_memory {

@@ -1,5 +1,6 @@
 //! The `thunderline` command: a thin entry point over the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -106,11 +107,21 @@ async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::server::Se
     println!("  metrics: http://{metrics}/metrics   health: http://{addr}/healthz");
     println!("  store: {}", args.db.url());
     if server.secrets.admin_token_generated {
-        println!(
-            "  admin token (generated now, kept in {}): {}",
-            args.db.data_dir.display(),
-            server.secrets.admin_token
-        );
+        let kept = args.db.data_dir.join(daemon::server::ADMIN_TOKEN_FILE);
+        // Shown once, to the person who started the server; never to a log file or pipe.
+        if std::io::stdout().is_terminal() {
+            println!(
+                "  admin token (generated now, shown only this once; kept in {}): {}",
+                kept.display(),
+                server.secrets.admin_token
+            );
+        } else {
+            println!(
+                "  admin token: generated now and written to {} (readable by you only); not \
+                 printed, since this output is not a terminal",
+                kept.display()
+            );
+        }
     }
     wait_for_signal().await;
     tracing::info!("shutting down: draining the pipeline into the audit log");

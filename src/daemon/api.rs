@@ -4,11 +4,12 @@
 //! bad input, 401 no or wrong admin token, 404 no such zone (or batcher), 409 conflict, 422 a refused
 //! operation, 503 not ready.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +21,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::zones::{AskError, ZoneHandle};
+use crate::realtime::revocation::Revocation;
 use crate::realtime::{Hub, SocketContext, TokenSigner, socket};
 use crate::store::{DeadLetter, StoreError};
 use crate::zone::{
@@ -167,6 +169,7 @@ pub fn router(state: ApiState, with_metrics: bool) -> Router {
         .route("/api/zones/{id}/agents", get(zone_agents))
         .route("/api/dead_letters", get(dead_letters))
         .route("/api/tokens", post(mint_token))
+        .route("/api/tokens/revoke", post(revoke_tokens))
         .merge(control::routes())
         .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
@@ -243,6 +246,7 @@ fn valid_websocket_key(headers: &HeaderMap) -> bool {
 
 async fn websocket(
     State(state): State<ApiState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     Query(query): Query<SocketQuery>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
@@ -269,6 +273,17 @@ async fn websocket(
         )
             .into_response();
     }
+    let slot = match state.sockets.admission.admit(client.ip()) {
+        Ok(slot) => slot,
+        Err(full) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                full.to_string(),
+            )
+                .into_response();
+        }
+    };
     let max = state.sockets.config.max_frame_bytes;
     let sockets = state.sockets.clone();
     upgrade
@@ -279,7 +294,7 @@ async fn websocket(
         .read_buffer_size(1024)
         .write_buffer_size(2 * 1024)
         .protocols(["phoenix"])
-        .on_upgrade(move |ws| socket::serve(ws, sockets))
+        .on_upgrade(move |ws| socket::serve(ws, sockets, slot))
 }
 
 async fn ready(State(state): State<ApiState>) -> Response {
@@ -619,19 +634,24 @@ struct TokenRequest {
     ttl_seconds: i64,
 }
 
-async fn mint_token(
-    State(state): State<ApiState>,
-    ApiJson(req): ApiJson<TokenRequest>,
-) -> Result<Json<Value>, ApiError> {
-    let zone = zone_id(&req.zone_id)?;
-    if req.agent_id.trim().is_empty()
-        || req.agent_id.len() > crate::zone::limits::MAX_AGENT_ID_BYTES
-        || req.agent_id.contains('\0')
+fn check_agent_id(agent_id: &str) -> Result<(), ApiError> {
+    if agent_id.trim().is_empty()
+        || agent_id.len() > crate::zone::limits::MAX_AGENT_ID_BYTES
+        || agent_id.contains('\0')
     {
         return Err(ApiError::bad_request(
             "agent_id must be 1 to 200 bytes, without NUL",
         ));
     }
+    Ok(())
+}
+
+async fn mint_token(
+    State(state): State<ApiState>,
+    ApiJson(req): ApiJson<TokenRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let zone = zone_id(&req.zone_id)?;
+    check_agent_id(&req.agent_id)?;
     let perms = match &req.permissions {
         Value::Array(items) => {
             let names: Vec<PermissionName> = serde_json::from_value(Value::Array(items.clone()))
@@ -671,6 +691,44 @@ async fn mint_token(
     Ok(Json(
         json!({"token": token, "expires_at": claims.expires_at()}),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    agent_id: String,
+    zone_id: String,
+}
+
+/// Revokes every token `agent_id` holds for the zone: they open no more sessions, and the
+/// sessions they opened end now. Tokens minted afterwards work. Recorded before it takes
+/// effect, so it outlives a restart.
+async fn revoke_tokens(
+    State(state): State<ApiState>,
+    ApiJson(req): ApiJson<RevokeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let zone = zone_id(&req.zone_id)?;
+    check_agent_id(&req.agent_id)?;
+    let store = state.zones.registry.store();
+    if state.zones.registry.live(zone).is_none() {
+        store.get_zone(zone).await?;
+    }
+    let revocation = Revocation {
+        agent_id: req.agent_id,
+        zone_id: zone,
+        before_us: chrono::Utc::now().timestamp_micros(),
+    };
+    store
+        .revoke_tokens(&revocation.agent_id, zone, revocation.before_us)
+        .await?;
+    let revoked_at = chrono::DateTime::from_timestamp_micros(revocation.before_us);
+    let agent_id = revocation.agent_id.clone();
+    state.sockets.revocations.revoke(revocation);
+    Ok(Json(json!({
+        "agent_id": agent_id,
+        "zone_id": zone,
+        "revoked_at": revoked_at,
+    })))
 }
 
 #[derive(Deserialize)]

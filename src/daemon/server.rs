@@ -30,6 +30,7 @@ use super::zones::{
 use crate::pipeline::{
     BatcherName, ConfigError, Message, Pipeline, PipelineMetrics, ShutdownError, in_memory,
 };
+use crate::realtime::revocation::{Revocation, Revocations};
 use crate::realtime::{
     Hub, HubMetrics, SocketConfig, SocketContext, SocketMetrics, TokenSigner, TopicSink,
     random_secret,
@@ -68,17 +69,53 @@ pub struct ServeArgs {
     /// `ttl_seconds` is refused with 422.
     #[arg(long, env = "THUNDERLINE_MAX_TOKEN_TTL", default_value_t = DEFAULT_MAX_TOKEN_TTL)]
     pub max_token_ttl: u64,
-    /// The most sessions one agent may hold in one zone; one more join is refused
-    /// `too_many_sessions`.
     /// Serve `/metrics` on this address instead of the public one (e.g. 127.0.0.1:9100).
     #[arg(long, env = "THUNDERLINE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// Require `Authorization: Bearer <this>` on `/metrics` (at least 32 characters).
     #[arg(long, env = "THUNDERLINE_METRICS_TOKEN")]
     pub metrics_token: Option<String>,
+    /// The most sessions one agent may hold in one zone; one more join is refused
+    /// `too_many_sessions`.
     #[arg(long, env = "THUNDERLINE_MAX_SESSIONS_PER_AGENT", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sessions_per_agent: u32,
+    /// The most WebSocket connections open at once; past it, upgrades are refused with 503.
+    #[arg(long, env = "THUNDERLINE_MAX_CONNECTIONS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// The most WebSocket connections open at once from one client address (default:
+    /// unlimited); past it, that address's upgrades are refused with 503.
+    #[arg(long, env = "THUNDERLINE_MAX_CONNECTIONS_PER_IP",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: Option<u32>,
+    /// The most bytes waiting to be written to one connection; past it (as past 1,024 frames)
+    /// the client is a slow consumer and is closed with 1011.
+    #[arg(long, env = "THUNDERLINE_MAX_OUTBOUND_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_outbound_bytes: u64,
+}
+
+impl ServeArgs {
+    /// A server on a free loopback port with every default, for the benches and tests that
+    /// start one in-process.
+    pub fn local(database: Option<String>, data_dir: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            db: DatabaseArgs { database, data_dir },
+            config: None,
+            log_format: LogFormat::Text,
+            replies: None,
+            history_max: None,
+            max_token_ttl: DEFAULT_MAX_TOKEN_TTL,
+            metrics_listen: None,
+            metrics_token: None,
+            max_sessions_per_agent: 4,
+            max_connections: 100_000,
+            max_connections_per_ip: None,
+            max_outbound_bytes: 1024 * 1024,
+        }
+    }
 }
 
 /// 24 hours.
@@ -152,11 +189,11 @@ pub struct Secrets {
     pub admin_token_generated: bool,
 }
 
-/// Reads a secret from the environment, or from `data_dir/name`, generating it there on first
-/// start (readable by the owner only).
 /// The shortest secret or admin token taken from the environment.
 const MIN_SECRET_CHARS: usize = 32;
 
+/// Reads a secret from the environment, or from `data_dir/name`, generating it there on first
+/// start (readable by the owner only).
 fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), ServeError> {
     if let Ok(v) = std::env::var(env)
         && !v.is_empty()
@@ -230,10 +267,13 @@ fn write_private(data_dir: &Path, path: &Path, value: &str) -> std::io::Result<(
     file.sync_all()
 }
 
+/// The generated admin token's file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin_token";
+
 pub fn load_secrets(data_dir: &Path) -> Result<Secrets, ServeError> {
     let (signing, _) = secret("THUNDERLINE_SECRET", data_dir, "secret")?;
     let (admin_token, admin_token_generated) =
-        secret("THUNDERLINE_ADMIN_TOKEN", data_dir, "admin_token")?;
+        secret("THUNDERLINE_ADMIN_TOKEN", data_dir, ADMIN_TOKEN_FILE)?;
     Ok(Secrets {
         signing,
         admin_token,
@@ -257,21 +297,25 @@ fn audit_config(file: &PipelineFile, store: &Store) -> crate::pipeline::BatcherC
 }
 
 /// Serves `app` on `listener` until `stop` turns true, then finishes the requests under way.
+/// Handlers see the client's address (`ConnectInfo<SocketAddr>`).
 fn serve_until<L>(
     listener: L,
     app: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>>
 where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    for<'a> SocketAddr: axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
     tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|&s| s).await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|&s| s).await;
+        })
+        .await
     })
 }
 
@@ -387,11 +431,25 @@ impl Server {
                 signer.clone(),
                 zones.push_handle(),
                 zones.envelope(),
-                SocketConfig::default(),
+                SocketConfig {
+                    max_connections: args.max_connections as usize,
+                    max_connections_per_ip: args.max_connections_per_ip.map(|n| n as usize),
+                    outbound_bytes: usize::try_from(args.max_outbound_bytes).unwrap_or(usize::MAX),
+                    ..SocketConfig::default()
+                },
                 socket_metrics,
                 stop_rx.clone(),
             )
-            .with_console(console::feed(secrets.admin_token.clone(), registry.clone())),
+            .with_console(console::feed(secrets.admin_token.clone(), registry.clone()))
+            .with_revocations(Arc::new(Revocations::new(
+                store.token_revocations().await?.into_iter().map(
+                    |(agent_id, zone_id, before_us)| Revocation {
+                        agent_id,
+                        zone_id,
+                        before_us,
+                    },
+                ),
+            ))),
         );
         let connections = sockets.metrics.connections.clone();
         let state = ApiState {

@@ -125,6 +125,12 @@ pub struct Joined {
     pub agent_id: String,
     /// The token's bits.
     pub perms: Permissions,
+    /// When the token expires: the session ends then.
+    pub expires_at: tokio::time::Instant,
+    /// When the token was minted, for revocations ([`Claims::minted_us`]).
+    ///
+    /// [`Claims::minted_us`]: super::token::Claims::minted_us
+    pub minted_us: i64,
 }
 
 /// A connection's channels by zone.

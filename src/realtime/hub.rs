@@ -58,45 +58,73 @@ impl Outbound {
             Self::Frames(f) => f.len(),
         }
     }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Frame(f) => f.len(),
+            Self::Frames(f) | Self::Replay(f) => f.iter().map(|f| f.len()).sum(),
+        }
+    }
 }
 
-/// A connection's outbound queue, bounded in frames rather than items: an item may hold many
-/// frames, and the bound is about how far behind a client may fall.
-pub fn outbound_queue(frames: usize) -> (OutboundTx, OutboundRx) {
+/// A connection's outbound queue, bounded in frames rather than items (an item may hold many
+/// frames, and the bound is about how far behind a client may fall) and in bytes (a few large
+/// replies weigh more than many broadcasts).
+///
+/// The byte bound refuses an item once the bytes already waiting reach it, so one item larger
+/// than the bound (a rejoin's replay) still goes to a client that is keeping up, and a client
+/// that is not holds at most the bound plus one item.
+pub fn outbound_queue(frames: usize, bytes: usize) -> (OutboundTx, OutboundRx) {
     let (tx, rx) = mpsc::channel(frames.max(1));
-    let queued = Arc::new(AtomicUsize::new(0));
+    let queued = Arc::new(Backlog::default());
     (
         OutboundTx {
             tx,
             queued: queued.clone(),
-            limit: frames,
+            frame_limit: frames,
+            byte_limit: bytes,
         },
         OutboundRx { rx, queued },
     )
 }
 
+/// What waits in a queue.
+#[derive(Debug, Default)]
+struct Backlog {
+    frames: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Backlog {
+    fn remove(&self, out: &Outbound) {
+        self.frames.fetch_sub(out.frames(), Ordering::Relaxed);
+        self.bytes.fetch_sub(out.bytes(), Ordering::Relaxed);
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct OutboundTx {
     tx: mpsc::Sender<Outbound>,
-    queued: Arc<AtomicUsize>,
-    limit: usize,
+    queued: Arc<Backlog>,
+    frame_limit: usize,
+    byte_limit: usize,
 }
 
 pub struct OutboundRx {
     rx: mpsc::Receiver<Outbound>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Backlog>,
 }
 
 impl OutboundRx {
     pub async fn recv(&mut self) -> Option<Outbound> {
         let out = self.rx.recv().await?;
-        self.queued.fetch_sub(out.frames(), Ordering::Relaxed);
+        self.queued.remove(&out);
         Some(out)
     }
 
     pub fn try_recv(&mut self) -> Option<Outbound> {
         let out = self.rx.try_recv().ok()?;
-        self.queued.fetch_sub(out.frames(), Ordering::Relaxed);
+        self.queued.remove(&out);
         Some(out)
     }
 }
@@ -131,15 +159,19 @@ impl Peer {
     }
 
     pub(crate) fn queue(&self, out: Outbound) -> bool {
-        let n = out.frames();
-        let backlog = self.out.queued.fetch_add(n, Ordering::Relaxed) + n;
-        let full = backlog > self.out.limit
+        let (n, size) = (out.frames(), out.bytes());
+        let queued = &self.out.queued;
+        let backlog = queued.frames.fetch_add(n, Ordering::Relaxed) + n;
+        let bytes_before = queued.bytes.fetch_add(size, Ordering::Relaxed);
+        let full = backlog > self.out.frame_limit
+            || bytes_before >= self.out.byte_limit
             || match self.out.tx.try_send(out) {
                 Ok(()) => return true,
                 Err(mpsc::error::TrySendError::Full(_)) => true,
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             };
-        self.out.queued.fetch_sub(n, Ordering::Relaxed);
+        queued.frames.fetch_sub(n, Ordering::Relaxed);
+        queued.bytes.fetch_sub(size, Ordering::Relaxed);
         if full && self.kill.send_replace(Some(SLOW_CONSUMER)).is_none() {
             self.slow.inc();
         }
@@ -388,7 +420,7 @@ mod tests {
     #[test]
     fn the_outbound_bound_counts_frames_not_queue_items() {
         let metrics = HubMetrics::register(&Registry::new()).unwrap();
-        let (tx, mut rx) = outbound_queue(4);
+        let (tx, mut rx) = outbound_queue(4, usize::MAX);
         let (kill, killed) = watch::channel(None);
         let peer = Peer::new("c1", tx, Arc::new(kill), metrics.slow_consumers.clone());
         let frames = |n| Outbound::Frames(Arc::from(vec![Utf8Bytes::from_static("f"); n]));
@@ -405,10 +437,29 @@ mod tests {
     }
 
     #[test]
+    fn the_outbound_bound_counts_bytes_too_and_lets_one_large_item_into_a_short_queue() {
+        let metrics = HubMetrics::register(&Registry::new()).unwrap();
+        let (tx, mut rx) = outbound_queue(1000, 100);
+        let (kill, killed) = watch::channel(None);
+        let peer = Peer::new("c1", tx, Arc::new(kill), metrics.slow_consumers.clone());
+        let big = || Utf8Bytes::from(vec!["x"; 150].concat());
+        // A replay larger than the bound goes to a client with nothing waiting...
+        assert!(peer.send_replay(Arc::from(vec![big()])));
+        assert_eq!(rx.try_recv().map(|o| o.bytes()), Some(150));
+        assert!(peer.send(Utf8Bytes::from(vec!["y"; 60].concat())));
+        assert!(peer.send(Utf8Bytes::from(vec!["y"; 30].concat())));
+        assert!(killed.borrow().is_none());
+        // ...but not past 100 bytes already waiting, whatever the frame count.
+        assert!(peer.send(Utf8Bytes::from_static("0123456789")));
+        assert!(!peer.send(Utf8Bytes::from_static("z")));
+        assert_eq!(*killed.borrow(), Some(SLOW_CONSUMER));
+    }
+
+    #[test]
     fn a_full_queue_disconnects_the_slow_consumer_once_and_counts_it() {
         let registry = Registry::new();
         let metrics = HubMetrics::register(&registry).unwrap();
-        let (tx, _rx) = outbound_queue(2);
+        let (tx, _rx) = outbound_queue(2, usize::MAX);
         let (kill, mut killed) = watch::channel(None);
         let peer = Peer::new("c1", tx, Arc::new(kill), metrics.slow_consumers.clone());
         let hub = Hub::new(metrics.clone());

@@ -6,10 +6,12 @@
 //! It turns frames into zone commands and outcomes into frames; what the commands do is the
 //! zone's business, and who applies them is the daemon's.
 
+pub mod admission;
 pub mod channel;
 pub mod console;
 pub mod hub;
 pub mod protocol;
+pub mod revocation;
 pub mod socket;
 pub mod token;
 pub mod topic;

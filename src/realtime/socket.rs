@@ -25,15 +25,17 @@ use futures_util::{SinkExt, StreamExt};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::admission::{Admission, Slot};
 use super::channel::{Asked, Channels, Joined, SocketReply, parse_event};
 use super::console::{CONSOLE_TOPIC, ConsoleFeed};
-use super::hub::{CloseReason, Hub, Outbound, Peer, outbound_queue};
+use super::hub::{CloseReason, Hub, Outbound, Peer, outbound_queue, topic_name};
 use super::protocol::{self, Frame};
+use super::revocation::Revocations;
 use super::token::TokenSigner;
 use crate::pipeline::{Message as PipelineMessage, PushError, PushHandle, PushPermit};
 use crate::zone::{Actor, CommandKind, ReplyTo, Since, ZoneCommand, parse_zone_id};
@@ -49,6 +51,13 @@ pub struct SocketConfig {
     pub max_frame_bytes: usize,
     /// Frames waiting to be written; past it the client is a slow consumer.
     pub outbound_queue: usize,
+    /// Bytes waiting to be written; past it, too, the client is a slow consumer (a few large
+    /// replies weigh more than many small broadcasts).
+    pub outbound_bytes: usize,
+    /// Open connections in all; past it, upgrades are refused with 503.
+    pub max_connections: usize,
+    /// Open connections from one client address; past it, upgrades are refused with 503.
+    pub max_connections_per_ip: Option<usize>,
     /// Frames per second a client may send, on average...
     pub rate_per_sec: f64,
     /// ...with bursts of up to this many.
@@ -71,6 +80,9 @@ impl Default for SocketConfig {
             idle_timeout: Duration::from_secs(60),
             max_frame_bytes: 64 * 1024,
             outbound_queue: 1024,
+            outbound_bytes: 1024 * 1024,
+            max_connections: 100_000,
+            max_connections_per_ip: None,
             rate_per_sec: 200.0,
             burst: 500.0,
             flood_limit: 200,
@@ -97,12 +109,20 @@ const IDLE: CloseReason = CloseReason {
     reason: "idle timeout",
 };
 
+/// Why the server ends a session on a live connection, as `phx_close`'s `reason`.
+const TOKEN_EXPIRED: &str = "token_expired";
+const TOKEN_REVOKED: &str = "token_revoked";
+
 #[derive(Clone)]
 pub struct SocketMetrics {
     pub connections: IntGauge,
     pub joins: IntCounterVec,
     pub pushes: IntCounter,
     pub refused: IntCounterVec,
+    /// Upgrades refused by a connection cap, by cap.
+    pub connections_refused: IntCounterVec,
+    /// Sessions the server ended (token expired or revoked), by reason.
+    pub sessions_ended: IntCounterVec,
 }
 
 impl SocketMetrics {
@@ -130,8 +150,27 @@ impl SocketMetrics {
                 ),
                 &["reason"],
             )?,
+            connections_refused: IntCounterVec::new(
+                Opts::new(
+                    "thunderline_socket_connections_refused_total",
+                    "WebSocket upgrades refused with 503 by a connection cap, by cap.",
+                ),
+                &["reason"],
+            )?,
+            sessions_ended: IntCounterVec::new(
+                Opts::new(
+                    "thunderline_channel_sessions_ended_total",
+                    "Sessions the server closed because their token expired or was revoked.",
+                ),
+                &["reason"],
+            )?,
         };
+        for reason in [TOKEN_EXPIRED, TOKEN_REVOKED] {
+            m.sessions_ended.with_label_values(&[reason]);
+        }
         registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.connections_refused.clone()))?;
+        registry.register(Box::new(m.sessions_ended.clone()))?;
         registry.register(Box::new(m.joins.clone()))?;
         registry.register(Box::new(m.pushes.clone()))?;
         registry.register(Box::new(m.refused.clone()))?;
@@ -157,6 +196,10 @@ pub struct SocketContext<W> {
     pub shutdown: watch::Receiver<bool>,
     /// The console's topic, when the server offers it.
     pub console: Option<ConsoleFeed>,
+    /// The connection caps.
+    pub admission: Admission,
+    /// Revoked tokens: refused at join, and their sessions ended.
+    pub revocations: Arc<Revocations>,
     /// This run's random prefix for connection names.
     run: String,
     next_id: AtomicU64,
@@ -169,6 +212,12 @@ impl<W: Send + 'static> SocketContext<W> {
         self
     }
 
+    /// Refuses and ends what `revocations` revokes (by default, nothing is revoked).
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
+        self.revocations = revocations;
+        self
+    }
+
     pub fn new(
         hub: Arc<Hub>,
         signer: TokenSigner,
@@ -178,7 +227,14 @@ impl<W: Send + 'static> SocketContext<W> {
         metrics: SocketMetrics,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let admission = Admission::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+            metrics.connections_refused.clone(),
+        );
         Self {
+            admission,
+            revocations: Arc::default(),
             hub,
             signer,
             work,
@@ -217,6 +273,8 @@ struct Connection<W> {
     waiting: VecDeque<Waiting<W>>,
     /// The console topic's pushes, while it is joined.
     console: Option<JoinHandle<()>>,
+    /// The soonest a joined channel's token expires.
+    expiry: Option<Instant>,
 }
 
 impl<W> Drop for Connection<W> {
@@ -227,12 +285,13 @@ impl<W> Drop for Connection<W> {
     }
 }
 
-/// Serves one upgraded WebSocket until either side closes it.
-pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>) {
+/// Serves one upgraded WebSocket until either side closes it, holding its admission `slot`
+/// until then.
+pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>, slot: Slot) {
     let n = ctx.next_id.fetch_add(1, Ordering::Relaxed);
     let id = format!("{}.{n:x}", ctx.run);
     let (mut sink, mut stream) = ws.split();
-    let (tx, mut rx) = outbound_queue(ctx.config.outbound_queue);
+    let (tx, mut rx) = outbound_queue(ctx.config.outbound_queue, ctx.config.outbound_bytes);
     let (kill_tx, mut kill_rx) = watch::channel(None::<CloseReason>);
     let kill = Arc::new(kill_tx);
     let peer = Peer::new(id, tx, kill.clone(), ctx.hub.metrics.slow_consumers.clone());
@@ -297,8 +356,11 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>)
         refused: (0, Instant::now()),
         waiting: VecDeque::new(),
         console: None,
+        expiry: None,
     };
     let mut killed = kill.subscribe();
+    let mut revoked = ctx.revocations.subscribe();
+    let mut listening = true;
     let mut shutdown = ctx.shutdown.clone();
     // Whether the server started the closing handshake (and should wait for the client's half).
     let mut closing = false;
@@ -347,6 +409,29 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>)
                 peer.close(IDLE);
                 closing = true;
                 break;
+            }
+            () = tokio::time::sleep_until(conn.expiry.unwrap_or_else(Instant::now)), if conn.expiry.is_some() => {
+                let now = Instant::now();
+                conn.end_sessions(|_, joined| joined.expires_at <= now, TOKEN_EXPIRED);
+            }
+            revocation = revoked.recv(), if listening => {
+                let revocations = ctx.revocations.clone();
+                match revocation {
+                    Ok(r) => conn.end_sessions(
+                        |zone, joined| zone == r.zone_id
+                            && joined.agent_id == r.agent_id
+                            && joined.minted_us < r.before_us,
+                        TOKEN_REVOKED,
+                    ),
+                    // Missed some: check every channel against all of them.
+                    Err(broadcast::error::RecvError::Lagged(_)) => conn.end_sessions(
+                        |zone, joined| revocations.revoked_for(&joined.agent_id, zone, joined.minted_us),
+                        TOKEN_REVOKED,
+                    ),
+                    // Cannot happen (the sender lives in the context this connection holds);
+                    // if it did, there would be nothing more to hear.
+                    Err(broadcast::error::RecvError::Closed) => listening = false,
+                }
             }
             next = stream.next() => {
                 idle.as_mut().reset(Instant::now() + ctx.config.idle_timeout);
@@ -435,6 +520,7 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>)
     });
     let _ = writer.await;
     ctx.metrics.connections.dec();
+    drop(slot);
 }
 
 /// Hands a queue item's frames to the socket's write buffer, without flushing.
@@ -673,10 +759,23 @@ impl<W: Send + 'static> Connection<W> {
                 "the token was minted for another agent or zone",
             );
         }
+        if self.ctx.revocations.revoked(&claims) {
+            return self.refuse_join(
+                &frame,
+                "unauthorized",
+                "the token was revoked: join with a token minted since",
+            );
+        }
+        let left = (claims.expires_at() - chrono::Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let expires_at = Instant::now() + left;
         let joined = Joined {
             join_ref: frame.join_ref.clone(),
             agent_id,
             perms: claims.perms,
+            expires_at,
+            minted_us: claims.minted_us,
         };
         let (previous, too_many) = {
             let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
@@ -712,6 +811,7 @@ impl<W: Send + 'static> Connection<W> {
                 "at most 100 channels per connection",
             );
         }
+        self.expiry = Some(self.expiry.map_or(expires_at, |e| e.min(expires_at)));
         self.submit(
             zone,
             CommandKind::Join,
@@ -784,6 +884,47 @@ impl<W: Send + 'static> Connection<W> {
                 self.refuse(refusal.reason);
                 self.reply_error(&frame, refusal.reason, &refusal.details);
             }
+        }
+    }
+
+    /// Ends the sessions of the channels `which` picks, as a leave would, and tells their
+    /// clients with `phx_close` and `reason` (a client then rejoins with a fresh token).
+    fn end_sessions(&mut self, which: impl Fn(Uuid, &Joined) -> bool, reason: &'static str) {
+        let ended: Vec<(Uuid, Joined)> = {
+            let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            let picked: Vec<Uuid> = channels
+                .iter()
+                .filter(|(zone, joined)| which(**zone, joined))
+                .map(|(zone, _)| *zone)
+                .collect();
+            let ended = picked
+                .into_iter()
+                .filter_map(|zone| channels.remove(&zone).map(|j| (zone, j)))
+                .collect();
+            self.expiry = channels.values().map(|j| j.expires_at).min();
+            ended
+        };
+        for (zone, joined) in ended {
+            self.ctx
+                .metrics
+                .sessions_ended
+                .with_label_values(&[reason])
+                .inc();
+            self.peer.send_text(protocol::encode(
+                joined.join_ref.as_deref(),
+                joined.join_ref.as_deref(),
+                &topic_name(zone),
+                "phx_close",
+                &json!({"reason": reason}),
+            ));
+            self.submit(
+                zone,
+                CommandKind::Leave,
+                Asked::Leave { reply: false },
+                &joined,
+                None,
+                None,
+            );
         }
     }
 

@@ -23,6 +23,11 @@ pub struct Claims {
     pub perms: Permissions,
     /// Expiry, in seconds since the Unix epoch.
     pub exp: i64,
+    /// When it was minted, in microseconds since the Unix epoch: a revocation refuses the
+    /// tokens minted before it, and a token minted a moment after it must still work. Tokens
+    /// of versions before revocation lack it and count as minted at the epoch.
+    #[serde(default)]
+    pub minted_us: i64,
 }
 
 impl Claims {
@@ -88,6 +93,7 @@ impl TokenSigner {
             zone_id,
             perms,
             exp: now.timestamp() + ttl_secs,
+            minted_us: now.timestamp_micros(),
         };
         let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialise"));
         let mut mac = self.key.clone();
@@ -118,12 +124,12 @@ impl TokenSigner {
     }
 }
 
-/// 32 random bytes from the operating system, hex-encoded: a fresh secret or admin token.
 /// Constant-time comparison, so a token cannot be guessed a byte at a time.
 pub fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// 32 random bytes from the operating system, hex-encoded: a fresh secret or admin token.
 pub fn random_secret() -> String {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).expect("the OS has a random source");

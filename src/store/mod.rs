@@ -7,6 +7,7 @@
 //! the audit log's batch insert (`UNNEST` on PostgreSQL, a multi-row `VALUES` on SQLite).
 
 mod audit;
+mod revocations;
 mod zones;
 
 use std::path::Path;

@@ -99,7 +99,6 @@ pub mod server {
 
     use futures_util::{SinkExt, StreamExt};
     use serde_json::{Value, json};
-    use thunderline::daemon::DatabaseArgs;
     use thunderline::daemon::server::{ServeArgs, Server};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -128,23 +127,19 @@ pub mod server {
         database: Option<String>,
         file: thunderline::daemon::config::PipelineFile,
     ) -> TestServer {
+        start_tuned(database, file, |_| {}).await
+    }
+
+    /// As [`start_with`], with the flags `tune` sets.
+    pub async fn start_tuned(
+        database: Option<String>,
+        file: thunderline::daemon::config::PipelineFile,
+        tune: impl FnOnce(&mut ServeArgs),
+    ) -> TestServer {
         let dir =
             std::env::temp_dir().join(format!("thunderline-srv-{}", uuid::Uuid::now_v7().simple()));
-        let args = ServeArgs {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            db: DatabaseArgs {
-                database,
-                data_dir: dir.clone(),
-            },
-            config: None,
-            log_format: thunderline::daemon::server::LogFormat::Text,
-            replies: None,
-            history_max: None,
-            max_token_ttl: thunderline::daemon::server::DEFAULT_MAX_TOKEN_TTL,
-            max_sessions_per_agent: 4,
-            metrics_listen: None,
-            metrics_token: None,
-        };
+        let mut args = ServeArgs::local(database, dir.clone());
+        tune(&mut args);
         TestServer {
             server: Server::start(&args, &file)
                 .await

@@ -565,3 +565,32 @@ test("the admin API pages a zone's events by seq", async () => {
     assert.ok(body.every((e) => e.type === "agent_moved" && e.zone_id === z.id));
   }, "a page of three after seq 2");
 });
+
+test("a channel whose token expires, or is revoked, is closed with the reason; a fresh token joins again", async () => {
+  const z = await zone();
+  const topic = `zone:${z.id}`;
+  const { status, body } = await api("POST", "/api/tokens", {
+    agent_id: "quin", zone_id: z.id, permissions: ["spawn_agents"], ttl_seconds: 1,
+  });
+  assert.equal(status, 200, JSON.stringify(body));
+  const socket = connect();
+  const brief = socket.channel(topic, { agent_id: "quin", token: body.token });
+  const expired = new Promise((resolve) => brief.onClose((payload) => resolve(payload)));
+  await join(brief);
+  assert.equal((await expired).reason, "token_expired");
+  assert.equal(brief.state, "closed");
+  await eventually(async () => {
+    const { body } = await api("GET", `/api/zones/${z.id}`);
+    assert.equal(body.active_session_count, 0);
+  }, "the expired session left");
+
+  const again = socket.channel(topic, { agent_id: "quin", token: await token("quin", z.id) });
+  const revoked = new Promise((resolve) => again.onClose((payload) => resolve(payload)));
+  await join(again);
+  const answer = await api("POST", "/api/tokens/revoke", { agent_id: "quin", zone_id: z.id });
+  assert.equal(answer.status, 200, JSON.stringify(answer.body));
+  assert.equal((await revoked).reason, "token_revoked");
+  const fresh = socket.channel(topic, { agent_id: "quin", token: await token("quin", z.id) });
+  await join(fresh);
+  assert.equal(fresh.state, "joined");
+});
