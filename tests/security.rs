@@ -9,7 +9,19 @@ use tokio::net::TcpStream;
 
 /// The status code the server answers an upgrade request with `key` (none: no key header).
 async fn upgrade_status(addr: std::net::SocketAddr, key: Option<&str>) -> u16 {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    upgrade(addr, "127.0.0.1".parse().unwrap(), key).await.0
+}
+
+/// An upgrade request from `from` (a loopback address) with `key`: the status it is answered
+/// with, and the stream, to keep the connection open.
+async fn upgrade(
+    addr: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    key: Option<&str>,
+) -> (u16, TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+    let mut tcp = socket.connect(addr).await.unwrap();
     let key = key
         .map(|k| format!("Sec-WebSocket-Key: {k}\r\n"))
         .unwrap_or_default();
@@ -21,10 +33,12 @@ async fn upgrade_status(addr: std::net::SocketAddr, key: Option<&str>) -> u16 {
     let mut head = vec![0u8; 1024];
     let n = tcp.read(&mut head).await.unwrap();
     let head = String::from_utf8_lossy(&head[..n]);
-    head.split(' ')
+    let status = head
+        .split(' ')
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {head:?}"))
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    (status, tcp)
 }
 
 /// RFC 6455 §4.2.1: the key is the base64 of 16 bytes; anything else is a bad request.
@@ -609,26 +623,9 @@ async fn a_revocation_outlives_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An upgrade from `from` (a loopback address); the status, and the stream to keep it open.
+/// An upgrade from `from` with a good key.
 async fn upgrade_from(addr: std::net::SocketAddr, from: std::net::IpAddr) -> (u16, TcpStream) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
-    let mut tcp = socket.connect(addr).await.unwrap();
-    let request = format!(
-        "GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut head = vec![0u8; 1024];
-    let n = tcp.read(&mut head).await.unwrap();
-    let head = String::from_utf8_lossy(&head[..n]);
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {head:?}"));
-    (status, tcp)
+    upgrade(addr, from, Some("dGhlIHNhbXBsZSBub25jZQ==")).await
 }
 
 /// `--max-connections` and `--max-connections-per-ip` refuse upgrades past them with 503,

@@ -766,9 +766,11 @@ impl<W: Send + 'static> Connection<W> {
                 "the token was revoked: join with a token minted since",
             );
         }
+        // The signer caps lifetimes at years; the cap here only keeps the sum in range.
         let left = (claims.expires_at() - chrono::Utc::now())
             .to_std()
-            .unwrap_or(Duration::ZERO);
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(100 * 365 * 24 * 3600));
         let expires_at = Instant::now() + left;
         let joined = Joined {
             join_ref: frame.join_ref.clone(),
