@@ -84,13 +84,20 @@ fn is_msgpack(content_type: Option<&str>) -> bool {
     })
 }
 
+/// The nesting serde_json allows (its recursion limit, counted the same way).
+const JSON_MAX_DEPTH: usize = 128;
+
 /// A broker message as a zone command, or why it cannot be one.
 pub fn decode_command(delivery: &Delivery<'_>) -> Result<ZoneCommand, Failure> {
     if is_msgpack(delivery.content_type) {
-        let wire: Wire<Value> = rmp_serde::from_slice(delivery.payload).map_err(|e| match e {
-            rmp_serde::decode::Error::Syntax(_) | rmp_serde::decode::Error::Uncategorized(_) => {
-                invalid(e)
-            }
+        // Held to JSON's nesting limit: the command's events are logged as JSON, and an event
+        // nested deeper than serde_json reads back would stop its zone from loading.
+        let mut decoder = rmp_serde::Deserializer::from_read_ref(delivery.payload);
+        decoder.set_max_depth(JSON_MAX_DEPTH);
+        let wire = Wire::<Value>::deserialize(&mut decoder).map_err(|e| match e {
+            rmp_serde::decode::Error::Syntax(_)
+            | rmp_serde::decode::Error::Uncategorized(_)
+            | rmp_serde::decode::Error::DepthLimitExceeded => invalid(e),
             e => Failure::permanent(format!("not_msgpack: {e}")),
         })?;
         command(wire, delivery)

@@ -1,0 +1,53 @@
+//! The pipeline-file parser, `daemon::config::PipelineFile::parse`, on any text. It never
+//! panics; a refusal names the file; a file it accepts yields the configurations `serve` builds
+//! from it (processors, batchers, retry policies and their first delays, zone history, broker
+//! sources) without panicking, and written back as TOML it parses to the same file.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use thunderline::daemon::config::{PipelineFile, PipelineFileError, RetrySection};
+
+/// What a stage computes from a retry section (f32 and f64 arithmetic on the file's numbers).
+fn retry(section: &RetrySection) {
+    let policy = section.policy();
+    for n in [0, 1, 2, 30, u32::MAX] {
+        let _ = (policy.cap(n), policy.delay(n));
+    }
+    for _ in policy.delays().take(8) {}
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = Path::new("fuzz.toml");
+    let file = match PipelineFile::parse(text, path) {
+        Ok(file) => file,
+        Err(PipelineFileError::Invalid { path: named, .. }) => {
+            assert_eq!(named, path);
+            return;
+        }
+        Err(e) => panic!("parsing read a file: {e}"),
+    };
+    let _ = file.processors.config();
+    retry(&file.processors.retry);
+    for (name, batcher) in [
+        ("broadcast", &file.batchers.broadcast),
+        ("audit", &file.batchers.audit),
+    ] {
+        let _ = batcher.config(name);
+        retry(&batcher.retry);
+    }
+    let _ = file.zones.history();
+    let _ = file.zones.broadcast_limit();
+    if let Some(nats) = &file.sources.nats {
+        let _ = (nats.ack_wait(), nats.idle_heartbeat());
+        retry(&nats.retry);
+    }
+    let written = toml::to_string(&file).expect("a pipeline file serialises");
+    let again = PipelineFile::parse(&written, path)
+        .unwrap_or_else(|e| panic!("written back, it is refused: {e}\n{written}"));
+    assert_eq!(again, file, "{written}");
+});
