@@ -113,6 +113,24 @@ async fn a_token_ttl_above_the_maximum_is_refused() {
     );
 }
 
+/// A new connection with `agent` joined to `topic` with `token`.
+async fn joined(
+    srv: &common::server::TestServer,
+    topic: &str,
+    agent: &str,
+    token: &str,
+) -> common::server::Client {
+    let mut client = common::server::Client::connect(&srv.ws_url()).await;
+    let (_, reply) = client
+        .join(
+            topic,
+            serde_json::json!({"agent_id": agent, "token": token}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    client
+}
+
 /// One agent may hold at most `--max-sessions-per-agent` sessions (default 4) in a zone: one
 /// agent's token alone cannot fill it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,13 +146,8 @@ async fn an_agent_past_its_session_cap_is_refused_too_many_sessions() {
         .token("a", &zone, serde_json::json!(["spawn_agents"]))
         .await;
     let mut held = Vec::new();
-    for n in 0..4 {
-        let mut c = Client::connect(&srv.ws_url()).await;
-        let (_, reply) = c
-            .join(&topic, serde_json::json!({"agent_id": "a", "token": token}))
-            .await;
-        assert_eq!(reply["status"], "ok", "session {n}: {reply}");
-        held.push(c);
+    for _ in 0..4 {
+        held.push(joined(&srv, &topic, "a", &token).await);
     }
     let mut fifth = Client::connect(&srv.ws_url()).await;
     let (_, reply) = fifth
@@ -396,7 +409,6 @@ async fn frame_within(
 async fn observed_zone(
     srv: &common::server::TestServer,
 ) -> (String, String, common::server::Client) {
-    use common::server::Client;
     let zone = srv
         .zone(serde_json::json!({"name": "guarded", "capacity": 100, "permissions": 3}))
         .await;
@@ -405,11 +417,7 @@ async fn observed_zone(
     let token = srv
         .token("b", &zone, serde_json::json!(["spawn_agents"]))
         .await;
-    let mut observer = Client::connect(&srv.ws_url()).await;
-    let (_, reply) = observer
-        .join(&topic, serde_json::json!({"agent_id": "b", "token": token}))
-        .await;
-    assert_eq!(reply["status"], "ok", "{reply}");
+    let observer = joined(srv, &topic, "b", &token).await;
     (zone, topic, observer)
 }
 
@@ -484,7 +492,6 @@ async fn a_session_whose_token_expires_is_closed_and_its_agent_leaves() {
 /// afterwards are untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_an_agents_tokens_ends_its_sessions_and_refuses_the_old_tokens() {
-    use common::server::Client;
     let srv = start(None).await;
     let (zone, topic, mut observer) = observed_zone(&srv).await;
     let token = srv
@@ -492,12 +499,7 @@ async fn revoking_an_agents_tokens_ends_its_sessions_and_refuses_the_old_tokens(
         .await;
     let mut sessions = Vec::new();
     for _ in 0..2 {
-        let mut a = Client::connect(&srv.ws_url()).await;
-        let (_, reply) = a
-            .join(&topic, serde_json::json!({"agent_id": "a", "token": token}))
-            .await;
-        assert_eq!(reply["status"], "ok", "{reply}");
-        sessions.push(a);
+        sessions.push(joined(&srv, &topic, "a", &token).await);
     }
     // Bad requests change nothing.
     for (body, want) in [

@@ -790,21 +790,7 @@ impl<W: Send + 'static> Connection<W> {
         };
         if let Some(old) = previous {
             // A duplicate join closes the old channel first.
-            self.peer.send_text(protocol::encode(
-                old.join_ref.as_deref(),
-                old.join_ref.as_deref(),
-                &frame.topic,
-                "phx_close",
-                &json!({}),
-            ));
-            self.submit(
-                zone,
-                CommandKind::Leave,
-                Asked::Leave { reply: false },
-                &old,
-                None,
-                None,
-            );
+            self.close_channel(zone, &old, json!({}));
         }
         if too_many {
             return self.refuse_join(
@@ -912,22 +898,28 @@ impl<W: Send + 'static> Connection<W> {
                 .sessions_ended
                 .with_label_values(&[reason])
                 .inc();
-            self.peer.send_text(protocol::encode(
-                joined.join_ref.as_deref(),
-                joined.join_ref.as_deref(),
-                &topic_name(zone),
-                "phx_close",
-                &json!({"reason": reason}),
-            ));
-            self.submit(
-                zone,
-                CommandKind::Leave,
-                Asked::Leave { reply: false },
-                &joined,
-                None,
-                None,
-            );
+            self.close_channel(zone, &joined, json!({"reason": reason}));
         }
+    }
+
+    /// Tells the client its channel on `zone` is closed (`phx_close` with `payload`), and ends
+    /// its session as a leave would.
+    fn close_channel(&mut self, zone: Uuid, joined: &Joined, payload: Value) {
+        self.peer.send_text(protocol::encode(
+            joined.join_ref.as_deref(),
+            joined.join_ref.as_deref(),
+            &topic_name(zone),
+            "phx_close",
+            &payload,
+        ));
+        self.submit(
+            zone,
+            CommandKind::Leave,
+            Asked::Leave { reply: false },
+            joined,
+            None,
+            None,
+        );
     }
 
     /// The pipeline message for a command on one of this connection's channels, and where its
