@@ -709,21 +709,28 @@ async fn revoke_tokens(
 ) -> Result<Json<Value>, ApiError> {
     let zone = zone_id(&req.zone_id)?;
     check_agent_id(&req.agent_id)?;
-    let store = state.zones.registry.store();
-    if state.zones.registry.live(zone).is_none() {
-        store.get_zone(zone).await?;
-    }
     let revocation = Revocation {
         agent_id: req.agent_id,
         zone_id: zone,
         before_us: chrono::Utc::now().timestamp_micros(),
     };
-    store
-        .revoke_tokens(&revocation.agent_id, zone, revocation.before_us)
-        .await?;
     let revoked_at = chrono::DateTime::from_timestamp_micros(revocation.before_us);
     let agent_id = revocation.agent_id.clone();
-    state.sockets.revocations.revoke(revocation);
+    // Recorded and put in force together, even if the client goes away meanwhile (which
+    // drops this handler): a revocation on disk must never wait for a restart to apply.
+    let store = state.zones.registry.store().clone();
+    let revocations = state.sockets.revocations.clone();
+    tokio::spawn(async move {
+        // From the store, not memory: a zone being deleted may still be live.
+        store.get_zone(zone).await?;
+        store
+            .revoke_tokens(&revocation.agent_id, zone, revocation.before_us)
+            .await?;
+        revocations.revoke(revocation);
+        Ok::<_, StoreError>(())
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     Ok(Json(json!({
         "agent_id": agent_id,
         "zone_id": zone,

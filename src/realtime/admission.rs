@@ -2,6 +2,10 @@
 //! the upgrade so that a refused client costs one HTTP response (`503`), not a socket task.
 //!
 //! A [`Slot`] is held for as long as its connection is open; dropping it frees the place.
+//!
+//! "One address" is an IPv4 address, or an IPv6 /64: a single IPv6 host usually holds a whole
+//! /64 and could otherwise pick a new address for every connection. Behind a reverse proxy
+//! every client has the proxy's address; leave the per-address cap off there.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -58,6 +62,7 @@ impl Admission {
 
     /// A place for a connection from `address`, or why there is none.
     pub fn admit(&self, address: IpAddr) -> Result<Slot, Full> {
+        let address = counted_as(address);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let full = if open.total >= self.max_total {
             Some(Full::Total(self.max_total))
@@ -76,6 +81,20 @@ impl Admission {
             open: self.open.clone(),
             address,
         })
+    }
+}
+
+/// The address a connection counts against: IPv4 (also when mapped into IPv6) as it is, IPv6
+/// by its /64.
+fn counted_as(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
     }
 }
 
@@ -125,6 +144,13 @@ mod tests {
             1
         );
         assert_eq!(counted.with_label_values(&["max_connections"]).get(), 1);
+        // One IPv6 /64 is one address; an IPv4-mapped address is its IPv4 one.
+        let v6 = Admission::new(10, Some(1), refused());
+        let _held = v6.admit("2001:db8::1".parse().unwrap()).unwrap();
+        assert!(v6.admit("2001:db8::ffff:2".parse().unwrap()).is_err());
+        let _other = v6.admit("2001:db8:0:1::1".parse().unwrap()).unwrap();
+        let _v4 = v6.admit(a).unwrap();
+        assert!(v6.admit("::ffff:10.0.0.1".parse().unwrap()).is_err());
         let unlimited = Admission::new(10, None, refused());
         let slots: Vec<Slot> = (0..10).map(|_| unlimited.admit(a).unwrap()).collect();
         assert!(unlimited.admit(b).is_err());

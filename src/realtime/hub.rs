@@ -159,6 +159,10 @@ impl Peer {
     }
 
     pub(crate) fn queue(&self, out: Outbound) -> bool {
+        // A connection whose writer is gone is not a slow consumer, whatever it left queued.
+        if self.out.tx.is_closed() {
+            return false;
+        }
         let (n, size) = (out.frames(), out.bytes());
         let queued = &self.out.queued;
         let backlog = queued.frames.fetch_add(n, Ordering::Relaxed) + n;
@@ -283,7 +287,8 @@ pub(crate) struct Connection {
 /// The open connections, and each zone's subscribers and presence.
 pub struct Hub {
     connections: RwLock<HashMap<ConnId, Connection>>,
-    /// Changed only by the topic sink, in each zone's seq order.
+    /// Changed by the topic sink, in each zone's seq order (and, for a session the server ends,
+    /// by [`unsubscribe_now`](Self::unsubscribe_now)).
     pub(crate) topics: Mutex<HashMap<Uuid, ZoneTopic>>,
     pub metrics: HubMetrics,
 }
@@ -329,6 +334,16 @@ impl Hub {
             .unwrap_or_else(|e| e.into_inner())
             .get(conn)
             .cloned()
+    }
+
+    /// Stops `conn`'s subscription to `zone` ahead of the topic sink, for a session the server
+    /// ended: its leave, when the sink reaches it, unsubscribes again (harmlessly) and updates
+    /// presence in the zone's order as usual.
+    pub fn unsubscribe_now(&self, zone: Uuid, conn: &str) {
+        let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(topic) = topics.get_mut(&zone) {
+            topic.unsubscribe(self, conn);
+        }
     }
 
     /// Sends the same frames, in order, to every subscriber: one queue item each.

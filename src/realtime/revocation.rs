@@ -1,6 +1,10 @@
 //! Token revocation: which agents' tokens for which zones no longer open sessions, and a signal
 //! that tells every connection to end the sessions such tokens opened.
 //!
+//! The signal is a generation count that connections watch (sharded, as the shutdown signal
+//! is), not a queue of revocations: it costs a connection next to nothing per frame, and a
+//! connection that wakes checks each of its channels against the revocations in force.
+//!
 //! A revocation covers the tokens minted before it ([`Claims::minted_us`]); a token minted
 //! after it works as usual. Persisting revocations is the daemon's business: it loads them at
 //! start and records each before it is announced here.
@@ -8,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::token::Claims;
@@ -25,7 +29,7 @@ pub struct Revocation {
 /// The revocations in force, shared by the admin API and every connection.
 pub struct Revocations {
     cutoffs: RwLock<HashMap<(String, Uuid), i64>>,
-    announce: broadcast::Sender<Revocation>,
+    generation: watch::Sender<u64>,
 }
 
 impl Default for Revocations {
@@ -43,8 +47,7 @@ impl Revocations {
             .collect();
         Self {
             cutoffs: RwLock::new(cutoffs),
-            // Revocations are rare; a connection that falls behind rechecks all its channels.
-            announce: broadcast::channel(64).0,
+            generation: watch::channel(0).0,
         }
     }
 
@@ -58,7 +61,7 @@ impl Revocations {
                 .or_insert(i64::MIN);
             *cutoff = (*cutoff).max(revocation.before_us);
         }
-        let _ = self.announce.send(revocation);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Whether a token with `claims` was revoked.
@@ -76,9 +79,10 @@ impl Revocations {
                 .is_some_and(|&before| minted_us < before)
     }
 
-    /// Revocations from now on, for a connection to end the sessions they cover.
-    pub fn subscribe(&self) -> broadcast::Receiver<Revocation> {
-        self.announce.subscribe()
+    /// Changes whenever a revocation is put in force: a connection then ends the sessions of
+    /// its channels that [`revoked_for`](Self::revoked_for) covers.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 }
 
@@ -90,7 +94,7 @@ mod tests {
     fn a_revocation_covers_the_tokens_minted_before_it_only() {
         let zone = Uuid::now_v7();
         let revocations = Revocations::default();
-        let mut told = revocations.subscribe();
+        let told = revocations.subscribe();
         assert!(!revocations.revoked_for("a", zone, 5));
         revocations.revoke(Revocation {
             agent_id: "a".into(),
@@ -104,7 +108,7 @@ mod tests {
             !revocations.revoked_for("a", Uuid::now_v7(), 9),
             "another zone"
         );
-        assert_eq!(told.try_recv().unwrap().before_us, 10);
+        assert!(told.has_changed().unwrap(), "connections are told");
         // An older revocation arriving late does not shorten the newer one.
         revocations.revoke(Revocation {
             agent_id: "a".into(),

@@ -25,7 +25,7 @@ use futures_util::{SinkExt, StreamExt};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -361,6 +361,10 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
     let mut killed = kill.subscribe();
     let mut revoked = ctx.revocations.subscribe();
     let mut listening = true;
+    // One timer for the soonest token expiry, moved only when that changes.
+    let expiry = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(expiry);
+    let mut armed: Option<Instant> = None;
     let mut shutdown = ctx.shutdown.clone();
     // Whether the server started the closing handshake (and should wait for the client's half).
     let mut closing = false;
@@ -369,6 +373,12 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
     let idle = tokio::time::sleep(ctx.config.idle_timeout);
     tokio::pin!(idle);
     loop {
+        if conn.expiry != armed {
+            armed = conn.expiry;
+            if let Some(at) = armed {
+                expiry.as_mut().reset(at);
+            }
+        }
         let deadline = conn.waiting.iter().filter_map(|w| w.deadline).min();
         // The wait for room is kept across frames: a new wait would queue behind every other
         // connection's, and a connection that keeps sending would never get its turn.
@@ -410,27 +420,22 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
                 closing = true;
                 break;
             }
-            () = tokio::time::sleep_until(conn.expiry.unwrap_or_else(Instant::now)), if conn.expiry.is_some() => {
+            () = &mut expiry, if conn.expiry.is_some() => {
                 let now = Instant::now();
                 conn.end_sessions(|_, joined| joined.expires_at <= now, TOKEN_EXPIRED);
             }
-            revocation = revoked.recv(), if listening => {
-                let revocations = ctx.revocations.clone();
-                match revocation {
-                    Ok(r) => conn.end_sessions(
-                        |zone, joined| zone == r.zone_id
-                            && joined.agent_id == r.agent_id
-                            && joined.minted_us < r.before_us,
-                        TOKEN_REVOKED,
-                    ),
-                    // Missed some: check every channel against all of them.
-                    Err(broadcast::error::RecvError::Lagged(_)) => conn.end_sessions(
-                        |zone, joined| revocations.revoked_for(&joined.agent_id, zone, joined.minted_us),
-                        TOKEN_REVOKED,
-                    ),
+            changed = revoked.changed(), if listening => {
+                match changed {
+                    Ok(()) => {
+                        let revocations = &ctx.revocations;
+                        conn.end_sessions(
+                            |zone, joined| revocations.revoked_for(&joined.agent_id, zone, joined.minted_us),
+                            TOKEN_REVOKED,
+                        );
+                    }
                     // Cannot happen (the sender lives in the context this connection holds);
                     // if it did, there would be nothing more to hear.
-                    Err(broadcast::error::RecvError::Closed) => listening = false,
+                    Err(_) => listening = false,
                 }
             }
             next = stream.next() => {
@@ -898,6 +903,14 @@ impl<W: Send + 'static> Connection<W> {
                 .sessions_ended
                 .with_label_values(&[reason])
                 .inc();
+            // What it sent that still waits for room is not applied under the ended token, and
+            // the zone's broadcasts stop now rather than when the leave reaches the topic sink.
+            self.refuse_waiting(
+                |w| w.reply.zone == zone && !matches!(w.reply.asked, Asked::Leave { .. }),
+                reason,
+                "the channel was closed: its token expired or was revoked",
+            );
+            self.ctx.hub.unsubscribe_now(zone, &self.peer.id);
             self.close_channel(zone, &joined, json!({"reason": reason}));
         }
     }
