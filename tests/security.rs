@@ -113,6 +113,16 @@ async fn a_token_ttl_above_the_maximum_is_refused() {
     );
 }
 
+/// A zone for 100 agents that may spawn and move: (zone id, topic).
+async fn zone_for_100(srv: &common::server::TestServer) -> (String, String) {
+    let zone = srv
+        .zone(serde_json::json!({"name": "guarded", "capacity": 100, "permissions": 3}))
+        .await;
+    let zone = zone["id"].as_str().unwrap().to_owned();
+    let topic = format!("zone:{zone}");
+    (zone, topic)
+}
+
 /// A new connection with `agent` joined to `topic` with `token`.
 async fn joined(
     srv: &common::server::TestServer,
@@ -137,11 +147,7 @@ async fn joined(
 async fn an_agent_past_its_session_cap_is_refused_too_many_sessions() {
     use common::server::Client;
     let srv = start(None).await;
-    let zone = srv
-        .zone(serde_json::json!({"name": "cap", "capacity": 100, "permissions": 3}))
-        .await;
-    let zone = zone["id"].as_str().unwrap().to_owned();
-    let topic = format!("zone:{zone}");
+    let (zone, topic) = zone_for_100(&srv).await;
     let token = srv
         .token("a", &zone, serde_json::json!(["spawn_agents"]))
         .await;
@@ -409,11 +415,7 @@ async fn frame_within(
 async fn observed_zone(
     srv: &common::server::TestServer,
 ) -> (String, String, common::server::Client) {
-    let zone = srv
-        .zone(serde_json::json!({"name": "guarded", "capacity": 100, "permissions": 3}))
-        .await;
-    let zone = zone["id"].as_str().unwrap().to_owned();
-    let topic = format!("zone:{zone}");
+    let (zone, topic) = zone_for_100(srv).await;
     let token = srv
         .token("b", &zone, serde_json::json!(["spawn_agents"]))
         .await;
