@@ -95,37 +95,45 @@ struct Backlog {
     bytes: AtomicUsize,
 }
 
+/// A queue item with the weight it was counted at, so that it is taken off the backlog at the
+/// same weight without measuring it again.
+#[derive(Debug)]
+struct Weighed {
+    out: Outbound,
+    frames: usize,
+    bytes: usize,
+}
+
 impl Backlog {
-    fn remove(&self, out: &Outbound) {
-        self.frames.fetch_sub(out.frames(), Ordering::Relaxed);
-        self.bytes.fetch_sub(out.bytes(), Ordering::Relaxed);
+    fn remove(&self, item: Weighed) -> Outbound {
+        self.frames.fetch_sub(item.frames, Ordering::Relaxed);
+        self.bytes.fetch_sub(item.bytes, Ordering::Relaxed);
+        item.out
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct OutboundTx {
-    tx: mpsc::Sender<Outbound>,
+    tx: mpsc::Sender<Weighed>,
     queued: Arc<Backlog>,
     frame_limit: usize,
     byte_limit: usize,
 }
 
 pub struct OutboundRx {
-    rx: mpsc::Receiver<Outbound>,
+    rx: mpsc::Receiver<Weighed>,
     queued: Arc<Backlog>,
 }
 
 impl OutboundRx {
     pub async fn recv(&mut self) -> Option<Outbound> {
-        let out = self.rx.recv().await?;
-        self.queued.remove(&out);
-        Some(out)
+        let item = self.rx.recv().await?;
+        Some(self.queued.remove(item))
     }
 
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        let out = self.rx.try_recv().ok()?;
-        self.queued.remove(&out);
-        Some(out)
+        let item = self.rx.try_recv().ok()?;
+        Some(self.queued.remove(item))
     }
 }
 
@@ -159,17 +167,28 @@ impl Peer {
     }
 
     pub(crate) fn queue(&self, out: Outbound) -> bool {
+        let bytes = out.bytes();
+        self.queue_weighing(out, bytes)
+    }
+
+    /// As [`queue`](Self::queue), for an item already known to weigh `size` bytes (a broadcast
+    /// batch is measured once for all its subscribers).
+    fn queue_weighing(&self, out: Outbound, size: usize) -> bool {
         // A connection whose writer is gone is not a slow consumer, whatever it left queued.
         if self.out.tx.is_closed() {
             return false;
         }
-        let (n, size) = (out.frames(), out.bytes());
+        let n = out.frames();
         let queued = &self.out.queued;
         let backlog = queued.frames.fetch_add(n, Ordering::Relaxed) + n;
         let bytes_before = queued.bytes.fetch_add(size, Ordering::Relaxed);
         let full = backlog > self.out.frame_limit
             || bytes_before >= self.out.byte_limit
-            || match self.out.tx.try_send(out) {
+            || match self.out.tx.try_send(Weighed {
+                out,
+                frames: n,
+                bytes: size,
+            }) {
                 Ok(()) => return true,
                 Err(mpsc::error::TrySendError::Full(_)) => true,
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -349,8 +368,9 @@ impl Hub {
     /// Sends the same frames, in order, to every subscriber: one queue item each.
     pub(crate) fn fan_out(&self, topic: &ZoneTopic, frames: Arc<[Utf8Bytes]>) {
         let mut sent = 0;
+        let size = frames.iter().map(|f| f.len()).sum();
         for peer in topic.subscribers.values() {
-            if peer.queue(Outbound::Frames(frames.clone())) {
+            if peer.queue_weighing(Outbound::Frames(frames.clone()), size) {
                 sent += 1;
             }
         }
