@@ -92,7 +92,10 @@ impl TokenSigner {
             agent_id: agent_id.to_owned(),
             zone_id,
             perms,
-            exp: now.timestamp() + ttl_secs,
+            // Rounded up to the next whole second, so the token lives at least `ttl_secs`
+            // wherever in the second it is minted (a 1 s token minted at x.999 must not die at
+            // x+1).
+            exp: now.timestamp() + ttl_secs + i64::from(now.timestamp_subsec_nanos() > 0),
             minted_us: now.timestamp_micros(),
         };
         let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialise"));
@@ -169,5 +172,24 @@ mod tests {
         assert_eq!(signer.verify("a.b.c", now), Err(TokenError::Malformed));
         assert!(TokenSigner::new(b"short").is_err());
         assert_eq!(random_secret().len(), 64);
+    }
+
+    #[test]
+    fn a_token_lives_at_least_its_ttl_wherever_in_the_second_it_is_minted() {
+        let signer = TokenSigner::new(&[7u8; 32]).unwrap();
+        let zone = Uuid::now_v7();
+        let second = Utc.timestamp_opt(1_800_000_000, 0).single().unwrap();
+        for ms in [0, 1, 500, 999] {
+            let minted = second + chrono::Duration::milliseconds(ms);
+            let (token, claims) = signer
+                .mint("agent-1", zone, Permissions::SPAWN_AGENTS, 1, minted)
+                .unwrap();
+            let almost = minted + chrono::Duration::milliseconds(999);
+            assert!(signer.verify(&token, almost).is_ok(), "minted at +{ms} ms");
+            assert!(claims.expires_at() >= minted + chrono::Duration::seconds(1));
+            // And no more than a second beyond it.
+            let late = minted + chrono::Duration::seconds(2);
+            assert!(signer.verify(&token, late).is_err(), "minted at +{ms} ms");
+        }
     }
 }
