@@ -111,6 +111,18 @@ async fn a_token_ttl_above_the_maximum_is_refused() {
             .status
             .success()
     );
+    // Durations may carry a unit.
+    assert!(cli(&["--ttl", "24h"]).status.success());
+    assert!(!cli(&["--ttl", "25h"]).status.success());
+    assert!(
+        !cli(&["--ttl", "2h", "--max-token-ttl", "1h"])
+            .status
+            .success()
+    );
+    let refused = cli(&["--ttl", "1 fortnight"]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("is not a duration"), "{said}");
 }
 
 /// A zone for 100 agents that may spawn and move: (zone id, topic).

@@ -65,9 +65,10 @@ pub struct ServeArgs {
     /// Default: the pipeline file's `[zones] history_max`, else 10000.
     #[arg(long, env = "THUNDERLINE_HISTORY_MAX")]
     pub history_max: Option<u64>,
-    /// The longest a join token minted through the admin API may live, in seconds; a longer
-    /// `ttl_seconds` is refused with 422.
-    #[arg(long, env = "THUNDERLINE_MAX_TOKEN_TTL", default_value_t = DEFAULT_MAX_TOKEN_TTL)]
+    /// The longest a join token minted through the admin API may live, in seconds (or 90m,
+    /// 24h, 7d); a longer `ttl_seconds` is refused with 422.
+    #[arg(long, env = "THUNDERLINE_MAX_TOKEN_TTL", default_value_t = DEFAULT_MAX_TOKEN_TTL,
+          value_parser = super::seconds)]
     pub max_token_ttl: u64,
     /// Serve `/metrics` on this address instead of the public one (e.g. 127.0.0.1:9100).
     #[arg(long, env = "THUNDERLINE_METRICS_LISTEN")]

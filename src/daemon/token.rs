@@ -19,11 +19,12 @@ pub struct TokenArgs {
     /// admin_zone).
     #[arg(long, default_value = "spawn_agents")]
     pub perms: String,
-    /// Seconds until it expires.
-    #[arg(long, default_value_t = 3600)]
-    pub ttl: i64,
-    /// The longest it may live, in seconds (as `serve --max-token-ttl`).
-    #[arg(long, env = "THUNDERLINE_MAX_TOKEN_TTL", default_value_t = DEFAULT_MAX_TOKEN_TTL)]
+    /// How long until it expires, in seconds (or 90m, 24h, 7d).
+    #[arg(long, default_value_t = 3600, value_parser = super::seconds)]
+    pub ttl: u64,
+    /// The longest it may live (as `serve --max-token-ttl`).
+    #[arg(long, env = "THUNDERLINE_MAX_TOKEN_TTL", default_value_t = DEFAULT_MAX_TOKEN_TTL,
+          value_parser = super::seconds)]
     pub max_token_ttl: u64,
     #[command(flatten)]
     pub db: DatabaseArgs,
@@ -38,13 +39,13 @@ pub enum MintError {
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error("--ttl {ttl} is above the maximum of {max} seconds (--max-token-ttl)")]
-    TtlTooLong { ttl: i64, max: u64 },
+    TtlTooLong { ttl: u64, max: u64 },
 }
 
 /// The token and when it expires. Uses `THUNDERLINE_SECRET`, or the secret `serve` keeps in the
 /// data directory.
 pub fn mint(args: &TokenArgs) -> Result<(String, DateTime<Utc>), MintError> {
-    if u64::try_from(args.ttl).is_ok_and(|ttl| ttl > args.max_token_ttl) {
+    if args.ttl > args.max_token_ttl {
         return Err(MintError::TtlTooLong {
             ttl: args.ttl,
             max: args.max_token_ttl,
@@ -54,6 +55,12 @@ pub fn mint(args: &TokenArgs) -> Result<(String, DateTime<Utc>), MintError> {
     let perms: Permissions = args.perms.parse()?;
     let secrets = load_secrets(&args.db.data_dir)?;
     let signer = TokenSigner::new(secrets.signing.as_bytes())?;
-    let (token, claims) = signer.mint(&args.agent, zone, perms, args.ttl, Utc::now())?;
+    let (token, claims) = signer.mint(
+        &args.agent,
+        zone,
+        perms,
+        i64::try_from(args.ttl).map_err(|_| TokenError::BadTtl)?,
+        Utc::now(),
+    )?;
     Ok((token, claims.expires_at()))
 }
