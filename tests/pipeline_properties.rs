@@ -148,8 +148,10 @@ fn shape_strategy() -> impl Strategy<Value = Shape> {
                     sink_attempts,
                     partitioned,
                     cpu_bound,
-                    // A bound below batch_size is refused at start (tested elsewhere).
-                    in_flight_bound: in_flight_bound.map(|extra| batch_size + extra),
+                    // A bound below batch_size, or below one permit per producer, is refused at
+                    // start (tested in pipeline_faults.rs), so the tightest bound drawn is the
+                    // larger of the two.
+                    in_flight_bound: in_flight_bound.map(|extra| batch_size.max(producers) + extra),
                     dead_letter_permanent,
                 })
             },
