@@ -520,7 +520,7 @@ async fn a_command_behind_the_snapshot_is_not_applied_again_after_a_restart() {
             .unwrap();
         store.save_snapshots(&[&zone.snapshot()]).await.unwrap();
 
-        let registry = thunderline::daemon::zones::ZoneRegistry::new(store.clone());
+        let registry = thunderline::runtime::ZoneRegistry::new(store.clone());
         let mut loaded = registry.read(zone.id()).await.unwrap().state;
         assert_eq!(loaded.seq(), 2);
         for command in [&first, &later] {

@@ -15,8 +15,8 @@ use uuid::Uuid;
 use super::admin_client::{AdminClient, AdminError};
 use crate::daemon::config::PipelineFile;
 use crate::daemon::server::{ServeArgs, ServeError, Server};
-use crate::daemon::zones::ZoneWork;
 use crate::realtime::TokenSigner;
+use crate::runtime::ZoneWork;
 use crate::zone::{Actor, CommandKind, Permissions, ZoneCommand};
 
 #[derive(Clone, Debug, clap::Args)]

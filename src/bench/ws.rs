@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::admin_client::{AdminClient, AdminError};
 use super::ws_baseline;
-use crate::daemon::zones::Replies;
+use crate::runtime::Replies;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct WsArgs {

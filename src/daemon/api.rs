@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::zones::{AskError, ZoneHandle};
 use crate::realtime::revocation::Revocation;
 use crate::realtime::{Hub, SocketContext, TokenSigner, socket};
+use crate::runtime::{AskError, ZoneHandle};
 use crate::store::{DeadLetter, StoreError};
 use crate::zone::{
     Actor, Answer, CommandKind, NewZone, Outcome, Permissions, Zone, ZoneCommand, ZoneError,
@@ -30,7 +30,7 @@ use crate::zone::{
 };
 
 use super::control::{self, ZonePipeline};
-use super::zones::ZoneWork;
+use crate::runtime::ZoneWork;
 
 #[derive(Clone)]
 pub struct ApiState {

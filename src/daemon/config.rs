@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::zones::{HistoryConfig, Replies};
 use crate::pipeline::{BatcherConfig, Jitter, ProcessorConfig, RetryPolicy};
+use crate::runtime::{HistoryConfig, Replies};
 use crate::sources::jetstream::JetStreamConfig;
 use crate::sources::rabbitmq::RabbitMqConfig;
 use crate::zone::BroadcastLimit;

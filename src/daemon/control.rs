@@ -20,8 +20,8 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use super::api::{ApiError, ApiJson, ApiState};
-use super::zones::ZoneWork;
 use crate::pipeline::{ConfigError, Pipeline, Topology};
+use crate::runtime::ZoneWork;
 
 /// The daemon's zone pipeline, shared by the server (which drains it) and the admin API.
 pub type ZonePipeline = Arc<Pipeline<ZoneWork>>;

@@ -20,8 +20,8 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::config::PipelineFile;
-use super::zones::{ZoneAcker, ZoneWork};
 use crate::pipeline::{Acknowledger, Failure};
+use crate::runtime::{ZoneAcker, ZoneWork};
 use crate::sources::jetstream::{JetStreamConfig, JetStreamError, JetStreamSource, Settled};
 use crate::sources::rabbitmq::{RabbitMqConfig, RabbitMqError, RabbitMqSource};
 use crate::sources::{Delivery, SourceMetrics};

@@ -10,7 +10,6 @@ pub mod ingest;
 pub mod replay;
 pub mod server;
 pub mod token;
-pub mod zones;
 
 use std::path::PathBuf;
 

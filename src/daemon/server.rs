@@ -23,10 +23,6 @@ use super::config::{PipelineFile, PipelineFileError};
 use super::console;
 use super::control::ZonePipeline;
 use super::ingest::{IngestError, Sources, SourcesSettled};
-use super::zones::{
-    Replies, Snapshots, TimerConfig, WriterConfig, ZoneAcker, ZoneHandle, ZoneRegistry, ZoneWork,
-    ZoneWriter, run_timers,
-};
 use crate::pipeline::{
     BatcherName, ConfigError, Message, Pipeline, PipelineMetrics, ShutdownError, in_memory,
 };
@@ -34,6 +30,10 @@ use crate::realtime::revocation::{Revocation, Revocations};
 use crate::realtime::{
     Hub, HubMetrics, SocketConfig, SocketContext, SocketMetrics, TokenSigner, TopicSink,
     random_secret,
+};
+use crate::runtime::{
+    Replies, Snapshots, TimerConfig, WriterConfig, ZoneAcker, ZoneHandle, ZoneRegistry, ZoneWork,
+    ZoneWriter, run_timers,
 };
 use crate::store::{AuditSink, Backend, Store, StoreError};
 use crate::zone::{Actor, CommandKind, ZoneCommand};

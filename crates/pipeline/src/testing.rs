@@ -15,8 +15,8 @@
 //! timeouts and retry delays pass at once.
 //!
 //! ```
-//! use thunderline::pipeline::testing::test_message;
-//! use thunderline::pipeline::*;
+//! use thunderline_pipeline::testing::test_message;
+//! use thunderline_pipeline::*;
 //!
 //! /// Parses a reading; what does not parse never will.
 //! struct Parse;
@@ -165,7 +165,7 @@ impl<T> Outcome<T> {
 /// a batch reaches it in one `ack` call, which [`Outcome::ack_call`] shows.
 ///
 /// ```
-/// # use thunderline::pipeline::{*, testing::Collector};
+/// # use thunderline_pipeline::{*, testing::Collector};
 /// # struct Pass;
 /// # impl Processor<u32> for Pass {
 /// #     async fn handle_message(&self, _: &mut Message<u32>) -> Result<(), Failure> { Ok(()) }
@@ -416,7 +416,7 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::*;
-    use crate::pipeline::{
+    use crate::{
         BatchInfo, BatchSink, BatcherConfig, DeadLetterSink, Pipeline, Processor, ProcessorConfig,
         RetryPolicy, in_memory,
     };

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use thunderline::pipeline::testing::{Discard, Pass};
-use thunderline::pipeline::*;
+use thunderline_pipeline::testing::{Discard, Pass};
+use thunderline_pipeline::*;
 
 #[derive(Default)]
 struct Seen {

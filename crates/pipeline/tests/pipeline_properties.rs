@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use thunderline::pipeline::*;
+use thunderline_pipeline::*;
 
 /// The batchers every test pipeline has, and each one's bit in `Item::fail_sink_in`.
 const BATCHERS: [(&str, u8); 2] = [("a", 1), ("b", 2)];

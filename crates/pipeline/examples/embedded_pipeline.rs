@@ -6,13 +6,13 @@
 //! dead-lettered (retryable). Run it with `cargo run --example embedded_pipeline`.
 //!
 //! The tests at the bottom push readings through the same pipeline and await how each one
-//! ended, with `thunderline::pipeline::testing`: `cargo test --example embedded_pipeline`.
+//! ended, with `thunderline_pipeline::testing`: `cargo test --example embedded_pipeline`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use thunderline::pipeline::{
+use thunderline_pipeline::{
     Acknowledger, BatchInfo, BatchSink, BatcherConfig, ConfigError, DeadLetterSink, Demand,
     Failure, Jitter, Message, Pipeline, Processor, ProcessorConfig, Produced, Producer,
     RetryPolicy,
@@ -194,8 +194,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 #[cfg(test)]
 mod tests {
-    use thunderline::pipeline::in_memory;
-    use thunderline::pipeline::testing::{test_batch, test_message};
+    use thunderline_pipeline::in_memory;
+    use thunderline_pipeline::testing::{test_batch, test_message};
 
     use super::*;
 

@@ -46,7 +46,7 @@ pub struct Pipeline<T: Send + 'static> {
 /// task, a supervisor. Cheap to clone; it does not keep the pipeline running.
 ///
 /// ```no_run
-/// # use thunderline::pipeline::*;
+/// # use thunderline_pipeline::*;
 /// # async fn run(pipeline: Pipeline<u64>) -> Result<(), ShutdownError> {
 /// // Run until the source ends by itself, or until SIGTERM.
 /// let handle = pipeline.shutdown_handle();

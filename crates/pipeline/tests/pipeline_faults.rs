@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use thunderline::pipeline::testing::{Discard, Pass};
-use thunderline::pipeline::*;
+use thunderline_pipeline::testing::{Discard, Pass};
+use thunderline_pipeline::*;
 use tokio::time::Instant;
 
 /// How a message ended: `Ok(())` or the failure's reason, and when.

@@ -44,7 +44,7 @@
 //! awaits how each one ended, as Broadway's `test_message` and `test_batch` do.
 //!
 //! ```no_run
-//! # use thunderline::pipeline::*;
+//! # use thunderline_pipeline::*;
 //! struct Double;
 //! impl Processor<u64> for Double {
 //!     async fn handle_message(&self, m: &mut Message<u64>) -> Result<(), Failure> {

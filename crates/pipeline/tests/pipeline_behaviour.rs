@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use thunderline::pipeline::testing::{Collector, Outcome, test_batch, test_message};
-use thunderline::pipeline::*;
+use thunderline_pipeline::testing::{Collector, Outcome, test_batch, test_message};
+use thunderline_pipeline::*;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 

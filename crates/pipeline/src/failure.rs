@@ -219,7 +219,7 @@ mod sealed {
 /// Classifies any error as the handler sees fit, for `?`:
 ///
 /// ```
-/// # use thunderline::pipeline::{Failure, FailureExt, Message};
+/// # use thunderline_pipeline::{Failure, FailureExt, Message};
 /// fn unit(m: &Message<Vec<u8>>) -> Result<Unit, Failure> {
 ///     // Not UTF-8 now, never UTF-8: permanent, as `?` alone makes it.
 ///     let text = std::str::from_utf8(&m.data)?;
@@ -265,7 +265,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::pipeline::{Message, Processor};
+    use crate::{Message, Processor};
 
     /// A handler that fails each message with the error its data names, through `?`.
     struct Question;
