@@ -16,10 +16,9 @@ use thunderline::pipeline::{
     BatchInfo, BatchSink, BatcherConfig, BatcherName, Failure, Message, Pipeline, Processor,
     ProcessorConfig, RetryPolicy, in_memory,
 };
-use thunderline::zone::{
-    Actor, CommandKind, Context, NewZone, Permissions, Position, Zone, ZoneCommand, ZoneEvent,
-    ZoneState, now,
-};
+use thunderline::runtime::{Limits, command, now};
+use thunderline::zone::{Actor, CommandKind, NewZone, Permissions, Position, ZoneEvent, ZoneState};
+use uuid::Uuid;
 
 /// Appends each batch to a file and syncs it before saying the batch is done.
 struct JsonLinesFile {
@@ -125,23 +124,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .batcher(BatcherConfig::new("console").batch_size(100), Console)
         .start()?;
 
-    // A zone decides commands; each accepted one returns the events it caused.
-    let mut zone = ZoneState::new(Zone::create(
-        NewZone {
-            name: "Example".into(),
-            ..NewZone::default()
-        },
-        "local",
-        now(),
-    )?);
+    // A zone decides commands; each accepted one returns the events it caused, its creation
+    // first. The runtime's `command` gives each a fresh id, and `Limits::context` the time and
+    // the ids of its events.
+    let mut zone = ZoneState::absent(Uuid::now_v7());
     let agent = |i: u32| Actor::Agent {
         agent_id: format!("agent-{i}"),
         connection: format!("conn-{i}"),
         permissions: Permissions::SPAWN_AGENTS,
     };
-    let mut commands: Vec<ZoneCommand> = (0..3)
-        .map(|i| ZoneCommand::new(zone.id(), agent(i), CommandKind::Join))
-        .collect();
+    let create = CommandKind::CreateZone(Box::new(NewZone {
+        name: "Example".into(),
+        assigned_server: Some("local".into()),
+        ..NewZone::default()
+    }));
+    let mut commands = vec![command(zone.id(), Actor::Admin, create)];
+    commands.extend((0..3).map(|i| command(zone.id(), agent(i), CommandKind::Join)));
     for step in 0..8 {
         let kind = CommandKind::AgentMove {
             position: Position {
@@ -151,15 +149,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
             sent_at: None,
         };
-        commands.push(ZoneCommand::new(zone.id(), agent(0), kind));
+        commands.push(command(zone.id(), agent(0), kind));
     }
-    commands.push(ZoneCommand::new(
-        zone.id(),
-        Actor::System,
-        CommandKind::Tick,
-    ));
+    commands.push(command(zone.id(), Actor::System, CommandKind::Tick));
     for command in &commands {
-        let accepted = zone.execute(command, &Context::at(now())).result?;
+        let accepted = zone
+            .execute(command, &Limits::default().context(now()))
+            .result?;
         for event in accepted.events {
             push.push(Message::new(event)).await?;
         }

@@ -141,7 +141,11 @@ async fn sigterm_mid_stream_loses_no_accepted_event() {
         "{moves} moves audited, {accepted} accepted"
     );
     assert!(moves <= sent);
-    assert_eq!(events.first().unwrap()["type"], "agent_entered");
+    assert_eq!(
+        events[0]["type"], "zone_created",
+        "the log starts with the creation"
+    );
+    assert_eq!(events[1]["type"], "agent_entered");
     assert_eq!(
         events.last().unwrap()["type"],
         "agent_left",
@@ -318,7 +322,10 @@ async fn serve_with_a_config_and_postgres_and_json_logs() {
         .await
         .unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.name()).collect();
-    assert_eq!(kinds, ["agent_entered", "agent_moved", "agent_left"]);
+    assert_eq!(
+        kinds,
+        ["zone_created", "agent_entered", "agent_moved", "agent_left"]
+    );
     store.close().await;
     db.cleanup().await;
     let _ = std::fs::remove_dir_all(&dir);

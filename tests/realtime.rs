@@ -137,10 +137,11 @@ async fn pushes_reply_and_broadcast_to_the_zone_only() {
         json!({"status": "ok", "response": {}})
     );
     let moved = bob.event("agent_moved").await;
-    // Alice's join was seq 1, Bob's 2: every broadcast carries its place in the zone's history.
+    // The zone's creation was seq 1, Alice's join 2, Bob's 3: every broadcast carries its place
+    // in the zone's history.
     assert_eq!(
         moved[4],
-        json!({"agent_id": "alice", "position": {"x": 10.0, "y": 5.0, "z": 0.0}, "seq": 3})
+        json!({"agent_id": "alice", "position": {"x": 10.0, "y": 5.0, "z": 0.0}, "seq": 4})
     );
     assert_eq!(moved[2], json!(topic));
 
@@ -159,7 +160,7 @@ async fn pushes_reply_and_broadcast_to_the_zone_only() {
     let changed = bob.event("resource_changed").await;
     assert_eq!(
         changed[4],
-        json!({"agent_id": "alice", "changes": {"food": -5}, "new_resources": {"food": 95}, "seq": 4})
+        json!({"agent_id": "alice", "changes": {"food": -5}, "new_resources": {"food": 95}, "seq": 5})
     );
 
     // Refusals change nothing and name their reason.
@@ -589,7 +590,8 @@ async fn a_connection_holds_at_most_100_channels_and_metrics_move() {
         "thunderline_channel_subscriptions 100",
         "thunderline_presence_metas 100",
         "thunderline_zone_command_seconds_count{command=\"join\"} 100",
-        "thunderline_pipeline_messages_total{outcome=\"in\",pipeline=\"zones\",stage=\"processor\"} 100",
+        // 101 creations (each through its zone's writer) and 100 joins.
+        "thunderline_pipeline_messages_total{outcome=\"in\",pipeline=\"zones\",stage=\"processor\"} 201",
         "thunderline_channel_slow_consumer_disconnects_total 0",
     ],
     )
@@ -709,7 +711,17 @@ async fn zones_with_agents_tick_through_the_pipeline() {
             None,
         )
         .await;
-    assert_eq!(none, json!([]));
+    let types: Vec<&str> = none
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ["zone_created"],
+        "nothing ticks a zone without agents"
+    );
     srv.stop().await;
 }
 
@@ -1198,7 +1210,7 @@ async fn the_admin_api_lists_agents_with_their_sessions_and_dead_letters() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["zone_id"], json!(id));
-    assert_eq!(body["seq"], 3, "three joins: {body}");
+    assert_eq!(body["seq"], 4, "its creation and three joins: {body}");
     let agents = body["agents"].as_array().unwrap();
     let ids: Vec<&str> = agents
         .iter()
@@ -1239,7 +1251,7 @@ async fn the_admin_api_lists_agents_with_their_sessions_and_dead_letters() {
         .api("GET", &format!("/api/zones/{id}/agents"), None)
         .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["seq"], 4, "and the leave: {body}");
+    assert_eq!(body["seq"], 5, "and the leave: {body}");
     let agents = body["agents"].as_array().unwrap();
     let ids: Vec<&str> = agents
         .iter()

@@ -41,7 +41,7 @@ fn spec(name: &str) -> NewZone {
         permissions: Some(Permissions::SPAWN_AGENTS | Permissions::MODIFY_ZONE),
         resources,
         properties: Some(json!({"biome": "forest", "weather": {"rain": true}})),
-        assigned_server: None,
+        assigned_server: Some("node-a".into()),
     }
 }
 
@@ -55,9 +55,8 @@ fn agent(name: &str) -> Actor {
 
 /// Applies a command as a zone's writer does; the events it caused (none if refused).
 fn step(state: &mut ZoneState, actor: Actor, kind: CommandKind) -> Vec<ZoneEvent> {
-    let command = ZoneCommand::new(state.id(), actor, kind);
-    state
-        .execute(&command, &Context::at(now()))
+    let command = thunderline::runtime::command(state.id(), actor, kind);
+    common::zones::execute(state, &command)
         .result
         .map(|a| a.events)
         .unwrap_or_default()
@@ -82,7 +81,7 @@ async fn snapshots_survive_a_restart_exactly_as_committed_and_never_go_back() {
                 Backend::Postgres
             }
         );
-        let mut zone = ZoneState::new(Zone::create(spec("Glade"), "node-a", now()).unwrap());
+        let mut zone = common::zones::create(spec("Glade")).0;
         store.insert_zone(&zone.snapshot()).await.unwrap();
         step(&mut zone, agent("agent-1"), CommandKind::Join);
         step(
@@ -113,7 +112,7 @@ async fn snapshots_survive_a_restart_exactly_as_committed_and_never_go_back() {
         let back = reopened.get_zone(zone.id()).await.unwrap();
         assert_eq!(back, newest, "{}: what was committed comes back", db.name);
         assert_eq!(back.zone.tick, 1);
-        assert_eq!(back.seq, 4);
+        assert_eq!(back.seq, 5, "its creation, then four commands");
         assert_eq!(back.sessions.len(), 1);
         assert_eq!(ZoneState::from_snapshot(back), zone);
         assert_eq!(
@@ -131,8 +130,7 @@ async fn listing_paging_deleting_and_missing_zones() {
         let store = Store::connect(&db.url).await.unwrap();
         let mut ids = Vec::new();
         for i in 0..5 {
-            let zone =
-                ZoneState::new(Zone::create(spec(&format!("z{i}")), "node-a", now()).unwrap());
+            let zone = common::zones::create(spec(&format!("z{i}"))).0;
             store.insert_zone(&zone.snapshot()).await.unwrap();
             ids.push(zone.id());
         }
@@ -157,19 +155,21 @@ async fn listing_paging_deleting_and_missing_zones() {
         assert_eq!(store.count_zones(Some("z")).await.unwrap(), 5);
         assert_eq!(store.count_zones(Some("%")).await.unwrap(), 0);
         assert_eq!(store.count_zones(Some("_")).await.unwrap(), 0);
-        store.delete_zone(ids[0]).await.unwrap();
+        // Deleting is writing a deleted zone's snapshot.
+        let mut deleted = store.get_zone(ids[0]).await.unwrap();
+        deleted.deleted = true;
+        store.save_snapshots(&[&deleted]).await.unwrap();
         let missing = store.get_zone(ids[0]).await.unwrap_err();
         assert!(
             matches!(missing, StoreError::Zone(ZoneError::ZoneNotFound(id)) if id == ids[0]),
             "{}: {missing}",
             db.name
         );
-        assert!(matches!(
-            store.delete_zone(ids[0]).await.unwrap_err(),
-            StoreError::Zone(ZoneError::ZoneNotFound(_))
-        ));
+        // Again (a retried write): nothing more happens.
+        store.save_snapshots(&[&deleted]).await.unwrap();
+        assert_eq!(store.count_zones(None).await.unwrap(), 4);
         // A snapshot of a deleted zone is dropped, not an error.
-        let ghost = ZoneState::new(Zone::create(spec("ghost"), "node-a", now()).unwrap());
+        let ghost = common::zones::create(spec("ghost")).0;
         store.save_snapshots(&[&ghost.snapshot()]).await.unwrap();
         assert_eq!(store.count_zones(None).await.unwrap(), 4);
         store.close().await;
@@ -181,10 +181,11 @@ async fn listing_paging_deleting_and_missing_zones() {
 async fn the_audit_log_is_idempotent_ordered_by_seq_and_filterable() {
     for db in common::backends().await {
         let store = Store::connect(&db.url).await.unwrap();
-        let mut zone = ZoneState::new(Zone::create(spec("Log"), "node-a", now()).unwrap());
-        let mut other = ZoneState::new(Zone::create(spec("Other"), "node-a", now()).unwrap());
-        let mut events = step(&mut zone, agent("a"), CommandKind::Join);
-        for i in 1..30 {
+        let (mut zone, creation) = common::zones::create(spec("Log"));
+        let mut other = common::zones::create(spec("Other")).0;
+        let mut events = vec![creation];
+        events.extend(step(&mut zone, agent("a"), CommandKind::Join));
+        for i in 2..30 {
             events.extend(step(&mut zone, agent("a"), moved(i as f64)));
         }
         let mut noise = step(&mut other, agent("b"), CommandKind::Join);
@@ -232,7 +233,7 @@ async fn the_audit_log_is_idempotent_ordered_by_seq_and_filterable() {
 async fn an_event_refused_as_data_is_dead_lettered_and_its_batch_mates_land() {
     for db in common::backends().await {
         let store = Store::connect(&db.url).await.unwrap();
-        let mut zone = ZoneState::new(Zone::create(spec("Poison"), "node-a", now()).unwrap());
+        let mut zone = common::zones::create(spec("Poison")).0;
         let mut events = step(&mut zone, agent("a"), CommandKind::Join);
         for i in 1..20 {
             events.extend(step(&mut zone, agent("a"), moved(i as f64)));
@@ -330,7 +331,7 @@ fn audit_pipeline(
 async fn replaying_the_log_rebuilds_the_zone_that_was_live() {
     for db in common::backends().await {
         let store = Store::connect(&db.url).await.unwrap();
-        let mut live = ZoneState::new(Zone::create(spec("Replay"), "node-a", now()).unwrap());
+        let mut live = common::zones::create(spec("Replay")).0;
         store.insert_zone(&live.snapshot()).await.unwrap();
         let created = live.clone();
         let acks = Arc::new(Acks::default());
@@ -406,7 +407,7 @@ async fn the_audit_sink_loses_and_duplicates_nothing_while_connections_are_kille
     let mut killer = <sqlx::PgConnection as sqlx::Connection>::connect(&base)
         .await
         .unwrap();
-    let zone = ZoneState::new(Zone::create(spec("Faults"), "node-a", now()).unwrap());
+    let zone = common::zones::create(spec("Faults")).0;
     let acks = Arc::new(Acks::default());
     let (pipeline, push) = audit_pipeline(&store, 20).unwrap();
 
@@ -502,16 +503,16 @@ async fn bad_urls_get_clear_errors() {
 async fn a_command_behind_the_snapshot_is_not_applied_again_after_a_restart() {
     for db in common::backends().await {
         let store = Store::connect(&db.url).await.unwrap();
-        let mut zone = ZoneState::new(Zone::create(spec("Glade"), "node-a", now()).unwrap());
+        let mut zone = common::zones::create(spec("Glade")).0;
         store.insert_zone(&zone.snapshot()).await.unwrap();
         let service = Actor::Service {
             agent_id: Some("npc-1".into()),
         };
-        let first = ZoneCommand::new(zone.id(), service.clone(), moved(1.0));
-        let later = ZoneCommand::new(zone.id(), service.clone(), moved(2.0));
+        let first = thunderline::runtime::command(zone.id(), service.clone(), moved(1.0));
+        let later = thunderline::runtime::command(zone.id(), service.clone(), moved(2.0));
         let mut logged = Vec::new();
         for command in [&first, &later] {
-            let outcome = zone.execute(command, &Context::at(now()));
+            let outcome = common::zones::execute(&mut zone, command);
             logged.extend(outcome.result.unwrap().events);
         }
         store
@@ -522,9 +523,9 @@ async fn a_command_behind_the_snapshot_is_not_applied_again_after_a_restart() {
 
         let registry = thunderline::runtime::ZoneRegistry::new(store.clone());
         let mut loaded = registry.read(zone.id()).await.unwrap().state;
-        assert_eq!(loaded.seq(), 2);
+        assert_eq!(loaded.seq(), 3);
         for command in [&first, &later] {
-            let again = loaded.execute(command, &Context::at(now()));
+            let again = common::zones::execute(&mut loaded, command);
             let accepted = again.result.unwrap();
             assert!(
                 accepted.duplicate && accepted.events.is_empty(),
@@ -533,12 +534,11 @@ async fn a_command_behind_the_snapshot_is_not_applied_again_after_a_restart() {
                 command.id
             );
         }
-        assert_eq!(loaded.seq(), 2);
+        assert_eq!(loaded.seq(), 3);
         // A new command still applies.
-        let fresh = ZoneCommand::new(zone.id(), service, moved(3.0));
+        let fresh = thunderline::runtime::command(zone.id(), service, moved(3.0));
         assert_eq!(
-            loaded
-                .execute(&fresh, &Context::at(now()))
+            common::zones::execute(&mut loaded, &fresh)
                 .result
                 .unwrap()
                 .events
@@ -554,7 +554,7 @@ async fn a_command_behind_the_snapshot_is_not_applied_again_after_a_restart() {
 async fn token_revocations_keep_the_latest_cutoff_and_go_with_their_zone() {
     for db in common::backends().await {
         let store = Store::connect(&db.url).await.unwrap();
-        let zone = ZoneState::new(Zone::create(spec("revoked"), "node-a", now()).unwrap());
+        let zone = common::zones::create(spec("revoked")).0;
         store.insert_zone(&zone.snapshot()).await.unwrap();
         let id = zone.id();
         store.revoke_tokens("a", id, 20).await.unwrap();
@@ -578,7 +578,9 @@ async fn token_revocations_keep_the_latest_cutoff_and_go_with_their_zone() {
         );
         // Unknown zones cannot be revoked for; a deleted zone takes its revocations with it.
         assert!(store.revoke_tokens("a", Uuid::now_v7(), 1).await.is_err());
-        store.delete_zone(id).await.unwrap();
+        let mut deleted = zone.snapshot();
+        deleted.deleted = true;
+        store.save_snapshots(&[&deleted]).await.unwrap();
         assert!(store.token_revocations().await.unwrap().is_empty());
         store.close().await;
         db.cleanup().await;

@@ -26,31 +26,16 @@ fn thunderline(args: &[&str]) -> (bool, String, String) {
 async fn replay_prints_a_zones_events_in_order_as_json_lines() {
     for db in common::backends().await {
         let store = Store::connect(&db.url).await.unwrap();
-        let created = Zone::create(
-            NewZone {
-                name: "Replay".into(),
-                ..NewZone::default()
-            },
-            "n",
-            now(),
-        )
-        .unwrap();
-        let mut zone = ZoneState::new(created);
-        store.insert_zone(&zone.snapshot()).await.unwrap();
+        let (mut zone, creation) =
+            common::zones::stored(&store, common::zones::spec("Replay")).await;
         let actor = Actor::Agent {
             agent_id: "a".into(),
             connection: "c".into(),
             permissions: Permissions::SPAWN_AGENTS,
         };
-        let run = |zone: &mut ZoneState, kind| {
-            let command = ZoneCommand::new(zone.id(), actor.clone(), kind);
-            zone.execute(&command, &Context::at(now()))
-                .result
-                .unwrap()
-                .events
-        };
+        let run = |zone: &mut ZoneState, kind| common::zones::run(zone, &actor, kind);
         let mut events = run(&mut zone, CommandKind::Join);
-        for i in 1..2500 {
+        for i in 2..2500 {
             events.extend(run(
                 &mut zone,
                 CommandKind::AgentMove {
@@ -65,6 +50,8 @@ async fn replay_prints_a_zones_events_in_order_as_json_lines() {
         }
         let refs: Vec<&ZoneEvent> = events.iter().collect();
         store.append_events(&refs).await.unwrap();
+        // The log starts with the zone's creation.
+        events.insert(0, creation);
         store.close().await;
 
         let (ok, stdout, stderr) = thunderline(&[

@@ -1,30 +1,19 @@
 //! A zone's life in memory and across restarts: an idle zone leaves memory once its snapshot
 //! is written and comes back exactly as it was (same seq, same epoch); after a crash, the
 //! sessions the store still holds are ended (audited `agent_left`) before anyone sees them, and
-//! the history goes on where it stopped.
+//! the history goes on where it stopped. Its log holds its whole life: `zone_created` at seq 1,
+//! `zone_deleted` last, and the log alone rebuilds it.
 
 mod common;
 
 use std::num::NonZeroU64;
-use std::time::Duration;
 
-use common::binary;
 use common::server::{Client, http, start_with};
+use common::{binary, eventually};
 use serde_json::{Value, json};
 use thunderline::daemon::config::PipelineFile;
-use tokio::time::Instant;
-
-/// Polls `check` every 20 ms for up to `secs`.
-async fn eventually(secs: u64, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
+use thunderline::store::StoreError;
+use thunderline::zone::{EventKind, ZoneError, ZoneEvent, ZoneState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_zone_leaves_memory_once_written_and_comes_back_the_same() {
@@ -45,8 +34,8 @@ async fn an_idle_zone_leaves_memory_once_written_and_comes_back_the_same() {
     assert_eq!(reply["status"], "ok");
     let epoch = reply["response"]["epoch"].as_str().unwrap().to_owned();
     assert_eq!(
-        reply["response"]["seq"], 1,
-        "the join reply carries the seq it reflects"
+        reply["response"]["seq"], 2,
+        "the join reply carries the seq it reflects (its creation was seq 1)"
     );
     for x in 0..5 {
         let r = c
@@ -73,7 +62,7 @@ async fn an_idle_zone_leaves_memory_once_written_and_comes_back_the_same() {
         .await;
     assert_eq!(c.reply_to(&r).await["status"], "ok");
 
-    // Join, five moves, a consume, a leave: seq 8. Once idle for 300 ms the zone goes.
+    // Creation, join, five moves, a consume, a leave: seq 9. Once idle for 300 ms the zone goes.
     let registry = srv.server.zones.registry.clone();
     assert!(registry.live(zone_id).is_some(), "in memory while used");
     assert!(
@@ -82,20 +71,20 @@ async fn an_idle_zone_leaves_memory_once_written_and_comes_back_the_same() {
     );
     let snapshot = registry.store().get_zone(zone_id).await.unwrap();
     assert_eq!(
-        snapshot.seq, 8,
+        snapshot.seq, 9,
         "its latest state was written before it left"
     );
     assert_eq!(snapshot.zone.resources["food"].amount, 43);
     assert!(snapshot.sessions.is_empty());
 
-    // It comes back as it was: the history goes on at seq 9, in the same epoch.
+    // It comes back as it was: the history goes on at seq 10, in the same epoch.
     let token = srv.token("b", &id, json!(3)).await;
     let mut b = Client::connect(&srv.ws_url()).await;
     let (_, reply) = b
         .join(&topic, json!({"agent_id": "b", "token": token}))
         .await;
     assert_eq!(reply["status"], "ok", "{reply}");
-    assert_eq!(reply["response"]["seq"], 9);
+    assert_eq!(reply["response"]["seq"], 10);
     assert_eq!(reply["response"]["epoch"], json!(epoch));
     assert_eq!(reply["response"]["zone"]["resources"]["food"]["amount"], 43);
     srv.stop().await;
@@ -149,7 +138,7 @@ async fn after_a_crash_the_sessions_of_the_dead_run_end_and_the_history_goes_on(
     }
     let (_, before) = http(addr, "GET", &format!("/api/zones/{id}"), None, admin).await;
     assert_eq!(before["active_session_count"], 2);
-    assert_eq!(before["seq"], 4);
+    assert_eq!(before["seq"], 5);
     let epoch = before["epoch"].clone();
     let pid = daemon.child.id().to_string();
     assert!(
@@ -193,13 +182,14 @@ async fn after_a_crash_the_sessions_of_the_dead_run_end_and_the_history_goes_on(
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(
         seqs,
-        (1..=6).collect::<Vec<_>>(),
+        (1..=7).collect::<Vec<_>>(),
         "no gap, no repeat: {events:?}"
     );
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
         [
+            "zone_created",
             "agent_entered",
             "agent_moved",
             "agent_entered",
@@ -208,8 +198,204 @@ async fn after_a_crash_the_sessions_of_the_dead_run_end_and_the_history_goes_on(
             "agent_left"
         ]
     );
-    assert_eq!(after["seq"], 6);
+    assert_eq!(after["seq"], 7);
     let (status, _) = daemon.terminate();
     assert!(status.success());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A zone's creation and deletion are decided by its writer like any change, so its log holds
+/// its whole life: `zone_created` (seq 1, with everything it was created with) first,
+/// `zone_deleted` last, and the log alone rebuilds the zone that was live. Its row goes only
+/// once `zone_deleted` is logged; meanwhile it is gone for every reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zones_log_holds_its_whole_life_from_zone_created_to_zone_deleted() {
+    for db in common::backends().await {
+        let srv = start_with(Some(db.url.clone()), PipelineFile::default()).await;
+        let zone = srv
+            .zone(json!({
+                "name": "Whole", "capacity": 5, "permissions": 7,
+                "resources": {"food": {"amount": 50, "max": 60, "regen": 2}},
+                "properties": {"biome": "reef"}
+            }))
+            .await;
+        let id = zone["id"].as_str().unwrap().to_owned();
+        let zone_id = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(zone["seq"], 1, "{}: created at seq 1: {zone}", db.name);
+        let events = |after: u64| {
+            let srv = &srv;
+            let id = id.clone();
+            async move {
+                let (status, body) = srv
+                    .api(
+                        "GET",
+                        &format!("/api/zones/{id}/events?after_seq={after}&limit=1000"),
+                        None,
+                    )
+                    .await;
+                assert_eq!(status, 200, "{body}");
+                serde_json::from_value::<Vec<ZoneEvent>>(body).unwrap()
+            }
+        };
+        let log = events(0).await;
+        assert_eq!(log.len(), 1, "{}", db.name);
+        assert_eq!((log[0].name(), log[0].seq), ("zone_created", 1));
+        let EventKind::ZoneCreated(created) = &log[0].kind else {
+            unreachable!()
+        };
+        assert_eq!(
+            (
+                created.name.as_str(),
+                created.capacity,
+                created.permissions.bits(),
+                created.resources["food"].max,
+                &created.properties,
+                created.epoch.as_str(),
+                created.assigned_server.as_str(),
+            ),
+            (
+                "Whole",
+                5,
+                7,
+                60,
+                &json!({"biome": "reef"}),
+                zone["epoch"].as_str().unwrap(),
+                zone["assigned_server"].as_str().unwrap(),
+            ),
+            "{}: zone_created carries the zone's initial fields",
+            db.name
+        );
+
+        // A life: an agent comes, moves, consumes; the settings change.
+        let topic = format!("zone:{id}");
+        let token = srv.token("a", &id, json!(7)).await;
+        let mut c = Client::connect(&srv.ws_url()).await;
+        let (join_ref, reply) = c
+            .join(&topic, json!({"agent_id": "a", "token": token}))
+            .await;
+        assert_eq!(reply["status"], "ok", "{reply}");
+        for (event, payload) in [
+            ("agent_move", json!({"position": {"x": 1, "y": 2, "z": 3}})),
+            (
+                "consume_resource",
+                json!({"resource_type": "food", "amount": 4}),
+            ),
+        ] {
+            let r = c.push(Some(&join_ref), &topic, event, payload).await;
+            assert_eq!(c.reply_to(&r).await["status"], "ok");
+        }
+        let (status, patched) = srv
+            .api(
+                "PATCH",
+                &format!("/api/zones/{id}"),
+                Some(json!({"name": "Whole II"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{patched}");
+
+        // The log alone, from seq 1 with no snapshot, rebuilds the live zone.
+        let log = events(0).await;
+        let seqs: Vec<u64> = log.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=log.len() as u64).collect::<Vec<_>>());
+        let rebuilt = ZoneState::replay(zone_id, &log).unwrap();
+        let live = srv.server.zones.registry.live(zone_id).unwrap();
+        assert_eq!(
+            rebuilt,
+            *live.state(),
+            "{}: rebuilt from its log alone",
+            db.name
+        );
+        assert_eq!(rebuilt.zone().name, "Whole II");
+
+        // Deleted: the channel closes, and the log ends with zone_deleted.
+        let (status, _) = srv.api("DELETE", &format!("/api/zones/{id}"), None).await;
+        assert_eq!(status, 204, "{}", db.name);
+        let closed = c.event("phx_close").await;
+        assert_eq!(closed[2], json!(topic));
+        let log = events(0).await;
+        assert_eq!(log.last().unwrap().name(), "zone_deleted", "{}", db.name);
+        assert_eq!(log.first().unwrap().name(), "zone_created");
+        assert!(ZoneState::replay(zone_id, &log).unwrap().is_deleted());
+        // Gone for every reader at once...
+        let (status, body) = srv.api("GET", &format!("/api/zones/{id}"), None).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (404, Some("zone_not_found"))
+        );
+        let (_, list) = srv.api("GET", "/api/zones?limit=500", None).await;
+        assert!(
+            list["zones"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|z| z["id"] != json!(id)),
+            "{list}"
+        );
+        let (status, _) = srv
+            .api(
+                "POST",
+                "/api/tokens",
+                Some(json!({"agent_id": "a", "zone_id": id, "permissions": 1, "ttl_seconds": 60})),
+            )
+            .await;
+        assert_eq!(status, 404);
+        let (status, _) = srv.api("DELETE", &format!("/api/zones/{id}"), None).await;
+        assert_eq!(status, 404, "deleting again");
+        // ...and its row goes once zone_deleted is in the log.
+        let store = srv.server.zones.registry.store().clone();
+        assert!(
+            eventually(10, async || matches!(
+                store.get_zone(zone_id).await,
+                Err(StoreError::Zone(ZoneError::ZoneNotFound(_)))
+            ))
+            .await,
+            "{}: the row was removed",
+            db.name
+        );
+        assert!(
+            eventually(10, async || srv
+                .server
+                .zones
+                .registry
+                .live(zone_id)
+                .is_none())
+            .await
+        );
+        let (status, _) = srv.api("GET", &format!("/api/zones/{id}"), None).await;
+        assert_eq!(status, 404);
+        assert_eq!(events(0).await, log, "the log outlives the zone");
+        srv.stop().await;
+        db.cleanup().await;
+    }
+}
+
+/// A creation the zone rules refuse stores nothing: no row, no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_creation_leaves_nothing_behind() {
+    let srv = start_with(None, PipelineFile::default()).await;
+    let (status, body) = srv
+        .api(
+            "POST",
+            "/api/zones",
+            Some(json!({"name": "x", "capacity": 0})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (422, Some("invalid_zone")),
+        "{body}"
+    );
+    let (status, body) = srv
+        .api(
+            "POST",
+            "/api/zones",
+            Some(json!({"name": "x", "colour": "red"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (_, list) = srv.api("GET", "/api/zones", None).await;
+    assert_eq!(list["total"], 0, "{list}");
+    let store = srv.server.zones.registry.store();
+    assert_eq!(store.count_events(None).await.unwrap(), 0);
+    srv.stop().await;
 }

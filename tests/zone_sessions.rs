@@ -215,6 +215,8 @@ async fn scenario(ops: Vec<Op>) -> Result<(), TestCaseError> {
     for (i, e) in events.iter().enumerate() {
         prop_assert_eq!(e.seq, i as u64 + 1);
         match &e.kind {
+            // Its creation, first.
+            thunderline::zone::EventKind::ZoneCreated(_) => prop_assert_eq!(e.seq, 1),
             thunderline::zone::EventKind::AgentEntered(p) => {
                 prop_assert!(
                     sessions

@@ -13,8 +13,9 @@ use crate::pipeline::{
     Acknowledger, BatcherConfig, ConfigError, Demand, Failure, Message, Pipeline, Processor,
     ProcessorConfig, Produced, Producer, RetryPolicy, ShutdownError,
 };
+use crate::runtime::now;
 use crate::store::{AuditSink, Backend, Db, Store, StoreError};
-use crate::zone::{EventKind, Moved, Position, ZoneEvent, now};
+use crate::zone::{EventKind, Moved, Position, ZoneEvent};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct AuditArgs {
@@ -109,7 +110,13 @@ fn workload(args: &AuditArgs) -> (Vec<Uuid>, Vec<ZoneEvent>) {
             });
             // Each zone's events numbered 1, 2, 3… as its writer would.
             let n = zones.len() as u64;
-            ZoneEvent::new(zones[(i % n) as usize], i / n + 1, kind, now())
+            ZoneEvent::new(
+                uuid::Uuid::now_v7(),
+                zones[(i % n) as usize],
+                i / n + 1,
+                kind,
+                now(),
+            )
         })
         .collect();
     (zones, events)

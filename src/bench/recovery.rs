@@ -17,7 +17,7 @@ use crate::daemon::config::PipelineFile;
 use crate::daemon::server::{ServeArgs, ServeError, Server};
 use crate::realtime::TokenSigner;
 use crate::runtime::ZoneWork;
-use crate::zone::{Actor, CommandKind, Permissions, ZoneCommand};
+use crate::zone::{Actor, CommandKind, Permissions};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct RecoveryArgs {
@@ -257,7 +257,7 @@ async fn one_case(
 
     // The events the rejoiners will have missed: environment ticks, as the timers make them.
     for _ in 0..missed {
-        let tick = ZoneCommand::new(zone, Actor::System, CommandKind::Tick);
+        let tick = crate::runtime::command(zone, Actor::System, CommandKind::Tick);
         if !server.zones.push(ZoneWork::command(tick, None)).await {
             return Err(bench_err("the server stopped taking commands"));
         }

@@ -23,14 +23,14 @@ use uuid::Uuid;
 use crate::realtime::revocation::Revocation;
 use crate::realtime::{Hub, SocketContext, TokenSigner, socket};
 use crate::runtime::{AskError, ZoneHandle};
+use crate::runtime::{ZoneWork, command};
 use crate::store::{DeadLetter, StoreError};
 use crate::zone::{
-    Actor, Answer, CommandKind, NewZone, Outcome, Permissions, Zone, ZoneCommand, ZoneError,
-    ZonePatch, ZoneState, ZoneView, now, parse_zone_id,
+    Actor, Answer, CommandKind, NewZone, Outcome, Permissions, Zone, ZoneError, ZonePatch,
+    ZoneState, ZoneView, parse_zone_id,
 };
 
 use super::control::{self, ZonePipeline};
-use crate::runtime::ZoneWork;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -375,8 +375,10 @@ const ANSWER: std::time::Duration = std::time::Duration::from_secs(30);
 /// Applies an admin command to a zone through its writer; the accepted outcome, or the refusal
 /// as an error.
 async fn ask(state: &ApiState, id: Uuid, kind: CommandKind) -> Result<Outcome, ApiError> {
-    let command = ZoneCommand::new(id, Actor::Admin, kind);
-    let outcome = state.zones.ask(command, ROOM, ANSWER).await?;
+    let outcome = state
+        .zones
+        .ask(command(id, Actor::Admin, kind), ROOM, ANSWER)
+        .await?;
     if let Err(refusal) = &outcome.result {
         return Err(refusal.clone().into());
     }
@@ -397,18 +399,17 @@ fn view(outcome: Outcome) -> Result<ZoneJson, ApiError> {
     }
 }
 
+/// A zone is created by its writer like any change: its `zone_created` is the first event of
+/// its log. The answer comes once the zone and that event are stored.
 async fn create_zone(
     State(state): State<ApiState>,
-    ApiJson(spec): ApiJson<NewZone>,
+    ApiJson(mut spec): ApiJson<NewZone>,
 ) -> Result<(StatusCode, Json<ZoneJson>), ApiError> {
-    let zone = ZoneState::new(Zone::create(spec, &state.server_name, now())?);
-    state
-        .zones
-        .registry
-        .store()
-        .insert_zone(&zone.snapshot())
-        .await?;
-    Ok((StatusCode::CREATED, Json(zone.view().into())))
+    spec.assigned_server
+        .get_or_insert_with(|| state.server_name.clone());
+    let id = uuid::Uuid::now_v7();
+    let zone = view(ask(&state, id, CommandKind::CreateZone(Box::new(spec))).await?)?;
+    Ok((StatusCode::CREATED, Json(zone)))
 }
 
 #[derive(Deserialize)]
@@ -446,11 +447,15 @@ async fn list_zones(
         .list_zones(limit, offset, page.q.as_deref())
         .await?
         .into_iter()
-        // Zones in memory show their live state; the others, their last snapshot.
-        .map(
+        // Zones in memory show their live state; the others, their last snapshot. A zone whose
+        // deletion is decided but whose row is not removed yet is gone already.
+        .filter_map(
             |snapshot| match state.zones.registry.live(snapshot.zone.id) {
-                Some(live) => live.state().view().into(),
-                None => ZoneState::from_snapshot(snapshot).view().into(),
+                Some(live) => {
+                    let live = live.state();
+                    live.exists().then(|| live.view().into())
+                }
+                None => Some(ZoneState::from_snapshot(snapshot).view().into()),
             },
         )
         .collect();
@@ -488,23 +493,10 @@ async fn delete_zone(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = zone_id(&id)?;
-    // The row goes first, so nothing can load the zone again; then its writer ends its sessions
-    // and closes its channels. A retry after a failed second step finds the row gone but the
-    // zone still in memory, and finishes the job.
-    let row = match state.zones.registry.store().delete_zone(id).await {
-        Ok(()) => true,
-        Err(StoreError::Zone(ZoneError::ZoneNotFound(_))) => false,
-        Err(e) => return Err(e.into()),
-    };
-    if !row && state.zones.registry.live(id).is_none() {
-        return Err(ZoneError::ZoneNotFound(id).into());
-    }
-    match ask(&state, id, CommandKind::DeleteZone).await {
-        Ok(_) => Ok(StatusCode::NO_CONTENT),
-        // It was not in memory: nobody was in it.
-        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(StatusCode::NO_CONTENT),
-        Err(e) => Err(e),
-    }
+    // Its writer decides it (`zone_deleted`: its sessions end, its channels close); the row goes
+    // once that event is in the log.
+    ask(&state, id, CommandKind::DeleteZone).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A permission by name (`"modify_zone"`) or bits (`2`, `"0x02"`).
@@ -674,9 +666,8 @@ async fn mint_token(
             ),
         ));
     }
-    // The zone must exist.
-    if state.zones.registry.live(zone).is_none() {
-        state.zones.registry.store().get_zone(zone).await?;
+    if !state.zones.exists(zone).await? {
+        return Err(ZoneError::ZoneNotFound(zone).into());
     }
     let (token, claims) = state
         .signer
@@ -718,12 +709,15 @@ async fn revoke_tokens(
     let agent_id = revocation.agent_id.clone();
     // Recorded and put in force together, even if the client goes away meanwhile (which
     // drops this handler): a revocation on disk must never wait for a restart to apply.
-    let store = state.zones.registry.store().clone();
+    let zones = state.zones.clone();
     let revocations = state.sockets.revocations.clone();
     tokio::spawn(async move {
-        // From the store, not memory: a zone being deleted may still be live.
-        store.get_zone(zone).await?;
-        store
+        if !zones.exists(zone).await? {
+            return Err(ZoneError::ZoneNotFound(zone).into());
+        }
+        zones
+            .registry
+            .store()
             .revoke_tokens(&revocation.agent_id, zone, revocation.before_us)
             .await?;
         revocations.revoke(revocation);
@@ -767,9 +761,9 @@ async fn zone_events(
     let events = store
         .zone_events(id, since, q.after_seq, Some(limit))
         .await?;
-    if events.is_empty() && state.zones.registry.live(id).is_none() {
+    if events.is_empty() && !state.zones.exists(id).await? {
         // None: say so if the zone does not exist at all.
-        store.get_zone(id).await?;
+        return Err(ZoneError::ZoneNotFound(id).into());
     }
     Ok(Json(events))
 }

@@ -32,11 +32,11 @@ use crate::realtime::{
     random_secret,
 };
 use crate::runtime::{
-    Replies, Snapshots, TimerConfig, WriterConfig, ZoneAcker, ZoneHandle, ZoneRegistry, ZoneWork,
-    ZoneWriter, run_timers,
+    Limits, Replies, Snapshots, TimerConfig, WriterConfig, ZoneAcker, ZoneHandle, ZoneRegistry,
+    ZoneWork, ZoneWriter, command, run_timers,
 };
 use crate::store::{AuditSink, Backend, Store, StoreError};
-use crate::zone::{Actor, CommandKind, ZoneCommand};
+use crate::zone::{Actor, CommandKind};
 
 /// Each connection's kernel send buffer (Linux doubles it for bookkeeping): room for several
 /// hundred broadcast frames, so writes still batch, and a bounded amount of hidden lag.
@@ -379,10 +379,12 @@ impl Server {
             routes,
             WriterConfig {
                 replies: file.replies.after,
-                broadcast_limit: file.zones.broadcast_limit(),
+                limits: Limits {
+                    broadcast_limit: file.zones.broadcast_limit(),
+                    max_sessions_per_agent: Some(args.max_sessions_per_agent),
+                },
                 evict_after,
                 history: file.zones.history(),
-                max_sessions_per_agent: Some(args.max_sessions_per_agent),
             },
             &registry,
         )?;
@@ -420,7 +422,7 @@ impl Server {
         // Sessions the store still holds belong to connections of an earlier run that ended
         // without their leaves (a crash): end them before anyone reads them.
         for id in store.zones_with_sessions().await? {
-            let expire = ZoneCommand::new(id, Actor::System, CommandKind::ExpireSessions);
+            let expire = command(id, Actor::System, CommandKind::ExpireSessions);
             zones.push(ZoneWork::command(expire, None)).await;
         }
 

@@ -12,14 +12,15 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use prometheus::IntCounterVec;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use super::hub::{Peer, topic_name};
 use super::protocol;
 use super::topic::event_frame;
-use crate::zone::{Answer, CommandKind, Outcome, Permissions, Position, ReplyTo};
+use crate::runtime::{Reply, ReplyTo};
+use crate::zone::{Answer, CommandKind, Permissions, Position, ZoneView};
 
 /// Why a client's event could not become a command. Replied with this reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,10 +195,46 @@ impl SocketReply {
     }
 }
 
+/// An accepted command's answer as the client receives it, the `response` of its `phx_reply`:
+/// `{}`, the zone (`{zone, agents, seq, epoch}`, with `recovered` after a join) or
+/// `{"new_resources": …}`.
+struct Response<'a> {
+    answer: &'a Answer,
+    recovered: bool,
+}
+
+impl Serialize for Response<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.answer {
+            Answer::Done => s.serialize_map(Some(0))?.end(),
+            Answer::State(view) => view.serialize(s),
+            Answer::Joined(view) => {
+                #[derive(Serialize)]
+                struct Joined<'a> {
+                    #[serde(flatten)]
+                    view: &'a ZoneView,
+                    recovered: bool,
+                }
+                Joined {
+                    view,
+                    recovered: self.recovered,
+                }
+                .serialize(s)
+            }
+            Answer::Resources(amounts) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("new_resources", amounts)?;
+                m.end()
+            }
+        }
+    }
+}
+
 impl ReplyTo for SocketReply {
-    fn reply(&self, outcome: &Outcome) {
+    fn reply(&self, reply: &Reply) {
         let topic = topic_name(self.zone);
-        match (self.asked, &outcome.result) {
+        match (self.asked, &reply.outcome.result) {
             (Asked::Leave { reply: false }, _) => {}
             (Asked::Leave { reply: true }, _) => {
                 // A leave always succeeds for the client: the channel is closed either way.
@@ -225,14 +262,16 @@ impl ReplyTo for SocketReply {
                     self.msg_ref.as_deref(),
                     &topic,
                     true,
-                    &accepted.answer,
+                    &Response {
+                        answer: &accepted.answer,
+                        recovered: reply.recovered,
+                    },
                 ));
                 // What a rejoin missed follows its reply, before anything newer: the connection
                 // is subscribed only when the topic sink reaches the join's own event.
-                if let Answer::Joined { missed, .. } = &accepted.answer
-                    && !missed.is_empty()
-                {
-                    let frames: Vec<Utf8Bytes> = missed
+                if !reply.missed.is_empty() {
+                    let frames: Vec<Utf8Bytes> = reply
+                        .missed
                         .iter()
                         .map(|e| Utf8Bytes::from(event_frame(e)))
                         .collect();

@@ -38,7 +38,8 @@ use super::protocol::{self, Frame};
 use super::revocation::Revocations;
 use super::token::TokenSigner;
 use crate::pipeline::{Message as PipelineMessage, PushError, PushHandle, PushPermit};
-use crate::zone::{Actor, CommandKind, ReplyTo, Since, ZoneCommand, parse_zone_id};
+use crate::runtime::{ReplyTo, Since, command};
+use crate::zone::{Actor, CommandKind, ZoneCommand, parse_zone_id};
 
 /// Per-connection limits.
 #[derive(Clone, Debug)]
@@ -960,7 +961,7 @@ impl<W: Send + 'static> Connection<W> {
             connection: self.peer.id.to_string(),
             permissions: joined.perms,
         };
-        let command = ZoneCommand::new(zone, actor, kind);
+        let command = command(zone, actor, kind);
         ((self.ctx.envelope)(command, reply.clone(), since), reply)
     }
 

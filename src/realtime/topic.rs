@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::hub::{Hub, ZoneTopic, topic_name};
 use super::protocol;
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
+use crate::runtime::ZoneWork;
 use crate::zone::{EventKind, ZoneEvent};
 
 /// A pipeline message that may carry zone events to broadcast.
@@ -29,6 +30,13 @@ pub trait Broadcasts: Send + Sync + 'static {
 impl Broadcasts for ZoneEvent {
     fn broadcasts(&self) -> &[ZoneEvent] {
         std::slice::from_ref(self)
+    }
+}
+
+/// The zone pipeline's messages carry the events their command caused.
+impl Broadcasts for ZoneWork {
+    fn broadcasts(&self) -> &[ZoneEvent] {
+        &self.events
     }
 }
 

@@ -1,7 +1,9 @@
 //! The zone pipeline's acknowledger: what happens once every sink a message went to has it.
 //!
 //! A durable reply is sent (its events are in the audit log now), the zone learns which of its
-//! events are logged, a snapshot is queued for writing once every event it reflects is logged,
+//! events are logged, a snapshot is queued for writing once every event it reflects is logged
+//! (a deleted zone's snapshot removes its row, so the row goes only after `zone_deleted` is in
+//! the log),
 //! and a message that failed before its zone could answer (the zone could not be loaded, the
 //! pipeline was shutting down) is answered `unavailable`, so every command gets exactly one
 //! answer.
@@ -43,7 +45,8 @@ impl Acknowledger<ZoneWork> for ZoneAcker {
             if seqs.is_none() && work.snapshot.is_none() {
                 continue;
             }
-            // A zone no longer in memory was evicted (written) or deleted: nothing to write.
+            // A zone no longer in memory was evicted (written) or deleted (its row removed):
+            // nothing to write. A deleted one's snapshot is the removal of its row.
             if let Some(live) = self.registry.live(work.zone_id)
                 && let Some(snapshot) = live.logged(seqs, work.snapshot)
             {
@@ -61,7 +64,7 @@ impl Acknowledger<ZoneWork> for ZoneAcker {
             } else {
                 why
             };
-            reply.reply(&unavailable(command.id, &why));
+            reply.reply(&unavailable(command.id, &why).into());
         }
     }
 }

@@ -12,8 +12,17 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 
-use crate::zone::{Since, ZoneEvent};
+use crate::zone::ZoneEvent;
+
+/// Where a client that joins again left off: the last `seq` it saw, in which `epoch`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Since {
+    pub seq: u64,
+    pub epoch: String,
+}
 
 /// How much history is kept, and how far back a rejoin may reach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +147,7 @@ mod tests {
 
     fn event(seq: u64, at: DateTime<Utc>) -> ZoneEvent {
         ZoneEvent::new(
+            Uuid::from_u128(u128::from(seq)),
             Uuid::nil(),
             seq,
             EventKind::EnvironmentTick(Tick {

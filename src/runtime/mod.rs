@@ -1,4 +1,8 @@
-//! Live zones: where the engine, the zone rules, the store and the sockets meet.
+//! Live zones: the layer between the zone rules and the front doors (sockets, the admin API,
+//! broker ingest). It runs each zone's one writer in the engine, keeps zones in memory, their
+//! history and snapshots, ticks them, and hands the front doors a [`ZoneHandle`] to send
+//! commands through. Every change of a zone (its creation and deletion included) is a command
+//! its writer decides; nobody else writes a zone's state.
 //!
 //! ```text
 //! sockets / admin API / timers ──► ZoneWork (a ZoneCommand, where to answer)
@@ -9,6 +13,7 @@
 //! ```
 
 mod acker;
+mod context;
 mod history;
 mod registry;
 mod snapshots;
@@ -20,16 +25,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use acker::ZoneAcker;
-pub use history::HistoryConfig;
+pub use context::{Limits, command, new_epoch, now};
+pub use history::{HistoryConfig, Since};
 pub use registry::{Eviction, LiveZone, Loaded, ZoneRegistry};
 pub use snapshots::Snapshots;
 pub use timers::{TimerConfig, run_timers};
-pub use work::{Job, Replies, ZoneWork};
+pub use work::{Job, Replies, Reply, ReplyTo, ZoneWork};
 pub use writer::{WriterConfig, ZoneWriter, unavailable};
 
 use crate::pipeline::{Message, PushError, PushHandle};
-use crate::realtime::Envelope;
-use crate::zone::{Outcome, ReplyTo, ZoneCommand};
+use crate::store::StoreError;
+use crate::zone::{Outcome, ZoneCommand, ZoneError};
+
+/// How a front door wraps a command, where its reply goes and a join's `since` into a message of
+/// the zone pipeline.
+pub type Wrap =
+    Arc<dyn Fn(ZoneCommand, Arc<dyn ReplyTo>, Option<Since>) -> Message<ZoneWork> + Send + Sync>;
 
 /// How the rest of the daemon hands commands to the zones.
 #[derive(Clone)]
@@ -54,9 +65,9 @@ pub enum AskError {
 struct Answer(Mutex<Option<tokio::sync::oneshot::Sender<Outcome>>>);
 
 impl ReplyTo for Answer {
-    fn reply(&self, outcome: &Outcome) {
+    fn reply(&self, reply: &Reply) {
         if let Some(tx) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = tx.send(outcome.clone());
+            let _ = tx.send(reply.outcome.clone());
         }
     }
 }
@@ -85,7 +96,7 @@ impl ZoneHandle {
     }
 
     /// How sockets wrap their commands.
-    pub fn envelope(&self) -> Envelope<ZoneWork> {
+    pub fn envelope(&self) -> Wrap {
         let acker = self.acker.clone();
         Arc::new(move |command, reply, since| {
             Message::with_acker(
@@ -97,6 +108,18 @@ impl ZoneHandle {
 
     pub fn push_handle(&self) -> PushHandle<ZoneWork> {
         self.push.clone()
+    }
+
+    /// Whether zone `id` exists: created and not deleted, in memory or in the store.
+    pub async fn exists(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        if let Some(live) = self.registry.live(id) {
+            return Ok(live.state().exists());
+        }
+        match self.registry.store().get_zone(id).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Zone(ZoneError::ZoneNotFound(_))) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Applies a command and waits for its outcome: up to `room` for room in the pipeline, then

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::context::new_epoch;
 use super::history::History;
 use crate::store::{Store, StoreError};
 use crate::zone::{EventKind, REMEMBERED_COMMANDS, ZoneEvent, ZoneSnapshot, ZoneState};
@@ -254,7 +255,7 @@ impl ZoneRegistry {
             if gap {
                 tracing::warn!(zone = %id, "the audit log has a hole (events lost in a crash): a new epoch begins");
             }
-            state.reset_epoch();
+            state.reset_epoch(new_epoch());
             stale_snapshot = true;
         }
         Ok(Loaded {
@@ -263,7 +264,16 @@ impl ZoneRegistry {
         })
     }
 
-    /// Forgets a zone (deleted, or idle and written).
+    /// Puts a zone its writer has just created, whose row is written, in memory.
+    pub fn insert(&self, state: ZoneState) -> Arc<LiveZone> {
+        let id = state.id();
+        let persisted = state.seq();
+        let live = Arc::new(LiveZone::new(state, persisted));
+        self.map().insert(id, live.clone());
+        live
+    }
+
+    /// Forgets a zone (deleted and its row removed, or idle and written).
     pub fn remove(&self, id: Uuid) {
         self.map().remove(&id);
     }
@@ -295,25 +305,29 @@ impl ZoneRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zone::{Actor, CommandKind, Context, NewZone, Permissions, Zone, ZoneCommand, now};
+    use crate::runtime::{Limits, command as new_command, now};
+    use crate::zone::{Actor, CommandKind, NewZone, Permissions};
 
     fn command(state: &mut ZoneState, actor: Actor, kind: CommandKind) {
-        let c = ZoneCommand::new(state.id(), actor, kind);
-        state.execute(&c, &Context::at(now())).result.unwrap();
+        let c = new_command(state.id(), actor, kind);
+        state
+            .execute(&c, &Limits::default().context(now()))
+            .result
+            .unwrap();
     }
 
     /// A fresh zone, the same zone in memory, and an agent to act in it.
     fn fixture() -> (ZoneState, LiveZone, Actor) {
-        let zone = Zone::create(
-            NewZone {
+        let mut state = ZoneState::absent(Uuid::now_v7());
+        command(
+            &mut state,
+            Actor::Admin,
+            CommandKind::CreateZone(Box::new(NewZone {
                 name: "z".into(),
+                assigned_server: Some("n".into()),
                 ..NewZone::default()
-            },
-            "n",
-            now(),
-        )
-        .unwrap();
-        let state = ZoneState::new(zone);
+            })),
+        );
         let live = LiveZone::new(state.clone(), 0);
         let agent = Actor::Agent {
             agent_id: "a".into(),
@@ -325,6 +339,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_waits_until_every_event_it_reflects_is_logged() {
+        // The zone's creation (seq 1) is logged with its row.
         let (mut state, live, agent) = fixture();
         command(&mut state, agent.clone(), CommandKind::Join);
         command(&mut state, agent.clone(), CommandKind::Leave);
@@ -334,18 +349,18 @@ mod tests {
             s.seq = seq;
             Some(Arc::new(s))
         };
-        // Seq 2 and 3 are logged before seq 1 (another audit worker): nothing may be written.
+        // Seq 3 and 4 are logged before seq 2 (another audit worker): nothing may be written.
+        assert!(live.logged(Some((4, 4)), at(4)).is_none());
         assert!(live.logged(Some((3, 3)), at(3)).is_none());
-        assert!(live.logged(Some((2, 2)), at(2)).is_none());
-        // Seq 1 closes the gap: the newest snapshot, at seq 3, may go.
-        assert_eq!(live.logged(Some((1, 1)), at(1)).map(|s| s.seq), Some(3));
+        // Seq 2 closes the gap: the newest snapshot, at seq 4, may go.
+        assert_eq!(live.logged(Some((2, 2)), at(2)).map(|s| s.seq), Some(4));
         // Logged again (a retry), or a snapshot at what is already logged: at once.
-        assert!(live.logged(Some((2, 2)), None).is_none());
-        assert_eq!(live.logged(None, at(3)).map(|s| s.seq), Some(3));
+        assert!(live.logged(Some((3, 3)), None).is_none());
+        assert_eq!(live.logged(None, at(4)).map(|s| s.seq), Some(4));
         // Events the log never got (a failed batch) hold every later snapshot back.
-        assert!(live.logged(Some((5, 6)), at(6)).is_none());
-        assert!(live.logged(Some((7, 7)), at(7)).is_none());
-        assert_eq!(live.logged(Some((4, 4)), None).map(|s| s.seq), Some(7));
+        assert!(live.logged(Some((6, 7)), at(7)).is_none());
+        assert!(live.logged(Some((8, 8)), at(8)).is_none());
+        assert_eq!(live.logged(Some((5, 5)), None).map(|s| s.seq), Some(8));
     }
 
     #[tokio::test(start_paused = true)]

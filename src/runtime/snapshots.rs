@@ -50,8 +50,14 @@ impl Acknowledger<SnapshotWork> for Written {
             return;
         };
         for m in successful {
-            if let Some(live) = registry.live(m.data.0.zone.id) {
-                live.written(m.data.0.seq);
+            let snapshot = &m.data.0;
+            if let Some(live) = registry.live(snapshot.zone.id) {
+                live.written(snapshot.seq);
+                // A deleted zone's row is gone now: nothing can load it again, and its memory
+                // (which answered `zone_not_found` meanwhile) may go too.
+                if snapshot.deleted {
+                    registry.remove(snapshot.zone.id);
+                }
             }
         }
     }

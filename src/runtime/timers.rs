@@ -8,8 +8,9 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::ZoneHandle;
+use super::context::command;
 use super::work::ZoneWork;
-use crate::zone::{Actor, CommandKind, ZoneCommand};
+use crate::zone::{Actor, CommandKind};
 
 #[derive(Clone, Copy, Debug)]
 pub struct TimerConfig {
@@ -36,7 +37,7 @@ pub async fn run_timers(zones: ZoneHandle, config: TimerConfig, mut stop: watch:
                 .active()
                 .into_iter()
                 .map(|id| {
-                    ZoneWork::command(ZoneCommand::new(id, Actor::System, CommandKind::Tick), None)
+                    ZoneWork::command(command(id, Actor::System, CommandKind::Tick), None)
                 })
                 .collect(),
             _ = sweeps.tick() => zones

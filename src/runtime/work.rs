@@ -7,9 +7,37 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::realtime::Broadcasts;
+use super::history::Since;
 use crate::store::Audited;
-use crate::zone::{Outcome, ReplyTo, Since, ZoneCommand, ZoneEvent, ZoneSnapshot};
+use crate::zone::{Outcome, ZoneCommand, ZoneEvent, ZoneSnapshot};
+
+/// What whoever asked is told about a command: the zone's outcome and, for a join that gave
+/// `since`, what the client missed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reply {
+    pub outcome: Outcome,
+    /// For a join: whether `missed` (the events after the client's `since` and before its join,
+    /// oldest first) is everything it missed. They are sent after the reply, not in it.
+    pub recovered: bool,
+    pub missed: Arc<[ZoneEvent]>,
+}
+
+impl From<Outcome> for Reply {
+    fn from(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            recovered: false,
+            missed: Arc::from([]),
+        }
+    }
+}
+
+/// Where a command's reply goes: the connection, HTTP request or broker delivery that asked.
+/// Called once per command, from the writer (or, when replies wait for durability, from the
+/// message's acknowledgement): it must not block.
+pub trait ReplyTo: Send + Sync + 'static {
+    fn reply(&self, reply: &Reply);
+}
 
 /// When a command's `ok` is sent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -52,8 +80,8 @@ pub struct ZoneWork {
     pub reply: Option<Arc<dyn ReplyTo>>,
     /// The events the job caused, each with its seq.
     pub events: Arc<[ZoneEvent]>,
-    /// The outcome, kept for the acknowledgement when replies wait for durability.
-    pub outcome: Option<Arc<Outcome>>,
+    /// The reply, kept for the acknowledgement when replies wait for durability.
+    pub outcome: Option<Arc<Reply>>,
     /// The zone's state to write once this message is acknowledged.
     pub snapshot: Option<Arc<ZoneSnapshot>>,
     /// A join's `since`: where the rejoining client left off.
@@ -104,12 +132,6 @@ impl std::fmt::Debug for ZoneWork {
 
 impl Audited for ZoneWork {
     fn audited(&self) -> &[ZoneEvent] {
-        &self.events
-    }
-}
-
-impl Broadcasts for ZoneWork {
-    fn broadcasts(&self) -> &[ZoneEvent] {
         &self.events
     }
 }

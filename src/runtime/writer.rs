@@ -14,28 +14,24 @@ use std::time::Duration;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tokio::time::Instant;
 
-use super::history::{self, HistoryConfig, Plan};
+use super::context::{self, Limits, now};
+use super::history::{self, HistoryConfig, Plan, Since};
 use super::registry::{Eviction, LiveZone, ZoneRegistry};
-use super::work::{Job, Replies, ZoneWork};
+use super::work::{Job, Replies, Reply, ZoneWork};
 use crate::pipeline::{BatcherName, Failure, Message, Processor};
 use crate::store::StoreError;
-use crate::zone::{
-    Actor, Answer, BroadcastLimit, CommandKind, Context, Outcome, Since, ZoneCommand, ZoneError,
-    ZoneEvent, now,
-};
+use crate::zone::{Actor, CommandKind, Outcome, ZoneCommand, ZoneError, ZoneEvent, ZoneState};
 
 /// The writer's settings.
 #[derive(Clone, Debug)]
 pub struct WriterConfig {
     pub replies: Replies,
-    /// Custom broadcasts allowed per zone.
-    pub broadcast_limit: Option<BroadcastLimit>,
+    /// The limits every decision is held to.
+    pub limits: Limits,
     /// How long a zone stays in memory without sessions.
     pub evict_after: Duration,
     /// What each zone keeps for rejoins.
     pub history: HistoryConfig,
-    /// The most sessions one agent may hold in one zone.
-    pub max_sessions_per_agent: Option<u32>,
 }
 
 /// Applies zone commands; see the module documentation.
@@ -83,40 +79,52 @@ impl ZoneWriter {
         })
     }
 
-    /// Answers now, or keeps the outcome for the acknowledgement when it must wait for the
-    /// events to be durable.
+    /// Answers now, or keeps the reply for the acknowledgement when it must wait for the events
+    /// to be durable.
     ///
     /// A join is answered at once either way: what it missed must follow its reply before the
     /// topic sink sends it anything newer, and a session does not outlive a crash anyway.
-    fn answer(&self, work: &mut ZoneWork, outcome: Outcome) {
+    fn answer(&self, work: &mut ZoneWork, reply: Reply) {
         let join = matches!(&work.job, Job::Command(c) if c.kind == CommandKind::Join);
         let durable = self.config.replies == Replies::Durable
             && !work.events.is_empty()
-            && outcome.result.is_ok()
+            && reply.outcome.result.is_ok()
             && !join;
         if durable {
-            work.outcome = Some(Arc::new(outcome));
-        } else if let Some(reply) = work.reply.take() {
-            reply.reply(&outcome);
+            work.outcome = Some(Arc::new(reply));
+        } else if let Some(to) = work.reply.take() {
+            to.reply(&reply);
         }
+    }
+
+    /// Answers a command whose message goes to no batcher: a refusal, or a creation.
+    fn reply_unrouted(&self, msg: &mut Message<ZoneWork>, outcome: Outcome) {
+        self.answer(&mut msg.data, outcome.into());
+        msg.put_batchers(Arc::from([]));
     }
 }
 
 impl Processor<ZoneWork> for ZoneWriter {
     async fn handle_message(&self, msg: &mut Message<ZoneWork>) -> Result<(), Failure> {
         let started = std::time::Instant::now();
-        let work = &mut msg.data;
-        let zone_id = work.zone_id;
-        let command = match &work.job {
+        let zone_id = msg.data.zone_id;
+        let command = match &msg.data.job {
             Job::Command(c) => c.clone(),
             Job::Evict => {
-                self.evict(work);
+                self.evict(&mut msg.data);
                 msg.put_batchers(Arc::from([]));
                 return Ok(());
             }
         };
+        let creation = matches!(command.kind, CommandKind::CreateZone(_));
         let (live, fresh) = match self.registry.load(zone_id).await {
             Ok(loaded) => loaded,
+            // A zone that does not exist yet: this is its creation.
+            Err(StoreError::Zone(ZoneError::ZoneNotFound(_))) if creation => {
+                self.create(msg, &command).await?;
+                self.observe(&command, started);
+                return Ok(());
+            }
             Err(StoreError::Zone(refusal)) => {
                 // A failed message goes no further: no batchers to clear.
                 if let Some(failure) = service_refusal(&command, &refusal) {
@@ -126,8 +134,7 @@ impl Processor<ZoneWork> for ZoneWriter {
                     command_id: command.id,
                     result: Err(refusal),
                 };
-                self.answer(work, outcome);
-                msg.put_batchers(Arc::from([]));
+                self.reply_unrouted(msg, outcome);
                 return Ok(());
             }
             // The store holds what this version cannot read: retrying will not change that, and
@@ -137,9 +144,7 @@ impl Processor<ZoneWork> for ZoneWriter {
                 if matches!(command.actor, Actor::Service { .. }) {
                     return Err(Failure::permanent(format!("unavailable: {e}")));
                 }
-                let outcome = unavailable(command.id, &e.to_string());
-                self.answer(work, outcome);
-                msg.put_batchers(Arc::from([]));
+                self.reply_unrouted(msg, unavailable(command.id, &e.to_string()));
                 return Ok(());
             }
             // Nothing was applied: the command can be retried.
@@ -149,6 +154,7 @@ impl Processor<ZoneWork> for ZoneWriter {
                 )));
             }
         };
+        let work = &mut msg.data;
         // What a rejoin missed before memory's reach is read from the log now, before the
         // zone is held (nothing else changes the zone meanwhile: this is its only writer).
         let rejoin = match work.since.take() {
@@ -157,70 +163,58 @@ impl Processor<ZoneWork> for ZoneWriter {
             }
             _ => None,
         };
-        let ctx = Context {
-            now: now(),
-            broadcast_limit: self.config.broadcast_limit,
-            max_sessions_per_agent: self.config.max_sessions_per_agent,
-        };
+        let now = now();
+        let limits = self.config.limits;
         let mut events = Vec::new();
-        let outcome = {
+        let reply = {
             let mut state = live.state();
             if fresh.is_some() && state.session_count() > 0 {
                 // Sessions a loaded zone holds belong to connections of an earlier run.
-                let expire = ZoneCommand::new(zone_id, Actor::System, CommandKind::ExpireSessions);
-                if let Ok(accepted) = state.execute(&expire, &ctx).result {
+                let expire = context::command(zone_id, Actor::System, CommandKind::ExpireSessions);
+                if let Ok(accepted) = state.execute(&expire, &limits.context(now)).result {
                     events.extend(accepted.events);
                 }
             }
-            let mut outcome = state.execute(&command, &ctx);
+            let outcome = state.execute(&command, &limits.context(now));
             if let Ok(accepted) = &outcome.result {
                 events.extend(accepted.events.iter().cloned());
             }
-            live.history()
-                .record(&events, &self.config.history, ctx.now);
-            let rejoined = rejoin.is_some();
-            let mut recovered_now = false;
-            if let (Some((after, Some(mut missed))), Ok(accepted)) = (rejoin, &mut outcome.result)
-                && let Answer::Joined {
-                    recovered,
-                    missed: replayed,
-                    ..
-                } = &mut accepted.answer
-            {
+            live.history().record(&events, &self.config.history, now);
+            let mut reply = Reply::from(outcome);
+            if let (Some((after, missed)), Ok(accepted)) = (rejoin, &reply.outcome.result) {
                 // The join's own event reaches the client through its subscription.
                 let before_join = accepted.events.first().map_or(state.seq(), |e| e.seq - 1);
-                let through_log = missed.last().map_or(after, |e| e.seq);
-                missed.extend(live.history().between(through_log, before_join).cloned());
-                if history::complete(&missed, after, before_join + 1) {
-                    *recovered = true;
-                    *replayed = Arc::from(missed);
-                    recovered_now = true;
+                if let Some(mut missed) = missed {
+                    let through_log = missed.last().map_or(after, |e| e.seq);
+                    missed.extend(live.history().between(through_log, before_join).cloned());
+                    if history::complete(&missed, after, before_join + 1) {
+                        reply.recovered = true;
+                        reply.missed = Arc::from(missed);
+                    }
                 }
-            }
-            if rejoined && outcome.result.is_ok() {
-                let label = if recovered_now { "recovered" } else { "fresh" };
+                let label = if reply.recovered {
+                    "recovered"
+                } else {
+                    "fresh"
+                };
                 self.rejoins.with_label_values(&[label]).inc();
             }
             live.note_sessions(state.session_count(), Instant::now());
+            // A deleted zone's snapshot is its removal: its row goes once zone_deleted is logged.
             let due = live.snapshot_due(&state, &events) || fresh == Some(true);
             if due {
                 work.snapshot = Some(Arc::new(state.snapshot()));
             }
-            if state.is_deleted() {
-                self.registry.remove(zone_id);
-            }
-            outcome
+            reply
         };
         let routed = !events.is_empty();
         work.events = Arc::from(events);
-        let refused = match &outcome.result {
+        let refused = match &reply.outcome.result {
             Err(refusal) => service_refusal(&command, refusal),
             Ok(_) => None,
         };
-        self.answer(work, outcome);
-        self.latency
-            .with_label_values(&[command.kind.name()])
-            .observe(started.elapsed().as_secs_f64());
+        self.answer(work, reply);
+        self.observe(&command, started);
         msg.put_batchers(if routed {
             self.routes.clone()
         } else {
@@ -236,6 +230,41 @@ impl Processor<ZoneWork> for ZoneWriter {
             }
             None => Ok(()),
         }
+    }
+}
+
+impl ZoneWriter {
+    fn observe(&self, command: &ZoneCommand, started: std::time::Instant) {
+        self.latency
+            .with_label_values(&[command.kind.name()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Creates a zone that is in neither memory nor the store. The creation is decided against
+    /// the zone as absent; its row and its `zone_created` (seq 1) are then written in one
+    /// transaction, before the zone goes live and anyone is answered: a zone that was answered
+    /// exists, after a crash too, and its log starts with its creation. Nothing is routed to the
+    /// batchers (the event is in the log already, and nobody can be subscribed yet).
+    async fn create(
+        &self,
+        msg: &mut Message<ZoneWork>,
+        command: &ZoneCommand,
+    ) -> Result<(), Failure> {
+        let zone_id = command.zone_id;
+        let mut state = ZoneState::absent(zone_id);
+        let outcome = state.execute(command, &self.config.limits.context(now()));
+        if let Ok(accepted) = &outcome.result {
+            // Nothing is live yet: a failure here leaves nothing behind, and the retry decides
+            // again (finding the zone if the write did land).
+            self.registry
+                .store()
+                .create_zone(&state.snapshot(), &accepted.events)
+                .await
+                .map_err(|e| Failure::retryable(format!("cannot create zone {zone_id}: {e}")))?;
+            self.registry.insert(state);
+        }
+        self.reply_unrouted(msg, outcome);
+        Ok(())
     }
 }
 

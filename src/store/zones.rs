@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{Store, StoreError, on_pool};
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
-use crate::zone::{Permissions, Resource, Session, Zone, ZoneError, ZoneSnapshot};
+use crate::zone::{Permissions, Resource, Session, Zone, ZoneError, ZoneEvent, ZoneSnapshot};
 
 #[derive(sqlx::FromRow)]
 struct ZoneRow {
@@ -58,6 +58,7 @@ impl TryFrom<ZoneRow> for ZoneSnapshot {
             seq: u64::try_from(r.seq).map_err(|_| corrupt("negative seq"))?,
             epoch: r.epoch,
             sessions,
+            deleted: false,
         })
     }
 }
@@ -96,17 +97,47 @@ macro_rules! bind_snapshot {
 impl Store {
     /// Stores a new zone's first snapshot.
     pub async fn insert_zone(&self, snapshot: &ZoneSnapshot) -> Result<(), StoreError> {
-        let sql = format!(
+        self.create_zone(snapshot, &[]).await
+    }
+
+    /// Stores a new zone: its first snapshot and the events that made it (its `zone_created`),
+    /// in one transaction, so that the row exists exactly when its creation is in the log.
+    pub async fn create_zone(
+        &self,
+        snapshot: &ZoneSnapshot,
+        events: &[ZoneEvent],
+    ) -> Result<(), StoreError> {
+        let insert = format!(
             "INSERT INTO zones ({COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         );
+        let log = "INSERT INTO audit_events \
+                   (id, zone_id, seq, command_id, event_type, payload, occurred_at, recorded_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING";
+        let recorded_at = Utc::now();
         let _turn = self.write_turn().await;
-        on_pool!(self.db(), pool => bind_snapshot!(sqlx::query(&sql), snapshot)
-            .bind(snapshot.zone.inserted_at)
-            .bind(snapshot.zone.updated_at)
-            .execute(pool)
-            .await
-            .map(|_| ()))?;
+        on_pool!(self.db(), pool => {
+            let mut tx = pool.begin().await?;
+            bind_snapshot!(sqlx::query(&insert), snapshot)
+                .bind(snapshot.zone.inserted_at)
+                .bind(snapshot.zone.updated_at)
+                .execute(&mut *tx)
+                .await?;
+            for e in events {
+                sqlx::query(log)
+                    .bind(e.id)
+                    .bind(e.zone_id)
+                    .bind(big(e.seq))
+                    .bind(e.command_id)
+                    .bind(e.name())
+                    .bind(Json(&e.kind))
+                    .bind(e.occurred_at)
+                    .bind(recorded_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await
+        })?;
         Ok(())
     }
 
@@ -143,20 +174,25 @@ impl Store {
     }
 
     /// Writes snapshots, in one transaction, each unless its row already holds a later one (or
-    /// is gone: the zone was deleted).
+    /// is gone: the zone was deleted). The snapshot of a deleted zone removes its row.
     pub async fn save_snapshots(&self, snapshots: &[&ZoneSnapshot]) -> Result<(), StoreError> {
         let update = "UPDATE zones SET name = $2, permissions = $3, assigned_server = $4, \
                       active_session_count = $5, capacity = $6, resources = $7, properties = $8, \
                       tick = $9, seq = $10, epoch = $11, sessions = $12, updated_at = $13 \
                       WHERE id = $1 AND (seq < $10 OR (seq = $10 AND epoch <> $11))";
+        let remove = "DELETE FROM zones WHERE id = $1";
         let _turn = self.write_turn().await;
         on_pool!(self.db(), pool => {
             let mut tx = pool.begin().await?;
             for s in snapshots {
-                bind_snapshot!(sqlx::query(update), s)
-                    .bind(s.zone.updated_at)
-                    .execute(&mut *tx)
-                    .await?;
+                if s.deleted {
+                    sqlx::query(remove).bind(s.zone.id).execute(&mut *tx).await?;
+                } else {
+                    bind_snapshot!(sqlx::query(update), s)
+                        .bind(s.zone.updated_at)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
             tx.commit().await
         })?;
@@ -170,19 +206,6 @@ impl Store {
             .fetch_all(pool)
             .await)?;
         Ok(ids)
-    }
-
-    pub async fn delete_zone(&self, id: Uuid) -> Result<(), StoreError> {
-        let _turn = self.write_turn().await;
-        let done = on_pool!(self.db(), pool => sqlx::query("DELETE FROM zones WHERE id = $1")
-            .bind(id)
-            .execute(pool)
-            .await
-            .map(|r| r.rows_affected()))?;
-        if done == 0 {
-            return Err(ZoneError::ZoneNotFound(id).into());
-        }
-        Ok(())
     }
 
     /// How many zones there are, those whose name contains `name` (any case) when given.

@@ -10,6 +10,21 @@ use std::time::Duration;
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
+/// Whether `check` comes to hold within `secs` seconds, polled every 20 ms. Tests wait for the
+/// condition they assert, never for a fixed time.
+pub async fn eventually(secs: u64, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// One database a test runs against.
@@ -86,6 +101,57 @@ pub async fn postgres() -> Option<TestDb> {
 }
 
 /// Every backend this machine can test.
+/// Zones outside a daemon, decided as the runtime decides them: fresh ids, the time now.
+pub mod zones {
+    use thunderline::runtime::{Limits, command, now};
+    use thunderline::store::Store;
+    use thunderline::zone::{
+        Actor, CommandKind, NewZone, Outcome, ZoneCommand, ZoneEvent, ZoneState,
+    };
+
+    /// What a zone named `name` on server `n` is created from.
+    pub fn spec(name: &str) -> NewZone {
+        NewZone {
+            name: name.into(),
+            assigned_server: Some("n".into()),
+            ..NewZone::default()
+        }
+    }
+
+    /// Executes `command` now, without limits.
+    pub fn execute(zone: &mut ZoneState, command: &ZoneCommand) -> Outcome {
+        zone.execute(command, &Limits::default().context(now()))
+    }
+
+    /// The events `actor` asking `kind` causes; panics on a refusal.
+    pub fn run(zone: &mut ZoneState, actor: &Actor, kind: CommandKind) -> Vec<ZoneEvent> {
+        let command = command(zone.id(), actor.clone(), kind);
+        execute(zone, &command).result.unwrap().events
+    }
+
+    /// A zone created from `spec`, with its `zone_created`.
+    pub fn create(spec: NewZone) -> (ZoneState, ZoneEvent) {
+        let mut zone = ZoneState::absent(uuid::Uuid::now_v7());
+        let mut events = run(
+            &mut zone,
+            &Actor::Admin,
+            CommandKind::CreateZone(Box::new(spec)),
+        );
+        (zone, events.remove(0))
+    }
+
+    /// A zone created from `spec` and stored as its writer stores one: its row and its
+    /// `zone_created`.
+    pub async fn stored(store: &Store, spec: NewZone) -> (ZoneState, ZoneEvent) {
+        let (zone, creation) = create(spec);
+        store
+            .create_zone(&zone.snapshot(), std::slice::from_ref(&creation))
+            .await
+            .unwrap();
+        (zone, creation)
+    }
+}
+
 pub async fn backends() -> Vec<TestDb> {
     let mut all = vec![sqlite()];
     all.extend(postgres().await);

@@ -150,13 +150,14 @@ test("push and reply, broadcasts reach the zone and not other zones", async () =
 
   const moved = next(bob, "agent_moved", (p) => p.agent_id === "alice");
   assert.deepEqual(await push(alice, "agent_move", { position: { x: 10, y: 5, z: 0 } }), { status: "ok", response: {} });
-  // Alice's join was seq 1, Bob's 2: every broadcast carries its place in the zone's history.
-  assert.deepEqual(await moved, { agent_id: "alice", position: { x: 10, y: 5, z: 0 }, seq: 3 });
+  // The zone's creation was seq 1, Alice's join 2, Bob's 3: every broadcast carries its place in
+  // the zone's history.
+  assert.deepEqual(await moved, { agent_id: "alice", position: { x: 10, y: 5, z: 0 }, seq: 4 });
 
   const changed = next(bob, "resource_changed");
   const r = await push(alice, "consume_resource", { resource_type: "food", amount: 5 });
   assert.deepEqual(r, { status: "ok", response: { new_resources: { food: 95 } } });
-  assert.deepEqual(await changed, { agent_id: "alice", changes: { food: -5 }, new_resources: { food: 95 }, seq: 4 });
+  assert.deepEqual(await changed, { agent_id: "alice", changes: { food: -5 }, new_resources: { food: 95 }, seq: 5 });
 
   const refused = await push(alice, "consume_resource", { resource_type: "food", amount: 1000 });
   assert.equal(refused.status, "error");
@@ -320,7 +321,7 @@ test("broadcast_event reaches every member with its seq; forbidden without the b
   const frames = await Promise.all(arrivals);
   const seq = frames[0].seq;
   assert.equal(typeof seq, "number");
-  assert.ok(seq > 3, `after three joins, seq ${seq}`);
+  assert.ok(seq > 4, `after its creation and three joins, seq ${seq}`);
   for (const f of frames) assert.deepEqual(f, { agent_id: "ann", payload, seq });
   await eventually(async () => {
     const { status, body } = await api("GET", `/api/zones/${z.id}/events?limit=1000`);

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::event::Position;
+use super::model::NewZone;
 use super::permissions::Permissions;
 
 /// Who asks.
@@ -63,6 +64,9 @@ pub struct ZonePatch {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "payload", rename_all = "snake_case")]
 pub enum CommandKind {
+    /// Bring the zone into being (its `zone_created`, seq 1): only a zone that does not exist
+    /// yet takes it.
+    CreateZone(Box<NewZone>),
     /// Enter the zone: a session for the actor's (connection, agent).
     Join,
     /// End the actor's session, if it has one.
@@ -106,6 +110,7 @@ impl CommandKind {
     /// The command's name, as a metric label and in messages.
     pub fn name(&self) -> &'static str {
         match self {
+            Self::CreateZone(_) => "create_zone",
             Self::Join => "join",
             Self::Leave => "leave",
             Self::AgentMove { .. } => "agent_move",
@@ -139,10 +144,10 @@ pub struct ZoneCommand {
 }
 
 impl ZoneCommand {
-    /// A command with a fresh id.
-    pub fn new(zone_id: Uuid, actor: Actor, kind: CommandKind) -> Self {
+    /// Command `id` (its idempotency key, minted by whoever asks) for `zone_id`.
+    pub fn new(id: Uuid, zone_id: Uuid, actor: Actor, kind: CommandKind) -> Self {
         Self {
-            id: Uuid::now_v7(),
+            id,
             zone_id,
             actor,
             kind,

@@ -89,6 +89,10 @@ pub enum ZoneError {
     },
     #[error("event seq {seq} cannot follow seq {current}: the log is out of order")]
     OutOfOrder { seq: u64, current: u64 },
+    #[error(
+        "{event} cannot apply to zone {zone}: a zone's log starts with its zone_created, and only there"
+    )]
+    OutOfLife { event: String, zone: Uuid },
 }
 
 impl ZoneError {
@@ -113,7 +117,8 @@ impl ZoneError {
             | Self::UnknownPermission(_)
             | Self::InvalidZone(_)
             | Self::WrongZone { .. }
-            | Self::OutOfOrder { .. } => "invalid_payload",
+            | Self::OutOfOrder { .. }
+            | Self::OutOfLife { .. } => "invalid_payload",
         }
     }
 

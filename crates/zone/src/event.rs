@@ -17,11 +17,13 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::error::ZoneError;
+use super::model::Resource;
 use super::permissions::Permissions;
 
 /// The built-in event types. Custom broadcasts may use any other valid name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventType {
+    ZoneCreated,
     AgentEntered,
     AgentLeft,
     AgentMoved,
@@ -33,7 +35,8 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 8] = [
+    pub const ALL: [EventType; 9] = [
+        Self::ZoneCreated,
         Self::AgentEntered,
         Self::AgentLeft,
         Self::AgentMoved,
@@ -46,6 +49,7 @@ impl EventType {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::ZoneCreated => "zone_created",
             Self::AgentEntered => "agent_entered",
             Self::AgentLeft => "agent_left",
             Self::AgentMoved => "agent_moved",
@@ -186,6 +190,20 @@ impl ZoneUpdate {
     }
 }
 
+/// `zone_created`: the first event of every zone (seq 1), with everything it was created with, so
+/// that its log alone rebuilds it. Its `epoch` names the history it starts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Created {
+    pub name: String,
+    pub permissions: Permissions,
+    pub assigned_server: String,
+    pub capacity: u32,
+    pub resources: BTreeMap<String, Resource>,
+    pub properties: Value,
+    pub epoch: String,
+}
+
 /// `zone_deleted`: the zone is gone, and every session in it ended with it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Deleted {
@@ -205,6 +223,7 @@ pub struct Custom {
 /// An event's type and payload.
 #[derive(Clone, Debug, PartialEq)]
 pub enum EventKind {
+    ZoneCreated(Created),
     AgentEntered(Presence),
     AgentLeft(Presence),
     AgentMoved(Moved),
@@ -220,6 +239,7 @@ impl EventKind {
     /// The event's type name: a built-in one, or a custom broadcast's own.
     pub fn name(&self) -> &str {
         match self {
+            Self::ZoneCreated(_) => EventType::ZoneCreated.as_str(),
             Self::AgentEntered(_) => EventType::AgentEntered.as_str(),
             Self::AgentLeft(_) => EventType::AgentLeft.as_str(),
             Self::AgentMoved(_) => EventType::AgentMoved.as_str(),
@@ -240,7 +260,10 @@ impl EventKind {
             Self::AgentInteraction(i) => Some(&i.agent_id),
             Self::ResourceChanged(r) => r.agent_id.as_deref(),
             Self::Custom(c) => c.agent_id.as_deref(),
-            Self::EnvironmentTick(_) | Self::ZoneUpdated(_) | Self::ZoneDeleted(_) => None,
+            Self::ZoneCreated(_)
+            | Self::EnvironmentTick(_)
+            | Self::ZoneUpdated(_)
+            | Self::ZoneDeleted(_) => None,
         }
     }
 
@@ -261,6 +284,9 @@ impl EventKind {
             return Ok(Self::Custom(custom));
         };
         Ok(match kind {
+            EventType::ZoneCreated => {
+                Self::ZoneCreated(serde_json::from_value(payload).map_err(invalid)?)
+            }
             EventType::AgentEntered => {
                 Self::AgentEntered(serde_json::from_value(payload).map_err(invalid)?)
             }
@@ -293,6 +319,7 @@ impl EventKind {
 impl Serialize for EventKind {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
+            Self::ZoneCreated(c) => c.serialize(s),
             Self::AgentEntered(p) | Self::AgentLeft(p) => p.serialize(s),
             Self::AgentMoved(m) => m.serialize(s),
             Self::AgentInteraction(i) => i.serialize(s),
@@ -381,10 +408,16 @@ pub struct BroadcastPayload<'a> {
 }
 
 impl ZoneEvent {
-    /// A new event in `zone_id` at `seq`; its id is a fresh UUID v7.
-    pub fn new(zone_id: Uuid, seq: u64, kind: EventKind, occurred_at: DateTime<Utc>) -> Self {
+    /// Event `id` in `zone_id` at `seq`, caused by no command.
+    pub fn new(
+        id: Uuid,
+        zone_id: Uuid,
+        seq: u64,
+        kind: EventKind,
+        occurred_at: DateTime<Utc>,
+    ) -> Self {
         Self {
-            id: Uuid::now_v7(),
+            id,
             zone_id,
             seq,
             command_id: None,

@@ -1,7 +1,8 @@
-//! The domain: zones that agents enter and leave, their permission bits, their resources, and
-//! the commands and events that change them. Pure state and rules, no I/O: the store keeps
-//! zones, the pipeline carries their commands and events, sockets and brokers bring them, and
-//! none of those is known here.
+//! The zone rules: zones that agents enter and leave, their permission bits, their resources,
+//! and the commands and events that change them. Pure state and rules, no I/O, no clock, no
+//! randomness: the store keeps zones, the runtime applies their commands (passing the time and
+//! the ids in a [`Context`]), sockets and brokers bring them, and none of those is known here
+//! (this crate depends on none of them).
 //!
 //! A [`ZoneCommand`] is decided against a [`ZoneState`]: refused with a [`ZoneError`] (which
 //! changes nothing), or accepted with the [`ZoneEvent`]s it causes, numbered by the zone's
@@ -18,13 +19,13 @@ mod state;
 pub use command::{Actor, CommandKind, ZoneCommand, ZonePatch};
 pub use error::{Holder, ZoneError, parse_zone_id};
 pub use event::{
-    BroadcastPayload, Custom, DecodeError, Deleted, EventKind, EventType, Interaction, Moved,
-    Position, Presence, ResourceChange, Tick, WireEvent, ZoneEvent, ZoneUpdate,
+    BroadcastPayload, Created, Custom, DecodeError, Deleted, EventKind, EventType, Interaction,
+    Moved, Position, Presence, ResourceChange, Tick, WireEvent, ZoneEvent, ZoneUpdate,
     check_custom_event_type,
 };
-pub use model::{DEFAULT_CAPACITY, DEFAULT_PERMISSIONS, NewZone, Resource, Zone, now};
+pub use model::{DEFAULT_CAPACITY, DEFAULT_PERMISSIONS, NewZone, Resource, Zone};
 pub use permissions::Permissions;
 pub use state::{
-    Accepted, Answer, ApplyError, BroadcastLimit, Context, Outcome, REMEMBERED_COMMANDS, ReplyTo,
-    Session, SessionKey, Since, ZoneSnapshot, ZoneState, ZoneView, new_epoch,
+    Accepted, Answer, ApplyError, BroadcastLimit, Context, EventIds, Outcome, REMEMBERED_COMMANDS,
+    Session, SessionKey, ZoneSnapshot, ZoneState, ZoneView,
 };

@@ -43,28 +43,22 @@ pub struct Zone {
     pub updated_at: DateTime<Utc>,
 }
 
-/// What a new zone is made from; everything but the name has a default.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// What a new zone is made from; everything but the name and the server has a default (the
+/// admin API fills in its own server when none is given).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewZone {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permissions: Option<Permissions>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub resources: BTreeMap<String, Resource>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub properties: Option<Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assigned_server: Option<String>,
-}
-
-/// The current time at the precision every store keeps (microseconds), so that what is stored
-/// is exactly what comes back.
-pub fn now() -> DateTime<Utc> {
-    use chrono::SubsecRound;
-    Utc::now().trunc_subsecs(6)
 }
 
 /// A zone holds this many sessions unless told otherwise.
@@ -140,20 +134,17 @@ pub(crate) fn check_properties(properties: &Value) -> Result<(), ZoneError> {
 }
 
 impl Zone {
-    /// A new, empty zone on `server`.
-    pub fn create(spec: NewZone, server: &str, now: DateTime<Utc>) -> Result<Self, ZoneError> {
+    /// Zone `id` as `spec` makes it, checked, created at `now`.
+    pub fn create(id: Uuid, spec: NewZone, now: DateTime<Utc>) -> Result<Self, ZoneError> {
         let name = check_name(&spec.name)?;
         let capacity = spec.capacity.unwrap_or(DEFAULT_CAPACITY);
         check_capacity(capacity)?;
         check_resources(&spec.resources)?;
         let properties = spec.properties.unwrap_or_else(|| Value::Object(Map::new()));
         check_properties(&properties)?;
-        let assigned_server = match spec.assigned_server {
-            Some(s) => check_server(&s)?,
-            None => server.to_owned(),
-        };
+        let assigned_server = check_server(spec.assigned_server.as_deref().unwrap_or_default())?;
         Ok(Self {
-            id: Uuid::now_v7(),
+            id,
             name,
             permissions: spec.permissions.unwrap_or(DEFAULT_PERMISSIONS),
             assigned_server,

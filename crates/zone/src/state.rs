@@ -10,12 +10,19 @@
 //! remembers it (its last [`REMEMBERED_COMMANDS`], those of events replayed from the log
 //! included) is not applied twice.
 //!
+//! Nothing here reads a clock or draws a random number: the time, the ids of the events a
+//! command causes and the epoch of a zone it creates come with the [`Context`] the writer passes,
+//! so the same commands in the same contexts give the same events.
+//!
+//! A zone's life is in its log: `zone_created` (seq 1) brings it into being, `zone_deleted` ends
+//! it, and replaying the log from seq 1 onto [`ZoneState::absent`] rebuilds it
+//! ([`ZoneState::replay`]).
+//!
 //! Sessions are part of the state: a set of (connection, agent), whose size is the zone's
 //! `active_session_count`. A join is a command whose event adds a session; a leave of a session
 //! that does not exist decides to nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -24,8 +31,8 @@ use uuid::Uuid;
 use super::command::{Actor, CommandKind, ZoneCommand, ZonePatch};
 use super::error::ZoneError;
 use super::event::{
-    Custom, Deleted, EventKind, Interaction, Moved, Presence, ResourceChange, Tick, ZoneEvent,
-    ZoneUpdate, check_custom_event_type,
+    Created, Custom, Deleted, EventKind, Interaction, Moved, Presence, ResourceChange, Tick,
+    ZoneEvent, ZoneUpdate, check_custom_event_type,
 };
 use super::limits;
 use super::model::{Zone, check_capacity, check_name, check_properties, check_server};
@@ -53,10 +60,32 @@ pub struct BroadcastLimit {
     pub interval_ms: u64,
 }
 
-/// What a decision may depend on besides the state and the command.
+/// The ids of the events one command causes: the first is given, each next one is one more, so
+/// UUID v7 ids stay in the order the events were made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventIds(Uuid);
+
+impl EventIds {
+    /// Ids from `first` on. Its lowest 32 bits are cleared, so that counting up from it never
+    /// carries into the version or variant bits (a UUID v7 keeps 42 random bits besides).
+    pub fn starting_at(first: Uuid) -> Self {
+        Self(Uuid::from_u128(first.as_u128() & !u128::from(u32::MAX)))
+    }
+
+    /// The id of event number `n` (0 for the first).
+    pub fn nth(self, n: usize) -> Uuid {
+        Uuid::from_u128(self.0.as_u128() | (n as u128 & u128::from(u32::MAX)))
+    }
+}
+
+/// What a decision may depend on besides the state and the command; the writer passes it.
 #[derive(Clone, Copy, Debug)]
 pub struct Context {
+    /// When the command is applied: the events' `occurred_at`.
     pub now: DateTime<Utc>,
+    /// The ids of the events the command causes. The first also names the history of a zone the
+    /// command creates (its epoch).
+    pub ids: EventIds,
     pub broadcast_limit: Option<BroadcastLimit>,
     /// The most sessions one agent may hold in a zone (a join past it is refused), so that one
     /// agent's token cannot fill a zone.
@@ -64,9 +93,11 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn at(now: DateTime<Utc>) -> Self {
+    /// A command applied at `now`, its events numbered from `first_event_id`, without limits.
+    pub fn new(now: DateTime<Utc>, first_event_id: Uuid) -> Self {
         Self {
             now,
+            ids: EventIds::starting_at(first_event_id),
             broadcast_limit: None,
             max_sessions_per_agent: None,
         }
@@ -83,61 +114,17 @@ pub struct ZoneView {
     pub epoch: String,
 }
 
-/// Where a client that joins again left off: the last `seq` it saw, in which `epoch`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Since {
-    pub seq: u64,
-    pub epoch: String,
-}
-
 /// The answer to an accepted command, beside the events it caused.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Answer {
-    /// `{}`
+    /// Nothing to tell but that it was done.
     Done,
-    /// The zone after the command (`get_zone_state`, settings changes).
+    /// The zone after the command (`get_zone_state`, creation, settings changes).
     State(Box<ZoneView>),
-    /// The zone after a join, with `recovered`: whether `missed` (the events after the client's
-    /// `since` and before its join, oldest first) is everything it missed. They are sent after
-    /// the reply; they are not part of it.
-    Joined {
-        view: Box<ZoneView>,
-        recovered: bool,
-        missed: Arc<[ZoneEvent]>,
-    },
-    /// `{"new_resources": …}` after a consume.
+    /// The zone after a join.
+    Joined(Box<ZoneView>),
+    /// Every resource's amount after a consume.
     Resources(BTreeMap<String, i64>),
-}
-
-impl Serialize for Answer {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        match self {
-            Self::Done => s.serialize_map(Some(0))?.end(),
-            Self::State(view) => view.serialize(s),
-            Self::Joined {
-                view, recovered, ..
-            } => {
-                #[derive(Serialize)]
-                struct Joined<'a> {
-                    #[serde(flatten)]
-                    view: &'a ZoneView,
-                    recovered: bool,
-                }
-                Joined {
-                    view,
-                    recovered: *recovered,
-                }
-                .serialize(s)
-            }
-            Self::Resources(amounts) => {
-                let mut m = s.serialize_map(Some(1))?;
-                m.serialize_entry("new_resources", amounts)?;
-                m.end()
-            }
-        }
-    }
 }
 
 /// An accepted command: the events it caused (each with its seq) and its answer.
@@ -154,13 +141,6 @@ pub struct Accepted {
 pub struct Outcome {
     pub command_id: Uuid,
     pub result: Result<Accepted, ZoneError>,
-}
-
-/// Where a command's outcome is told: the connection, HTTP request or broker delivery that
-/// asked. Called once per command, from the writer (or, when replies wait for durability, from
-/// the message's acknowledgement): it must not block.
-pub trait ReplyTo: Send + Sync + 'static {
-    fn reply(&self, outcome: &Outcome);
 }
 
 /// The ids of recent commands and what became of them, so a redelivered command gets its first
@@ -191,13 +171,26 @@ impl Recent {
     }
 }
 
-/// A zone's state as it is written down: enough to rebuild it exactly.
+/// A zone's state as it is written down: enough to rebuild it exactly. The snapshot of a deleted
+/// zone says so: writing it removes the zone's row.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ZoneSnapshot {
     pub zone: Zone,
     pub seq: u64,
     pub epoch: String,
     pub sessions: Vec<Session>,
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+/// Where a zone is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lifecycle {
+    /// Before its `zone_created`: only a creation is accepted.
+    Absent,
+    Live,
+    /// After its `zone_deleted`: nothing is accepted.
+    Deleted,
 }
 
 /// Why an event could not be applied (a log out of order, or for another zone).
@@ -210,7 +203,7 @@ pub struct ZoneState {
     seq: u64,
     epoch: String,
     sessions: BTreeMap<SessionKey, DateTime<Utc>>,
-    deleted: bool,
+    lifecycle: Lifecycle,
     recent: Recent,
     /// The current broadcast window: when it started and how many it has allowed.
     broadcasts: Option<(DateTime<Utc>, u32)>,
@@ -224,13 +217,8 @@ impl PartialEq for ZoneState {
             && self.seq == other.seq
             && self.epoch == other.epoch
             && self.sessions == other.sessions
-            && self.deleted == other.deleted
+            && self.lifecycle == other.lifecycle
     }
-}
-
-/// A fresh epoch: 32 hex digits.
-pub fn new_epoch() -> String {
-    Uuid::new_v4().simple().to_string()
 }
 
 fn permission_needed(kind: &CommandKind) -> Option<Permissions> {
@@ -260,7 +248,8 @@ fn allowed(actor: &Actor, kind: &CommandKind) -> bool {
         ),
         Actor::Admin => matches!(
             kind,
-            K::UpdateZone(_)
+            K::CreateZone(_)
+                | K::UpdateZone(_)
                 | K::ChangePermissions { .. }
                 | K::DeleteZone
                 | K::BroadcastEvent { .. }
@@ -280,14 +269,42 @@ fn allowed(actor: &Actor, kind: &CommandKind) -> bool {
 }
 
 impl ZoneState {
-    /// A zone as created: seq 0, no sessions, a fresh epoch.
-    pub fn new(zone: Zone) -> Self {
-        Self::from_snapshot(ZoneSnapshot {
-            zone,
+    /// Zone `id` before its creation: seq 0, nothing in it. A creation command makes it a zone;
+    /// its log replayed onto it rebuilds it.
+    pub fn absent(id: Uuid) -> Self {
+        Self {
+            zone: Zone {
+                id,
+                name: String::new(),
+                permissions: Permissions::empty(),
+                assigned_server: String::new(),
+                active_session_count: 0,
+                capacity: 0,
+                resources: BTreeMap::new(),
+                properties: serde_json::Value::Object(serde_json::Map::new()),
+                tick: 0,
+                inserted_at: DateTime::<Utc>::UNIX_EPOCH,
+                updated_at: DateTime::<Utc>::UNIX_EPOCH,
+            },
             seq: 0,
-            epoch: new_epoch(),
-            sessions: Vec::new(),
-        })
+            epoch: String::new(),
+            sessions: BTreeMap::new(),
+            lifecycle: Lifecycle::Absent,
+            recent: Recent::default(),
+            broadcasts: None,
+        }
+    }
+
+    /// Zone `id` rebuilt from its whole log, `zone_created` first: the state those events left.
+    pub fn replay<'a>(
+        id: Uuid,
+        events: impl IntoIterator<Item = &'a ZoneEvent>,
+    ) -> Result<Self, ApplyError> {
+        let mut state = Self::absent(id);
+        for event in events {
+            state.apply(event)?;
+        }
+        Ok(state)
     }
 
     pub fn from_snapshot(snapshot: ZoneSnapshot) -> Self {
@@ -311,7 +328,11 @@ impl ZoneState {
             seq: snapshot.seq,
             epoch: snapshot.epoch,
             sessions,
-            deleted: false,
+            lifecycle: if snapshot.deleted {
+                Lifecycle::Deleted
+            } else {
+                Lifecycle::Live
+            },
             recent: Recent::default(),
             broadcasts: None,
         }
@@ -331,6 +352,7 @@ impl ZoneState {
                     joined_at: *at,
                 })
                 .collect(),
+            deleted: self.lifecycle == Lifecycle::Deleted,
         }
     }
 
@@ -351,13 +373,19 @@ impl ZoneState {
         &self.epoch
     }
 
-    /// Starts a new history: what came before can no longer be replayed to a client.
-    pub fn reset_epoch(&mut self) {
-        self.epoch = new_epoch();
+    /// Starts a new history, named `epoch`: what came before can no longer be replayed to a
+    /// client.
+    pub fn reset_epoch(&mut self, epoch: String) {
+        self.epoch = epoch;
     }
 
     pub fn is_deleted(&self) -> bool {
-        self.deleted
+        self.lifecycle == Lifecycle::Deleted
+    }
+
+    /// Whether the zone has been created and not deleted.
+    pub fn exists(&self) -> bool {
+        self.lifecycle == Lifecycle::Live
     }
 
     pub fn sessions(&self) -> impl Iterator<Item = (&SessionKey, &DateTime<Utc>)> {
@@ -389,15 +417,25 @@ impl ZoneState {
         command: &ZoneCommand,
         ctx: &Context,
     ) -> Result<Vec<EventKind>, ZoneError> {
-        if self.deleted || command.zone_id != self.zone.id {
+        let kind = &command.kind;
+        let creation = matches!(kind, CommandKind::CreateZone(_));
+        if command.zone_id != self.zone.id
+            || self.lifecycle == Lifecycle::Deleted
+            || (self.lifecycle == Lifecycle::Absent && !creation)
+        {
             return Err(ZoneError::ZoneNotFound(command.zone_id));
         }
-        let kind = &command.kind;
         if !allowed(&command.actor, kind) {
             return Err(ZoneError::NotAllowed {
                 command: kind.name().to_owned(),
                 actor: command.actor.label().to_owned(),
             });
+        }
+        if creation && self.lifecycle != Lifecycle::Absent {
+            return Err(ZoneError::Conflict(format!(
+                "zone {} already exists",
+                self.zone.id
+            )));
         }
         let agent = match &command.actor {
             Actor::Agent {
@@ -476,6 +514,19 @@ impl ZoneState {
             timestamp: now,
         };
         Ok(match kind {
+            CommandKind::CreateZone(spec) => {
+                let zone = Zone::create(self.zone.id, (**spec).clone(), now)?;
+                vec![EventKind::ZoneCreated(Created {
+                    name: zone.name,
+                    permissions: zone.permissions,
+                    assigned_server: zone.assigned_server,
+                    capacity: zone.capacity,
+                    resources: zone.resources,
+                    properties: zone.properties,
+                    // The history it starts is named after its first event.
+                    epoch: ctx.ids.nth(0).simple().to_string(),
+                })]
+            }
             CommandKind::Join => {
                 let key = agent.expect("joins come from agents");
                 let held = |max: u32| {
@@ -744,6 +795,13 @@ impl ZoneState {
                 current: self.seq,
             });
         }
+        let creation = matches!(event.kind, EventKind::ZoneCreated(_));
+        if creation != (self.lifecycle == Lifecycle::Absent) {
+            return Err(ZoneError::OutOfLife {
+                event: event.kind.name().to_owned(),
+                zone: self.zone.id,
+            });
+        }
         let amounts = match &event.kind {
             EventKind::ResourceChanged(c) => Some(&c.new_resources),
             EventKind::EnvironmentTick(t) => Some(&t.new_resources),
@@ -756,6 +814,23 @@ impl ZoneState {
         }
         // Checked above: nothing below can fail, so an event is applied whole or not at all.
         match &event.kind {
+            EventKind::ZoneCreated(c) => {
+                self.zone = Zone {
+                    id: self.zone.id,
+                    name: c.name.clone(),
+                    permissions: c.permissions,
+                    assigned_server: c.assigned_server.clone(),
+                    active_session_count: 0,
+                    capacity: c.capacity,
+                    resources: c.resources.clone(),
+                    properties: c.properties.clone(),
+                    tick: 0,
+                    inserted_at: event.occurred_at,
+                    updated_at: event.occurred_at,
+                };
+                self.epoch.clone_from(&c.epoch);
+                self.lifecycle = Lifecycle::Live;
+            }
             EventKind::AgentEntered(p) => {
                 self.sessions.insert(
                     SessionKey {
@@ -796,7 +871,7 @@ impl ZoneState {
             }
             EventKind::ZoneDeleted(_) => {
                 self.sessions.clear();
-                self.deleted = true;
+                self.lifecycle = Lifecycle::Deleted;
             }
             EventKind::AgentMoved(_) | EventKind::AgentInteraction(_) | EventKind::Custom(_) => {}
         }
@@ -854,7 +929,7 @@ impl ZoneState {
                         .into_iter()
                         .enumerate()
                         .map(|(i, kind)| ZoneEvent {
-                            id: Uuid::now_v7(),
+                            id: ctx.ids.nth(i),
                             zone_id: self.zone.id,
                             seq: self.seq + 1 + i as u64,
                             command_id: Some(command.id),
@@ -892,12 +967,9 @@ impl ZoneState {
 
     fn answer(&self, kind: &CommandKind) -> Answer {
         match kind {
-            CommandKind::Join => Answer::Joined {
-                view: Box::new(self.view()),
-                recovered: false,
-                missed: Arc::from([]),
-            },
+            CommandKind::Join => Answer::Joined(Box::new(self.view())),
             CommandKind::GetZoneState
+            | CommandKind::CreateZone(_)
             | CommandKind::UpdateZone(_)
             | CommandKind::ChangePermissions { .. } => Answer::State(Box::new(self.view())),
             CommandKind::ConsumeResource { .. } => Answer::Resources(self.zone.amounts()),
