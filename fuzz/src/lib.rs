@@ -2,10 +2,10 @@
 //! what `decode_command` made of it.
 
 use serde_json::{Map, Value, json};
-use thunderline::daemon::ingest::{BROKER_COMMANDS, decode_command};
+use thunderline::daemon::ingest::decode_command;
 use thunderline::pipeline::Failure;
 use thunderline::sources::Delivery;
-use thunderline::zone::{Actor, ZoneCommand};
+use thunderline::zone::{Actor, CLIENT_COMMANDS, ZoneCommand};
 
 /// A valid command id, for the message id to match or not.
 pub const ID: &str = "0190f5a0-0000-7000-8000-0000000000aa";
@@ -35,7 +35,8 @@ pub fn delivery<'a>(
 }
 
 /// Decodes `delivery` and checks the outcome: a refusal is permanent and names its class
-/// (`not_json`/`not_msgpack` or `invalid_payload`); a command is one a broker may send, from a
+/// (`not_json`/`not_msgpack`, `invalid_payload` or `unknown_event`); a command is one a client
+/// may send, from a
 /// service, with the message id as its id when there is one, and the same command again when
 /// written back as JSON and as MessagePack.
 pub fn check(delivery: &Delivery<'_>, not_format: &str) {
@@ -43,8 +44,8 @@ pub fn check(delivery: &Delivery<'_>, not_format: &str) {
         Err(failure) => check_refusal(&failure, not_format),
         Ok(command) => {
             assert!(
-                BROKER_COMMANDS.contains(&command.kind.name()),
-                "{command:?} is not a broker command"
+                CLIENT_COMMANDS.contains(&command.kind.name()),
+                "{command:?} is not a command a client may send"
             );
             assert!(
                 matches!(command.actor, Actor::Service { .. }),
@@ -68,7 +69,9 @@ fn check_refusal(failure: &Failure, not_format: &str) {
     let reason = failure.reason();
     assert!(!failure.is_retryable(), "{reason}");
     assert!(
-        reason.starts_with("invalid_payload: ") || reason.starts_with(not_format),
+        reason.starts_with("invalid_payload: ")
+            || reason.starts_with("unknown_event: ")
+            || reason.starts_with(not_format),
         "{reason}"
     );
 }

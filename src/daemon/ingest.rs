@@ -7,9 +7,11 @@
 //! in the socket's vocabulary. Its sender is a trusted service ([`Actor::Service`]): no token and
 //! no session, but the zone's own permission bits apply. The id is the idempotency key (it also
 //! travels as `Nats-Msg-Id` or the AMQP `message_id`, which may stand in for a missing `id`):
-//! the zone applies it once, across redeliveries and restarts. What cannot become a command is
-//! refused here, permanently: the source dead-letters it with the reason, which starts with
-//! `not_json`, `not_msgpack` or `invalid_payload`.
+//! the zone applies it once, across redeliveries and restarts. Its type and payload go through
+//! the decoder socket pushes go through ([`CommandKind::from_json`]): the same validation and
+//! the same refusals. What cannot become a command is refused here, permanently: the source
+//! dead-letters it with the reason, which starts with `not_json`, `not_msgpack`,
+//! `invalid_payload` or `unknown_event`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,16 +27,7 @@ use crate::runtime::{ZoneAcker, ZoneWork};
 use crate::sources::jetstream::{JetStreamConfig, JetStreamError, JetStreamSource, Settled};
 use crate::sources::rabbitmq::{RabbitMqConfig, RabbitMqError, RabbitMqSource};
 use crate::sources::{Delivery, SourceMetrics};
-use crate::zone::{Actor, CommandKind, ZoneCommand};
-
-/// The command types a broker may send.
-pub const BROKER_COMMANDS: [&str; 5] = [
-    "agent_move",
-    "agent_interact",
-    "consume_resource",
-    "broadcast_event",
-    "tick",
-];
+use crate::zone::{Actor, CommandKind, ZoneCommand, ZoneError};
 
 /// A broker command as it travels. JSON keeps its payload as the raw text, parsed once into
 /// the command; MessagePack has no raw form and goes through a `Value`.
@@ -52,21 +45,20 @@ struct Wire<P> {
     payload: Option<P>,
 }
 
-/// A command's type and payload as the command's kind.
+/// A command's type and payload as the command's kind, by the decoder sockets use too.
 trait KindPayload {
-    fn into_kind(self, kind: &str) -> serde_json::Result<CommandKind>;
+    fn into_kind(self, kind: &str) -> Result<CommandKind, ZoneError>;
 }
 
 impl KindPayload for &RawValue {
-    fn into_kind(self, kind: &str) -> serde_json::Result<CommandKind> {
-        // `kind` is one of BROKER_COMMANDS: nothing in it needs escaping.
-        serde_json::from_str(&format!(r#"{{"type":"{kind}","payload":{}}}"#, self.get()))
+    fn into_kind(self, kind: &str) -> Result<CommandKind, ZoneError> {
+        CommandKind::from_json(kind, self.get())
     }
 }
 
 impl KindPayload for Value {
-    fn into_kind(self, kind: &str) -> serde_json::Result<CommandKind> {
-        serde_json::from_value(serde_json::json!({"type": kind, "payload": self}))
+    fn into_kind(self, kind: &str) -> Result<CommandKind, ZoneError> {
+        CommandKind::from_value(kind, self)
     }
 }
 
@@ -126,19 +118,12 @@ fn command<P: KindPayload>(wire: Wire<P>, delivery: &Delivery<'_>) -> Result<Zon
     let id = Uuid::parse_str(id).map_err(|_| invalid(format!("id {id:?} is not a UUID")))?;
     let zone_id = Uuid::parse_str(&wire.zone_id)
         .map_err(|_| invalid(format!("zone_id {:?} is not a UUID", wire.zone_id)))?;
-    if !BROKER_COMMANDS.contains(&wire.kind.as_str()) {
-        return Err(invalid(format!(
-            "unknown command type {:?} (expected one of {})",
-            wire.kind,
-            BROKER_COMMANDS.join(", ")
-        )));
-    }
+    // Refused as a socket push with the same type and payload would be, with the same reason.
     let kind = match wire.payload {
-        _ if wire.kind == "tick" => Ok(CommandKind::Tick),
         Some(payload) => payload.into_kind(&wire.kind),
         None => Value::Object(Default::default()).into_kind(&wire.kind),
     }
-    .map_err(|e| invalid(format!("{}: {e}", wire.kind)))?;
+    .map_err(|refusal| Failure::permanent(format!("{}: {refusal}", refusal.reason())))?;
     Ok(ZoneCommand {
         id,
         zone_id,
@@ -312,16 +297,16 @@ mod tests {
         assert!(reason(b"\xff\xfe").starts_with("not_json: "));
         let r = reason(format!(r#"{{"id":"{ID}","zone_id":"{ZONE}","type":"join"}}"#).as_bytes());
         assert!(
-            r.starts_with("invalid_payload: unknown command type \"join\""),
+            r.starts_with("unknown_event: \"join\" is not a command"),
             "{r}"
         );
         let r = reason(
             format!(r#"{{"id":"{ID}","zone_id":"{ZONE}","type":"agent_move","payload":{{}}}}"#)
                 .as_bytes(),
         );
-        assert!(
-            r.starts_with("invalid_payload: agent_move: missing field"),
-            "{r}"
+        assert_eq!(
+            r,
+            "invalid_payload: the agent_move payload is refused: missing field `position`"
         );
         let r = reason(format!(r#"{{"zone_id":"{ZONE}","type":"tick"}}"#).as_bytes());
         assert!(r.contains("id is required"), "{r}");

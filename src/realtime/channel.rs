@@ -1,8 +1,9 @@
 //! The zone channel: what a client's frames on `zone:<id>` ask for, as zone commands, and how
 //! the outcome of each command comes back to the client as a reply.
 //!
-//! The socket turns a client event into a [`CommandKind`] ([`parse_event`]); whoever applies
-//! commands (the daemon's zone writer) tells the outcome to a [`SocketReply`], which answers
+//! The socket turns a client event into a [`CommandKind`] with the one decoder brokers use too
+//! ([`CommandKind::from_value`]); whoever applies commands (the zone's writer) tells the outcome
+//! to a [`SocketReply`], which answers
 //! the frame and keeps the connection's channel map right: a refused join leaves no trace.
 //! Whether a channel is joined is the zone's to say: it holds the sessions, and sees a
 //! channel's pushes after its join, in order, so a push behind a refused join is refused too.
@@ -12,112 +13,15 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use prometheus::IntCounterVec;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::json;
 use uuid::Uuid;
 
 use super::hub::{Peer, topic_name};
 use super::protocol;
 use super::topic::event_frame;
 use crate::runtime::{Reply, ReplyTo};
-use crate::zone::{Answer, CommandKind, Permissions, Position, ZoneView};
-
-/// Why a client's event could not become a command. Replied with this reason.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub reason: &'static str,
-    pub details: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MovePayload {
-    position: Position,
-    #[serde(default)]
-    sent_at: Option<i64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InteractPayload {
-    target_agent_id: String,
-    kind: String,
-    #[serde(default)]
-    data: Option<Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConsumePayload {
-    resource_type: String,
-    amount: Value,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BroadcastPayload {
-    event_type: String,
-    #[serde(default)]
-    payload: Map<String, Value>,
-}
-
-fn invalid(e: impl std::fmt::Display) -> Refusal {
-    Refusal {
-        reason: "invalid_payload",
-        details: e.to_string(),
-    }
-}
-
-/// The command a client event names, with its payload's shape checked (the zone checks the
-/// rest: permissions, limits, resources).
-pub fn parse_event(event: &str, payload: Map<String, Value>) -> Result<CommandKind, Refusal> {
-    let payload = Value::Object(payload);
-    match event {
-        "agent_move" => {
-            let p: MovePayload = serde_json::from_value(payload).map_err(invalid)?;
-            Ok(CommandKind::AgentMove {
-                position: p.position,
-                sent_at: p.sent_at,
-            })
-        }
-        "agent_interact" => {
-            let p: InteractPayload = serde_json::from_value(payload).map_err(invalid)?;
-            Ok(CommandKind::AgentInteract {
-                target_agent_id: p.target_agent_id,
-                kind: p.kind,
-                data: p.data,
-            })
-        }
-        "consume_resource" => {
-            let p: ConsumePayload = serde_json::from_value(payload).map_err(invalid)?;
-            match p.amount.as_i64() {
-                Some(amount) if amount > 0 => Ok(CommandKind::ConsumeResource {
-                    resource_type: p.resource_type,
-                    amount,
-                }),
-                _ => Err(invalid(format!(
-                    "amount must be a whole number above 0, not {}",
-                    p.amount
-                ))),
-            }
-        }
-        "broadcast_event" => {
-            let p: BroadcastPayload = serde_json::from_value(payload).map_err(invalid)?;
-            Ok(CommandKind::BroadcastEvent {
-                event_type: p.event_type,
-                payload: p.payload,
-            })
-        }
-        "get_zone_state" => Ok(CommandKind::GetZoneState),
-        other => Err(Refusal {
-            reason: "unknown_event",
-            details: format!(
-                "{other:?} is not an event of this channel (agent_move, agent_interact, \
-                 consume_resource, broadcast_event, get_zone_state)"
-            ),
-        }),
-    }
-}
+use crate::zone::{Answer, Permissions, ZoneView};
 
 /// A channel as its socket remembers it.
 #[derive(Clone, Debug, PartialEq)]
@@ -286,51 +190,5 @@ impl ReplyTo for SocketReply {
                 self.send_error(refusal.reason(), &refusal.to_string());
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_events_become_commands_or_say_what_is_wrong() {
-        let p = |v: Value| v.as_object().unwrap().clone();
-        assert!(matches!(
-            parse_event(
-                "agent_move",
-                p(json!({"position": {"x": 1, "y": 2, "z": 3}}))
-            ),
-            Ok(CommandKind::AgentMove { .. })
-        ));
-        assert_eq!(
-            parse_event(
-                "consume_resource",
-                p(json!({"resource_type": "f", "amount": 0}))
-            )
-            .unwrap_err()
-            .reason,
-            "invalid_payload"
-        );
-        assert_eq!(
-            parse_event(
-                "broadcast_event",
-                p(json!({"event_type": "storm", "payload": {"level": 3}}))
-            ),
-            Ok(CommandKind::BroadcastEvent {
-                event_type: "storm".into(),
-                payload: p(json!({"level": 3}))
-            })
-        );
-        assert_eq!(
-            parse_event("broadcast_event", p(json!({"payload": {}})))
-                .unwrap_err()
-                .reason,
-            "invalid_payload"
-        );
-        assert_eq!(
-            parse_event("teleport", Map::new()).unwrap_err().reason,
-            "unknown_event"
-        );
     }
 }

@@ -16,7 +16,7 @@ pub mod socket;
 pub mod token;
 pub mod topic;
 
-pub use channel::{Asked, SocketReply, parse_event};
+pub use channel::{Asked, SocketReply};
 pub use console::{CONSOLE_TOPIC, ConsoleFeed};
 pub use hub::{Hub, HubMetrics, Peer};
 pub use socket::{Envelope, SocketConfig, SocketContext, SocketMetrics};

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::admission::{Admission, Slot};
-use super::channel::{Asked, Channels, Joined, SocketReply, parse_event};
+use super::channel::{Asked, Channels, Joined, SocketReply};
 use super::console::{CONSOLE_TOPIC, ConsoleFeed};
 use super::hub::{CloseReason, Hub, Outbound, Peer, outbound_queue, topic_name};
 use super::protocol::{self, Frame};
@@ -849,7 +849,7 @@ impl<W: Send + 'static> Connection<W> {
         }
     }
 
-    fn event(&mut self, frame: Frame) {
+    fn event(&mut self, mut frame: Frame) {
         let joined = Self::zone_of(&frame.topic).ok().and_then(|zone| {
             let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
             channels
@@ -869,14 +869,15 @@ impl<W: Send + 'static> Connection<W> {
             ));
             return;
         };
-        match parse_event(&frame.event, frame.payload.clone()) {
+        let payload = Value::Object(std::mem::take(&mut frame.payload));
+        match CommandKind::from_value(&frame.event, payload) {
             Ok(command) => {
                 self.ctx.metrics.pushes.inc();
                 self.submit(zone, command, Asked::Push, &joined, frame.msg_ref, None);
             }
             Err(refusal) => {
-                self.refuse(refusal.reason);
-                self.reply_error(&frame, refusal.reason, &refusal.details);
+                self.refuse(refusal.reason());
+                self.reply_error(&frame, refusal.reason(), &refusal.to_string());
             }
         }
     }

@@ -63,6 +63,10 @@ pub enum ZoneError {
     },
     #[error("unknown event type {0:?}")]
     UnknownEventType(String),
+    #[error(
+        "{0:?} is not a command (agent_move, agent_interact, consume_resource, broadcast_event, get_zone_state, tick)"
+    )]
+    UnknownCommand(String),
     #[error("the {event_type} payload is refused: {reason}")]
     InvalidPayload { event_type: String, reason: String },
     #[error(
@@ -111,6 +115,7 @@ impl ZoneError {
             Self::OverMaximum { .. } => "over_maximum",
             Self::RateLimited { .. } => "rate_limited",
             Self::Conflict(_) => "conflict",
+            Self::UnknownCommand(_) => "unknown_event",
             Self::Unavailable(_) => "unavailable",
             Self::UnknownEventType(_)
             | Self::InvalidPayload { .. }

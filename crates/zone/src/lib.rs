@@ -14,6 +14,7 @@ mod event;
 pub mod limits;
 mod model;
 mod permissions;
+mod request;
 mod state;
 
 pub use command::{Actor, CommandKind, ZoneCommand, ZonePatch};
@@ -25,6 +26,7 @@ pub use event::{
 };
 pub use model::{DEFAULT_CAPACITY, DEFAULT_PERMISSIONS, NewZone, Resource, Zone};
 pub use permissions::Permissions;
+pub use request::CLIENT_COMMANDS;
 pub use state::{
     Accepted, Answer, ApplyError, BroadcastLimit, Context, EventIds, Outcome, REMEMBERED_COMMANDS,
     Session, SessionKey, ZoneSnapshot, ZoneState, ZoneView,
