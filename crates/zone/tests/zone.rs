@@ -987,3 +987,94 @@ fn new_zones_are_checked() {
     assert_eq!(state.epoch().len(), 32);
     assert_ne!(state.epoch(), created(spec).epoch());
 }
+
+#[test]
+fn client_commands_decode_one_way_from_a_value_or_from_text() {
+    let both = |name: &str, payload: Value| {
+        let from_value = CommandKind::from_value(name, payload.clone());
+        assert_eq!(
+            CommandKind::from_json(name, &payload.to_string()),
+            from_value,
+            "{name} {payload}"
+        );
+        from_value
+    };
+    assert_eq!(
+        both(
+            "agent_move",
+            json!({"position": {"x": 1, "y": 2, "z": 3}, "sent_at": 7})
+        ),
+        Ok(CommandKind::AgentMove {
+            position: Position {
+                x: 1.0,
+                y: 2.0,
+                z: 3.0
+            },
+            sent_at: Some(7)
+        })
+    );
+    assert_eq!(
+        both("broadcast_event", json!({"event_type": "storm"})),
+        Ok(CommandKind::BroadcastEvent {
+            event_type: "storm".into(),
+            payload: Map::new()
+        })
+    );
+    assert_eq!(both("tick", json!({})), Ok(CommandKind::Tick));
+    assert_eq!(
+        both("get_zone_state", json!({})),
+        Ok(CommandKind::GetZoneState)
+    );
+    // The amount's sign is the zone's to judge, for every front door alike.
+    assert!(matches!(
+        both(
+            "consume_resource",
+            json!({"resource_type": "f", "amount": 0})
+        ),
+        Ok(CommandKind::ConsumeResource { amount: 0, .. })
+    ));
+    let refusal = |name: &str, payload: Value| both(name, payload).unwrap_err();
+    let unknown = refusal(
+        "agent_move",
+        json!({"position": {"x": 1, "y": 2, "z": 3}, "speed": 1}),
+    );
+    assert_eq!(unknown.reason(), "invalid_payload");
+    assert_eq!(
+        unknown.to_string(),
+        "the agent_move payload is refused: unknown field `speed`, expected `position` or `sent_at`"
+    );
+    assert_eq!(
+        refusal("tick", json!({"at": 1})).reason(),
+        "invalid_payload"
+    );
+    assert_eq!(
+        refusal(
+            "consume_resource",
+            json!({"resource_type": "f", "amount": 1.5})
+        )
+        .reason(),
+        "invalid_payload"
+    );
+    let teleport = refusal("teleport", json!({}));
+    assert_eq!(teleport.reason(), "unknown_event");
+    assert!(
+        teleport
+            .to_string()
+            .starts_with("\"teleport\" is not a command")
+    );
+    // What the zone alone may ask of itself is no client's command.
+    for internal in [
+        "join",
+        "leave",
+        "create_zone",
+        "delete_zone",
+        "expire_sessions",
+    ] {
+        assert_eq!(refusal(internal, json!({})).reason(), "unknown_event");
+    }
+    // A key given twice: the text says what the value (which keeps the last) says.
+    assert_eq!(
+        CommandKind::from_json("tick", r#"{"a": 1, "a": 2}"#).unwrap_err(),
+        refusal("tick", json!({"a": 2}))
+    );
+}
