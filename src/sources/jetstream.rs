@@ -43,6 +43,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::redact::redact_url;
 use super::{ATTEMPTS_HEADER, Decoder, Delivery, REASON_HEADER, SourceMetrics};
 use crate::pipeline::{Acknowledger, Demand, Failure, Message, Produced, Producer, RetryPolicy};
 
@@ -413,7 +414,17 @@ impl<T: Send + 'static> Producer<T> for JetStreamSource<T> {
 
 async fn connect(config: &JetStreamConfig) -> Result<Client, JetStreamError> {
     let metrics = config.metrics.clone();
-    async_nats::ConnectOptions::new()
+    // The credentials go to the client apart from the address: the client logs the address of
+    // every server it tries (at debug level), and a password must not go with it.
+    let (address, credentials) = split_credentials(&config.url);
+    let options = match credentials {
+        Some((user, Some(password))) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        Some((token, None)) => async_nats::ConnectOptions::with_token(token),
+        None => async_nats::ConnectOptions::new(),
+    };
+    options
         .name("thunderline")
         .event_callback(move |event| {
             let metrics = metrics.clone();
@@ -432,12 +443,33 @@ async fn connect(config: &JetStreamConfig) -> Result<Client, JetStreamError> {
                 }
             }
         })
-        .connect(config.url.as_str())
+        .connect(address.as_str())
         .await
         .map_err(|source| JetStreamError::Connect {
-            url: config.url.clone(),
+            url: redact_url(&config.url),
             source,
         })
+}
+
+/// `nats://user:password@host` as `nats://host` and `(user, Some(password))`; a lone
+/// `nats://token@host` gives `(token, None)`. The parts stay as written (percent-encoded), as
+/// the client would have taken them from the URL.
+fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let credentials = match userinfo.split_once(':') {
+                Some((user, password)) => (user.to_owned(), Some(password.to_owned())),
+                None => (userinfo.to_owned(), None),
+            };
+            (format!("{scheme}://{}", &rest[at + 1..]), Some(credentials))
+        }
+        None => (url.to_owned(), None),
+    }
 }
 
 /// Declares the two streams and the consumer, or checks the ones that exist.

@@ -111,6 +111,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+use crate::redact::redact_url;
 use super::{ATTEMPTS_HEADER, Decoder, Delivery, REASON_HEADER, SourceMetrics};
 use crate::pipeline::{Acknowledger, Demand, Failure, Message, Produced, Producer};
 
@@ -201,7 +202,7 @@ impl RabbitMqConfig {
 impl fmt::Debug for RabbitMqConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitMqConfig")
-            .field("url", &redacted(&self.url))
+            .field("url", &redact_url(&self.url))
             .field("queue", &self.queue)
             .field("dead_exchange", &self.dead_exchange)
             .field("dead_queue", &self.dead_queue)
@@ -871,7 +872,7 @@ async fn connect(settings: &Settings) -> Result<Connection, RabbitMqError> {
     Connection::connect(&settings.url, properties)
         .await
         .map_err(|source| RabbitMqError::Connect {
-            url: redacted(&settings.url),
+            url: redact_url(&settings.url),
             source,
         })
 }
@@ -1000,7 +1001,7 @@ async fn within<F: Future<Output = Result<R, RabbitMqError>>, R>(
 ) -> Result<R, RabbitMqError> {
     timeout(CONNECT_TIMEOUT, attempt).await.unwrap_or_else(|_| {
         Err(RabbitMqError::Unreachable {
-            url: redacted(url),
+            url: redact_url(url),
             after: CONNECT_TIMEOUT,
         })
     })
@@ -1009,21 +1010,6 @@ async fn within<F: Future<Output = Result<R, RabbitMqError>>, R>(
 async fn close(connection: &Connection) {
     // Already closed (by the broker, or lost) is as good.
     let _ = timeout(BROKER_TIMEOUT, connection.close(200, "OK".into())).await;
-}
-
-/// The URL without its password, for errors and logs.
-fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***{}", &rest[at..])
-        }
-        None => url.to_owned(),
-    }
 }
 
 /// Why consuming on a connection ended.
