@@ -216,6 +216,10 @@ impl JetStreamConfig {
         self.idle_heartbeat
     }
 
+    pub fn get_reconnect(&self) -> &RetryPolicy {
+        &self.reconnect
+    }
+
     /// The subject the consumer filters on.
     fn filter(&self) -> &str {
         match &self.filter_subject {

@@ -246,6 +246,10 @@ impl RabbitMqConfig {
         self.prefetch
     }
 
+    pub fn get_reconnect(&self) -> &RetryPolicy {
+        &self.reconnect
+    }
+
     pub fn get_metrics(&self) -> &SourceMetrics {
         &self.metrics.0
     }

@@ -227,6 +227,10 @@ impl BatcherConfig {
         self.batch_size
     }
 
+    pub fn get_retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
     pub fn get_concurrency(&self) -> usize {
         self.concurrency
     }
