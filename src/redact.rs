@@ -71,10 +71,7 @@ fn redact_query(tail: &str) -> String {
 
 fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    key == "pass"
-        || key.contains("password")
-        || key.contains("secret")
-        || key.contains("token")
+    key == "pass" || key.contains("password") || key.contains("secret") || key.contains("token")
 }
 
 #[cfg(test)]
@@ -119,7 +116,10 @@ mod tests {
             ("nats://h?auth_token=s3cret#x", "nats://h?auth_token=***#x"),
             ("amqp://h/?pass=s3cret", "amqp://h/?pass=***"),
             ("x://h?DB_PASSWORD=s3cret", "x://h?DB_PASSWORD=***"),
-            ("x://h?client_secret=s3cret&a=1", "x://h?client_secret=***&a=1"),
+            (
+                "x://h?client_secret=s3cret&a=1",
+                "x://h?client_secret=***&a=1",
+            ),
             ("x://h?AccessToken=s3cret", "x://h?AccessToken=***"),
             // Both at once.
             (
@@ -136,7 +136,10 @@ mod tests {
             ("", "*** (not a URL)"),
             // Opaque URLs: shown, unless they hold an '@'.
             ("sqlite:data/x.db", "sqlite:data/x.db"),
-            ("sqlite:data/x.db?password=s3cret", "sqlite:data/x.db?password=***"),
+            (
+                "sqlite:data/x.db?password=s3cret",
+                "sqlite:data/x.db?password=***",
+            ),
         ];
         for (url, shown) in cases {
             assert_eq!(redact_url(url), shown, "{url}");

@@ -261,7 +261,10 @@ async fn failures_are_retried_in_process_then_dead_lettered_once_with_their_reas
         by_payload["not a number"].1.contains("invalid digit"),
         "{dead:?}"
     );
-    assert_eq!(by_payload["not a number"].2, "", "no attempts: it never entered the pipeline");
+    assert_eq!(
+        by_payload["not a number"].2, "",
+        "no attempts: it never entered the pipeline"
+    );
     assert_eq!(metrics.messages("dead_lettered"), 3);
     assert_eq!(metrics.messages("undecodable"), 1);
     assert_eq!(metrics.messages("retried"), 0);

@@ -534,7 +534,9 @@ async fn a_queue_declared_with_other_arguments_is_refused_at_start() {
 
     let refused = RabbitMqSource::<u32>::connect(config.clone(), decode).await;
     match refused {
-        Err(RabbitMqError::QueueConflict { ref queue, .. }) => assert_eq!(*queue, config.get_queue()),
+        Err(RabbitMqError::QueueConflict { ref queue, .. }) => {
+            assert_eq!(*queue, config.get_queue())
+        }
         Err(other) => panic!("another error: {other}"),
         Ok(_) => panic!("a conflicting queue was accepted"),
     }

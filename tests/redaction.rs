@@ -17,8 +17,14 @@ fn serve(dir: &Path, args: &[&str]) -> (bool, String) {
         .arg(dir.join("data"))
         .args(args)
         .env_remove("THUNDERLINE_DATABASE_URL")
-        .env("THUNDERLINE_ADMIN_TOKEN", "test-admin-token-long-enough-0123456789")
-        .env("THUNDERLINE_SECRET", "test-signing-secret-of-at-least-32-bytes")
+        .env(
+            "THUNDERLINE_ADMIN_TOKEN",
+            "test-admin-token-long-enough-0123456789",
+        )
+        .env(
+            "THUNDERLINE_SECRET",
+            "test-signing-secret-of-at-least-32-bytes",
+        )
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

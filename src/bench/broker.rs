@@ -445,7 +445,10 @@ mod nats {
     pub async fn raw(section: &JetStreamConfig, events: u64) -> Result<Duration, BrokerBenchError> {
         let started = Instant::now();
         let js = context(section.get_url()).await?;
-        let stream = js.get_stream(section.get_stream()).await.map_err(nats_err)?;
+        let stream = js
+            .get_stream(section.get_stream())
+            .await
+            .map_err(nats_err)?;
         let consumer: jetstream::consumer::PullConsumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some("raw".into()),

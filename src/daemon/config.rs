@@ -549,26 +549,35 @@ mod tests {
 
     #[test]
     fn omitted_keys_take_the_library_defaults() {
-        let file = PipelineFile::parse("[processors]\nmax_demand = 8\n", Path::new("x.toml"))
-            .unwrap();
+        let file =
+            PipelineFile::parse("[processors]\nmax_demand = 8\n", Path::new("x.toml")).unwrap();
         assert_eq!(
             file.processors.config,
             ProcessorConfig::default().max_demand(8)
         );
         assert_eq!(file.batchers.audit, BatcherConfig::new("audit"));
         assert_eq!(file.batchers.broadcast, BatcherConfig::new("broadcast"));
-        let file = PipelineFile::parse("[sources.nats]\nstream = \"S\"\n", Path::new("x.toml"))
-            .unwrap();
-        assert_eq!(file.sources.nats, Some(JetStreamConfig::default().stream("S")));
+        let file =
+            PipelineFile::parse("[sources.nats]\nstream = \"S\"\n", Path::new("x.toml")).unwrap();
+        assert_eq!(
+            file.sources.nats,
+            Some(JetStreamConfig::default().stream("S"))
+        );
     }
 
     #[test]
     fn a_retry_table_under_a_source_is_refused_with_where_retries_went() {
         let e = err("[sources.nats]\nstream = \"S\"\n\n[sources.nats.retry]\nmax_attempts = 5\n");
-        assert!(e.starts_with("zones.toml: TOML parse error at line 4"), "{e}");
+        assert!(
+            e.starts_with("zones.toml: TOML parse error at line 4"),
+            "{e}"
+        );
         assert!(e.contains("[processors.retry]"), "{e}");
         let e = err("[sources.rabbitmq.retry]\nmax_attempts = 5\n");
-        assert!(e.contains("line 1") && e.contains("[processors.retry]"), "{e}");
+        assert!(
+            e.contains("line 1") && e.contains("[processors.retry]"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -577,7 +586,11 @@ mod tests {
         for name in ["zones.toml", "nats.toml", "rabbitmq.toml"] {
             let file = PipelineFile::load(&dir.join(name)).unwrap();
             let written = toml::to_string(&file).unwrap();
-            assert_eq!(PipelineFile::parse(&written, Path::new(name)).unwrap(), file, "{written}");
+            assert_eq!(
+                PipelineFile::parse(&written, Path::new(name)).unwrap(),
+                file,
+                "{written}"
+            );
         }
     }
 }

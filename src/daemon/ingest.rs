@@ -220,9 +220,9 @@ impl Sources {
             None => None,
             Some(rabbit) => {
                 let asked = processors.saturating_mul(file.processors.config.get_max_demand());
-                let prefetch = rabbit.get_prefetch().unwrap_or_else(|| {
-                    u16::try_from(asked.min(share)).unwrap_or(u16::MAX).max(1)
-                });
+                let prefetch = rabbit
+                    .get_prefetch()
+                    .unwrap_or_else(|| u16::try_from(asked.min(share)).unwrap_or(u16::MAX).max(1));
                 let config = rabbit
                     .clone()
                     .prefetch(prefetch)

@@ -390,10 +390,7 @@ impl Server {
         let mut builder = Pipeline::builder("zones")
             .producer(producer)
             .processor(writer, file.processors.config.clone())
-            .batcher(
-                file.batchers.broadcast.clone(),
-                TopicSink::new(hub.clone()),
-            )
+            .batcher(file.batchers.broadcast.clone(), TopicSink::new(hub.clone()))
             .batcher(audit_config(file, &store), AuditSink::new(store.clone()))
             .in_flight_bound(file.in_flight_bound.get())
             .shutdown_timeout(Duration::from_millis(file.shutdown_timeout_ms.get()))

@@ -722,13 +722,7 @@ async fn declare(
             reason: e.to_string(),
         }
     };
-    let stream = ensure_stream(
-        context,
-        &config.stream,
-        &config.subjects,
-        config.filter(),
-    )
-    .await?;
+    let stream = ensure_stream(context, &config.stream, &config.subjects, config.filter()).await?;
     let dead_subjects = vec![format!("{}.>", config.dead_subject)];
     ensure_stream(
         context,
@@ -766,7 +760,8 @@ async fn declare(
             } else if have.filter_subject != config.filter() {
                 Some(format!(
                     "it filters {:?}, not {:?}",
-                    have.filter_subject, config.filter()
+                    have.filter_subject,
+                    config.filter()
                 ))
             } else {
                 None

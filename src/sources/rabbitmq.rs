@@ -822,8 +822,7 @@ impl Settings {
             if !(may_be_empty && value.is_empty()) {
                 check_name(what, value, true)?;
             }
-            ShortString::try_new(value)
-                .map_err(|e| InvalidConfig(format!("{what} {value:?}: {e}")))
+            ShortString::try_new(value).map_err(|e| InvalidConfig(format!("{what} {value:?}: {e}")))
         };
         if config.queue == config.dead_queue {
             return Err(InvalidConfig("queue and dead_queue must differ".into()));

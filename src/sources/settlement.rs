@@ -239,7 +239,10 @@ async fn settle<B: BrokerIo>(
 
 /// Runs the user's decoder on a delivery; a decoder that panics refuses the message (with the
 /// panic's message), rather than taking the source down with it.
-pub(crate) fn decode<T: 'static>(decoder: &dyn Decoder<T>, delivery: &Delivery<'_>) -> Result<T, Failure> {
+pub(crate) fn decode<T: 'static>(
+    decoder: &dyn Decoder<T>,
+    delivery: &Delivery<'_>,
+) -> Result<T, Failure> {
     catch_unwind(AssertUnwindSafe(|| decoder.decode(delivery))).unwrap_or_else(|panic| {
         Err(Failure::permanent(format!(
             "the decoder panicked: {}",

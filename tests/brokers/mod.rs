@@ -142,7 +142,10 @@ impl Broker {
         if let Some((_, channel)) = &self.amqp {
             let rabbit = self.rabbit();
             while let Some(m) = channel
-                .basic_get(rabbit.get_dead_queue().into(), BasicGetOptions { no_ack: true })
+                .basic_get(
+                    rabbit.get_dead_queue().into(),
+                    BasicGetOptions { no_ack: true },
+                )
                 .await
                 .unwrap()
             {

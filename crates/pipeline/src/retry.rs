@@ -244,7 +244,11 @@ impl<'de> Deserialize<'de> for RetryPolicy {
             initial_delay: Duration::from_millis(file.initial_delay_ms),
             multiplier: file.multiplier,
             max_delay: Duration::from_millis(file.max_delay_ms),
-            jitter: if file.jitter { Jitter::Full } else { Jitter::None },
+            jitter: if file.jitter {
+                Jitter::Full
+            } else {
+                Jitter::None
+            },
         };
         // Here, so that a file's error names the line of the policy.
         policy.validate().map_err(|e| {
@@ -419,7 +423,10 @@ mod tests {
         for (text, error) in [
             (r#"{"max_attempts": 0}"#, "at least 1"),
             (r#"{"max_attempts": "forever"}"#, "unlimited"),
-            (r#"{"multiplier": 0.5}"#, "multiplier must be a number of at least 1.0"),
+            (
+                r#"{"multiplier": 0.5}"#,
+                "multiplier must be a number of at least 1.0",
+            ),
             (
                 r#"{"initial_delay_ms": 20000}"#,
                 "initial_delay_ms must not exceed max_delay_ms",
