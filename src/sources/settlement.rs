@@ -258,3 +258,135 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("a panic without a message")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::pipeline::Jitter;
+
+    /// A broker that records what it was asked, and stores dead letters only while `stores`.
+    #[derive(Clone, Default)]
+    struct Recorded {
+        stores: bool,
+        calls: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl BrokerIo for Recorded {
+        type Held = &'static str;
+
+        async fn ack(&mut self, held: Vec<&'static str>) -> u64 {
+            let mut calls = self.calls.lock().unwrap();
+            calls.extend(held.iter().map(|h| format!("ack {h}")));
+            held.len() as u64
+        }
+
+        async fn store(
+            &mut self,
+            dead: Vec<(&'static str, DeadLetter)>,
+        ) -> Vec<(&'static str, bool)> {
+            let mut calls = self.calls.lock().unwrap();
+            dead.into_iter()
+                .map(|(h, d)| {
+                    calls.push(format!("dead {h} {:?} {:?}", d.reason, d.attempts));
+                    (h, self.stores)
+                })
+                .collect()
+        }
+
+        async fn finish(&mut self, held: &'static str) -> bool {
+            self.calls.lock().unwrap().push(format!("finish {held}"));
+            true
+        }
+
+        async fn give_back(&mut self, held: &'static str, delay: Duration) -> bool {
+            let ms = delay.as_millis();
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("give back {held} {ms}"));
+            true
+        }
+    }
+
+    async fn settle_all(stores: bool, delivery: u32) -> (Vec<String>, SourceMetrics) {
+        let io = Recorded {
+            stores,
+            ..Recorded::default()
+        };
+        let calls = io.calls.clone();
+        let metrics = SourceMetrics::unregistered("test");
+        let backoff =
+            RetryPolicy::unlimited(Duration::from_millis(100), 2.0, Duration::from_secs(1))
+                .with_jitter(Jitter::None);
+        let (settler, task) = Settler::<u32, &'static str>::start(io, backoff, metrics.clone());
+        let ok = settler.message(1, "ok", delivery);
+        let mut failed = settler.message(2, "failed", delivery);
+        failed.fail(Failure::retryable("busy"));
+        let stranger = Message::new(3);
+        settler.undecodable("junk", delivery, &Failure::permanent("not a number"));
+        settler.ack(vec![ok, stranger], vec![failed]);
+        drop(settler);
+        task.await.unwrap();
+        let calls = calls.lock().unwrap().clone();
+        (calls, metrics)
+    }
+
+    #[tokio::test]
+    async fn each_message_is_acked_or_dead_lettered_once_with_its_reason_and_attempts() {
+        let (calls, metrics) = settle_all(true, 1).await;
+        assert_eq!(
+            calls,
+            [
+                "dead junk \"not a number\" None",
+                "finish junk",
+                "ack ok",
+                // The message's own count: none made here, outside a pipeline.
+                "dead failed \"busy\" Some(0)",
+                "finish failed",
+            ]
+        );
+        assert_eq!(metrics.messages("acked"), 1);
+        assert_eq!(metrics.messages("dead_lettered"), 1);
+        assert_eq!(metrics.messages("undecodable"), 1);
+        assert_eq!(
+            metrics.messages("settle_failed"),
+            1,
+            "the message it never held"
+        );
+        assert_eq!(metrics.messages("retried"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_not_stored_gives_the_message_back_after_the_backoff() {
+        // The third delivery waits the backoff's third delay: 100 ms, 200 ms, then 400 ms.
+        let (calls, metrics) = settle_all(false, 3).await;
+        assert!(
+            calls.contains(&"give back junk 400".to_owned()),
+            "{calls:?}"
+        );
+        assert!(
+            calls.contains(&"give back failed 400".to_owned()),
+            "{calls:?}"
+        );
+        assert!(!calls.iter().any(|c| c.starts_with("finish")), "{calls:?}");
+        assert_eq!(metrics.messages("retried"), 2);
+        assert_eq!(metrics.messages("dead_lettered"), 0);
+    }
+
+    #[test]
+    fn a_panicking_decoder_refuses_the_message() {
+        let decoder = |_: &Delivery<'_>| -> Result<u32, Failure> { panic!("boom") };
+        let delivery = Delivery {
+            payload: b"",
+            content_type: None,
+            message_id: None,
+            subject: "s",
+            attempt: 1,
+        };
+        let e = decode(&decoder, &delivery).unwrap_err();
+        assert_eq!(e.reason(), "the decoder panicked: boom");
+        assert!(!e.is_retryable());
+    }
+}
