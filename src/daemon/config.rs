@@ -376,7 +376,7 @@ impl PipelineFile {
     /// without their source: audit batches of up to 1000, since a broker delivers in bulk.
     pub fn for_broker() -> Self {
         let mut file = Self::default();
-        file.batchers.audit = std::mem::take(&mut file.batchers.audit).batch_size(1000);
+        file.batchers.audit = file.batchers.audit.batch_size(1000);
         file
     }
 

@@ -41,9 +41,15 @@ pub struct RetryPolicy {
 }
 
 /// Why a retry policy cannot be used.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct InvalidRetryPolicy(&'static str);
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRetryPolicy {
+    #[error("max_attempts must be at least 1 (1 means no retry)")]
+    NoAttempt,
+    #[error("multiplier must be a finite number of at least 1.0")]
+    Multiplier,
+    #[error("initial_delay must not exceed max_delay")]
+    InitialAboveMax,
+}
 
 impl Default for RetryPolicy {
     /// No retries: a retryable failure goes straight to the dead-letter sink. Waits (should
@@ -126,19 +132,13 @@ impl RetryPolicy {
     /// least 1.0, and an initial delay no longer than the longest.
     pub fn validate(&self) -> Result<(), InvalidRetryPolicy> {
         if self.max_attempts == 0 {
-            return Err(InvalidRetryPolicy(
-                "max_attempts must be at least 1 (1 means no retry)",
-            ));
+            return Err(InvalidRetryPolicy::NoAttempt);
         }
         if !(self.multiplier.is_finite() && self.multiplier >= 1.0) {
-            return Err(InvalidRetryPolicy(
-                "multiplier must be a finite number of at least 1.0",
-            ));
+            return Err(InvalidRetryPolicy::Multiplier);
         }
         if self.initial_delay > self.max_delay {
-            return Err(InvalidRetryPolicy(
-                "initial_delay must not exceed max_delay",
-            ));
+            return Err(InvalidRetryPolicy::InitialAboveMax);
         }
         Ok(())
     }
@@ -250,15 +250,12 @@ impl<'de> Deserialize<'de> for RetryPolicy {
                 Jitter::None
             },
         };
-        // Here, so that a file's error names the line of the policy.
-        policy.validate().map_err(|e| {
-            let e = match e.0 {
-                "initial_delay must not exceed max_delay" => {
-                    "initial_delay_ms must not exceed max_delay_ms"
-                }
-                other => other,
-            };
-            serde::de::Error::custom(e)
+        // Here, so that a file's error names the line of the policy, in the file's words.
+        policy.validate().map_err(|e| match e {
+            InvalidRetryPolicy::InitialAboveMax => {
+                serde::de::Error::custom("initial_delay_ms must not exceed max_delay_ms")
+            }
+            other => serde::de::Error::custom(other),
         })?;
         Ok(policy)
     }
