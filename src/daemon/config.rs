@@ -533,6 +533,13 @@ mod tests {
                 && e.contains("min_demand (4) must be below max_demand (4)"),
             "{e}"
         );
+        let e = err("processors = 5\n");
+        assert!(
+            e.contains("line 1") && e.contains("invalid type: integer"),
+            "{e}"
+        );
+        let e = err("processors = { partition_by_zone = false, max_demand = 8 }\n");
+        assert!(e.contains("partition_by_zone must be true"), "{e}");
         let e = err("[processors]\npartition_by_zone = \"yes\"\n");
         assert!(e.contains("line 2") && e.contains("invalid type"), "{e}");
         let e = err("[batchers.audit.retry]\ninitial_delay_ms = 20000\nmax_delay_ms = 10\n");
