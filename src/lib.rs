@@ -13,6 +13,7 @@
 //!   handle the front doors (sockets, the admin API, broker ingest) send commands through.
 //! - [`daemon`]: configuration and the commands that wire the pieces together.
 //! - [`bench`]: the load-test harness behind `thunderline bench`.
+//! - [`redact`]: URLs without their credentials, for logs, errors and the API.
 
 pub use thunderline_pipeline as pipeline;
 pub use thunderline_zone as zone;
@@ -20,6 +21,7 @@ pub use thunderline_zone as zone;
 pub mod bench;
 pub mod daemon;
 pub mod realtime;
+pub mod redact;
 pub mod runtime;
 pub mod sources;
 pub mod store;

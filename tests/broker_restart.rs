@@ -133,15 +133,12 @@ async fn nats_restarted_mid_stream_loses_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let _back = NatsBack;
     let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-    let config = JetStreamConfig {
-        stream: format!("R_{tag}"),
-        subjects: vec![format!("r{tag}.commands.>")],
-        filter_subject: format!("r{tag}.commands.>"),
-        dead_stream: format!("R_{tag}_DEAD"),
-        dead_subject: format!("r{tag}.dead"),
-        ack_wait: Duration::from_secs(3),
-        ..JetStreamConfig::default()
-    };
+    let config = JetStreamConfig::default()
+        .stream(format!("R_{tag}"))
+        .subjects(vec![format!("r{tag}.commands.>")])
+        .dead_stream(format!("R_{tag}_DEAD"))
+        .dead_subject(format!("r{tag}.dead"))
+        .ack_wait(Duration::from_secs(3));
     let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
     let js = jetstream::new(client);
     let source = JetStreamSource::connect(config.clone(), decode)
@@ -194,7 +191,7 @@ async fn nats_restarted_mid_stream_loses_nothing() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let stream = loop {
-        if let Ok(stream) = js.get_stream(&config.stream).await {
+        if let Ok(stream) = js.get_stream(config.get_stream()).await {
             break stream;
         }
         assert!(Instant::now() < deadline, "the stream is back");
@@ -202,7 +199,7 @@ async fn nats_restarted_mid_stream_loses_nothing() {
     };
     loop {
         let distinct: HashSet<u64> = seen.0.lock().unwrap().iter().copied().collect();
-        let info = stream.consumer_info(&config.consumer).await.ok();
+        let info = stream.consumer_info(config.get_consumer()).await.ok();
         let settled = info
             .as_ref()
             .is_some_and(|i| i.num_ack_pending == 0 && i.num_pending == 0);
@@ -228,8 +225,8 @@ async fn nats_restarted_mid_stream_loses_nothing() {
         "the restart came mid-stream"
     );
     assert!(metrics.events("disconnected") >= 1);
-    let _ = js.delete_stream(&config.stream).await;
-    let _ = js.delete_stream(&config.dead_stream).await;
+    let _ = js.delete_stream(config.get_stream()).await;
+    let _ = js.delete_stream(config.get_dead_stream()).await;
 }
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -309,13 +306,11 @@ async fn rabbitmq_restarted_mid_stream_loses_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let _back = RabbitBack;
     let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-    let config = RabbitMqConfig {
-        queue: format!("r.{tag}.commands"),
-        dead_exchange: format!("r.{tag}.dead"),
-        dead_queue: format!("r.{tag}.commands.dead"),
-        prefetch: 100,
-        ..RabbitMqConfig::new(AMQP_URL)
-    };
+    let config = RabbitMqConfig::new(AMQP_URL)
+        .queue(format!("r.{tag}.commands"))
+        .dead_exchange(format!("r.{tag}.dead"))
+        .dead_queue(format!("r.{tag}.commands.dead"))
+        .prefetch(100);
     RabbitMqSource::declare(&config)
         .await
         .expect("RabbitMQ runs at 127.0.0.1:5672");
@@ -327,7 +322,7 @@ async fn rabbitmq_restarted_mid_stream_loses_nothing() {
     let pipeline = collecting("rabbitmq-restart", source, &seen);
 
     let publisher = {
-        let queue = config.queue.clone();
+        let queue = config.get_queue().to_owned();
         tokio::spawn(async move {
             let mut link = None;
             for i in 0..COUNT {
@@ -381,14 +376,14 @@ async fn rabbitmq_restarted_mid_stream_loses_nothing() {
         let ch = c.create_channel().await.unwrap();
         (c, ch)
     };
-    for queue in [&config.queue, &config.dead_queue] {
+    for queue in [config.get_queue(), config.get_dead_queue()] {
         let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
             .await;
     }
     let _ = channel
         .exchange_delete(
-            config.dead_exchange.as_str().into(),
+            config.get_dead_exchange().into(),
             ExchangeDeleteOptions::default(),
         )
         .await;

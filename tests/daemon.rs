@@ -260,6 +260,19 @@ fn check_validates_pipeline_files_without_starting_anything() {
     );
     assert!(err.contains("line 4"), "names the line: {err}");
     assert!(err.contains("nonzero"), "says what was expected: {err}");
+
+    // Sources have no retry settings any more: a file that still has them says where they went.
+    std::fs::write(
+        &bad,
+        "[sources.nats]\nstream = \"S\"\n\n[sources.nats.retry]\nmax_attempts = 5\n",
+    )
+    .unwrap();
+    let out = run(&bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&bad.display().to_string()), "{err}");
+    assert!(err.contains("line 4"), "{err}");
+    assert!(err.contains("[processors.retry]"), "{err}");
     let _ = std::fs::remove_file(&bad);
 }
 

@@ -1,6 +1,7 @@
 //! The JetStream source against a real NATS server (127.0.0.1:4222, with JetStream): messages
-//! are settled once the pipeline is done with them, failures are nakked or dead-lettered with
-//! their reason, a conflicting consumer is refused at start, and a lost connection loses nothing.
+//! are settled once the pipeline is done with them, failures are retried in process (never
+//! delivered again by the server) and then dead-lettered once with their reason and attempts,
+//! and a conflicting consumer is refused at start.
 //!
 //! Each test uses streams and subjects of its own, deleted at the end.
 
@@ -10,9 +11,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
+use thunderline::daemon::config::PipelineFile;
 use thunderline::pipeline::{
-    BatchInfo, BatchSink, BatcherConfig, Failure, Message, Pipeline, Processor, ProcessorConfig,
-    RetryPolicy,
+    BatchInfo, BatchSink, BatcherConfig, Failure, Jitter, Message, Pipeline, Processor,
+    ProcessorConfig, RetryPolicy,
 };
 use thunderline::sources::jetstream::{JetStreamConfig, JetStreamError, JetStreamSource};
 use thunderline::sources::{ATTEMPTS_HEADER, Delivery, REASON_HEADER};
@@ -34,23 +36,23 @@ fn names() -> Names {
     }
 }
 
+/// `base` reading and dead-lettering the test's own streams.
+fn named(base: JetStreamConfig, n: &Names) -> JetStreamConfig {
+    base.stream(n.stream.clone())
+        .subjects(vec![format!("{}.commands.>", n.prefix)])
+        .dead_stream(n.dead_stream.clone())
+        .dead_subject(format!("{}.dead", n.prefix))
+        .max_ack_pending(1000)
+}
+
 fn config(n: &Names) -> JetStreamConfig {
-    JetStreamConfig {
-        stream: n.stream.clone(),
-        subjects: vec![format!("{}.commands.>", n.prefix)],
-        filter_subject: format!("{}.commands.>", n.prefix),
-        consumer: "thunderline".into(),
-        dead_stream: n.dead_stream.clone(),
-        dead_subject: format!("{}.dead", n.prefix),
-        max_ack_pending: 1000,
-        retry: RetryPolicy::exponential(
-            3,
-            Duration::from_millis(10),
-            2.0,
-            Duration::from_millis(50),
-        ),
-        ..JetStreamConfig::new(URL)
-    }
+    named(JetStreamConfig::new(URL), n)
+}
+
+/// Three attempts in all, quickly.
+fn three_attempts() -> RetryPolicy {
+    RetryPolicy::exponential(3, Duration::from_millis(10), 2.0, Duration::from_millis(50))
+        .with_jitter(Jitter::None)
 }
 
 async fn context() -> jetstream::Context {
@@ -121,7 +123,12 @@ impl BatchSink<u64> for Sink {
 fn pipeline(source: JetStreamSource<u64>, judge: Judge, sink: Sink) -> Pipeline<u64> {
     Pipeline::builder("jetstream-test")
         .producer(source)
-        .processor(judge, ProcessorConfig::default().concurrency(2))
+        .processor(
+            judge,
+            ProcessorConfig::default()
+                .concurrency(2)
+                .retry(three_attempts()),
+        )
         .batcher(
             BatcherConfig::new("out")
                 .batch_size(50)
@@ -211,7 +218,7 @@ async fn every_message_is_acked_once_after_its_sink() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_are_nakked_then_dead_lettered_with_their_reason() {
+async fn failures_are_retried_in_process_then_dead_lettered_once_with_their_reason() {
     let js = context().await;
     let n = names();
     let source = JetStreamSource::connect(config(&n), decode).await.unwrap();
@@ -237,7 +244,8 @@ async fn failures_are_nakked_then_dead_lettered_with_their_reason() {
     .await;
     p.shutdown().await.unwrap();
     assert_eq!(sink.0.lock().unwrap().len(), 97);
-    // The retryable one was delivered 3 times (the policy's max_attempts), the others once.
+    // The retryable one was attempted 3 times in process (the stage's max_attempts), the
+    // permanent ones once; the server delivered each once.
     assert_eq!(judge.seen.lock().unwrap()[&9], 3);
     assert_eq!(judge.seen.lock().unwrap()[&7], 1);
     let mut dead = dead_letters(&js, &n).await;
@@ -253,10 +261,14 @@ async fn failures_are_nakked_then_dead_lettered_with_their_reason() {
         by_payload["not a number"].1.contains("invalid digit"),
         "{dead:?}"
     );
-    assert_eq!(metrics.messages("dead_lettered"), 4);
+    assert_eq!(
+        by_payload["not a number"].2, "",
+        "no attempts: it never entered the pipeline"
+    );
+    assert_eq!(metrics.messages("dead_lettered"), 3);
     assert_eq!(metrics.messages("undecodable"), 1);
-    assert_eq!(metrics.messages("retried"), 2);
-    assert_eq!(metrics.messages("redelivered"), 2);
+    assert_eq!(metrics.messages("retried"), 0);
+    assert_eq!(metrics.messages("redelivered"), 0);
     cleanup(&js, &n).await;
 }
 
@@ -292,8 +304,7 @@ async fn a_conflicting_consumer_is_refused_at_start() {
 async fn a_slow_message_gets_progress_acks_and_is_not_redelivered() {
     let js = context().await;
     let n = names();
-    let mut cfg = config(&n);
-    cfg.ack_wait = Duration::from_secs(2);
+    let cfg = config(&n).ack_wait(Duration::from_secs(2));
     let source = JetStreamSource::connect(cfg, decode).await.unwrap();
     let metrics = source.metrics().clone();
     publish(&js, &n, 1).await;
@@ -364,7 +375,7 @@ impl BatchSink<u64> for FlakySink {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sink_failures_are_redelivered_when_retryable_and_dead_lettered_when_permanent() {
+async fn sink_failures_are_retried_in_process_when_retryable_and_dead_lettered_when_permanent() {
     let js = context().await;
     let n = names();
     let source = JetStreamSource::connect(config(&n), decode).await.unwrap();
@@ -381,7 +392,8 @@ async fn sink_failures_are_redelivered_when_retryable_and_dead_lettered_when_per
         .batcher(
             BatcherConfig::new("out")
                 .batch_size(20)
-                .batch_timeout(Duration::from_millis(20)),
+                .batch_timeout(Duration::from_millis(20))
+                .retry(three_attempts()),
             sink.clone(),
         )
         .start()
@@ -397,7 +409,7 @@ async fn sink_failures_are_redelivered_when_retryable_and_dead_lettered_when_per
     let expected: Vec<u64> = (0..200).filter(|v| ![4, 99].contains(v)).collect();
     assert_eq!(
         stored, expected,
-        "each stored once; the busy ones on their second delivery"
+        "each stored once; the busy ones on their second attempt"
     );
     let dead = dead_letters(&js, &n).await;
     let mut dead_payloads: Vec<&str> = dead.iter().map(|d| d.0.as_str()).collect();
@@ -407,7 +419,72 @@ async fn sink_failures_are_redelivered_when_retryable_and_dead_lettered_when_per
         dead.iter().all(|d| d.1.starts_with("the sink refuses")),
         "{dead:?}"
     );
-    assert_eq!(metrics.messages("retried"), 3);
-    assert_eq!(metrics.messages("redelivered"), 3);
+    assert_eq!(metrics.messages("retried"), 0);
+    assert_eq!(metrics.messages("redelivered"), 0);
+    cleanup(&js, &n).await;
+}
+
+/// The contract the README states: a command failing retryably every time is attempted exactly
+/// `[processors.retry] max_attempts` times (5 in the shipped pipelines/nats.toml), in process,
+/// then dead-lettered once with that many attempts, and the server does not deliver it again.
+/// The source and the zone writers' stage are the daemon's, as the shipped file declares them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_failing_retryably_gets_the_documented_attempts_then_one_dead_letter() {
+    let js = context().await;
+    let n = names();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/nats.toml");
+    let file = PipelineFile::load(&path).unwrap();
+    let processors = file.processors.config.clone();
+    let documented = processors.get_retry().max_attempts();
+    assert_eq!(documented, 5, "the README says 5 attempts by default");
+    let source_config = named(file.sources.nats.clone().expect("[sources.nats]"), &n);
+    let source = JetStreamSource::connect(source_config, decode)
+        .await
+        .unwrap();
+    let metrics = source.metrics().clone();
+    publish(&js, &n, 10).await;
+    let judge = Judge {
+        retryable: Arc::new(vec![4]),
+        ..Judge::default()
+    };
+    let sink = Sink::default();
+    let p = Pipeline::builder("jetstream-documented-attempts")
+        .producer(source)
+        .processor(judge.clone(), processors)
+        // As the daemon: one key's messages to one worker, in order.
+        .partition_by(|m: &Message<u64>| m.data % 3)
+        .batcher(
+            BatcherConfig::new("out")
+                .batch_size(50)
+                .batch_timeout(Duration::from_millis(20)),
+            sink.clone(),
+        )
+        .start()
+        .unwrap();
+    eventually("every message settled", || async {
+        let (floor, pending, left) = consumer_state(&js, &n).await;
+        floor == 10 && pending == 0 && left == 0
+    })
+    .await;
+    eventually("one dead letter", || async {
+        metrics.messages("dead_lettered") == 1
+    })
+    .await;
+    p.shutdown().await.unwrap();
+    assert_eq!(
+        judge.seen.lock().unwrap()[&4],
+        documented,
+        "attempted exactly max_attempts times"
+    );
+    assert_eq!(sink.0.lock().unwrap().len(), 9);
+    let dead = dead_letters(&js, &n).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, "4");
+    assert_eq!(dead[0].1, "4 failed for now");
+    assert_eq!(dead[0].2, documented.to_string());
+    // Terminated: never delivered again, never given back.
+    assert_eq!(metrics.messages("redelivered"), 0);
+    assert_eq!(metrics.messages("retried"), 0);
+    assert_eq!(metrics.messages("received"), 10);
     cleanup(&js, &n).await;
 }

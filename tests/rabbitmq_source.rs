@@ -28,7 +28,7 @@ use thunderline::pipeline::{
     ProcessorConfig, RetryPolicy,
 };
 use thunderline::sources::rabbitmq::{
-    MESSAGE_ID, ROUTING_KEY, RabbitMqConfig, RabbitMqError, RabbitMqSource, Reconnect,
+    MESSAGE_ID, ROUTING_KEY, RabbitMqConfig, RabbitMqError, RabbitMqSource,
 };
 use thunderline::sources::{ATTEMPTS_HEADER, Delivery, REASON_HEADER, SourceMetrics};
 
@@ -69,16 +69,17 @@ async fn test_config() -> Option<RabbitMqConfig> {
         }
     }
     let id = uuid::Uuid::new_v4().simple();
-    let mut config = RabbitMqConfig::new(url());
-    config.queue = format!("thunderline.test.{id}");
-    config.dead_exchange = format!("thunderline.test.{id}.dead");
-    config.dead_queue = format!("thunderline.test.{id}.dead");
-    config.consumer_tag = format!("thunderline-test-{id}");
-    config.prefetch = 50;
-    config.reconnect = Reconnect {
-        initial_delay: Duration::from_millis(50),
-        max_delay: Duration::from_secs(1),
-    };
+    let config = RabbitMqConfig::new(url())
+        .queue(format!("thunderline.test.{id}"))
+        .dead_exchange(format!("thunderline.test.{id}.dead"))
+        .dead_queue(format!("thunderline.test.{id}.dead"))
+        .consumer_tag(format!("thunderline-test-{id}"))
+        .prefetch(50)
+        .reconnect(RetryPolicy::unlimited(
+            Duration::from_millis(50),
+            2.0,
+            Duration::from_secs(1),
+        ));
     Some(config)
 }
 
@@ -98,7 +99,7 @@ async fn publish(config: &RabbitMqConfig, messages: impl IntoIterator<Item = (St
         channel
             .basic_publish(
                 "".into(),
-                config.queue.as_str().into(),
+                config.get_queue().into(),
                 BasicPublishOptions::default(),
                 body.as_bytes(),
                 properties,
@@ -128,7 +129,7 @@ async fn dead_letters(config: &RabbitMqConfig, n: usize) -> Vec<AmqpDelivery> {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while got.len() < n {
         match channel
-            .basic_get(config.dead_queue.as_str().into(), no_ack)
+            .basic_get(config.get_dead_queue().into(), no_ack)
             .await
             .expect("basic.get")
         {
@@ -140,7 +141,7 @@ async fn dead_letters(config: &RabbitMqConfig, n: usize) -> Vec<AmqpDelivery> {
         }
     }
     let extra = channel
-        .basic_get(config.dead_queue.as_str().into(), no_ack)
+        .basic_get(config.get_dead_queue().into(), no_ack)
         .await
         .expect("basic.get");
     assert!(extra.is_none(), "more than {n} dead letters");
@@ -193,14 +194,14 @@ async fn consumer_prefetch(queue: &str) -> Option<u64> {
 
 async fn cleanup(config: &RabbitMqConfig) {
     let (connection, channel) = open().await.expect("connect to clean up");
-    for queue in [&config.queue, &config.dead_queue] {
+    for queue in [config.get_queue(), config.get_dead_queue()] {
         let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
             .await;
     }
     let _ = channel
         .exchange_delete(
-            config.dead_exchange.as_str().into(),
+            config.get_dead_exchange().into(),
             ExchangeDeleteOptions::default(),
         )
         .await;
@@ -324,7 +325,7 @@ where
 /// is gone once its acknowledger is: anything it left unacknowledged would be back).
 async fn finish(pipeline: Pipeline<u32>, config: &RabbitMqConfig) {
     pipeline.shutdown().await.expect("a clean drain");
-    let queue = &config.queue;
+    let queue = config.get_queue();
     wait_until_async(
         "the queue is empty",
         || async move { queued(queue).await == 0 },
@@ -359,7 +360,7 @@ async fn every_message_is_processed_and_acked_once() {
         return;
     };
     publish_after_declare(&config, numbered(0..500)).await;
-    let metrics: SourceMetrics = config.metrics.clone();
+    let metrics: SourceMetrics = config.get_metrics().clone();
     let source = RabbitMqSource::connect(config.clone(), decode)
         .await
         .expect("connect");
@@ -367,7 +368,7 @@ async fn every_message_is_processed_and_acked_once() {
     let pipeline = pipeline(source, |_| Ok(()), &seen);
 
     wait_until("500 acks", || metrics.messages("acked") == 500).await;
-    assert_eq!(consumer_prefetch(&config.queue).await, Some(50));
+    assert_eq!(consumer_prefetch(config.get_queue()).await, Some(50));
     finish(pipeline, &config).await;
 
     let seen = std::mem::take(&mut *seen.lock().unwrap());
@@ -383,7 +384,7 @@ async fn every_message_is_processed_and_acked_once() {
     ] {
         assert_eq!(metrics.messages(outcome), 0, "{outcome}");
     }
-    assert_eq!(queued(&config.dead_queue).await, 0);
+    assert_eq!(queued(config.get_dead_queue()).await, 0);
     cleanup(&config).await;
 }
 
@@ -395,7 +396,7 @@ async fn the_lag_follows_the_queue_depth() {
         return;
     };
     publish_after_declare(&config, numbered(0..300)).await;
-    let metrics: SourceMetrics = config.metrics.clone();
+    let metrics: SourceMetrics = config.get_metrics().clone();
     let source = RabbitMqSource::connect(config.clone(), decode)
         .await
         .expect("connect");
@@ -416,7 +417,7 @@ async fn failed_messages_are_dead_lettered_with_their_reason_and_attempts() {
         return;
     };
     publish_after_declare(&config, numbered(0..100)).await;
-    let metrics = config.metrics.clone();
+    let metrics = config.get_metrics().clone();
     let source = RabbitMqSource::connect(config.clone(), decode)
         .await
         .expect("connect");
@@ -452,7 +453,7 @@ async fn failed_messages_are_dead_lettered_with_their_reason_and_attempts() {
         );
         assert_eq!(
             d.routing_key.as_str(),
-            config.queue,
+            config.get_queue(),
             "the original routing key"
         );
         let (why, attempts) = match n % 10 {
@@ -481,7 +482,7 @@ async fn undecodable_messages_are_dead_lettered_at_once() {
     };
     let garbage = (0..5).map(|n| (format!("junk-{n}"), format!("junk {n}")));
     publish_after_declare(&config, numbered(0..20).chain(garbage)).await;
-    let metrics = config.metrics.clone();
+    let metrics = config.get_metrics().clone();
     let source = RabbitMqSource::connect(config.clone(), decode)
         .await
         .expect("connect");
@@ -523,7 +524,7 @@ async fn a_queue_declared_with_other_arguments_is_refused_at_start() {
     arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(10));
     channel
         .queue_declare(
-            config.queue.as_str().into(),
+            config.get_queue().into(),
             QueueDeclareOptions::durable(),
             arguments,
         )
@@ -533,12 +534,14 @@ async fn a_queue_declared_with_other_arguments_is_refused_at_start() {
 
     let refused = RabbitMqSource::<u32>::connect(config.clone(), decode).await;
     match refused {
-        Err(RabbitMqError::QueueConflict { ref queue, .. }) => assert_eq!(*queue, config.queue),
+        Err(RabbitMqError::QueueConflict { ref queue, .. }) => {
+            assert_eq!(*queue, config.get_queue())
+        }
         Err(other) => panic!("another error: {other}"),
         Ok(_) => panic!("a conflicting queue was accepted"),
     }
     let text = refused.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(text.contains(&config.queue), "{text}");
+    assert!(text.contains(config.get_queue()), "{text}");
     assert!(text.contains("x-dead-letter-exchange"), "{text}");
     assert!(text.contains("rabbitmqctl delete_queue"), "{text}");
     cleanup(&config).await;
@@ -551,7 +554,7 @@ async fn a_connection_killed_mid_stream_loses_nothing() {
         return;
     };
     publish_after_declare(&config, numbered(0..2000)).await;
-    let metrics = config.metrics.clone();
+    let metrics = config.get_metrics().clone();
     let source = RabbitMqSource::connect(config.clone(), decode)
         .await
         .expect("connect");
@@ -568,9 +571,9 @@ async fn a_connection_killed_mid_stream_loses_nothing() {
 
     wait_until("a reconnect", || metrics.events("reconnected") >= 1).await;
     // The prefetch belongs to the channel, lost with the connection: it is set again.
-    assert_eq!(consumer_prefetch(&config.queue).await, Some(50));
+    assert_eq!(consumer_prefetch(config.get_queue()).await, Some(50));
     wait_until("every command seen", || seen.lock().unwrap().len() == 2000).await;
-    let queue = &config.queue;
+    let queue = config.get_queue();
     wait_until_async(
         "every command acked",
         || async move { queued(queue).await == 0 },
@@ -599,7 +602,7 @@ async fn a_drain_settles_what_was_received_and_leaves_the_rest_queued() {
         return;
     };
     publish_after_declare(&config, numbered(0..300)).await;
-    let metrics = config.metrics.clone();
+    let metrics = config.get_metrics().clone();
     let source = RabbitMqSource::connect(config.clone(), decode)
         .await
         .expect("connect");
@@ -616,7 +619,7 @@ async fn a_drain_settles_what_was_received_and_leaves_the_rest_queued() {
     })
     .await;
     assert!(received < 300, "the drain came after the last delivery");
-    let queue = &config.queue;
+    let queue = config.get_queue();
     wait_until_async("the rest is back in the queue", || async move {
         queued(queue).await == 300 - received
     })

@@ -1216,7 +1216,7 @@ async fn small_pipeline(url: &str, in_flight: usize, queue: usize) -> common::se
         ..Default::default()
     };
     file.producer.queue = NonZeroUsize::new(queue).unwrap();
-    file.batchers.broadcast.batch_size = NonZeroUsize::new(20).unwrap();
+    file.batchers.broadcast = file.batchers.broadcast.batch_size(20);
     common::server::start_with(Some(url.to_owned()), file).await
 }
 

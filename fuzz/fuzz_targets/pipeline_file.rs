@@ -1,17 +1,19 @@
 //! The pipeline-file parser, `daemon::config::PipelineFile::parse`, on any text. It never
-//! panics; a refusal names the file; a file it accepts yields the configurations `serve` builds
-//! from it (processors, batchers, retry policies and their first delays, zone history, broker
-//! sources) without panicking, and written back as TOML it parses to the same file.
+//! panics; a refusal names the file; a file it accepts yields the library configurations `serve`
+//! builds from it (processors, batchers, retry policies and their first delays, zone history,
+//! broker sources) that pass the library's own checks, and written back as TOML it parses to the
+//! same file.
 #![no_main]
 
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use thunderline::daemon::config::{PipelineFile, PipelineFileError, RetrySection};
+use thunderline::daemon::config::{PipelineFile, PipelineFileError};
+use thunderline::pipeline::RetryPolicy;
 
-/// What a stage computes from a retry section (f32 and f64 arithmetic on the file's numbers).
-fn retry(section: &RetrySection) {
-    let policy = section.policy();
+/// What a stage computes from a retry policy (f32 and f64 arithmetic on the file's numbers).
+fn retry(policy: &RetryPolicy) {
+    assert!(policy.validate().is_ok(), "a parsed policy is valid: {policy:?}");
     for n in [0, 1, 2, 30, u32::MAX] {
         let _ = (policy.cap(n), policy.delay(n));
     }
@@ -31,20 +33,22 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => panic!("parsing read a file: {e}"),
     };
-    let _ = file.processors.config();
-    retry(&file.processors.retry);
-    for (name, batcher) in [
-        ("broadcast", &file.batchers.broadcast),
-        ("audit", &file.batchers.audit),
-    ] {
-        let _ = batcher.config(name);
-        retry(&batcher.retry);
+    let processors = &file.processors.config;
+    let _ = (processors.get_concurrency(), processors.get_max_demand());
+    retry(processors.get_retry());
+    for batcher in [&file.batchers.broadcast, &file.batchers.audit] {
+        let _ = (batcher.get_name(), batcher.get_batch_size());
+        retry(batcher.get_retry());
     }
     let _ = file.zones.history();
     let _ = file.zones.broadcast_limit();
     if let Some(nats) = &file.sources.nats {
-        let _ = (nats.ack_wait(), nats.idle_heartbeat());
-        retry(&nats.retry);
+        assert!(nats.validate().is_ok());
+        retry(nats.get_reconnect());
+    }
+    if let Some(rabbit) = &file.sources.rabbitmq {
+        assert!(rabbit.validate().is_ok());
+        retry(rabbit.get_reconnect());
     }
     let written = toml::to_string(&file).expect("a pipeline file serialises");
     let again = PipelineFile::parse(&written, path)

@@ -16,10 +16,10 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::admin_client::{AdminClient, AdminError};
-use crate::daemon::config::{
-    NatsSection, PipelineFile, PipelineFileError, RabbitMqSection, SourceSections,
-};
+use crate::daemon::config::{PipelineFile, PipelineFileError, SourceSections};
 use crate::daemon::server::{ServeArgs, ServeError, Server};
+use crate::sources::jetstream::JetStreamConfig;
+use crate::sources::rabbitmq::RabbitMqConfig;
 use crate::store::{Store, StoreError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -189,25 +189,19 @@ struct Names {
 }
 
 impl Names {
-    fn nats(&self, url: &str) -> NatsSection {
-        NatsSection {
-            url: url.to_owned(),
-            stream: format!("BENCH_{}", self.tag),
-            subjects: vec![format!("bench{}.commands.>", self.tag)],
-            dead_stream: format!("BENCH_{}_DEAD", self.tag),
-            dead_subject: format!("bench{}.dead", self.tag),
-            ..NatsSection::default()
-        }
+    fn nats(&self, url: &str) -> JetStreamConfig {
+        JetStreamConfig::new(url)
+            .stream(format!("BENCH_{}", self.tag))
+            .subjects(vec![format!("bench{}.commands.>", self.tag)])
+            .dead_stream(format!("BENCH_{}_DEAD", self.tag))
+            .dead_subject(format!("bench{}.dead", self.tag))
     }
 
-    fn rabbit(&self, url: &str) -> RabbitMqSection {
-        RabbitMqSection {
-            url: url.to_owned(),
-            queue: format!("bench.{}.commands", self.tag),
-            dead_exchange: format!("bench.{}.dead", self.tag),
-            dead_queue: format!("bench.{}.commands.dead", self.tag),
-            prefetch: None,
-        }
+    fn rabbit(&self, url: &str) -> RabbitMqConfig {
+        RabbitMqConfig::new(url)
+            .queue(format!("bench.{}.commands", self.tag))
+            .dead_exchange(format!("bench.{}.dead", self.tag))
+            .dead_queue(format!("bench.{}.commands.dead", self.tag))
     }
 
     fn raw_queue(&self) -> String {
@@ -261,8 +255,8 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
         tag: Uuid::new_v4().simple().to_string()[..12].to_owned(),
     };
     let url = args.url.clone().unwrap_or_else(|| match args.kind {
-        BrokerKind::Nats => NatsSection::default().url,
-        BrokerKind::Rabbitmq => RabbitMqSection::default().url,
+        BrokerKind::Nats => JetStreamConfig::default().get_url().to_owned(),
+        BrokerKind::Rabbitmq => RabbitMqConfig::default().get_url().to_owned(),
     });
     let dir = std::env::temp_dir().join(format!("thunderline-bench-broker-{}", names.tag));
     let database = args
@@ -417,18 +411,18 @@ mod nats {
 
     /// The stream, with the commands in it (each with its id as `Nats-Msg-Id`).
     pub async fn publish(
-        section: &NatsSection,
+        section: &JetStreamConfig,
         commands: &[(Uuid, Uuid, Vec<u8>)],
     ) -> Result<(), BrokerBenchError> {
-        let js = context(&section.url).await?;
+        let js = context(section.get_url()).await?;
         js.create_stream(stream::Config {
-            name: section.stream.clone(),
-            subjects: section.subjects.clone(),
+            name: section.get_stream().to_owned(),
+            subjects: section.get_subjects().to_vec(),
             ..stream::Config::default()
         })
         .await
         .map_err(nats_err)?;
-        let prefix = section.subjects[0].trim_end_matches('>');
+        let prefix = section.get_subjects()[0].trim_end_matches('>');
         for chunk in commands.chunks(1_000) {
             let mut acks = Vec::with_capacity(chunk.len());
             for (zone, id, body) in chunk {
@@ -449,10 +443,13 @@ mod nats {
 
     /// A second durable pull consumer on the same stream, consumed and acknowledged message by
     /// message with the same client and pull size as the source, and nothing else.
-    pub async fn raw(section: &NatsSection, events: u64) -> Result<Duration, BrokerBenchError> {
+    pub async fn raw(section: &JetStreamConfig, events: u64) -> Result<Duration, BrokerBenchError> {
         let started = Instant::now();
-        let js = context(&section.url).await?;
-        let stream = js.get_stream(&section.stream).await.map_err(nats_err)?;
+        let js = context(section.get_url()).await?;
+        let stream = js
+            .get_stream(section.get_stream())
+            .await
+            .map_err(nats_err)?;
         let consumer: jetstream::consumer::PullConsumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some("raw".into()),
@@ -464,9 +461,9 @@ mod nats {
             .map_err(nats_err)?;
         let mut messages = consumer
             .stream()
-            .max_messages_per_batch(section.pull_batch.get())
-            .heartbeat(section.idle_heartbeat())
-            .expires(section.idle_heartbeat() * 4)
+            .max_messages_per_batch(section.get_pull_batch())
+            .heartbeat(section.get_idle_heartbeat())
+            .expires(section.get_idle_heartbeat() * 4)
             .messages()
             .await
             .map_err(nats_err)?;
@@ -485,10 +482,10 @@ mod nats {
         Ok(started.elapsed())
     }
 
-    pub async fn cleanup(section: &NatsSection) {
-        if let Ok(js) = context(&section.url).await {
-            let _ = js.delete_stream(&section.stream).await;
-            let _ = js.delete_stream(&section.dead_stream).await;
+    pub async fn cleanup(section: &JetStreamConfig) {
+        if let Ok(js) = context(section.get_url()).await {
+            let _ = js.delete_stream(section.get_stream()).await;
+            let _ = js.delete_stream(section.get_dead_stream()).await;
         }
     }
 }
@@ -502,7 +499,7 @@ mod rabbit {
     use lapin::types::FieldTable;
     use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-    use crate::sources::rabbitmq::{RabbitMqConfig, RabbitMqSource};
+    use crate::sources::rabbitmq::RabbitMqSource;
 
     async fn connect(url: &str) -> Result<Connection, BrokerBenchError> {
         Connection::connect(url, ConnectionProperties::default())
@@ -513,19 +510,12 @@ mod rabbit {
     /// The source's topology and a plain durable queue for the raw consumer, each with every
     /// command (persistent, its id as `message_id`), confirmed by the broker.
     pub async fn publish(
-        section: &RabbitMqSection,
+        section: &RabbitMqConfig,
         raw_queue: &str,
         commands: &[(Uuid, Uuid, Vec<u8>)],
     ) -> Result<(), BrokerBenchError> {
-        let config = RabbitMqConfig {
-            url: section.url.clone(),
-            queue: section.queue.clone(),
-            dead_exchange: section.dead_exchange.clone(),
-            dead_queue: section.dead_queue.clone(),
-            ..RabbitMqConfig::default()
-        };
-        RabbitMqSource::declare(&config).await.map_err(rabbit_err)?;
-        let connection = connect(&section.url).await?;
+        RabbitMqSource::declare(section).await.map_err(rabbit_err)?;
+        let connection = connect(section.get_url()).await?;
         let channel = connection.create_channel().await.map_err(rabbit_err)?;
         channel
             .queue_declare(
@@ -542,7 +532,7 @@ mod rabbit {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(rabbit_err)?;
-        for queue in [section.queue.as_str(), raw_queue] {
+        for queue in [section.get_queue(), raw_queue] {
             for chunk in commands.chunks(1_000) {
                 let mut confirms = Vec::with_capacity(chunk.len());
                 for (_, id, body) in chunk {
@@ -577,8 +567,8 @@ mod rabbit {
         let started = Instant::now();
         let connection = connect(url).await?;
         let channel = connection.create_channel().await.map_err(rabbit_err)?;
-        let prefetch = PipelineFile::default().processors.config().concurrency
-            * PipelineFile::default().processors.max_demand.get();
+        let processors = PipelineFile::default().processors.config;
+        let prefetch = processors.get_concurrency() * processors.get_max_demand();
         channel
             .basic_qos(
                 u16::try_from(prefetch).unwrap_or(u16::MAX),
@@ -623,19 +613,19 @@ mod rabbit {
         Ok(elapsed)
     }
 
-    pub async fn cleanup(section: &RabbitMqSection, raw_queue: &str) {
-        let Ok(connection) = connect(&section.url).await else {
+    pub async fn cleanup(section: &RabbitMqConfig, raw_queue: &str) {
+        let Ok(connection) = connect(section.get_url()).await else {
             return;
         };
         if let Ok(channel) = connection.create_channel().await {
-            for queue in [section.queue.as_str(), &section.dead_queue, raw_queue] {
+            for queue in [section.get_queue(), section.get_dead_queue(), raw_queue] {
                 let _ = channel
                     .queue_delete(queue.into(), QueueDeleteOptions::default())
                     .await;
             }
             let _ = channel
                 .exchange_delete(
-                    section.dead_exchange.as_str().into(),
+                    section.get_dead_exchange().into(),
                     ExchangeDeleteOptions::default(),
                 )
                 .await;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use serde::Serialize;
+use thunderline::redact::redact_url;
 use thunderline::{bench, daemon};
 
 #[global_allocator]
@@ -99,13 +100,13 @@ async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::server::Se
     let file = args.pipeline()?;
     let server = daemon::server::Server::start(&args, &file).await?;
     let addr = server.addr;
-    tracing::info!(%addr, store = %args.db.url(), "thunderline listening");
+    tracing::info!(%addr, store = %redact_url(&args.db.url()), "thunderline listening");
     println!("thunderline listening on http://{addr}");
     println!("  WebSocket (Phoenix Channels V2): ws://{addr}/socket/websocket?vsn=2.0.0");
     println!("  admin API: http://{addr}/api/zones  (Authorization: Bearer <admin token>)");
     let metrics = server.metrics_addr.unwrap_or(addr);
     println!("  metrics: http://{metrics}/metrics   health: http://{addr}/healthz");
-    println!("  store: {}", args.db.url());
+    println!("  store: {}", redact_url(&args.db.url()));
     if server.secrets.admin_token_generated {
         let kept = args.db.data_dir.join(daemon::server::ADMIN_TOKEN_FILE);
         // Shown once, to the person who started the server; never to a log file or pipe.

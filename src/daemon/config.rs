@@ -1,121 +1,92 @@
 //! Pipeline files (`pipelines/zones.toml`): the zone pipeline `serve` runs, declared in TOML.
 //!
-//! Every setting maps onto the library's public API (`ProcessorConfig`, `BatcherConfig`,
-//! `RetryPolicy`, the builder's rate limit and bounds), so nothing a file can say is out of a
-//! library user's reach. A bad file is refused before anything starts, with the file, the line
-//! and what was expected: unknown keys, wrong types and impossible values (a batch size of 0)
-//! are all caught while parsing, where the line is known.
+//! The sections are the library's own configurations, read straight from the file:
+//! `[processors]` is a `ProcessorConfig` (beside it the daemon's one key, `partition_by_zone`),
+//! `[batchers.broadcast]` and `[batchers.audit]` are `BatcherConfig`s, every `retry` table is a
+//! `RetryPolicy`, `[sources.nats]` a `JetStreamConfig` and `[sources.rabbitmq]` a
+//! `RabbitMqConfig`. So nothing a file can say is out of a library user's reach, and there is
+//! one set of defaults: a key a file leaves out takes the library's default. What the daemon
+//! wants instead is written in the shipped `pipelines/zones.toml`, which is also what `serve`
+//! runs without `--config` ([`PipelineFile::default`]).
+//!
+//! A bad file is refused before anything starts, with the file, the line and what was
+//! expected: unknown keys, wrong types and impossible values (a batch size of 0, a retry policy
+//! that cannot be followed) are caught while parsing, where the line is known; what relates
+//! sections is checked after.
 
-use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::cell::Cell;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::pipeline::{BatcherConfig, Jitter, ProcessorConfig, RetryPolicy};
+use crate::pipeline::{BatcherConfig, ProcessorConfig};
 use crate::runtime::{HistoryConfig, Replies};
 use crate::sources::jetstream::JetStreamConfig;
 use crate::sources::rabbitmq::RabbitMqConfig;
 use crate::zone::BroadcastLimit;
 
+/// The shipped default pipeline, compiled in.
+const ZONES_TOML: &str = include_str!("../../pipelines/zones.toml");
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct PipelineFile {
     /// Milliseconds between environment ticks of every zone with agents in it.
+    #[serde(default = "defaults::tick_interval_ms")]
     pub tick_interval_ms: NonZeroU64,
     /// Most messages in the pipeline at once.
+    #[serde(default = "defaults::in_flight_bound")]
     pub in_flight_bound: NonZeroUsize,
     /// How long a drain may take at shutdown.
+    #[serde(default = "defaults::shutdown_timeout_ms")]
     pub shutdown_timeout_ms: NonZeroU64,
+    #[serde(default)]
     pub producer: ProducerSection,
-    pub processors: ProcessorSection,
+    #[serde(default)]
+    pub processors: ProcessorsSection,
+    #[serde(default)]
     pub batchers: BatcherSections,
+    #[serde(default)]
     pub replies: RepliesSection,
+    #[serde(default)]
     pub zones: ZonesSection,
     /// Broker ingest: zone commands from NATS JetStream and/or RabbitMQ, beside the sockets.
+    #[serde(default)]
     pub sources: SourceSections,
 }
 
+/// The daemon's own top-level keys, when a file leaves them out.
+mod defaults {
+    use std::num::{NonZeroU64, NonZeroUsize};
+
+    pub fn tick_interval_ms() -> NonZeroU64 {
+        NonZeroU64::new(5_000).expect("nonzero")
+    }
+
+    pub fn in_flight_bound() -> NonZeroUsize {
+        NonZeroUsize::new(20_000).expect("nonzero")
+    }
+
+    pub fn shutdown_timeout_ms() -> NonZeroU64 {
+        NonZeroU64::new(30_000).expect("nonzero")
+    }
+}
+
+/// `[sources.nats]` (a JetStream durable pull consumer) and `[sources.rabbitmq]` (a durable
+/// queue with a dead-letter exchange): the streams, queues and consumer are declared at start
+/// when absent.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceSections {
-    pub nats: Option<NatsSection>,
-    pub rabbitmq: Option<RabbitMqSection>,
-}
-
-/// `[sources.nats]`: a JetStream durable pull consumer (the stream, the dead-letter stream and
-/// the consumer are declared at start when absent).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NatsSection {
-    pub url: String,
-    pub stream: String,
-    pub subjects: Vec<String>,
-    pub consumer: String,
-    pub dead_stream: String,
-    pub dead_subject: String,
-    /// How long the server waits for a settlement before delivering again (progress acks keep
-    /// a slow message from being delivered again while it is handled).
-    pub ack_wait_ms: NonZeroU64,
-    /// Most messages one pull asks for.
-    pub pull_batch: NonZeroUsize,
-    pub idle_heartbeat_ms: NonZeroU64,
-    /// Deliveries in all (the first included) and the delays of the naks between them.
-    pub retry: RetrySection,
-}
-
-impl Default for NatsSection {
-    /// The source's own defaults, but for the retry delays: a command given back waits longer.
-    fn default() -> Self {
-        let source = JetStreamConfig::default();
-        let ms = |d: Duration| {
-            NonZeroU64::new(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).expect("nonzero")
-        };
-        Self {
-            url: source.url,
-            stream: source.stream,
-            subjects: source.subjects,
-            consumer: source.consumer,
-            dead_stream: source.dead_stream,
-            dead_subject: source.dead_subject,
-            ack_wait_ms: ms(source.ack_wait),
-            pull_batch: NonZeroUsize::new(source.pull_batch).expect("nonzero"),
-            idle_heartbeat_ms: ms(source.idle_heartbeat),
-            retry: RetrySection {
-                max_attempts: Attempts::Count(NonZeroU32::new(5).expect("nonzero")),
-                initial_delay_ms: 500,
-                multiplier: 2.0,
-                max_delay_ms: 30_000,
-                jitter: true,
-            },
-        }
-    }
-}
-
-/// `[sources.rabbitmq]`: a durable queue with a dead-letter exchange (declared at start).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RabbitMqSection {
-    pub url: String,
-    pub queue: String,
-    pub dead_exchange: String,
-    pub dead_queue: String,
-    /// Unacknowledged deliveries the broker sends ahead; omitted: what the processors can ask
-    /// for (workers × max_demand), at most the in-flight bound.
-    pub prefetch: Option<std::num::NonZeroU16>,
-}
-
-impl Default for RabbitMqSection {
-    fn default() -> Self {
-        let source = RabbitMqConfig::default();
-        Self {
-            url: source.url,
-            queue: source.queue,
-            dead_exchange: source.dead_exchange,
-            dead_queue: source.dead_queue,
-            prefetch: None,
-        }
-    }
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<JetStreamConfig>,
+    /// An omitted `prefetch` is what the processors can ask for (workers × max_demand), at
+    /// most the source's share of the in-flight bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<RabbitMqConfig>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -183,150 +154,6 @@ pub struct ProducerSection {
     pub rate_limit: Option<RateLimitSection>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitSection {
-    pub allowed: NonZeroUsize,
-    pub interval_ms: NonZeroU64,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProcessorSection {
-    /// Workers; omitted means one per core.
-    pub concurrency: Option<NonZeroUsize>,
-    pub max_demand: NonZeroUsize,
-    /// Omitted means half of max_demand.
-    pub min_demand: Option<usize>,
-    /// Partition by zone id: each zone has one writer, which applies its commands one at a time
-    /// in the order they came. The zone core needs it, so `false` is refused.
-    pub partition_by_zone: bool,
-    pub timeout_ms: Option<NonZeroU64>,
-    pub retry: RetrySection,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BatcherSections {
-    pub broadcast: BatcherSection,
-    pub audit: BatcherSection,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatcherSection {
-    pub batch_size: NonZeroUsize,
-    pub batch_timeout_ms: NonZeroU64,
-    #[serde(default = "one")]
-    pub concurrency: NonZeroUsize,
-    /// A batch also leaves as soon as a sink worker is free (size and timeout stay the bounds).
-    #[serde(default)]
-    pub group_commit: bool,
-    #[serde(default)]
-    pub retry: RetrySection,
-}
-
-fn one() -> NonZeroUsize {
-    NonZeroUsize::MIN
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetrySection {
-    /// Attempts in all, the first included; omitted means no retry... unless "unlimited".
-    pub max_attempts: Attempts,
-    pub initial_delay_ms: u64,
-    #[serde(deserialize_with = "multiplier")]
-    pub multiplier: f32,
-    pub max_delay_ms: u64,
-    pub jitter: bool,
-}
-
-/// A number of attempts, or `"unlimited"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Attempts {
-    Count(NonZeroU32),
-    Unlimited(Unlimited),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Unlimited {
-    Unlimited,
-}
-
-fn multiplier<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
-    let m = f32::deserialize(d)?;
-    if m.is_finite() && m >= 1.0 {
-        Ok(m)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "multiplier must be a number of at least 1.0, not {m}"
-        )))
-    }
-}
-
-impl Default for RetrySection {
-    fn default() -> Self {
-        Self {
-            max_attempts: Attempts::Count(NonZeroU32::MIN),
-            initial_delay_ms: 100,
-            multiplier: 2.0,
-            max_delay_ms: 10_000,
-            jitter: true,
-        }
-    }
-}
-
-impl Default for PipelineFile {
-    /// The same pipeline `pipelines/zones.toml` declares.
-    fn default() -> Self {
-        let nz = |n: usize| NonZeroUsize::new(n).expect("nonzero");
-        let ms = |n: u64| NonZeroU64::new(n).expect("nonzero");
-        Self {
-            tick_interval_ms: ms(5_000),
-            in_flight_bound: nz(20_000),
-            shutdown_timeout_ms: ms(30_000),
-            producer: ProducerSection::default(),
-            processors: ProcessorSection::default(),
-            batchers: BatcherSections::default(),
-            replies: RepliesSection::default(),
-            zones: ZonesSection::default(),
-            sources: SourceSections::default(),
-        }
-    }
-}
-
-impl Default for BatcherSections {
-    fn default() -> Self {
-        let nz = |n: usize| NonZeroUsize::new(n).expect("nonzero");
-        let ms = |n: u64| NonZeroU64::new(n).expect("nonzero");
-        Self {
-            broadcast: BatcherSection {
-                batch_size: nz(256),
-                batch_timeout_ms: ms(3),
-                concurrency: nz(1),
-                group_commit: false,
-                retry: RetrySection::default(),
-            },
-            audit: BatcherSection {
-                batch_size: nz(20),
-                batch_timeout_ms: ms(2_000),
-                concurrency: nz(4),
-                group_commit: true,
-                retry: RetrySection {
-                    max_attempts: Attempts::Unlimited(Unlimited::Unlimited),
-                    initial_delay_ms: 100,
-                    multiplier: 2.0,
-                    max_delay_ms: 10_000,
-                    jitter: true,
-                },
-            },
-        }
-    }
-}
-
 impl Default for ProducerSection {
     fn default() -> Self {
         Self {
@@ -336,22 +163,200 @@ impl Default for ProducerSection {
     }
 }
 
-impl Default for ProcessorSection {
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSection {
+    pub allowed: NonZeroUsize,
+    pub interval_ms: NonZeroU64,
+}
+
+/// `[processors]`: the engine's [`ProcessorConfig`], and beside it the daemon's one key.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProcessorsSection {
+    /// Partition by zone id: each zone has one writer, which applies its commands one at a time
+    /// in the order they came. The zone core needs it, so `false` is refused. Default: true.
+    pub partition_by_zone: bool,
+    #[serde(flatten)]
+    pub config: ProcessorConfig,
+}
+
+impl Default for ProcessorsSection {
     fn default() -> Self {
         Self {
-            concurrency: None,
-            max_demand: NonZeroUsize::new(64).expect("nonzero"),
-            min_demand: None,
             partition_by_zone: true,
-            timeout_ms: Some(NonZeroU64::new(5_000).expect("nonzero")),
-            retry: RetrySection {
-                max_attempts: Attempts::Count(NonZeroU32::new(5).expect("nonzero")),
-                initial_delay_ms: 50,
-                multiplier: 2.0,
-                max_delay_ms: 2_000,
-                jitter: true,
-            },
+            config: ProcessorConfig::default(),
         }
+    }
+}
+
+/// The daemon's key of `[processors]`.
+const PARTITION_BY_ZONE: &str = "partition_by_zone";
+
+impl<'de> Deserialize<'de> for ProcessorsSection {
+    /// The table is handed to [`ProcessorConfig`]'s own deserializer as it is read, with
+    /// `partition_by_zone` taken out on the way: nothing is buffered, so an error in any key
+    /// still names its line (serde's `flatten` would buffer the table and lose them, and let
+    /// unknown keys through).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let partition = Cell::new(None);
+        let config = ProcessorConfig::deserialize(Plucking {
+            inner: d,
+            slot: &partition,
+        })?;
+        Ok(Self {
+            partition_by_zone: partition.get().unwrap_or(true),
+            config,
+        })
+    }
+}
+
+/// A deserializer of a table that takes out `partition_by_zone` (into `slot`) and passes every
+/// other key, and its value, straight through.
+struct Plucking<'s, D> {
+    inner: D,
+    slot: &'s Cell<Option<bool>>,
+}
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for Plucking<'_, D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.inner.deserialize_any(PluckingVisitor {
+            visitor,
+            slot: self.slot,
+        })
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        let visitor = PluckingVisitor {
+            visitor,
+            slot: self.slot,
+        };
+        self.inner.deserialize_struct(name, fields, visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
+}
+
+struct PluckingVisitor<'s, V> {
+    visitor: V,
+    slot: &'s Cell<Option<bool>>,
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for PluckingVisitor<'_, V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.visitor.expecting(f)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        self.visitor.visit_map(PluckingMap {
+            map,
+            slot: self.slot,
+        })
+    }
+}
+
+struct PluckingMap<'s, A> {
+    map: A,
+    slot: &'s Cell<Option<bool>>,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for PluckingMap<'_, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let mut seed = seed;
+        loop {
+            // The key is read, and handed on, inside the table's own key read: an error in it
+            // (an unknown key) is placed at its line.
+            match self.map.next_key_seed(KeySeed(seed))? {
+                None => return Ok(None),
+                Some(KeyRead::Other(key)) => return Ok(Some(key)),
+                Some(KeyRead::Plucked(back)) => {
+                    self.slot.set(Some(self.map.next_value()?));
+                    seed = back;
+                }
+            }
+        }
+    }
+
+    fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+}
+
+/// A key read: the one taken out (its seed comes back for the next key), or any other.
+enum KeyRead<K, T> {
+    Plucked(K),
+    Other(T),
+}
+
+struct KeySeed<K>(K);
+
+impl<'de, K: DeserializeSeed<'de>> DeserializeSeed<'de> for KeySeed<K> {
+    type Value = KeyRead<K, K::Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let key = String::deserialize(d)?;
+        if key == PARTITION_BY_ZONE {
+            return Ok(KeyRead::Plucked(self.0));
+        }
+        let key: de::value::StringDeserializer<D::Error> = key.into_deserializer();
+        self.0.deserialize(key).map(KeyRead::Other)
+    }
+}
+
+/// `[batchers.broadcast]` and `[batchers.audit]`, each a [`BatcherConfig`] named by its table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Batchers")]
+pub struct BatcherSections {
+    pub broadcast: BatcherConfig,
+    pub audit: BatcherConfig,
+}
+
+impl Default for BatcherSections {
+    fn default() -> Self {
+        Batchers::default().into()
+    }
+}
+
+/// The tables as a file writes them, before they are named.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Batchers {
+    broadcast: BatcherConfig,
+    audit: BatcherConfig,
+}
+
+impl From<Batchers> for BatcherSections {
+    fn from(b: Batchers) -> Self {
+        Self {
+            broadcast: b.broadcast.name("broadcast"),
+            audit: b.audit.name("audit"),
+        }
+    }
+}
+
+impl Default for PipelineFile {
+    /// The shipped `pipelines/zones.toml`, compiled in: the pipeline `serve` runs without
+    /// `--config`.
+    fn default() -> Self {
+        Self::parse(ZONES_TOML, Path::new("pipelines/zones.toml"))
+            .expect("the shipped pipelines/zones.toml parses (a test holds it so)")
     }
 }
 
@@ -366,137 +371,12 @@ pub enum PipelineFileError {
     Invalid { path: PathBuf, message: String },
 }
 
-impl RetrySection {
-    pub fn policy(&self) -> RetryPolicy {
-        let attempts = match self.max_attempts {
-            Attempts::Count(n) => n.get(),
-            Attempts::Unlimited(_) => u32::MAX,
-        };
-        RetryPolicy::exponential(
-            attempts,
-            Duration::from_millis(self.initial_delay_ms),
-            self.multiplier,
-            Duration::from_millis(self.max_delay_ms),
-        )
-        .with_jitter(if self.jitter {
-            Jitter::Full
-        } else {
-            Jitter::None
-        })
-    }
-}
-
-impl BatcherSection {
-    pub fn config(&self, name: &str) -> BatcherConfig {
-        BatcherConfig::new(name)
-            .batch_size(self.batch_size.get())
-            .batch_timeout(Duration::from_millis(self.batch_timeout_ms.get()))
-            .concurrency(self.concurrency.get())
-            .group_commit(self.group_commit)
-            .retry(self.retry.policy())
-    }
-}
-
-impl ProcessorSection {
-    pub fn config(&self) -> ProcessorConfig {
-        let mut config = ProcessorConfig::default()
-            .max_demand(self.max_demand.get())
-            .retry(self.retry.policy());
-        if let Some(n) = self.concurrency {
-            config = config.concurrency(n.get());
-        }
-        if let Some(min) = self.min_demand {
-            config = config.demand(self.max_demand.get(), min);
-        }
-        if let Some(t) = self.timeout_ms {
-            config = config.timeout(Duration::from_millis(t.get()));
-        }
-        config
-    }
-}
-
-/// A NATS subject or a name of a stream, consumer, queue or exchange: printable, no spaces.
-fn check_name(what: &str, name: &str, dots: bool) -> Result<(), String> {
-    let bad = name.is_empty()
-        || name.len() > 255
-        || name.chars().any(|c| {
-            c.is_whitespace() || c.is_control() || (!dots && matches!(c, '.' | '*' | '>'))
-        });
-    if bad {
-        let rule = if dots {
-            "a non-empty name without spaces"
-        } else {
-            "a non-empty name without spaces, dots, * or >"
-        };
-        return Err(format!("{what} {name:?} is not {rule}"));
-    }
-    Ok(())
-}
-
-impl NatsSection {
-    fn check(&self) -> Result<(), String> {
-        if !(self.url.starts_with("nats://") || self.url.starts_with("tls://")) {
-            return Err(format!(
-                "url {:?} must start with nats:// (e.g. nats://127.0.0.1:4222)",
-                self.url
-            ));
-        }
-        check_name("stream", &self.stream, false)?;
-        check_name("dead_stream", &self.dead_stream, false)?;
-        check_name("consumer", &self.consumer, false)?;
-        check_name("dead_subject", &self.dead_subject, true)?;
-        if self.dead_subject.contains(['*', '>']) {
-            return Err("dead_subject is a subject prefix: no wildcards".into());
-        }
-        let [subject] = self.subjects.as_slice() else {
-            return Err(format!(
-                "subjects must name exactly one subject (the consumer's filter), not {}",
-                self.subjects.len()
-            ));
-        };
-        check_name("subject", subject, true)?;
-        if self.ack_wait_ms.get() < 1_000 {
-            return Err("ack_wait_ms must be at least 1000".into());
-        }
-        if self.retry.initial_delay_ms > self.retry.max_delay_ms {
-            return Err("[retry] initial_delay_ms must not exceed max_delay_ms".into());
-        }
-        Ok(())
-    }
-
-    pub fn ack_wait(&self) -> Duration {
-        Duration::from_millis(self.ack_wait_ms.get())
-    }
-
-    pub fn idle_heartbeat(&self) -> Duration {
-        Duration::from_millis(self.idle_heartbeat_ms.get())
-    }
-}
-
-impl RabbitMqSection {
-    fn check(&self) -> Result<(), String> {
-        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
-            return Err(format!(
-                "url {:?} must start with amqp:// (e.g. amqp://guest:guest@127.0.0.1:5672/%2f)",
-                self.url
-            ));
-        }
-        check_name("queue", &self.queue, true)?;
-        check_name("dead_exchange", &self.dead_exchange, true)?;
-        check_name("dead_queue", &self.dead_queue, true)?;
-        if self.queue == self.dead_queue {
-            return Err("queue and dead_queue must differ".into());
-        }
-        Ok(())
-    }
-}
-
 impl PipelineFile {
     /// The built-in pipeline as `pipelines/nats.toml` and `pipelines/rabbitmq.toml` have it,
     /// without their source: audit batches of up to 1000, since a broker delivers in bulk.
     pub fn for_broker() -> Self {
         let mut file = Self::default();
-        file.batchers.audit.batch_size = NonZeroUsize::new(1000).expect("nonzero");
+        file.batchers.audit = file.batchers.audit.batch_size(1000);
         file
     }
 
@@ -506,32 +386,18 @@ impl PipelineFile {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        // What serde cannot see: relations between fields.
+        // What serde cannot see: relations between sections, and what the daemon needs.
         let invalid = |message: String| PipelineFileError::Invalid {
             path: path.to_owned(),
             message,
         };
-        if let Some(min) = file.processors.min_demand
-            && min >= file.processors.max_demand.get()
-        {
-            return Err(invalid(format!(
-                "[processors] min_demand ({min}) must be below max_demand ({})",
-                file.processors.max_demand
-            )));
-        }
-        for (name, b) in [
-            ("broadcast", &file.batchers.broadcast),
-            ("audit", &file.batchers.audit),
-        ] {
-            if b.batch_size.get() > file.in_flight_bound.get() {
+        for b in [&file.batchers.broadcast, &file.batchers.audit] {
+            if b.get_batch_size() > file.in_flight_bound.get() {
                 return Err(invalid(format!(
-                    "[batchers.{name}] batch_size ({}) is above in_flight_bound ({}): its batches could never fill",
-                    b.batch_size, file.in_flight_bound
-                )));
-            }
-            if b.retry.initial_delay_ms > b.retry.max_delay_ms {
-                return Err(invalid(format!(
-                    "[batchers.{name}.retry] initial_delay_ms must not exceed max_delay_ms"
+                    "[batchers.{}] batch_size ({}) is above in_flight_bound ({}): its batches could never fill",
+                    b.get_name(),
+                    b.get_batch_size(),
+                    file.in_flight_bound
                 )));
             }
         }
@@ -542,26 +408,21 @@ impl PipelineFile {
                     .into(),
             ));
         }
-        if file.batchers.broadcast.concurrency.get() != 1 {
+        if file.batchers.broadcast.get_concurrency() != 1 {
             return Err(invalid(
                 "[batchers.broadcast] concurrency must be 1: each zone's subscribers see its \
                  events in seq order, which one sink worker keeps"
                     .into(),
             ));
         }
-        if file.processors.retry.initial_delay_ms > file.processors.retry.max_delay_ms {
-            return Err(invalid(
-                "[processors.retry] initial_delay_ms must not exceed max_delay_ms".into(),
-            ));
-        }
         if let Some(nats) = &file.sources.nats {
-            nats.check()
-                .map_err(|m| invalid(format!("[sources.nats] {m}")))?;
+            nats.validate()
+                .map_err(|e| invalid(format!("[sources.nats] {e}")))?;
         }
         if let Some(rabbit) = &file.sources.rabbitmq {
             rabbit
-                .check()
-                .map_err(|m| invalid(format!("[sources.rabbitmq] {m}")))?;
+                .validate()
+                .map_err(|e| invalid(format!("[sources.rabbitmq] {e}")))?;
         }
         Ok(file)
     }
@@ -595,9 +456,9 @@ mod tests {
     fn the_broker_files_are_the_default_with_a_source() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
         let nats = PipelineFile::load(&dir.join("nats.toml")).unwrap();
-        assert_eq!(nats.sources.nats, Some(NatsSection::default()));
+        assert_eq!(nats.sources.nats, Some(JetStreamConfig::default()));
         let rabbit = PipelineFile::load(&dir.join("rabbitmq.toml")).unwrap();
-        assert_eq!(rabbit.sources.rabbitmq, Some(RabbitMqSection::default()));
+        assert_eq!(rabbit.sources.rabbitmq, Some(RabbitMqConfig::default()));
         for mut file in [nats, rabbit] {
             file.sources = SourceSections::default();
             assert_eq!(file, PipelineFile::for_broker());
@@ -667,9 +528,76 @@ mod tests {
         let e = err("[replies]\nafter = \"eventually\"\n");
         assert!(e.contains("line 2") && e.contains("unknown variant"), "{e}");
         let e = err("[processors]\nmax_demand = 4\nmin_demand = 4\n");
-        assert_eq!(
-            e,
-            "zones.toml: [processors] min_demand (4) must be below max_demand (4)"
+        assert!(
+            e.starts_with("zones.toml: TOML parse error at line 1")
+                && e.contains("min_demand (4) must be below max_demand (4)"),
+            "{e}"
         );
+        let e = err("processors = 5\n");
+        assert!(
+            e.contains("line 1") && e.contains("invalid type: integer"),
+            "{e}"
+        );
+        let e = err("processors = { partition_by_zone = false, max_demand = 8 }\n");
+        assert!(e.contains("partition_by_zone must be true"), "{e}");
+        let e = err("[processors]\npartition_by_zone = \"yes\"\n");
+        assert!(e.contains("line 2") && e.contains("invalid type"), "{e}");
+        let e = err("[batchers.audit.retry]\ninitial_delay_ms = 20000\nmax_delay_ms = 10\n");
+        assert!(
+            e.contains("line 1") && e.contains("initial_delay_ms must not exceed max_delay_ms"),
+            "{e}"
+        );
+        let e = err("[processors.retry]\nmax_attempts = 0\n");
+        assert!(
+            e.contains("line 2") && e.contains("at least 1, or \"unlimited\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn omitted_keys_take_the_library_defaults() {
+        let file =
+            PipelineFile::parse("[processors]\nmax_demand = 8\n", Path::new("x.toml")).unwrap();
+        assert_eq!(
+            file.processors.config,
+            ProcessorConfig::default().max_demand(8)
+        );
+        assert_eq!(file.batchers.audit, BatcherConfig::new("audit"));
+        assert_eq!(file.batchers.broadcast, BatcherConfig::new("broadcast"));
+        let file =
+            PipelineFile::parse("[sources.nats]\nstream = \"S\"\n", Path::new("x.toml")).unwrap();
+        assert_eq!(
+            file.sources.nats,
+            Some(JetStreamConfig::default().stream("S"))
+        );
+    }
+
+    #[test]
+    fn a_retry_table_under_a_source_is_refused_with_where_retries_went() {
+        let e = err("[sources.nats]\nstream = \"S\"\n\n[sources.nats.retry]\nmax_attempts = 5\n");
+        assert!(
+            e.starts_with("zones.toml: TOML parse error at line 4"),
+            "{e}"
+        );
+        assert!(e.contains("[processors.retry]"), "{e}");
+        let e = err("[sources.rabbitmq.retry]\nmax_attempts = 5\n");
+        assert!(
+            e.contains("line 1") && e.contains("[processors.retry]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_written_back_parses_to_itself() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        for name in ["zones.toml", "nats.toml", "rabbitmq.toml"] {
+            let file = PipelineFile::load(&dir.join(name)).unwrap();
+            let written = toml::to_string(&file).unwrap();
+            assert_eq!(
+                PipelineFile::parse(&written, Path::new(name)).unwrap(),
+                file,
+                "{written}"
+            );
+        }
     }
 }

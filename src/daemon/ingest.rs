@@ -24,8 +24,8 @@ use uuid::Uuid;
 use super::config::PipelineFile;
 use crate::pipeline::{Acknowledger, Failure};
 use crate::runtime::{ZoneAcker, ZoneWork};
-use crate::sources::jetstream::{JetStreamConfig, JetStreamError, JetStreamSource, Settled};
-use crate::sources::rabbitmq::{RabbitMqConfig, RabbitMqError, RabbitMqSource};
+use crate::sources::jetstream::{JetStreamError, JetStreamSource, Settled};
+use crate::sources::rabbitmq::{RabbitMqError, RabbitMqSource};
 use crate::sources::{Delivery, SourceMetrics};
 use crate::zone::{Actor, CommandKind, ZoneCommand, ZoneError};
 
@@ -192,21 +192,11 @@ impl Sources {
         let jetstream = match &file.sources.nats {
             None => None,
             Some(nats) => {
-                let config = JetStreamConfig {
-                    url: nats.url.clone(),
-                    stream: nats.stream.clone(),
-                    subjects: nats.subjects.clone(),
-                    consumer: nats.consumer.clone(),
-                    filter_subject: nats.subjects.first().cloned().unwrap_or_default(),
-                    dead_stream: nats.dead_stream.clone(),
-                    dead_subject: nats.dead_subject.clone(),
-                    ack_wait: nats.ack_wait(),
-                    max_ack_pending: share,
-                    pull_batch: nats.pull_batch.get().min(share),
-                    idle_heartbeat: nats.idle_heartbeat(),
-                    retry: nats.retry.policy(),
-                    metrics: metrics.for_source("jetstream"),
-                };
+                let config = nats
+                    .clone()
+                    .max_ack_pending(share)
+                    .pull_batch(nats.get_pull_batch().min(share))
+                    .metrics(metrics.for_source("jetstream"));
                 let source = JetStreamSource::connect(config, zone_work).await?;
                 Some(source.then_acknowledge(then.clone()))
             }
@@ -214,20 +204,14 @@ impl Sources {
         let rabbitmq = match &file.sources.rabbitmq {
             None => None,
             Some(rabbit) => {
-                let asked = processors.saturating_mul(file.processors.max_demand.get());
-                let prefetch = rabbit.prefetch.map_or_else(
-                    || u16::try_from(asked.min(share)).unwrap_or(u16::MAX).max(1),
-                    |p| p.get(),
-                );
-                let config = RabbitMqConfig {
-                    url: rabbit.url.clone(),
-                    queue: rabbit.queue.clone(),
-                    dead_exchange: rabbit.dead_exchange.clone(),
-                    dead_queue: rabbit.dead_queue.clone(),
-                    prefetch,
-                    metrics: metrics.for_source("rabbitmq"),
-                    ..RabbitMqConfig::default()
-                };
+                let asked = processors.saturating_mul(file.processors.config.get_max_demand());
+                let prefetch = rabbit
+                    .get_prefetch()
+                    .unwrap_or_else(|| u16::try_from(asked.min(share)).unwrap_or(u16::MAX).max(1));
+                let config = rabbit
+                    .clone()
+                    .prefetch(prefetch)
+                    .metrics(metrics.for_source("rabbitmq"));
                 let source = RabbitMqSource::connect(config, zone_work).await?;
                 Some(source.then_acknowledge(then))
             }

@@ -13,10 +13,11 @@ pub mod token;
 
 use std::path::PathBuf;
 
+use crate::redact::redact_url;
 use crate::store::default_database_url;
 
-/// Where the store lives.
-#[derive(Clone, Debug, clap::Args)]
+/// Where the store lives. Its `Debug` shows the URL without credentials.
+#[derive(Clone, clap::Args)]
 pub struct DatabaseArgs {
     /// Database URL: postgres://user@host/db, or sqlite://path/to/file.db.
     /// Default: the embedded SQLite file in the data directory.
@@ -25,6 +26,15 @@ pub struct DatabaseArgs {
     /// Directory for the embedded database and generated secrets.
     #[arg(long, env = "THUNDERLINE_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
+}
+
+impl std::fmt::Debug for DatabaseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseArgs")
+            .field("database", &self.database.as_deref().map(redact_url))
+            .field("data_dir", &self.data_dir)
+            .finish()
+    }
 }
 
 impl DatabaseArgs {

@@ -286,10 +286,10 @@ pub fn load_secrets(data_dir: &Path) -> Result<Secrets, ServeError> {
 /// queue their commits behind each other, while one worker lets waiting events group into the
 /// next commit (measured: durable reply p99 13 ms with one, 40–47 ms with four; BENCHMARKS.md).
 fn audit_config(file: &PipelineFile, store: &Store) -> crate::pipeline::BatcherConfig {
-    let config = file.batchers.audit.config("audit");
-    if store.backend() == Backend::Sqlite && config.concurrency > 1 {
+    let config = file.batchers.audit.clone();
+    if store.backend() == Backend::Sqlite && config.get_concurrency() > 1 {
         tracing::info!(
-            configured = config.concurrency,
+            configured = config.get_concurrency(),
             "SQLite has a single writer: the audit batcher runs one sink worker"
         );
         return config.concurrency(1);
@@ -366,7 +366,7 @@ impl Server {
             pipeline_metrics.clone(),
         )?);
         let acker = Arc::new(ZoneAcker::new(zone_registry.clone(), snapshots.clone()));
-        let processors = file.processors.config().concurrency;
+        let processors = file.processors.config.get_concurrency();
         let mut sources = Sources::connect(file, acker.clone(), &registry, processors).await?;
         let settled = sources.settled();
 
@@ -391,11 +391,8 @@ impl Server {
         // One writer per zone: all of a zone's commands go to one worker, in order.
         let mut builder = Pipeline::builder("zones")
             .producer(producer)
-            .processor(writer, file.processors.config())
-            .batcher(
-                file.batchers.broadcast.config("broadcast"),
-                TopicSink::new(hub.clone()),
-            )
+            .processor(writer, file.processors.config.clone())
+            .batcher(file.batchers.broadcast.clone(), TopicSink::new(hub.clone()))
             .batcher(audit_config(file, &store), AuditSink::new(store.clone()))
             .in_flight_bound(file.in_flight_bound.get())
             .shutdown_timeout(Duration::from_millis(file.shutdown_timeout_ms.get()))

@@ -9,27 +9,30 @@
 //! change; its tunables (ack wait, `max_ack_pending`) are brought to the configured values.
 //!
 //! Messages are pulled only while the pipeline asks for them: the pull requests follow what
-//! `produce` takes, and the server stops at `max_ack_pending` unsettled messages. Settlement runs
-//! on tasks of the source's own, so that the pipeline's stages never wait on the network:
+//! `produce` takes, and the server stops at `max_ack_pending` unsettled messages. Settlement
+//! (the [module](super) table) runs on a task of the source's own, so that the pipeline's
+//! stages never wait on the network:
 //!
 //! - success: `+ACK`;
-//! - a retryable failure with attempts left (the delivery count is the attempt number, the
-//!   policy's `max_attempts` the most): `-NAK` with the policy's delay. JetStream's consumer
-//!   `backoff` list applies to ack timeouts only, not to naks, so the delay travels with the nak;
-//! - a permanent failure, attempts used up, or bytes the decoder refuses: the message is
-//!   published to `thunderline.dead.<rest of its subject>` in the dead-letter stream, with
-//!   headers `Nats-Msg-Id` (the original's, so that a dead letter published twice, after a
-//!   crash, is stored once), [`REASON_HEADER`] and [`ATTEMPTS_HEADER`]; once the stream has
-//!   confirmed it, `+TERM`. If it cannot be published, the message is nakked instead, and comes
-//!   back.
+//! - failure (the stage already retried it in process, so its attempts are used up, or it was
+//!   permanent), or bytes the decoder refuses: the message is published to
+//!   `thunderline.dead.<rest of its subject>` in the dead-letter stream, with headers
+//!   `Nats-Msg-Id` (the original's, so that a dead letter published twice, after a crash, is
+//!   stored once), [`REASON_HEADER`] and [`ATTEMPTS_HEADER`] (the message's attempts; none for
+//!   bytes the decoder refused); once the stream has confirmed it, `+TERM`. If it cannot be
+//!   stored, the message is given back with `-NAK` after the [`reconnect`](JetStreamConfig::reconnect)
+//!   policy's delay for its delivery count (JetStream's consumer `backoff` list applies to ack
+//!   timeouts only, not to naks, so the delay travels with the nak), and comes back.
 //!
 //! A message held longer than half the ack wait gets progress acks (`+WPI`) until it is settled,
 //! so a slow batch is not redelivered while it is still being handled. The client reconnects by
-//! itself; pulls resume after a reconnect, a missed idle heartbeat is counted and waited out, and
-//! slow-consumer events are counted.
+//! itself, waiting as the `reconnect` policy says between attempts; pulls resume after a
+//! reconnect, a pull that ended is opened again under the same policy, a missed idle heartbeat
+//! is counted and waited out, and slow-consumer events are counted.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::fmt;
+use std::num::{NonZeroU64, NonZeroUsize};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::ErrorCode;
@@ -39,49 +42,41 @@ use async_nats::jetstream::stream::{self, StorageType};
 use async_nats::jetstream::{self, Context};
 use async_nats::{Client, HeaderMap, Subject};
 use bytes::Bytes;
+use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::mpsc;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::{ATTEMPTS_HEADER, Decoder, Delivery, REASON_HEADER, SourceMetrics};
-use crate::pipeline::{Acknowledger, Demand, Failure, Message, Produced, Producer, RetryPolicy};
+use super::settlement::{BrokerIo, DeadLetter, Settler, decode};
+use super::{
+    ATTEMPTS_HEADER, Counted, Decoder, Delivery, InvalidConfig, NoRetry, REASON_HEADER,
+    SourceMetrics, check_name, default_reconnect,
+};
+use crate::pipeline::{Acknowledger, Demand, Message, Produced, Producer, RetryPolicy};
+use crate::redact::redact_url;
 
-/// Where the source reads, where it dead-letters, and how it settles.
-#[derive(Clone)]
+/// Where the source reads, where it dead-letters, and how it reconnects.
+///
+/// In a pipeline file (`[sources.nats]`) the keys are `url`, `stream`, `subjects`, `consumer`,
+/// `filter_subject`, `dead_stream`, `dead_subject`, `ack_wait_ms`, `pull_batch`,
+/// `idle_heartbeat_ms` and a `reconnect` table (a [`RetryPolicy`]); an omitted key takes the
+/// default. Its `Debug` shows the URL without credentials.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(from = "JetStreamFile", into = "JetStreamFile")]
 pub struct JetStreamConfig {
-    /// The server, e.g. `nats://127.0.0.1:4222`.
-    pub url: String,
-    pub stream: String,
-    /// The subjects the stream takes, when the source creates it.
-    pub subjects: Vec<String>,
-    /// The durable pull consumer's name.
-    pub consumer: String,
-    /// Only messages on these subjects are consumed (empty: all of the stream's). The part of a
-    /// subject after this prefix (its last `>` dropped) names the dead letter's subject.
-    pub filter_subject: String,
-    pub dead_stream: String,
-    /// Dead letters go to `<dead_subject>.<rest of the subject>`.
-    pub dead_subject: String,
-    /// How long the server waits for a settlement before it delivers a message again.
-    pub ack_wait: Duration,
-    /// Most messages delivered and not yet settled: the pipeline's in-flight bound.
-    pub max_ack_pending: usize,
-    /// Most messages one pull request asks for.
-    pub pull_batch: usize,
-    /// How often the server says it is alive while it has nothing to deliver.
-    pub idle_heartbeat: Duration,
-    /// Attempts (deliveries) and the delays between them.
-    pub retry: RetryPolicy,
-    pub metrics: SourceMetrics,
-}
-
-impl JetStreamConfig {
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            ..Self::default()
-        }
-    }
+    url: String,
+    stream: String,
+    subjects: Vec<String>,
+    consumer: String,
+    filter_subject: Option<String>,
+    dead_stream: String,
+    dead_subject: String,
+    ack_wait: Duration,
+    max_ack_pending: usize,
+    pull_batch: usize,
+    idle_heartbeat: Duration,
+    reconnect: RetryPolicy,
+    metrics: Counted,
 }
 
 impl Default for JetStreamConfig {
@@ -91,20 +86,280 @@ impl Default for JetStreamConfig {
             stream: "THUNDERLINE".into(),
             subjects: vec!["thunderline.commands.>".into()],
             consumer: "thunderline".into(),
-            filter_subject: "thunderline.commands.>".into(),
+            filter_subject: None,
             dead_stream: "THUNDERLINE_DEAD".into(),
             dead_subject: "thunderline.dead".into(),
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 20_000,
             pull_batch: 512,
             idle_heartbeat: Duration::from_secs(5),
-            retry: RetryPolicy::exponential(
-                5,
-                Duration::from_millis(100),
-                2.0,
-                Duration::from_secs(10),
-            ),
-            metrics: SourceMetrics::unregistered("jetstream"),
+            reconnect: default_reconnect(),
+            metrics: Counted(SourceMetrics::unregistered("jetstream")),
+        }
+    }
+}
+
+impl JetStreamConfig {
+    /// The defaults, at another server (`nats://host:port`; credentials as
+    /// `nats://user:password@host` or, for token auth, `nats://token@host`).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The stream to read. Default: `THUNDERLINE`.
+    pub fn stream(mut self, name: impl Into<String>) -> Self {
+        self.stream = name.into();
+        self
+    }
+
+    /// The subjects the stream takes, when the source creates it. Default:
+    /// `thunderline.commands.>`.
+    pub fn subjects(mut self, subjects: Vec<String>) -> Self {
+        self.subjects = subjects;
+        self
+    }
+
+    /// The durable pull consumer's name. Default: `thunderline`.
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = name.into();
+        self
+    }
+
+    /// Only messages on this subject are consumed. Default: the stream's one subject. The part
+    /// of a subject after it (its last `>` dropped) names the dead letter's subject.
+    pub fn filter_subject(mut self, subject: impl Into<String>) -> Self {
+        self.filter_subject = Some(subject.into());
+        self
+    }
+
+    /// The stream dead letters go to. Default: `THUNDERLINE_DEAD`.
+    pub fn dead_stream(mut self, name: impl Into<String>) -> Self {
+        self.dead_stream = name.into();
+        self
+    }
+
+    /// Dead letters go to `<dead_subject>.<rest of the subject>`. Default: `thunderline.dead`.
+    pub fn dead_subject(mut self, prefix: impl Into<String>) -> Self {
+        self.dead_subject = prefix.into();
+        self
+    }
+
+    /// How long the server waits for a settlement before it delivers a message again (progress
+    /// acks keep a slow message from that). At least 1 s. Default: 30 s.
+    pub fn ack_wait(mut self, wait: Duration) -> Self {
+        self.ack_wait = wait;
+        self
+    }
+
+    /// Most messages delivered and not yet settled: the pipeline's in-flight bound, or the
+    /// source's share of it. Default: 20,000.
+    pub fn max_ack_pending(mut self, n: usize) -> Self {
+        self.max_ack_pending = n;
+        self
+    }
+
+    /// Most messages one pull request asks for. Default: 512.
+    pub fn pull_batch(mut self, n: usize) -> Self {
+        self.pull_batch = n;
+        self
+    }
+
+    /// How often the server says it is alive while it has nothing to deliver. Default: 5 s.
+    pub fn idle_heartbeat(mut self, every: Duration) -> Self {
+        self.idle_heartbeat = every;
+        self
+    }
+
+    /// The waits between reconnection attempts (the first is made at once), between attempts
+    /// to open a pull that ended, and before a message whose dead letter could not be stored
+    /// comes back. A policy with limited attempts gives up once they are used: the source then
+    /// ends. Default: unlimited, 100 ms doubling to 10 s, full jitter.
+    pub fn reconnect(mut self, policy: RetryPolicy) -> Self {
+        self.reconnect = policy;
+        self
+    }
+
+    /// Where the source counts. Default: counters nobody scrapes.
+    pub fn metrics(mut self, metrics: SourceMetrics) -> Self {
+        self.metrics = Counted(metrics);
+        self
+    }
+
+    pub fn get_url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn get_stream(&self) -> &str {
+        &self.stream
+    }
+
+    pub fn get_subjects(&self) -> &[String] {
+        &self.subjects
+    }
+
+    pub fn get_consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    pub fn get_dead_stream(&self) -> &str {
+        &self.dead_stream
+    }
+
+    pub fn get_pull_batch(&self) -> usize {
+        self.pull_batch
+    }
+
+    pub fn get_idle_heartbeat(&self) -> Duration {
+        self.idle_heartbeat
+    }
+
+    pub fn get_reconnect(&self) -> &RetryPolicy {
+        &self.reconnect
+    }
+
+    /// The subject the consumer filters on.
+    fn filter(&self) -> &str {
+        match &self.filter_subject {
+            Some(subject) => subject,
+            None => self.subjects.first().map_or("", String::as_str),
+        }
+    }
+
+    /// Whether the settings can be used: [`JetStreamSource::connect`] checks them first, and the
+    /// daemon while it reads a pipeline file.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        let invalid = |m: String| Err(InvalidConfig(m));
+        if !(self.url.starts_with("nats://") || self.url.starts_with("tls://")) {
+            return invalid(format!(
+                "url {:?} must start with nats:// (e.g. nats://127.0.0.1:4222)",
+                redact_url(&self.url)
+            ));
+        }
+        check_name("stream", &self.stream, false)?;
+        check_name("dead_stream", &self.dead_stream, false)?;
+        check_name("consumer", &self.consumer, false)?;
+        check_name("dead_subject", &self.dead_subject, true)?;
+        if self.dead_subject.contains(['*', '>']) {
+            return invalid("dead_subject is a subject prefix: no wildcards".into());
+        }
+        match (&self.filter_subject, self.subjects.as_slice()) {
+            (None, [_]) => {}
+            (None, subjects) => {
+                return invalid(format!(
+                    "subjects must name exactly one subject (the consumer's filter), not {}; or \
+                     set filter_subject",
+                    subjects.len()
+                ));
+            }
+            (Some(_), []) => return invalid("subjects must name at least one subject".into()),
+            (Some(filter), _) => check_name("filter_subject", filter, true)?,
+        }
+        for subject in &self.subjects {
+            check_name("subject", subject, true)?;
+        }
+        if self.ack_wait < Duration::from_secs(1) {
+            return invalid("ack_wait_ms must be at least 1000 (an ack wait of 1 s)".into());
+        }
+        if self.max_ack_pending == 0 || self.pull_batch == 0 || self.idle_heartbeat.is_zero() {
+            return invalid(
+                "max_ack_pending, pull_batch and idle_heartbeat must be above zero".into(),
+            );
+        }
+        self.reconnect
+            .validate()
+            .map_err(|e| InvalidConfig(format!("reconnect: {e}")))
+    }
+}
+
+impl fmt::Debug for JetStreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JetStreamConfig")
+            .field("url", &redact_url(&self.url))
+            .field("stream", &self.stream)
+            .field("subjects", &self.subjects)
+            .field("consumer", &self.consumer)
+            .field("filter_subject", &self.filter_subject)
+            .field("dead_stream", &self.dead_stream)
+            .field("dead_subject", &self.dead_subject)
+            .field("ack_wait", &self.ack_wait)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .field("pull_batch", &self.pull_batch)
+            .field("idle_heartbeat", &self.idle_heartbeat)
+            .field("reconnect", &self.reconnect)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[sources.nats]` as a file writes it: durations in whole milliseconds, counts nonzero (a
+/// wrong value is refused at its line). `max_ack_pending` is not a file key: the daemon gives
+/// the source its share of the in-flight bound.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct JetStreamFile {
+    url: String,
+    stream: String,
+    subjects: Vec<String>,
+    consumer: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    filter_subject: Option<String>,
+    dead_stream: String,
+    dead_subject: String,
+    ack_wait_ms: NonZeroU64,
+    pull_batch: NonZeroUsize,
+    idle_heartbeat_ms: NonZeroU64,
+    reconnect: RetryPolicy,
+    /// Gone: refused with where retries went.
+    #[serde(skip_serializing)]
+    retry: Option<NoRetry>,
+}
+
+impl Default for JetStreamFile {
+    fn default() -> Self {
+        JetStreamConfig::default().into()
+    }
+}
+
+fn nonzero_millis(d: Duration) -> NonZeroU64 {
+    NonZeroU64::new(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(NonZeroU64::MIN)
+}
+
+impl From<JetStreamConfig> for JetStreamFile {
+    fn from(c: JetStreamConfig) -> Self {
+        Self {
+            url: c.url,
+            stream: c.stream,
+            subjects: c.subjects,
+            consumer: c.consumer,
+            filter_subject: c.filter_subject,
+            dead_stream: c.dead_stream,
+            dead_subject: c.dead_subject,
+            ack_wait_ms: nonzero_millis(c.ack_wait),
+            pull_batch: NonZeroUsize::new(c.pull_batch).unwrap_or(NonZeroUsize::MIN),
+            idle_heartbeat_ms: nonzero_millis(c.idle_heartbeat),
+            reconnect: c.reconnect,
+            retry: None,
+        }
+    }
+}
+
+impl From<JetStreamFile> for JetStreamConfig {
+    fn from(f: JetStreamFile) -> Self {
+        Self {
+            url: f.url,
+            stream: f.stream,
+            subjects: f.subjects,
+            consumer: f.consumer,
+            filter_subject: f.filter_subject,
+            dead_stream: f.dead_stream,
+            dead_subject: f.dead_subject,
+            ack_wait: Duration::from_millis(f.ack_wait_ms.get()),
+            pull_batch: f.pull_batch.get(),
+            idle_heartbeat: Duration::from_millis(f.idle_heartbeat_ms.get()),
+            reconnect: f.reconnect,
+            ..Self::default()
         }
     }
 }
@@ -136,7 +391,7 @@ pub enum JetStreamError {
         subjects: Vec<String>,
     },
     #[error("invalid JetStream source settings: {0}")]
-    Invalid(String),
+    Invalid(#[from] InvalidConfig),
 }
 
 /// A JetStream pull consumer as a pipeline producer; see the module documentation.
@@ -145,11 +400,9 @@ pub struct JetStreamSource<T> {
     messages: Option<pull::Stream>,
     config: JetStreamConfig,
     decoder: Arc<dyn Decoder<T>>,
-    settler: Arc<Settler<T>>,
+    settler: Arc<Settler<T, Held>>,
     tasks: Vec<JoinHandle<()>>,
     client: Client,
-    /// The next delivery's key in the held table (its `ack_data`).
-    next_key: u64,
 }
 
 /// Waits for a source's last settlements to reach the server, once its pipeline has finished.
@@ -178,60 +431,44 @@ impl Settled {
 }
 
 impl<T: Send + 'static> JetStreamSource<T> {
-    /// Connects, declares (or checks) the streams and the consumer, and starts pulling.
+    /// Checks the settings, connects, declares (or checks) the streams and the consumer, and
+    /// starts pulling.
     pub async fn connect(
         config: JetStreamConfig,
         decoder: impl Decoder<T>,
     ) -> Result<Self, JetStreamError> {
-        if config.max_ack_pending == 0 || config.pull_batch == 0 {
-            return Err(JetStreamError::Invalid(
-                "max_ack_pending and pull_batch must be at least 1".into(),
-            ));
-        }
-        if config.ack_wait < Duration::from_secs(1) {
-            return Err(JetStreamError::Invalid(
-                "ack_wait must be at least 1 s".into(),
-            ));
-        }
+        config.validate()?;
         let client = connect(&config).await?;
         let context = jetstream::new(client.clone());
         let consumer = declare(&context, &config).await?;
         let messages = open(&consumer, &config).await?;
-        let (acks, acks_rx) = mpsc::unbounded_channel();
-        let (dead, dead_rx) = mpsc::unbounded_channel();
-        let settler = Arc::new(Settler {
-            held: Mutex::new(HashMap::new()),
-            then: OnceLock::new(),
-            acks,
-            dead,
-            retry: config.retry.clone(),
-            metrics: config.metrics.clone(),
-        });
+        let io = Nats {
+            client: client.clone(),
+            context,
+            prefix: config
+                .filter()
+                .trim_end_matches('>')
+                .trim_end_matches('.')
+                .to_owned(),
+            dead_subject: config.dead_subject.clone(),
+        };
+        let (settler, task) =
+            Settler::start(io, config.reconnect.clone(), config.metrics.0.clone());
         // Ends by itself once the settler is gone; nothing waits for it.
         tokio::spawn(progress(
             Arc::downgrade(&settler),
             client.clone(),
             config.ack_wait,
-            config.metrics.clone(),
+            config.metrics.0.clone(),
         ));
-        let tasks = vec![
-            tokio::spawn(send_acks(client.clone(), acks_rx)),
-            tokio::spawn(send_dead_letters(
-                context,
-                config.clone(),
-                dead_rx,
-                settler.acks.clone(),
-            )),
-        ];
         Ok(Self {
             consumer,
             messages: Some(messages),
             config,
             decoder: Arc::new(decoder),
             settler,
-            tasks,
+            tasks: vec![task],
             client,
-            next_key: 1,
         })
     }
 
@@ -239,7 +476,7 @@ impl<T: Send + 'static> JetStreamSource<T> {
     /// user keeps bookkeeping of their own (the daemon's zones do). Set once; later calls are
     /// ignored.
     pub fn then_acknowledge(self, acker: Arc<dyn Acknowledger<T>>) -> Self {
-        let _ = self.settler.then.set(acker);
+        self.settler.then_acknowledge(acker);
         self
     }
 
@@ -252,14 +489,12 @@ impl<T: Send + 'static> JetStreamSource<T> {
     }
 
     pub fn metrics(&self) -> &SourceMetrics {
-        &self.config.metrics
+        &self.config.metrics.0
     }
 
     /// Takes one delivery: the message for the pipeline if it decodes; to the dead letters if
     /// not.
     fn take(&mut self, msg: jetstream::Message) -> Option<Message<T>> {
-        let metrics = &self.config.metrics;
-        metrics.message("received", 1);
         let Some(ack_subject) = msg.reply.clone() else {
             // Not a JetStream delivery: nothing could settle it.
             tracing::warn!(subject = %msg.subject, "a message without an ack subject was ignored");
@@ -267,57 +502,49 @@ impl<T: Send + 'static> JetStreamSource<T> {
         };
         let info = msg.info().ok();
         if let Some(info) = &info {
-            metrics.set_lag(info.pending);
+            self.config.metrics.0.set_lag(info.pending);
         }
-        let attempt = info
+        let delivery = info
             .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX).max(1))
             .unwrap_or(1);
-        if attempt > 1 {
-            metrics.message("redelivered", 1);
-        }
+        self.settler.received(delivery);
         let header = |name: &str| {
             msg.headers
                 .as_ref()
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str())
         };
-        let decoded = self.decoder.decode(&Delivery {
-            payload: &msg.payload,
-            content_type: header("Content-Type"),
-            message_id: header("Nats-Msg-Id"),
-            subject: msg.subject.as_str(),
-            attempt,
-        });
+        let decoded = decode(
+            &*self.decoder,
+            &Delivery {
+                payload: &msg.payload,
+                content_type: header("Content-Type"),
+                message_id: header("Nats-Msg-Id"),
+                subject: msg.subject.as_str(),
+                attempt: delivery,
+            },
+        );
         // The delivery itself is kept (moved, not copied): what a settlement, a progress ack or
         // a dead letter needs.
         let held = Held {
             ack_subject,
             message: msg.message,
-            attempt,
             since: Instant::now(),
         };
         match decoded {
-            Ok(data) => {
-                let key = self.next_key;
-                self.next_key += 1;
-                self.settler.hold(key, held);
-                Some(Message::with_ack_data(data, self.settler.clone(), key))
-            }
+            Ok(data) => Some(self.settler.message(data, held, delivery)),
             Err(failure) => {
-                metrics.message("undecodable", 1);
-                let _ = self.settler.dead.send(DeadLetter {
-                    held,
-                    reason: failure.reason().to_owned(),
-                });
+                self.settler.undecodable(held, delivery, &failure);
                 None
             }
         }
     }
 
     /// Opens the pull stream again after it ended (the consumer was deleted, the client closed),
-    /// declaring the consumer again if it has to.
-    async fn reopen(&mut self) {
-        let mut wait = Duration::from_millis(100);
+    /// declaring the consumer again if it has to, waiting as the `reconnect` policy says between
+    /// attempts; false once the policy's attempts are used up.
+    async fn reopen(&mut self) -> bool {
+        let mut delays = self.config.reconnect.delays();
         loop {
             let context = jetstream::new(self.client.clone());
             let opened = match declare(&context, &self.config).await {
@@ -327,17 +554,19 @@ impl<T: Send + 'static> JetStreamSource<T> {
                 }
                 Err(e) => Err(e),
             };
-            match opened {
+            let e = match opened {
                 Ok(stream) => {
                     self.messages = Some(stream);
-                    return;
+                    return true;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot pull from JetStream yet; trying again");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-            }
+                Err(e) => e,
+            };
+            let Some(wait) = delays.next() else {
+                tracing::error!(error = %e, "cannot pull from JetStream; gave up: the source ends");
+                return false;
+            };
+            tracing::warn!(error = %e, "cannot pull from JetStream yet; trying again in {wait:?}");
+            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -346,7 +575,9 @@ impl<T: Send + 'static> Producer<T> for JetStreamSource<T> {
     async fn produce(&mut self, demand: &mut Demand<T>) -> Produced {
         loop {
             let Some(messages) = self.messages.as_mut() else {
-                self.reopen().await;
+                if !self.reopen().await {
+                    return Produced::Exhausted;
+                }
                 continue;
             };
             // Waiting for the first message is cancel-safe: until it is taken it stays in the
@@ -366,7 +597,7 @@ impl<T: Send + 'static> Producer<T> for JetStreamSource<T> {
                         use pull::MessagesErrorKind as Kind;
                         match e.kind() {
                             Kind::MissingHeartbeat => {
-                                self.config.metrics.event("missed_heartbeat");
+                                self.config.metrics.0.event("missed_heartbeat");
                                 tracing::debug!(
                                     "JetStream missed an idle heartbeat; still pulling"
                                 );
@@ -412,9 +643,27 @@ impl<T: Send + 'static> Producer<T> for JetStreamSource<T> {
 }
 
 async fn connect(config: &JetStreamConfig) -> Result<Client, JetStreamError> {
-    let metrics = config.metrics.clone();
-    async_nats::ConnectOptions::new()
+    let metrics = config.metrics.0.clone();
+    // The credentials go to the client apart from the address: the client logs the address of
+    // every server it tries (at debug level), and a password must not go with it.
+    let (address, credentials) = split_credentials(&config.url);
+    let options = match credentials {
+        Some((user, Some(password))) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        Some((token, None)) => async_nats::ConnectOptions::with_token(token),
+        None => async_nats::ConnectOptions::new(),
+    };
+    // The client counts its attempts from 1, the first made at once.
+    let policy = config.reconnect.clone();
+    let max_reconnects = (!policy.is_unlimited()).then(|| policy.max_attempts() as usize);
+    options
         .name("thunderline")
+        .reconnect_delay_callback(move |attempt| match attempt {
+            0 | 1 => Duration::ZERO,
+            n => policy.delay(u32::try_from(n - 2).unwrap_or(u32::MAX)),
+        })
+        .max_reconnects(max_reconnects)
         .event_callback(move |event| {
             let metrics = metrics.clone();
             async move {
@@ -432,12 +681,33 @@ async fn connect(config: &JetStreamConfig) -> Result<Client, JetStreamError> {
                 }
             }
         })
-        .connect(config.url.as_str())
+        .connect(address.as_str())
         .await
         .map_err(|source| JetStreamError::Connect {
-            url: config.url.clone(),
+            url: redact_url(&config.url),
             source,
         })
+}
+
+/// `nats://user:password@host` as `nats://host` and `(user, Some(password))`; a lone
+/// `nats://token@host` gives `(token, None)`. The parts stay as written (percent-encoded), as
+/// the client would have taken them from the URL.
+fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let credentials = match userinfo.split_once(':') {
+                Some((user, password)) => (user.to_owned(), Some(password.to_owned())),
+                None => (userinfo.to_owned(), None),
+            };
+            (format!("{scheme}://{}", &rest[at + 1..]), Some(credentials))
+        }
+        None => (url.to_owned(), None),
+    }
 }
 
 /// Declares the two streams and the consumer, or checks the ones that exist.
@@ -452,13 +722,7 @@ async fn declare(
             reason: e.to_string(),
         }
     };
-    let stream = ensure_stream(
-        context,
-        &config.stream,
-        &config.subjects,
-        &config.filter_subject,
-    )
-    .await?;
+    let stream = ensure_stream(context, &config.stream, &config.subjects, config.filter()).await?;
     let dead_subjects = vec![format!("{}.>", config.dead_subject)];
     ensure_stream(
         context,
@@ -476,7 +740,7 @@ async fn declare(
         // Unlimited: the source counts attempts and dead-letters; a server that stopped
         // delivering on its own would drop a message nobody dead-lettered.
         max_deliver: -1,
-        filter_subject: config.filter_subject.clone(),
+        filter_subject: config.filter().to_owned(),
         max_ack_pending: i64::try_from(config.max_ack_pending).unwrap_or(i64::MAX),
         ..pull::Config::default()
     };
@@ -493,10 +757,11 @@ async fn declare(
                     "its ack policy is {:?}; explicit acks are needed",
                     have.ack_policy
                 ))
-            } else if have.filter_subject != config.filter_subject {
+            } else if have.filter_subject != config.filter() {
                 Some(format!(
                     "it filters {:?}, not {:?}",
-                    have.filter_subject, config.filter_subject
+                    have.filter_subject,
+                    config.filter()
                 ))
             } else {
                 None
@@ -610,7 +875,7 @@ async fn open(
 struct Held {
     ack_subject: Subject,
     message: async_nats::Message,
-    attempt: u32,
+    /// When it was taken, or last given a progress ack.
     since: Instant,
 }
 
@@ -624,145 +889,89 @@ impl Held {
     }
 }
 
-struct DeadLetter {
-    held: Held,
-    reason: String,
-}
-
-/// The source's acknowledger: turns how each message ended into what the server is told.
-struct Settler<T> {
-    /// Deliveries in the pipeline, by their messages' `ack_data`.
-    held: Mutex<HashMap<u64, Held>>,
-    /// The user's acknowledger, told after the settlement is decided.
-    then: OnceLock<Arc<dyn Acknowledger<T>>>,
-    /// (ack subject, what to publish on it): acks, naks, terms, progress.
-    acks: mpsc::UnboundedSender<(Subject, Bytes)>,
-    dead: mpsc::UnboundedSender<DeadLetter>,
-    retry: RetryPolicy,
-    metrics: SourceMetrics,
-}
-
-impl<T> Settler<T> {
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn hold(&self, key: u64, held: Held) {
-        self.held().insert(key, held);
-    }
-}
-
-impl<T: Send + 'static> Acknowledger<T> for Settler<T> {
-    fn ack(&self, successful: Vec<Message<T>>, failed: Vec<Message<T>>) {
-        // Taken out of the table under one lock for the whole group.
-        let (done, failed_held): (Vec<Held>, Vec<(Held, Failure)>) = {
-            let mut held = self.held();
-            let done = successful
-                .iter()
-                .filter_map(|m| held.remove(&m.ack_data()))
-                .collect();
-            let failed_held = failed
-                .iter()
-                .filter_map(|m| {
-                    let failure = m
-                        .failure()
-                        .cloned()
-                        .unwrap_or_else(|| Failure::permanent("failed"));
-                    held.remove(&m.ack_data()).map(|h| (h, failure))
-                })
-                .collect();
-            (done, failed_held)
-        };
-        self.metrics.message("acked", done.len() as u64);
-        for held in done {
-            let _ = self
-                .acks
-                .send((held.ack_subject, Bytes::from_static(b"+ACK")));
-        }
-        for (held, failure) in failed_held {
-            if failure.is_retryable() && held.attempt < self.retry.max_attempts {
-                let delay = self.retry.delay(held.attempt - 1);
-                let nak = format!("-NAK {{\"delay\": {}}}", delay.as_nanos());
-                let _ = self.acks.send((held.ack_subject, Bytes::from(nak)));
-                self.metrics.message("retried", 1);
-            } else {
-                let _ = self.dead.send(DeadLetter {
-                    held,
-                    reason: failure.reason().to_owned(),
-                });
-            }
-        }
-        if let Some(then) = self.then.get() {
-            then.ack(successful, failed);
-        }
-    }
-}
-
-/// Publishes acks, naks and terms in the order they were decided.
-async fn send_acks(client: Client, mut rx: mpsc::UnboundedReceiver<(Subject, Bytes)>) {
-    let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        for (subject, payload) in batch.drain(..) {
-            // Fails only once the client is closed: the server then delivers again.
-            if let Err(e) = client.publish(subject, payload).await {
-                tracing::warn!(error = %e, "a JetStream settlement could not be sent");
-            }
-        }
-    }
-}
-
-/// Publishes dead letters, waiting for the stream to store each before the original is
-/// terminated.
-async fn send_dead_letters(
+/// JetStream's side of the settlement: acks, terms and naks are published on a delivery's ack
+/// subject; dead letters to the dead-letter stream, each waited for until the stream has it.
+struct Nats {
+    client: Client,
     context: Context,
-    config: JetStreamConfig,
-    mut rx: mpsc::UnboundedReceiver<DeadLetter>,
-    acks: mpsc::UnboundedSender<(Subject, Bytes)>,
-) {
-    let prefix = config
-        .filter_subject
-        .trim_end_matches('>')
-        .trim_end_matches('.');
-    while let Some(dead) = rx.recv().await {
-        let held = &dead.held;
+    /// The filter subject without its last `>`: what a dead letter's subject drops.
+    prefix: String,
+    dead_subject: String,
+}
+
+impl Nats {
+    /// Fails only once the client is closed: the server then delivers again.
+    async fn reply(&self, held: &Held, what: Bytes) -> bool {
+        match self.client.publish(held.ack_subject.clone(), what).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "a JetStream settlement could not be sent");
+                false
+            }
+        }
+    }
+
+    /// Publishes one dead letter and waits until the stream has stored it.
+    async fn dead_letter(&self, held: &Held, letter: &DeadLetter) -> bool {
         let original = held.message.subject.as_str();
         let rest = original
-            .strip_prefix(prefix)
+            .strip_prefix(self.prefix.as_str())
             .map(|r| r.trim_start_matches('.'))
             .filter(|r| !r.is_empty())
             .unwrap_or(original);
-        let subject = format!("{}.{rest}", config.dead_subject);
-        let ack_subject = held.ack_subject.clone();
+        let subject = format!("{}.{rest}", self.dead_subject);
         let mut headers = HeaderMap::new();
         headers.insert(
             "Nats-Msg-Id",
-            held.header("Nats-Msg-Id").unwrap_or(ack_subject.as_str()),
+            held.header("Nats-Msg-Id")
+                .unwrap_or(held.ack_subject.as_str()),
         );
         if let Some(content_type) = held.header("Content-Type") {
             headers.insert("Content-Type", content_type);
         }
-        headers.insert(REASON_HEADER, one_line(&dead.reason).as_str());
-        headers.insert(ATTEMPTS_HEADER, dead.held.attempt.to_string().as_str());
-        let stored = match context
+        headers.insert(REASON_HEADER, one_line(&letter.reason).as_str());
+        if let Some(attempts) = letter.attempts {
+            headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
+        }
+        let stored = match self
+            .context
             .publish_with_headers(subject, headers, held.message.payload.clone())
             .await
         {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        match stored {
-            Ok(()) => {
-                config.metrics.message("dead_lettered", 1);
-                let _ = acks.send((ack_subject, Bytes::from_static(b"+TERM")));
-            }
-            Err(e) => {
-                config.metrics.message("settle_failed", 1);
-                tracing::warn!(error = %e, "a dead letter could not be stored; the message will come back");
-                let delay = config.retry.max_delay.as_nanos();
-                let nak = format!("-NAK {{\"delay\": {delay}}}");
-                let _ = acks.send((ack_subject, Bytes::from(nak)));
-            }
+        if let Err(e) = &stored {
+            tracing::warn!(error = %e, "a JetStream dead letter was not stored");
         }
+        stored.is_ok()
+    }
+}
+
+impl BrokerIo for Nats {
+    type Held = Held;
+
+    async fn ack(&mut self, held: Vec<Held>) -> u64 {
+        let mut taken = 0;
+        for h in &held {
+            taken += u64::from(self.reply(h, Bytes::from_static(b"+ACK")).await);
+        }
+        taken
+    }
+
+    async fn store(&mut self, dead: Vec<(Held, DeadLetter)>) -> Vec<(Held, bool)> {
+        let this = &*self;
+        let stored = join_all(dead.iter().map(|(h, letter)| this.dead_letter(h, letter))).await;
+        dead.into_iter().map(|(h, _)| h).zip(stored).collect()
+    }
+
+    async fn finish(&mut self, held: Held) -> bool {
+        self.reply(&held, Bytes::from_static(b"+TERM")).await
+    }
+
+    async fn give_back(&mut self, held: Held, delay: Duration) -> bool {
+        let nak = format!("-NAK {{\"delay\": {}}}", delay.as_nanos());
+        self.reply(&held, Bytes::from(nak)).await
     }
 }
 
@@ -781,8 +990,8 @@ fn one_line(reason: &str) -> String {
 
 /// Sends `+WPI` for every message held longer than half the ack wait, so that the server does
 /// not deliver again what is still being handled.
-async fn progress<T>(
-    settler: std::sync::Weak<Settler<T>>,
+async fn progress<T: Send + 'static>(
+    settler: std::sync::Weak<Settler<T, Held>>,
     client: Client,
     ack_wait: Duration,
     metrics: SourceMetrics,
@@ -797,12 +1006,12 @@ async fn progress<T>(
         };
         let now = Instant::now();
         let due: Vec<Subject> = settler
-            .held()
+            .table()
             .values_mut()
-            .filter(|h| now.duration_since(h.since) >= half)
+            .filter(|h| now.duration_since(h.io.since) >= half)
             .map(|h| {
-                h.since = now;
-                h.ack_subject.clone()
+                h.io.since = now;
+                h.io.ack_subject.clone()
             })
             .collect();
         drop(settler);

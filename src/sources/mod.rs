@@ -8,20 +8,36 @@
 //!
 //! | how the message ended | JetStream | RabbitMQ |
 //! |---|---|---|
-//! | succeeded | `Ack` | `basic.ack` |
-//! | failed, retryable, attempts left | `Nak` with the policy's delay | (retried in process by the stage) |
-//! | failed permanently, or attempts used up | dead-letter stream, then `Term` | dead-letter exchange (reason in a header), then `basic.ack` |
+//! | succeeded | `+ACK` | `basic.ack` |
+//! | failed (permanently, or retryably with its attempts used up) | dead-letter stream, then `+TERM` | dead-letter exchange, then `basic.ack` |
+//! | failed, and its dead letter could not be stored | `-NAK` after the source's backoff | `basic.nack` with requeue |
 //!
-//! A message the [`Decoder`] refuses never enters the pipeline: it is dead-lettered at once.
-//! Sources know messages, not what is in them: the decoder, given by the user, turns broker
-//! bytes into the pipeline's payload (the daemon's makes zone commands).
+//! Retries happen in one place: in process, under the pipeline stage's
+//! [`RetryPolicy`](crate::pipeline::RetryPolicy) (the daemon's `[processors.retry]`). A message
+//! that reaches the acknowledger failed has used its attempts, and is dead-lettered once, with
+//! its reason ([`REASON_HEADER`]) and its [`attempts`](crate::pipeline::Message::attempts)
+//! ([`ATTEMPTS_HEADER`]). The give-back of the last row is the only redelivery a source asks for,
+//! so that nothing is lost. The settlement is one piece of code for both brokers: each brings
+//! only its I/O.
+//!
+//! A message the [`Decoder`] refuses never enters the pipeline: it is dead-lettered at once,
+//! with its reason and without an attempts header. Sources know messages, not what is in them:
+//! the decoder, given by the user, turns broker bytes into the pipeline's payload (the daemon's
+//! makes zone commands).
+//!
+//! Both sources reconnect (and JetStream re-opens its pull) under a [`RetryPolicy`] of their
+//! own (`reconnect`, default: unlimited, 100 ms doubling to 10 s, full jitter), which also
+//! paces JetStream's give-backs.
 //!
 //! What a source does not do: deduplicate. A broker delivers at least once (after a crash,
 //! a lost connection, or an ack that never arrived, it delivers again), so the pipeline's
 //! handlers must be idempotent on the message id ([`Delivery::message_id`]).
+//!
+//! [`RetryPolicy`]: crate::pipeline::RetryPolicy
 
 pub mod jetstream;
 pub mod rabbitmq;
+mod settlement;
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -61,9 +77,10 @@ where
 ///
 /// `thunderline_source_messages_total{source, outcome}` counts each settlement once, with
 /// outcome `received`, `redelivered` (received again: the broker's delivery count was above
-/// 1), `acked`, `retried` (given back to the broker for a later attempt), `dead_lettered`,
-/// `undecodable` (refused by the decoder, dead-lettered too) and `settle_failed` (the broker
-/// did not take an ack, nak or dead letter: it will deliver the message again);
+/// 1), `acked`, `retried` (given back to the broker because its dead letter could not be
+/// stored), `dead_lettered`, `undecodable` (refused by the decoder, and dead-lettered instead
+/// of entering the pipeline) and `settle_failed` (the broker did not take an ack, nak or dead
+/// letter: it will deliver the message again);
 /// `thunderline_source_events_total{source, event}` counts connection events (`reconnected`,
 /// `disconnected`, `slow_consumer`, `missed_heartbeat`, `progress_ack`);
 /// `thunderline_source_lag{source}` is how many messages the broker still holds for the
@@ -182,3 +199,63 @@ impl SourceMetrics {
 pub const REASON_HEADER: &str = "Thunderline-Reason";
 /// The header a dead letter carries the number of attempts made in.
 pub const ATTEMPTS_HEADER: &str = "Thunderline-Attempts";
+
+/// Why a source's settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidConfig(pub String);
+
+/// A NATS subject or a name of a stream, consumer, queue or exchange: printable, no spaces
+/// (and, where `dots` is false, no dots or wildcards).
+fn check_name(what: &str, name: &str, dots: bool) -> Result<(), InvalidConfig> {
+    let bad = name.is_empty()
+        || name.len() > 255
+        || name.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || (!dots && matches!(c, '.' | '*' | '>'))
+        });
+    if bad {
+        let rule = if dots {
+            "a non-empty name without spaces"
+        } else {
+            "a non-empty name without spaces, dots, * or >"
+        };
+        return Err(InvalidConfig(format!("{what} {name:?} is not {rule}")));
+    }
+    Ok(())
+}
+
+/// A source's reconnect policy unless told otherwise: without end, from 100 ms doubling to
+/// 10 s, with full jitter.
+fn default_reconnect() -> crate::pipeline::RetryPolicy {
+    crate::pipeline::RetryPolicy::unlimited(
+        std::time::Duration::from_millis(100),
+        2.0,
+        std::time::Duration::from_secs(10),
+    )
+}
+
+/// The metrics a configuration carries: where a source counts, not a setting, so two
+/// configurations compare equal whatever theirs are.
+#[derive(Clone)]
+struct Counted(SourceMetrics);
+
+impl PartialEq for Counted {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// A `retry` table in a source's settings, which sources no longer have: refused with where
+/// retries went, at the line of the table.
+struct NoRetry;
+
+impl<'de> serde::Deserialize<'de> for NoRetry {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom(
+            "a source has no retry settings any more: a failed message is retried in process, \
+             under the pipeline's [processors.retry] (its max_attempts is every attempt a \
+             message gets), then dead-lettered once; remove this table and set the attempts in \
+             [processors.retry]",
+        ))
+    }
+}

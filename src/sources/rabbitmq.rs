@@ -23,18 +23,16 @@
 //! the [`Decoder`] when `produce` hands it out; one the decoder refuses is dead-lettered at once
 //! and never enters the pipeline.
 //!
-//! A message carries in its metadata [`ROUTING_KEY`], [`MESSAGE_ID`] (when the publisher gave
-//! one), and [`DELIVERY_TAG`] with [`GENERATION`]: how the acknowledger finds the delivery.
-//! Delivery tags count from 1 again on every channel; the generation (the connection's number,
-//! 1 for the first) keeps a tag of a lost channel from ever being acknowledged on its successor,
-//! where it would name another message (or none: the broker then closes the channel). Handlers
-//! must leave those two keys alone, or the message cannot be settled (it counts as
-//! `settle_failed` and is delivered again).
+//! A message carries in its metadata [`ROUTING_KEY`] and [`MESSAGE_ID`] (when the publisher
+//! gave one). Each delivery keeps its own acker, bound to the channel it came on, so a delivery
+//! of a lost channel is never acknowledged on its successor: it fails to settle, and the broker
+//! delivers it again.
 //!
 //! # Settlement
 //!
-//! The acknowledger hands the broker I/O to a task of its own (it runs on the pipeline's stage
-//! tasks and must not block):
+//! The settlement is the sources' shared one (the [module](super) table); this source brings its
+//! I/O, on a task of its own (the acknowledger runs on the pipeline's stage tasks and must not
+//! block):
 //!
 //! - a successful message is `basic.ack`ed;
 //! - a failed one is dead-lettered, whatever the failure: the stage already retried it in process
@@ -68,8 +66,10 @@
 //!
 //! # Outages
 //!
-//! When the connection or the consumer goes away, the source reconnects with exponential
-//! backoff ([`RabbitMqConfig::reconnect`]), declares the topology again, sets the prefetch
+//! When the connection or the consumer goes away, the source reconnects under its
+//! [`reconnect`](RabbitMqConfig::reconnect) policy (at once, then with growing, jittered
+//! waits; a policy with limited attempts gives up once they are used, and the source ends),
+//! declares the topology again, sets the prefetch
 //! again on the new channel (it belongs to the channel, which is gone) and consumes again;
 //! `disconnected` and `reconnected` are counted. Meanwhile `produce` simply waits. Deliveries of
 //! the lost channel are dropped without being handed out, and those already handed out fail to
@@ -84,15 +84,15 @@
 //! `produce` (or the drain) takes, then one of `acked`, `dead_lettered`, `undecodable`,
 //! `retried` (a dead letter that was not confirmed: requeued instead) or `settle_failed` (a
 //! delivery of a lost channel, dropped without being handed out, included).
+//!
+//! [`SourceMetrics`]: super::SourceMetrics
 
-use std::collections::HashMap;
 use std::fmt;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::num::NonZeroU16;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::message::Delivery as AmqpDelivery;
@@ -107,21 +107,23 @@ use lapin::{
     Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
     ErrorKind, ExchangeKind,
 };
+use serde::{Deserialize, Deserializer, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use super::{ATTEMPTS_HEADER, Decoder, Delivery, REASON_HEADER, SourceMetrics};
-use crate::pipeline::{Acknowledger, Demand, Failure, Message, Produced, Producer};
+use super::settlement::{BrokerIo, DeadLetter, Settler, decode};
+use super::{
+    ATTEMPTS_HEADER, Counted, Decoder, Delivery, InvalidConfig, NoRetry, REASON_HEADER,
+    SourceMetrics, check_name, default_reconnect,
+};
+use crate::pipeline::{Acknowledger, Demand, Message, Produced, Producer, RetryPolicy};
+use crate::redact::redact_url;
 
 /// Metadata key: the routing key the message was published with.
 pub const ROUTING_KEY: &str = "amqp.routing_key";
 /// Metadata key: the publisher's `message_id`, when it gave one.
 pub const MESSAGE_ID: &str = "amqp.message_id";
-/// Metadata key: the delivery tag, on the channel of [`GENERATION`].
-pub const DELIVERY_TAG: &str = "amqp.delivery_tag";
-/// Metadata key: which connection (1 for the first, then one more per reconnect) delivered it.
-pub const GENERATION: &str = "amqp.generation";
 
 /// The header quorum queues count deliveries in (classic queues only say `redelivered`).
 const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
@@ -133,45 +135,26 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the queue's depth is read for the lag gauge.
 const LAG_EVERY: Duration = Duration::from_secs(1);
 
-/// Where and how to consume.
-#[derive(Clone)]
+/// Where and how to consume, and how to reconnect.
+///
+/// In a pipeline file (`[sources.rabbitmq]`) the keys are `url`, `queue`, `dead_exchange`,
+/// `dead_queue`, `prefetch`, `consumer_tag` and a `reconnect` table (a [`RetryPolicy`]); an
+/// omitted key takes the default. Its `Debug` shows the URL without credentials.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(from = "RabbitMqFile", into = "RabbitMqFile")]
 pub struct RabbitMqConfig {
-    /// Default: `amqp://guest:guest@127.0.0.1:5672/%2f`.
-    pub url: String,
-    /// Default: `thunderline.commands`.
-    pub queue: String,
-    /// Default: `thunderline.dead`.
-    pub dead_exchange: String,
-    /// Default: `thunderline.commands.dead`.
-    pub dead_queue: String,
-    /// Unacknowledged deliveries the broker may have out at once; the daemon passes what the
-    /// processors can ask for. At least 1 (0 would mean no limit). Default: 100.
-    pub prefetch: u16,
-    /// Default: `thunderline`. Empty lets the broker choose one.
-    pub consumer_tag: String,
-    /// Default: [`SourceMetrics::unregistered`]`("rabbitmq")`.
-    pub metrics: SourceMetrics,
-    pub reconnect: Reconnect,
+    url: String,
+    queue: String,
+    dead_exchange: String,
+    dead_queue: String,
+    prefetch: Option<u16>,
+    consumer_tag: String,
+    reconnect: RetryPolicy,
+    metrics: Counted,
 }
 
-/// The bounds of the exponential backoff between reconnection attempts (the first attempt is
-/// made at once).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Reconnect {
-    /// Default: 100 ms.
-    pub initial_delay: Duration,
-    /// Default: 10 s.
-    pub max_delay: Duration,
-}
-
-impl Default for Reconnect {
-    fn default() -> Self {
-        Self {
-            initial_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(10),
-        }
-    }
-}
+/// The prefetch when none is given.
+const DEFAULT_PREFETCH: u16 = 100;
 
 impl Default for RabbitMqConfig {
     fn default() -> Self {
@@ -180,28 +163,108 @@ impl Default for RabbitMqConfig {
             queue: "thunderline.commands".into(),
             dead_exchange: "thunderline.dead".into(),
             dead_queue: "thunderline.commands.dead".into(),
-            prefetch: 100,
+            prefetch: None,
             consumer_tag: "thunderline".into(),
-            metrics: SourceMetrics::unregistered("rabbitmq"),
-            reconnect: Reconnect::default(),
+            reconnect: default_reconnect(),
+            metrics: Counted(SourceMetrics::unregistered("rabbitmq")),
         }
     }
 }
 
 impl RabbitMqConfig {
-    /// The defaults, at another broker.
+    /// The defaults, at another broker (`amqp://user:password@host:port/vhost`).
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             ..Self::default()
         }
     }
+
+    /// Default: `thunderline.commands`.
+    pub fn queue(mut self, name: impl Into<String>) -> Self {
+        self.queue = name.into();
+        self
+    }
+
+    /// Default: `thunderline.dead`.
+    pub fn dead_exchange(mut self, name: impl Into<String>) -> Self {
+        self.dead_exchange = name.into();
+        self
+    }
+
+    /// Default: `thunderline.commands.dead`.
+    pub fn dead_queue(mut self, name: impl Into<String>) -> Self {
+        self.dead_queue = name.into();
+        self
+    }
+
+    /// Unacknowledged deliveries the broker may have out at once (`basic.qos`); the daemon
+    /// passes what the processors can ask for. At least 1 (0 would mean no limit). Default: 100.
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = Some(n);
+        self
+    }
+
+    /// Default: `thunderline`. Empty lets the broker choose one.
+    pub fn consumer_tag(mut self, tag: impl Into<String>) -> Self {
+        self.consumer_tag = tag.into();
+        self
+    }
+
+    /// The waits between reconnection attempts (the first is made at once). A policy with
+    /// limited attempts gives up once they are used: the source then ends. Default: unlimited,
+    /// 100 ms doubling to 10 s, full jitter.
+    pub fn reconnect(mut self, policy: RetryPolicy) -> Self {
+        self.reconnect = policy;
+        self
+    }
+
+    /// Where the source counts. Default: counters nobody scrapes.
+    pub fn metrics(mut self, metrics: SourceMetrics) -> Self {
+        self.metrics = Counted(metrics);
+        self
+    }
+
+    pub fn get_url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn get_queue(&self) -> &str {
+        &self.queue
+    }
+
+    pub fn get_dead_exchange(&self) -> &str {
+        &self.dead_exchange
+    }
+
+    pub fn get_dead_queue(&self) -> &str {
+        &self.dead_queue
+    }
+
+    /// The prefetch set, if any (the default applies otherwise).
+    pub fn get_prefetch(&self) -> Option<u16> {
+        self.prefetch
+    }
+
+    pub fn get_reconnect(&self) -> &RetryPolicy {
+        &self.reconnect
+    }
+
+    pub fn get_metrics(&self) -> &SourceMetrics {
+        &self.metrics.0
+    }
+
+    /// Whether the settings can be used: [`RabbitMqSource::connect`] checks them first, and the
+    /// daemon while it reads a pipeline file.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        Settings::new(self).map(drop)
+    }
 }
 
 impl fmt::Debug for RabbitMqConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitMqConfig")
-            .field("url", &redacted(&self.url))
+            .field("url", &redact_url(&self.url))
             .field("queue", &self.queue)
             .field("dead_exchange", &self.dead_exchange)
             .field("dead_queue", &self.dead_queue)
@@ -212,11 +275,73 @@ impl fmt::Debug for RabbitMqConfig {
     }
 }
 
+/// `[sources.rabbitmq]` as a file writes it. An omitted `prefetch` is left to whoever builds
+/// the source (the daemon sizes it to its processors).
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RabbitMqFile {
+    url: String,
+    queue: String,
+    dead_exchange: String,
+    dead_queue: String,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "nonzero_prefetch"
+    )]
+    prefetch: Option<u16>,
+    consumer_tag: String,
+    reconnect: RetryPolicy,
+    /// Gone: refused with where retries went.
+    #[serde(skip_serializing)]
+    retry: Option<NoRetry>,
+}
+
+/// A prefetch of 0 is refused where it is written.
+fn nonzero_prefetch<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    NonZeroU16::deserialize(d).map(|n| Some(n.get()))
+}
+
+impl Default for RabbitMqFile {
+    fn default() -> Self {
+        RabbitMqConfig::default().into()
+    }
+}
+
+impl From<RabbitMqConfig> for RabbitMqFile {
+    fn from(c: RabbitMqConfig) -> Self {
+        Self {
+            url: c.url,
+            queue: c.queue,
+            dead_exchange: c.dead_exchange,
+            dead_queue: c.dead_queue,
+            prefetch: c.prefetch,
+            consumer_tag: c.consumer_tag,
+            reconnect: c.reconnect,
+            retry: None,
+        }
+    }
+}
+
+impl From<RabbitMqFile> for RabbitMqConfig {
+    fn from(f: RabbitMqFile) -> Self {
+        Self {
+            url: f.url,
+            queue: f.queue,
+            dead_exchange: f.dead_exchange,
+            dead_queue: f.dead_queue,
+            prefetch: f.prefetch,
+            consumer_tag: f.consumer_tag,
+            reconnect: f.reconnect,
+            ..Self::default()
+        }
+    }
+}
+
 /// Why the source could not start (later outages are retried, not returned).
 #[derive(Debug, thiserror::Error)]
 pub enum RabbitMqError {
     #[error("invalid RabbitMQ source configuration: {0}")]
-    Config(String),
+    Config(#[from] InvalidConfig),
     #[error("cannot connect to RabbitMQ at {url}: {source}")]
     Connect { url: String, source: lapin::Error },
     #[error("RabbitMQ at {url} did not answer within {after:?}")]
@@ -252,7 +377,7 @@ pub struct RabbitMqSource<T> {
     /// Reused by each `produce`; always empty between calls.
     buf: Vec<Incoming>,
     decoder: Box<dyn Decoder<T>>,
-    settler: Arc<Settler<T>>,
+    settler: Arc<Settler<T, Pending>>,
     generation: Arc<AtomicU64>,
     /// Tells the consuming task to cancel the consumer; dropped (the same) with the source.
     stop: Option<oneshot::Sender<()>>,
@@ -287,15 +412,17 @@ impl<T: Send + 'static> RabbitMqSource<T> {
         let settings = Arc::new(Settings::new(&config)?);
         let link = within(&settings.url, open(&settings, 1)).await?;
 
-        let metrics = config.metrics;
+        let metrics = config.metrics.0;
         let (connection_tx, connection_rx) = watch::channel(Some(link.connection.clone()));
-        let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
-        let settled = tokio::spawn(settle(
-            jobs_rx,
-            connection_rx,
-            settings.clone(),
-            metrics.clone(),
-        ));
+        let io = Rabbit {
+            publisher: Publisher {
+                connection: connection_rx,
+                settings: settings.clone(),
+                channel: None,
+            },
+        };
+        // A requeue carries no delay: the backoff is unused on RabbitMQ.
+        let (settler, settled) = Settler::start(io, settings.reconnect.clone(), metrics.clone());
         let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
         let (stop, stop_rx) = oneshot::channel();
         let generation = Arc::new(AtomicU64::new(link.generation));
@@ -313,12 +440,7 @@ impl<T: Send + 'static> RabbitMqSource<T> {
             deliveries,
             buf: Vec::new(),
             decoder: Box::new(decoder),
-            settler: Arc::new(Settler {
-                pending: Mutex::new(HashMap::new()),
-                then: OnceLock::new(),
-                jobs: jobs_tx,
-                metrics: metrics.clone(),
-            }),
+            settler,
             generation,
             stop: Some(stop),
             metrics,
@@ -329,11 +451,11 @@ impl<T: Send + 'static> RabbitMqSource<T> {
         &self.metrics
     }
 
-    /// Has `acker` told how each message ended, after the broker's settlement is queued: how a
+    /// Has `acker` told how each message ended, after the broker's settlement is decided: how a
     /// user keeps bookkeeping of their own (the daemon's zones do). Set once; later calls are
     /// ignored.
     pub fn then_acknowledge(self, acker: Arc<dyn Acknowledger<T>>) -> Self {
-        let _ = self.settler.then.set(acker);
+        self.settler.then_acknowledge(acker);
         self
     }
 
@@ -347,16 +469,12 @@ impl<T: Send + 'static> RabbitMqSource<T> {
         }: Incoming,
     ) -> Option<Message<T>> {
         let attempt = attempt(&delivery);
-        self.metrics.message("received", 1);
-        if attempt > 1 {
-            self.metrics.message("redelivered", 1);
-        }
+        self.settler.received(attempt);
         if generation != self.generation.load(Ordering::Acquire) || !delivery.acker.usable() {
             self.metrics.message("settle_failed", 1);
             return None;
         }
         let AmqpDelivery {
-            delivery_tag,
             routing_key,
             properties,
             data,
@@ -371,13 +489,7 @@ impl<T: Send + 'static> RabbitMqSource<T> {
             subject: routing_key.as_str(),
             attempt,
         };
-        let decoded =
-            catch_unwind(AssertUnwindSafe(|| self.decoder.decode(&view))).unwrap_or_else(|panic| {
-                Err(Failure::permanent(format!(
-                    "the decoder panicked: {}",
-                    panic_message(&*panic)
-                )))
-            });
+        let decoded = decode(&*self.decoder, &view);
         let (message_id, routing) = (message_id.map(str::to_owned), routing_key.to_string());
         let pending = Pending {
             acker,
@@ -387,17 +499,12 @@ impl<T: Send + 'static> RabbitMqSource<T> {
         };
         match decoded {
             Ok(data) => {
-                let mut msg = Message::with_acker(data, self.settler.clone());
+                let mut msg = self.settler.message(data, pending, attempt);
                 let metadata = msg.metadata_mut();
                 metadata.insert(ROUTING_KEY, routing);
                 if let Some(id) = message_id {
                     metadata.insert(MESSAGE_ID, id);
                 }
-                metadata.insert(DELIVERY_TAG, delivery_tag.to_string());
-                metadata.insert(GENERATION, generation.to_string());
-                self.settler
-                    .lock()
-                    .insert((generation, delivery_tag), pending);
                 Some(msg)
             }
             Err(failure) => {
@@ -405,13 +512,7 @@ impl<T: Send + 'static> RabbitMqSource<T> {
                     routing_key = %routing, message_id = ?message_id,
                     "undecodable message, dead-lettered: {failure}"
                 );
-                let dead = DeadLetter {
-                    reason: failure.reason().to_owned(),
-                    attempts: None,
-                    outcome: "undecodable",
-                };
-                self.settler
-                    .send(vec![Settlement::DeadLetter(pending, dead)]);
+                self.settler.undecodable(pending, attempt, &failure);
                 None
             }
         }
@@ -493,14 +594,6 @@ fn count(value: &AMQPValue) -> Option<u64> {
     u64::try_from(n).ok()
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a panic without a message")
-}
-
 /// A delivery handed out, kept until its message is settled: the acker for its channel, and
 /// what a dead letter needs.
 struct Pending {
@@ -510,191 +603,87 @@ struct Pending {
     body: Vec<u8>,
 }
 
-enum Settlement {
-    Ack(Pending),
-    DeadLetter(Pending, DeadLetter),
-}
-
-/// Why a message is dead-lettered, and how that is counted once done.
-struct DeadLetter {
-    reason: String,
-    /// The pipeline's attempts; none for a message the decoder refused.
-    attempts: Option<u32>,
-    outcome: &'static str,
-}
-
-/// The acknowledger: finds each message's delivery and queues its settlement for the settling
-/// task. One per source, shared by all its messages.
-struct Settler<T> {
-    pending: Mutex<HashMap<(u64, u64), Pending>>,
-    /// The user's acknowledger, told after the settlement is queued.
-    then: OnceLock<Arc<dyn Acknowledger<T>>>,
-    jobs: mpsc::UnboundedSender<Vec<Settlement>>,
-    metrics: SourceMetrics,
-}
-
-impl<T> Settler<T> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Pending>> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn send(&self, job: Vec<Settlement>) {
-        let n = job.len() as u64;
-        if let Err(lost) = self.jobs.send(job) {
-            // Only if the settling task panicked: the broker delivers these again.
-            tracing::error!("the RabbitMQ settling task is gone; {n} messages not settled");
-            self.metrics.message("settle_failed", lost.0.len() as u64);
-        }
-    }
-}
-
-impl<T: Send + 'static> Acknowledger<T> for Settler<T> {
-    fn ack(&self, successful: Vec<Message<T>>, failed: Vec<Message<T>>) {
-        let mut job = Vec::with_capacity(successful.len() + failed.len());
-        let mut unknown = 0;
-        {
-            let mut pending = self.lock();
-            let mut take = |msg: &Message<T>| {
-                let key = key(msg).and_then(|k| pending.remove(&k));
-                unknown += u64::from(key.is_none());
-                key
-            };
-            job.extend(successful.iter().filter_map(&mut take).map(Settlement::Ack));
-            for msg in &failed {
-                if let Some(pending) = take(msg) {
-                    let dead = DeadLetter {
-                        reason: msg.failure().map_or("failed", Failure::reason).to_owned(),
-                        attempts: Some(msg.attempts()),
-                        outcome: "dead_lettered",
-                    };
-                    job.push(Settlement::DeadLetter(pending, dead));
-                }
-            }
-        }
-        if unknown > 0 {
-            tracing::error!(
-                "{unknown} RabbitMQ messages without their {DELIVERY_TAG} and {GENERATION} \
-                 metadata cannot be settled; the broker delivers them again"
-            );
-            self.metrics.message("settle_failed", unknown);
-        }
-        if !job.is_empty() {
-            self.send(job);
-        }
-        if let Some(then) = self.then.get() {
-            then.ack(successful, failed);
-        }
-    }
-}
-
-fn key<T>(msg: &Message<T>) -> Option<(u64, u64)> {
-    let metadata = msg.metadata();
-    let generation = metadata.get(GENERATION)?.parse().ok()?;
-    let tag = metadata.get(DELIVERY_TAG)?.parse().ok()?;
-    Some((generation, tag))
-}
-
-/// Settles what the acknowledger queued, until the acknowledger is gone.
-async fn settle(
-    mut jobs: mpsc::UnboundedReceiver<Vec<Settlement>>,
-    connection: watch::Receiver<Option<Arc<Connection>>>,
-    settings: Arc<Settings>,
-    metrics: SourceMetrics,
-) {
-    let mut publisher = Publisher {
-        connection,
-        settings,
-        channel: None,
-    };
-    while let Some(job) = jobs.recv().await {
-        let mut acks = Vec::new();
-        let mut dead = Vec::new();
-        for settlement in job {
-            match settlement {
-                Settlement::Ack(pending) => acks.push(pending),
-                Settlement::DeadLetter(pending, why) => dead.push((pending, why)),
-            }
-        }
-        let acked = join_all(acks.iter().map(|p| ack(&p.acker))).await;
-        let n = acked.iter().filter(|&&ok| ok).count() as u64;
-        metrics.message("acked", n);
-        metrics.message("settle_failed", acks.len() as u64 - n);
-        if !dead.is_empty() {
-            dead_letter(dead, &mut publisher, &metrics).await;
-        }
-    }
-}
-
 async fn ack(acker: &Acker) -> bool {
     // `Ok(false)`: the channel is gone, and the delivery with it.
     matches!(acker.ack(BasicAckOptions::default()).await, Ok(true))
 }
 
-/// Publishes a copy of each message to the dead-letter exchange, all before waiting for any
-/// confirm, then acks each original whose copy was confirmed and requeues the others.
-async fn dead_letter(
-    dead: Vec<(Pending, DeadLetter)>,
-    publisher: &mut Publisher,
-    metrics: &SourceMetrics,
-) {
-    let mut published = Vec::with_capacity(dead.len());
-    for (pending, why) in dead {
-        if !pending.acker.usable() {
-            // Its channel is gone: the broker delivers it again, and a copy now would be a
-            // duplicate then.
-            metrics.message("settle_failed", 1);
-            continue;
-        }
-        let DeadLetter {
-            reason,
-            attempts,
-            outcome,
-        } = why;
-        let properties = dead_letter_properties(&pending.properties, &reason, attempts);
-        let confirm = publisher
-            .publish(&pending.routing_key, &pending.body, properties)
-            .await;
-        published.push((pending, confirm, outcome));
+/// RabbitMQ's side of the settlement: acks on each delivery's channel, dead letters published
+/// with confirms on a channel of their own.
+struct Rabbit {
+    publisher: Publisher,
+}
+
+impl BrokerIo for Rabbit {
+    type Held = Pending;
+
+    async fn ack(&mut self, held: Vec<Pending>) -> u64 {
+        let acked = join_all(held.iter().map(|p| ack(&p.acker))).await;
+        acked.into_iter().filter(|&ok| ok).count() as u64
     }
-    for (pending, confirm, outcome) in published {
-        let confirmed = match confirm {
-            Some(confirm) => match timeout(BROKER_TIMEOUT, confirm).await {
-                // `Ack(Some(_))` is a copy the exchange could not route anywhere: no dead letter.
-                Ok(Ok(Confirmation::Ack(None))) => true,
-                Ok(Ok(other)) => {
-                    tracing::warn!("a dead letter was not confirmed ({other:?}); requeued");
-                    false
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!("a dead letter was not confirmed ({e}); requeued");
-                    false
-                }
-                Err(_) => {
-                    tracing::warn!("a dead letter was not confirmed in {BROKER_TIMEOUT:?}");
-                    false
-                }
-            },
-            None => false,
-        };
-        let outcome = if !confirmed {
-            // Whatever went wrong (the exchange or the dead-letter queue deleted, say), the
-            // next dead letter starts again from a fresh channel and a declared topology.
-            publisher.channel = None;
-            let requeue = BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            };
-            match pending.acker.nack(requeue).await {
-                Ok(true) => "retried",
-                _ => "settle_failed",
+
+    /// Publishes every copy before waiting for any confirm.
+    async fn store(&mut self, dead: Vec<(Pending, DeadLetter)>) -> Vec<(Pending, bool)> {
+        let mut published = Vec::with_capacity(dead.len());
+        for (pending, letter) in dead {
+            if !pending.acker.usable() {
+                // Its channel is gone: the broker delivers it again, and a copy now would be a
+                // duplicate then.
+                published.push((pending, None));
+                continue;
             }
-        } else if ack(&pending.acker).await {
-            outcome
-        } else {
-            // The dead letter is in place and the original comes back: see the module docs.
-            "settle_failed"
+            let properties =
+                dead_letter_properties(&pending.properties, &letter.reason, letter.attempts);
+            let confirm = self
+                .publisher
+                .publish(&pending.routing_key, &pending.body, properties)
+                .await;
+            published.push((pending, confirm));
+        }
+        let mut stored = Vec::with_capacity(published.len());
+        for (pending, confirm) in published {
+            let confirmed = match confirm {
+                Some(confirm) => match timeout(BROKER_TIMEOUT, confirm).await {
+                    // `Ack(Some(_))` is a copy the exchange could not route anywhere: no dead
+                    // letter.
+                    Ok(Ok(Confirmation::Ack(None))) => true,
+                    Ok(Ok(other)) => {
+                        tracing::warn!("a dead letter was not confirmed ({other:?})");
+                        false
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("a dead letter was not confirmed ({e})");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!("a dead letter was not confirmed in {BROKER_TIMEOUT:?}");
+                        false
+                    }
+                },
+                None => false,
+            };
+            if !confirmed {
+                // Whatever went wrong (the exchange or the dead-letter queue deleted, say), the
+                // next dead letter starts again from a fresh channel and a declared topology.
+                self.publisher.channel = None;
+            }
+            stored.push((pending, confirmed));
+        }
+        stored
+    }
+
+    async fn finish(&mut self, held: Pending) -> bool {
+        // A dead letter in place whose original is not acknowledged comes back: see the module
+        // documentation.
+        ack(&held.acker).await
+    }
+
+    async fn give_back(&mut self, held: Pending, _delay: Duration) -> bool {
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
         };
-        metrics.message(outcome, 1);
+        matches!(held.acker.nack(requeue).await, Ok(true))
     }
 }
 
@@ -818,41 +807,43 @@ struct Settings {
     dead_queue: ShortString,
     consumer_tag: ShortString,
     prefetch: u16,
-    reconnect: Reconnect,
+    reconnect: RetryPolicy,
 }
 
 impl Settings {
-    fn new(config: &RabbitMqConfig) -> Result<Self, RabbitMqError> {
+    fn new(config: &RabbitMqConfig) -> Result<Self, InvalidConfig> {
+        if !(config.url.starts_with("amqp://") || config.url.starts_with("amqps://")) {
+            return Err(InvalidConfig(format!(
+                "url {:?} must start with amqp:// (e.g. amqp://guest:guest@127.0.0.1:5672/%2f)",
+                redact_url(&config.url)
+            )));
+        }
         let name = |what: &str, value: &str, may_be_empty: bool| {
-            if value.is_empty() && !may_be_empty {
-                return Err(RabbitMqError::Config(format!("{what} must not be empty")));
+            if !(may_be_empty && value.is_empty()) {
+                check_name(what, value, true)?;
             }
-            ShortString::try_new(value)
-                .map_err(|e| RabbitMqError::Config(format!("{what} {value:?}: {e}")))
+            ShortString::try_new(value).map_err(|e| InvalidConfig(format!("{what} {value:?}: {e}")))
         };
-        if config.prefetch == 0 {
-            return Err(RabbitMqError::Config(
+        if config.queue == config.dead_queue {
+            return Err(InvalidConfig("queue and dead_queue must differ".into()));
+        }
+        if config.prefetch == Some(0) {
+            return Err(InvalidConfig(
                 "prefetch must be at least 1 (0 would let the broker deliver without limit)".into(),
             ));
         }
-        let Reconnect {
-            initial_delay,
-            max_delay,
-        } = config.reconnect;
-        if initial_delay.is_zero() || initial_delay > max_delay {
-            return Err(RabbitMqError::Config(format!(
-                "reconnect delays: initial_delay ({initial_delay:?}) must be above zero and \
-                 not above max_delay ({max_delay:?})"
-            )));
-        }
+        config
+            .reconnect
+            .validate()
+            .map_err(|e| InvalidConfig(format!("reconnect: {e}")))?;
         Ok(Self {
             url: config.url.clone(),
             queue: name("queue", &config.queue, false)?,
             dead_exchange: name("dead_exchange", &config.dead_exchange, false)?,
             dead_queue: name("dead_queue", &config.dead_queue, false)?,
             consumer_tag: name("consumer_tag", &config.consumer_tag, true)?,
-            prefetch: config.prefetch,
-            reconnect: config.reconnect,
+            prefetch: config.prefetch.unwrap_or(DEFAULT_PREFETCH),
+            reconnect: config.reconnect.clone(),
         })
     }
 }
@@ -871,7 +862,7 @@ async fn connect(settings: &Settings) -> Result<Connection, RabbitMqError> {
     Connection::connect(&settings.url, properties)
         .await
         .map_err(|source| RabbitMqError::Connect {
-            url: redacted(&settings.url),
+            url: redact_url(&settings.url),
             source,
         })
 }
@@ -1000,7 +991,7 @@ async fn within<F: Future<Output = Result<R, RabbitMqError>>, R>(
 ) -> Result<R, RabbitMqError> {
     timeout(CONNECT_TIMEOUT, attempt).await.unwrap_or_else(|_| {
         Err(RabbitMqError::Unreachable {
-            url: redacted(url),
+            url: redact_url(url),
             after: CONNECT_TIMEOUT,
         })
     })
@@ -1009,21 +1000,6 @@ async fn within<F: Future<Output = Result<R, RabbitMqError>>, R>(
 async fn close(connection: &Connection) {
     // Already closed (by the broker, or lost) is as good.
     let _ = timeout(BROKER_TIMEOUT, connection.close(200, "OK".into())).await;
-}
-
-/// The URL without its password, for errors and logs.
-fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***{}", &rest[at..])
-        }
-        None => url.to_owned(),
-    }
 }
 
 /// Why consuming on a connection ended.
@@ -1157,15 +1133,7 @@ impl Driver {
     /// Connects again, at once and then with growing delays, until it works; None if the
     /// source stopped or the acknowledger went away first.
     async fn reconnect(&mut self, generation: u64) -> Option<Link> {
-        let Reconnect {
-            initial_delay,
-            max_delay,
-        } = self.settings.reconnect;
-        let mut delays = ExponentialBuilder::new()
-            .with_min_delay(initial_delay)
-            .with_max_delay(max_delay)
-            .without_max_times()
-            .build();
+        let mut delays = self.settings.reconnect.delays();
         let mut delay = Duration::ZERO;
         loop {
             let settings = &self.settings;
@@ -1188,10 +1156,15 @@ impl Driver {
                     return Some(link);
                 }
                 Err(e) => {
-                    let cap = delays.next().unwrap_or(max_delay);
-                    // Equal jitter: sources that lost the broker together do not all come back
-                    // at the same instant.
-                    delay = cap / 2 + cap.mul_f64(fastrand::f64() / 2.0);
+                    // Jittered: sources that lost the broker together do not all come back at
+                    // the same instant.
+                    let Some(next) = delays.next() else {
+                        tracing::error!(
+                            "cannot reconnect to RabbitMQ ({e}); gave up: the source ends"
+                        );
+                        return None;
+                    };
+                    delay = next;
                     tracing::warn!("cannot reconnect to RabbitMQ ({e}); next attempt in {delay:?}");
                 }
             }

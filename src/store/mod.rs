@@ -21,6 +21,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Connection};
 
+use crate::redact::redact_url;
 use crate::zone::ZoneError;
 
 pub use audit::{AppendReport, AuditSink, Audited, DeadLetter};
@@ -93,11 +94,11 @@ impl Store {
     /// As [`connect`](Self::connect), with at most `max_connections` connections.
     pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let invalid = |e: sqlx::Error| StoreError::InvalidUrl {
-            url: redact(url),
+            url: redact_url(url),
             reason: e.to_string(),
         };
         let connect = |e: sqlx::Error| StoreError::Connect {
-            url: redact(url),
+            url: redact_url(url),
             source: e,
         };
         let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -142,7 +143,7 @@ impl Store {
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
             Db::Sqlite(pool)
         } else {
-            return Err(StoreError::UnsupportedUrl(redact(url)));
+            return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
         Ok(Self {
             db,
@@ -177,36 +178,5 @@ impl Store {
             Db::Sqlite(_) => Some(self.writer.lock().await),
             Db::Postgres(_) => None,
         }
-    }
-}
-
-/// A URL fit for an error message: without its password.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &credentials[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_lose_their_passwords_in_messages() {
-        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
     }
 }

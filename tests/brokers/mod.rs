@@ -2,8 +2,8 @@
 //! source reads streams or queues of the test's own.
 
 use std::collections::HashMap;
-use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
@@ -13,7 +13,8 @@ use lapin::options::{
 };
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use thunderline::daemon::config::{NatsSection, PipelineFile, RabbitMqSection, SourceSections};
+use thunderline::daemon::config::{PipelineFile, SourceSections};
+use thunderline::sources::jetstream::JetStreamConfig;
 use thunderline::sources::rabbitmq::{RabbitMqConfig, RabbitMqSource};
 use uuid::Uuid;
 
@@ -51,15 +52,7 @@ impl Broker {
             taken: Arc::default(),
         };
         if kind == Kind::Rabbitmq {
-            let section = broker.rabbit();
-            let config = RabbitMqConfig {
-                url: section.url.clone(),
-                queue: section.queue.clone(),
-                dead_exchange: section.dead_exchange.clone(),
-                dead_queue: section.dead_queue.clone(),
-                ..RabbitMqConfig::default()
-            };
-            RabbitMqSource::declare(&config)
+            RabbitMqSource::declare(&broker.rabbit())
                 .await
                 .expect("RabbitMQ runs at 127.0.0.1:5672 (see the README)");
             let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
@@ -75,25 +68,21 @@ impl Broker {
         broker
     }
 
-    fn rabbit(&self) -> RabbitMqSection {
-        RabbitMqSection {
-            queue: format!("t.{}.commands", self.tag),
-            dead_exchange: format!("t.{}.dead", self.tag),
-            dead_queue: format!("t.{}.commands.dead", self.tag),
-            ..RabbitMqSection::default()
-        }
+    fn rabbit(&self) -> RabbitMqConfig {
+        RabbitMqConfig::default()
+            .queue(format!("t.{}.commands", self.tag))
+            .dead_exchange(format!("t.{}.dead", self.tag))
+            .dead_queue(format!("t.{}.commands.dead", self.tag))
     }
 
-    fn nats(&self) -> NatsSection {
-        NatsSection {
-            stream: format!("T_{}", self.tag),
-            subjects: vec![format!("t{}.commands.>", self.tag)],
-            dead_stream: format!("T_{}_DEAD", self.tag),
-            dead_subject: format!("t{}.dead", self.tag),
+    fn nats(&self) -> JetStreamConfig {
+        JetStreamConfig::default()
+            .stream(format!("T_{}", self.tag))
+            .subjects(vec![format!("t{}.commands.>", self.tag)])
+            .dead_stream(format!("T_{}_DEAD", self.tag))
+            .dead_subject(format!("t{}.dead", self.tag))
             // Short, so that what the killed daemon held comes back soon after the restart.
-            ack_wait_ms: NonZeroU64::new(3_000).unwrap(),
-            ..NatsSection::default()
-        }
+            .ack_wait(Duration::from_secs(3))
     }
 
     /// The default zone pipeline with this broker's source.
@@ -125,7 +114,7 @@ impl Broker {
             let confirm = channel
                 .basic_publish(
                     "".into(),
-                    self.rabbit().queue.as_str().into(),
+                    self.rabbit().get_queue().into(),
                     BasicPublishOptions::default(),
                     body,
                     properties,
@@ -151,9 +140,12 @@ impl Broker {
     /// The dead letters so far: message id → reason.
     pub async fn dead_letters(&self) -> HashMap<Uuid, String> {
         if let Some((_, channel)) = &self.amqp {
-            let queue = self.rabbit().dead_queue;
+            let rabbit = self.rabbit();
             while let Some(m) = channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .basic_get(
+                    rabbit.get_dead_queue().into(),
+                    BasicGetOptions { no_ack: true },
+                )
                 .await
                 .unwrap()
             {
@@ -178,12 +170,12 @@ impl Broker {
             return self.taken.lock().unwrap().clone();
         }
         let nats = self.nats();
-        let Ok(stream) = self.js.get_stream(&nats.dead_stream).await else {
+        let Ok(stream) = self.js.get_stream(nats.get_dead_stream()).await else {
             return HashMap::new();
         };
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
             .create_consumer(pull::Config {
-                inactive_threshold: std::time::Duration::from_secs(10),
+                inactive_threshold: Duration::from_secs(10),
                 ..pull::Config::default()
             })
             .await
@@ -220,8 +212,9 @@ impl Broker {
     /// Nothing is left unsettled or undelivered.
     pub async fn assert_settled(&self) {
         if self.amqp.is_some() {
-            let queue = self.rabbit().queue;
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            let rabbit = self.rabbit();
+            let queue = rabbit.get_queue();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
                 let out = std::process::Command::new("rabbitmqctl")
                     .args([
@@ -236,7 +229,7 @@ impl Broker {
                 let listing = String::from_utf8_lossy(&out.stdout).into_owned();
                 let left = listing.lines().find_map(|l| {
                     let mut f = l.split_whitespace();
-                    (f.next() == Some(queue.as_str())).then(|| f.next()?.parse::<u64>().ok())?
+                    (f.next() == Some(queue)).then(|| f.next()?.parse::<u64>().ok())?
                 });
                 if left == Some(0) {
                     return;
@@ -245,14 +238,14 @@ impl Broker {
                     tokio::time::Instant::now() < deadline,
                     "queue {queue} still holds {left:?} messages"
                 );
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
         let nats = self.nats();
-        let stream = self.js.get_stream(&nats.stream).await.unwrap();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let stream = self.js.get_stream(nats.get_stream()).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let info = stream.consumer_info(&nats.consumer).await.unwrap();
+            let info = stream.consumer_info(nats.get_consumer()).await.unwrap();
             if info.num_ack_pending == 0 && info.num_pending == 0 {
                 return;
             }
@@ -262,21 +255,21 @@ impl Broker {
                 info.num_ack_pending,
                 info.num_pending
             );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn cleanup(&self) {
         if let Some((connection, channel)) = &self.amqp {
             let r = self.rabbit();
-            for queue in [&r.queue, &r.dead_queue] {
+            for queue in [r.get_queue(), r.get_dead_queue()] {
                 let _ = channel
-                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .queue_delete(queue.into(), QueueDeleteOptions::default())
                     .await;
             }
             let _ = channel
                 .exchange_delete(
-                    r.dead_exchange.as_str().into(),
+                    r.get_dead_exchange().into(),
                     ExchangeDeleteOptions::default(),
                 )
                 .await;
@@ -284,7 +277,7 @@ impl Broker {
             return;
         }
         let nats = self.nats();
-        let _ = self.js.delete_stream(&nats.stream).await;
-        let _ = self.js.delete_stream(&nats.dead_stream).await;
+        let _ = self.js.delete_stream(nats.get_stream()).await;
+        let _ = self.js.delete_stream(nats.get_dead_stream()).await;
     }
 }

@@ -1,9 +1,11 @@
 //! Declaring a pipeline: its producers, processors, batchers and sinks, checked and then started.
 
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, mpsc, watch};
 
 use super::batcher::{BatcherStage, IdleWorkers};
@@ -15,7 +17,7 @@ use super::processor::{
     AsyncHandler, ChunkHandler, CpuProcessor, HandlerPolicy, Processor, RayonHandler, Router,
 };
 use super::producer::{DynProducer, PartitionFn, Producer, ProducerStage};
-use super::retry::RetryPolicy;
+use super::retry::{RetryPolicy, millis};
 use super::running::{Control, Pipeline, StageHandle, Tasks};
 use super::sink::{
     BatchSink, DeadLetterSink, DynDeadLetter, DynSink, PoolSize, SinkPool, SinkWorker,
@@ -24,24 +26,25 @@ use super::stage::{Custody, Shared};
 use super::telemetry::{PipelineMetrics, StageKind};
 
 /// The processor pool's settings.
-#[derive(Clone, Debug)]
+///
+/// In a file (`[processors]`) the keys are `concurrency`, `max_demand`, `min_demand`,
+/// `timeout_ms` and a `retry` table (see [`RetryPolicy`]); an omitted key takes the default.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(try_from = "ProcessorFile", into = "ProcessorFile")]
 pub struct ProcessorConfig {
-    /// Workers in the pool. Default: the number of cores.
-    pub concurrency: usize,
-    /// Messages a worker asks for at once. Default: 10.
-    pub max_demand: usize,
-    /// A worker asks again once it is owed this many or fewer. Default: `max_demand / 2`.
-    pub min_demand: Option<usize>,
-    pub retry: RetryPolicy,
-    /// Longest a single `handle_message` call may take; past it the call is cancelled and the
-    /// message fails retryably. Async processors only.
-    pub timeout: Option<Duration>,
+    /// None: the number of cores.
+    concurrency: Option<usize>,
+    max_demand: usize,
+    /// None: `max_demand / 2`.
+    min_demand: Option<usize>,
+    retry: RetryPolicy,
+    timeout: Option<Duration>,
 }
 
 impl Default for ProcessorConfig {
     fn default() -> Self {
         Self {
-            concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            concurrency: None,
             max_demand: 10,
             min_demand: None,
             retry: RetryPolicy::none(),
@@ -51,44 +54,63 @@ impl Default for ProcessorConfig {
 }
 
 impl ProcessorConfig {
+    /// Workers in the pool. Default: the number of cores.
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n;
+        self.concurrency = Some(n);
         self
     }
 
+    /// A worker asks for `max` messages at once, and again once it is owed `min` or fewer.
     pub fn demand(mut self, max: usize, min: usize) -> Self {
         self.max_demand = max;
         self.min_demand = Some(min);
         self
     }
 
+    /// Messages a worker asks for at once (default 10); it asks again once it is owed half.
     pub fn max_demand(mut self, max: usize) -> Self {
         self.max_demand = max;
         self
     }
 
+    /// How a message that failed retryably is retried. Default: it is not.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
 
+    /// Longest a single `handle_message` call may take; past it the call is cancelled and the
+    /// message fails retryably. Async processors only. Default: no limit.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
+    }
+
+    pub fn get_concurrency(&self) -> usize {
+        self.concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    pub fn get_max_demand(&self) -> usize {
+        self.max_demand
+    }
+
+    pub fn get_retry(&self) -> &RetryPolicy {
+        &self.retry
     }
 
     fn min_demand(&self) -> usize {
         self.min_demand.unwrap_or(self.max_demand / 2)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |reason: String| {
             Err(ConfigError::Invalid {
                 what: "processors".into(),
                 reason,
             })
         };
-        if self.concurrency == 0 {
+        if self.concurrency == Some(0) {
             return invalid("concurrency must be at least 1".into());
         }
         if self.max_demand == 0 {
@@ -104,27 +126,40 @@ impl ProcessorConfig {
         if self.timeout == Some(Duration::ZERO) {
             return invalid("timeout must be above zero".into());
         }
-        self.retry.validate("processors")
+        validate_retry("processors", &self.retry)
     }
 }
 
+fn validate_retry(stage: &str, retry: &RetryPolicy) -> Result<(), ConfigError> {
+    retry.validate().map_err(|e| ConfigError::Invalid {
+        what: format!("{stage} retry"),
+        reason: e.to_string(),
+    })
+}
+
 /// One batcher's settings.
-#[derive(Clone, Debug)]
+///
+/// In a file (`[batchers.<name>]`, the name being the table's) the keys are `batch_size`,
+/// `batch_timeout_ms`, `concurrency`, `group_commit`, `timeout_ms` and a `retry` table (see
+/// [`RetryPolicy`]); an omitted key takes the default.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(from = "BatcherFile", into = "BatcherFile")]
 pub struct BatcherConfig {
-    pub name: String,
-    /// Default: 20.
-    pub batch_size: usize,
-    /// Counted from a batch's first message. Default: 2 s.
-    pub batch_timeout: Duration,
-    /// Batch processors handing batches to the sink. Default: 1 (keeps batch order).
-    pub concurrency: usize,
-    pub retry: RetryPolicy,
-    /// Longest a single `handle_batch` call may take.
-    pub timeout: Option<Duration>,
-    /// Group commit: a batch also leaves as soon as a sink worker is free, so that what is
-    /// waiting never waits for the timeout while a worker could take it; `batch_size` and
-    /// `batch_timeout` stay the upper bounds. Default: off.
-    pub group_commit: bool,
+    name: String,
+    batch_size: usize,
+    batch_timeout: Duration,
+    concurrency: usize,
+    retry: RetryPolicy,
+    timeout: Option<Duration>,
+    group_commit: bool,
+}
+
+impl Default for BatcherConfig {
+    /// A batcher without a name yet (see [`name`](Self::name)): batches of 20 or 2 s, one sink
+    /// worker, no retry.
+    fn default() -> Self {
+        Self::new("")
+    }
 }
 
 impl BatcherConfig {
@@ -140,37 +175,67 @@ impl BatcherConfig {
         }
     }
 
+    /// The name messages route to it by (a file names it by its table).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Group commit: a batch also leaves as soon as a sink worker is free, so that what is
+    /// waiting never waits for the timeout while a worker could take it; `batch_size` and
+    /// `batch_timeout` stay the upper bounds. Default: off.
     pub fn group_commit(mut self, on: bool) -> Self {
         self.group_commit = on;
         self
     }
 
+    /// Default: 20.
     pub fn batch_size(mut self, n: usize) -> Self {
         self.batch_size = n;
         self
     }
 
+    /// Counted from a batch's first message. Default: 2 s.
     pub fn batch_timeout(mut self, d: Duration) -> Self {
         self.batch_timeout = d;
         self
     }
 
+    /// Batch processors handing batches to the sink. Default: 1 (keeps batch order).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
         self
     }
 
+    /// How a batch's retryable failures are retried. Default: they are not.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
 
+    /// Longest a single `handle_batch` call may take. Default: no limit.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub fn get_name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn get_batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    pub fn get_retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    pub fn get_concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let what = format!("batcher {:?}", self.name);
         let invalid = |reason: &str| {
             Err(ConfigError::Invalid {
@@ -193,7 +258,105 @@ impl BatcherConfig {
         if self.timeout == Some(Duration::ZERO) {
             return invalid("timeout must be above zero");
         }
-        self.retry.validate(&what)
+        validate_retry(&what, &self.retry)
+    }
+}
+
+/// `[processors]` as a file writes it. Counts are nonzero and durations whole milliseconds, so
+/// that a wrong value is refused at its line; what relates two keys is checked after.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct ProcessorFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    concurrency: Option<NonZeroUsize>,
+    max_demand: NonZeroUsize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_demand: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_ms: Option<NonZeroU64>,
+    retry: RetryPolicy,
+}
+
+impl Default for ProcessorFile {
+    fn default() -> Self {
+        ProcessorConfig::default().into()
+    }
+}
+
+impl From<ProcessorConfig> for ProcessorFile {
+    fn from(c: ProcessorConfig) -> Self {
+        Self {
+            concurrency: c.concurrency.and_then(NonZeroUsize::new),
+            max_demand: NonZeroUsize::new(c.max_demand).unwrap_or(NonZeroUsize::MIN),
+            min_demand: c.min_demand,
+            timeout_ms: c.timeout.and_then(|t| NonZeroU64::new(millis(t))),
+            retry: c.retry,
+        }
+    }
+}
+
+impl TryFrom<ProcessorFile> for ProcessorConfig {
+    type Error = String;
+
+    fn try_from(f: ProcessorFile) -> Result<Self, String> {
+        let config = Self {
+            concurrency: f.concurrency.map(NonZeroUsize::get),
+            max_demand: f.max_demand.get(),
+            min_demand: f.min_demand,
+            retry: f.retry,
+            timeout: f.timeout_ms.map(|t| Duration::from_millis(t.get())),
+        };
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
+        Ok(config)
+    }
+}
+
+/// `[batchers.<name>]` as a file writes it; see [`ProcessorFile`].
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct BatcherFile {
+    batch_size: NonZeroUsize,
+    batch_timeout_ms: NonZeroU64,
+    concurrency: NonZeroUsize,
+    group_commit: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_ms: Option<NonZeroU64>,
+    retry: RetryPolicy,
+}
+
+impl Default for BatcherFile {
+    fn default() -> Self {
+        BatcherConfig::default().into()
+    }
+}
+
+impl From<BatcherConfig> for BatcherFile {
+    fn from(c: BatcherConfig) -> Self {
+        Self {
+            batch_size: NonZeroUsize::new(c.batch_size).unwrap_or(NonZeroUsize::MIN),
+            batch_timeout_ms: NonZeroU64::new(millis(c.batch_timeout)).unwrap_or(NonZeroU64::MIN),
+            concurrency: NonZeroUsize::new(c.concurrency).unwrap_or(NonZeroUsize::MIN),
+            group_commit: c.group_commit,
+            timeout_ms: c.timeout.and_then(|t| NonZeroU64::new(millis(t))),
+            retry: c.retry,
+        }
+    }
+}
+
+impl From<BatcherFile> for BatcherConfig {
+    fn from(f: BatcherFile) -> Self {
+        Self {
+            name: String::new(),
+            batch_size: f.batch_size.get(),
+            batch_timeout: Duration::from_millis(f.batch_timeout_ms.get()),
+            concurrency: f.concurrency.get(),
+            retry: f.retry,
+            timeout: f.timeout_ms.map(|t| Duration::from_millis(t.get())),
+            group_commit: f.group_commit,
+        }
     }
 }
 
@@ -401,7 +564,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
             .is_none()
             .then(|| self.default_in_flight_bound());
         let bound = match default_bound {
-            Some(d) => d.for_workers(self.processors.concurrency),
+            Some(d) => d.for_workers(self.processors.get_concurrency()),
             None => self.in_flight_bound.expect("set when there is no default"),
         };
         let (registry, metrics) = match self.registry {
@@ -429,7 +592,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
         let mut routes: Vec<(BatcherName, mpsc::Sender<Custody<T>>)> = Vec::new();
         for (config, sink) in self.batchers {
             let batcher_name: BatcherName = config.name.as_str().into();
-            let (tx, inbox) = mpsc::channel(2 * self.processors.concurrency.max(2));
+            let (tx, inbox) = mpsc::channel(2 * self.processors.get_concurrency().max(2));
             // Room for a processor chunk's worth of batches, so that the batcher and its sinks
             // do not wake each other for every batch. The in-flight bound still caps the total.
             let (out, batches) = mpsc::channel((4 * config.concurrency).max(32));
@@ -510,7 +673,7 @@ impl<T: Clone + Send + 'static> PipelineBuilder<T> {
                 metrics: metrics_p.clone(),
                 default_bound,
             },
-            config.concurrency,
+            config.get_concurrency(),
             signal_txs,
             router,
             runtime.clone(),

@@ -126,7 +126,7 @@ impl InFlight {
 /// Broadway's rate limiter: at most `allowed` messages per `interval`, one shared counter that
 /// refills at the start of each interval. It can be changed while the pipeline runs, and a
 /// pipeline built without a limit has one that lets everything through.
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     /// Read on every produce call: an unlimited pipeline never takes the lock.
     limited: AtomicBool,
     window: Mutex<Window>,
@@ -142,7 +142,7 @@ struct Window {
 }
 
 impl RateLimiter {
-    pub fn new(allowed: usize, interval: Duration) -> Self {
+    pub(crate) fn new(allowed: usize, interval: Duration) -> Self {
         let limiter = Self::unlimited();
         limiter.set(allowed, interval);
         limiter
@@ -170,7 +170,7 @@ impl RateLimiter {
     }
 
     /// The limit, or None when there is none.
-    pub fn limit(&self) -> Option<(usize, Duration)> {
+    pub(crate) fn limit(&self) -> Option<(usize, Duration)> {
         if !self.limited.load(Ordering::Acquire) {
             return None;
         }

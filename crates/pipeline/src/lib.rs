@@ -93,13 +93,12 @@ pub use batcher::{BatchInfo, Trigger};
 pub use builder::{BatcherConfig, PipelineBuilder, ProcessorConfig};
 pub use error::{ConfigError, PushError, ShutdownError};
 pub use failure::{Failure, FailureExt};
-pub use flow::RateLimiter;
 pub use message::{BatchKey, BatchMode, BatcherName, Message, Metadata, Status};
 pub use processor::{CpuProcessor, Processor};
 pub use producer::{
     Demand, InMemoryProducer, Produced, Producer, PushHandle, PushPermit, in_memory,
 };
-pub use retry::{Delays, Jitter, RetryPolicy};
+pub use retry::{InvalidRetryPolicy, Jitter, RetryPolicy};
 pub use running::{Pipeline, PipelineStats, ShutdownHandle};
 pub use sink::{BatchSink, DeadLetterSink};
 pub use telemetry::{PipelineMetrics, StageKind, StageTopology, Topology};

@@ -103,7 +103,7 @@ pub(crate) trait ChunkHandler<T: Send + 'static>: Send + Sync + 'static {
 /// Whether a failure earns another attempt in this stage. A message failed before its first
 /// attempt (its chunk's `prepare_messages` failed) has none to repeat.
 fn retries(failure: &Failure, attempts: u32, policy: &RetryPolicy) -> bool {
-    failure.is_retryable() && attempts > 0 && attempts < policy.max_attempts
+    failure.is_retryable() && attempts > 0 && attempts < policy.max_attempts()
 }
 
 fn fail_all<T>(messages: &mut [Message<T>], failure: Failure) {

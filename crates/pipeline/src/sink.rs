@@ -294,7 +294,7 @@ impl<T: Send + 'static> SinkWorker<T> {
             if !messages.iter().any(Message::is_failed) {
                 break;
             }
-            let max = self.retry.max_attempts;
+            let max = self.retry.max_attempts();
             let mut settled = messages.split_by(|m| {
                 !last && m.failure().is_some_and(Failure::is_retryable) && m.attempts < max
             });
