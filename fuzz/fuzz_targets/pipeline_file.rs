@@ -8,7 +8,8 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use thunderline::daemon::config::{PipelineFile, PipelineFileError};
+use thunderline::daemon::config::PipelineFile;
+use thunderline::daemon::error::DaemonError;
 use thunderline::pipeline::RetryPolicy;
 
 /// What a stage computes from a retry policy (f32 and f64 arithmetic on the file's numbers).
@@ -27,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     let path = Path::new("fuzz.toml");
     let file = match PipelineFile::parse(text, path) {
         Ok(file) => file,
-        Err(PipelineFileError::Invalid { path: named, .. }) => {
+        Err(DaemonError::InvalidPipelineFile { path: named, .. }) => {
             assert_eq!(named, path);
             return;
         }

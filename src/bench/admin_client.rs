@@ -10,25 +10,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpStream;
 
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error("cannot reach the admin API at {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("HTTP error: {0}")]
-    Http(#[from] hyper::Error),
-    #[error("{method} {path} answered {status}: {body}")]
-    Status {
-        method: Method,
-        path: String,
-        status: u16,
-        body: String,
-    },
-    #[error("the admin API answered something that is not JSON: {0}")]
-    NotJson(#[from] serde_json::Error),
-}
+use super::BenchError;
 
 pub struct AdminClient {
     sender: SendRequest<Full<Bytes>>,
@@ -37,10 +19,10 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    pub async fn connect(addr: SocketAddr, token: &str) -> Result<Self, AdminError> {
+    pub async fn connect(addr: SocketAddr, token: &str) -> Result<Self, BenchError> {
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|source| AdminError::Connect { addr, source })?;
+            .map_err(|source| BenchError::Connect { addr, source })?;
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
@@ -57,7 +39,7 @@ impl AdminClient {
         method: Method,
         path: &str,
         body: &Value,
-    ) -> Result<Value, AdminError> {
+    ) -> Result<Value, BenchError> {
         let request = Request::builder()
             .method(method.clone())
             .uri(path)
@@ -71,7 +53,7 @@ impl AdminClient {
         let status = response.status().as_u16();
         let bytes = response.into_body().collect().await?.to_bytes();
         if !(200..300).contains(&status) {
-            return Err(AdminError::Status {
+            return Err(BenchError::Status {
                 method,
                 path: path.to_owned(),
                 status,

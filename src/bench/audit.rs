@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::BenchError;
 use crate::pipeline::{
-    Acknowledger, BatcherConfig, ConfigError, Demand, Failure, Message, Pipeline, Processor,
-    ProcessorConfig, Produced, Producer, RetryPolicy, ShutdownError,
+    Acknowledger, BatcherConfig, Demand, Failure, Message, Pipeline, Processor, ProcessorConfig,
+    Produced, Producer, RetryPolicy,
 };
 use crate::runtime::now;
-use crate::store::{AuditSink, Backend, Db, Store, StoreError};
+use crate::store::{AuditSink, Backend, Db, Store};
 use crate::zone::{EventKind, Moved, Position, ZoneEvent};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -52,22 +53,6 @@ pub struct AuditReport {
     pub ratio: f64,
     pub batch_size: usize,
     pub concurrency: usize,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AuditBenchError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("database error in the baseline: {0}")]
-    Baseline(#[from] sqlx::Error),
-    #[error("cannot build the pipeline: {0}")]
-    Config(#[from] ConfigError),
-    #[error("the pipeline did not finish: {0}")]
-    Shutdown(#[from] ShutdownError),
-    #[error("cannot start the runtime: {0}")]
-    Runtime(#[from] std::io::Error),
-    #[error("--events, --batch-size, --concurrency and --zones must all be at least 1")]
-    Empty,
 }
 
 struct Events(
@@ -125,7 +110,7 @@ fn workload(args: &AuditArgs) -> (Vec<Uuid>, Vec<ZoneEvent>) {
 const BASELINE_TABLE: &str = "bench_audit_baseline";
 
 /// The raw load: every row in one bulk statement stream, no pipeline.
-async fn baseline(store: &Store, events: &[ZoneEvent]) -> Result<Duration, AuditBenchError> {
+async fn baseline(store: &Store, events: &[ZoneEvent]) -> Result<Duration, BenchError> {
     match store.db() {
         Db::Postgres(pool) => {
             // Made afresh each run, so it always has the log's current columns.
@@ -205,7 +190,7 @@ async fn baseline(store: &Store, events: &[ZoneEvent]) -> Result<Duration, Audit
     }
 }
 
-async fn baseline_rows(store: &Store) -> Result<u64, AuditBenchError> {
+async fn baseline_rows(store: &Store) -> Result<u64, BenchError> {
     let sql = format!("SELECT COUNT(*) FROM {BASELINE_TABLE}");
     let n: i64 = match store.db() {
         Db::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await?,
@@ -214,9 +199,11 @@ async fn baseline_rows(store: &Store) -> Result<u64, AuditBenchError> {
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
-pub async fn run_async(args: &AuditArgs) -> Result<AuditReport, AuditBenchError> {
+pub async fn run_async(args: &AuditArgs) -> Result<AuditReport, BenchError> {
     if args.events == 0 || args.batch_size == 0 || args.concurrency == 0 || args.zones == 0 {
-        return Err(AuditBenchError::Empty);
+        return Err(BenchError::Args(
+            "--events, --batch-size, --concurrency and --zones must all be at least 1".into(),
+        ));
     }
     let store = Store::connect_with(&args.database, args.concurrency as u32 + 2).await?;
     let (zones, events) = workload(args);
@@ -275,11 +262,8 @@ pub async fn run_async(args: &AuditArgs) -> Result<AuditReport, AuditBenchError>
     })
 }
 
-pub fn run(args: &AuditArgs) -> Result<AuditReport, AuditBenchError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run_async(args))
+pub fn run(args: &AuditArgs) -> Result<AuditReport, BenchError> {
+    super::runtime()?.block_on(run_async(args))
 }
 
 impl AuditReport {

@@ -15,12 +15,13 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::admin_client::{AdminClient, AdminError};
-use crate::daemon::config::{PipelineFile, PipelineFileError, SourceSections};
-use crate::daemon::server::{ServeArgs, ServeError, Server};
+use super::BenchError;
+use super::admin_client::AdminClient;
+use crate::daemon::config::{PipelineFile, SourceSections};
+use crate::daemon::server::{ServeArgs, Server};
 use crate::sources::jetstream::JetStreamConfig;
 use crate::sources::rabbitmq::RabbitMqConfig;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -153,36 +154,6 @@ impl BrokerReport {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerBenchError {
-    #[error("--events, --zones and --rounds must be at least 1")]
-    Empty,
-    #[error(transparent)]
-    PipelineFile(#[from] PipelineFileError),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Admin(#[from] AdminError),
-    #[error("NATS: {0}")]
-    Nats(String),
-    #[error("RabbitMQ: {0}")]
-    Rabbit(String),
-    #[error("cannot start the runtime: {0}")]
-    Runtime(#[from] std::io::Error),
-    #[error("the pipeline acknowledged {acked} of {events} commands within {secs} s")]
-    Stalled { acked: u64, events: u64, secs: u64 },
-}
-
-fn nats_err(e: impl std::fmt::Display) -> BrokerBenchError {
-    BrokerBenchError::Nats(e.to_string())
-}
-
-fn rabbit_err(e: impl std::fmt::Display) -> BrokerBenchError {
-    BrokerBenchError::Rabbit(e.to_string())
-}
-
 /// The benchmark's own stream or queue names, so that it never reads anyone else's commands.
 struct Names {
     tag: String,
@@ -219,9 +190,11 @@ fn command(i: u64, zone: Uuid) -> (Uuid, Vec<u8>) {
     (id, body.to_string().into_bytes())
 }
 
-pub async fn run_async(args: &BrokerArgs) -> Result<BrokerReport, BrokerBenchError> {
+pub async fn run_async(args: &BrokerArgs) -> Result<BrokerReport, BenchError> {
     if args.events == 0 || args.zones == 0 || args.rounds == 0 {
-        return Err(BrokerBenchError::Empty);
+        return Err(BenchError::Args(
+            "--events, --zones and --rounds must be at least 1".into(),
+        ));
     }
     let mut rounds = Vec::with_capacity(args.rounds);
     let mut backend = String::new();
@@ -250,7 +223,7 @@ pub async fn run_async(args: &BrokerArgs) -> Result<BrokerReport, BrokerBenchErr
     })
 }
 
-async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchError> {
+async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BenchError> {
     let names = Names {
         tag: Uuid::new_v4().simple().to_string()[..12].to_owned(),
     };
@@ -283,7 +256,9 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
             )
             .await?;
         let id = zone["id"].as_str().and_then(|s| Uuid::parse_str(s).ok());
-        zones.push(id.ok_or_else(|| nats_err("the admin API returned a zone without an id"))?);
+        zones.push(
+            id.ok_or_else(|| BenchError::nats("the admin API returned a zone without an id"))?,
+        );
     }
     drop(admin);
     server.shutdown().await?;
@@ -338,7 +313,7 @@ async fn one_round(args: &BrokerArgs) -> Result<(Round, String), BrokerBenchErro
         }
         if started.elapsed() > limit {
             server.shutdown().await?;
-            return Err(BrokerBenchError::Stalled {
+            return Err(BenchError::Stalled {
                 acked,
                 events: args.events,
                 secs: limit.as_secs(),
@@ -393,19 +368,16 @@ fn counted(registry: &prometheus::Registry, outcome: &str) -> u64 {
         .sum()
 }
 
-pub fn run(args: &BrokerArgs) -> Result<BrokerReport, BrokerBenchError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run_async(args))
+pub fn run(args: &BrokerArgs) -> Result<BrokerReport, BenchError> {
+    super::runtime()?.block_on(run_async(args))
 }
 
 mod nats {
     use super::*;
     use async_nats::jetstream::{self, consumer::pull, stream};
 
-    async fn context(url: &str) -> Result<jetstream::Context, BrokerBenchError> {
-        let client = async_nats::connect(url).await.map_err(nats_err)?;
+    async fn context(url: &str) -> Result<jetstream::Context, BenchError> {
+        let client = async_nats::connect(url).await.map_err(BenchError::nats)?;
         Ok(jetstream::new(client))
     }
 
@@ -413,7 +385,7 @@ mod nats {
     pub async fn publish(
         section: &JetStreamConfig,
         commands: &[(Uuid, Uuid, Vec<u8>)],
-    ) -> Result<(), BrokerBenchError> {
+    ) -> Result<(), BenchError> {
         let js = context(section.get_url()).await?;
         js.create_stream(stream::Config {
             name: section.get_stream().to_owned(),
@@ -421,7 +393,7 @@ mod nats {
             ..stream::Config::default()
         })
         .await
-        .map_err(nats_err)?;
+        .map_err(BenchError::nats)?;
         let prefix = section.get_subjects()[0].trim_end_matches('>');
         for chunk in commands.chunks(1_000) {
             let mut acks = Vec::with_capacity(chunk.len());
@@ -431,11 +403,11 @@ mod nats {
                 let ack = js
                     .publish_with_headers(format!("{prefix}{zone}"), headers, body.clone().into())
                     .await
-                    .map_err(nats_err)?;
+                    .map_err(BenchError::nats)?;
                 acks.push(ack);
             }
             for ack in acks {
-                ack.await.map_err(nats_err)?;
+                ack.await.map_err(BenchError::nats)?;
             }
         }
         Ok(())
@@ -443,13 +415,13 @@ mod nats {
 
     /// A second durable pull consumer on the same stream, consumed and acknowledged message by
     /// message with the same client and pull size as the source, and nothing else.
-    pub async fn raw(section: &JetStreamConfig, events: u64) -> Result<Duration, BrokerBenchError> {
+    pub async fn raw(section: &JetStreamConfig, events: u64) -> Result<Duration, BenchError> {
         let started = Instant::now();
         let js = context(section.get_url()).await?;
         let stream = js
             .get_stream(section.get_stream())
             .await
-            .map_err(nats_err)?;
+            .map_err(BenchError::nats)?;
         let consumer: jetstream::consumer::PullConsumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some("raw".into()),
@@ -458,7 +430,7 @@ mod nats {
                 ..pull::Config::default()
             })
             .await
-            .map_err(nats_err)?;
+            .map_err(BenchError::nats)?;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(section.get_pull_batch())
@@ -466,19 +438,19 @@ mod nats {
             .expires(section.get_idle_heartbeat() * 4)
             .messages()
             .await
-            .map_err(nats_err)?;
+            .map_err(BenchError::nats)?;
         let mut seen = 0;
         while seen < events {
             match messages.next().await {
                 Some(Ok(m)) => {
-                    m.ack().await.map_err(nats_err)?;
+                    m.ack().await.map_err(BenchError::nats)?;
                     seen += 1;
                 }
-                Some(Err(e)) => return Err(nats_err(e)),
-                None => return Err(nats_err("the raw consumer's stream ended")),
+                Some(Err(e)) => return Err(BenchError::nats(e)),
+                None => return Err(BenchError::nats("the raw consumer's stream ended")),
             }
         }
-        js.client().flush().await.map_err(nats_err)?;
+        js.client().flush().await.map_err(BenchError::nats)?;
         Ok(started.elapsed())
     }
 
@@ -501,10 +473,10 @@ mod rabbit {
 
     use crate::sources::rabbitmq::RabbitMqSource;
 
-    async fn connect(url: &str) -> Result<Connection, BrokerBenchError> {
+    async fn connect(url: &str) -> Result<Connection, BenchError> {
         Connection::connect(url, ConnectionProperties::default())
             .await
-            .map_err(rabbit_err)
+            .map_err(BenchError::rabbit)
     }
 
     /// The source's topology and a plain durable queue for the raw consumer, each with every
@@ -513,10 +485,15 @@ mod rabbit {
         section: &RabbitMqConfig,
         raw_queue: &str,
         commands: &[(Uuid, Uuid, Vec<u8>)],
-    ) -> Result<(), BrokerBenchError> {
-        RabbitMqSource::declare(section).await.map_err(rabbit_err)?;
+    ) -> Result<(), BenchError> {
+        RabbitMqSource::declare(section)
+            .await
+            .map_err(BenchError::rabbit)?;
         let connection = connect(section.get_url()).await?;
-        let channel = connection.create_channel().await.map_err(rabbit_err)?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(BenchError::rabbit)?;
         channel
             .queue_declare(
                 raw_queue.into(),
@@ -527,11 +504,11 @@ mod rabbit {
                 FieldTable::default(),
             )
             .await
-            .map_err(rabbit_err)?;
+            .map_err(BenchError::rabbit)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(rabbit_err)?;
+            .map_err(BenchError::rabbit)?;
         for queue in [section.get_queue(), raw_queue] {
             for chunk in commands.chunks(1_000) {
                 let mut confirms = Vec::with_capacity(chunk.len());
@@ -549,11 +526,11 @@ mod rabbit {
                             properties,
                         )
                         .await
-                        .map_err(rabbit_err)?;
+                        .map_err(BenchError::rabbit)?;
                     confirms.push(confirm);
                 }
                 for confirm in confirms {
-                    confirm.await.map_err(rabbit_err)?;
+                    confirm.await.map_err(BenchError::rabbit)?;
                 }
             }
         }
@@ -563,10 +540,13 @@ mod rabbit {
 
     /// The same client consuming the raw queue with the prefetch the daemon would use and
     /// acknowledging message by message, and nothing else.
-    pub async fn raw(url: &str, queue: &str, events: u64) -> Result<Duration, BrokerBenchError> {
+    pub async fn raw(url: &str, queue: &str, events: u64) -> Result<Duration, BenchError> {
         let started = Instant::now();
         let connection = connect(url).await?;
-        let channel = connection.create_channel().await.map_err(rabbit_err)?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(BenchError::rabbit)?;
         let processors = PipelineFile::default().processors.config;
         let prefetch = processors.get_concurrency() * processors.get_max_demand();
         channel
@@ -575,7 +555,7 @@ mod rabbit {
                 BasicQosOptions::default(),
             )
             .await
-            .map_err(rabbit_err)?;
+            .map_err(BenchError::rabbit)?;
         let mut consumer = channel
             .basic_consume(
                 queue.into(),
@@ -584,7 +564,7 @@ mod rabbit {
                 FieldTable::default(),
             )
             .await
-            .map_err(rabbit_err)?;
+            .map_err(BenchError::rabbit)?;
         // Message by message, as the source does, with what has arrived acknowledged together
         // (the acks of one round trip in flight at once) rather than one round trip each.
         let mut seen = 0;
@@ -594,8 +574,8 @@ mod rabbit {
             while let Some(item) = next.take() {
                 match item {
                     Some(Ok(delivery)) => ready.push(delivery),
-                    Some(Err(e)) => return Err(rabbit_err(e)),
-                    None => return Err(rabbit_err("the raw consumer ended")),
+                    Some(Err(e)) => return Err(BenchError::rabbit(e)),
+                    None => return Err(BenchError::rabbit("the raw consumer ended")),
                 }
                 if ready.len() < 256 {
                     next = futures_util::FutureExt::now_or_never(consumer.next());
@@ -603,7 +583,7 @@ mod rabbit {
             }
             let acks = ready.iter().map(|d| d.ack(BasicAckOptions::default()));
             for acked in futures_util::future::join_all(acks).await {
-                acked.map_err(rabbit_err)?;
+                acked.map_err(BenchError::rabbit)?;
             }
             seen += ready.len() as u64;
             ready.clear();

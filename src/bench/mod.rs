@@ -5,6 +5,7 @@
 mod admin_client;
 pub mod audit;
 pub mod broker;
+mod error;
 pub mod pipeline;
 pub mod recovery;
 pub mod ws;
@@ -13,7 +14,17 @@ mod ws_report;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use error::BenchError;
+
 use crate::pipeline::{Acknowledger, Message};
+
+/// The runtime a benchmark runs on: every core, timers and I/O.
+fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(BenchError::Runtime)
+}
 
 /// Counts what the pipeline acknowledges, in both benchmarks that need to know.
 #[derive(Default)]

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::BenchError;
 use crate::pipeline::{
-    Acknowledger, BatchInfo, BatchSink, BatcherConfig, BatcherName, ConfigError, Demand, Failure,
-    Message, Pipeline, Processor, ProcessorConfig, Produced, Producer, ShutdownError,
+    Acknowledger, BatchInfo, BatchSink, BatcherConfig, BatcherName, Demand, Failure, Message,
+    Pipeline, Processor, ProcessorConfig, Produced, Producer,
 };
 
 /// The payload: 64 bytes, as in the workload.
@@ -71,16 +72,6 @@ pub struct PipelineReport {
     pub pipeline_samples: Vec<f64>,
     pub baseline_samples: Vec<f64>,
     pub peak_rss_bytes: Option<u64>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error("cannot build the pipeline: {0}")]
-    Config(#[from] ConfigError),
-    #[error("the pipeline did not finish: {0}")]
-    Shutdown(#[from] ShutdownError),
-    #[error("cannot start the runtime: {0}")]
-    Runtime(#[from] std::io::Error),
 }
 
 struct Generator {
@@ -211,9 +202,7 @@ pub async fn run_pipeline(
 }
 
 pub fn run(args: &PipelineArgs) -> Result<PipelineReport, BenchError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = super::runtime()?;
     let mut pipeline_samples = Vec::new();
     let mut baseline_samples = Vec::new();
     let (mut acked, mut failed, mut max_in_flight, mut in_flight_bound) = (u64::MAX, 0, 0, 0);

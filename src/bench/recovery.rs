@@ -12,9 +12,10 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as Ws;
 use uuid::Uuid;
 
-use super::admin_client::{AdminClient, AdminError};
+use super::BenchError;
+use super::admin_client::AdminClient;
 use crate::daemon::config::PipelineFile;
-use crate::daemon::server::{ServeArgs, ServeError, Server};
+use crate::daemon::server::{ServeArgs, Server};
 use crate::realtime::TokenSigner;
 use crate::runtime::ZoneWork;
 use crate::zone::{Actor, CommandKind, Permissions};
@@ -32,24 +33,6 @@ pub struct RecoveryArgs {
     pub database: Option<String>,
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RecoveryBenchError {
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-    #[error(transparent)]
-    Admin(#[from] AdminError),
-    #[error("websocket: {0}")]
-    Socket(String),
-    #[error("{0}")]
-    Bench(String),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
-
-fn bench_err(e: impl std::fmt::Display) -> RecoveryBenchError {
-    RecoveryBenchError::Bench(e.to_string())
 }
 
 /// Milliseconds from the join to the last missed event (or to the reply, for a plain join).
@@ -132,10 +115,10 @@ async fn join(
     token: &str,
     since: Option<Value>,
     last_missed: Option<u64>,
-) -> Result<(Duration, Value, Vec<u64>), RecoveryBenchError> {
+) -> Result<(Duration, Value, Vec<u64>), BenchError> {
     let (mut socket, _): (Socket, _) = tokio_tungstenite::connect_async(url)
         .await
-        .map_err(|e| RecoveryBenchError::Socket(e.to_string()))?;
+        .map_err(|e| BenchError::Socket(e.to_string()))?;
     let mut params = json!({"agent_id": agent, "token": token});
     if let Some(since) = since {
         params["since"] = since;
@@ -145,21 +128,23 @@ async fn join(
     socket
         .send(Ws::text(frame))
         .await
-        .map_err(|e| RecoveryBenchError::Socket(e.to_string()))?;
+        .map_err(|e| BenchError::Socket(e.to_string()))?;
     let mut reply = Value::Null;
     let mut seqs = Vec::new();
     let deadline = started + Duration::from_secs(30);
     loop {
         let next = tokio::time::timeout_at(deadline.into(), socket.next())
             .await
-            .map_err(|_| bench_err("no answer within 30 s"))?;
+            .map_err(|_| BenchError::failed("no answer within 30 s"))?;
         let Some(Ok(Ws::Text(text))) = next else {
-            return Err(bench_err("the connection ended before the recovery did"));
+            return Err(BenchError::failed(
+                "the connection ended before the recovery did",
+            ));
         };
-        let v: Value = serde_json::from_str(&text).map_err(bench_err)?;
+        let v: Value = serde_json::from_str(&text).map_err(BenchError::failed)?;
         if v[3] == "phx_reply" {
             if v[4]["status"] != "ok" {
-                return Err(bench_err(format!("join refused: {}", v[4])));
+                return Err(BenchError::failed(format!("join refused: {}", v[4])));
             }
             reply = v[4]["response"].clone();
             if last_missed.is_none() || reply["recovered"] != true {
@@ -178,7 +163,7 @@ async fn join(
 }
 
 /// Waits until the zone has at least `events` events and all of them are in the audit log.
-async fn logged(server: &Server, zone: Uuid, events: u64) -> Result<(), RecoveryBenchError> {
+async fn logged(server: &Server, zone: Uuid, events: u64) -> Result<(), BenchError> {
     let started = Instant::now();
     loop {
         let seq = server
@@ -192,12 +177,14 @@ async fn logged(server: &Server, zone: Uuid, events: u64) -> Result<(), Recovery
             .store()
             .count_events(Some(zone))
             .await
-            .map_err(bench_err)?;
+            .map_err(BenchError::failed)?;
         if seq >= events && in_log >= seq {
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(120) {
-            return Err(bench_err("the events were not all logged within 120 s"));
+            return Err(BenchError::failed(
+                "the events were not all logged within 120 s",
+            ));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -209,7 +196,7 @@ async fn one_case(
     args: &RecoveryArgs,
     missed: u64,
     from_memory: bool,
-) -> Result<(Case, String), RecoveryBenchError> {
+) -> Result<(Case, String), BenchError> {
     let tag = Uuid::new_v4().simple().to_string()[..12].to_owned();
     let dir = std::env::temp_dir().join(format!("thunderline-bench-recovery-{tag}"));
     let database = args
@@ -239,9 +226,9 @@ async fn one_case(
     let zone = zone["id"]
         .as_str()
         .and_then(|s| Uuid::parse_str(s).ok())
-        .ok_or_else(|| bench_err("the admin API returned a zone without an id"))?;
+        .ok_or_else(|| BenchError::failed("the admin API returned a zone without an id"))?;
     drop(admin);
-    let signer = TokenSigner::new(server.secrets.signing.as_bytes()).map_err(bench_err)?;
+    let signer = TokenSigner::new(server.secrets.signing.as_bytes()).map_err(BenchError::failed)?;
     let token = |agent: &str| {
         signer
             .mint(
@@ -252,19 +239,20 @@ async fn one_case(
                 chrono::Utc::now(),
             )
             .map(|(t, _)| t)
-            .map_err(bench_err)
+            .map_err(BenchError::failed)
     };
 
     // The events the rejoiners will have missed: environment ticks, as the timers make them.
     for _ in 0..missed {
         let tick = crate::runtime::command(zone, Actor::System, CommandKind::Tick);
         if !server.zones.push(ZoneWork::command(tick, None)).await {
-            return Err(bench_err("the server stopped taking commands"));
+            return Err(BenchError::failed("the server stopped taking commands"));
         }
     }
     logged(&server, zone, missed).await?;
 
-    let mut recovery = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(bench_err)?;
+    let mut recovery =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(BenchError::failed)?;
     let mut plain = recovery.clone();
     let mut recovered = 0;
     for i in 0..args.rejoins {
@@ -277,7 +265,7 @@ async fn one_case(
                 .zones
                 .registry
                 .live(zone)
-                .ok_or_else(|| bench_err("the zone left memory"))?;
+                .ok_or_else(|| BenchError::failed("the zone left memory"))?;
             let state = live.state();
             (state.epoch().to_owned(), state.seq())
         };
@@ -298,12 +286,12 @@ async fn one_case(
         }
         recovery
             .record(took.as_micros().max(1) as u64)
-            .map_err(bench_err)?;
+            .map_err(BenchError::failed)?;
         let agent = format!("p{i}");
         let (took, _, _) = join(&url, zone, &agent, &token(&agent)?, None, None).await?;
         plain
             .record(took.as_micros().max(1) as u64)
-            .map_err(bench_err)?;
+            .map_err(BenchError::failed)?;
         // The leaves of both are applied before the next measurement reads the last seq.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -325,9 +313,9 @@ async fn one_case(
     ))
 }
 
-pub async fn run_async(args: &RecoveryArgs) -> Result<RecoveryReport, RecoveryBenchError> {
+pub async fn run_async(args: &RecoveryArgs) -> Result<RecoveryReport, BenchError> {
     if args.rejoins == 0 || args.missed.is_empty() || args.missed.contains(&0) {
-        return Err(bench_err(
+        return Err(BenchError::failed(
             "--rejoins and every --missed count must be at least 1",
         ));
     }
@@ -343,9 +331,6 @@ pub async fn run_async(args: &RecoveryArgs) -> Result<RecoveryReport, RecoveryBe
     Ok(RecoveryReport { backend, cases })
 }
 
-pub fn run(args: &RecoveryArgs) -> Result<RecoveryReport, RecoveryBenchError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run_async(args))
+pub fn run(args: &RecoveryArgs) -> Result<RecoveryReport, BenchError> {
+    super::runtime()?.block_on(run_async(args))
 }

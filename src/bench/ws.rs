@@ -27,7 +27,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::admin_client::{AdminClient, AdminError};
+use super::BenchError;
+use super::admin_client::AdminClient;
 use super::ws_baseline;
 use crate::runtime::Replies;
 
@@ -167,18 +168,6 @@ pub struct SweepReport {
     pub server_peak_rss_bytes: Option<u64>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum WsBenchError {
-    #[error("{0}")]
-    Args(String),
-    #[error(transparent)]
-    Admin(#[from] AdminError),
-    #[error("cannot start the daemon: {0}")]
-    Daemon(String),
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-}
-
 /// The daemon under test, as a child process.
 struct Daemon {
     child: Child,
@@ -202,7 +191,7 @@ fn rss(pid: u32, field: &str) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn start_daemon(admin: &str, replies: Option<Replies>) -> Result<Daemon, WsBenchError> {
+fn start_daemon(admin: &str, replies: Option<Replies>) -> Result<Daemon, BenchError> {
     use std::io::{BufRead, BufReader};
     let dir = std::env::temp_dir().join(format!(
         "thunderline-bench-{}",
@@ -232,10 +221,10 @@ fn start_daemon(admin: &str, replies: Option<Replies>) -> Result<Daemon, WsBench
                     break url
                         .trim()
                         .parse()
-                        .map_err(|_| WsBenchError::Daemon(line.clone()))?;
+                        .map_err(|_| BenchError::Start(line.clone()))?;
                 }
             }
-            _ => return Err(WsBenchError::Daemon("it exited before listening".into())),
+            _ => return Err(BenchError::Start("it exited before listening".into())),
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
@@ -724,8 +713,8 @@ async fn load(
     }
 }
 
-fn check(args: &WsArgs) -> Result<(), WsBenchError> {
-    let bad = |m: &str| Err(WsBenchError::Args(m.to_owned()));
+fn check(args: &WsArgs) -> Result<(), BenchError> {
+    let bad = |m: &str| Err(BenchError::Args(m.to_owned()));
     if args.clients == 0 || args.zones == 0 || args.zones > args.clients {
         return bad("--clients must be at least 1, and --zones between 1 and --clients");
     }
@@ -765,7 +754,7 @@ impl Target {
     }
 }
 
-async fn prepare(args: &WsArgs) -> Result<Target, WsBenchError> {
+async fn prepare(args: &WsArgs) -> Result<Target, BenchError> {
     check(args)?;
     raise_fd_limit();
     let progress = if args.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -795,7 +784,7 @@ async fn prepare(args: &WsArgs) -> Result<Target, WsBenchError> {
             let addr: SocketAddr = tokio::net::lookup_host(hostport)
                 .await?
                 .next()
-                .ok_or_else(|| WsBenchError::Args(format!("cannot resolve {hostport}")))?;
+                .ok_or_else(|| BenchError::Args(format!("cannot resolve {hostport}")))?;
             (addr, format!("ws://{hostport}/socket/websocket?vsn=2.0.0"))
         }
         (None, Some(d)) => (
@@ -838,7 +827,7 @@ async fn prepare(args: &WsArgs) -> Result<Target, WsBenchError> {
     })
 }
 
-pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
+pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
     let target = prepare(args).await?;
     let pid = target.pid();
     let Target {
@@ -890,7 +879,7 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, WsBenchError> {
 }
 
 /// Runs the load at each of `args.sweep`'s rates against one server, in order.
-pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
+pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, BenchError> {
     let target = prepare(args).await?;
     let pid = target.pid();
     let Target {
@@ -940,19 +929,16 @@ pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
 }
 
 fn block_on<R>(
-    work: impl std::future::Future<Output = Result<R, WsBenchError>>,
-) -> Result<R, WsBenchError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(work)
+    work: impl std::future::Future<Output = Result<R, BenchError>>,
+) -> Result<R, BenchError> {
+    super::runtime()?.block_on(work)
 }
 
-pub fn run(args: &WsArgs) -> Result<WsReport, WsBenchError> {
+pub fn run(args: &WsArgs) -> Result<WsReport, BenchError> {
     block_on(run_async(args))
 }
 
-pub fn sweep(args: &WsArgs) -> Result<SweepReport, WsBenchError> {
+pub fn sweep(args: &WsArgs) -> Result<SweepReport, BenchError> {
     block_on(sweep_async(args))
 }
 

@@ -96,7 +96,7 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 }
 
 /// Runs the server until SIGINT or SIGTERM, then drains it.
-async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::server::ServeError> {
+async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::error::DaemonError> {
     let file = args.pipeline()?;
     let server = daemon::server::Server::start(&args, &file).await?;
     let addr = server.addr;

@@ -16,12 +16,13 @@
 
 use std::cell::Cell;
 use std::num::{NonZeroU64, NonZeroUsize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::error::DaemonError;
 use crate::pipeline::{BatcherConfig, ProcessorConfig};
 use crate::runtime::{HistoryConfig, Replies};
 use crate::sources::jetstream::JetStreamConfig;
@@ -360,17 +361,6 @@ impl Default for PipelineFile {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineFileError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
-
 impl PipelineFile {
     /// The built-in pipeline as `pipelines/nats.toml` and `pipelines/rabbitmq.toml` have it,
     /// without their source: audit batches of up to 1000, since a broker delivers in bulk.
@@ -381,13 +371,13 @@ impl PipelineFile {
     }
 
     /// Parses a pipeline file's text; `path` names it in errors.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, PipelineFileError> {
-        let file: Self = toml::from_str(text).map_err(|e| PipelineFileError::Invalid {
+    pub fn parse(text: &str, path: &Path) -> Result<Self, DaemonError> {
+        let file: Self = toml::from_str(text).map_err(|e| DaemonError::InvalidPipelineFile {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
         // What serde cannot see: relations between sections, and what the daemon needs.
-        let invalid = |message: String| PipelineFileError::Invalid {
+        let invalid = |message: String| DaemonError::InvalidPipelineFile {
             path: path.to_owned(),
             message,
         };
@@ -427,11 +417,12 @@ impl PipelineFile {
         Ok(file)
     }
 
-    pub fn load(path: &Path) -> Result<Self, PipelineFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PipelineFileError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+    pub fn load(path: &Path) -> Result<Self, DaemonError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| DaemonError::ReadPipelineFile {
+                path: path.to_owned(),
+                source,
+            })?;
         Self::parse(&text, path)
     }
 }

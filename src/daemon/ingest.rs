@@ -22,10 +22,11 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::config::PipelineFile;
+use super::error::DaemonError;
 use crate::pipeline::{Acknowledger, Failure};
 use crate::runtime::{ZoneAcker, ZoneWork};
-use crate::sources::jetstream::{JetStreamError, JetStreamSource, Settled};
-use crate::sources::rabbitmq::{RabbitMqError, RabbitMqSource};
+use crate::sources::jetstream::{JetStreamSource, Settled};
+use crate::sources::rabbitmq::RabbitMqSource;
 use crate::sources::{Delivery, SourceMetrics};
 use crate::zone::{Actor, CommandKind, ZoneCommand, ZoneError};
 
@@ -139,17 +140,6 @@ fn zone_work(delivery: &Delivery<'_>) -> Result<ZoneWork, Failure> {
     decode_command(delivery).map(|command| ZoneWork::command(command, None))
 }
 
-/// Why a broker source could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    #[error("[sources.nats]: {0}")]
-    JetStream(#[from] JetStreamError),
-    #[error("[sources.rabbitmq]: {0}")]
-    RabbitMq(#[from] RabbitMqError),
-    #[error("cannot register the sources' metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-}
-
 /// The broker sources a pipeline file asks for, connected and declared.
 pub struct Sources {
     pub jetstream: Option<JetStreamSource<ZoneWork>>,
@@ -183,7 +173,7 @@ impl Sources {
         acker: Arc<ZoneAcker>,
         registry: &prometheus::Registry,
         processors: usize,
-    ) -> Result<Self, IngestError> {
+    ) -> Result<Self, DaemonError> {
         let metrics = SourceMetrics::new("jetstream", registry)?;
         // A producer may hold its share of the in-flight bound: what a broker may have
         // delivered and not yet seen settled.

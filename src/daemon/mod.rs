@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod error;
 pub mod ingest;
 pub mod replay;
 pub mod server;

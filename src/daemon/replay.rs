@@ -5,8 +5,9 @@ use std::io::Write;
 use chrono::{DateTime, Utc};
 
 use super::DatabaseArgs;
-use crate::store::{Store, StoreError};
-use crate::zone::{ZoneError, parse_zone_id};
+use super::error::DaemonError;
+use crate::store::Store;
+use crate::zone::parse_zone_id;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ReplayArgs {
@@ -20,23 +21,11 @@ pub struct ReplayArgs {
     pub db: DatabaseArgs,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error(transparent)]
-    Zone(#[from] ZoneError),
-    #[error("--since {0:?} is not an RFC 3339 time (expected e.g. 2026-11-27T10:00:00Z)")]
-    BadSince(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("cannot write the output: {0}")]
-    Output(#[from] std::io::Error),
-}
-
 /// Events are read a page at a time, so a long log streams instead of filling memory.
 const PAGE: u32 = 1_000;
 
 /// Writes the zone's events to `out`, one JSON object per line; returns how many.
-pub async fn replay(args: &ReplayArgs, out: &mut impl Write) -> Result<u64, ReplayError> {
+pub async fn replay(args: &ReplayArgs, out: &mut impl Write) -> Result<u64, DaemonError> {
     let zone = parse_zone_id(&args.zone)?;
     let since = args
         .since
@@ -44,7 +33,7 @@ pub async fn replay(args: &ReplayArgs, out: &mut impl Write) -> Result<u64, Repl
         .map(|s| {
             DateTime::parse_from_rfc3339(s.trim())
                 .map(|t| t.with_timezone(&Utc))
-                .map_err(|_| ReplayError::BadSince(s.to_owned()))
+                .map_err(|_| DaemonError::BadSince(s.to_owned()))
         })
         .transpose()?;
     let store = Store::connect(&args.db.url()).await?;
@@ -55,11 +44,11 @@ pub async fn replay(args: &ReplayArgs, out: &mut impl Write) -> Result<u64, Repl
         let Some(last) = page.last() else { break };
         after = Some(last.seq);
         for event in &page {
-            writeln!(out, "{}", event.to_json())?;
+            writeln!(out, "{}", event.to_json()).map_err(DaemonError::Output)?;
             written += 1;
         }
     }
-    out.flush()?;
+    out.flush().map_err(DaemonError::Output)?;
     if written == 0 {
         // No events: say so if the zone does not exist at all.
         store.get_zone(zone).await?;

@@ -19,13 +19,12 @@ use tokio::task::JoinHandle;
 
 use super::DatabaseArgs;
 use super::api::{self, ApiState};
-use super::config::{PipelineFile, PipelineFileError};
+use super::config::PipelineFile;
 use super::console;
 use super::control::ZonePipeline;
-use super::ingest::{IngestError, Sources, SourcesSettled};
-use crate::pipeline::{
-    BatcherName, ConfigError, Message, Pipeline, PipelineMetrics, ShutdownError, in_memory,
-};
+use super::error::DaemonError;
+use super::ingest::{Sources, SourcesSettled};
+use crate::pipeline::{BatcherName, Message, Pipeline, PipelineMetrics, in_memory};
 use crate::realtime::revocation::{Revocation, Revocations};
 use crate::realtime::{
     Hub, HubMetrics, SocketConfig, SocketContext, SocketMetrics, TokenSigner, TopicSink,
@@ -35,7 +34,7 @@ use crate::runtime::{
     Limits, Replies, Snapshots, TimerConfig, WriterConfig, ZoneAcker, ZoneHandle, ZoneRegistry,
     ZoneWork, ZoneWriter, command, run_timers,
 };
-use crate::store::{AuditSink, Backend, Store, StoreError};
+use crate::store::{AuditSink, Backend, Store};
 use crate::zone::{Actor, CommandKind};
 
 /// Each connection's kernel send buffer (Linux doubles it for bookkeeping): room for several
@@ -130,7 +129,7 @@ pub enum LogFormat {
 
 impl ServeArgs {
     /// The pipeline file, or the defaults, with the flags that override it applied.
-    pub fn pipeline(&self) -> Result<PipelineFile, PipelineFileError> {
+    pub fn pipeline(&self) -> Result<PipelineFile, DaemonError> {
         let mut file = match &self.config {
             Some(path) => PipelineFile::load(path)?,
             None => PipelineFile::default(),
@@ -143,42 +142,6 @@ impl ServeArgs {
         }
         Ok(file)
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error(transparent)]
-    PipelineFile(#[from] PipelineFileError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("cannot build the zone pipeline: {0}")]
-    Pipeline(#[from] ConfigError),
-    #[error("cannot register metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("{env} must be at least 32 characters: a short token can be guessed")]
-    WeakSecret { env: String },
-    #[error(
-        "{path} is readable by others (mode {mode:o}): it holds a secret; run `chmod 600 {path}` and start again"
-    )]
-    SharedSecret { path: PathBuf, mode: u32 },
-    #[error("cannot read or write {path}: {source}")]
-    Secret {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the signing secret is unusable: {0}")]
-    Token(#[from] crate::realtime::TokenError),
-    #[error("the HTTP server failed: {0}")]
-    Http(std::io::Error),
-    #[error("the pipeline did not drain: {0}")]
-    Drain(#[from] ShutdownError),
-    #[error(transparent)]
-    Source(#[from] IngestError),
 }
 
 /// The server's secrets: the token-signing secret and the admin API's bearer token.
@@ -195,19 +158,19 @@ const MIN_SECRET_CHARS: usize = 32;
 
 /// Reads a secret from the environment, or from `data_dir/name`, generating it there on first
 /// start (readable by the owner only).
-fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), ServeError> {
+fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), DaemonError> {
     if let Ok(v) = std::env::var(env)
         && !v.is_empty()
     {
         if v.chars().count() < MIN_SECRET_CHARS {
-            return Err(ServeError::WeakSecret {
+            return Err(DaemonError::WeakSecret {
                 env: env.to_owned(),
             });
         }
         return Ok((v, false));
     }
     let path = data_dir.join(name);
-    let io = |source| ServeError::Secret {
+    let io = |source| DaemonError::Secret {
         path: path.clone(),
         source,
     };
@@ -226,19 +189,19 @@ fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), Serv
 }
 
 /// A secret file others can read is a leaked secret: refuse it and say how to fix it.
-fn refuse_if_shared(path: &Path) -> Result<(), ServeError> {
+fn refuse_if_shared(path: &Path) -> Result<(), DaemonError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(path)
-            .map_err(|source| ServeError::Secret {
+            .map_err(|source| DaemonError::Secret {
                 path: path.to_owned(),
                 source,
             })?
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
-            return Err(ServeError::SharedSecret {
+            return Err(DaemonError::SharedSecret {
                 path: path.to_owned(),
                 mode: mode & 0o777,
             });
@@ -271,7 +234,7 @@ fn write_private(data_dir: &Path, path: &Path, value: &str) -> std::io::Result<(
 /// The generated admin token's file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin_token";
 
-pub fn load_secrets(data_dir: &Path) -> Result<Secrets, ServeError> {
+pub fn load_secrets(data_dir: &Path) -> Result<Secrets, DaemonError> {
     let (signing, _) = secret("THUNDERLINE_SECRET", data_dir, "secret")?;
     let (admin_token, admin_token_generated) =
         secret("THUNDERLINE_ADMIN_TOKEN", data_dir, ADMIN_TOKEN_FILE)?;
@@ -342,14 +305,14 @@ pub struct Server {
 
 impl Server {
     /// Opens the store, builds the pipelines and starts listening.
-    pub async fn start(args: &ServeArgs, file: &PipelineFile) -> Result<Self, ServeError> {
+    pub async fn start(args: &ServeArgs, file: &PipelineFile) -> Result<Self, DaemonError> {
         let secrets = load_secrets(&args.db.data_dir)?;
         if args
             .metrics_token
             .as_ref()
             .is_some_and(|t| t.chars().count() < MIN_SECRET_CHARS)
         {
-            return Err(ServeError::WeakSecret {
+            return Err(DaemonError::WeakSecret {
                 env: "--metrics-token".into(),
             });
         }
@@ -467,11 +430,11 @@ impl Server {
         let listener =
             TcpListener::bind(args.listen)
                 .await
-                .map_err(|source| ServeError::Listen {
+                .map_err(|source| DaemonError::Listen {
                     addr: args.listen,
                     source,
                 })?;
-        let addr = listener.local_addr().map_err(ServeError::Http)?;
+        let addr = listener.local_addr().map_err(DaemonError::Http)?;
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             // Frames are small and latency matters: no Nagle delay on replies and broadcasts.
             if let Err(e) = tcp.set_nodelay(true) {
@@ -489,8 +452,8 @@ impl Server {
             Some(at) => {
                 let listener = TcpListener::bind(at)
                     .await
-                    .map_err(|source| ServeError::Listen { addr: at, source })?;
-                let bound = listener.local_addr().map_err(ServeError::Http)?;
+                    .map_err(|source| DaemonError::Listen { addr: at, source })?;
+                let bound = listener.local_addr().map_err(DaemonError::Http)?;
                 let app = api::metrics_router(state.clone());
                 Some((bound, serve_until(listener, app, stop_rx.clone())))
             }
@@ -525,7 +488,7 @@ impl Server {
 
     /// Stops taking connections and events, tells clients the server is going away, drains the
     /// pipeline into the audit log, and closes the store.
-    pub async fn shutdown(self) -> Result<(), ServeError> {
+    pub async fn shutdown(self) -> Result<(), DaemonError> {
         self.stop.send_replace(true);
         let _ = self.timers.await;
         let http = self.http.await;
@@ -553,8 +516,8 @@ impl Server {
         written?;
         match http {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ServeError::Http(e)),
-            Err(e) => Err(ServeError::Http(std::io::Error::other(e))),
+            Ok(Err(e)) => Err(DaemonError::Http(e)),
+            Err(e) => Err(DaemonError::Http(std::io::Error::other(e))),
         }
     }
 }

@@ -3,9 +3,10 @@
 use chrono::{DateTime, Utc};
 
 use super::DatabaseArgs;
-use super::server::{DEFAULT_MAX_TOKEN_TTL, ServeError, load_secrets};
+use super::error::DaemonError;
+use super::server::{DEFAULT_MAX_TOKEN_TTL, load_secrets};
 use crate::realtime::{TokenError, TokenSigner};
-use crate::zone::{Permissions, ZoneError, parse_zone_id};
+use crate::zone::{Permissions, parse_zone_id};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct TokenArgs {
@@ -30,23 +31,11 @@ pub struct TokenArgs {
     pub db: DatabaseArgs,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum MintError {
-    #[error(transparent)]
-    Zone(#[from] ZoneError),
-    #[error(transparent)]
-    Secrets(#[from] ServeError),
-    #[error(transparent)]
-    Token(#[from] TokenError),
-    #[error("--ttl {ttl} is above the maximum of {max} seconds (--max-token-ttl)")]
-    TtlTooLong { ttl: u64, max: u64 },
-}
-
 /// The token and when it expires. Uses `THUNDERLINE_SECRET`, or the secret `serve` keeps in the
 /// data directory.
-pub fn mint(args: &TokenArgs) -> Result<(String, DateTime<Utc>), MintError> {
+pub fn mint(args: &TokenArgs) -> Result<(String, DateTime<Utc>), DaemonError> {
     if args.ttl > args.max_token_ttl {
-        return Err(MintError::TtlTooLong {
+        return Err(DaemonError::TtlTooLong {
             ttl: args.ttl,
             max: args.max_token_ttl,
         });
