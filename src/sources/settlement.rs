@@ -243,20 +243,8 @@ pub(crate) fn decode<T: 'static>(
     decoder: &dyn Decoder<T>,
     delivery: &Delivery<'_>,
 ) -> Result<T, Failure> {
-    catch_unwind(AssertUnwindSafe(|| decoder.decode(delivery))).unwrap_or_else(|panic| {
-        Err(Failure::permanent(format!(
-            "the decoder panicked: {}",
-            panic_message(&*panic)
-        )))
-    })
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a panic without a message")
+    catch_unwind(AssertUnwindSafe(|| decoder.decode(delivery)))
+        .unwrap_or_else(|panic| Err(Failure::panicked("the decoder", &*panic)))
 }
 
 #[cfg(test)]

@@ -64,7 +64,23 @@ struct FailureInner {
 const _: () = assert!(size_of::<Failure>() == size_of::<usize>());
 const _: () = assert!(size_of::<super::message::Status>() == size_of::<usize>());
 
+/// What a panic said, from its payload (a `&str` or a `String`, as `panic!` makes them).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
 impl Failure {
+    /// `what` panicked (a handler, a sink, a decoder: the payload is what `catch_unwind` gave):
+    /// permanent, since the same input would panic again, with the panic's message as the
+    /// reason.
+    pub fn panicked(what: &str, panic: &(dyn std::any::Any + Send)) -> Self {
+        Self::permanent(format!("{what} panicked: {}", panic_message(panic)))
+    }
+
     /// A failure that may go away on its own (a dropped connection, a timeout): the stage retries
     /// it under its retry policy and dead-letters it once the attempts run out.
     pub fn retryable(reason: impl Into<Cow<'static, str>>) -> Self {

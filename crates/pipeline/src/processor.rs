@@ -131,10 +131,7 @@ impl<T: Send + 'static, P: Processor<T>> ChunkHandler<T> for AsyncHandler<P> {
                         Some(limit) => Failure::retryable(format!(
                             "prepare_messages timed out after {limit:?}"
                         )),
-                        None => Failure::permanent(format!(
-                            "prepare_messages panicked: {}",
-                            panic_message(&*panic)
-                        )),
+                        None => Failure::panicked("prepare_messages", &*panic),
                     };
                     fail_all(&mut messages, failure);
                     return messages;
@@ -223,10 +220,7 @@ impl<P> AsyncHandler<P> {
         match outcome {
             Ok(Ok(())) => msg.failure().cloned(),
             Ok(Err(failure)) => Some(failure),
-            Err(panic) => Some(Failure::permanent(format!(
-                "handle_message panicked: {}",
-                panic_message(&*panic)
-            ))),
+            Err(panic) => Some(Failure::panicked("handle_message", &*panic)),
         }
     }
 }
@@ -268,10 +262,7 @@ impl<T: Send + 'static, P: CpuProcessor<T>> ChunkHandler<T> for RayonHandler<P> 
                             processor.prepare_messages(&mut messages)
                         }))
                     {
-                        let failure = Failure::permanent(format!(
-                            "prepare_messages panicked: {}",
-                            panic_message(&*panic)
-                        ));
+                        let failure = Failure::panicked("prepare_messages", &*panic);
                         fail_all(&mut messages, failure);
                         return (messages, None);
                     }
@@ -286,10 +277,7 @@ impl<T: Send + 'static, P: CpuProcessor<T>> ChunkHandler<T> for RayonHandler<P> 
                         let failure = match outcome {
                             Ok(Ok(())) => msg.failure().cloned(),
                             Ok(Err(failure)) => Some(failure),
-                            Err(panic) => Some(Failure::permanent(format!(
-                                "handle_message panicked: {}",
-                                panic_message(&*panic)
-                            ))),
+                            Err(panic) => Some(Failure::panicked("handle_message", &*panic)),
                         };
                         let Some(failure) = failure else { continue };
                         if inline && last_at != Some(i) && retries(&failure, msg.attempts, &policy)
@@ -330,14 +318,6 @@ impl<T: Send + 'static, P: CpuProcessor<T>> ChunkHandler<T> for RayonHandler<P> 
             failed
         }))
     }
-}
-
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
 /// Where processed messages go: the batchers, by name.

@@ -20,10 +20,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::error::PushError;
+use super::failure::panic_message;
 use super::flow::RateLimiter;
 use super::message::{Failure, Message};
 use super::pool::ProcessorPool;
-use super::processor::panic_message;
 use super::retry::RetryPolicy;
 use super::stage::{Custody, Shared, until};
 use super::telemetry::StageMetrics;
@@ -686,10 +686,7 @@ fn add_ready<T: Send + 'static>(
                 match catch_unwind(AssertUnwindSafe(|| key(&msg))) {
                     Ok(k) => per_worker[(k % n as u64) as usize].push(msg),
                     Err(panic) => {
-                        msg.fail(Failure::permanent(format!(
-                            "the partition function panicked: {}",
-                            panic_message(&*panic)
-                        )));
+                        msg.fail(Failure::panicked("the partition function", &*panic));
                         rejected.push(msg);
                     }
                 }

@@ -17,7 +17,6 @@ use tokio::sync::{Mutex, mpsc, watch};
 use super::batcher::{Batch, BatchInfo, IdleWorkers};
 use super::message::{Failure, Message};
 use super::pool::gauge;
-use super::processor::panic_message;
 use super::retry::{RetryPolicy, backoff};
 use super::running::Tasks;
 use super::stage::{Custody, Shared, within};
@@ -333,10 +332,7 @@ impl<T: Send + 'static> SinkWorker<T> {
         match outcome {
             Ok(Ok(())) => None,
             Ok(Err(failure)) => Some(failure),
-            Err(panic) => Some(Failure::permanent(format!(
-                "handle_batch panicked: {}",
-                panic_message(&*panic)
-            ))),
+            Err(panic) => Some(Failure::panicked("handle_batch", &*panic)),
         }
     }
 }
