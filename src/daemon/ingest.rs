@@ -84,9 +84,11 @@ const JSON_MAX_DEPTH: usize = 128;
 pub fn decode_command(delivery: &Delivery<'_>) -> Result<ZoneCommand, Failure> {
     if is_msgpack(delivery.content_type) {
         // Held to JSON's nesting limit: the command's events are logged as JSON, and an event
-        // nested deeper than serde_json reads back would stop its zone from loading.
+        // nested deeper than serde_json reads back would stop its zone from loading. The limit
+        // counts from the payload, as the JSON path's does (its payload is parsed on its own):
+        // one more level for the envelope around it.
         let mut decoder = rmp_serde::Deserializer::from_read_ref(delivery.payload);
-        decoder.set_max_depth(JSON_MAX_DEPTH);
+        decoder.set_max_depth(JSON_MAX_DEPTH + 1);
         let wire = Wire::<Value>::deserialize(&mut decoder).map_err(|e| match e {
             rmp_serde::decode::Error::Syntax(_)
             | rmp_serde::decode::Error::Uncategorized(_)
