@@ -50,8 +50,9 @@ async fn join_new_zone(
     (client, id, topic, join_ref)
 }
 
-/// Moves the daemon has accepted (answered ok) when it is sent SIGTERM.
-const MIDSTREAM: u64 = 20;
+/// Moves the daemon has accepted (answered ok) when it is sent SIGTERM: halfway through the
+/// second burst of 50, while the rest of it is still being answered.
+const MIDSTREAM: u64 = 75;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_loses_no_accepted_event() {
