@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::binary;
@@ -48,6 +50,10 @@ async fn join_new_zone(
     (client, id, topic, join_ref)
 }
 
+/// Moves the daemon has accepted (answered ok) when it is sent SIGTERM: halfway through the
+/// second burst of 50, while the rest of it is still being answered.
+const MIDSTREAM: u64 = 75;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_loses_no_accepted_event() {
     let dir = std::env::temp_dir().join(format!(
@@ -61,6 +67,8 @@ async fn sigterm_mid_stream_loses_no_accepted_event() {
 
     let (mut sink, mut stream) = client.ws.split();
     // Count every ok reply to a move, and the close code, as they come.
+    let accepted_so_far = Arc::new(AtomicU64::new(0));
+    let counted = accepted_so_far.clone();
     let reader = tokio::spawn(async move {
         let mut ok = 0u64;
         let mut code = None;
@@ -73,6 +81,7 @@ async fn sigterm_mid_stream_loses_no_accepted_event() {
                         && f[4]["status"] == "ok"
                     {
                         ok += 1;
+                        counted.store(ok, Ordering::SeqCst);
                     }
                 }
                 Message::Close(frame) => {
@@ -84,27 +93,42 @@ async fn sigterm_mid_stream_loses_no_accepted_event() {
         }
         (ok, code)
     });
-    let terminate = tokio::task::spawn_blocking(move || {
-        std::thread::sleep(Duration::from_millis(400));
-        daemon.terminate()
+    // Moves keep coming until the daemon has exited (or stops taking them).
+    let exited = Arc::new(AtomicBool::new(false));
+    let done = exited.clone();
+    let sender = tokio::spawn(async move {
+        let mut sent = 0u64;
+        for i in 0..100_000u64 {
+            let frame = json!([join_ref, format!("m{i}"), topic, "agent_move", {"position": {"x": i, "y": 0, "z": 0}}]);
+            if sink.send(Message::text(frame.to_string())).await.is_err() {
+                break;
+            }
+            sent += 1;
+            if i % 50 == 0 {
+                // Stay under the per-connection rate limit (200/s with bursts of 500).
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            if done.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        sent
     });
-    let mut sent = 0u64;
-    for i in 0..100_000u64 {
-        let frame = json!([join_ref, format!("m{i}"), topic, "agent_move", {"position": {"x": i, "y": 0, "z": 0}}]);
-        if sink.send(Message::text(frame.to_string())).await.is_err() {
-            break;
-        }
-        sent += 1;
-        if i % 50 == 0 {
-            // Stay under the per-connection rate limit (200/s with bursts of 500).
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
-        if terminate.is_finished() {
-            break;
-        }
-    }
-    let (status, printed) = terminate.await.unwrap();
+    // SIGTERM mid-stream: once the daemon has accepted some moves, while more keep coming.
+    let midstream = common::eventually(20, async || {
+        accepted_so_far.load(Ordering::SeqCst) >= MIDSTREAM
+    })
+    .await;
+    let (status, printed) = tokio::task::spawn_blocking(move || daemon.terminate())
+        .await
+        .unwrap();
+    exited.store(true, Ordering::SeqCst);
+    let sent = sender.await.unwrap();
     let (accepted, code) = reader.await.unwrap();
+    assert!(
+        midstream,
+        "the daemon had not accepted {MIDSTREAM} moves within 20 s (it accepted {accepted}, of {sent} sent)"
+    );
     assert!(status.success(), "exit {status:?}; printed {printed:?}");
     assert_eq!(
         code,

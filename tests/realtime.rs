@@ -322,9 +322,17 @@ async fn leave_duplicate_join_and_disconnect_keep_presence_and_counts_exact() {
 
     // A disconnect counts as leaving.
     drop(alice);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, z) = srv.api("GET", &format!("/api/zones/{id}"), None).await;
-    assert_eq!(z["active_session_count"], 0);
+    let mut count = Value::Null;
+    let left = common::eventually(5, async || {
+        let (_, z) = srv.api("GET", &format!("/api/zones/{id}"), None).await;
+        count = z["active_session_count"].clone();
+        count == 0
+    })
+    .await;
+    assert!(
+        left,
+        "alice's disconnect did not end her session within 5 s: active_session_count {count}"
+    );
     srv.stop().await;
 }
 
@@ -692,18 +700,18 @@ async fn zones_with_agents_tick_through_the_pipeline() {
         json!({"food": 60}),
         "regeneration stops at max"
     );
-    // Audited like any other event; a zone nobody is in does not tick.
-    tokio::time::sleep(Duration::from_millis(2300)).await;
-    let (_, events) = srv
-        .api("GET", &format!("/api/zones/{id}/events"), None)
-        .await;
-    assert!(
+    // Audited like any other event. And a zone nobody is in does not tick: a negative, so it is
+    // shown over a window, counted in ticks rather than in wall-clock time: every tick round
+    // the zone with an agent has audited also passed over the empty one.
+    const ROUNDS: usize = 20;
+    audited(&srv, id, |events| {
         events
-            .as_array()
-            .unwrap()
             .iter()
-            .any(|e| e["type"] == "environment_tick")
-    );
+            .filter(|e| e["type"] == "environment_tick")
+            .count()
+            >= ROUNDS
+    })
+    .await;
     let (_, none) = srv
         .api(
             "GET",
@@ -810,24 +818,32 @@ fn reply_in<'a>(frames: &'a [Value], r: &str) -> Option<&'a Value> {
         .map(|f| &f[4])
 }
 
-/// The zone's audit log, polled (up to 5 s) until `check` accepts it.
+/// The zone's audit log, polled (up to 10 s) until `check` accepts it.
 async fn audited(srv: &TestServer, zone: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let (status, events) = srv
+    let mut events = Vec::new();
+    let shown = common::eventually(10, async || {
+        let (status, body) = srv
             .api("GET", &format!("/api/zones/{zone}/events?limit=1000"), None)
             .await;
-        assert_eq!(status, 200, "{events}");
-        let events = events.as_array().unwrap().clone();
-        if check(&events) {
-            return events;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the audit log never showed it: {events:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        assert_eq!(status, 200, "{body}");
+        events = body.as_array().unwrap().clone();
+        check(&events)
+    })
+    .await;
+    assert!(shown, "the audit log never showed it: {events:#?}");
+    events
+}
+
+/// The zone's broadcast window: 20 custom broadcasts a second (`zones.broadcast_rate_limit`).
+const BROADCAST_WINDOW: Duration = Duration::from_millis(1000);
+
+/// Waits out the zone's current broadcast window, so the next burst starts a fresh one. Not a
+/// wait for anything the test could observe instead: the window is kept on the server's wall
+/// clock (`chrono::Utc`, not tokio's), shows in no reply, metric or API, and probing it would
+/// spend it. It began at or before the last accepted broadcast, whose reply has come, so once
+/// its length (and a margin) has passed from here it is over.
+async fn wait_out_the_broadcast_window() {
+    tokio::time::sleep(BROADCAST_WINDOW + Duration::from_millis(100)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -978,7 +994,7 @@ async fn broadcast_event_and_its_refusals_over_raw_frames() {
     assert_eq!((status, z["permissions"].clone()), (200, json!(0x07)));
 
     // 25 at once from two members: the limit is the zone's. Wait out the current window first.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    wait_out_the_broadcast_window().await;
     let started = std::time::Instant::now();
     let mut ann_refs = Vec::new();
     let mut ben_refs = Vec::new();
@@ -1067,7 +1083,7 @@ async fn broadcast_event_and_its_refusals_over_raw_frames() {
     }
 
     // The admin API: agent_id null, and its seq.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    wait_out_the_broadcast_window().await;
     let notice = json!({"text": "rain soon"});
     let (status, body) = srv
         .api(
@@ -1118,7 +1134,7 @@ async fn broadcast_event_and_its_refusals_over_raw_frames() {
     assert_eq!(status, 404, "{body}");
 
     // 25 admin broadcasts at once: 429 past the zone's limit.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    wait_out_the_broadcast_window().await;
     let started = std::time::Instant::now();
     let path = format!("/api/zones/{id}/broadcast");
     let posted = futures_util::future::join_all((0..25).map(|i| {

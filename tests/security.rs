@@ -186,18 +186,18 @@ async fn an_agent_past_its_session_cap_is_refused_too_many_sessions() {
     // One of the four leaves: the agent may join again.
     drop(held.pop());
     let mut again = Client::connect(&srv.ws_url()).await;
-    let mut joined = false;
-    for _ in 0..100 {
-        let (_, reply) = again
+    let mut reply = serde_json::Value::Null;
+    let joined = common::eventually(5, async || {
+        (_, reply) = again
             .join(&topic, serde_json::json!({"agent_id": "a", "token": token}))
             .await;
-        if reply["status"] == "ok" {
-            joined = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(joined, "a freed session can be taken again");
+        reply["status"] == "ok"
+    })
+    .await;
+    assert!(
+        joined,
+        "a freed session can be taken again; within 5 s the join was still answered {reply}"
+    );
     drop(held);
     srv.stop().await;
 }
@@ -680,14 +680,15 @@ async fn connection_caps_refuse_upgrades_with_503_and_count_them() {
     // A connection that goes frees its place.
     drop(first);
     let mut again = 0;
-    for _ in 0..100 {
+    let freed = common::eventually(5, async || {
         again = upgrade_from(daemon.addr, ip("127.0.0.1")).await.0;
-        if again == 101 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(again, 101);
+        again == 101
+    })
+    .await;
+    assert!(
+        freed,
+        "the closed connection's place was not freed within 5 s: an upgrade is still answered {again}"
+    );
     let _ = daemon.terminate();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -733,7 +734,22 @@ async fn a_client_that_stops_reading_is_cut_off_by_the_bytes_waiting() {
         let ask = serde_json::json!(["1", format!("q{n}"), topic, "get_zone_state", {}]);
         ws.send(Message::text(ask.to_string())).await.unwrap();
     }
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // Read nothing until the server has cut this client off; then what reached the socket
+    // before that, and the close frame.
+    let mut cut = None;
+    let cut_off = common::eventually(10, async || {
+        cut = common::server::metric_now(
+            srv.server.addr,
+            "thunderline_channel_slow_consumer_disconnects_total",
+        )
+        .await;
+        cut == Some(1.0)
+    })
+    .await;
+    assert!(
+        cut_off,
+        "the client that stopped reading was not cut off within 10 s (slow-consumer disconnects: {cut:?})"
+    );
     let mut replies = 0;
     let close = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         loop {
@@ -761,12 +777,20 @@ async fn a_client_that_stops_reading_is_cut_off_by_the_bytes_waiting() {
     srv.stop().await;
 }
 
-/// Runs `thunderline serve` on a fresh port with `data_dir` (through `script`, on a terminal,
-/// when `on_terminal`), until it has printed its start-up lines; everything it wrote.
+/// How long a server that has printed its last start-up line is watched for anything more
+/// before it is stopped. A negative (nothing else, no token in particular, is printed), so it
+/// can only be shown over a window: the start-up lines are printed one after the other, at once.
 #[cfg(unix)]
-fn serve_output(data_dir: &std::path::Path, on_terminal: bool) -> String {
+const QUIET_AFTER_START: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs `thunderline serve` on a fresh port with `data_dir` (through `script`, on a terminal,
+/// when `on_terminal`) until it has printed a line containing `last` (its last start-up line
+/// here), watches it for [`QUIET_AFTER_START`] more, then stops it; everything it wrote.
+#[cfg(unix)]
+fn serve_output(data_dir: &std::path::Path, on_terminal: bool, last: &str) -> String {
     use std::io::Read;
     use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
     let serve = format!(
         "exec {} serve --listen 127.0.0.1:0 --data-dir {}",
         env!("CARGO_BIN_EXE_thunderline"),
@@ -796,28 +820,52 @@ fn serve_output(data_dir: &std::path::Path, on_terminal: bool) -> String {
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let out = std::thread::spawn(move || {
-        let mut all = Vec::new();
+    // What it prints, as it prints it.
+    let (chunks, printed) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 {
+            if n == 0 || chunks.send(buf[..n].to_vec()).is_err() {
                 break;
             }
-            all.extend_from_slice(&buf[..n]);
         }
-        String::from_utf8_lossy(&all).into_owned()
     });
-    // The start-up lines are printed at once; give them a moment, then stop the server.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !data_dir.join("thunderline.db").exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut all = Vec::new();
+    let has_last_line = |all: &[u8]| {
+        String::from_utf8_lossy(all)
+            .split_inclusive('\n')
+            .any(|l| l.ends_with('\n') && l.contains(last))
+    };
+    // Read until the line comes (20 s at most), then through the quiet window.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut quiet_until = None;
+    loop {
+        let until = quiet_until.unwrap_or(deadline);
+        let Some(left) = until.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        match printed.recv_timeout(left) {
+            Ok(chunk) => all.extend(chunk),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if quiet_until.is_none() && has_last_line(&all) {
+            quiet_until = Some(Instant::now() + QUIET_AFTER_START);
+        }
     }
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let started = quiet_until.is_some();
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
-    format!("{}{}", out.join().unwrap(), err.join().unwrap())
+    // The rest, up to the end of its output.
+    all.extend(printed.iter().flatten());
+    let said = format!("{}{}", String::from_utf8_lossy(&all), err.join().unwrap());
+    assert!(
+        started,
+        "the server did not print a line with {last:?} within 20 s; it printed {said}"
+    );
+    said
 }
 
 /// A generated admin token is shown once, on the terminal that started the server: never when
@@ -838,17 +886,22 @@ fn a_generated_admin_token_is_printed_only_once_and_only_on_a_terminal() {
     }
     let dir = std::env::temp_dir().join(format!("thunderline-print-{}", uuid::Uuid::now_v7()));
     let piped = dir.join("piped");
-    let said = serve_output(&piped, false);
+    let said = serve_output(
+        &piped,
+        false,
+        "not printed, since this output is not a terminal",
+    );
     let token = std::fs::read_to_string(piped.join("admin_token")).unwrap();
     assert!(said.contains("listening on"), "{said}");
     assert!(!said.contains(token.trim()), "printed to a pipe: {said}");
     assert!(said.contains("not printed"), "{said}");
 
     let tty = dir.join("tty");
-    let said = serve_output(&tty, true);
+    let said = serve_output(&tty, true, "shown only this once");
     let token = std::fs::read_to_string(tty.join("admin_token")).unwrap();
     assert_eq!(said.matches(token.trim()).count(), 1, "{said}");
-    let said = serve_output(&tty, true);
+    // Nothing generated this time: the store line is the last.
+    let said = serve_output(&tty, true, "  store: ");
     assert!(said.contains("listening on"), "{said}");
     assert!(!said.contains(token.trim()), "printed again: {said}");
     let _ = std::fs::remove_dir_all(&dir);

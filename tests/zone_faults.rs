@@ -19,10 +19,12 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::binary;
-use common::server::{Client, http, start};
+use common::server::{Client, http, metric, start};
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -148,32 +150,60 @@ impl Admin {
         events.as_array().cloned().unwrap_or_default()
     }
 
-    /// Polls the audit log until `done` holds or `secs` pass; returns the last read.
+    /// Polls the audit log until `done` holds or `secs` pass; returns the last read (the
+    /// caller says what is wrong with it).
     async fn events_until(
         &self,
         id: &str,
-        secs: f64,
+        secs: u64,
         done: impl Fn(&[Value]) -> bool,
     ) -> Vec<Value> {
-        let deadline = in_secs(secs);
-        loop {
-            let events = self.events(id).await;
-            if done(&events) || Instant::now() > deadline {
-                return events;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        common::read_until(secs, || self.events(id), |events| done(events))
+            .await
+            .unwrap_or_else(|last| last)
+    }
+
+    /// The zone pipeline's load: `(in_flight, in_flight_bound)`, where in flight is what its
+    /// producers handed out and is not acknowledged yet (by both sinks: audited).
+    async fn pipeline_load(&self) -> (u64, u64) {
+        let (status, view) = self.call("GET", "/api/pipeline", None).await;
+        assert_eq!(status, 200, "GET /api/pipeline: {view}");
+        let topology = &view["topology"];
+        (
+            topology["in_flight"].as_u64().expect("in_flight"),
+            topology["in_flight_bound"]
+                .as_u64()
+                .expect("in_flight_bound"),
+        )
+    }
+
+    /// The zone's audit log once everything sent to the zone so far is in it: a read of the
+    /// zone goes through its writer, behind whatever was queued for it before, then the zone
+    /// pipeline is waited for until it holds nothing unacknowledged (acknowledged: audited).
+    /// What "X is never audited" is checked against: nothing is still on its way.
+    async fn settled_events(&self, id: &str) -> Vec<Value> {
+        self.get_zone(id).await;
+        if let Err((held, _)) =
+            common::read_until(20, || self.pipeline_load(), |load| load.0 == 0).await
+        {
+            panic!("the zone pipeline still held {held} unacknowledged messages after 20 s");
+        }
+        self.events(id).await
+    }
+
+    /// Waits (up to 10 s) until the server holds `n` WebSocket connections: the connections
+    /// closed are let go, and their sessions' leaves handed to the zones (a socket is counted
+    /// out after that).
+    async fn connections_settle_at(&self, n: u32) {
+        let count = || common::server::metric_now(self.addr, "thunderline_socket_connections");
+        if let Err(now) = common::read_until(10, count, |now| *now == Some(f64::from(n))).await {
+            panic!("the server still counts {now:?} connections after 10 s, want {n}");
         }
     }
 
     async fn metrics(&self) -> String {
         common::server::metrics(self.addr).await
     }
-}
-
-/// The value of an unlabelled metric in `/metrics` text.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn agent_of(event: &Value) -> Option<&str> {
@@ -404,13 +434,9 @@ async fn refused_join_followed_at_once_by_pushes_applies_nothing() {
         if food != json!(100) {
             wrong.push(format!("food is {food}, want 100"));
         }
-        // Wait until Alice's answered moves are audited, then one audit batch timeout more, so
-        // Bob's events would be there too.
-        let _ = admin
-            .events_until(&id, 6.0, |e| count_of(e, "agent_moved", "alice") >= alice_ok)
-            .await;
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let events = admin.events(&id).await;
+        // The log once nothing sent to the zone is still on its way: Bob's events, had any
+        // been applied, would be in it.
+        let events = admin.settled_events(&id).await;
         let bobs: Vec<String> = events
             .iter()
             .filter(|e| agent_of(e) == Some("bob"))
@@ -482,8 +508,10 @@ async fn refused_join_then_leave_changes_no_session_count() {
             let _ = c.ws.close(None).await;
         }
 
-        // Settle, then the count must read 1 throughout a second.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Once the server has let every ghost's connection go (their leaves are with the zone,
+        // ahead of the reads below), the count must read 1 throughout a second: a negative,
+        // watched over that window, one read every 100 ms.
+        admin.connections_settle_at(1).await;
         let mut counts = Vec::new();
         for _ in 0..10 {
             counts.push(admin.get_zone(&id).await["active_session_count"].clone());
@@ -494,7 +522,7 @@ async fn refused_join_then_leave_changes_no_session_count() {
             wrong.push(format!("active_session_count read {counts:?}, want 1 throughout"));
         }
         let events = admin
-            .events_until(&id, 6.0, |e| count_of(e, "agent_moved", "alice") >= moves)
+            .events_until(&id, 6, |e| count_of(e, "agent_moved", "alice") >= moves)
             .await;
         let ghosts_left: Vec<String> = events
             .iter()
@@ -578,7 +606,9 @@ async fn a_double_leave_counts_once() {
         let _ = b.ws.close(None).await;
         drop(b);
 
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Once the server has let Bob's connection go, the count must read 1 throughout a
+        // second: a negative, watched over that window, one read every 100 ms.
+        admin.connections_settle_at(1).await;
         let mut counts = Vec::new();
         for _ in 0..10 {
             counts.push(admin.get_zone(&id).await["active_session_count"].clone());
@@ -590,11 +620,9 @@ async fn a_double_leave_counts_once() {
                 "active_session_count read {counts:?}, want 1 throughout"
             ));
         }
-        let _ = admin
-            .events_until(&id, 5.0, |e| count_of(e, "agent_left", "bob") >= 1)
-            .await;
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let events = admin.events(&id).await;
+        // The log once nothing sent to the zone is still on its way: a second agent_left would
+        // be in it.
+        let events = admin.settled_events(&id).await;
         let lefts = count_of(&events, "agent_left", "bob");
         if lefts != 1 {
             wrong.push(format!("{lefts} agent_left audited for bob, want 1"));
@@ -654,18 +682,16 @@ async fn deleting_a_zone_closes_its_channels_and_presence() {
                 wrong.push(format!("{name} got no phx_close for {topic}; got {saw:?}"));
             }
         }
-        let deadline = in_secs(3.0);
-        let (subs, metas) = loop {
+        let gauges = || async {
             let text = admin.metrics().await;
-            let m = (
+            (
                 metric(&text, "thunderline_channel_subscriptions"),
                 metric(&text, "thunderline_presence_metas"),
-            );
-            if m == (Some(0.0), Some(0.0)) || Instant::now() > deadline {
-                break m;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            )
         };
+        let (subs, metas) = common::read_until(3, gauges, |m| *m == (Some(0.0), Some(0.0)))
+            .await
+            .unwrap_or_else(|last| last);
         eprintln!("after the delete: subscriptions {subs:?}, presence metas {metas:?}");
         if (subs, metas) != (Some(0.0), Some(0.0)) {
             wrong.push(format!(
@@ -687,9 +713,9 @@ async fn deleting_a_zone_closes_its_channels_and_presence() {
         }
         let _ = b.ws.close(None).await;
         drop(b);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-
-        // The server is fine: healthy, and a new zone can be joined.
+        // Once the server has let Bob's connection go, it is fine: healthy, and a new zone can
+        // be joined.
+        admin.connections_settle_at(1).await;
         let (status, _) = http(admin.addr, "GET", "/healthz", None, None).await;
         assert_eq!(status, 200);
         let other = admin.zone(zone_body(10)).await;
@@ -754,7 +780,7 @@ async fn a_nul_payload_on_postgres_blocks_nothing() {
                 .collect()
         };
         let events = admin
-            .events_until(&id, 5.0, |e| {
+            .events_until(&id, 5, |e| {
                 let xs = audited_xs(e);
                 ok.keys().all(|x| xs.contains(x))
             })
@@ -882,11 +908,9 @@ async fn a_locked_zones_table_applies_a_consume_once() {
         if count != json!(want_count) {
             wrong.push(format!("active_session_count {count}, want {want_count}"));
         }
-        let events = admin
-            .events_until(&id, 5.0, |e| e.iter().any(|e| e["type"] == "resource_changed"))
-            .await;
-        tokio::time::sleep(Duration::from_millis(2200)).await;
-        let events = if events.is_empty() { events } else { admin.events(&id).await };
+        // The log once nothing sent to the zone is still on its way: a consume or a join
+        // applied twice would show.
+        let events = admin.settled_events(&id).await;
         let changes: Vec<&Value> = events
             .iter()
             .filter(|e| e["type"] == "resource_changed")
@@ -924,7 +948,10 @@ async fn kill_9_loses_no_ok_answered_move() {
         let dir = std::env::temp_dir().join(format!("thunderline-kill9-{}", uuid::Uuid::now_v7().simple()));
         let mut daemon = binary::start(&dir, EXTRA);
         let admin = Admin::of_daemon(daemon.addr);
-        let kill_at = in_secs(1.5);
+        // Moves answered ok, in all, when the daemon is killed; the writers go on until then.
+        const ANSWERED_BEFORE_KILL: usize = 400;
+        let answered_ok = Arc::new(AtomicUsize::new(0));
+        let killed = Arc::new(AtomicBool::new(false));
         let mut zones = Vec::new();
         let mut tasks = Vec::new();
         for n in 0..CONNECTIONS {
@@ -934,24 +961,27 @@ async fn kill_9_loses_no_ok_answered_move() {
             let topic = format!("zone:{id}");
             zones.push(id);
             let (mut tx, mut rx) = c.ws.split();
+            let answered = answered_ok.clone();
             let reader = tokio::spawn(async move {
                 let mut ok = HashSet::new();
                 while let Some(f) = next_before(&mut rx, in_secs(15.0)).await {
                     if f[3] == "phx_reply"
                         && f[4]["status"] == "ok"
                         && let Some(x) = f[1].as_str().and_then(|r| r.strip_prefix('m'))
+                        && ok.insert(x.parse::<i64>().unwrap())
                     {
-                        ok.insert(x.parse::<i64>().unwrap());
+                        answered.fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 ok
             });
+            let killed = killed.clone();
             let writer = tokio::spawn(async move {
                 // A burst of 400, then 180 a second: under the limit (bursts of 500, 200/s).
                 let mut sent = 0i64;
                 let mut pace = tokio::time::interval(Duration::from_micros(5_500));
                 for i in 0..100_000i64 {
-                    if Instant::now() >= kill_at {
+                    if killed.load(Ordering::SeqCst) {
                         break;
                     }
                     if i >= 400 {
@@ -968,7 +998,19 @@ async fn kill_9_loses_no_ok_answered_move() {
             });
             tasks.push((reader, writer));
         }
-        tokio::time::sleep_until(kill_at).await;
+        // kill -9 mid-stream: once moves have been answered ok (durable replies: they are in the
+        // log), while more are being sent.
+        let mut so_far = 0;
+        let midstream = common::eventually(20, async || {
+            so_far = answered_ok.load(Ordering::SeqCst);
+            so_far >= ANSWERED_BEFORE_KILL
+        })
+        .await;
+        assert!(
+            midstream,
+            "only {so_far} moves were answered ok within 20 s, want {ANSWERED_BEFORE_KILL} before the kill"
+        );
+        killed.store(true, Ordering::SeqCst);
         let pid = daemon.child.id();
         let status = std::process::Command::new("kill")
             .args(["-9", &pid.to_string()])
@@ -1245,7 +1287,7 @@ async fn a_full_pipeline_answers_heartbeats_and_overloads_pushes() {
         let topic = format!("zone:{id}");
         let (a, a_ref) = joined(&admin, &id, "alice").await;
         let _ = admin
-            .events_until(&id, 5.0, |e| count_of(e, "agent_entered", "alice") == 1)
+            .events_until(&id, 5, |e| count_of(e, "agent_entered", "alice") == 1)
             .await;
 
         // The audit log is locked for 9 s: nothing can be acknowledged, the bound fills.
@@ -1333,7 +1375,7 @@ async fn a_full_pipeline_answers_heartbeats_and_overloads_pushes() {
             ));
         }
         let events = admin
-            .events_until(&id, 20.0, |e| count_of(e, "agent_moved", "alice") >= ok.len())
+            .events_until(&id, 20, |e| count_of(e, "agent_moved", "alice") >= ok.len())
             .await;
         let mut logged: HashMap<i64, usize> = HashMap::new();
         for e in events.iter().filter(|e| e["type"] == "agent_moved") {
@@ -1368,7 +1410,7 @@ async fn a_leave_waiting_for_room_survives_the_disconnect_after_it() {
         let (mut a, a_ref) = joined(&admin, &id, "alice").await;
         let (mut b, b_ref) = joined(&admin, &id, "bob").await;
         let _ = admin
-            .events_until(&id, 5.0, |e| count_of(e, "agent_entered", "bob") == 1)
+            .events_until(&id, 5, |e| count_of(e, "agent_entered", "bob") == 1)
             .await;
 
         let mut locker = lock_audit_log(&url).await;
@@ -1377,8 +1419,14 @@ async fn a_leave_waiting_for_room_survives_the_disconnect_after_it() {
             .map(|i| json!([a_ref, format!("m{i}"), topic, "agent_move", {"position": {"x": i, "y": 0, "z": 0}}]))
             .collect();
         send_together(&mut a.ws, &moves).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // Bob leaves while there is no room, and is gone before there is.
+        if let Err(load) =
+            common::read_until(10, || admin.pipeline_load(), |(held, bound)| held >= bound).await
+        {
+            panic!("the pipeline did not fill: {load:?} (in flight, bound) after 10 s");
+        }
+        // Bob leaves while there is no room, and is gone before there is: the client goes
+        // 200 ms after its leave, the lock 500 ms after that (nothing on the server marks
+        // either moment: its socket waits, silently, to hand the leave in).
         send_together(&mut b.ws, &[json!([b_ref, "l", topic, "phx_leave", {}])]).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let _ = b.ws.close(None).await;
@@ -1389,20 +1437,18 @@ async fn a_leave_waiting_for_room_survives_the_disconnect_after_it() {
         let mut wrong = Vec::new();
         // Reads go through the zone's writer too: while the audit log catches up after the
         // lock (its retries back off up to 10 s) they may be answered 503 overloaded.
-        let deadline = in_secs(30.0);
-        let count = loop {
-            let (status, zone) = admin.call("GET", &format!("/api/zones/{id}"), None).await;
-            let count = zone["active_session_count"].clone();
-            if (status == 200 && count == json!(1)) || Instant::now() > deadline {
-                break count;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let path = format!("/api/zones/{id}");
+        let (_, zone) = common::read_until(30, || admin.call("GET", &path, None), |(status, zone)| {
+            *status == 200 && zone["active_session_count"] == 1
+        })
+        .await
+        .unwrap_or_else(|last| last);
+        let count = zone["active_session_count"].clone();
         if count != json!(1) {
             wrong.push(format!("active_session_count {count}: bob's session was left behind"));
         }
         let events = admin
-            .events_until(&id, 10.0, |e| count_of(e, "agent_left", "bob") >= 1)
+            .events_until(&id, 10, |e| count_of(e, "agent_left", "bob") >= 1)
             .await;
         let lefts = count_of(&events, "agent_left", "bob");
         if lefts != 1 {

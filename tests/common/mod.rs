@@ -25,6 +25,28 @@ pub async fn eventually(secs: u64, mut check: impl AsyncFnMut() -> bool) -> bool
     }
 }
 
+/// Reads with `read` (every 20 ms) until `accept` takes a read, for `secs` seconds at most:
+/// `Ok` with the read it took, or `Err` with the last one, to say what did not happen. For a
+/// test body run on a task of its own (`tokio::spawn` needs `Send`, which [`eventually`]'s
+/// async closure cannot promise), and wherever the caller wants what was read.
+pub async fn read_until<T, F: std::future::Future<Output = T>>(
+    secs: u64,
+    mut read: impl FnMut() -> F,
+    accept: impl Fn(&T) -> bool,
+) -> Result<T, T> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let value = read().await;
+        if accept(&value) {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(value);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// One database a test runs against.
@@ -292,6 +314,18 @@ pub mod server {
         let mut text = String::new();
         stream.read_to_string(&mut text).await.unwrap();
         text
+    }
+
+    /// The value of an unlabelled metric in `/metrics` text (exactly `name`, not a longer name
+    /// it begins).
+    pub fn metric(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// The daemon's current value of the unlabelled metric `name`.
+    pub async fn metric_now(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+        metric(&metrics(addr).await, name)
     }
 
     /// Waits (up to 3 s) until `/metrics` shows every one of `needles`; panics naming the first
