@@ -604,8 +604,13 @@ struct Pending {
 }
 
 async fn ack(acker: &Acker) -> bool {
-    // `Ok(false)`: the channel is gone, and the delivery with it.
-    matches!(acker.ack(BasicAckOptions::default()).await, Ok(true))
+    // `Ok(false)`: the channel is gone, and the delivery with it. Bounded: an ack on a channel
+    // whose connection died without telling must not hold up every settlement behind it (the
+    // broker delivers such a message again once the channel is closed).
+    matches!(
+        timeout(BROKER_TIMEOUT, acker.ack(BasicAckOptions::default())).await,
+        Ok(Ok(true))
+    )
 }
 
 /// RabbitMQ's side of the settlement: acks on each delivery's channel, dead letters published
@@ -683,7 +688,10 @@ impl BrokerIo for Rabbit {
             multiple: false,
             requeue: true,
         };
-        matches!(held.acker.nack(requeue).await, Ok(true))
+        matches!(
+            timeout(BROKER_TIMEOUT, held.acker.nack(requeue)).await,
+            Ok(Ok(true))
+        )
     }
 }
 
