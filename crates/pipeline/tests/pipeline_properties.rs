@@ -1,4 +1,4 @@
-//! Property tests of the engine's contract (src/pipeline/mod.rs, ack.rs) over random workloads,
+//! Property tests of the engine's contract (lib.rs, ack.rs) over random workloads,
 //! failure patterns and shapes, with one to three producers at once: every message acknowledged
 //! exactly once with the status it earned, in groups (one call per acknowledger per chunk or
 //! batch); nothing lost, drains included, on both runtimes and across resizes at random points;
