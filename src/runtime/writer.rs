@@ -7,6 +7,11 @@
 //! What the command caused leaves through the batchers: events to the broadcast and audit
 //! batchers, a snapshot (at acknowledgement) to the snapshot pipeline. The answer goes back at
 //! once, or, when replies are durable and the command caused events, at acknowledgement.
+//!
+//! A zone's creation and deletion are commands like the others. A creation is decided against
+//! the zone as absent, and its row and `zone_created` are written together before it goes live;
+//! a deletion leaves the zone in memory, refusing everything, until its snapshot (which, for a
+//! deleted zone, removes the row) is written once `zone_deleted` is in the log.
 
 use std::sync::Arc;
 use std::time::Duration;
