@@ -1,7 +1,8 @@
 //! A zone's life in memory and across restarts: an idle zone leaves memory once its snapshot
 //! is written and comes back exactly as it was (same seq, same epoch); after a crash, the
 //! sessions the store still holds are ended (audited `agent_left`) before anyone sees them, and
-//! the history goes on where it stopped. Its log holds its whole life: `zone_created` at seq 1,
+//! the history goes on where the log stopped, in a new epoch, so that no client is recovered
+//! into events the log never got. Its log holds its whole life: `zone_created` at seq 1,
 //! `zone_deleted` last, and the log alone rebuilds it.
 
 mod common;
@@ -166,10 +167,9 @@ async fn after_a_crash_the_sessions_of_the_dead_run_end_and_the_history_goes_on(
     );
     let (_, after) = http(addr, "GET", &format!("/api/zones/{id}"), None, admin).await;
     assert_eq!(after["active_session_count"], 0);
-    assert_eq!(
-        after["epoch"], epoch,
-        "nothing answered ok was lost: same history"
-    );
+    // Nothing answered ok was lost (below), but a writer that stopped uncleanly may have
+    // broadcast what the log never got: the history goes on in a new epoch.
+    assert_ne!(after["epoch"], epoch, "a crash starts a new epoch");
     let (_, events) = http(
         addr,
         "GET",
@@ -398,4 +398,171 @@ async fn a_refused_creation_leaves_nothing_behind() {
     let store = srv.server.zones.registry.store();
     assert_eq!(store.count_events(None).await.unwrap(), 0);
     srv.stop().await;
+}
+
+/// A daemon killed (`kill -9`) while its broadcasts ran ahead of the audit log (another process
+/// held the SQLite write lock), started again and moved past the last seq a client saw: the
+/// zone goes on where its log stopped, in a new epoch, so that client's rejoin with its old
+/// `since` is answered `recovered: false` with a fresh snapshot, never with a replay of events
+/// that reuse seqs it saw. What the log kept of the old epoch is what was broadcast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasts_ahead_of_the_log_lost_in_a_crash_start_a_new_epoch() {
+    use sqlx::Connection;
+
+    let dir = std::env::temp_dir().join(format!(
+        "thunderline-ahead-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    let admin = Some(binary::ADMIN);
+    let mut daemon = binary::start(&dir, &["--replies", "applied"]);
+    let addr = daemon.addr;
+    let (status, zone) = http(
+        addr,
+        "POST",
+        "/api/zones",
+        Some(json!({"name": "Ahead", "permissions": 1, "capacity": 5})),
+        admin,
+    )
+    .await;
+    assert_eq!(status, 201, "{zone}");
+    let id = zone["id"].as_str().unwrap().to_owned();
+    let topic = format!("zone:{id}");
+    let join = async |agent: &str, addr: std::net::SocketAddr, since: Option<Value>| {
+        let (_, token) = http(
+            addr,
+            "POST",
+            "/api/tokens",
+            Some(json!({"agent_id": agent, "zone_id": id, "permissions": 1, "ttl_seconds": 600})),
+            admin,
+        )
+        .await;
+        let mut c = Client::connect(&format!("ws://{addr}/socket/websocket?vsn=2.0.0")).await;
+        let mut params = json!({"agent_id": agent, "token": token["token"]});
+        if let Some(since) = since {
+            params["since"] = since;
+        }
+        let (join_ref, reply) = c.join(&topic, params).await;
+        assert_eq!(reply["status"], "ok", "{reply}");
+        (c, join_ref, reply["response"].clone())
+    };
+    let (mut observer, _, joined) = join("observer", addr, None).await;
+    let epoch = joined["epoch"].clone();
+    let (mut mover, mover_ref, _) = join("mover", addr, None).await;
+    // Every event so far is in the log; then another process takes the write lock.
+    assert!(
+        eventually(10, async || {
+            let (_, logged) =
+                http(addr, "GET", &format!("/api/zones/{id}/events"), None, admin).await;
+            logged.as_array().unwrap().len() >= 3
+        })
+        .await,
+        "its creation and both joins are logged"
+    );
+    let file = dir.join("thunderline.db");
+    let mut lock = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    for x in 0..20 {
+        mover
+            .push(
+                Some(&mover_ref),
+                &topic,
+                "agent_move",
+                json!({"position": {"x": x, "y": 0, "z": 0}}),
+            )
+            .await;
+    }
+    // The observer sees every move broadcast, though none of them can reach the log.
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < 20 {
+        let moved = observer.event("agent_moved").await;
+        seen.insert(
+            moved[4]["seq"].as_u64().unwrap(),
+            moved[4]["position"].clone(),
+        );
+    }
+    let last_seen = *seen.keys().last().unwrap();
+    // The log's end: nothing can be committed while the lock is held (reads go on).
+    let (_, logged) = http(addr, "GET", &format!("/api/zones/{id}/events"), None, admin).await;
+    let log_end = logged.as_array().unwrap().last().unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        log_end < last_seen,
+        "the moves were broadcast (up to {last_seen}) ahead of the log (up to {log_end})"
+    );
+    let pid = daemon.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    daemon.child.wait().unwrap();
+    drop(daemon);
+    drop((observer, mover));
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    lock.close().await.unwrap();
+
+    // Started again: the zone's log ends before what was broadcast.
+    let daemon = binary::start(&dir, &["--replies", "applied"]);
+    let addr = daemon.addr;
+    let (mut mover, mover_ref, rejoined) = join("mover", addr, None).await;
+    assert_ne!(rejoined["epoch"], epoch, "a new epoch");
+    // Moved past the last seq the observer saw.
+    while mover_seq(&mut mover, &mover_ref, &topic).await <= last_seen {}
+    let (mut observer, _, reply) = join(
+        "observer",
+        addr,
+        Some(json!({"seq": last_seen, "epoch": epoch})),
+    )
+    .await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    assert_ne!(reply["epoch"], epoch);
+    assert!(reply["seq"].as_u64().unwrap() > last_seen);
+    // Nothing old is replayed: the first zone event after the reply is the join's own.
+    let first = observer
+        .until("a zone event", |f| f[4]["seq"].is_u64())
+        .await;
+    assert_eq!(first[3], "agent_entered", "{first}");
+    assert_eq!(first[4]["seq"], reply["seq"]);
+    // What the log kept of the old epoch is what the observer saw under those seqs.
+    let (_, log) = http(
+        addr,
+        "GET",
+        &format!("/api/zones/{id}/events?limit=1000"),
+        None,
+        admin,
+    )
+    .await;
+    for e in log.as_array().unwrap() {
+        let seq = e["seq"].as_u64().unwrap();
+        if seq <= log_end
+            && let Some(position) = seen.get(&seq)
+        {
+            assert_eq!(&e["payload"]["position"], position, "seq {seq}");
+        }
+    }
+    let (status, _) = daemon.terminate();
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Pushes one move and returns the seq of its broadcast.
+async fn mover_seq(mover: &mut Client, join_ref: &str, topic: &str) -> u64 {
+    mover
+        .push(
+            Some(join_ref),
+            topic,
+            "agent_move",
+            json!({"position": {"x": 9, "y": 9, "z": 9}}),
+        )
+        .await;
+    let moved = mover.event("agent_moved").await;
+    moved[4]["seq"].as_u64().unwrap()
 }

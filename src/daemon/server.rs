@@ -511,9 +511,17 @@ impl Server {
         // The zone pipeline's last acknowledgements queued the last snapshots; they are written
         // even when the drain above ran out of time.
         let written = self.snapshots.shutdown().await;
+        // Everything the zones broadcast is in the log once the drain acknowledged it all: they
+        // may keep their epochs. After a drain that ran out of time, they stay open, and each
+        // starts a new epoch when it is next loaded.
+        let closed = match &drained {
+            Ok(_) => self.zones.registry.close_all().await,
+            Err(_) => Ok(()),
+        };
         self.store.close().await;
         drained?;
         written?;
+        closed?;
         match http {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(DaemonError::Http(e)),

@@ -219,10 +219,20 @@ impl ZoneRegistry {
         if let Some(live) = self.live(id) {
             return Ok((live, None));
         }
+        // Held from now on; closed again when it leaves memory or the server stops cleanly.
+        let left_open = self.store.open_zone(id).await?;
         let Loaded {
-            state,
-            stale_snapshot,
+            mut state,
+            mut stale_snapshot,
         } = self.read(id).await?;
+        if left_open {
+            // Its last writer stopped without closing it (a crash): what it broadcast may not
+            // all be in the log, and seqs past the log's end may have named other events. A
+            // client must not be recovered into that history.
+            tracing::warn!(zone = %id, "the zone was left open by a writer that stopped uncleanly: a new epoch begins");
+            state.reset_epoch(new_epoch());
+            stale_snapshot = true;
+        }
         let persisted = if stale_snapshot { 0 } else { state.seq() };
         let live = Arc::new(LiveZone::new(state, persisted));
         self.map().insert(id, live.clone());
@@ -271,6 +281,13 @@ impl ZoneRegistry {
         let live = Arc::new(LiveZone::new(state, persisted));
         self.map().insert(id, live.clone());
         live
+    }
+
+    /// Closes the zones in memory in the store (see [`Store::close_zones`]): for a clean stop,
+    /// once everything they broadcast is in the log.
+    pub async fn close_all(&self) -> Result<(), StoreError> {
+        let ids: Vec<Uuid> = self.map().keys().copied().collect();
+        self.store.close_zones(&ids).await
     }
 
     /// Forgets a zone (deleted and its row removed, or idle and written).

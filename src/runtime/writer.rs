@@ -116,7 +116,7 @@ impl Processor<ZoneWork> for ZoneWriter {
         let command = match &msg.data.job {
             Job::Command(c) => c.clone(),
             Job::Evict => {
-                self.evict(&mut msg.data);
+                self.evict(&mut msg.data).await;
                 msg.put_batchers(Arc::from([]));
                 return Ok(());
             }
@@ -287,17 +287,30 @@ fn service_refusal(command: &ZoneCommand, refusal: &ZoneError) -> Option<Failure
 }
 
 impl ZoneWriter {
-    /// Lets an idle zone leave memory once its latest state is written; asks for the write
-    /// (at acknowledgement) when it is not.
-    fn evict(&self, work: &mut ZoneWork) {
+    /// Lets an idle zone leave memory once its latest state is written (closing it in the
+    /// store: everything it broadcast is in the log); asks for the write (at acknowledgement)
+    /// when it is not.
+    async fn evict(&self, work: &mut ZoneWork) {
         let Some(live) = self.registry.live(work.zone_id) else {
             return;
         };
-        let state = live.state();
-        match live.eviction(&state, self.config.evict_after, Instant::now()) {
-            Eviction::Keep => {}
-            Eviction::Evict => self.registry.remove(work.zone_id),
-            Eviction::WriteFirst => work.snapshot = Some(Arc::new(state.snapshot())),
+        let eviction = {
+            let state = live.state();
+            let eviction = live.eviction(&state, self.config.evict_after, Instant::now());
+            if eviction == Eviction::WriteFirst {
+                work.snapshot = Some(Arc::new(state.snapshot()));
+            }
+            eviction
+        };
+        if eviction != Eviction::Evict {
+            return;
+        }
+        match self.registry.store().close_zones(&[work.zone_id]).await {
+            Ok(()) => self.registry.remove(work.zone_id),
+            // Still open in the store: it stays in memory, and the next sweep tries again.
+            Err(e) => {
+                tracing::warn!(zone = %work.zone_id, error = %e, "an idle zone could not be closed; it stays in memory")
+            }
         }
     }
 }

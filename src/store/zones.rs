@@ -123,6 +123,13 @@ impl Store {
                 .bind(snapshot.zone.updated_at)
                 .execute(&mut *tx)
                 .await?;
+            if !events.is_empty() {
+                // Created by a writer that holds it from now on.
+                sqlx::query("UPDATE zones SET open = TRUE WHERE id = $1")
+                    .bind(snapshot.zone.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             for e in events {
                 sqlx::query(log)
                     .bind(e.id)
@@ -193,6 +200,45 @@ impl Store {
                         .execute(&mut *tx)
                         .await?;
                 }
+            }
+            tx.commit().await
+        })?;
+        Ok(())
+    }
+
+    /// Marks zone `id` as held by a writer (until [`close_zones`](Self::close_zones)); says
+    /// whether it already was: then the writer before left it without closing it (a crash), and
+    /// what it broadcast may not all be in the log.
+    pub async fn open_zone(&self, id: Uuid) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
+        let was_open = on_pool!(self.db(), pool => {
+            let mut tx = pool.begin().await?;
+            let was: Option<bool> = sqlx::query_scalar("SELECT open FROM zones WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE zones SET open = TRUE WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await.map(|()| was)
+        })?;
+        was_open.ok_or(StoreError::Zone(ZoneError::ZoneNotFound(id)))
+    }
+
+    /// Marks zones as closed cleanly by their writer: everything it broadcast is in the log.
+    pub async fn close_zones(&self, ids: &[Uuid]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _turn = self.write_turn().await;
+        on_pool!(self.db(), pool => {
+            let mut tx = pool.begin().await?;
+            for id in ids {
+                sqlx::query("UPDATE zones SET open = FALSE WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await
         })?;
