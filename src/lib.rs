@@ -19,6 +19,7 @@ pub use thunderline_pipeline as pipeline;
 pub use thunderline_zone as zone;
 
 pub mod bench;
+pub mod cluster;
 pub mod daemon;
 pub mod realtime;
 pub mod redact;
