@@ -98,34 +98,15 @@ async fn after_a_crash_the_sessions_of_the_dead_run_end_and_the_history_goes_on(
         uuid::Uuid::now_v7().simple()
     ));
     let admin = Some(binary::ADMIN);
-    let mut daemon = binary::start(&dir, &["--replies", "durable"]);
+    let daemon = binary::start(&dir, &["--replies", "durable"]);
     let addr = daemon.addr;
-    let (status, zone) = http(
-        addr,
-        "POST",
-        "/api/zones",
-        Some(json!({"name": "Crash", "permissions": 1, "capacity": 5})),
-        admin,
-    )
-    .await;
-    assert_eq!(status, 201, "{zone}");
-    let id = zone["id"].as_str().unwrap().to_owned();
+    let id = daemon
+        .zone(json!({"name": "Crash", "permissions": 1, "capacity": 5}))
+        .await;
     let topic = format!("zone:{id}");
     let mut clients = Vec::new();
     for agent in ["a", "b"] {
-        let (_, token) = http(
-            addr,
-            "POST",
-            "/api/tokens",
-            Some(json!({"agent_id": agent, "zone_id": id, "permissions": 1, "ttl_seconds": 600})),
-            admin,
-        )
-        .await;
-        let mut c = Client::connect(&format!("ws://{addr}/socket/websocket?vsn=2.0.0")).await;
-        let (join_ref, reply) = c
-            .join(&topic, json!({"agent_id": agent, "token": token["token"]}))
-            .await;
-        assert_eq!(reply["status"], "ok", "{reply}");
+        let (mut c, join_ref, _) = daemon.joined(&id, agent, None).await;
         let r = c
             .push(
                 Some(&join_ref),
@@ -141,16 +122,7 @@ async fn after_a_crash_the_sessions_of_the_dead_run_end_and_the_history_goes_on(
     assert_eq!(before["active_session_count"], 2);
     assert_eq!(before["seq"], 5);
     let epoch = before["epoch"].clone();
-    let pid = daemon.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-9", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    daemon.child.wait().unwrap();
-    drop(daemon);
+    daemon.kill_9();
     drop(clients);
 
     let daemon = binary::start(&dir, &["--replies", "durable"]);
@@ -414,40 +386,15 @@ async fn broadcasts_ahead_of_the_log_lost_in_a_crash_start_a_new_epoch() {
         uuid::Uuid::now_v7().simple()
     ));
     let admin = Some(binary::ADMIN);
-    let mut daemon = binary::start(&dir, &["--replies", "applied"]);
+    let daemon = binary::start(&dir, &["--replies", "applied"]);
     let addr = daemon.addr;
-    let (status, zone) = http(
-        addr,
-        "POST",
-        "/api/zones",
-        Some(json!({"name": "Ahead", "permissions": 1, "capacity": 5})),
-        admin,
-    )
-    .await;
-    assert_eq!(status, 201, "{zone}");
-    let id = zone["id"].as_str().unwrap().to_owned();
-    let topic = format!("zone:{id}");
-    let join = async |agent: &str, addr: std::net::SocketAddr, since: Option<Value>| {
-        let (_, token) = http(
-            addr,
-            "POST",
-            "/api/tokens",
-            Some(json!({"agent_id": agent, "zone_id": id, "permissions": 1, "ttl_seconds": 600})),
-            admin,
-        )
+    let id = daemon
+        .zone(json!({"name": "Ahead", "permissions": 1, "capacity": 5}))
         .await;
-        let mut c = Client::connect(&format!("ws://{addr}/socket/websocket?vsn=2.0.0")).await;
-        let mut params = json!({"agent_id": agent, "token": token["token"]});
-        if let Some(since) = since {
-            params["since"] = since;
-        }
-        let (join_ref, reply) = c.join(&topic, params).await;
-        assert_eq!(reply["status"], "ok", "{reply}");
-        (c, join_ref, reply["response"].clone())
-    };
-    let (mut observer, _, joined) = join("observer", addr, None).await;
+    let topic = format!("zone:{id}");
+    let (mut observer, _, joined) = daemon.joined(&id, "observer", None).await;
     let epoch = joined["epoch"].clone();
-    let (mut mover, mover_ref, _) = join("mover", addr, None).await;
+    let (mut mover, mover_ref, _) = daemon.joined(&id, "mover", None).await;
     // Every event so far is in the log; then another process takes the write lock.
     assert!(
         eventually(10, async || {
@@ -495,16 +442,7 @@ async fn broadcasts_ahead_of_the_log_lost_in_a_crash_start_a_new_epoch() {
         log_end < last_seen,
         "the moves were broadcast (up to {last_seen}) ahead of the log (up to {log_end})"
     );
-    let pid = daemon.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-9", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    daemon.child.wait().unwrap();
-    drop(daemon);
+    daemon.kill_9();
     drop((observer, mover));
     sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
     lock.close().await.unwrap();
@@ -512,16 +450,17 @@ async fn broadcasts_ahead_of_the_log_lost_in_a_crash_start_a_new_epoch() {
     // Started again: the zone's log ends before what was broadcast.
     let daemon = binary::start(&dir, &["--replies", "applied"]);
     let addr = daemon.addr;
-    let (mut mover, mover_ref, rejoined) = join("mover", addr, None).await;
+    let (mut mover, mover_ref, rejoined) = daemon.joined(&id, "mover", None).await;
     assert_ne!(rejoined["epoch"], epoch, "a new epoch");
     // Moved past the last seq the observer saw.
     while mover_seq(&mut mover, &mover_ref, &topic).await <= last_seen {}
-    let (mut observer, _, reply) = join(
-        "observer",
-        addr,
-        Some(json!({"seq": last_seen, "epoch": epoch})),
-    )
-    .await;
+    let (mut observer, _, reply) = daemon
+        .joined(
+            &id,
+            "observer",
+            Some(json!({"seq": last_seen, "epoch": epoch})),
+        )
+        .await;
     assert_eq!(reply["recovered"], false, "{reply}");
     assert_ne!(reply["epoch"], epoch);
     assert!(reply["seq"].as_u64().unwrap() > last_seen);

@@ -549,6 +549,54 @@ pub mod binary {
         }
     }
 
+    impl Daemon {
+        /// `kill -9`: no drain, no close, as a crash or a power loss leaves things.
+        pub fn kill_9(mut self) {
+            let killed = Command::new("kill")
+                .args(["-9", &self.child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(killed.success(), "the daemon was killed");
+            self.child.wait().expect("the daemon is reaped");
+        }
+
+        /// Creates a zone through the admin API; its id.
+        pub async fn zone(&self, body: serde_json::Value) -> String {
+            let (status, zone) =
+                super::server::http(self.addr, "POST", "/api/zones", Some(body), Some(ADMIN)).await;
+            assert_eq!(status, 201, "{zone}");
+            zone["id"].as_str().unwrap().to_owned()
+        }
+
+        /// A client of `agent` joined to `zone` (with `since`, if given, in its params): the
+        /// client, its join ref and the join's reply.
+        pub async fn joined(
+            &self,
+            zone: &str,
+            agent: &str,
+            since: Option<serde_json::Value>,
+        ) -> (super::server::Client, String, serde_json::Value) {
+            let (status, token) = super::server::http(
+                self.addr,
+                "POST",
+                "/api/tokens",
+                Some(serde_json::json!({"agent_id": agent, "zone_id": zone, "permissions": 1, "ttl_seconds": 600})),
+                Some(ADMIN),
+            )
+            .await;
+            assert_eq!(status, 200, "{token}");
+            let url = format!("ws://{}/socket/websocket?vsn=2.0.0", self.addr);
+            let mut client = super::server::Client::connect(&url).await;
+            let mut params = serde_json::json!({"agent_id": agent, "token": token["token"]});
+            if let Some(since) = since {
+                params["since"] = since;
+            }
+            let (join_ref, reply) = client.join(&format!("zone:{zone}"), params).await;
+            assert_eq!(reply["status"], "ok", "{reply}");
+            (client, join_ref, reply["response"].clone())
+        }
+    }
+
     impl Drop for Daemon {
         fn drop(&mut self) {
             let _ = self.child.kill();
