@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SECRET: &str = "s3cretpass";
 const TOKEN: &str = "s3crettoken";
@@ -44,17 +44,19 @@ fn serve(dir: &Path, args: &[&str]) -> (bool, String) {
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    // Its exit, awaited on a thread of its own, for at most 60 s: past that it is killed (a
+    // serve that started is a failure of this test too, and must not outlive it).
+    let pid = child.id();
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited.send(child.wait());
+    });
+    let status = match exit.recv_timeout(Duration::from_secs(60)) {
+        Ok(status) => status.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             panic!("serve {args:?} neither failed nor started within 60 s");
         }
-        std::thread::sleep(Duration::from_millis(50));
     };
     let printed = format!(
         "{}{}",
