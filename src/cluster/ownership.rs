@@ -172,6 +172,11 @@ impl<S: LeaseStore> Ownership<S> {
             .is_some())
     }
 
+    /// The zone's lease as the store has it.
+    pub async fn read(&self, zone: Uuid) -> Result<Option<Record>, ClusterError> {
+        self.store.read(zone).await
+    }
+
     /// Whether `lease` is still the zone's current grant.
     pub async fn holds(&self, lease: &Lease) -> Result<bool, ClusterError> {
         Ok(self
@@ -225,6 +230,28 @@ impl KvLeases {
             .await
             .map_err(|e| refused(&e))?;
         Ok(Self { kv })
+    }
+
+    /// Every change of a lease from now on: (zone, holder, revision).
+    pub async fn watch(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = (Uuid, Option<NodeId>, u64)> + use<>, ClusterError>
+    {
+        use futures_util::StreamExt;
+        let changes = self
+            .kv
+            .watch_all()
+            .await
+            .map_err(|e| ClusterError::Leases(e.to_string()))?;
+        Ok(changes.filter_map(|entry| async move {
+            let entry = entry.ok()?;
+            let zone = Uuid::parse_str(&entry.key).ok()?;
+            let holder = match entry.operation {
+                Operation::Put => rmp_serde::from_slice::<Holder>(&entry.value).ok()?.0,
+                Operation::Delete | Operation::Purge => None,
+            };
+            Some((zone, holder, entry.revision))
+        }))
     }
 
     fn encode(holder: Option<&NodeId>) -> bytes::Bytes {

@@ -46,6 +46,8 @@ pub struct ApiState {
     pub max_token_ttl: u64,
     /// The bearer token `/metrics` asks for, if any.
     pub metrics_token: Option<Arc<str>>,
+    /// In a cluster: who writes which zone.
+    pub cluster: Option<Arc<crate::cluster::Router>>,
 }
 
 /// An API error: status, a short machine-readable name, and details for a person.
@@ -298,6 +300,16 @@ async fn websocket(
 }
 
 async fn ready(State(state): State<ApiState>) -> Response {
+    if let Some(router) = &state.cluster
+        && !router.membership().joined()
+    {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_joined",
+            "this node has not joined its cluster yet",
+        )
+        .into_response();
+    }
     match state.zones.registry.store().ping().await {
         Ok(()) if !*state.sockets.shutdown.borrow() => {
             Json(json!({"status": "ready"})).into_response()
@@ -368,6 +380,20 @@ impl From<ZoneView> for ZoneJson {
     }
 }
 
+impl ZoneJson {
+    /// In a cluster, `assigned_server` shows the node that writes the zone, where it is known.
+    fn placed(mut self, state: &ApiState) -> Self {
+        if let Some(owner) = state
+            .cluster
+            .as_ref()
+            .and_then(|r| r.owner_name(self.zone.id))
+        {
+            self.zone.assigned_server = owner;
+        }
+        self
+    }
+}
+
 /// How long an admin request waits for room in the pipeline, then for its answer.
 const ROOM: std::time::Duration = std::time::Duration::from_secs(5);
 const ANSWER: std::time::Duration = std::time::Duration::from_secs(30);
@@ -409,7 +435,7 @@ async fn create_zone(
         .get_or_insert_with(|| state.server_name.clone());
     let id = uuid::Uuid::now_v7();
     let zone = view(ask(&state, id, CommandKind::CreateZone(Box::new(spec))).await?)?;
-    Ok((StatusCode::CREATED, Json(zone)))
+    Ok((StatusCode::CREATED, Json(zone.placed(&state))))
 }
 
 #[derive(Deserialize)]
@@ -453,9 +479,12 @@ async fn list_zones(
             |snapshot| match state.zones.registry.live(snapshot.zone.id) {
                 Some(live) => {
                     let live = live.state();
-                    live.exists().then(|| live.view().into())
+                    live.exists()
+                        .then(|| ZoneJson::from(live.view()).placed(&state))
                 }
-                None => Some(ZoneState::from_snapshot(snapshot).view().into()),
+                None => {
+                    Some(ZoneJson::from(ZoneState::from_snapshot(snapshot).view()).placed(&state))
+                }
             },
         )
         .collect();
@@ -472,9 +501,9 @@ async fn get_zone(
     Path(id): Path<String>,
 ) -> Result<Json<ZoneJson>, ApiError> {
     let id = zone_id(&id)?;
-    Ok(Json(view(
-        ask(&state, id, CommandKind::GetZoneState).await?,
-    )?))
+    Ok(Json(
+        view(ask(&state, id, CommandKind::GetZoneState).await?)?.placed(&state),
+    ))
 }
 
 async fn patch_zone(
@@ -483,9 +512,9 @@ async fn patch_zone(
     ApiJson(patch): ApiJson<ZonePatch>,
 ) -> Result<Json<ZoneJson>, ApiError> {
     let id = zone_id(&id)?;
-    Ok(Json(view(
-        ask(&state, id, CommandKind::UpdateZone(patch)).await?,
-    )?))
+    Ok(Json(
+        view(ask(&state, id, CommandKind::UpdateZone(patch)).await?)?.placed(&state),
+    ))
 }
 
 async fn delete_zone(

@@ -57,6 +57,9 @@ pub struct PipelineFile {
     /// Broker ingest: zone commands from NATS JetStream and/or RabbitMQ, beside the sockets.
     #[serde(default)]
     pub sources: SourceSections,
+    /// Run as a node of a cluster over NATS (`serve --cluster`); absent: a single daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// The daemon's own top-level keys, when a file leaves them out.

@@ -50,6 +50,8 @@ pub enum DaemonError {
     Http(std::io::Error),
     #[error("the pipeline did not drain: {0}")]
     Drain(#[from] ShutdownError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("[sources.nats]: {0}")]
     JetStream(#[from] JetStreamError),
     #[error("[sources.rabbitmq]: {0}")]

@@ -24,6 +24,7 @@ use super::console;
 use super::control::ZonePipeline;
 use super::error::DaemonError;
 use super::ingest::{Sources, SourcesSettled};
+use crate::cluster::Cluster;
 use crate::pipeline::{BatcherName, Message, Pipeline, PipelineMetrics, in_memory};
 use crate::realtime::revocation::{Revocation, Revocations};
 use crate::realtime::{
@@ -94,6 +95,23 @@ pub struct ServeArgs {
     #[arg(long, env = "THUNDERLINE_MAX_OUTBOUND_BYTES", default_value_t = 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_outbound_bytes: u64,
+    /// Run as a node of a cluster: the NATS server all nodes share (with one database and one
+    /// signing secret, THUNDERLINE_SECRET). Default: the pipeline file's `[cluster] url`, else a
+    /// single daemon.
+    #[arg(long, env = "THUNDERLINE_CLUSTER")]
+    pub cluster: Option<String>,
+    /// This node's name in the cluster (letters, digits, '-', '_'), the same across restarts.
+    #[arg(long, env = "THUNDERLINE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// How often the node announces itself to the cluster, in milliseconds; a node silent for
+    /// three heartbeats is dead. Default: `[cluster] heartbeat_ms`, else 1000.
+    #[arg(long, env = "THUNDERLINE_CLUSTER_HEARTBEAT_MS",
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub cluster_heartbeat_ms: Option<u64>,
+    /// The cluster's name, which its NATS subjects and lease bucket start with, so that
+    /// several clusters can share one NATS server. Default: `[cluster] name`, else thunderline.
+    #[arg(long, env = "THUNDERLINE_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
 }
 
 impl ServeArgs {
@@ -114,6 +132,10 @@ impl ServeArgs {
             max_connections: 100_000,
             max_connections_per_ip: None,
             max_outbound_bytes: 1024 * 1024,
+            cluster: None,
+            node_id: None,
+            cluster_heartbeat_ms: None,
+            cluster_name: None,
         }
     }
 }
@@ -139,6 +161,41 @@ impl ServeArgs {
         }
         if let Some(max) = self.history_max {
             file.zones.history_max = max;
+        }
+        match (&self.cluster, &mut file.cluster) {
+            (Some(url), Some(cluster)) => cluster.url = url.clone(),
+            (Some(url), None) => {
+                file.cluster = Some(crate::cluster::ClusterConfig {
+                    url: url.clone(),
+                    node_id: String::new(),
+                    heartbeat_ms: 1_000,
+                    name: "thunderline".into(),
+                });
+            }
+            (None, _) => {}
+        }
+        if let Some(cluster) = &mut file.cluster {
+            if let Some(node) = &self.node_id {
+                cluster.node_id = node.clone();
+            }
+            if let Some(ms) = self.cluster_heartbeat_ms {
+                cluster.heartbeat_ms = ms;
+            }
+            if let Some(name) = &self.cluster_name {
+                cluster.name = name.clone();
+            }
+            if cluster.node_id.is_empty() {
+                return Err(DaemonError::Cluster(
+                    crate::cluster::ClusterError::NodeName("(none: give --node-id)".into()),
+                ));
+            }
+        } else if self.node_id.is_some()
+            || self.cluster_heartbeat_ms.is_some()
+            || self.cluster_name.is_some()
+        {
+            return Err(DaemonError::Cluster(crate::cluster::ClusterError::Config(
+                "--node-id and --cluster-heartbeat-ms need --cluster (or [cluster] in the pipeline file)".into(),
+            )));
         }
         Ok(file)
     }
@@ -301,6 +358,8 @@ pub struct Server {
     connections: prometheus::IntGauge,
     /// The broker sources' last settlements, waited for after the drain.
     settled: SourcesSettled,
+    /// In a cluster: this node's part, and what ends its membership once it has stopped.
+    cluster: Option<(Cluster, watch::Sender<bool>)>,
 }
 
 impl Server {
@@ -321,6 +380,14 @@ impl Server {
         let registry = Registry::new();
         let hub = Arc::new(Hub::new(HubMetrics::register(&registry)?));
         let zone_registry = Arc::new(ZoneRegistry::new(store.clone()));
+        // A node of a cluster: announced from now on, until the server has stopped.
+        let (cluster_stop, cluster_stop_rx) = watch::channel(false);
+        let cluster = match &file.cluster {
+            Some(config) => {
+                Some(Cluster::join(config, hub.clone(), &registry, cluster_stop_rx).await?)
+            }
+            None => None,
+        };
         let pipeline_metrics = PipelineMetrics::register(&registry)?;
         let snapshots = Arc::new(Snapshots::start(
             store.clone(),
@@ -337,7 +404,7 @@ impl Server {
         let routes: Arc<[BatcherName]> =
             Arc::from(vec![BatcherName::from("broadcast"), "audit".into()]);
         let evict_after = Duration::from_millis(file.zones.evict_after_ms.get());
-        let writer = ZoneWriter::new(
+        let mut writer = ZoneWriter::new(
             zone_registry.clone(),
             routes,
             WriterConfig {
@@ -351,11 +418,23 @@ impl Server {
             },
             &registry,
         )?;
+        if let Some(cluster) = &cluster {
+            writer = writer.placed(cluster.router.clone());
+        }
         // One writer per zone: all of a zone's commands go to one worker, in order.
-        let mut builder = Pipeline::builder("zones")
+        let builder = Pipeline::builder("zones")
             .producer(producer)
-            .processor(writer, file.processors.config.clone())
-            .batcher(file.batchers.broadcast.clone(), TopicSink::new(hub.clone()))
+            .processor(writer, file.processors.config.clone());
+        let topics = TopicSink::new(hub.clone());
+        // In a cluster, the zones' events also go to the other nodes that follow them.
+        let builder = match &cluster {
+            Some(cluster) => builder.batcher(
+                file.batchers.broadcast.clone(),
+                cluster.publisher(topics, zone_registry.clone()),
+            ),
+            None => builder.batcher(file.batchers.broadcast.clone(), topics),
+        };
+        let mut builder = builder
             .batcher(audit_config(file, &store), AuditSink::new(store.clone()))
             .in_flight_bound(file.in_flight_bound.get())
             .shutdown_timeout(Duration::from_millis(file.shutdown_timeout_ms.get()))
@@ -380,15 +459,21 @@ impl Server {
         let zones = ZoneHandle::new(zone_registry.clone(), push, acker);
 
         // Sessions the store still holds belong to connections of an earlier run that ended
-        // without their leaves (a crash): end them before anyone reads them.
-        for id in store.zones_with_sessions().await? {
-            let expire = command(id, Actor::System, CommandKind::ExpireSessions);
-            zones.push(ZoneWork::command(expire, None)).await;
+        // without their leaves (a crash): end them before anyone reads them. In a cluster, the
+        // zones' owners end the sessions of a node's earlier run when it is declared dead.
+        match &cluster {
+            None => {
+                for id in store.zones_with_sessions().await? {
+                    let expire = command(id, Actor::System, CommandKind::ExpireSessions);
+                    zones.push(ZoneWork::command(expire, None)).await;
+                }
+            }
+            Some(cluster) => cluster.serve(zones.clone()).await?,
         }
 
         let (stop, stop_rx) = watch::channel(false);
         let socket_metrics = SocketMetrics::register(&registry)?;
-        let sockets = Arc::new(
+        let sockets =
             SocketContext::new(
                 hub.clone(),
                 signer.clone(),
@@ -412,8 +497,12 @@ impl Server {
                         before_us,
                     },
                 ),
-            ))),
-        );
+            )));
+        let sockets = match &cluster {
+            Some(cluster) => sockets.with_run(cluster.run_prefix()),
+            None => sockets,
+        };
+        let sockets = Arc::new(sockets);
         let connections = sockets.metrics.connections.clone();
         let state = ApiState {
             zones: zones.clone(),
@@ -422,7 +511,11 @@ impl Server {
             admin_token: Arc::from(secrets.admin_token.as_str()),
             sockets,
             registry: registry.clone(),
-            server_name: args.listen.to_string(),
+            server_name: match &file.cluster {
+                Some(c) => c.node_id.clone(),
+                None => args.listen.to_string(),
+            },
+            cluster: cluster.as_ref().map(|c| c.router.clone()),
             pipeline: pipeline.clone(),
             max_token_ttl: args.max_token_ttl,
             metrics_token: args.metrics_token.as_deref().map(Arc::from),
@@ -483,6 +576,7 @@ impl Server {
             store,
             connections,
             settled,
+            cluster: cluster.map(|c| (c, cluster_stop)),
         })
     }
 
@@ -518,6 +612,13 @@ impl Server {
             Ok(_) => self.zones.registry.close_all().await,
             Err(_) => Ok(()),
         };
+        // The zones' leases go once they are closed: their next owners keep their epochs.
+        if let Some((cluster, stop)) = &self.cluster {
+            if closed.is_ok() && drained.is_ok() {
+                cluster.router.release_all().await;
+            }
+            stop.send_replace(true);
+        }
         self.store.close().await;
         drained?;
         written?;

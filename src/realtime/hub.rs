@@ -365,6 +365,45 @@ impl Hub {
         }
     }
 
+    /// Starts this node's copy of a zone's presence from the sessions the zone's owner (another
+    /// node of a cluster) reported: (agent, connection, joined at in ms).
+    pub fn seed_presence<'a>(
+        &self,
+        zone: Uuid,
+        sessions: impl Iterator<Item = (&'a str, &'a str, i64)>,
+    ) {
+        let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        let topic = topics.entry(zone).or_default();
+        for (agent, conn, online_at) in sessions {
+            topic.track(self, agent, &ConnId::from(conn), online_at);
+        }
+    }
+
+    /// Forgets this node's copy of a zone another node writes: its presence (when no
+    /// connection of this node is subscribed any more), or everything, closing the channels of
+    /// those that are with `reason` (its history was lost: they join again).
+    pub fn forget_zone(&self, zone: Uuid, force: bool) -> Vec<Peer> {
+        let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(topic) = topics.get_mut(&zone) else {
+            return Vec::new();
+        };
+        if !force && !topic.subscribers.is_empty() {
+            return Vec::new();
+        }
+        let peers = topic.close(self);
+        topics.remove(&zone);
+        peers
+    }
+
+    /// Whether any connection of this node is subscribed to `zone`.
+    pub fn has_subscribers(&self, zone: Uuid) -> bool {
+        self.topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&zone)
+            .is_some_and(|t| !t.subscribers.is_empty())
+    }
+
     /// Sends the same frames, in order, to every subscriber: one queue item each.
     pub(crate) fn fan_out(&self, topic: &ZoneTopic, frames: Arc<[Utf8Bytes]>) {
         let mut sent = 0;

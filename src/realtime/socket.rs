@@ -213,6 +213,13 @@ impl<W: Send + 'static> SocketContext<W> {
         self
     }
 
+    /// Names this run's connections `<run>.<n>` (by default `run` is random): in a cluster, the
+    /// node's incarnation, so that the sessions of a node that dies can be told from the others.
+    pub fn with_run(mut self, run: String) -> Self {
+        self.run = run;
+        self
+    }
+
     /// Refuses and ends what `revocations` revokes (by default, nothing is revoked).
     pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
         self.revocations = revocations;

@@ -160,18 +160,17 @@ impl TopicSink {
     }
 }
 
-impl<T: Broadcasts> BatchSink<T> for TopicSink {
-    async fn handle_batch(
-        &self,
-        _batch: &BatchInfo,
-        messages: &mut [Message<T>],
-    ) -> Result<(), Failure> {
+impl TopicSink {
+    /// Delivers events (each zone's in seq order) to their zones' subscribers, and keeps the
+    /// zones' subscribers and presence as they say. Also how a node of a cluster delivers the
+    /// events of a zone another node writes.
+    pub fn deliver<'a>(&self, events: impl Iterator<Item = &'a ZoneEvent>) {
         let hub = &*self.hub;
         let mut topics = hub.topics.lock().unwrap_or_else(|e| e.into_inner());
         // A batch holds few zones: their runs in a short list beat a map.
         let mut runs: Vec<(Uuid, Run)> = Vec::new();
         let mut count = 0u64;
-        for event in messages.iter().flat_map(|m| m.data.broadcasts()) {
+        for event in events {
             count += 1;
             let topic = match topics.entry(event.zone_id) {
                 Entry::Occupied(t) => t.into_mut(),
@@ -195,11 +194,21 @@ impl<T: Broadcasts> BatchSink<T> for TopicSink {
                 }
             }
         }
-        drop(topics);
+    }
+}
+
+impl<T: Broadcasts> BatchSink<T> for TopicSink {
+    async fn handle_batch(
+        &self,
+        _batch: &BatchInfo,
+        messages: &mut [Message<T>],
+    ) -> Result<(), Failure> {
+        self.deliver(messages.iter().flat_map(|m| m.data.broadcasts()));
         let now = chrono::Utc::now();
         for event in messages.iter().flat_map(|m| m.data.broadcasts()) {
             let waited = now - event.occurred_at;
-            hub.metrics
+            self.hub
+                .metrics
                 .broadcast_latency
                 .observe(waited.to_std().unwrap_or_default().as_secs_f64());
         }

@@ -50,7 +50,7 @@ impl Acknowledger<ZoneWork> for ZoneAcker {
             if let Some(live) = self.registry.live(work.zone_id)
                 && let Some(snapshot) = live.logged(seqs, work.snapshot)
             {
-                self.snapshots.offer(snapshot);
+                self.snapshots.offer(snapshot, live.fence());
             }
         }
         for m in failed {

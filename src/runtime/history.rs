@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::zone::ZoneEvent;
 
 /// Where a client that joins again left off: the last `seq` it saw, in which `epoch`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Since {
     pub seq: u64,

@@ -15,6 +15,7 @@
 mod acker;
 mod context;
 mod history;
+mod placement;
 mod registry;
 mod snapshots;
 mod timers;
@@ -26,7 +27,8 @@ use std::time::Duration;
 
 pub use acker::ZoneAcker;
 pub use context::{Limits, command, new_epoch, now};
-pub use history::{HistoryConfig, Since};
+pub use history::{HistoryConfig, Since, complete as history_complete};
+pub use placement::{Forwarded, NOT_OWNER, Place, Placement};
 pub use registry::{Eviction, LiveZone, Loaded, ZoneRegistry};
 pub use snapshots::Snapshots;
 pub use timers::{TimerConfig, run_timers};

@@ -47,10 +47,12 @@ pub struct LiveZone {
     idle_since: Mutex<Option<Instant>>,
     /// Its newest events, for rejoins (the writer's to change).
     history: Mutex<History>,
+    /// In a cluster: the fencing token of this node's lease on it.
+    fence: Option<u64>,
 }
 
 impl LiveZone {
-    fn new(state: ZoneState, persisted: u64) -> Self {
+    fn new(state: ZoneState, persisted: u64, fence: Option<u64>) -> Self {
         let idle = (state.session_count() == 0).then(Instant::now);
         let logged = Logged {
             through: state.seq(),
@@ -63,7 +65,13 @@ impl LiveZone {
             taken: AtomicU64::new(persisted),
             idle_since: Mutex::new(idle),
             history: Mutex::new(History::default()),
+            fence,
         }
+    }
+
+    /// The fencing token of this node's lease on the zone, in a cluster.
+    pub fn fence(&self) -> Option<u64> {
+        self.fence
     }
 
     /// Its newest events. Held briefly, like the state.
@@ -215,12 +223,19 @@ impl ZoneRegistry {
     /// The zone, loading it if it is not in memory. When it was loaded just now, the second
     /// value says whether its snapshot in the store is behind it. Only the zone's writer calls
     /// this.
-    pub async fn load(&self, id: Uuid) -> Result<(Arc<LiveZone>, Option<bool>), StoreError> {
+    ///
+    /// In a cluster, `fence` is the token of this node's lease on the zone: the store keeps it,
+    /// refusing every later write of an earlier holder.
+    pub async fn load(
+        &self,
+        id: Uuid,
+        fence: Option<u64>,
+    ) -> Result<(Arc<LiveZone>, Option<bool>), StoreError> {
         if let Some(live) = self.live(id) {
             return Ok((live, None));
         }
         // Held from now on; closed again when it leaves memory or the server stops cleanly.
-        let left_open = self.store.open_zone(id).await?;
+        let left_open = self.store.open_zone(id, fence).await?;
         let Loaded {
             mut state,
             mut stale_snapshot,
@@ -234,7 +249,7 @@ impl ZoneRegistry {
             stale_snapshot = true;
         }
         let persisted = if stale_snapshot { 0 } else { state.seq() };
-        let live = Arc::new(LiveZone::new(state, persisted));
+        let live = Arc::new(LiveZone::new(state, persisted, fence));
         self.map().insert(id, live.clone());
         Ok((live, Some(stale_snapshot)))
     }
@@ -275,10 +290,10 @@ impl ZoneRegistry {
     }
 
     /// Puts a zone its writer has just created, whose row is written, in memory.
-    pub fn insert(&self, state: ZoneState) -> Arc<LiveZone> {
+    pub fn insert(&self, state: ZoneState, fence: Option<u64>) -> Arc<LiveZone> {
         let id = state.id();
         let persisted = state.seq();
-        let live = Arc::new(LiveZone::new(state, persisted));
+        let live = Arc::new(LiveZone::new(state, persisted, fence));
         self.map().insert(id, live.clone());
         live
     }
@@ -286,8 +301,9 @@ impl ZoneRegistry {
     /// Closes the zones in memory in the store (see [`Store::close_zones`]): for a clean stop,
     /// once everything they broadcast is in the log.
     pub async fn close_all(&self) -> Result<(), StoreError> {
-        let ids: Vec<Uuid> = self.map().keys().copied().collect();
-        self.store.close_zones(&ids).await
+        let zones: Vec<(Uuid, Option<u64>)> =
+            self.map().iter().map(|(id, z)| (*id, z.fence)).collect();
+        self.store.close_zones(&zones).await
     }
 
     /// Forgets a zone (deleted and its row removed, or idle and written).
@@ -345,7 +361,7 @@ mod tests {
                 ..NewZone::default()
             })),
         );
-        let live = LiveZone::new(state.clone(), 0);
+        let live = LiveZone::new(state.clone(), 0, None);
         let agent = Actor::Agent {
             agent_id: "a".into(),
             connection: "c".into(),

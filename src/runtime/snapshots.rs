@@ -24,12 +24,17 @@ use crate::zone::ZoneSnapshot;
 /// Snapshots waiting to be written, at most.
 const QUEUE: usize = 4_096;
 
+/// A snapshot, and the fencing token of the writer that took it (in a cluster).
 #[derive(Clone)]
-struct SnapshotWork(Arc<ZoneSnapshot>);
+struct SnapshotWork(Arc<ZoneSnapshot>, Option<u64>);
 
 impl Snapshotted for SnapshotWork {
     fn snapshot(&self) -> &ZoneSnapshot {
         &self.0
+    }
+
+    fn fence(&self) -> Option<u64> {
+        self.1
     }
 }
 
@@ -115,8 +120,8 @@ impl Snapshots {
     }
 
     /// Queues a snapshot to write, or drops it when the queue is full.
-    pub fn offer(&self, snapshot: Arc<ZoneSnapshot>) {
-        let msg = Message::with_acker(SnapshotWork(snapshot), self.acker.clone());
+    pub fn offer(&self, snapshot: Arc<ZoneSnapshot>, fence: Option<u64>) {
+        let msg = Message::with_acker(SnapshotWork(snapshot, fence), self.acker.clone());
         if let Err(PushError::Full(_)) = self.push.try_push(msg) {
             self.dropped.inc();
         }

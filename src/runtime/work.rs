@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::history::Since;
-use crate::store::Audited;
-use crate::zone::{Outcome, ZoneCommand, ZoneEvent, ZoneSnapshot};
+use crate::store::{Audited, Fence};
+use crate::zone::{Outcome, Session, ZoneCommand, ZoneEvent, ZoneSnapshot};
 
 /// What whoever asked is told about a command: the zone's outcome and, for a join that gave
 /// `since`, what the client missed.
@@ -20,6 +20,9 @@ pub struct Reply {
     /// oldest first) is everything it missed. They are sent after the reply, not in it.
     pub recovered: bool,
     pub missed: Arc<[ZoneEvent]>,
+    /// For a join forwarded from another node: the zone's sessions once it joined, from which
+    /// that node's copy of the zone's presence starts.
+    pub presence: Option<Arc<[Session]>>,
 }
 
 impl From<Outcome> for Reply {
@@ -28,6 +31,7 @@ impl From<Outcome> for Reply {
             outcome,
             recovered: false,
             missed: Arc::from([]),
+            presence: None,
         }
     }
 }
@@ -86,6 +90,12 @@ pub struct ZoneWork {
     pub snapshot: Option<Arc<ZoneSnapshot>>,
     /// A join's `since`: where the rejoining client left off.
     pub since: Option<Since>,
+    /// In a cluster: the fencing token of this node's lease on the zone, which the audit log
+    /// checks its events against.
+    pub fence: Option<u64>,
+    /// In a cluster: the command came from another node, which took this node for the zone's
+    /// owner. If it is not (any more), it is sent back to be routed again, never on.
+    pub forwarded: bool,
 }
 
 impl ZoneWork {
@@ -98,6 +108,8 @@ impl ZoneWork {
             outcome: None,
             snapshot: None,
             since: None,
+            fence: None,
+            forwarded: false,
         }
     }
 
@@ -116,6 +128,8 @@ impl ZoneWork {
             outcome: None,
             snapshot: None,
             since: None,
+            fence: None,
+            forwarded: false,
         }
     }
 }
@@ -133,5 +147,9 @@ impl std::fmt::Debug for ZoneWork {
 impl Audited for ZoneWork {
     fn audited(&self) -> &[ZoneEvent] {
         &self.events
+    }
+
+    fn fence(&self) -> Option<Fence> {
+        self.fence.map(|f| (self.zone_id, f))
     }
 }

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use super::context::{self, Limits, now};
 use super::history::{self, HistoryConfig, Plan, Since};
+use super::placement::{NOT_OWNER, Place, Placement};
 use super::registry::{Eviction, LiveZone, ZoneRegistry};
 use super::work::{Job, Replies, Reply, ZoneWork};
 use crate::pipeline::{BatcherName, Failure, Message, Processor};
@@ -48,6 +49,8 @@ pub struct ZoneWriter {
     latency: HistogramVec,
     /// Joins with `since`, by whether what they missed was recovered.
     rejoins: IntCounterVec,
+    /// In a cluster: which zones this node writes, and how the others' commands reach them.
+    placement: Option<Arc<dyn Placement>>,
 }
 
 impl ZoneWriter {
@@ -81,7 +84,14 @@ impl ZoneWriter {
             config,
             latency,
             rejoins,
+            placement: None,
         })
+    }
+
+    /// Writes only the zones `placement` gives this node, and forwards the others' commands.
+    pub fn placed(mut self, placement: Arc<dyn Placement>) -> Self {
+        self.placement = Some(placement);
+        self
     }
 
     /// Answers now, or keeps the reply for the acknowledgement when it must wait for the events
@@ -122,11 +132,23 @@ impl Processor<ZoneWork> for ZoneWriter {
             }
         };
         let creation = matches!(command.kind, CommandKind::CreateZone(_));
-        let (live, fresh) = match self.registry.load(zone_id).await {
+        let fence = match &self.placement {
+            None => None,
+            Some(placement) => match placement.place(zone_id).await {
+                Ok(Place::Here { fence }) => fence,
+                Ok(Place::Elsewhere) => return self.elsewhere(placement, msg, &command).await,
+                Err(e) => {
+                    return Err(Failure::retryable(format!(
+                        "cannot find zone {zone_id}'s owner: {e}"
+                    )));
+                }
+            },
+        };
+        let (live, fresh) = match self.registry.load(zone_id, fence).await {
             Ok(loaded) => loaded,
             // A zone that does not exist yet: this is its creation.
             Err(StoreError::Zone(ZoneError::ZoneNotFound(_))) if creation => {
-                self.create(msg, &command).await?;
+                self.create(msg, &command, fence).await?;
                 self.observe(&command, started);
                 return Ok(());
             }
@@ -204,6 +226,9 @@ impl Processor<ZoneWork> for ZoneWriter {
                 };
                 self.rejoins.with_label_values(&[label]).inc();
             }
+            if work.forwarded && command.kind == CommandKind::Join && reply.outcome.result.is_ok() {
+                reply.presence = Some(state.snapshot().sessions.into());
+            }
             live.note_sessions(state.session_count(), Instant::now());
             // A deleted zone's snapshot is its removal: its row goes once zone_deleted is logged.
             let due = live.snapshot_due(&state, &events) || fresh == Some(true);
@@ -214,6 +239,7 @@ impl Processor<ZoneWork> for ZoneWriter {
         };
         let routed = !events.is_empty();
         work.events = Arc::from(events);
+        work.fence = live.fence();
         let refused = match &reply.outcome.result {
             Err(refusal) => service_refusal(&command, refusal),
             Ok(_) => None,
@@ -254,6 +280,7 @@ impl ZoneWriter {
         &self,
         msg: &mut Message<ZoneWork>,
         command: &ZoneCommand,
+        fence: Option<u64>,
     ) -> Result<(), Failure> {
         let zone_id = command.zone_id;
         let mut state = ZoneState::absent(zone_id);
@@ -263,13 +290,55 @@ impl ZoneWriter {
             // again (finding the zone if the write did land).
             self.registry
                 .store()
-                .create_zone(&state.snapshot(), &accepted.events)
+                .create_fenced(&state.snapshot(), &accepted.events, fence)
                 .await
                 .map_err(|e| Failure::retryable(format!("cannot create zone {zone_id}: {e}")))?;
-            self.registry.insert(state);
+            self.registry.insert(state, fence);
         }
         self.reply_unrouted(msg, outcome);
         Ok(())
+    }
+}
+
+impl ZoneWriter {
+    /// A command for a zone another node writes. A copy this node still has in memory is from
+    /// a lease it has lost (it was paused or cut off meanwhile): it goes, unwritten (the store
+    /// would refuse its writes anyway). A command another node sent here is sent back to be
+    /// routed again; one of this node's own goes to the owner, and its reply comes from there.
+    /// A service's command waits for the owner's outcome, so that its broker message is settled
+    /// by it; the others go on at once, in order.
+    async fn elsewhere(
+        &self,
+        placement: &Arc<dyn Placement>,
+        msg: &mut Message<ZoneWork>,
+        command: &ZoneCommand,
+    ) -> Result<(), Failure> {
+        if self.registry.live(command.zone_id).is_some() {
+            tracing::warn!(zone = %command.zone_id, "this node lost the zone's lease: its copy in memory is dropped");
+            self.registry.remove(command.zone_id);
+        }
+        if msg.data.forwarded {
+            self.reply_unrouted(msg, unavailable(command.id, NOT_OWNER));
+            return Ok(());
+        }
+        let work = msg.data.clone();
+        msg.data.reply = None;
+        msg.put_batchers(Arc::from([]));
+        let answered = placement.forward(work);
+        if !matches!(command.actor, Actor::Service { .. }) {
+            return Ok(());
+        }
+        match answered.await {
+            Some(Outcome {
+                result: Err(refusal),
+                ..
+            }) => service_refusal(command, &refusal).map_or(Ok(()), Err),
+            Some(_) => Ok(()),
+            None => Err(Failure::retryable(format!(
+                "zone {}'s owner did not answer",
+                command.zone_id
+            ))),
+        }
     }
 }
 
@@ -305,8 +374,19 @@ impl ZoneWriter {
         if eviction != Eviction::Evict {
             return;
         }
-        match self.registry.store().close_zones(&[work.zone_id]).await {
-            Ok(()) => self.registry.remove(work.zone_id),
+        let fence = live.fence();
+        match self
+            .registry
+            .store()
+            .close_zones(&[(work.zone_id, fence)])
+            .await
+        {
+            Ok(()) => {
+                self.registry.remove(work.zone_id);
+                if let Some(placement) = &self.placement {
+                    placement.left(work.zone_id, fence);
+                }
+            }
             // Still open in the store: it stays in memory, and the next sweep tries again.
             Err(e) => {
                 tracing::warn!(zone = %work.zone_id, error = %e, "an idle zone could not be closed; it stays in memory")

@@ -13,7 +13,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::zones::big;
-use super::{Backend, Db, Store, StoreError, on_pool};
+use super::{Backend, Db, Fence, Store, StoreError, on_pool};
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
 use crate::zone::{EventKind, ZoneEvent};
 
@@ -94,6 +94,24 @@ pub(crate) fn is_data_error(e: &sqlx::Error, backend: Backend) -> bool {
     }
 }
 
+/// Refuses a write whose claimed token is lower than its zone's row names (a zone whose row is
+/// gone was deleted: nothing to check).
+fn check_fences(claims: &[Fence], rows: &[(Uuid, i64)]) -> Result<(), StoreError> {
+    for (zone, fence) in claims {
+        if let Some((_, current)) = rows.iter().find(|(id, _)| id == zone) {
+            let current = u64::try_from(*current).unwrap_or(0);
+            if current > *fence {
+                return Err(StoreError::Fenced {
+                    zone: *zone,
+                    fence: *fence,
+                    current,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One multi-row insert of `events` into the SQLite log.
 fn sqlite_insert<'a>(
     events: &'a [&'a ZoneEvent],
@@ -120,6 +138,19 @@ impl Store {
     /// Appends events to the audit log in one transaction, skipping any whose id is already
     /// there. Returns how many rows were new.
     pub async fn append_events(&self, events: &[&ZoneEvent]) -> Result<u64, StoreError> {
+        self.append_fenced(events, &[]).await
+    }
+
+    /// As [`append_events`](Self::append_events), by writers holding their zones' leases with
+    /// the given fencing tokens: if any of those zones has moved on to a higher token, nothing
+    /// is written and the first such zone is named ([`StoreError::Fenced`]). The tokens are
+    /// checked in the transaction that inserts, with the zones' rows locked against a new
+    /// holder's claim until it commits.
+    pub async fn append_fenced(
+        &self,
+        events: &[&ZoneEvent],
+        fences: &[Fence],
+    ) -> Result<u64, StoreError> {
         if events.is_empty() {
             return Ok(0);
         }
@@ -135,7 +166,7 @@ impl Store {
                     .map(|e| serde_json::to_string(&e.kind).expect("payloads serialise"))
                     .collect();
                 let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
-                let done = sqlx::query(
+                let insert = sqlx::query(
                     "INSERT INTO audit_events (id, zone_id, seq, command_id, event_type, payload, occurred_at) \
                      SELECT id, zone_id, seq, command_id, event_type, payload::jsonb, occurred_at \
                      FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::timestamptz[]) \
@@ -148,15 +179,26 @@ impl Store {
                 .bind(&commands)
                 .bind(&types)
                 .bind(&payloads)
-                .bind(&times)
-                .execute(pool)
-                .await?;
+                .bind(&times);
+                if fences.is_empty() {
+                    return Ok(insert.execute(pool).await?.rows_affected());
+                }
+                let mut tx = pool.begin().await?;
+                let claimed: Vec<Uuid> = fences.iter().map(|(z, _)| *z).collect();
+                let rows: Vec<(Uuid, i64)> =
+                    sqlx::query_as("SELECT id, fence FROM zones WHERE id = ANY($1) FOR SHARE")
+                        .bind(&claimed)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                check_fences(fences, &rows)?;
+                let done = insert.execute(&mut *tx).await?;
+                tx.commit().await?;
                 Ok(done.rows_affected())
             }
             Db::Sqlite(pool) => {
                 let _turn = self.write_turn().await;
                 let recorded_at = Utc::now();
-                if events.len() <= SQLITE_ROWS_PER_STATEMENT {
+                if events.len() <= SQLITE_ROWS_PER_STATEMENT && fences.is_empty() {
                     // One statement is atomic by itself: no BEGIN and COMMIT round trips to the
                     // connection's thread, which cost more than the insert on a busy machine.
                     let done = sqlite_insert(events, recorded_at)
@@ -166,6 +208,18 @@ impl Store {
                     return Ok(done.rows_affected());
                 }
                 let mut tx = pool.begin().await?;
+                if !fences.is_empty() {
+                    let mut read = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                        "SELECT id, fence FROM zones WHERE id IN (",
+                    );
+                    let mut ids = read.separated(", ");
+                    for (zone, _) in fences {
+                        ids.push_bind(*zone);
+                    }
+                    read.push(")");
+                    let rows: Vec<(Uuid, i64)> = read.build_query_as().fetch_all(&mut *tx).await?;
+                    check_fences(fences, &rows)?;
+                }
                 let mut inserted = 0;
                 for chunk in events.chunks(SQLITE_ROWS_PER_STATEMENT) {
                     inserted += sqlite_insert(chunk, recorded_at)
@@ -345,11 +399,21 @@ impl Store {
         &self,
         events: &[&ZoneEvent],
     ) -> Result<AppendReport, StoreError> {
+        self.append_fenced_or_dead_letter(events, &[]).await
+    }
+
+    /// As [`append_or_dead_letter`](Self::append_or_dead_letter), with the writers' fencing
+    /// tokens (see [`append_fenced`](Self::append_fenced)).
+    pub async fn append_fenced_or_dead_letter(
+        &self,
+        events: &[&ZoneEvent],
+        fences: &[Fence],
+    ) -> Result<AppendReport, StoreError> {
         let mut report = AppendReport::default();
         // Halves to try, depth first: a batch with one bad event costs about 2·log2(n) writes.
         let mut pending: Vec<&[&ZoneEvent]> = vec![events];
         while let Some(part) = pending.pop() {
-            match self.append_events(part).await {
+            match self.append_fenced(part, fences).await {
                 Ok(n) => report.inserted += n,
                 Err(StoreError::Database(e)) if is_data_error(&e, self.backend()) => {
                     if let [event] = part {
@@ -381,6 +445,11 @@ pub struct AppendReport {
 /// A pipeline message that may carry zone events to audit.
 pub trait Audited: Send + Sync + 'static {
     fn audited(&self) -> &[ZoneEvent];
+
+    /// The claim of the writer that made the events, in a cluster: its zone and fencing token.
+    fn fence(&self) -> Option<Fence> {
+        None
+    }
 }
 
 impl Audited for ZoneEvent {
@@ -394,7 +463,9 @@ impl Audited for ZoneEvent {
 /// A write that fails for a reason other than the data fails the whole batch retryably; give
 /// its batcher a retry policy with enough attempts to outlast a database restart. Events the
 /// database refuses as data are dead-lettered, so they never hold their batch-mates back.
-/// Nothing is acknowledged until it is committed.
+/// Events of a writer that has been fenced off (its zone's lease moved on) are not written:
+/// their messages fail for good, and the rest of the batch lands. Nothing is acknowledged until
+/// it is committed.
 #[derive(Clone)]
 pub struct AuditSink {
     store: Store,
@@ -412,12 +483,46 @@ impl<T: Audited> BatchSink<T> for AuditSink {
         _batch: &BatchInfo,
         messages: &mut [Message<T>],
     ) -> Result<(), Failure> {
-        let events: Vec<&ZoneEvent> = messages.iter().flat_map(|m| m.data.audited()).collect();
-        match self.store.append_or_dead_letter(&events).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, events = events.len(), "audit log write failed; will retry");
-                Err(Failure::retryable(format!("audit log write failed: {e}")))
+        loop {
+            let live = |m: &&Message<T>| !m.is_failed();
+            let events: Vec<&ZoneEvent> = messages
+                .iter()
+                .filter(live)
+                .flat_map(|m| m.data.audited())
+                .collect();
+            let mut fences: Vec<Fence> = Vec::new();
+            for fence in messages.iter().filter(live).filter_map(|m| m.data.fence()) {
+                if !fences.contains(&fence) {
+                    fences.push(fence);
+                }
+            }
+            match self
+                .store
+                .append_fenced_or_dead_letter(&events, &fences)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Fenced {
+                    zone,
+                    fence,
+                    current,
+                }) => {
+                    tracing::warn!(%zone, fence, current, "a fenced-off writer's events are not logged");
+                    for m in messages.iter_mut() {
+                        if m.data
+                            .fence()
+                            .is_some_and(|(z, f)| z == zone && f < current)
+                        {
+                            m.fail(Failure::permanent(format!(
+                                "fenced: zone {zone}'s lease has moved on to another node"
+                            )));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, events = events.len(), "audit log write failed; will retry");
+                    return Err(Failure::retryable(format!("audit log write failed: {e}")));
+                }
             }
         }
     }

@@ -21,6 +21,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Connection};
 
+use uuid::Uuid;
+
 use crate::redact::redact_url;
 use crate::zone::ZoneError;
 
@@ -50,6 +52,28 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("the database holds data this version cannot read: {0}")]
     Corrupt(String),
+    /// A write of a zone's former writer in a cluster: its lease has moved on to a writer with a
+    /// higher fencing token, so the write is refused.
+    #[error(
+        "zone {zone}'s writer was fenced off: its lease (token {fence}) has moved on (token {current})"
+    )]
+    Fenced {
+        zone: Uuid,
+        fence: u64,
+        current: u64,
+    },
+}
+
+/// A writer's claim on a zone in a cluster: the zone and its lease's fencing token. Writes that
+/// carry one are refused once the zone's row names a higher token.
+pub type Fence = (Uuid, u64);
+
+/// The token a write without a claim is checked against: it passes any row (a single daemon).
+pub(crate) const UNFENCED: i64 = i64::MAX;
+
+/// The token as the database keeps it.
+pub(crate) fn fence_value(fence: Option<u64>) -> i64 {
+    fence.map_or(UNFENCED, |f| i64::try_from(f).unwrap_or(UNFENCED))
 }
 
 #[derive(Clone, Debug)]

@@ -11,7 +11,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Store, StoreError, on_pool};
+use super::{Backend, Store, StoreError, fence_value, on_pool};
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
 use crate::zone::{Permissions, Resource, Session, Zone, ZoneError, ZoneEvent, ZoneSnapshot};
 
@@ -107,6 +107,17 @@ impl Store {
         snapshot: &ZoneSnapshot,
         events: &[ZoneEvent],
     ) -> Result<(), StoreError> {
+        self.create_fenced(snapshot, events, None).await
+    }
+
+    /// As [`create_zone`](Self::create_zone), by a writer holding the zone's lease with token
+    /// `fence`: the row starts with it.
+    pub async fn create_fenced(
+        &self,
+        snapshot: &ZoneSnapshot,
+        events: &[ZoneEvent],
+        fence: Option<u64>,
+    ) -> Result<(), StoreError> {
         let insert = format!(
             "INSERT INTO zones ({COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
@@ -125,8 +136,9 @@ impl Store {
                 .await?;
             if !events.is_empty() {
                 // Created by a writer that holds it from now on.
-                sqlx::query("UPDATE zones SET open = TRUE WHERE id = $1")
+                sqlx::query("UPDATE zones SET open = TRUE, fence = $2 WHERE id = $1")
                     .bind(snapshot.zone.id)
+                    .bind(fence.map_or(0, |f| i64::try_from(f).unwrap_or(i64::MAX)))
                     .execute(&mut *tx)
                     .await?;
             }
@@ -183,20 +195,36 @@ impl Store {
     /// Writes snapshots, in one transaction, each unless its row already holds a later one (or
     /// is gone: the zone was deleted). The snapshot of a deleted zone removes its row.
     pub async fn save_snapshots(&self, snapshots: &[&ZoneSnapshot]) -> Result<(), StoreError> {
+        let unfenced: Vec<(&ZoneSnapshot, Option<u64>)> =
+            snapshots.iter().map(|s| (*s, None)).collect();
+        self.save_fenced(&unfenced).await
+    }
+
+    /// As [`save_snapshots`](Self::save_snapshots), each snapshot by a writer with the given
+    /// fencing token: one whose zone has moved on to a higher token is not written.
+    pub async fn save_fenced(
+        &self,
+        snapshots: &[(&ZoneSnapshot, Option<u64>)],
+    ) -> Result<(), StoreError> {
         let update = "UPDATE zones SET name = $2, permissions = $3, assigned_server = $4, \
                       active_session_count = $5, capacity = $6, resources = $7, properties = $8, \
                       tick = $9, seq = $10, epoch = $11, sessions = $12, updated_at = $13 \
-                      WHERE id = $1 AND (seq < $10 OR (seq = $10 AND epoch <> $11))";
-        let remove = "DELETE FROM zones WHERE id = $1";
+                      WHERE id = $1 AND (seq < $10 OR (seq = $10 AND epoch <> $11)) AND fence <= $14";
+        let remove = "DELETE FROM zones WHERE id = $1 AND fence <= $2";
         let _turn = self.write_turn().await;
         on_pool!(self.db(), pool => {
             let mut tx = pool.begin().await?;
-            for s in snapshots {
+            for (s, fence) in snapshots {
                 if s.deleted {
-                    sqlx::query(remove).bind(s.zone.id).execute(&mut *tx).await?;
+                    sqlx::query(remove)
+                        .bind(s.zone.id)
+                        .bind(fence_value(*fence))
+                        .execute(&mut *tx)
+                        .await?;
                 } else {
                     bind_snapshot!(sqlx::query(update), s)
                         .bind(s.zone.updated_at)
+                        .bind(fence_value(*fence))
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -207,36 +235,60 @@ impl Store {
     }
 
     /// Marks zone `id` as held by a writer (until [`close_zones`](Self::close_zones)); says
-    /// whether it already was: then the writer before left it without closing it (a crash), and
-    /// what it broadcast may not all be in the log.
-    pub async fn open_zone(&self, id: Uuid) -> Result<bool, StoreError> {
+    /// whether it already was: then the writer before left it without closing it (a crash, or
+    /// an owner that lost its lease), and what it broadcast may not all be in the log.
+    ///
+    /// In a cluster the writer gives its lease's fencing token: the row keeps it, so that every
+    /// later write of an earlier holder is refused, and a writer whose token is lower than the
+    /// row's is refused itself ([`StoreError::Fenced`]).
+    pub async fn open_zone(&self, id: Uuid, fence: Option<u64>) -> Result<bool, StoreError> {
+        // The row is locked until the token is in: a former holder's write waits, then fails.
+        let read = match self.backend() {
+            Backend::Postgres => "SELECT open, fence FROM zones WHERE id = $1 FOR UPDATE",
+            Backend::Sqlite => "SELECT open, fence FROM zones WHERE id = $1",
+        };
         let _turn = self.write_turn().await;
-        let was_open = on_pool!(self.db(), pool => {
+        let found = on_pool!(self.db(), pool => {
             let mut tx = pool.begin().await?;
-            let was: Option<bool> = sqlx::query_scalar("SELECT open FROM zones WHERE id = $1")
+            let row: Option<(bool, i64)> = sqlx::query_as(read)
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
-            sqlx::query("UPDATE zones SET open = TRUE WHERE id = $1")
+            if let (Some((_, current)), Some(fence)) = (row, fence)
+                && u64::try_from(current).unwrap_or(0) > fence
+            {
+                return Err(StoreError::Fenced {
+                    zone: id,
+                    fence,
+                    current: u64::try_from(current).unwrap_or(0),
+                });
+            }
+            sqlx::query("UPDATE zones SET open = TRUE, fence = CASE WHEN $2 > fence THEN $2 ELSE fence END WHERE id = $1")
                 .bind(id)
+                .bind(fence.map_or(0, |f| i64::try_from(f).unwrap_or(i64::MAX)))
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await.map(|()| was)
+            tx.commit().await.map(|()| row)
         })?;
-        was_open.ok_or(StoreError::Zone(ZoneError::ZoneNotFound(id)))
+        found
+            .map(|(open, _)| open)
+            .ok_or(StoreError::Zone(ZoneError::ZoneNotFound(id)))
     }
 
     /// Marks zones as closed cleanly by their writer: everything it broadcast is in the log.
-    pub async fn close_zones(&self, ids: &[Uuid]) -> Result<(), StoreError> {
-        if ids.is_empty() {
+    /// A writer whose lease has moved on (its token, when given, is lower than the row's)
+    /// closes nothing.
+    pub async fn close_zones(&self, zones: &[(Uuid, Option<u64>)]) -> Result<(), StoreError> {
+        if zones.is_empty() {
             return Ok(());
         }
         let _turn = self.write_turn().await;
         on_pool!(self.db(), pool => {
             let mut tx = pool.begin().await?;
-            for id in ids {
-                sqlx::query("UPDATE zones SET open = FALSE WHERE id = $1")
+            for (id, fence) in zones {
+                sqlx::query("UPDATE zones SET open = FALSE WHERE id = $1 AND fence <= $2")
                     .bind(id)
+                    .bind(fence_value(*fence))
                     .execute(&mut *tx)
                     .await?;
             }
@@ -283,6 +335,11 @@ fn name_pattern(part: &str) -> String {
 /// A pipeline message carrying a zone snapshot to write.
 pub trait Snapshotted: Send + Sync + 'static {
     fn snapshot(&self) -> &ZoneSnapshot;
+
+    /// The fencing token of the writer that took it, in a cluster.
+    fn fence(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The snapshot sink: a batch's snapshots, the newest per zone only, in one transaction.
@@ -305,16 +362,16 @@ impl<T: Snapshotted> BatchSink<T> for SnapshotSink {
         messages: &mut [Message<T>],
     ) -> Result<(), Failure> {
         // Coalesced: the newest snapshot of each zone stands for the older ones.
-        let mut newest: Vec<&ZoneSnapshot> = Vec::new();
+        let mut newest: Vec<(&ZoneSnapshot, Option<u64>)> = Vec::new();
         for m in messages.iter() {
             let s = m.data.snapshot();
-            match newest.iter_mut().find(|n| n.zone.id == s.zone.id) {
-                Some(n) if n.seq < s.seq => *n = s,
+            match newest.iter_mut().find(|(n, _)| n.zone.id == s.zone.id) {
+                Some(n) if n.0.seq < s.seq => *n = (s, m.data.fence()),
                 Some(_) => {}
-                None => newest.push(s),
+                None => newest.push((s, m.data.fence())),
             }
         }
-        match self.store.save_snapshots(&newest).await {
+        match self.store.save_fenced(&newest).await {
             Ok(_) => Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, zones = newest.len(), "snapshot write failed; will retry");

@@ -104,6 +104,11 @@ pub enum CommandKind {
     DeleteZone,
     /// End every session (they belong to connections of a previous run).
     ExpireSessions,
+    /// End the sessions of the connections whose names start with `prefix`: those of a node
+    /// of a cluster that died.
+    EndConnections {
+        prefix: String,
+    },
 }
 
 impl CommandKind {
@@ -123,6 +128,7 @@ impl CommandKind {
             Self::ChangePermissions { .. } => "change_permissions",
             Self::DeleteZone => "delete_zone",
             Self::ExpireSessions => "expire_sessions",
+            Self::EndConnections { .. } => "end_connections",
         }
     }
 

@@ -115,7 +115,7 @@ pub struct ZoneView {
 }
 
 /// The answer to an accepted command, beside the events it caused.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Answer {
     /// Nothing to tell but that it was done.
     Done,
@@ -128,7 +128,7 @@ pub enum Answer {
 }
 
 /// An accepted command: the events it caused (each with its seq) and its answer.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Accepted {
     pub events: Vec<ZoneEvent>,
     pub answer: Answer,
@@ -137,7 +137,7 @@ pub struct Accepted {
 }
 
 /// What became of a command.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
     pub command_id: Uuid,
     pub result: Result<Accepted, ZoneError>,
@@ -264,7 +264,10 @@ fn allowed(actor: &Actor, kind: &CommandKind) -> bool {
                 | K::Tick
                 | K::GetZoneState
         ),
-        Actor::System => matches!(kind, K::Tick | K::ExpireSessions | K::GetZoneState),
+        Actor::System => matches!(
+            kind,
+            K::Tick | K::ExpireSessions | K::EndConnections { .. } | K::GetZoneState
+        ),
     }
 }
 
@@ -674,7 +677,8 @@ impl ZoneState {
             }
             // Its sessions end with it: one event, which clients see as their channel closing.
             CommandKind::DeleteZone => vec![EventKind::ZoneDeleted(Deleted { timestamp: now })],
-            CommandKind::ExpireSessions => self.leave_all(now),
+            CommandKind::ExpireSessions => self.leave_all(now, ""),
+            CommandKind::EndConnections { prefix } => self.leave_all(now, prefix),
         })
     }
 
@@ -748,10 +752,12 @@ impl ZoneState {
         Ok(update)
     }
 
-    fn leave_all(&self, now: DateTime<Utc>) -> Vec<EventKind> {
+    /// Ends the sessions of the connections whose names start with `prefix`.
+    fn leave_all(&self, now: DateTime<Utc>, prefix: &str) -> Vec<EventKind> {
         let mut left = self.sessions.len();
         self.sessions
             .keys()
+            .filter(|key| key.connection.starts_with(prefix))
             .map(|key| {
                 left -= 1;
                 EventKind::AgentLeft(Presence {

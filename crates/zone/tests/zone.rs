@@ -1069,6 +1069,7 @@ fn client_commands_decode_one_way_from_a_value_or_from_text() {
         "create_zone",
         "delete_zone",
         "expire_sessions",
+        "end_connections",
     ] {
         assert_eq!(refusal(internal, json!({})).reason(), "unknown_event");
     }

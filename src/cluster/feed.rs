@@ -1,0 +1,500 @@
+//! A zone's events across nodes. The owner publishes each zone's events on
+//! `thunderline.zone.<id>` after serving its own subscribers ([`PublishSink`]); another node
+//! follows a zone ([`Feeds`]) only while a connection of its own is in it, and delivers the
+//! events to its subscribers exactly as the owner's topic sink does, in seq order.
+//!
+//! Core NATS may drop messages for a slow subscription: a feed that sees a seq gap holds what
+//! came after it, asks the owner for the missing events (its history, else the audit log), and
+//! delivers nothing newer until the gap is filled. A join forwarded from this node is answered
+//! through its zone's feed, before the join's own event (which subscribes the connection), as
+//! on the owner. A zone that starts a new epoch (its owner died) cannot be continued: its
+//! channels on this node are closed with `phx_error`, and their clients join again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_nats::Client;
+use futures_util::StreamExt;
+use prometheus::IntCounter;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::lock;
+use super::protocol::{self, Broadcast, HistoryAnswer, HistoryAsk, Subjects};
+use super::router::Router;
+use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
+use crate::realtime::hub::topic_name;
+use crate::realtime::{Hub, TopicSink, protocol as wire};
+use crate::runtime::{Reply, ReplyTo, ZoneRegistry, ZoneWork};
+use crate::zone::{Answer, EventKind, ZoneCommand, ZoneEvent};
+
+/// How long a gap may stay open before the owner is asked to fill it.
+const GAP_GRACE: Duration = Duration::from_millis(20);
+/// How long a feed keeps trying to fill a gap before it gives up on the zone's history.
+const GAP_LIMIT: Duration = Duration::from_secs(3);
+/// How long the join's own event waits for the join's answer.
+const ANSWER_LIMIT: Duration = Duration::from_secs(2);
+
+/// Fault injection for tests: drop every n-th broadcast a feed receives.
+const DROP_BROADCASTS_ENV: &str = "THUNDERLINE_FAULT_DROP_BROADCASTS";
+
+enum Input {
+    /// A join from this node is on its way: hold its event until its answer is sent.
+    Expect { connection: String, agent: String },
+    /// The join's answer.
+    Joined {
+        connection: String,
+        agent: String,
+        reply: Reply,
+        to: Arc<dyn ReplyTo>,
+    },
+    /// This node writes the zone now.
+    Stop,
+}
+
+/// The zones this node follows.
+pub struct Feeds {
+    client: Client,
+    subjects: Subjects,
+    hub: Arc<Hub>,
+    feeds: Mutex<HashMap<Uuid, mpsc::UnboundedSender<Input>>>,
+    router: OnceLock<Weak<Router>>,
+    gaps_healed: IntCounter,
+    drop_every: Option<u64>,
+}
+
+impl Feeds {
+    pub fn new(
+        client: Client,
+        subjects: Subjects,
+        hub: Arc<Hub>,
+        gaps_healed: IntCounter,
+    ) -> Arc<Self> {
+        let drop_every = std::env::var(DROP_BROADCASTS_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0);
+        Arc::new(Self {
+            client,
+            subjects,
+            hub,
+            feeds: Mutex::default(),
+            router: OnceLock::new(),
+            gaps_healed,
+            drop_every,
+        })
+    }
+
+    pub(crate) fn set_router(&self, router: &Arc<Router>) {
+        let _ = self.router.set(Arc::downgrade(router));
+    }
+
+    fn sender(&self, zone: Uuid) -> Option<mpsc::UnboundedSender<Input>> {
+        lock(&self.feeds)
+            .get(&zone)
+            .filter(|tx| !tx.is_closed())
+            .cloned()
+    }
+
+    /// A join of `agent` on `connection` is being sent to zone `zone`'s owner: follow the zone
+    /// from now on (subscribed before the join is sent, so its event cannot be missed).
+    pub async fn expect(self: &Arc<Self>, zone: Uuid, connection: &str, agent: &str) {
+        let input = || Input::Expect {
+            connection: connection.to_owned(),
+            agent: agent.to_owned(),
+        };
+        if let Some(tx) = self.sender(zone) {
+            let _ = tx.send(input());
+            return;
+        }
+        let sub = match self.client.subscribe(self.subjects.zone(zone)).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::warn!(%zone, error = %e, "cannot follow a zone's events");
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(input());
+        {
+            let mut feeds = lock(&self.feeds);
+            if let Some(existing) = feeds.get(&zone).filter(|t| !t.is_closed()) {
+                let _ = existing.send(input());
+                return; // the subscription just made is dropped: unsubscribed
+            }
+            feeds.insert(zone, tx.clone());
+        }
+        let feed = Feed {
+            zone,
+            feeds: self.clone(),
+            tx,
+            epoch: None,
+            next: None,
+            early: Vec::new(),
+            buffer: BTreeMap::new(),
+            answers: HashMap::new(),
+            expected: HashMap::new(),
+            gap_since: None,
+            received: 0,
+        };
+        tokio::spawn(feed.run(sub, rx));
+    }
+
+    /// The answer to a join [`expect`](Self::expect)ed.
+    pub fn joined(&self, zone: Uuid, command: &ZoneCommand, reply: Reply, to: Arc<dyn ReplyTo>) {
+        let crate::zone::Actor::Agent {
+            agent_id,
+            connection,
+            ..
+        } = &command.actor
+        else {
+            to.reply(&reply);
+            return;
+        };
+        let input = Input::Joined {
+            connection: connection.clone(),
+            agent: agent_id.clone(),
+            reply,
+            to,
+        };
+        match self.sender(zone) {
+            Some(tx) => {
+                if let Err(mpsc::error::SendError(Input::Joined { reply, to, .. })) = tx.send(input)
+                {
+                    to.reply(&reply);
+                }
+            }
+            None => {
+                if let Input::Joined { reply, to, .. } = input {
+                    to.reply(&reply);
+                }
+            }
+        }
+    }
+
+    /// This node writes zone `zone` now: it stops following it.
+    pub fn owned(&self, zone: Uuid) {
+        if let Some(tx) = lock(&self.feeds).remove(&zone) {
+            let _ = tx.send(Input::Stop);
+        }
+    }
+
+    /// The events after `after`, before `upto`, from the zone's owner.
+    async fn history(&self, zone: Uuid, after: u64, upto: u64) -> Option<HistoryAnswer> {
+        let owner = self.router.get()?.upgrade()?.owner_name(zone)?;
+        let ask = protocol::encode(&HistoryAsk { zone, after, upto });
+        let answer = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.client.request(self.subjects.history(&owner), ask),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        protocol::decode(&answer.payload).ok()
+    }
+}
+
+/// One followed zone.
+struct Feed {
+    zone: Uuid,
+    feeds: Arc<Feeds>,
+    tx: mpsc::UnboundedSender<Input>,
+    epoch: Option<String>,
+    /// The next seq to deliver, once the first answer to a join said where the zone is.
+    next: Option<u64>,
+    /// What came before that.
+    early: Vec<Broadcast>,
+    buffer: BTreeMap<u64, ZoneEvent>,
+    /// Join answers to send before the event of the seq they are keyed by.
+    answers: HashMap<u64, (Reply, Arc<dyn ReplyTo>)>,
+    /// Joins sent, not answered yet.
+    expected: HashMap<(String, String), Instant>,
+    gap_since: Option<Instant>,
+    received: u64,
+}
+
+impl Feed {
+    async fn run(
+        mut self,
+        mut sub: async_nats::Subscriber,
+        mut rx: mpsc::UnboundedReceiver<Input>,
+    ) {
+        let sink = TopicSink::new(self.feeds.hub.clone());
+        let mut tick = tokio::time::interval(GAP_GRACE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = sub.next() => {
+                    let Some(msg) = msg else { break };
+                    self.received += 1;
+                    if self.feeds.drop_every.is_some_and(|n| self.received.is_multiple_of(n)) {
+                        continue;
+                    }
+                    match protocol::decode::<Broadcast>(&msg.payload) {
+                        Ok(b) => {
+                            if !self.receive(b) {
+                                self.lost("the zone started a new epoch");
+                                break;
+                            }
+                        }
+                        Err(e) => tracing::warn!(zone = %self.zone, error = %e, "an unreadable broadcast was ignored"),
+                    }
+                }
+                input = rx.recv() => match input {
+                    None | Some(Input::Stop) => break,
+                    Some(Input::Expect { connection, agent }) => {
+                        self.expected.insert((connection, agent), Instant::now());
+                    }
+                    Some(Input::Joined { connection, agent, reply, to }) => {
+                        self.joined(connection, agent, reply, to);
+                    }
+                },
+                _ = tick.tick() => {}
+            }
+            self.drain(&sink);
+            if let Some(since) = self.gap_since
+                && since.elapsed() >= GAP_GRACE
+            {
+                if since.elapsed() >= GAP_LIMIT {
+                    self.lost("a gap in its broadcasts could not be filled");
+                    break;
+                }
+                self.heal().await;
+                self.drain(&sink);
+            }
+            if self.idle() {
+                let mut feeds = lock(&self.feeds.feeds);
+                if feeds
+                    .get(&self.zone)
+                    .is_some_and(|t| t.same_channel(&self.tx))
+                {
+                    feeds.remove(&self.zone);
+                }
+                break;
+            }
+        }
+        // Answers still held go out; the zone's presence on this node is forgotten once none
+        // of its connections is subscribed.
+        for (_, (reply, to)) in self.answers.drain() {
+            to.reply(&reply);
+        }
+        self.feeds.hub.forget_zone(self.zone, false);
+        let _ = sub.unsubscribe().await;
+    }
+
+    /// Whether the feed has nothing left to do: no subscriber here, nothing on its way.
+    fn idle(&self) -> bool {
+        self.next.is_some()
+            && self.expected.is_empty()
+            && self.answers.is_empty()
+            && !self.feeds.hub.has_subscribers(self.zone)
+    }
+
+    /// Takes a broadcast in; false when it is of another epoch than the one followed.
+    fn receive(&mut self, b: Broadcast) -> bool {
+        let Some(next) = self.next else {
+            self.early.push(b);
+            return true;
+        };
+        if self.epoch.as_deref() != Some(b.epoch.as_str()) {
+            return false;
+        }
+        for e in b.events {
+            if e.seq >= next {
+                self.buffer.insert(e.seq, e);
+            }
+        }
+        true
+    }
+
+    fn joined(&mut self, connection: String, agent: String, reply: Reply, to: Arc<dyn ReplyTo>) {
+        self.expected.remove(&(connection.clone(), agent.clone()));
+        let Ok(accepted) = &reply.outcome.result else {
+            to.reply(&reply);
+            return;
+        };
+        let entered = accepted.events.iter().find(|e| {
+            matches!(&e.kind, EventKind::AgentEntered(p) if p.connection == connection && p.agent_id == agent)
+        });
+        let (Some(entered), Answer::Joined(view)) = (entered, &accepted.answer) else {
+            to.reply(&reply);
+            return;
+        };
+        let seq = entered.seq;
+        if self.next.is_none() {
+            // The first join here: the zone's presence on this node starts from the owner's
+            // sessions, less the joiner (its own event adds it).
+            let sessions = reply.presence.clone().unwrap_or_else(|| Arc::from([]));
+            self.feeds.hub.seed_presence(
+                self.zone,
+                sessions
+                    .iter()
+                    .filter(|s| !(s.connection == connection && s.agent_id == agent))
+                    .map(|s| {
+                        (
+                            s.agent_id.as_str(),
+                            s.connection.as_str(),
+                            s.joined_at.timestamp_millis(),
+                        )
+                    }),
+            );
+            self.epoch = Some(view.epoch.clone());
+            self.next = Some(seq);
+            for e in accepted.events.iter().filter(|e| e.seq >= seq) {
+                self.buffer.insert(e.seq, e.clone());
+            }
+            for b in std::mem::take(&mut self.early) {
+                if b.epoch == view.epoch {
+                    for e in b.events.into_iter().filter(|e| e.seq >= seq) {
+                        self.buffer.insert(e.seq, e);
+                    }
+                }
+            }
+        } else if self.next.is_some_and(|next| seq < next) {
+            // Its event was delivered already (it waited past its bound): answer now.
+            to.reply(&reply);
+            return;
+        }
+        self.answers.insert(seq, (reply, to));
+    }
+
+    /// Delivers what is next in seq order, up to a gap or a join whose answer has not come.
+    fn drain(&mut self, sink: &TopicSink) {
+        let Some(mut next) = self.next else { return };
+        let mut run: Vec<ZoneEvent> = Vec::new();
+        while let Some(entry) = self.buffer.first_entry() {
+            if *entry.key() != next {
+                break;
+            }
+            if let EventKind::AgentEntered(p) = &entry.get().kind {
+                let key = (p.connection.clone(), p.agent_id.clone());
+                if let Some(at) = self.expected.get(&key) {
+                    if at.elapsed() < ANSWER_LIMIT {
+                        break;
+                    }
+                    self.expected.remove(&key);
+                }
+            }
+            let event = entry.remove();
+            if let Some((reply, to)) = self.answers.remove(&next) {
+                sink.deliver(run.iter());
+                run.clear();
+                to.reply(&reply);
+            }
+            run.push(event);
+            next += 1;
+        }
+        sink.deliver(run.iter());
+        self.next = Some(next);
+        self.gap_since = match (self.buffer.first_key_value(), self.gap_since) {
+            (Some(_), Some(since)) => Some(since),
+            (Some(_), None) => Some(Instant::now()),
+            (None, _) => None,
+        };
+    }
+
+    /// Asks the owner for the events of the gap.
+    async fn heal(&mut self) {
+        let (Some(next), Some((&upto, _))) = (self.next, self.buffer.first_key_value()) else {
+            return;
+        };
+        if upto <= next {
+            return;
+        }
+        let Some(answer) = self.feeds.history(self.zone, next - 1, upto).await else {
+            return;
+        };
+        if self.epoch.as_deref() != Some(answer.epoch.as_str()) {
+            return;
+        }
+        let filled = crate::runtime::history_complete(&answer.events, next - 1, upto);
+        for e in answer.events {
+            if e.seq >= next {
+                self.buffer.insert(e.seq, e);
+            }
+        }
+        if filled {
+            self.feeds.gaps_healed.inc();
+            tracing::info!(zone = %self.zone, from = next, to = upto - 1, "a gap in a zone's broadcasts was filled");
+        }
+    }
+
+    /// The zone's history cannot be continued here: its channels on this node close with an
+    /// error (clients join again, and get the zone afresh).
+    fn lost(&mut self, why: &str) {
+        tracing::warn!(zone = %self.zone, why, "this node's channels of the zone are closed for a rejoin");
+        let hub = &self.feeds.hub;
+        let topic = topic_name(self.zone);
+        for peer in hub.forget_zone(self.zone, true) {
+            let join_ref = hub.connection(&peer.id).and_then(|c| {
+                let mut channels = c.channels.lock().unwrap_or_else(|e| e.into_inner());
+                channels.remove(&self.zone).map(|j| j.join_ref)
+            });
+            let join_ref = join_ref.flatten();
+            peer.send_text(wire::encode(
+                join_ref.as_deref(),
+                join_ref.as_deref(),
+                &topic,
+                "phx_error",
+                &json!({"reason": why}),
+            ));
+        }
+    }
+}
+
+/// The owner's broadcast sink: its own subscribers first (no NATS round trip), then each
+/// zone's events, in order, on the zone's subject for the nodes that follow it.
+pub struct PublishSink {
+    local: TopicSink,
+    client: Client,
+    subjects: Subjects,
+    registry: Arc<ZoneRegistry>,
+}
+
+impl PublishSink {
+    pub fn new(
+        local: TopicSink,
+        client: Client,
+        subjects: Subjects,
+        registry: Arc<ZoneRegistry>,
+    ) -> Self {
+        Self {
+            local,
+            client,
+            subjects,
+            registry,
+        }
+    }
+}
+
+impl BatchSink<ZoneWork> for PublishSink {
+    async fn handle_batch(
+        &self,
+        batch: &BatchInfo,
+        messages: &mut [Message<ZoneWork>],
+    ) -> Result<(), Failure> {
+        self.local.handle_batch(batch, messages).await?;
+        let mut zones: Vec<(Uuid, Vec<ZoneEvent>)> = Vec::new();
+        for event in messages.iter().flat_map(|m| m.data.events.iter()) {
+            match zones.iter_mut().find(|(z, _)| *z == event.zone_id) {
+                Some((_, events)) => events.push(event.clone()),
+                None => zones.push((event.zone_id, vec![event.clone()])),
+            }
+        }
+        for (zone, events) in zones {
+            let Some(live) = self.registry.live(zone) else {
+                continue;
+            };
+            let epoch = live.state().epoch().to_owned();
+            let payload = protocol::encode(&Broadcast { epoch, events });
+            if let Err(e) = self.client.publish(self.subjects.zone(zone), payload).await {
+                // The followers find the gap and ask for it.
+                tracing::warn!(%zone, error = %e, "a zone's events could not be published");
+            }
+        }
+        Ok(())
+    }
+}

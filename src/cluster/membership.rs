@@ -1,0 +1,150 @@
+//! Who is in the cluster: every node announces itself on NATS each heartbeat, and a node
+//! silent for three heartbeats is dead. A node only trusts what it has heard once it has
+//! listened that long itself (until then it has not *joined*): a node that has just started
+//! must not take a zone from an owner it simply has not heard from yet.
+//!
+//! A node that starts again under the same name is a new incarnation: the first heartbeat of
+//! the new one ends the old one at once (its sessions are gone; its leases are free).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::Client;
+use futures_util::StreamExt;
+use prometheus::IntGauge;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::ClusterError;
+use super::node::{Members, NodeId};
+use super::protocol::{self, Heartbeat, Subjects};
+
+/// Heartbeats of silence after which a node is dead.
+pub const SILENT_HEARTBEATS: u32 = 3;
+
+/// This node's view of the cluster, kept up to date by [`Membership::start`].
+#[derive(Clone)]
+pub struct Membership {
+    pub me: NodeId,
+    members: watch::Receiver<Members>,
+    joined: watch::Receiver<bool>,
+}
+
+impl Membership {
+    /// Starts announcing `me` every `heartbeat` and listening to the others, until `stop`
+    /// turns true (then it says it is leaving).
+    pub async fn start(
+        client: Client,
+        subjects: &Subjects,
+        me: NodeId,
+        heartbeat: Duration,
+        nodes: IntGauge,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<Self, ClusterError> {
+        let mut heard = client
+            .subscribe(subjects.heartbeat())
+            .await
+            .map_err(|e| ClusterError::Nats(format!("cannot subscribe to heartbeats: {e}")))?;
+        let (members_tx, members) = watch::channel(Members::new([me.clone()]));
+        let (joined_tx, joined) = watch::channel(false);
+        let view = Self {
+            me: me.clone(),
+            members,
+            joined,
+        };
+        nodes.set(1);
+        let heartbeat_subject = subjects.heartbeat();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let dead_after = heartbeat * SILENT_HEARTBEATS;
+            let mut seen: HashMap<NodeId, Instant> = HashMap::new();
+            let mut beat = tokio::time::interval(heartbeat);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let announce = |leaving| {
+                protocol::encode(&Heartbeat {
+                    node: me.clone(),
+                    leaving,
+                })
+            };
+            loop {
+                let stopping = tokio::select! {
+                    r = stop.changed() => r.is_err() || *stop.borrow_and_update(),
+                    _ = beat.tick() => {
+                        if let Err(e) = client.publish(heartbeat_subject.clone(), announce(false)).await {
+                            tracing::warn!(error = %e, "a heartbeat could not be sent");
+                        }
+                        if !*joined_tx.borrow() && started.elapsed() >= dead_after {
+                            joined_tx.send_replace(true);
+                            tracing::info!(node = %me, members = seen.len() + 1, "joined the cluster");
+                        }
+                        false
+                    }
+                    msg = heard.next() => {
+                        let Some(msg) = msg else { return };
+                        match protocol::decode::<Heartbeat>(&msg.payload) {
+                            Ok(h) if h.node == me => {}
+                            Ok(h) if h.leaving => {
+                                seen.remove(&h.node);
+                            }
+                            Ok(h) => {
+                                // A new incarnation ends the old one of the same name.
+                                seen.retain(|n, _| n.name != h.node.name || *n == h.node);
+                                seen.insert(h.node, Instant::now());
+                            }
+                            Err(e) => tracing::warn!(error = %e, "an unreadable heartbeat was ignored"),
+                        }
+                        false
+                    }
+                };
+                if stopping {
+                    let _ = client
+                        .publish(heartbeat_subject.clone(), announce(true))
+                        .await;
+                    let _ = client.flush().await;
+                    return;
+                }
+                let now = Instant::now();
+                seen.retain(|node, at| {
+                    let alive = now.saturating_duration_since(*at) < dead_after;
+                    if !alive {
+                        tracing::warn!(%node, "a node fell silent: it is dead");
+                    }
+                    alive
+                });
+                let current = Members::new(seen.keys().cloned().chain([me.clone()]));
+                members_tx.send_if_modified(|m| {
+                    let changed = *m != current;
+                    if changed {
+                        nodes.set(current.len() as i64);
+                        *m = current;
+                    }
+                    changed
+                });
+            }
+        });
+        Ok(view)
+    }
+
+    /// The nodes alive now, this one included.
+    pub fn members(&self) -> Members {
+        self.members.borrow().clone()
+    }
+
+    /// Changes of the members.
+    pub fn watch(&self) -> watch::Receiver<Members> {
+        self.members.clone()
+    }
+
+    /// Whether this node has listened long enough to trust its view.
+    pub fn joined(&self) -> bool {
+        *self.joined.borrow()
+    }
+
+    /// Waits (up to `limit`) until this node has joined; whether it has.
+    pub async fn wait_joined(&self, limit: Duration) -> bool {
+        let mut joined = self.joined.clone();
+        tokio::time::timeout(limit, joined.wait_for(|&j| j))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}

@@ -1,0 +1,656 @@
+//! Which node writes each zone, as this node sees it, and how commands reach that node.
+//!
+//! [`Router`] is the runtime's [`Placement`] in a cluster. A zone whose lease this node holds
+//! is written here (with the lease's fencing token). For any other zone the writer hands the
+//! command to the router, which sends it to the zone's owner over NATS and passes the owner's
+//! answer to whoever asked. Commands are sent in the order the writer hands them over, from one
+//! connection, so one client's commands reach the owner in the order it sent them. A command
+//! whose owner is changing (the node it went to says it is not the owner, or does not answer)
+//! is sent again under the same command id until a bound: the zone applies a command id once,
+//! so it is applied at most once and answered once.
+//!
+//! The owner's side: [`serve_commands`] takes the commands sent to this node into the local
+//! pipeline, and [`serve_history`] answers for a zone's recent events (to heal a broadcast gap
+//! on another node).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_nats::Client;
+use futures_util::StreamExt;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::feed::Feeds;
+use super::membership::Membership;
+use super::node::NodeId;
+use super::ownership::{Acquired, KvLeases, Ownership, rendezvous};
+use super::protocol::{self, Answered, Forward, HistoryAnswer, HistoryAsk, Subjects};
+use super::{ClusterError, lock};
+use crate::pipeline::PushHandle;
+use crate::runtime::{
+    Forwarded, NOT_OWNER, Place, Placement, Reply, ReplyTo, ZoneHandle, ZoneRegistry, ZoneWork,
+    unavailable,
+};
+use crate::zone::{CommandKind, Outcome, ZoneError};
+
+/// How long a node waits for the owner's answer before it sends the command again.
+const ANSWER_WAIT: Duration = Duration::from_secs(2);
+/// How long a command may wait for its zone's owner (changing owners included) in all.
+const OWNER_WAIT: Duration = Duration::from_secs(10);
+/// The pause before a command refused by a node that is not the owner is sent again.
+const REROUTE_PAUSE: Duration = Duration::from_millis(20);
+
+/// The cluster's metrics.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    pub nodes: IntGauge,
+    pub owned_zones: IntGauge,
+    pub forwarded: IntCounterVec,
+    pub forward_latency: Histogram,
+    pub gaps_healed: IntCounter,
+    pub ownership_changes: IntCounter,
+}
+
+impl ClusterMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            nodes: IntGauge::new(
+                "thunderline_cluster_nodes",
+                "Nodes of the cluster alive, as this node sees it (itself included).",
+            )?,
+            owned_zones: IntGauge::new(
+                "thunderline_cluster_owned_zones",
+                "Zones whose lease this node holds: it runs their writers.",
+            )?,
+            forwarded: IntCounterVec::new(
+                Opts::new(
+                    "thunderline_cluster_forwarded_commands_total",
+                    "Commands sent to their zone's owner on another node, by outcome: ok, \
+                     refused (the zone refused it), unavailable (no owner answered in time).",
+                ),
+                &["outcome"],
+            )?,
+            forward_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "thunderline_cluster_forward_seconds",
+                    "From a command being sent to its zone's owner to its answer coming back.",
+                )
+                .buckets(prometheus::exponential_buckets(0.000_1, 2.0, 16)?),
+            )?,
+            gaps_healed: IntCounter::new(
+                "thunderline_cluster_broadcast_gaps_healed_total",
+                "Gaps in a zone's broadcasts from another node, filled from its owner's history \
+                 before anything newer was delivered.",
+            )?,
+            ownership_changes: IntCounter::new(
+                "thunderline_cluster_ownership_changes_total",
+                "Zone leases this node took: new zones, and zones taken over from a node that \
+                 died or let them go.",
+            )?,
+        };
+        registry.register(Box::new(m.nodes.clone()))?;
+        registry.register(Box::new(m.owned_zones.clone()))?;
+        registry.register(Box::new(m.forwarded.clone()))?;
+        registry.register(Box::new(m.forward_latency.clone()))?;
+        registry.register(Box::new(m.gaps_healed.clone()))?;
+        registry.register(Box::new(m.ownership_changes.clone()))?;
+        Ok(m)
+    }
+}
+
+/// A command on its way to its owner.
+struct Job {
+    work: ZoneWork,
+    done: oneshot::Sender<Option<Outcome>>,
+    /// When it was first handed over: past [`OWNER_WAIT`], it is answered `unavailable`.
+    since: Instant,
+}
+
+/// A command sent, waiting for its answer.
+struct Pending {
+    job: Job,
+    sent: Instant,
+}
+
+/// See the module documentation.
+pub struct Router {
+    client: Client,
+    subjects: Subjects,
+    membership: Membership,
+    ownership: Ownership<KvLeases>,
+    /// Zones whose lease this node holds, with its fencing token.
+    held: Mutex<HashMap<Uuid, u64>>,
+    /// Who writes the zones this node does not, as last learned.
+    owners: Mutex<HashMap<Uuid, NodeId>>,
+    queue: mpsc::UnboundedSender<Job>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next: AtomicU64,
+    inbox: String,
+    feeds: Arc<Feeds>,
+    /// The local pipeline, for a command whose zone turns out to be this node's after all.
+    local: OnceLock<PushHandle<ZoneWork>>,
+    pub metrics: ClusterMetrics,
+    /// Itself, for the tasks it starts.
+    this: std::sync::Weak<Router>,
+}
+
+impl Router {
+    pub(crate) async fn start(
+        client: Client,
+        subjects: Subjects,
+        membership: Membership,
+        leases: KvLeases,
+        feeds: Arc<Feeds>,
+        metrics: ClusterMetrics,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let inbox = client.new_inbox();
+        let mut answers = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| ClusterError::Nats(format!("cannot subscribe to answers: {e}")))?;
+        let (queue, mut jobs) = mpsc::unbounded_channel();
+        let router = Arc::new_cyclic(|this| Self {
+            this: this.clone(),
+            ownership: Ownership::new(leases.clone(), membership.me.clone()),
+            client,
+            subjects,
+            membership,
+            held: Mutex::default(),
+            owners: Mutex::default(),
+            queue,
+            pending: Mutex::default(),
+            next: AtomicU64::new(1),
+            inbox,
+            feeds,
+            local: OnceLock::new(),
+            metrics,
+        });
+        // Sends, in order.
+        let weak = Arc::downgrade(&router);
+        tokio::spawn(async move {
+            while let Some(job) = jobs.recv().await {
+                let Some(router) = weak.upgrade() else { return };
+                router.send(job).await;
+            }
+        });
+        // Answers.
+        let weak = Arc::downgrade(&router);
+        tokio::spawn(async move {
+            while let Some(msg) = answers.next().await {
+                let Some(router) = weak.upgrade() else { return };
+                let id = msg.subject.rsplit('.').next().and_then(|n| n.parse().ok());
+                if let Some(id) = id {
+                    router.answered(id, &msg.payload);
+                }
+            }
+        });
+        // Commands that waited too long for an answer are sent again.
+        let weak = Arc::downgrade(&router);
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(ANSWER_WAIT / 4);
+            loop {
+                sweep.tick().await;
+                let Some(router) = weak.upgrade() else { return };
+                let late: Vec<Pending> = {
+                    let mut pending = lock(&router.pending);
+                    let ids: Vec<u64> = pending
+                        .iter()
+                        .filter(|(_, p)| p.sent.elapsed() >= ANSWER_WAIT)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    ids.iter().filter_map(|id| pending.remove(id)).collect()
+                };
+                for p in late {
+                    lock(&router.owners).remove(&p.job.work.zone_id);
+                    router.retry(p.job);
+                }
+            }
+        });
+        // Leases that change under this node: a zone it held and lost, or a new owner elsewhere.
+        let weak = Arc::downgrade(&router);
+        match leases.watch().await {
+            Ok(changes) => {
+                tokio::spawn(async move {
+                    let mut changes = std::pin::pin!(changes);
+                    while let Some((zone, holder, revision)) = changes.next().await {
+                        let Some(router) = weak.upgrade() else { return };
+                        router.lease_changed(zone, holder, revision);
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lease changes cannot be watched: a lost lease is noticed at the store only")
+            }
+        }
+        Ok(router)
+    }
+
+    /// The local pipeline, once it runs.
+    pub fn set_local(&self, push: PushHandle<ZoneWork>) {
+        let _ = self.local.set(push);
+    }
+
+    pub fn me(&self) -> &NodeId {
+        &self.membership.me
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// The zones whose lease this node holds.
+    pub fn held(&self) -> Vec<Uuid> {
+        lock(&self.held).keys().copied().collect()
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// The name of the node that writes `zone`, as this node last learned it.
+    pub fn owner_name(&self, zone: Uuid) -> Option<String> {
+        if lock(&self.held).contains_key(&zone) {
+            return Some(self.me().name.clone());
+        }
+        lock(&self.owners).get(&zone).map(|n| n.name.clone())
+    }
+
+    fn lease_changed(&self, zone: Uuid, holder: Option<NodeId>, revision: u64) {
+        {
+            let mut held = lock(&self.held);
+            if let Some(fence) = held.get(&zone).copied()
+                && revision > fence
+                && holder.as_ref() != Some(self.me())
+            {
+                tracing::warn!(%zone, "this node's lease on the zone was taken over");
+                held.remove(&zone);
+                self.metrics.owned_zones.set(held.len() as i64);
+            }
+        }
+        let mut owners = lock(&self.owners);
+        match holder {
+            Some(h) if h != *self.me() => {
+                owners.insert(zone, h);
+            }
+            _ => {
+                owners.remove(&zone);
+            }
+        }
+    }
+
+    /// Where `zone` is written; see [`Placement::place`].
+    async fn locate(&self, zone: Uuid) -> Result<Place, ClusterError> {
+        if let Some(fence) = lock(&self.held).get(&zone) {
+            return Ok(Place::Here {
+                fence: Some(*fence),
+            });
+        }
+        if !self.membership.joined() && !self.membership.wait_joined(OWNER_WAIT).await {
+            return Err(ClusterError::NotJoined);
+        }
+        let members = self.membership.members();
+        if let Some(owner) = lock(&self.owners).get(&zone)
+            && members.contains(owner)
+        {
+            return Ok(Place::Elsewhere);
+        }
+        let holder = self.ownership.read(zone).await?.and_then(|r| r.holder);
+        match holder {
+            Some(h) if h != *self.me() && members.contains(&h) => {
+                lock(&self.owners).insert(zone, h);
+                return Ok(Place::Elsewhere);
+            }
+            _ => {}
+        }
+        // Free, or held by a node that is gone: it goes where rendezvous hashing says.
+        let target = rendezvous(zone, members.iter())
+            .cloned()
+            .unwrap_or_else(|| self.me().clone());
+        if target != *self.me() {
+            lock(&self.owners).insert(zone, target);
+            return Ok(Place::Elsewhere);
+        }
+        match self.ownership.acquire(zone, &members).await? {
+            Acquired::Held(lease) => {
+                let mut held = lock(&self.held);
+                if held.insert(zone, lease.fence).is_none() {
+                    self.metrics.ownership_changes.inc();
+                    tracing::info!(%zone, fence = lease.fence, "this node writes the zone now");
+                }
+                self.metrics.owned_zones.set(held.len() as i64);
+                lock(&self.owners).remove(&zone);
+                drop(held);
+                // Events of another owner this node was following end here.
+                self.feeds.owned(zone);
+                Ok(Place::Here {
+                    fence: Some(lease.fence),
+                })
+            }
+            Acquired::Taken(h) => {
+                lock(&self.owners).insert(zone, h);
+                Ok(Place::Elsewhere)
+            }
+        }
+    }
+
+    /// Where a command for `zone` goes now: the owner as last learned, else where rendezvous
+    /// hashing puts it.
+    fn target(&self, zone: Uuid) -> NodeId {
+        let members = self.membership.members();
+        if let Some(owner) = lock(&self.owners).get(&zone)
+            && members.contains(owner)
+        {
+            return owner.clone();
+        }
+        rendezvous(zone, members.iter())
+            .cloned()
+            .unwrap_or_else(|| self.me().clone())
+    }
+
+    async fn send(&self, job: Job) {
+        let zone = job.work.zone_id;
+        let target = self.target(zone);
+        if target == *self.me() {
+            // The zone is (or is about to be) this node's: its writer places it again.
+            let mut work = job.work;
+            let local = self.local.get().cloned();
+            let _ = job.done.send(None);
+            work.forwarded = false;
+            if let Some(local) = local {
+                let message = crate::pipeline::Message::new(work);
+                let _ = local.push(message).await;
+            }
+            return;
+        }
+        let Job { work, .. } = &job;
+        let crate::runtime::Job::Command(command) = &work.job else {
+            return;
+        };
+        if command.kind == CommandKind::Join
+            && let crate::zone::Actor::Agent {
+                agent_id,
+                connection,
+                ..
+            } = &command.actor
+        {
+            self.feeds.expect(zone, connection, agent_id).await;
+        }
+        let payload = protocol::encode(&Forward {
+            command: command.clone(),
+            since: work.since.clone(),
+        });
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.pending).insert(
+            id,
+            Pending {
+                job,
+                sent: Instant::now(),
+            },
+        );
+        if let Err(e) = self
+            .client
+            .publish_with_reply(
+                self.subjects.commands(&target.name),
+                format!("{}.{id}", self.inbox),
+                payload,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, %zone, "a command could not be sent to its owner");
+            if let Some(p) = lock(&self.pending).remove(&id) {
+                self.retry(p.job);
+            }
+        }
+    }
+
+    /// Sends a command again (after a pause), or answers `unavailable` once it has waited for
+    /// its owner long enough.
+    fn retry(&self, job: Job) {
+        if job.since.elapsed() >= OWNER_WAIT {
+            let command_id = match &job.work.job {
+                crate::runtime::Job::Command(c) => c.id,
+                crate::runtime::Job::Evict => return,
+            };
+            self.metrics
+                .forwarded
+                .with_label_values(&["unavailable"])
+                .inc();
+            let outcome = unavailable(command_id, "the zone's owner did not answer in time");
+            self.finish(job, outcome.into());
+            return;
+        }
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(REROUTE_PAUSE).await;
+            let _ = queue.send(job);
+        });
+    }
+
+    fn answered(&self, id: u64, payload: &[u8]) {
+        let Some(Pending { job, sent }) = lock(&self.pending).remove(&id) else {
+            return; // answered already (a late answer to a command sent again)
+        };
+        let answered = match protocol::decode::<Answered>(payload) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "an unreadable answer from a zone's owner");
+                self.retry(job);
+                return;
+            }
+        };
+        if matches!(&answered.outcome.result, Err(ZoneError::Unavailable(why)) if why == NOT_OWNER)
+        {
+            lock(&self.owners).remove(&job.work.zone_id);
+            self.retry(job);
+            return;
+        }
+        self.metrics
+            .forward_latency
+            .observe(sent.elapsed().as_secs_f64());
+        let label = if answered.outcome.result.is_ok() {
+            "ok"
+        } else {
+            "refused"
+        };
+        self.metrics.forwarded.with_label_values(&[label]).inc();
+        let reply = Reply {
+            outcome: answered.outcome,
+            recovered: answered.recovered,
+            missed: answered.missed.into(),
+            presence: answered.presence.map(Into::into),
+        };
+        self.finish(job, reply);
+    }
+
+    /// Answers whoever asked. A join's answer goes through the zone's feed, which sends it
+    /// before anything the join's own event starts.
+    fn finish(&self, job: Job, reply: Reply) {
+        let Job { work, done, .. } = job;
+        let outcome = reply.outcome.clone();
+        if let (crate::runtime::Job::Command(command), Some(to)) = (&work.job, work.reply) {
+            if command.kind == CommandKind::Join {
+                self.feeds.joined(work.zone_id, command, reply, to);
+            } else {
+                to.reply(&reply);
+            }
+        }
+        let _ = done.send(Some(outcome));
+    }
+
+    /// Lets every zone this node holds go (a clean stop, once they are written and closed).
+    pub async fn release_all(&self) {
+        let held: Vec<(Uuid, u64)> = lock(&self.held).iter().map(|(z, f)| (*z, *f)).collect();
+        for (zone, fence) in held {
+            self.release(zone, fence).await;
+        }
+    }
+
+    /// Lets zone `zone` go: its state is written, its next owner continues it.
+    async fn release(&self, zone: Uuid, fence: u64) {
+        let removed = {
+            let mut held = lock(&self.held);
+            let removed = held.get(&zone) == Some(&fence);
+            if removed {
+                held.remove(&zone);
+            }
+            self.metrics.owned_zones.set(held.len() as i64);
+            removed
+        };
+        if removed {
+            let lease = super::ownership::Lease {
+                zone,
+                holder: self.me().clone(),
+                fence,
+            };
+            if let Err(e) = self.ownership.release(&lease).await {
+                tracing::warn!(%zone, error = %e, "a zone's lease could not be released");
+            }
+        }
+    }
+}
+
+impl Placement for Router {
+    fn place(
+        &self,
+        zone: Uuid,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Place, String>> + Send + '_>> {
+        Box::pin(async move { self.locate(zone).await.map_err(|e| e.to_string()) })
+    }
+
+    fn forward(&self, work: ZoneWork) -> Forwarded {
+        let (done, answer) = oneshot::channel();
+        let job = Job {
+            work,
+            done,
+            since: Instant::now(),
+        };
+        if let Err(mpsc::error::SendError(job)) = self.queue.send(job) {
+            let _ = job.done.send(None);
+        }
+        Box::pin(async move { answer.await.ok().flatten() })
+    }
+
+    fn left(&self, zone: Uuid, fence: Option<u64>) {
+        let Some(fence) = fence else { return };
+        // Released from a task: the writer does not wait for NATS.
+        if let Some(me) = self.this.upgrade() {
+            tokio::spawn(async move { me.release(zone, fence).await });
+        }
+    }
+}
+
+/// Where a forwarded command's answer goes: back to the node that sent it.
+struct AnswerBack {
+    client: Client,
+    to: async_nats::Subject,
+}
+
+impl ReplyTo for AnswerBack {
+    fn reply(&self, reply: &Reply) {
+        let payload = protocol::encode(&Answered {
+            outcome: reply.outcome.clone(),
+            recovered: reply.recovered,
+            missed: reply.missed.to_vec(),
+            presence: reply.presence.as_ref().map(|p| p.to_vec()),
+        });
+        let client = self.client.clone();
+        let to = self.to.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.publish(to, payload).await {
+                tracing::warn!(error = %e, "an answer could not be sent back");
+            }
+        });
+    }
+}
+
+/// Takes the commands other nodes send this node into the local pipeline, in the order they
+/// arrive.
+pub async fn serve_commands(
+    client: Client,
+    subjects: &Subjects,
+    me: &NodeId,
+    zones: ZoneHandle,
+) -> Result<(), ClusterError> {
+    let mut commands = client
+        .subscribe(subjects.commands(&me.name))
+        .await
+        .map_err(|e| ClusterError::Nats(format!("cannot subscribe to commands: {e}")))?;
+    tokio::spawn(async move {
+        while let Some(msg) = commands.next().await {
+            let Some(to) = msg.reply.clone() else {
+                continue;
+            };
+            let forward = match protocol::decode::<Forward>(&msg.payload) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(error = %e, "an unreadable command from another node was ignored");
+                    continue;
+                }
+            };
+            let reply: Arc<dyn ReplyTo> = Arc::new(AnswerBack {
+                client: client.clone(),
+                to,
+            });
+            let mut work =
+                ZoneWork::command(forward.command, Some(reply.clone())).since(forward.since);
+            work.forwarded = true;
+            if !zones.push(work).await {
+                return; // shutting down: the senders will find another owner
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Answers other nodes' questions for the recent events of the zones this node writes.
+pub async fn serve_history(
+    client: Client,
+    subjects: &Subjects,
+    me: &NodeId,
+    registry: Arc<ZoneRegistry>,
+) -> Result<(), ClusterError> {
+    let mut asks = client
+        .subscribe(subjects.history(&me.name))
+        .await
+        .map_err(|e| ClusterError::Nats(format!("cannot subscribe to history asks: {e}")))?;
+    tokio::spawn(async move {
+        while let Some(msg) = asks.next().await {
+            let Some(to) = msg.reply.clone() else {
+                continue;
+            };
+            let Ok(ask) = protocol::decode::<HistoryAsk>(&msg.payload) else {
+                continue;
+            };
+            let Some(live) = registry.live(ask.zone) else {
+                continue;
+            };
+            let epoch = live.state().epoch().to_owned();
+            let mut events: Vec<_> = live
+                .history()
+                .between(ask.after, ask.upto.saturating_sub(1))
+                .cloned()
+                .collect();
+            let complete = crate::runtime::history_complete(&events, ask.after, ask.upto);
+            if !complete {
+                let limit =
+                    u32::try_from(ask.upto.saturating_sub(ask.after + 1)).unwrap_or(u32::MAX);
+                match registry
+                    .store()
+                    .zone_events(ask.zone, None, Some(ask.after), Some(limit))
+                    .await
+                {
+                    Ok(logged) => events = logged,
+                    Err(e) => tracing::warn!(error = %e, "a zone's history could not be read"),
+                }
+            }
+            let payload = protocol::encode(&HistoryAnswer { epoch, events });
+            let _ = client.publish(to, payload).await;
+        }
+    });
+    Ok(())
+}

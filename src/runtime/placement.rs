@@ -1,0 +1,43 @@
+//! Where each zone's writer runs. A single daemon writes every zone itself; in a cluster only
+//! the zone's owner does, and the writer of any other node hands the zone's commands on to it
+//! (the cluster layer implements [`Placement`]; the runtime only asks it).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use uuid::Uuid;
+
+use super::work::ZoneWork;
+use crate::zone::Outcome;
+
+/// The `unavailable` details a node answers a forwarded command with when it is not the zone's
+/// owner (any more): the node that sent it routes it again, under the same command id.
+pub const NOT_OWNER: &str = "this node does not own the zone";
+
+/// Where a zone's writer runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// On this node. In a cluster, `fence` is the fencing token of this node's lease on the
+    /// zone, which every write to the store carries.
+    Here { fence: Option<u64> },
+    /// On another node.
+    Elsewhere,
+}
+
+/// A forwarded command's outcome, once its owner answered (None: no answer came in time).
+pub type Forwarded = Pin<Box<dyn Future<Output = Option<Outcome>> + Send>>;
+
+/// Where zones are written, and how commands reach the nodes that write them.
+pub trait Placement: Send + Sync + 'static {
+    /// Where zone `zone` is written now, taking it for this node if it is this node's to take.
+    fn place(&self, zone: Uuid)
+    -> Pin<Box<dyn Future<Output = Result<Place, String>> + Send + '_>>;
+
+    /// Hands `work` to the zone's owner, in the order of the calls (the hand-over is queued
+    /// before this returns); its reply goes where `work.reply` says. The future resolves to
+    /// the owner's outcome.
+    fn forward(&self, work: ZoneWork) -> Forwarded;
+
+    /// Zone `zone` left this node's memory with everything written: its lease may go.
+    fn left(&self, zone: Uuid, fence: Option<u64>);
+}
