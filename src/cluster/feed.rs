@@ -51,6 +51,9 @@ enum Input {
         reply: Reply,
         to: Arc<dyn ReplyTo>,
     },
+    /// The zone's owner died: take this node's sessions in to the next one, and start again
+    /// from where it continues.
+    Reregister,
     /// This node writes the zone now.
     Stop,
 }
@@ -139,6 +142,7 @@ impl Feeds {
             expected: HashMap::new(),
             gap_since: None,
             received: 0,
+            resync: false,
         };
         tokio::spawn(feed.run(sub, rx));
     }
@@ -172,6 +176,13 @@ impl Feeds {
                     to.reply(&reply);
                 }
             }
+        }
+    }
+
+    /// Zone `zone`'s owner died: its next owner takes this node's sessions in again.
+    pub fn owner_lost(&self, zone: Uuid) {
+        if let Some(tx) = self.sender(zone) {
+            let _ = tx.send(Input::Reregister);
         }
     }
 
@@ -214,6 +225,9 @@ struct Feed {
     expected: HashMap<(String, String), Instant>,
     gap_since: Option<Instant>,
     received: u64,
+    /// The zone changed owners: the next baseline replaces this node's presence, and every
+    /// subscriber here is sent it.
+    resync: bool,
 }
 
 impl Feed {
@@ -251,6 +265,7 @@ impl Feed {
                     Some(Input::Joined { connection, agent, reply, to }) => {
                         self.joined(connection, agent, reply, to);
                     }
+                    Some(Input::Reregister) => self.reregister(),
                 },
                 _ = tick.tick() => {}
             }
@@ -300,6 +315,11 @@ impl Feed {
             return true;
         };
         if self.epoch.as_deref() != Some(b.epoch.as_str()) {
+            // A new owner's first events can come before its answer to a session taken in.
+            if self.resync {
+                self.early.push(b);
+                return true;
+            }
             return false;
         }
         for e in b.events {
@@ -319,46 +339,107 @@ impl Feed {
         let entered = accepted.events.iter().find(|e| {
             matches!(&e.kind, EventKind::AgentEntered(p) if p.connection == connection && p.agent_id == agent)
         });
-        let (Some(entered), Answer::Joined(view)) = (entered, &accepted.answer) else {
+        let Answer::Joined(view) = &accepted.answer else {
+            to.reply(&reply);
+            return;
+        };
+        let Some(entered) = entered else {
+            // The session was in the zone already (taken in again after its owner changed, or a
+            // second join): nothing of it is to come.
+            if self.next.is_none() || self.resync {
+                self.baseline(&reply, view, None, view.seq + 1);
+            }
             to.reply(&reply);
             return;
         };
         let seq = entered.seq;
-        if self.next.is_none() {
-            // The first join here: the zone's presence on this node starts from the owner's
-            // sessions, less the joiner (its own event adds it).
-            let sessions = reply.presence.clone().unwrap_or_else(|| Arc::from([]));
-            self.feeds.hub.seed_presence(
-                self.zone,
-                sessions
-                    .iter()
-                    .filter(|s| !(s.connection == connection && s.agent_id == agent))
-                    .map(|s| {
-                        (
-                            s.agent_id.as_str(),
-                            s.connection.as_str(),
-                            s.joined_at.timestamp_millis(),
-                        )
-                    }),
-            );
-            self.epoch = Some(view.epoch.clone());
-            self.next = Some(seq);
-            for e in accepted.events.iter().filter(|e| e.seq >= seq) {
-                self.buffer.insert(e.seq, e.clone());
-            }
-            for b in std::mem::take(&mut self.early) {
-                if b.epoch == view.epoch {
-                    for e in b.events.into_iter().filter(|e| e.seq >= seq) {
-                        self.buffer.insert(e.seq, e);
-                    }
-                }
-            }
+        if self.resync {
+            self.baseline(&reply, view, None, seq);
+        } else if self.next.is_none() {
+            // The first join here: its own event adds the joiner.
+            self.baseline(&reply, view, Some((&connection, &agent)), seq);
         } else if self.next.is_some_and(|next| seq < next) {
             // Its event was delivered already (it waited past its bound): answer now.
             to.reply(&reply);
             return;
         }
         self.answers.insert(seq, (reply, to));
+    }
+
+    /// Starts (again) from a join's answer: the zone's presence is the owner's sessions (less
+    /// `joiner`, whose own event adds it), and the next event to deliver is `next`.
+    fn baseline(
+        &mut self,
+        reply: &Reply,
+        view: &crate::zone::ZoneView,
+        joiner: Option<(&str, &str)>,
+        next: u64,
+    ) {
+        let sessions = reply.presence.clone().unwrap_or_else(|| Arc::from([]));
+        let present = sessions
+            .iter()
+            .filter(|s| joiner != Some((s.connection.as_str(), s.agent_id.as_str())))
+            .map(|s| {
+                (
+                    s.agent_id.as_str(),
+                    s.connection.as_str(),
+                    s.joined_at.timestamp_millis(),
+                )
+            });
+        if self.resync {
+            self.feeds.hub.resync_presence(self.zone, present);
+            self.resync = false;
+        } else {
+            self.feeds.hub.seed_presence(self.zone, present);
+        }
+        self.epoch = Some(view.epoch.clone());
+        self.next = Some(next);
+        self.buffer.clear();
+        if let Ok(accepted) = &reply.outcome.result {
+            for e in accepted.events.iter().filter(|e| e.seq >= next) {
+                self.buffer.insert(e.seq, e.clone());
+            }
+        }
+        for b in std::mem::take(&mut self.early) {
+            if b.epoch == view.epoch {
+                for e in b.events.into_iter().filter(|e| e.seq >= next) {
+                    self.buffer.insert(e.seq, e);
+                }
+            }
+        }
+    }
+
+    /// The zone's owner died: every session of this node in it is taken in again by the next
+    /// owner (a join under the same connection, answered to nobody: the clients stay joined),
+    /// and the feed starts again from the first answer.
+    fn reregister(&mut self) {
+        let Some(router) = self.feeds.router.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        self.next = None;
+        self.epoch = None;
+        self.buffer.clear();
+        self.early.clear();
+        self.gap_since = None;
+        self.resync = true;
+        for (_, (reply, to)) in self.answers.drain() {
+            to.reply(&reply);
+        }
+        let sessions = self.feeds.hub.local_sessions(self.zone);
+        tracing::info!(zone = %self.zone, sessions = sessions.len(), "the zone's owner died: its sessions here are taken in by the next one");
+        for (connection, agent_id, permissions) in sessions {
+            let join = crate::runtime::command(
+                self.zone,
+                crate::zone::Actor::Agent {
+                    agent_id,
+                    connection: connection.to_string(),
+                    permissions,
+                },
+                crate::zone::CommandKind::Join,
+            );
+            let work = ZoneWork::command(join, Some(Arc::new(Unheard)));
+            drop(crate::runtime::Placement::forward(&*router, work));
+        }
     }
 
     /// Delivers what is next in seq order, up to a gap or a join whose answer has not come.
@@ -441,6 +522,17 @@ impl Feed {
                 "phx_error",
                 &json!({"reason": why}),
             ));
+        }
+    }
+}
+
+/// Where the answer to a session taken in again goes: nowhere (its client did not ask).
+struct Unheard;
+
+impl ReplyTo for Unheard {
+    fn reply(&self, reply: &Reply) {
+        if let Err(refusal) = &reply.outcome.result {
+            tracing::warn!(%refusal, "a session could not be taken in by its zone's new owner");
         }
     }
 }

@@ -221,12 +221,19 @@ impl Cluster {
         )
         .await?;
         let router = self.router.clone();
+        let feeds = self.feeds.clone();
         let mut members = router.membership().watch();
         tokio::spawn(async move {
             let mut before = members.borrow().clone();
             while members.changed().await.is_ok() {
                 let now = members.borrow_and_update().clone();
                 for gone in before.iter().filter(|n| !now.contains(n)) {
+                    // The zones it wrote: this node's sessions in them go to their next owners,
+                    // and its commands waiting for an answer from it are sent there too.
+                    for zone in router.owned_by(gone) {
+                        feeds.owner_lost(zone);
+                    }
+                    router.node_died(gone);
                     // Its sessions in the zones written here end: everyone sees them leave.
                     let prefix = format!("{}.", run_prefix(gone));
                     for zone in router.held() {

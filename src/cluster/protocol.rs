@@ -113,6 +113,7 @@ mod tests {
             Actor::Admin,
             CommandKind::CreateZone(Box::new(NewZone {
                 name: "z".into(),
+                assigned_server: Some("n".into()),
                 ..NewZone::default()
             })),
         );
@@ -125,7 +126,7 @@ mod tests {
         };
         for kind in [
             CommandKind::Join,
-            CommandKind::from_json("agent_move", r#"{"position": {"x": 1, "y": 2.5}}"#).unwrap(),
+            CommandKind::from_json("agent_move", r#"{"position": {"x": 1, "y": 2.5, "z": -3}}"#).unwrap(),
             CommandKind::Leave,
         ] {
             let c = command(id, agent.clone(), kind);

@@ -115,6 +115,8 @@ struct Job {
 struct Pending {
     job: Job,
     sent: Instant,
+    /// The node it was sent to.
+    to: NodeId,
 }
 
 /// See the module documentation.
@@ -390,6 +392,7 @@ impl Router {
             Pending {
                 job,
                 sent: Instant::now(),
+                to: target.clone(),
             },
         );
         if let Err(e) = self
@@ -432,7 +435,7 @@ impl Router {
     }
 
     fn answered(&self, id: u64, payload: &[u8]) {
-        let Some(Pending { job, sent }) = lock(&self.pending).remove(&id) else {
+        let Some(Pending { job, sent, .. }) = lock(&self.pending).remove(&id) else {
             return; // answered already (a late answer to a command sent again)
         };
         let answered = match protocol::decode::<Answered>(payload) {
@@ -480,6 +483,33 @@ impl Router {
             }
         }
         let _ = done.send(Some(outcome));
+    }
+
+    /// Node `dead` died: the commands sent to it and not answered are sent again (to the
+    /// zones' next owners), and who owned what is learned again.
+    pub fn node_died(&self, dead: &NodeId) {
+        lock(&self.owners).retain(|_, owner| owner != dead);
+        let orphans: Vec<Pending> = {
+            let mut pending = lock(&self.pending);
+            let ids: Vec<u64> = pending
+                .iter()
+                .filter(|(_, p)| p.to == *dead)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| pending.remove(id)).collect()
+        };
+        for p in orphans {
+            self.retry(p.job);
+        }
+    }
+
+    /// The zones this node follows whose owner was `dead`, as last learned.
+    pub fn owned_by(&self, dead: &NodeId) -> Vec<Uuid> {
+        lock(&self.owners)
+            .iter()
+            .filter(|(_, owner)| *owner == dead)
+            .map(|(zone, _)| *zone)
+            .collect()
     }
 
     /// Lets every zone this node holds go (a clean stop, once they are written and closed).
@@ -533,6 +563,14 @@ impl Placement for Router {
             let _ = job.done.send(None);
         }
         Box::pin(async move { answer.await.ok().flatten() })
+    }
+
+    fn connection_alive(&self, connection: &str) -> bool {
+        let run = connection.split_once('.').map_or(connection, |(run, _)| run);
+        self.membership
+            .members()
+            .iter()
+            .any(|node| super::run_prefix(node) == run)
     }
 
     fn left(&self, zone: Uuid, fence: Option<u64>) {

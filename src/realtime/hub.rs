@@ -379,6 +379,60 @@ impl Hub {
         }
     }
 
+    /// Replaces this node's copy of a zone's presence with the sessions its owner (another node
+    /// of a cluster) reported, and sends every subscriber here the new `presence_state`: after
+    /// the zone changed owners, some agents may have left without an event this node heard.
+    pub fn resync_presence<'a>(
+        &self,
+        zone: Uuid,
+        sessions: impl Iterator<Item = (&'a str, &'a str, i64)>,
+    ) {
+        let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        let topic = topics.entry(zone).or_default();
+        let metas: usize = topic.presence.values().map(Vec::len).sum();
+        self.metrics.presences.sub(metas as i64);
+        topic.presence.clear();
+        for (agent, conn, online_at) in sessions {
+            topic.track(self, agent, &ConnId::from(conn), online_at);
+        }
+        let state = topic.state();
+        let name = topic_name(zone);
+        for peer in topic.subscribers.values() {
+            let join_ref = self.connection(&peer.id).and_then(|c| {
+                let channels = c.channels.lock().unwrap_or_else(|e| e.into_inner());
+                channels.get(&zone).map(|j| j.join_ref.clone())
+            });
+            peer.send_text(super::protocol::encode(
+                join_ref.flatten().as_deref(),
+                None,
+                &name,
+                "presence_state",
+                &state,
+            ));
+        }
+    }
+
+    /// The sessions of this node's connections subscribed to `zone`: (connection, agent,
+    /// token bits), for the zone's new owner to take them in again.
+    pub fn local_sessions(&self, zone: Uuid) -> Vec<(ConnId, String, crate::zone::Permissions)> {
+        let peers: Vec<ConnId> = self
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&zone)
+            .map(|t| t.subscribers.keys().cloned().collect())
+            .unwrap_or_default();
+        peers
+            .into_iter()
+            .filter_map(|conn| {
+                let c = self.connection(&conn)?;
+                let channels = c.channels.lock().unwrap_or_else(|e| e.into_inner());
+                let joined = channels.get(&zone)?;
+                Some((conn.clone(), joined.agent_id.clone(), joined.perms))
+            })
+            .collect()
+    }
+
     /// Forgets this node's copy of a zone another node writes: its presence (when no
     /// connection of this node is subscribed any more), or everything, closing the channels of
     /// those that are with `reason` (its history was lost: they join again).

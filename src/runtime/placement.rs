@@ -40,4 +40,8 @@ pub trait Placement: Send + Sync + 'static {
 
     /// Zone `zone` left this node's memory with everything written: its lease may go.
     fn left(&self, zone: Uuid, fence: Option<u64>);
+
+    /// Whether the connection named `connection` may still be open: it belongs to a node alive
+    /// now. A zone loaded here keeps the sessions of such connections, and ends the others.
+    fn connection_alive(&self, connection: &str) -> bool;
 }

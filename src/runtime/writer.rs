@@ -196,10 +196,11 @@ impl Processor<ZoneWork> for ZoneWriter {
         let reply = {
             let mut state = live.state();
             if fresh.is_some() && state.session_count() > 0 {
-                // Sessions a loaded zone holds belong to connections of an earlier run.
-                let expire = context::command(zone_id, Actor::System, CommandKind::ExpireSessions);
-                if let Ok(accepted) = state.execute(&expire, &limits.context(now)).result {
-                    events.extend(accepted.events);
+                for kind in self.stale_sessions(&state) {
+                    let expire = context::command(zone_id, Actor::System, kind);
+                    if let Ok(accepted) = state.execute(&expire, &limits.context(now)).result {
+                        events.extend(accepted.events);
+                    }
                 }
             }
             let outcome = state.execute(&command, &limits.context(now));
@@ -265,6 +266,30 @@ impl Processor<ZoneWork> for ZoneWriter {
 }
 
 impl ZoneWriter {
+    /// What ends the sessions a zone just loaded holds for connections that are gone: on a
+    /// single daemon every one (they are of an earlier run); in a cluster, those of nodes that
+    /// are not alive (the others' clients are still there).
+    fn stale_sessions(&self, state: &ZoneState) -> Vec<CommandKind> {
+        let Some(placement) = &self.placement else {
+            return vec![CommandKind::ExpireSessions];
+        };
+        let mut runs: Vec<String> = Vec::new();
+        for (key, _) in state.sessions() {
+            let run = key
+                .connection
+                .split_once('.')
+                .map_or(key.connection.as_str(), |(run, _)| run);
+            if !placement.connection_alive(&key.connection) && !runs.iter().any(|r| r == run) {
+                runs.push(run.to_owned());
+            }
+        }
+        runs.into_iter()
+            .map(|run| CommandKind::EndConnections {
+                prefix: format!("{run}."),
+            })
+            .collect()
+    }
+
     fn observe(&self, command: &ZoneCommand, started: std::time::Instant) {
         self.latency
             .with_label_values(&[command.kind.name()])
