@@ -5,6 +5,8 @@
 mod common;
 
 use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
 
 use common::binary::{self, ADMIN, Daemon};
 use common::server::http;
@@ -33,9 +35,18 @@ impl Cluster {
 
     /// Starts node `node`, waiting until it has joined (ready).
     async fn node(&mut self, node: &str) -> Daemon {
-        let dir = std::env::temp_dir().join(format!("thunderline-{}-{node}", self.name));
+        self.node_with(node, &[]).await
+    }
+
+    /// As [`node`](Self::node), with more environment variables.
+    async fn node_with(&mut self, node: &str, envs: &[(&str, &str)]) -> Daemon {
+        let dir = std::env::temp_dir().join(format!(
+            "thunderline-{}-{node}-{}",
+            self.name,
+            self.dirs.len()
+        ));
         self.dirs.push(dir.clone());
-        let daemon = binary::start(
+        let daemon = binary::start_env(
             &dir,
             &[
                 "--database",
@@ -49,6 +60,8 @@ impl Cluster {
                 "--cluster-heartbeat-ms",
                 "100",
             ],
+            Stdio::inherit(),
+            envs,
         );
         let ready = common::eventually(10, async || {
             http(daemon.addr, "GET", "/readyz", None, None).await.0 == 200
@@ -63,6 +76,53 @@ impl Cluster {
             let _ = std::fs::remove_dir_all(dir);
         }
         self.db.cleanup().await;
+    }
+}
+
+/// The owner of `zone` (by `assigned_server`) and another node, out of `nodes`.
+async fn owner_and_other<'a>(
+    nodes: &'a [&'a Daemon; 2],
+    names: [&str; 2],
+    zone: &str,
+) -> (&'a Daemon, &'a Daemon, String) {
+    let owner = zone_json(nodes[0], zone).await["assigned_server"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    if owner == names[0] {
+        (nodes[0], nodes[1], owner)
+    } else {
+        assert_eq!(owner, names[1]);
+        (nodes[1], nodes[0], owner)
+    }
+}
+
+/// A PostgreSQL connection to the cluster's schema.
+async fn db(cluster: &Cluster) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(&cluster.db.url).await.unwrap()
+}
+
+/// The x of every `agent_moved` of `agent` in zone `zone`'s audit log, in seq order.
+async fn logged_moves(cluster: &Cluster, zone: &str, agent: &str) -> Vec<i64> {
+    let rows: Vec<(f64,)> = sqlx::query_as(
+        "SELECT (payload->'position'->>'x')::float8 FROM audit_events \
+         WHERE zone_id = $1::uuid AND event_type = 'agent_moved' AND payload->>'agent_id' = $2 ORDER BY seq",
+    )
+    .bind(zone)
+    .bind(agent)
+    .fetch_all(&mut db(cluster).await)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(x,)| x as i64).collect()
+}
+
+/// Resumes a daemon stopped with SIGSTOP, whatever happens in the test.
+struct Stopped<'a>(&'a Daemon);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.signal("-CONT");
     }
 }
 
@@ -166,5 +226,354 @@ async fn any_node_serves_any_zone_and_events_and_presence_cross_nodes() {
     assert_eq!(zone_json(&b, &zone).await["active_session_count"], 1);
 
     drop((a, b));
+    cluster.cleanup().await;
+}
+
+/// A client's move with `x` as its mark, answered or not.
+async fn push_move(
+    client: &mut common::server::Client,
+    join_ref: &str,
+    zone: &str,
+    x: i64,
+) -> Value {
+    let r = client
+        .push(
+            Some(join_ref),
+            &format!("zone:{zone}"),
+            "agent_move",
+            json!({"position": {"x": x, "y": 0, "z": 0}}),
+        )
+        .await;
+    client.reply_to(&r).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_owner_s_zone_moves_to_a_live_node_with_a_new_epoch_and_nothing_answered_ok_lost_or_doubled()
+ {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let zone = a.zone(json!({"name": "crash", "capacity": 10})).await;
+    let nodes = [&a, &b];
+    let (owner, other, owner_name) = owner_and_other(&nodes, ["a", "b"], &zone).await;
+    let epoch = zone_json(other, &zone).await["epoch"].clone();
+
+    // An agent on the owner (its session dies with it), a pusher and a watcher on the other.
+    let (_victim, _, _) = owner.joined(&zone, "victim", None).await;
+    let (mut pusher, pusher_ref, _) = other.joined(&zone, "pusher", None).await;
+    let (mut watcher, _, joined) = other.joined(&zone, "watcher", None).await;
+    assert!(
+        joined["agents"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("victim"))
+    );
+
+    // Pushes through the other node, each waiting for its answer; the owner dies midway.
+    let mut answered_ok = Vec::new();
+    let mut killed_at = None;
+    let mut x = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while answered_ok.len() < 60 && tokio::time::Instant::now() < deadline {
+        x += 1;
+        if x == 20 {
+            // kill -9: no drain, no goodbye heartbeat (the daemon is reaped when dropped).
+            owner.signal("-KILL");
+            killed_at = Some(tokio::time::Instant::now());
+        }
+        let reply = push_move(&mut pusher, &pusher_ref, &zone, x).await;
+        match reply["status"].as_str() {
+            Some("ok") => answered_ok.push(x),
+            _ => assert_eq!(reply["response"]["reason"], "unavailable", "{reply}"),
+        }
+    }
+    let killed_at = killed_at.expect("the owner was killed");
+    assert!(
+        answered_ok.len() >= 60,
+        "pushes work again after the owner died: {answered_ok:?}"
+    );
+    assert!(answered_ok.iter().any(|x| *x > 20));
+    // Within 3 heartbeats plus a load (and a generous margin for a busy machine).
+    assert!(killed_at.elapsed() < Duration::from_secs(30));
+
+    // The killed node's agent left everyone's presence; the zone is the other node's now, in a
+    // new epoch.
+    watcher
+        .until("the victim's leave", |f| {
+            f[3] == "presence_diff" && f[4]["leaves"].get("victim").is_some()
+                || f[3] == "presence_state"
+                    && f[4].get("victim").is_none()
+                    && f[4].get("pusher").is_some()
+        })
+        .await;
+    let now = zone_json(other, &zone).await;
+    assert_ne!(
+        now["epoch"], epoch,
+        "a zone taken over after its owner died starts a new epoch"
+    );
+    assert_ne!(now["assigned_server"], json!(owner_name));
+    assert_eq!(now["active_session_count"], 2, "{now}");
+
+    // Every push answered ok is in the audit log exactly once.
+    let logged = logged_moves(&cluster, &zone, "pusher").await;
+    for x in &answered_ok {
+        assert_eq!(
+            logged.iter().filter(|l| *l == x).count(),
+            1,
+            "move {x} once: {logged:?}"
+        );
+    }
+    drop((a, b));
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owner_resumed_after_its_lease_was_taken_over_writes_nothing() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let zone = a.zone(json!({"name": "paused", "capacity": 10})).await;
+    let nodes = [&a, &b];
+    let (owner, other, _) = owner_and_other(&nodes, ["a", "b"], &zone).await;
+    // A client on the owner, whose pushes the owner applies itself.
+    let (mut local, local_ref, _) = owner.joined(&zone, "local", None).await;
+    assert_eq!(
+        push_move(&mut local, &local_ref, &zone, 1).await["status"],
+        "ok"
+    );
+    let (mut remote, remote_ref, _) = other.joined(&zone, "remote", None).await;
+
+    // Moves the owner applies and answers, their events still in its open audit batch (20
+    // events or 2 s) when it stops: it would write them once resumed, over the new owner's.
+    for x in 100..110 {
+        local
+            .push(
+                Some(&local_ref),
+                &format!("zone:{zone}"),
+                "agent_move",
+                json!({"position": {"x": x, "y": 0, "z": 0}}),
+            )
+            .await;
+    }
+    local
+        .until("the last move", |f| {
+            f[3] == "agent_moved" && f[4]["position"]["x"] == 109.0
+        })
+        .await;
+    {
+        owner.signal("-STOP");
+        let _resume = Stopped(owner);
+        // The other node declares it dead and takes the zone over on the next push.
+        let took = common::eventually(15, async || {
+            push_move(&mut remote, &remote_ref, &zone, 2).await["status"] == "ok"
+        })
+        .await;
+        assert!(took, "the other node took the zone over");
+    }
+    // Resumed: whatever it still believes, the store takes nothing from it.
+    let row = |c: &Cluster| {
+        let zone = zone.clone();
+        let url = c.db.url.clone();
+        async move {
+            use sqlx::Connection;
+            let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query_as::<_, (i64, String, i64)>(
+                "SELECT seq, epoch, fence FROM zones WHERE id = $1::uuid",
+            )
+            .bind(&zone)
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+        }
+    };
+    let new_owner = zone_json(other, &zone).await;
+    // Its client pushes on: the resumed node must not apply them as the zone's writer.
+    for x in 10..20 {
+        let _ = push_move(&mut local, &local_ref, &zone, x).await;
+    }
+    assert_eq!(
+        push_move(&mut remote, &remote_ref, &zone, 3).await["status"],
+        "ok"
+    );
+    let (_, epoch, fence) = row(&cluster).await;
+    assert_eq!(json!(epoch), new_owner["epoch"]);
+    assert!(fence > 0);
+    let mut conn = db(&cluster).await;
+    let dead: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_dead_letters WHERE zone_id = $1::uuid")
+            .bind(&zone)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        dead, 0,
+        "no stale write reached the log, not even as a refused row"
+    );
+    // The log holds one history: consecutive seqs, and the moves after the takeover are the new
+    // owner's (those the resumed node answered, if any, went through the new owner).
+    let seqs: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM audit_events WHERE zone_id = $1::uuid ORDER BY seq")
+            .bind(&zone)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    drop((a, b));
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observers_on_three_nodes_see_one_order_while_senders_on_two_push_without_waiting() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let c = cluster.node("c").await;
+    let zone = a.zone(json!({"name": "order", "capacity": 10})).await;
+    let (mut sender_a, ref_a, _) = a.joined(&zone, "sa", None).await;
+    let (mut sender_b, ref_b, _) = b.joined(&zone, "sb", None).await;
+    let mut observers = Vec::new();
+    for (node, name) in [(&a, "oa"), (&b, "ob"), (&c, "oc")] {
+        observers.push(node.joined(&zone, name, None).await.0);
+    }
+    let topic = format!("zone:{zone}");
+    // Both senders fire 100 moves each without waiting for answers.
+    for x in 0..100 {
+        sender_a
+            .push(
+                Some(&ref_a),
+                &topic,
+                "agent_move",
+                json!({"position": {"x": x, "y": 0, "z": 0}}),
+            )
+            .await;
+        sender_b
+            .push(
+                Some(&ref_b),
+                &topic,
+                "agent_move",
+                json!({"position": {"x": x, "y": 1, "z": 0}}),
+            )
+            .await;
+    }
+    let mut orders = Vec::new();
+    for observer in &mut observers {
+        let mut seen = Vec::new();
+        while seen.len() < 200 {
+            let Some(f) = observer.next().await else {
+                break;
+            };
+            if f[3] == "agent_moved" {
+                seen.push((
+                    f[4]["seq"].as_u64().unwrap(),
+                    f[4]["agent_id"].as_str().unwrap().to_owned(),
+                    f[4]["position"]["x"].as_f64().unwrap() as i64,
+                ));
+            }
+        }
+        assert_eq!(seen.len(), 200, "every move reached every observer");
+        assert!(
+            seen.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+            "in seq order, no gap"
+        );
+        // Each sender's moves in the order it sent them.
+        for sender in ["sa", "sb"] {
+            let xs: Vec<i64> = seen.iter().filter(|s| s.1 == sender).map(|s| s.2).collect();
+            assert_eq!(xs, (0..100).collect::<Vec<_>>(), "{sender}");
+        }
+        orders.push(seen);
+    }
+    assert_eq!(orders[0], orders[1]);
+    assert_eq!(orders[1], orders[2]);
+    drop((a, b, c));
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_in_a_node_s_broadcasts_is_healed_in_order() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    // b drops every third broadcast message its feeds receive.
+    let b = cluster
+        .node_with("b", &[("THUNDERLINE_FAULT_DROP_BROADCASTS", "3")])
+        .await;
+    // A zone a writes, observed on b.
+    let mut zone = a.zone(json!({"name": "gaps", "capacity": 10})).await;
+    for _ in 0..20 {
+        if zone_json(&a, &zone).await["assigned_server"] == "a" {
+            break;
+        }
+        zone = a.zone(json!({"name": "gaps", "capacity": 10})).await;
+    }
+    assert_eq!(zone_json(&a, &zone).await["assigned_server"], "a");
+    let (mut sender, sender_ref, _) = a.joined(&zone, "sender", None).await;
+    let (mut observer, _, _) = b.joined(&zone, "observer", None).await;
+    for x in 0..60 {
+        assert_eq!(
+            push_move(&mut sender, &sender_ref, &zone, x).await["status"],
+            "ok"
+        );
+    }
+    let mut xs = Vec::new();
+    let mut seqs = Vec::new();
+    while xs.len() < 60 {
+        let Some(f) = observer.next().await else {
+            break;
+        };
+        if f[3] == "agent_moved" {
+            xs.push(f[4]["position"]["x"].as_f64().unwrap() as i64);
+            seqs.push(f[4]["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(
+        xs,
+        (0..60).collect::<Vec<_>>(),
+        "every move, in order, none skipped"
+    );
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    let healed =
+        common::server::metric_now(b.addr, "thunderline_cluster_broadcast_gaps_healed_total")
+            .await
+            .unwrap_or(0.0);
+    assert!(healed > 0.0, "the gaps were healed, not avoided");
+    drop((a, b));
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_not_ready_until_it_has_listened_to_the_cluster_for_three_heartbeats() {
+    let mut cluster = Cluster::new().await;
+    let dir = std::env::temp_dir().join(format!("thunderline-{}-slow", cluster.name));
+    cluster.dirs.push(dir.clone());
+    let node = binary::start(
+        &dir,
+        &[
+            "--database",
+            &cluster.db.url,
+            "--cluster",
+            NATS,
+            "--node-id",
+            "slow",
+            "--cluster-name",
+            &cluster.name,
+            "--cluster-heartbeat-ms",
+            "1000",
+        ],
+    );
+    let (status, body) = http(node.addr, "GET", "/readyz", None, None).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "not_joined");
+    assert!(
+        common::eventually(10, async || http(node.addr, "GET", "/readyz", None, None)
+            .await
+            .0
+            == 200)
+        .await
+    );
+    let metrics = common::server::metrics(node.addr).await;
+    assert_eq!(
+        common::server::metric(&metrics, "thunderline_cluster_nodes"),
+        Some(1.0)
+    );
+    drop(node);
     cluster.cleanup().await;
 }

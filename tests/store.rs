@@ -586,3 +586,87 @@ async fn token_revocations_keep_the_latest_cutoff_and_go_with_their_zone() {
         db.cleanup().await;
     }
 }
+
+/// In a cluster a zone's writer holds a lease whose fencing token grows with every grant; the
+/// store keeps the newest token a writer claimed the zone with, and refuses every write of a
+/// writer with an older one: its events, its snapshots, its closing of the zone, its claim.
+#[tokio::test]
+async fn a_writer_whose_lease_moved_on_writes_nothing() {
+    for db in common::backends().await {
+        let store = Store::connect(&db.url).await.unwrap();
+        let (mut zone, _) = common::zones::stored(&store, spec("Fenced")).await;
+        let id = zone.id();
+        let agent = Actor::Service {
+            agent_id: Some("npc".into()),
+        };
+        // The first writer (which created it) claims the zone with token 1 and logs a move.
+        store.open_zone(id, Some(1)).await.unwrap();
+        let first = common::zones::run(&mut zone, &agent, moved(1.0));
+        let refs: Vec<&ZoneEvent> = first.iter().collect();
+        store.append_fenced(&refs, &[(id, 1)]).await.unwrap();
+        let stale = zone.clone();
+
+        // Its lease moves on: the next writer claims token 2 (the zone was left open).
+        assert!(
+            store.open_zone(id, Some(2)).await.unwrap(),
+            "left open by the first"
+        );
+        let mut next = zone.clone();
+        let theirs = common::zones::run(&mut next, &agent, moved(2.0));
+        store
+            .append_fenced(&theirs.iter().collect::<Vec<_>>(), &[(id, 2)])
+            .await
+            .unwrap();
+
+        // The first writer, resumed, tries to log its own next move (the same seq): refused,
+        // nothing written, not even a dead letter.
+        let mut mine = stale.clone();
+        let late = common::zones::run(&mut mine, &agent, moved(9.0));
+        let refused = store
+            .append_fenced_or_dead_letter(&late.iter().collect::<Vec<_>>(), &[(id, 1)])
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::Fenced { zone, fence: 1, current: 2 }) if zone == id),
+            "{}: {refused:?}",
+            db.name
+        );
+        let logged = store.events_after(id, 0).await.unwrap();
+        assert_eq!(logged.last().unwrap().id, theirs[0].id, "{}", db.name);
+        assert_eq!(store.dead_letters(Some(id), 10, 0).await.unwrap().len(), 0);
+
+        // Its snapshot is not written, its close changes nothing, its claim is refused.
+        store
+            .save_fenced(&[(&mine.snapshot(), Some(1))])
+            .await
+            .unwrap();
+        assert_ne!(
+            store.get_zone(id).await.unwrap().seq,
+            mine.seq(),
+            "{}",
+            db.name
+        );
+        store.close_zones(&[(id, Some(1))]).await.unwrap();
+        assert!(
+            matches!(
+                store.open_zone(id, Some(1)).await,
+                Err(StoreError::Fenced { .. })
+            ),
+            "{}",
+            db.name
+        );
+        // The current writer's snapshot and close land; without a token (a single daemon)
+        // nothing is checked.
+        store
+            .save_fenced(&[(&next.snapshot(), Some(2))])
+            .await
+            .unwrap();
+        assert_eq!(store.get_zone(id).await.unwrap().seq, next.seq());
+        store.close_zones(&[(id, Some(2))]).await.unwrap();
+        assert!(
+            !store.open_zone(id, Some(2)).await.unwrap(),
+            "closed by its writer"
+        );
+        assert!(store.open_zone(id, None).await.unwrap());
+        db.cleanup().await;
+    }
+}

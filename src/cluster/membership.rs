@@ -55,7 +55,8 @@ impl Membership {
         nodes.set(1);
         let heartbeat_subject = subjects.heartbeat();
         tokio::spawn(async move {
-            let started = Instant::now();
+            let mut started = Instant::now();
+            let mut awake = Instant::now();
             let dead_after = heartbeat * SILENT_HEARTBEATS;
             let mut seen: HashMap<NodeId, Instant> = HashMap::new();
             let mut beat = tokio::time::interval(heartbeat);
@@ -104,6 +105,19 @@ impl Membership {
                     return;
                 }
                 let now = Instant::now();
+                if now.saturating_duration_since(awake) >= dead_after {
+                    // This node was paused (SIGSTOP, a long stall) for longer than it takes to
+                    // declare a node dead: what it heard is stale, and the others may have
+                    // declared *it* dead meanwhile. It listens afresh before it acts again.
+                    tracing::warn!(node = %me, paused_ms = now.saturating_duration_since(awake).as_millis() as u64,
+                        "this node was paused: it listens to the cluster again before acting");
+                    started = now;
+                    joined_tx.send_replace(false);
+                    for at in seen.values_mut() {
+                        *at = now;
+                    }
+                }
+                awake = now;
                 seen.retain(|node, at| {
                     let alive = now.saturating_duration_since(*at) < dead_after;
                     if !alive {

@@ -204,7 +204,7 @@ impl Cluster {
     /// Starts serving: the commands and history asks of other nodes, and the end of the
     /// sessions of nodes that die.
     pub async fn serve(&self, zones: ZoneHandle) -> Result<(), ClusterError> {
-        self.router.set_local(zones.push_handle());
+        self.router.set_local(zones.clone());
         let subjects = self.router.subjects();
         router::serve_commands(
             self.client.clone(),

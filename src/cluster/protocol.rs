@@ -126,7 +126,8 @@ mod tests {
         };
         for kind in [
             CommandKind::Join,
-            CommandKind::from_json("agent_move", r#"{"position": {"x": 1, "y": 2.5, "z": -3}}"#).unwrap(),
+            CommandKind::from_json("agent_move", r#"{"position": {"x": 1, "y": 2.5, "z": -3}}"#)
+                .unwrap(),
             CommandKind::Leave,
         ] {
             let c = command(id, agent.clone(), kind);

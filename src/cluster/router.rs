@@ -31,7 +31,6 @@ use super::node::NodeId;
 use super::ownership::{Acquired, KvLeases, Ownership, rendezvous};
 use super::protocol::{self, Answered, Forward, HistoryAnswer, HistoryAsk, Subjects};
 use super::{ClusterError, lock};
-use crate::pipeline::PushHandle;
 use crate::runtime::{
     Forwarded, NOT_OWNER, Place, Placement, Reply, ReplyTo, ZoneHandle, ZoneRegistry, ZoneWork,
     unavailable,
@@ -134,8 +133,8 @@ pub struct Router {
     next: AtomicU64,
     inbox: String,
     feeds: Arc<Feeds>,
-    /// The local pipeline, for a command whose zone turns out to be this node's after all.
-    local: OnceLock<PushHandle<ZoneWork>>,
+    /// The local zones, for a command whose zone turns out to be this node's after all.
+    local: OnceLock<ZoneHandle>,
     pub metrics: ClusterMetrics,
     /// Itself, for the tasks it starts.
     this: std::sync::Weak<Router>,
@@ -186,7 +185,11 @@ impl Router {
             while let Some(msg) = answers.next().await {
                 let Some(router) = weak.upgrade() else { return };
                 let id = msg.subject.rsplit('.').next().and_then(|n| n.parse().ok());
-                if let Some(id) = id {
+                let Some(id) = id else { continue };
+                if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                    // Nobody takes commands there (the node is gone): ask the zone again.
+                    router.unanswered(id);
+                } else {
                     router.answered(id, &msg.payload);
                 }
             }
@@ -232,9 +235,9 @@ impl Router {
         Ok(router)
     }
 
-    /// The local pipeline, once it runs.
-    pub fn set_local(&self, push: PushHandle<ZoneWork>) {
-        let _ = self.local.set(push);
+    /// The local zones, once their pipeline runs.
+    pub fn set_local(&self, zones: ZoneHandle) {
+        let _ = self.local.set(zones);
     }
 
     pub fn me(&self) -> &NodeId {
@@ -287,13 +290,15 @@ impl Router {
 
     /// Where `zone` is written; see [`Placement::place`].
     async fn locate(&self, zone: Uuid) -> Result<Place, ClusterError> {
+        // A node that has not (or, after a pause, not again) listened to the cluster long
+        // enough trusts neither its view of the others nor its own leases.
+        if !self.membership.joined() && !self.membership.wait_joined(OWNER_WAIT).await {
+            return Err(ClusterError::NotJoined);
+        }
         if let Some(fence) = lock(&self.held).get(&zone) {
             return Ok(Place::Here {
                 fence: Some(*fence),
             });
-        }
-        if !self.membership.joined() && !self.membership.wait_joined(OWNER_WAIT).await {
-            return Err(ClusterError::NotJoined);
         }
         let members = self.membership.members();
         if let Some(owner) = lock(&self.owners).get(&zone)
@@ -364,8 +369,7 @@ impl Router {
             let _ = job.done.send(None);
             work.forwarded = false;
             if let Some(local) = local {
-                let message = crate::pipeline::Message::new(work);
-                let _ = local.push(message).await;
+                local.push(work).await;
             }
             return;
         }
@@ -432,6 +436,14 @@ impl Router {
             tokio::time::sleep(REROUTE_PAUSE).await;
             let _ = queue.send(job);
         });
+    }
+
+    /// The node command `id` went to does not take commands (any more).
+    fn unanswered(&self, id: u64) {
+        if let Some(Pending { job, .. }) = lock(&self.pending).remove(&id) {
+            lock(&self.owners).remove(&job.work.zone_id);
+            self.retry(job);
+        }
     }
 
     fn answered(&self, id: u64, payload: &[u8]) {
@@ -566,7 +578,9 @@ impl Placement for Router {
     }
 
     fn connection_alive(&self, connection: &str) -> bool {
-        let run = connection.split_once('.').map_or(connection, |(run, _)| run);
+        let run = connection
+            .split_once('.')
+            .map_or(connection, |(run, _)| run);
         self.membership
             .members()
             .iter()

@@ -500,10 +500,21 @@ pub mod binary {
 
     /// As [`start`], choosing where its standard error (the logs) goes.
     pub fn start_with(data_dir: &Path, extra: &[&str], stderr: Stdio) -> Daemon {
+        start_env(data_dir, extra, stderr, &[])
+    }
+
+    /// As [`start_with`], with more environment variables.
+    pub fn start_env(
+        data_dir: &Path,
+        extra: &[&str],
+        stderr: Stdio,
+        envs: &[(&str, &str)],
+    ) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_thunderline"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
+            .envs(envs.iter().copied())
             .env_remove("THUNDERLINE_DATABASE_URL")
             .env("THUNDERLINE_ADMIN_TOKEN", ADMIN)
             .env("THUNDERLINE_SECRET", SECRET)
@@ -550,6 +561,15 @@ pub mod binary {
     }
 
     impl Daemon {
+        /// Sends `signal` (`-STOP`, `-CONT`, …) to the daemon.
+        pub fn signal(&self, signal: &str) {
+            let sent = Command::new("kill")
+                .args([signal, &self.child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(sent.success(), "kill {signal}");
+        }
+
         /// `kill -9`: no drain, no close, as a crash or a power loss leaves things.
         pub fn kill_9(mut self) {
             let killed = Command::new("kill")
