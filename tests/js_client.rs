@@ -179,3 +179,64 @@ async fn the_phoenix_client_works_against_the_daemon_on_postgres() {
     .unwrap();
     db.cleanup().await;
 }
+
+/// Two nodes of one cluster (NATS and one PostgreSQL schema): the official client on each,
+/// one zone, broadcasts and presence across them (tests/js/cluster.test.mjs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_phoenix_client_sees_broadcasts_and_presence_across_cluster_nodes() {
+    let Some(js) = prepared() else { return };
+    let db = common::postgres()
+        .await
+        .expect("PostgreSQL is needed for a cluster");
+    let name = format!("js{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let mut nodes = Vec::new();
+    for node in ["a", "b"] {
+        let dir = std::env::temp_dir().join(format!("thunderline-{name}-{node}"));
+        let daemon = common::binary::start(
+            &dir,
+            &[
+                "--database",
+                &db.url,
+                "--cluster",
+                "nats://127.0.0.1:4222",
+                "--node-id",
+                node,
+                "--cluster-name",
+                &name,
+                "--cluster-heartbeat-ms",
+                "100",
+            ],
+        );
+        let ready = common::eventually(10, async || {
+            common::server::http(daemon.addr, "GET", "/readyz", None, None)
+                .await
+                .0
+                == 200
+        })
+        .await;
+        assert!(ready, "node {node} joined");
+        nodes.push((daemon, dir));
+    }
+    let url_b = nodes[1].0.url.clone();
+    let report = {
+        let a = &nodes[0].0;
+        node(
+            &js,
+            a,
+            &["--test", "--test-concurrency=1", "cluster.test.mjs"],
+            &[("THUNDERLINE_URL_B", &url_b)],
+        )
+    };
+    for (daemon, dir) in nodes {
+        let (exit, printed) = daemon.terminate();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(exit.success(), "{printed:?}");
+    }
+    db.cleanup().await;
+    let (ok, report) = report;
+    println!("cluster:\n{report}");
+    assert!(
+        ok,
+        "the phoenix client failed across the cluster:\n{report}"
+    );
+}

@@ -1,0 +1,106 @@
+// The official `phoenix` client, unmodified, against two nodes of one cluster: a zone created
+// on node A, clients on both nodes, broadcasts and presence across them. Run by `cargo test`
+// (tests/js_client.rs), which starts the nodes and sets THUNDERLINE_URL (node A),
+// THUNDERLINE_URL_B and THUNDERLINE_ADMIN_TOKEN.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { Socket, Presence } from "phoenix";
+import WebSocket from "ws";
+import { adminApi } from "./admin.mjs";
+
+const [urlA, urlB] = [process.env.THUNDERLINE_URL, process.env.THUNDERLINE_URL_B];
+const admin = process.env.THUNDERLINE_ADMIN_TOKEN;
+assert.ok(urlA && urlB && admin, "THUNDERLINE_URL, THUNDERLINE_URL_B and THUNDERLINE_ADMIN_TOKEN must be set");
+const apiA = adminApi(urlA, admin);
+const apiB = adminApi(urlB, admin);
+
+const sockets = [];
+after(() => sockets.forEach((s) => s.disconnect()));
+
+function connect(base) {
+  const socket = new Socket(base.replace(/^http/, "ws") + "/socket", { transport: WebSocket });
+  socket.connect();
+  sockets.push(socket);
+  return socket;
+}
+
+function join(channel) {
+  return new Promise((resolve, reject) => {
+    channel
+      .join()
+      .receive("ok", resolve)
+      .receive("error", (e) => reject(Object.assign(new Error("join refused"), { response: e })))
+      .receive("timeout", () => reject(new Error("join timed out")));
+  });
+}
+
+function push(channel, event, payload) {
+  return new Promise((resolve) => {
+    channel
+      .push(event, payload)
+      .receive("ok", (r) => resolve({ status: "ok", response: r }))
+      .receive("error", (r) => resolve({ status: "error", response: r }))
+      .receive("timeout", () => resolve({ status: "timeout" }));
+  });
+}
+
+function next(channel, event, pred = () => true) {
+  return new Promise((resolve) => {
+    const ref = channel.on(event, (payload) => {
+      if (pred(payload)) {
+        channel.off(event, ref);
+        resolve(payload);
+      }
+    });
+  });
+}
+
+async function eventually(check, what, ms = 5000) {
+  const until = Date.now() + ms;
+  for (;;) {
+    try {
+      return await check();
+    } catch (e) {
+      if (Date.now() > until) throw new Error(`${what}: ${e.message}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+}
+
+test("clients on two nodes share one zone: broadcasts, presence and the session count", async () => {
+  const zone = await apiA("POST", "/api/zones", { name: "cluster", capacity: 10, permissions: 3 });
+  assert.ok(zone.id, JSON.stringify(zone));
+  // A token minted on node A joins on node B.
+  const tokenFor = async (agent) =>
+    (await apiA("POST", "/api/tokens", { agent_id: agent, zone_id: zone.id, permissions: ["spawn_agents", "modify_zone"], ttl_seconds: 600 })).token;
+
+  const onA = connect(urlA).channel(`zone:${zone.id}`, { agent_id: "alice", token: await tokenFor("alice") });
+  const presenceA = new Presence(onA);
+  await join(onA);
+  const onB = connect(urlB).channel(`zone:${zone.id}`, { agent_id: "bob", token: await tokenFor("bob") });
+  const presenceB = new Presence(onB);
+  const joined = await join(onB);
+  assert.deepEqual([...joined.agents].sort(), ["alice", "bob"]);
+
+  // Each side's Presence lists both agents, whichever node they joined on.
+  await eventually(() => assert.deepEqual(presenceA.list((id) => id).sort(), ["alice", "bob"]), "presence on A");
+  await eventually(() => assert.deepEqual(presenceB.list((id) => id).sort(), ["alice", "bob"]), "presence on B");
+
+  // The cluster counts its sessions as one, asked on either node.
+  for (const api of [apiA, apiB]) {
+    assert.equal((await api("GET", `/api/zones/${zone.id}`)).active_session_count, 2);
+  }
+
+  // A move pushed on B reaches the client on A, and the reverse.
+  const seenOnA = next(onA, "agent_moved", (p) => p.agent_id === "bob");
+  assert.equal((await push(onB, "agent_move", { position: { x: 1, y: 2, z: 3 } })).status, "ok");
+  assert.deepEqual((await seenOnA).position, { x: 1, y: 2, z: 3 });
+  const seenOnB = next(onB, "agent_moved", (p) => p.agent_id === "alice");
+  assert.equal((await push(onA, "agent_move", { position: { x: 4, y: 5, z: 6 } })).status, "ok");
+  assert.deepEqual((await seenOnB).position, { x: 4, y: 5, z: 6 });
+
+  // Bob leaves on B: alice's Presence on A drops him.
+  await new Promise((resolve) => onB.leave().receive("ok", resolve));
+  await eventually(() => assert.deepEqual(presenceA.list((id) => id), ["alice"]), "bob left A's presence");
+  assert.equal((await apiB("GET", `/api/zones/${zone.id}`)).active_session_count, 1);
+});
