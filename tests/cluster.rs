@@ -314,6 +314,13 @@ async fn a_killed_owner_s_zone_moves_to_a_live_node_with_a_new_epoch_and_nothing
     assert_ne!(now["assigned_server"], json!(owner_name));
     assert_eq!(now["active_session_count"], 2, "{now}");
 
+    // A client rejoining with the old epoch gets a fresh snapshot, never a replay of a history
+    // the dead owner may have broadcast beyond the log.
+    let old = json!({"seq": joined["seq"], "epoch": epoch});
+    let (_, _, rejoined) = other.joined(&zone, "watcher", Some(old)).await;
+    assert_eq!(rejoined["recovered"], false, "{rejoined}");
+    assert_eq!(rejoined["epoch"], now["epoch"]);
+
     // Every push answered ok is in the audit log exactly once.
     let logged = logged_moves(&cluster, &zone, "pusher").await;
     for x in &answered_ok {
@@ -575,5 +582,36 @@ async fn a_node_is_not_ready_until_it_has_listened_to_the_cluster_for_three_hear
         Some(1.0)
     );
     drop(node);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_agent_session_cap_counts_the_whole_cluster() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let zone = a.zone(json!({"name": "capped", "capacity": 10})).await;
+    let (_on_a, _, _) = a.joined(&zone, "twin", None).await;
+    let (_also_a, _, _) = a.joined(&zone, "twin", None).await;
+    let (_on_b, _, _) = b.joined(&zone, "twin", None).await;
+    let (_again_b, _, _) = b.joined(&zone, "twin", None).await;
+    // The default cap is 4 sessions per agent in a zone: a fifth, on either node, is refused.
+    let (status, token) = http(
+        b.addr,
+        "POST",
+        "/api/tokens",
+        Some(json!({"agent_id": "twin", "zone_id": zone, "permissions": 1, "ttl_seconds": 600})),
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut fifth = common::server::Client::connect(&format!("ws://{}/socket/websocket?vsn=2.0.0", b.addr)).await;
+    let (_, reply) = fifth
+        .join(&format!("zone:{zone}"), json!({"agent_id": "twin", "token": token["token"]}))
+        .await;
+    assert_eq!(reply["status"], "error", "{reply}");
+    assert_eq!(reply["response"]["reason"], "too_many_sessions");
+    assert_eq!(zone_json(&b, &zone).await["active_session_count"], 4);
+    drop((a, b));
     cluster.cleanup().await;
 }
