@@ -300,7 +300,10 @@ async fn a_killed_owner_s_zone_moves_to_a_live_node_with_a_new_epoch_and_nothing
     );
     // Within 3 heartbeats (300 ms) plus a load, with a margin for a busy machine.
     let back_at = back_at.expect("a push was answered ok after the kill");
-    assert!(back_at < Duration::from_secs(3), "pushes worked again after {back_at:?}");
+    assert!(
+        back_at < Duration::from_secs(3),
+        "pushes worked again after {back_at:?}"
+    );
 
     // The killed node's agent left everyone's presence; the zone is the other node's now, in a
     // new epoch.
@@ -611,9 +614,14 @@ async fn the_per_agent_session_cap_counts_the_whole_cluster() {
     )
     .await;
     assert_eq!(status, 200);
-    let mut fifth = common::server::Client::connect(&format!("ws://{}/socket/websocket?vsn=2.0.0", b.addr)).await;
+    let mut fifth =
+        common::server::Client::connect(&format!("ws://{}/socket/websocket?vsn=2.0.0", b.addr))
+            .await;
     let (_, reply) = fifth
-        .join(&format!("zone:{zone}"), json!({"agent_id": "twin", "token": token["token"]}))
+        .join(
+            &format!("zone:{zone}"),
+            json!({"agent_id": "twin", "token": token["token"]}),
+        )
         .await;
     assert_eq!(reply["status"], "error", "{reply}");
     assert_eq!(reply["response"]["reason"], "too_many_sessions");

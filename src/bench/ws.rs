@@ -76,6 +76,22 @@ pub struct WsArgs {
     /// Passed to the daemon the harness starts as `THUNDERLINE_REPLIES`; refused with --url.
     #[arg(long, value_enum)]
     pub replies: Option<Replies>,
+    /// Run the server as a cluster of this many daemons (child processes sharing --cluster
+    /// and the PostgreSQL of --database), clients split across them; the same load runs first
+    /// against one daemon on the same database, and the report compares the two.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub nodes: u32,
+    /// The NATS server of the cluster (with --nodes above 1).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub cluster: String,
+    /// The PostgreSQL server the nodes share (with --nodes above 1); each run gets a schema of
+    /// its own, dropped afterwards.
+    #[arg(
+        long,
+        env = "THUNDERLINE_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    pub database: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -105,6 +121,12 @@ pub struct RunFigures {
     pub latency_ms: Latency,
     /// From sending a push to reading its `ok` reply.
     pub reply_latency_ms: Latency,
+    /// In a cluster: the broadcast latency seen by clients on the zone owner's node, and by
+    /// clients on the other nodes (whose broadcasts cross NATS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub same_node_latency_ms: Option<Latency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_node_latency_ms: Option<Latency>,
     pub errors: u64,
     pub disconnects: u64,
     pub slow_consumer_disconnects: u64,
@@ -126,8 +148,16 @@ pub struct WsReport {
     pub duration: f64,
     /// The `--replies` mode the daemon was started with (null: the server's default).
     pub replies_mode: Option<Replies>,
+    /// Daemons the load ran against (a cluster above 1).
+    pub nodes: u32,
     #[serde(flatten)]
     pub run: RunFigures,
+    /// With --nodes above 1: the same load against one daemon on the same database, first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub one_node: Option<RunFigures>,
+    /// The cross-node broadcast p99 over the same-node one (goal: at most 2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_to_same_p99: Option<f64>,
     pub server_peak_rss_bytes: Option<u64>,
     pub server_idle_rss_bytes: Option<u64>,
     pub rss_per_connection_bytes: Option<f64>,
@@ -191,7 +221,12 @@ fn rss(pid: u32, field: &str) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn start_daemon(admin: &str, replies: Option<Replies>) -> Result<Daemon, BenchError> {
+fn start_daemon(
+    admin: &str,
+    secret: &str,
+    replies: Option<Replies>,
+    extra: &[String],
+) -> Result<Daemon, BenchError> {
     use std::io::{BufRead, BufReader};
     let dir = std::env::temp_dir().join(format!(
         "thunderline-bench-{}",
@@ -202,8 +237,10 @@ fn start_daemon(admin: &str, replies: Option<Replies>) -> Result<Daemon, BenchEr
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&dir)
+        .args(extra)
         .env_remove("THUNDERLINE_DATABASE_URL")
         .env("THUNDERLINE_ADMIN_TOKEN", admin)
+        .env("THUNDERLINE_SECRET", secret)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -266,6 +303,10 @@ struct Shared {
     histogram: Mutex<Option<Histogram<u64>>>,
     /// Reply latencies: push → its `ok` `phx_reply`.
     reply_histogram: Mutex<Option<Histogram<u64>>>,
+    /// In a cluster, the broadcast latencies again, by whether the receiving client is on the
+    /// zone owner's node.
+    same_node: Mutex<Option<Histogram<u64>>>,
+    cross_node: Mutex<Option<Histogram<u64>>>,
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -295,8 +336,21 @@ fn record(histogram: &Mutex<Option<Histogram<u64>>>, count: &AtomicU64, latencie
 }
 
 impl Shared {
-    /// Hands in broadcast latencies, counted as delivered.
-    fn record_broadcasts(&self, latencies: &mut Vec<u64>) {
+    /// Hands in broadcast latencies, counted as delivered; in a cluster also by whether the
+    /// receiver is on the zone owner's node (`remote`: it is not).
+    fn record_broadcasts(&self, latencies: &mut Vec<u64>, remote: Option<bool>) {
+        if let Some(remote) = remote {
+            let split = if remote {
+                &self.cross_node
+            } else {
+                &self.same_node
+            };
+            let mut h = split.lock().unwrap_or_else(|e| e.into_inner());
+            let h = h.get_or_insert_with(new_histogram);
+            for &l in latencies.iter() {
+                let _ = h.record(l.max(1));
+            }
+        }
         record(&self.histogram, &self.delivered, latencies);
     }
 
@@ -358,6 +412,8 @@ fn reply_stamp(frame: &str) -> Option<u64> {
 
 struct ClientPlan {
     url: String,
+    /// In a cluster: whether the client is on another node than its zone's owner.
+    remote: Option<bool>,
     topic: String,
     agent: String,
     token: String,
@@ -390,6 +446,7 @@ struct Inbox {
     received: u64,
     /// Replies to this client's pushes received, ok or not.
     answered: u64,
+    remote: Option<bool>,
 }
 
 impl Inbox {
@@ -403,7 +460,8 @@ impl Inbox {
                         self.received += 1;
                         self.latencies.push(now.saturating_sub(at));
                         if self.latencies.len() == FLUSH_EVERY {
-                            self.shared.record_broadcasts(&mut self.latencies);
+                            self.shared
+                                .record_broadcasts(&mut self.latencies, self.remote);
                         }
                     }
                 } else if t.contains("\"phx_reply\"") {
@@ -442,7 +500,8 @@ impl Inbox {
 
 impl Drop for Inbox {
     fn drop(&mut self) {
-        self.shared.record_broadcasts(&mut self.latencies);
+        self.shared
+            .record_broadcasts(&mut self.latencies, self.remote);
         self.shared.record_replies(&mut self.reply_latencies);
     }
 }
@@ -500,6 +559,7 @@ async fn client(
         reply_latencies: Vec::with_capacity(FLUSH_EVERY),
         received: 0,
         answered: 0,
+        remote: plan.remote,
     };
     let mut next_push = tokio::time::Instant::from_std(start) + Duration::from_secs_f64(plan.phase);
     let mut seq = 0u64;
@@ -589,7 +649,7 @@ fn latency(h: &Histogram<u64>) -> Latency {
 async fn load(
     args: &WsArgs,
     ws_url: &str,
-    plans: Vec<(usize, String, String, String)>,
+    plans: Vec<Plan>,
     progress: &ProgressBar,
     label: &str,
     server_pid: Option<u32>,
@@ -607,10 +667,23 @@ async fn load(
     let connect_gap = Duration::from_secs_f64(1.0 / args.connect_rate.max(1.0));
     let connect_started = Instant::now();
     let mut tasks = Vec::with_capacity(plans.len());
-    for (i, (zone, topic, agent, token)) in plans.into_iter().enumerate() {
+    for (
+        i,
+        Plan {
+            zone,
+            topic,
+            agent,
+            token,
+            node,
+        },
+    ) in plans.into_iter().enumerate()
+    {
         members[zone] += 1;
         let plan = ClientPlan {
-            url: ws_url.to_owned(),
+            url: node
+                .as_ref()
+                .map_or_else(|| ws_url.to_owned(), |n| n.url.clone()),
+            remote: node.as_ref().map(|n| n.remote),
             topic,
             agent,
             token,
@@ -691,6 +764,12 @@ async fn load(
     };
     let histogram = take(&shared.histogram);
     let reply_histogram = take(&shared.reply_histogram);
+    let split = |h: &Mutex<Option<Histogram<u64>>>| {
+        h.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map(|h| latency(&h))
+    };
     RunFigures {
         connected,
         connect_seconds,
@@ -701,6 +780,8 @@ async fn load(
         delivered_per_sec: delivered as f64 / load_seconds,
         latency_ms: latency(&histogram),
         reply_latency_ms: latency(&reply_histogram),
+        same_node_latency_ms: split(&shared.same_node),
+        cross_node_latency_ms: split(&shared.cross_node),
         replies: shared.replies.load(Ordering::Relaxed),
         replies_timed: shared.replies_timed.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
@@ -730,6 +811,9 @@ fn check(args: &WsArgs) -> Result<(), BenchError> {
     if args.sweep.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
         return bad("every --sweep rate must be above 0");
     }
+    if args.nodes > 1 && (args.url.is_some() || !args.sweep.is_empty()) {
+        return bad("--nodes starts a cluster of its own: it goes with neither --url nor --sweep");
+    }
     if args.url.is_some() && args.replies.is_some() {
         return bad(
             "--replies sets the reply mode of the daemon the harness starts; with --url, start \
@@ -739,22 +823,121 @@ fn check(args: &WsArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// The server under test, its zones, and a token for every client.
-struct Target {
-    daemon: Option<Daemon>,
-    ws_url: String,
-    plans: Vec<(usize, String, String, String)>,
-    progress: ProgressBar,
+/// One client's part of the load: its zone, topic, agent and token, and in a cluster which
+/// node it talks to.
+#[derive(Clone)]
+struct Plan {
+    zone: usize,
+    topic: String,
+    agent: String,
+    token: String,
+    node: Option<NodePlan>,
 }
 
-impl Target {
-    /// The daemon's process id, when the harness started it.
-    fn pid(&self) -> Option<u32> {
-        self.daemon.as_ref().map(|d| d.child.id())
+/// A client's node in a cluster.
+#[derive(Clone)]
+struct NodePlan {
+    url: String,
+    /// Another node than its zone's owner: its broadcasts cross NATS.
+    remote: bool,
+}
+
+/// How the harness runs the server it loads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// `--url`, or one daemon on a throwaway SQLite store.
+    Default,
+    /// One daemon on a schema of its own in `--database` (the cluster's single-node twin).
+    OneNode,
+    /// `--nodes` daemons sharing `--cluster` and a schema of their own in `--database`.
+    Cluster,
+}
+
+/// A PostgreSQL schema a run keeps its zones in, dropped afterwards.
+struct Schema {
+    base: String,
+    name: String,
+}
+
+impl Schema {
+    async fn create(base: &str) -> Result<Self, BenchError> {
+        use sqlx::Connection;
+        let name = format!("bench_{}", uuid::Uuid::now_v7().simple());
+        let mut db = sqlx::PgConnection::connect(base).await?;
+        sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&mut db)
+            .await?;
+        Ok(Self {
+            base: base.to_owned(),
+            name,
+        })
+    }
+
+    /// The URL whose connections use the schema.
+    fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options[search_path]={}", self.base, self.name)
+    }
+
+    async fn drop_now(self) {
+        use sqlx::Connection;
+        if let Ok(mut db) = sqlx::PgConnection::connect(&self.base).await {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
+                .execute(&mut db)
+                .await;
+        }
     }
 }
 
-async fn prepare(args: &WsArgs) -> Result<Target, BenchError> {
+/// The server under test, its zones, and a token for every client.
+struct Target {
+    daemons: Vec<Daemon>,
+    ws_url: String,
+    plans: Vec<Plan>,
+    progress: ProgressBar,
+    schema: Option<Schema>,
+}
+
+impl Target {
+    /// The daemon's process id, when the harness started one.
+    fn pid(&self) -> Option<u32> {
+        match self.daemons.as_slice() {
+            [one] => Some(one.child.id()),
+            _ => None,
+        }
+    }
+
+    /// Stops the daemons and drops the schema.
+    async fn finish(mut self) {
+        self.daemons.clear();
+        if let Some(schema) = self.schema.take() {
+            schema.drop_now().await;
+        }
+    }
+}
+
+/// Waits until a daemon says it is ready (a cluster node: it has joined).
+async fn ready(addr: SocketAddr) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut probe) = AdminClient::connect(addr, "").await
+            && probe
+                .call(Method::GET, "/readyz", &json!(null))
+                .await
+                .is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Start(format!(
+                "the node at {addr} never became ready"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn prepare(args: &WsArgs, setup: Setup) -> Result<Target, BenchError> {
     check(args)?;
     raise_fd_limit();
     let progress = if args.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -771,11 +954,45 @@ async fn prepare(args: &WsArgs) -> Result<Target, BenchError> {
         .admin_token
         .clone()
         .unwrap_or_else(crate::realtime::random_secret);
-    let daemon = match &args.url {
-        Some(_) => None,
-        None => Some(start_daemon(&admin_token, args.replies)?),
+    // Every node signs and checks tokens with the same secret.
+    let secret = crate::realtime::random_secret();
+    let schema = match setup {
+        Setup::Default => None,
+        Setup::OneNode | Setup::Cluster => Some(Schema::create(&args.database).await?),
     };
-    let (http_addr, ws_url) = match (&args.url, &daemon) {
+    let mut daemons = Vec::new();
+    match (&args.url, setup, &schema) {
+        (Some(_), _, _) => {}
+        (None, Setup::Default, _) | (None, _, None) => {
+            daemons.push(start_daemon(&admin_token, &secret, args.replies, &[])?);
+        }
+        (None, Setup::OneNode, Some(schema)) => {
+            let extra = ["--database".to_owned(), schema.url()];
+            daemons.push(start_daemon(&admin_token, &secret, args.replies, &extra)?);
+        }
+        (None, Setup::Cluster, Some(schema)) => {
+            progress.set_message(format!("starting {} nodes", args.nodes));
+            for n in 0..args.nodes {
+                let extra = [
+                    "--database".to_owned(),
+                    schema.url(),
+                    "--cluster".to_owned(),
+                    args.cluster.clone(),
+                    "--node-id".to_owned(),
+                    format!("n{n}"),
+                    "--cluster-name".to_owned(),
+                    schema.name.clone(),
+                    "--cluster-heartbeat-ms".to_owned(),
+                    "500".to_owned(),
+                ];
+                daemons.push(start_daemon(&admin_token, &secret, args.replies, &extra)?);
+            }
+            for d in &daemons {
+                ready(d.addr).await?;
+            }
+        }
+    }
+    let (http_addr, ws_url) = match (&args.url, daemons.first()) {
         (Some(url), _) => {
             let hostport = url
                 .trim_start_matches("ws://")
@@ -787,18 +1004,16 @@ async fn prepare(args: &WsArgs) -> Result<Target, BenchError> {
                 .ok_or_else(|| BenchError::Args(format!("cannot resolve {hostport}")))?;
             (addr, format!("ws://{hostport}/socket/websocket?vsn=2.0.0"))
         }
-        (None, Some(d)) => (
-            d.addr,
-            format!("ws://{}/socket/websocket?vsn=2.0.0", d.addr),
-        ),
+        (None, Some(d)) => (d.addr, ws_url_of(d.addr)),
         (None, None) => unreachable!("a daemon is started without --url"),
     };
 
-    // Zones and tokens through the admin API.
+    // Zones and tokens through the admin API (of the first node).
     progress.set_message("creating zones and tokens");
     let mut admin = AdminClient::connect(http_addr, &admin_token).await?;
     let per_zone = args.clients.div_ceil(args.zones);
     let mut zone_ids = Vec::new();
+    let mut owners = Vec::new();
     for i in 0..args.zones {
         let z = admin
             .call(
@@ -808,6 +1023,7 @@ async fn prepare(args: &WsArgs) -> Result<Target, BenchError> {
             )
             .await?;
         zone_ids.push(z["id"].as_str().unwrap_or_default().to_owned());
+        owners.push(z["assigned_server"].as_str().unwrap_or_default().to_owned());
     }
     let mut plans = Vec::with_capacity(args.clients);
     for c in 0..args.clients {
@@ -817,29 +1033,79 @@ async fn prepare(args: &WsArgs) -> Result<Target, BenchError> {
             .call(Method::POST, "/api/tokens", &json!({"agent_id": agent, "zone_id": zone_ids[zone], "permissions": 1, "ttl_seconds": 3600}))
             .await?;
         let token = t["token"].as_str().unwrap_or_default().to_owned();
-        plans.push((zone, format!("zone:{}", zone_ids[zone]), agent, token));
+        // In a cluster, client c talks to node c mod N.
+        let node = (setup == Setup::Cluster && args.url.is_none()).then(|| {
+            let n = c % daemons.len();
+            NodePlan {
+                url: ws_url_of(daemons[n].addr),
+                remote: owners[zone] != format!("n{n}"),
+            }
+        });
+        plans.push(Plan {
+            zone,
+            topic: format!("zone:{}", zone_ids[zone]),
+            agent,
+            token,
+            node,
+        });
     }
     Ok(Target {
-        daemon,
+        daemons,
         ws_url,
         plans,
         progress,
+        schema,
     })
 }
 
+fn ws_url_of(addr: SocketAddr) -> String {
+    format!("ws://{addr}/socket/websocket?vsn=2.0.0")
+}
+
 pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
-    let target = prepare(args).await?;
+    // A cluster is compared with one node on the same database, in the same run, first.
+    let one_node = if args.nodes > 1 {
+        let target = prepare(args, Setup::OneNode).await?;
+        let run = load(
+            args,
+            &target.ws_url,
+            target.plans.clone(),
+            &target.progress,
+            "one node",
+            target.pid(),
+        )
+        .await;
+        target.progress.finish_and_clear();
+        target.finish().await;
+        Some(run)
+    } else {
+        None
+    };
+    let setup = if args.nodes > 1 {
+        Setup::Cluster
+    } else {
+        Setup::Default
+    };
+    let target = prepare(args, setup).await?;
     let pid = target.pid();
-    let Target {
-        daemon,
-        ws_url,
-        plans,
-        progress,
-    } = target;
     let rss_before = pid.and_then(|p| rss(p, "VmRSS:"));
-    let run = load(args, &ws_url, plans.clone(), &progress, "thunderline", pid).await;
+    let label = if args.nodes > 1 {
+        format!("{} nodes", args.nodes)
+    } else {
+        "thunderline".to_owned()
+    };
+    let run = load(
+        args,
+        &target.ws_url,
+        target.plans.clone(),
+        &target.progress,
+        &label,
+        pid,
+    )
+    .await;
     let server_peak = pid.and_then(|p| rss(p, "VmHWM:"));
-    drop(daemon);
+    let (plans, progress) = (target.plans.clone(), target.progress.clone());
+    target.finish().await;
 
     let baseline = if args.no_baseline || args.url.is_some() {
         None
@@ -874,20 +1140,25 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
         baseline_latency_ms: baseline.as_ref().map(|b| b.latency_ms.clone()),
         baseline_reply_latency_ms: baseline.as_ref().map(|b| b.reply_latency_ms.clone()),
         ratio,
+        nodes: args.nodes,
+        cross_to_same_p99: match (&run.cross_node_latency_ms, &run.same_node_latency_ms) {
+            (Some(cross), Some(same)) if same.p99 > 0.0 => Some(cross.p99 / same.p99),
+            _ => None,
+        },
+        one_node,
         run,
     })
 }
 
 /// Runs the load at each of `args.sweep`'s rates against one server, in order.
 pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, BenchError> {
-    let target = prepare(args).await?;
+    let target = prepare(args, Setup::Default).await?;
     let pid = target.pid();
-    let Target {
-        daemon,
-        ws_url,
-        plans,
-        progress,
-    } = target;
+    let (ws_url, plans, progress) = (
+        target.ws_url.clone(),
+        target.plans.clone(),
+        target.progress.clone(),
+    );
     let mut steps = Vec::with_capacity(args.sweep.len());
     for &rate in &args.sweep {
         let step_args = WsArgs {
@@ -907,7 +1178,7 @@ pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, BenchError> {
         });
     }
     let server_peak_rss_bytes = pid.and_then(|p| rss(p, "VmHWM:"));
-    drop(daemon);
+    target.finish().await;
     progress.finish_and_clear();
     let mut by_rate: Vec<&SweepStep> = steps.iter().collect();
     by_rate.sort_by(|a, b| a.rate.total_cmp(&b.rate));
@@ -1037,6 +1308,33 @@ impl WsReport {
             r.disconnects,
             r.slow_consumer_disconnects,
         );
+        if self.nodes > 1 {
+            let row = |label: &str, r: &RunFigures| {
+                format!(
+                    "{label:<30}{:>12.0} frames/s, broadcast p99 {:.2} ms, reply p99 {:.2} ms ({} of {} delivered)\n",
+                    r.delivered_per_sec,
+                    r.latency_ms.p99,
+                    r.reply_latency_ms.p99,
+                    r.delivered,
+                    r.expected_deliveries
+                )
+            };
+            if let Some(one) = &self.one_node {
+                out.push_str(&row("one node (same database)", one));
+            }
+            out.push_str(&row(&format!("{} nodes", self.nodes), r));
+            if let (Some(same), Some(cross)) = (&r.same_node_latency_ms, &r.cross_node_latency_ms) {
+                out.push_str(&format!(
+                    "{:<30}same node p50 {:.2}  p99 {:.2} ms; cross node p50 {:.2}  p99 {:.2} ms; ratio {:.2}\n",
+                    "broadcast by receiver's node",
+                    same.p50,
+                    same.p99,
+                    cross.p50,
+                    cross.p99,
+                    self.cross_to_same_p99.unwrap_or(f64::NAN),
+                ));
+            }
+        }
         if let Some(peak) = self.server_peak_rss_bytes {
             out.push_str(&format!(
                 "{:<30}{:>12.1} MiB peak, {} per idle connection\n",
