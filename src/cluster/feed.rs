@@ -35,6 +35,10 @@ use crate::zone::{Answer, EventKind, ZoneCommand, ZoneEvent};
 const GAP_GRACE: Duration = Duration::from_millis(20);
 /// How long a feed keeps trying to fill a gap before it gives up on the zone's history.
 const GAP_LIMIT: Duration = Duration::from_secs(3);
+/// How long after the last broadcast a quiet feed asks the owner whether anything followed it.
+const TAIL_PROBE: Duration = Duration::from_millis(200);
+/// The most events a tail probe asks for.
+const TAIL_EVENTS: u64 = 1_000;
 /// How long the join's own event waits for the join's answer.
 const ANSWER_LIMIT: Duration = Duration::from_secs(2);
 
@@ -142,6 +146,7 @@ impl Feeds {
             expected: HashMap::new(),
             gap_since: None,
             received: 0,
+            last_heard: None,
             resync: false,
         };
         tokio::spawn(feed.run(sub, rx));
@@ -225,6 +230,8 @@ struct Feed {
     expected: HashMap<(String, String), Instant>,
     gap_since: Option<Instant>,
     received: u64,
+    /// When the last broadcast came, until the tail after it has been checked.
+    last_heard: Option<Instant>,
     /// The zone changed owners: the next baseline replaces this node's presence, and every
     /// subscriber here is sent it.
     resync: bool,
@@ -244,6 +251,7 @@ impl Feed {
                 msg = sub.next() => {
                     let Some(msg) = msg else { break };
                     self.received += 1;
+                    self.last_heard = Some(Instant::now());
                     if self.feeds.drop_every.is_some_and(|n| self.received.is_multiple_of(n)) {
                         continue;
                     }
@@ -278,6 +286,15 @@ impl Feed {
                     break;
                 }
                 self.heal().await;
+                self.drain(&sink);
+            } else if self.next.is_some()
+                && self.buffer.is_empty()
+                && self.last_heard.is_some_and(|at| at.elapsed() >= TAIL_PROBE)
+            {
+                // Quiet since the last broadcast: if it was the one dropped, no later event
+                // shows the gap, so the owner is asked once for anything after it.
+                self.last_heard = None;
+                self.probe_tail().await;
                 self.drain(&sink);
             }
             if self.idle() {
@@ -500,6 +517,32 @@ impl Feed {
         if filled {
             self.feeds.gaps_healed.inc();
             tracing::info!(zone = %self.zone, from = next, to = upto - 1, "a gap in a zone's broadcasts was filled");
+        }
+    }
+
+    /// Asks the owner for events after the last one delivered: a dropped last broadcast has no
+    /// later event to reveal it.
+    async fn probe_tail(&mut self) {
+        let Some(next) = self.next else { return };
+        let Some(answer) = self
+            .feeds
+            .history(self.zone, next - 1, next + TAIL_EVENTS)
+            .await
+        else {
+            return;
+        };
+        if self.epoch.as_deref() != Some(answer.epoch.as_str()) {
+            return;
+        }
+        let found = answer.events.iter().any(|e| e.seq == next);
+        for e in answer.events {
+            if e.seq >= next {
+                self.buffer.insert(e.seq, e);
+            }
+        }
+        if found {
+            self.feeds.gaps_healed.inc();
+            tracing::info!(zone = %self.zone, from = next, "a dropped last broadcast was filled");
         }
     }
 
