@@ -407,10 +407,8 @@ async fn a_stale_owner_resumed_after_its_lease_was_taken_over_writes_nothing() {
     for x in 10..20 {
         let _ = push_move(&mut local, &local_ref, &zone, x).await;
     }
-    assert_eq!(
-        push_move(&mut remote, &remote_ref, &zone, 3).await["status"],
-        "ok"
-    );
+    let after = push_move(&mut remote, &remote_ref, &zone, 3).await;
+    assert_eq!(after["status"], "ok", "{after}");
     let (_, epoch, fence) = row(&cluster).await;
     assert_eq!(json!(epoch), new_owner["epoch"]);
     assert!(fence > 0);

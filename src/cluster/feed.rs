@@ -246,6 +246,9 @@ impl Feed {
         let sink = TopicSink::new(self.feeds.hub.clone());
         let mut tick = tokio::time::interval(GAP_GRACE);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Ended because this node writes the zone now, or a newer feed follows it: the zone's
+        // topic here is theirs, not this feed's to forget.
+        let mut superseded = false;
         loop {
             tokio::select! {
                 msg = sub.next() => {
@@ -266,7 +269,11 @@ impl Feed {
                     }
                 }
                 input = rx.recv() => match input {
-                    None | Some(Input::Stop) => break,
+                    None => break,
+                    Some(Input::Stop) => {
+                        superseded = true;
+                        break;
+                    }
                     Some(Input::Expect { connection, agent }) => {
                         self.expected.insert((connection, agent), Instant::now());
                     }
@@ -277,6 +284,12 @@ impl Feed {
                 },
                 _ = tick.tick() => {}
             }
+            // This node writes the zone now (its own sink serves its subscribers), or a newer
+            // feed follows it: nothing more of this one may reach them.
+            if !self.current() {
+                superseded = true;
+                break;
+            }
             self.drain(&sink);
             if let Some(since) = self.gap_since
                 && since.elapsed() >= GAP_GRACE
@@ -286,6 +299,10 @@ impl Feed {
                     break;
                 }
                 self.heal().await;
+                if !self.current() {
+                    superseded = true;
+                    break;
+                }
                 self.drain(&sink);
             } else if self.next.is_some()
                 && self.buffer.is_empty()
@@ -295,6 +312,10 @@ impl Feed {
                 // shows the gap, so the owner is asked once for anything after it.
                 self.last_heard = None;
                 self.probe_tail().await;
+                if !self.current() {
+                    superseded = true;
+                    break;
+                }
                 self.drain(&sink);
             }
             if self.idle() {
@@ -309,12 +330,21 @@ impl Feed {
             }
         }
         // Answers still held go out; the zone's presence on this node is forgotten once none
-        // of its connections is subscribed.
+        // of its connections is subscribed (unless the zone is written here now).
         for (_, (reply, to)) in self.answers.drain() {
             to.reply(&reply);
         }
-        self.feeds.hub.forget_zone(self.zone, false);
+        if !superseded {
+            self.feeds.hub.forget_zone(self.zone, false);
+        }
         let _ = sub.unsubscribe().await;
+    }
+
+    /// Whether this is still the feed this node follows the zone by.
+    fn current(&self) -> bool {
+        lock(&self.feeds.feeds)
+            .get(&self.zone)
+            .is_some_and(|t| t.same_channel(&self.tx))
     }
 
     /// Whether the feed has nothing left to do: no subscriber here, nothing on its way.

@@ -5,6 +5,10 @@
 //!
 //! A node that starts again under the same name is a new incarnation: the first heartbeat of
 //! the new one ends the old one at once (its sessions are gone; its leases are free).
+//!
+//! A node cannot see its own pause (SIGSTOP, a long stall) from the inside until its heartbeat
+//! task runs again: until then [`Membership::wait_current`] holds whoever would act on the
+//! node's leases, so that nothing is applied by a node the others may have declared dead.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -28,6 +32,9 @@ pub struct Membership {
     pub me: NodeId,
     members: watch::Receiver<Members>,
     joined: watch::Receiver<bool>,
+    /// When this node last sent a heartbeat (or, after a pause, last found it was paused).
+    beat: watch::Receiver<Instant>,
+    heartbeat: Duration,
 }
 
 impl Membership {
@@ -47,16 +54,19 @@ impl Membership {
             .map_err(|e| ClusterError::Nats(format!("cannot subscribe to heartbeats: {e}")))?;
         let (members_tx, members) = watch::channel(Members::new([me.clone()]));
         let (joined_tx, joined) = watch::channel(false);
+        let (beat_tx, beat) = watch::channel(Instant::now());
         let view = Self {
             me: me.clone(),
             members,
             joined,
+            beat,
+            heartbeat,
         };
         nodes.set(1);
         let heartbeat_subject = subjects.heartbeat();
         tokio::spawn(async move {
             let mut started = Instant::now();
-            let mut awake = Instant::now();
+            let mut last_beat = Instant::now();
             let dead_after = heartbeat * SILENT_HEARTBEATS;
             let mut seen: HashMap<NodeId, Instant> = HashMap::new();
             let mut beat = tokio::time::interval(heartbeat);
@@ -68,12 +78,14 @@ impl Membership {
                 })
             };
             loop {
+                let mut beat_sent = false;
                 let stopping = tokio::select! {
                     r = stop.changed() => r.is_err() || *stop.borrow_and_update(),
                     _ = beat.tick() => {
                         if let Err(e) = client.publish(heartbeat_subject.clone(), announce(false)).await {
                             tracing::warn!(error = %e, "a heartbeat could not be sent");
                         }
+                        beat_sent = true;
                         if !*joined_tx.borrow() && started.elapsed() >= dead_after {
                             joined_tx.send_replace(true);
                             tracing::info!(node = %me, members = seen.len() + 1, "joined the cluster");
@@ -105,19 +117,25 @@ impl Membership {
                     return;
                 }
                 let now = Instant::now();
-                if now.saturating_duration_since(awake) >= dead_after {
-                    // This node was paused (SIGSTOP, a long stall) for longer than it takes to
-                    // declare a node dead: what it heard is stale, and the others may have
+                let silent = now.saturating_duration_since(last_beat);
+                if silent >= dead_after {
+                    // This node sent no heartbeat (SIGSTOP, a long stall) for as long as it takes
+                    // to declare a node dead: what it heard is stale, and the others may have
                     // declared *it* dead meanwhile. It listens afresh before it acts again.
-                    tracing::warn!(node = %me, paused_ms = now.saturating_duration_since(awake).as_millis() as u64,
+                    tracing::warn!(node = %me, paused_ms = silent.as_millis() as u64,
                         "this node was paused: it listens to the cluster again before acting");
                     started = now;
                     joined_tx.send_replace(false);
                     for at in seen.values_mut() {
                         *at = now;
                     }
+                    beat_sent = true;
                 }
-                awake = now;
+                if beat_sent {
+                    // Only now, after `joined` says what the pause means: see `wait_current`.
+                    last_beat = now;
+                    beat_tx.send_replace(now);
+                }
                 seen.retain(|node, at| {
                     let alive = now.saturating_duration_since(*at) < dead_after;
                     if !alive {
@@ -152,6 +170,17 @@ impl Membership {
     /// Whether this node has listened long enough to trust its view.
     pub fn joined(&self) -> bool {
         *self.joined.borrow()
+    }
+
+    /// Waits (up to `limit`) until this node's heartbeats are current: the last went out less
+    /// than two heartbeats ago. A node resumed from a pause has not looked at the time yet; once
+    /// its heartbeat task has, [`joined`](Self::joined) says whether it must listen again first.
+    pub async fn wait_current(&self, limit: Duration) -> bool {
+        let mut beat = self.beat.clone();
+        let bound = self.heartbeat * 2;
+        tokio::time::timeout(limit, beat.wait_for(|at| at.elapsed() < bound))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Waits (up to `limit`) until this node has joined; whether it has.

@@ -215,8 +215,7 @@ impl Cluster {
         .await?;
         router::serve_history(
             self.client.clone(),
-            subjects,
-            self.router.me(),
+            self.router.clone(),
             zones.registry.clone(),
         )
         .await?;

@@ -291,7 +291,11 @@ impl Router {
     /// Where `zone` is written; see [`Placement::place`].
     async fn locate(&self, zone: Uuid) -> Result<Place, ClusterError> {
         // A node that has not (or, after a pause, not again) listened to the cluster long
-        // enough trusts neither its view of the others nor its own leases.
+        // enough trusts neither its view of the others nor its own leases. One just resumed
+        // from a pause does not know it yet: it waits until its heartbeat task has looked.
+        if !self.membership.wait_current(OWNER_WAIT).await {
+            return Err(ClusterError::NotJoined);
+        }
         if !self.membership.joined() && !self.membership.wait_joined(OWNER_WAIT).await {
             return Err(ClusterError::NotJoined);
         }
@@ -343,6 +347,14 @@ impl Router {
                 Ok(Place::Elsewhere)
             }
         }
+    }
+
+    /// Whether this node writes `zone` now: it holds the lease, and has been awake and listening
+    /// to the cluster (a node resumed from a pause learns first whether the lease moved on).
+    async fn writes(&self, zone: Uuid) -> bool {
+        self.membership.wait_current(ANSWER_WAIT).await
+            && self.membership.joined()
+            && lock(&self.held).contains_key(&zone)
     }
 
     /// Where a command for `zone` goes now: the owner as last learned, else where rendezvous
@@ -659,15 +671,16 @@ pub async fn serve_commands(
     Ok(())
 }
 
-/// Answers other nodes' questions for the recent events of the zones this node writes.
+/// Answers other nodes' questions for the recent events of the zones this node writes. A zone
+/// it does not write (any more) is answered with no epoch: a copy left in memory by a lost
+/// lease is stale, and the log may hold the next owner's epoch, which the copy's would mislabel.
 pub async fn serve_history(
     client: Client,
-    subjects: &Subjects,
-    me: &NodeId,
+    router: Arc<Router>,
     registry: Arc<ZoneRegistry>,
 ) -> Result<(), ClusterError> {
     let mut asks = client
-        .subscribe(subjects.history(&me.name))
+        .subscribe(router.subjects().history(&router.me().name))
         .await
         .map_err(|e| ClusterError::Nats(format!("cannot subscribe to history asks: {e}")))?;
     tokio::spawn(async move {
@@ -678,8 +691,16 @@ pub async fn serve_history(
             let Ok(ask) = protocol::decode::<HistoryAsk>(&msg.payload) else {
                 continue;
             };
-            let Some(live) = registry.live(ask.zone) else {
-                continue;
+            let live = match registry.live(ask.zone) {
+                Some(live) if router.writes(ask.zone).await => live,
+                _ => {
+                    let none = HistoryAnswer {
+                        epoch: String::new(),
+                        events: Vec::new(),
+                    };
+                    let _ = client.publish(to, protocol::encode(&none)).await;
+                    continue;
+                }
             };
             let epoch = live.state().epoch().to_owned();
             let mut events: Vec<_> = live
