@@ -4,80 +4,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::binary::{self, ADMIN, Daemon};
+use common::cluster::{Cluster, NATS, Stopped, db, logged_moves, zone_json};
 use common::server::http;
 use serde_json::{Value, json};
-
-const NATS: &str = "nats://127.0.0.1:4222";
-
-/// A cluster of its own (its own name on the shared NATS server) on a fresh schema.
-struct Cluster {
-    name: String,
-    db: common::TestDb,
-    dirs: Vec<PathBuf>,
-}
-
-impl Cluster {
-    async fn new() -> Self {
-        let db = common::postgres()
-            .await
-            .expect("PostgreSQL is needed for a cluster (one database shared by its nodes)");
-        Self {
-            name: format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
-            db,
-            dirs: Vec::new(),
-        }
-    }
-
-    /// Starts node `node`, waiting until it has joined (ready).
-    async fn node(&mut self, node: &str) -> Daemon {
-        self.node_with(node, &[]).await
-    }
-
-    /// As [`node`](Self::node), with more environment variables.
-    async fn node_with(&mut self, node: &str, envs: &[(&str, &str)]) -> Daemon {
-        let dir = std::env::temp_dir().join(format!(
-            "thunderline-{}-{node}-{}",
-            self.name,
-            self.dirs.len()
-        ));
-        self.dirs.push(dir.clone());
-        let daemon = binary::start_env(
-            &dir,
-            &[
-                "--database",
-                &self.db.url,
-                "--cluster",
-                NATS,
-                "--node-id",
-                node,
-                "--cluster-name",
-                &self.name,
-                "--cluster-heartbeat-ms",
-                "100",
-            ],
-            Stdio::inherit(),
-            envs,
-        );
-        let ready = common::eventually(10, async || {
-            http(daemon.addr, "GET", "/readyz", None, None).await.0 == 200
-        })
-        .await;
-        assert!(ready, "node {node} joined its cluster");
-        daemon
-    }
-
-    async fn cleanup(self) {
-        for dir in &self.dirs {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        self.db.cleanup().await;
-    }
-}
 
 /// The owner of `zone` (by `assigned_server`) and another node, out of `nodes`.
 async fn owner_and_other<'a>(
@@ -95,48 +27,6 @@ async fn owner_and_other<'a>(
         assert_eq!(owner, names[1]);
         (nodes[1], nodes[0], owner)
     }
-}
-
-/// A PostgreSQL connection to the cluster's schema.
-async fn db(cluster: &Cluster) -> sqlx::PgConnection {
-    use sqlx::Connection;
-    sqlx::PgConnection::connect(&cluster.db.url).await.unwrap()
-}
-
-/// The x of every `agent_moved` of `agent` in zone `zone`'s audit log, in seq order.
-async fn logged_moves(cluster: &Cluster, zone: &str, agent: &str) -> Vec<i64> {
-    let rows: Vec<(f64,)> = sqlx::query_as(
-        "SELECT (payload->'position'->>'x')::float8 FROM audit_events \
-         WHERE zone_id = $1::uuid AND event_type = 'agent_moved' AND payload->>'agent_id' = $2 ORDER BY seq",
-    )
-    .bind(zone)
-    .bind(agent)
-    .fetch_all(&mut db(cluster).await)
-    .await
-    .unwrap();
-    rows.into_iter().map(|(x,)| x as i64).collect()
-}
-
-/// Resumes a daemon stopped with SIGSTOP, whatever happens in the test.
-struct Stopped<'a>(&'a Daemon);
-
-impl Drop for Stopped<'_> {
-    fn drop(&mut self) {
-        self.0.signal("-CONT");
-    }
-}
-
-async fn zone_json(node: &Daemon, zone: &str) -> Value {
-    let (status, body) = http(
-        node.addr,
-        "GET",
-        &format!("/api/zones/{zone}"),
-        None,
-        Some(ADMIN),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

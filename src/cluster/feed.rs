@@ -18,7 +18,7 @@ use async_nats::Client;
 use futures_util::StreamExt;
 use prometheus::IntCounter;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -29,6 +29,7 @@ use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
 use crate::realtime::hub::topic_name;
 use crate::realtime::{Hub, TopicSink, protocol as wire};
 use crate::runtime::{Reply, ReplyTo, ZoneRegistry, ZoneWork};
+use crate::store::Store;
 use crate::zone::{Answer, EventKind, ZoneCommand, ZoneEvent};
 
 /// How long a gap may stay open before the owner is asked to fill it.
@@ -41,6 +42,11 @@ const TAIL_PROBE: Duration = Duration::from_millis(200);
 const TAIL_EVENTS: u64 = 1_000;
 /// How long the join's own event waits for the join's answer.
 const ANSWER_LIMIT: Duration = Duration::from_secs(2);
+/// How long a node that takes a zone over waits for what it followed of it to be delivered.
+const SETTLE_LIMIT: Duration = Duration::from_secs(2);
+/// The most events read from the log to deliver what a feed had not yet when its node took
+/// the zone over.
+const SETTLE_EVENTS: u32 = 10_000;
 
 /// Fault injection for tests: drop every n-th broadcast a feed receives.
 const DROP_BROADCASTS_ENV: &str = "THUNDERLINE_FAULT_DROP_BROADCASTS";
@@ -58,8 +64,14 @@ enum Input {
     /// The zone's owner died: take this node's sessions in to the next one, and start again
     /// from where it continues.
     Reregister,
-    /// This node writes the zone now.
-    Stop,
+    /// This node writes the zone now, from `seq` of `epoch`: what it followed up to there is
+    /// delivered first (from the log, where the previous owner wrote it all before letting the
+    /// zone go), then `done` is told.
+    Stop {
+        epoch: String,
+        seq: u64,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// The zones this node follows.
@@ -67,6 +79,7 @@ pub struct Feeds {
     client: Client,
     subjects: Subjects,
     hub: Arc<Hub>,
+    store: Store,
     feeds: Mutex<HashMap<Uuid, mpsc::UnboundedSender<Input>>>,
     router: OnceLock<Weak<Router>>,
     gaps_healed: IntCounter,
@@ -78,6 +91,7 @@ impl Feeds {
         client: Client,
         subjects: Subjects,
         hub: Arc<Hub>,
+        store: Store,
         gaps_healed: IntCounter,
     ) -> Arc<Self> {
         let drop_every = std::env::var(DROP_BROADCASTS_ENV)
@@ -88,6 +102,7 @@ impl Feeds {
             client,
             subjects,
             hub,
+            store,
             feeds: Mutex::default(),
             router: OnceLock::new(),
             gaps_healed,
@@ -117,6 +132,27 @@ impl Feeds {
             let _ = tx.send(input());
             return;
         }
+        self.start(zone, Some(input()), None).await;
+    }
+
+    /// This node hands zone `zone` to its next owner, after `next - 1` of `epoch`: its clients
+    /// in the zone follow it from `next` on. Subscribed before this returns (and so before the
+    /// lease goes, and anything of the next owner's can be published).
+    pub async fn follow(self: &Arc<Self>, zone: Uuid, epoch: String, next: u64) {
+        if !self.hub.has_subscribers(zone) || self.sender(zone).is_some() {
+            return;
+        }
+        self.start(zone, None, Some((epoch, next))).await;
+    }
+
+    /// Starts following `zone` with `first` as its first input, from `from` (an epoch and the
+    /// next seq) if this node knows where it is, else from the first join's answer.
+    async fn start(
+        self: &Arc<Self>,
+        zone: Uuid,
+        first: Option<Input>,
+        from: Option<(String, u64)>,
+    ) {
         let sub = match self.client.subscribe(self.subjects.zone(zone)).await {
             Ok(sub) => sub,
             Err(e) => {
@@ -125,21 +161,26 @@ impl Feeds {
             }
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(input());
         {
             let mut feeds = lock(&self.feeds);
             if let Some(existing) = feeds.get(&zone).filter(|t| !t.is_closed()) {
-                let _ = existing.send(input());
+                if let Some(input) = first {
+                    let _ = existing.send(input);
+                }
                 return; // the subscription just made is dropped: unsubscribed
+            }
+            if let Some(input) = first {
+                let _ = tx.send(input);
             }
             feeds.insert(zone, tx.clone());
         }
+        let (epoch, next) = from.map_or((None, None), |(e, n)| (Some(e), Some(n)));
         let feed = Feed {
             zone,
             feeds: self.clone(),
             tx,
-            epoch: None,
-            next: None,
+            epoch,
+            next,
             early: Vec::new(),
             buffer: BTreeMap::new(),
             answers: HashMap::new(),
@@ -191,10 +232,15 @@ impl Feeds {
         }
     }
 
-    /// This node writes zone `zone` now: it stops following it.
-    pub fn owned(&self, zone: Uuid) {
-        if let Some(tx) = lock(&self.feeds).remove(&zone) {
-            let _ = tx.send(Input::Stop);
+    /// This node writes zone `zone` now, from `seq` of `epoch`: it stops following it, once
+    /// what it followed is delivered up to there (waits a bounded time for that).
+    pub async fn owned(&self, zone: Uuid, epoch: String, seq: u64) {
+        let Some(tx) = lock(&self.feeds).remove(&zone) else {
+            return;
+        };
+        let (done, settled) = oneshot::channel();
+        if tx.send(Input::Stop { epoch, seq, done }).is_ok() {
+            let _ = tokio::time::timeout(SETTLE_LIMIT, settled).await;
         }
     }
 
@@ -270,7 +316,9 @@ impl Feed {
                 }
                 input = rx.recv() => match input {
                     None => break,
-                    Some(Input::Stop) => {
+                    Some(Input::Stop { epoch, seq, done }) => {
+                        self.settle(&sink, &epoch, seq).await;
+                        let _ = done.send(());
                         superseded = true;
                         break;
                     }
@@ -522,6 +570,35 @@ impl Feed {
             (Some(_), None) => Some(Instant::now()),
             (None, _) => None,
         };
+    }
+
+    /// This node takes the zone over at `seq` of `epoch`: what this feed has not delivered up
+    /// to there is read from the log and delivered (in the same epoch only: after an owner's
+    /// death the zone starts a new one, which its sessions here are taken into afresh).
+    async fn settle(&mut self, sink: &TopicSink, epoch: &str, seq: u64) {
+        let Some(next) = self.next else { return };
+        if self.epoch.as_deref() != Some(epoch) || next > seq {
+            return;
+        }
+        match self
+            .feeds
+            .store
+            .zone_events(self.zone, None, Some(next - 1), Some(SETTLE_EVENTS))
+            .await
+        {
+            Ok(logged) => {
+                for e in logged.into_iter().filter(|e| e.seq <= seq) {
+                    self.buffer.entry(e.seq).or_insert(e);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(zone = %self.zone, error = %e, "the events followed before taking a zone over could not be read");
+            }
+        }
+        // Nothing newer can come from elsewhere now: joins still waiting for an answer do
+        // not hold their events back any more.
+        self.expected.clear();
+        self.drain(sink);
     }
 
     /// Asks the owner for the events of the gap.

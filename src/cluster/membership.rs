@@ -11,6 +11,7 @@
 //! node's leases, so that nothing is applied by a node the others may have declared dead.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Client;
@@ -35,6 +36,8 @@ pub struct Membership {
     /// When this node last sent a heartbeat (or, after a pause, last found it was paused).
     beat: watch::Receiver<Instant>,
     heartbeat: Duration,
+    /// Whether this node drains: it says so in every heartbeat from the moment it starts.
+    draining: Arc<watch::Sender<bool>>,
 }
 
 impl Membership {
@@ -55,12 +58,14 @@ impl Membership {
         let (members_tx, members) = watch::channel(Members::new([me.clone()]));
         let (joined_tx, joined) = watch::channel(false);
         let (beat_tx, beat) = watch::channel(Instant::now());
+        let (draining_tx, mut draining) = watch::channel(false);
         let view = Self {
             me: me.clone(),
             members,
             joined,
             beat,
             heartbeat,
+            draining: Arc::new(draining_tx),
         };
         nodes.set(1);
         let heartbeat_subject = subjects.heartbeat();
@@ -68,21 +73,35 @@ impl Membership {
             let mut started = Instant::now();
             let mut last_beat = Instant::now();
             let dead_after = heartbeat * SILENT_HEARTBEATS;
-            let mut seen: HashMap<NodeId, Instant> = HashMap::new();
+            // When each node was last heard, and whether it said it drains.
+            let mut seen: HashMap<NodeId, (Instant, bool)> = HashMap::new();
             let mut beat = tokio::time::interval(heartbeat);
             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let announce = |leaving| {
+            let announce = |leaving, draining| {
                 protocol::encode(&Heartbeat {
                     node: me.clone(),
                     leaving,
+                    draining,
                 })
             };
             loop {
                 let mut beat_sent = false;
                 let stopping = tokio::select! {
                     r = stop.changed() => r.is_err() || *stop.borrow_and_update(),
+                    // A node that starts draining says so at once, not at its next heartbeat:
+                    // the others stop placing zones on it before it lets its own go.
+                    Ok(()) = draining.changed() => {
+                        let now_draining = *draining.borrow_and_update();
+                        if let Err(e) = client.publish(heartbeat_subject.clone(), announce(false, now_draining)).await {
+                            tracing::warn!(error = %e, "a heartbeat could not be sent");
+                        }
+                        let _ = client.flush().await;
+                        beat_sent = true;
+                        false
+                    }
                     _ = beat.tick() => {
-                        if let Err(e) = client.publish(heartbeat_subject.clone(), announce(false)).await {
+                        let now_draining = *draining.borrow();
+                        if let Err(e) = client.publish(heartbeat_subject.clone(), announce(false, now_draining)).await {
                             tracing::warn!(error = %e, "a heartbeat could not be sent");
                         }
                         beat_sent = true;
@@ -102,7 +121,7 @@ impl Membership {
                             Ok(h) => {
                                 // A new incarnation ends the old one of the same name.
                                 seen.retain(|n, _| n.name != h.node.name || *n == h.node);
-                                seen.insert(h.node, Instant::now());
+                                seen.insert(h.node, (Instant::now(), h.draining));
                             }
                             Err(e) => tracing::warn!(error = %e, "an unreadable heartbeat was ignored"),
                         }
@@ -111,7 +130,7 @@ impl Membership {
                 };
                 if stopping {
                     let _ = client
-                        .publish(heartbeat_subject.clone(), announce(true))
+                        .publish(heartbeat_subject.clone(), announce(true, true))
                         .await;
                     let _ = client.flush().await;
                     return;
@@ -126,7 +145,7 @@ impl Membership {
                         "this node was paused: it listens to the cluster again before acting");
                     started = now;
                     joined_tx.send_replace(false);
-                    for at in seen.values_mut() {
+                    for (at, _) in seen.values_mut() {
                         *at = now;
                     }
                     beat_sent = true;
@@ -136,14 +155,20 @@ impl Membership {
                     last_beat = now;
                     beat_tx.send_replace(now);
                 }
-                seen.retain(|node, at| {
+                seen.retain(|node, (at, _)| {
                     let alive = now.saturating_duration_since(*at) < dead_after;
                     if !alive {
                         tracing::warn!(%node, "a node fell silent: it is dead");
                     }
                     alive
                 });
-                let current = Members::new(seen.keys().cloned().chain([me.clone()]));
+                let me_draining = *draining.borrow();
+                let current = Members::new(seen.keys().cloned().chain([me.clone()])).draining(
+                    seen.iter()
+                        .filter(|(_, (_, d))| *d)
+                        .map(|(n, _)| n.clone())
+                        .chain(me_draining.then(|| me.clone())),
+                );
                 members_tx.send_if_modified(|m| {
                     let changed = *m != current;
                     if changed {
@@ -170,6 +195,17 @@ impl Membership {
     /// Whether this node has listened long enough to trust its view.
     pub fn joined(&self) -> bool {
         *self.joined.borrow()
+    }
+
+    /// Starts draining: from now on this node says in its heartbeats that no zone is to be
+    /// placed on it (until it stops; a drained node is started again to take zones).
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Whether this node drains.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
     }
 
     /// Waits (up to `limit`) until this node's heartbeats are current: the last went out less

@@ -108,11 +108,16 @@ pub fn valid_node_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// How long a node waits for its zones to be handed over (their last events written) before
+/// it gives up and keeps them.
+pub const HAND_OVER_LIMIT: Duration = Duration::from_secs(10);
+
 /// This node's part in a cluster.
 pub struct Cluster {
     pub router: Arc<Router>,
     pub feeds: Arc<Feeds>,
     client: Client,
+    heartbeat: Duration,
 }
 
 impl Cluster {
@@ -120,6 +125,7 @@ impl Cluster {
     pub async fn join(
         config: &ClusterConfig,
         hub: Arc<Hub>,
+        store: crate::store::Store,
         metrics: &Registry,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, ClusterError> {
@@ -144,11 +150,12 @@ impl Cluster {
         let metrics = ClusterMetrics::register(metrics)
             .map_err(|e| ClusterError::Nats(format!("metrics: {e}")))?;
         let me = NodeId::start(config.node_id.clone());
+        let heartbeat = Duration::from_millis(config.heartbeat_ms.max(1));
         let membership = Membership::start(
             client.clone(),
             &subjects,
             me,
-            Duration::from_millis(config.heartbeat_ms.max(1)),
+            heartbeat,
             metrics.nodes.clone(),
             stop,
         )
@@ -162,6 +169,7 @@ impl Cluster {
             client.clone(),
             subjects.clone(),
             hub,
+            store,
             metrics.gaps_healed.clone(),
         );
         let router = Router::start(
@@ -178,6 +186,7 @@ impl Cluster {
             router,
             feeds,
             client,
+            heartbeat,
         })
     }
 
@@ -222,10 +231,20 @@ impl Cluster {
         let router = self.router.clone();
         let feeds = self.feeds.clone();
         let mut members = router.membership().watch();
+        let settle = self.heartbeat * (membership::SILENT_HEARTBEATS + 1);
         tokio::spawn(async move {
             let mut before = members.borrow().clone();
             while members.changed().await.is_ok() {
                 let now = members.borrow_and_update().clone();
+                if now.iter().any(|n| !before.contains(n)) {
+                    // A node joined: the zones rendezvous hashing gives it now are handed to it,
+                    // once it has listened long enough to take them.
+                    let router = router.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(settle).await;
+                        router.rebalance(HAND_OVER_LIMIT).await;
+                    });
+                }
                 for gone in before.iter().filter(|n| !now.contains(n)) {
                     // The zones it wrote: this node's sessions in them go to their next owners,
                     // and its commands waiting for an answer from it are sent there too.

@@ -30,13 +30,23 @@ impl std::fmt::Display for NodeId {
     }
 }
 
-/// The nodes a node believes alive.
+/// The nodes a node believes alive, and which of them are draining (handing their zones away,
+/// taking none).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Members(BTreeSet<NodeId>);
+pub struct Members(BTreeSet<NodeId>, BTreeSet<NodeId>);
 
 impl Members {
     pub fn new(nodes: impl IntoIterator<Item = NodeId>) -> Self {
-        Self(nodes.into_iter().collect())
+        Self(nodes.into_iter().collect(), BTreeSet::new())
+    }
+
+    /// These members, with `draining` among them draining.
+    pub fn draining(mut self, draining: impl IntoIterator<Item = NodeId>) -> Self {
+        self.1 = draining
+            .into_iter()
+            .filter(|n| self.0.contains(n))
+            .collect();
+        self
     }
 
     /// Whether `node`, this very incarnation, is alive.
@@ -44,8 +54,18 @@ impl Members {
         self.0.contains(node)
     }
 
+    /// Whether `node` is draining.
+    pub fn is_draining(&self, node: &NodeId) -> bool {
+        self.1.contains(node)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &NodeId> {
         self.0.iter()
+    }
+
+    /// The members zones may be placed on: alive and not draining.
+    pub fn eligible(&self) -> impl Iterator<Item = &NodeId> {
+        self.0.iter().filter(|n| !self.1.contains(n))
     }
 
     pub fn len(&self) -> usize {

@@ -42,11 +42,14 @@ impl Subjects {
     }
 }
 
-/// A node is alive (or, `leaving`, about to stop).
+/// A node is alive (or, `leaving`, about to stop). A `draining` node hands its zones away and
+/// takes no new ones: it is alive (its clients' sessions stand), but no zone is placed on it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub node: NodeId,
     pub leaving: bool,
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A command sent to its zone's owner.

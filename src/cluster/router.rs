@@ -13,7 +13,7 @@
 //! pipeline, and [`serve_history`] answers for a zone's recent events (to heal a broadcast gap
 //! on another node).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -43,6 +43,8 @@ const ANSWER_WAIT: Duration = Duration::from_secs(2);
 const OWNER_WAIT: Duration = Duration::from_secs(10);
 /// The pause before a command refused by a node that is not the owner is sent again.
 const REROUTE_PAUSE: Duration = Duration::from_millis(20);
+/// How often a hand-over looks whether its zones are written (and asks again for those not).
+const HAND_OVER_POLL: Duration = Duration::from_millis(20);
 
 /// The cluster's metrics.
 #[derive(Clone)]
@@ -126,6 +128,8 @@ pub struct Router {
     ownership: Ownership<KvLeases>,
     /// Zones whose lease this node holds, with its fencing token.
     held: Mutex<HashMap<Uuid, u64>>,
+    /// Zones this node is handing to their next owners: it applies nothing more of theirs.
+    handing: Mutex<HashSet<Uuid>>,
     /// Who writes the zones this node does not, as last learned.
     owners: Mutex<HashMap<Uuid, NodeId>>,
     queue: mpsc::UnboundedSender<Job>,
@@ -162,6 +166,7 @@ impl Router {
             subjects,
             membership,
             held: Mutex::default(),
+            handing: Mutex::default(),
             owners: Mutex::default(),
             queue,
             pending: Mutex::default(),
@@ -300,6 +305,9 @@ impl Router {
             return Err(ClusterError::NotJoined);
         }
         if let Some(fence) = lock(&self.held).get(&zone) {
+            if lock(&self.handing).contains(&zone) {
+                return Ok(Place::Leaving);
+            }
             return Ok(Place::Here {
                 fence: Some(*fence),
             });
@@ -318,8 +326,9 @@ impl Router {
             }
             _ => {}
         }
-        // Free, or held by a node that is gone: it goes where rendezvous hashing says.
-        let target = rendezvous(zone, members.iter())
+        // Free, or held by a node that is gone: it goes where rendezvous hashing says (never to
+        // a draining node, unless every node drains).
+        let target = rendezvous(zone, members.eligible())
             .cloned()
             .unwrap_or_else(|| self.me().clone());
         if target != *self.me() {
@@ -336,8 +345,7 @@ impl Router {
                 self.metrics.owned_zones.set(held.len() as i64);
                 lock(&self.owners).remove(&zone);
                 drop(held);
-                // Events of another owner this node was following end here.
-                self.feeds.owned(zone);
+                // What this node followed of the zone ends once it is loaded (`taken`).
                 Ok(Place::Here {
                     fence: Some(lease.fence),
                 })
@@ -366,9 +374,105 @@ impl Router {
         {
             return owner.clone();
         }
-        rendezvous(zone, members.iter())
+        rendezvous(zone, members.eligible())
             .cloned()
             .unwrap_or_else(|| self.me().clone())
+    }
+
+    /// Hands `zones` (those of them this node holds) to their next owners, each as soon as
+    /// everything it applied is written: from now on their commands go to the next owner, which
+    /// waits for the lease and continues the zone in the same epoch. Waits up to `limit`; the
+    /// zones not handed over by then stay here (and are written and closed at shutdown).
+    /// Returns how many were handed over.
+    pub async fn hand_over(&self, zones: &[Uuid], limit: Duration) -> usize {
+        let Some(local) = self.local.get().cloned() else {
+            return 0;
+        };
+        let mine: Vec<Uuid> = {
+            let held = lock(&self.held);
+            zones
+                .iter()
+                .copied()
+                .filter(|z| held.contains_key(z))
+                .collect()
+        };
+        if mine.is_empty() {
+            return 0;
+        }
+        lock(&self.handing).extend(mine.iter().copied());
+        tracing::info!(zones = mine.len(), "handing zones to their next owners");
+        let deadline = Instant::now() + limit;
+        let mut nudged = HashSet::new();
+        let mut wait = tokio::time::interval(HAND_OVER_POLL);
+        loop {
+            wait.tick().await;
+            let still: Vec<(Uuid, u64)> = {
+                let held = lock(&self.held);
+                mine.iter()
+                    .filter_map(|z| held.get(z).map(|f| (*z, *f)))
+                    .collect()
+            };
+            // A zone handed over is loaded by its next owner now, not at its next command: a
+            // zone without one would otherwise have no owner (and no ticks) until then.
+            for zone in mine.iter().filter(|z| !still.iter().any(|(s, _)| s == *z)) {
+                if nudged.insert(*zone) {
+                    let load = crate::runtime::command(
+                        *zone,
+                        crate::zone::Actor::System,
+                        CommandKind::GetZoneState,
+                    );
+                    local.push(ZoneWork::command(load, None)).await;
+                }
+            }
+            if still.is_empty() || Instant::now() >= deadline {
+                if !still.is_empty() {
+                    tracing::warn!(
+                        zones = still.len(),
+                        "some zones could not be handed over in time: they stay on this node"
+                    );
+                }
+                let mut handing = lock(&self.handing);
+                for z in &mine {
+                    handing.remove(z);
+                }
+                return mine.len() - still.len();
+            }
+            for (zone, fence) in still {
+                if local.registry.live(zone).is_none() {
+                    self.release(zone, fence).await;
+                } else {
+                    local.push(ZoneWork::hand_over(zone)).await;
+                }
+            }
+        }
+    }
+
+    /// Starts draining: no zone is placed on this node any more, and every zone it holds is
+    /// handed to its next owner (see [`hand_over`](Self::hand_over)).
+    pub async fn drain(&self, limit: Duration) -> usize {
+        self.membership.drain();
+        // The others learn it from the heartbeat just sent; a command they route meanwhile to
+        // this node is sent back to them, and routed again.
+        let held = self.held();
+        self.hand_over(&held, limit).await
+    }
+
+    /// The zones this node holds that rendezvous hashing now gives another node (one that
+    /// joined): each is handed over.
+    pub async fn rebalance(&self, limit: Duration) -> usize {
+        if self.membership.is_draining() {
+            return 0;
+        }
+        let members = self.membership.members();
+        let moving: Vec<Uuid> = self
+            .held()
+            .into_iter()
+            .filter(|z| rendezvous(*z, members.eligible()).is_some_and(|n| n != self.me()))
+            .collect();
+        if moving.is_empty() {
+            return 0;
+        }
+        self.hand_over(&moving, limit).await
     }
 
     async fn send(&self, job: Job) {
@@ -433,7 +537,7 @@ impl Router {
         if job.since.elapsed() >= OWNER_WAIT {
             let command_id = match &job.work.job {
                 crate::runtime::Job::Command(c) => c.id,
-                crate::runtime::Job::Evict => return,
+                crate::runtime::Job::Evict | crate::runtime::Job::HandOver => return,
             };
             self.metrics
                 .forwarded
@@ -597,6 +701,14 @@ impl Placement for Router {
             .members()
             .iter()
             .any(|node| super::run_prefix(node) == run)
+    }
+
+    fn taken(&self, zone: Uuid, epoch: String, seq: u64) -> crate::runtime::Settled<'_> {
+        Box::pin(async move { self.feeds.owned(zone, epoch, seq).await })
+    }
+
+    fn handing(&self, zone: Uuid, epoch: String, seq: u64) -> crate::runtime::Settled<'_> {
+        Box::pin(async move { self.feeds.follow(zone, epoch, seq + 1).await })
     }
 
     fn left(&self, zone: Uuid, fence: Option<u64>) {

@@ -24,9 +24,10 @@ use super::console;
 use super::control::ZonePipeline;
 use super::error::DaemonError;
 use super::ingest::{Sources, SourcesSettled};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, HAND_OVER_LIMIT};
 use crate::pipeline::{BatcherName, Message, Pipeline, PipelineMetrics, in_memory};
 use crate::realtime::revocation::{Revocation, Revocations};
+use crate::realtime::socket::SERVICE_RESTART;
 use crate::realtime::{
     Hub, HubMetrics, SocketConfig, SocketContext, SocketMetrics, TokenSigner, TopicSink,
     random_secret,
@@ -349,6 +350,7 @@ pub struct Server {
     pub registry: Registry,
     pub zones: ZoneHandle,
     stop: watch::Sender<bool>,
+    sockets_stop: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
     metrics_http: Option<JoinHandle<std::io::Result<()>>>,
     timers: JoinHandle<()>,
@@ -383,9 +385,16 @@ impl Server {
         // A node of a cluster: announced from now on, until the server has stopped.
         let (cluster_stop, cluster_stop_rx) = watch::channel(false);
         let cluster = match &file.cluster {
-            Some(config) => {
-                Some(Cluster::join(config, hub.clone(), &registry, cluster_stop_rx).await?)
-            }
+            Some(config) => Some(
+                Cluster::join(
+                    config,
+                    hub.clone(),
+                    store.clone(),
+                    &registry,
+                    cluster_stop_rx,
+                )
+                .await?,
+            ),
             None => None,
         };
         let pipeline_metrics = PipelineMetrics::register(&registry)?;
@@ -472,6 +481,9 @@ impl Server {
         }
 
         let (stop, stop_rx) = watch::channel(false);
+        // The WebSockets stop on a signal of their own: in a cluster, only once this node's
+        // zones are handed over.
+        let (sockets_stop, sockets_stop_rx) = watch::channel(false);
         let socket_metrics = SocketMetrics::register(&registry)?;
         let sockets =
             SocketContext::new(
@@ -486,7 +498,7 @@ impl Server {
                     ..SocketConfig::default()
                 },
                 socket_metrics,
-                stop_rx.clone(),
+                sockets_stop_rx,
             )
             .with_console(console::feed(secrets.admin_token.clone(), registry.clone()))
             .with_revocations(Arc::new(Revocations::new(
@@ -499,7 +511,9 @@ impl Server {
                 ),
             )));
         let sockets = match &cluster {
-            Some(cluster) => sockets.with_run(cluster.run_prefix()),
+            Some(cluster) => sockets
+                .with_run(cluster.run_prefix())
+                .with_stop_close(SERVICE_RESTART),
             None => sockets,
         };
         let sockets = Arc::new(sockets);
@@ -567,6 +581,7 @@ impl Server {
             registry,
             zones,
             stop,
+            sockets_stop,
             http,
             metrics_addr: metrics_http.as_ref().map(|(at, _)| *at),
             metrics_http: metrics_http.map(|(_, task)| task),
@@ -581,7 +596,9 @@ impl Server {
     }
 
     /// Stops taking connections and events, tells clients the server is going away, drains the
-    /// pipeline into the audit log, and closes the store.
+    /// pipeline into the audit log, and closes the store. A node of a cluster first hands its
+    /// zones to their next owners (who continue them in the same epoch), then closes its
+    /// clients' connections with 1012, each once its commands are answered.
     pub async fn shutdown(self) -> Result<(), DaemonError> {
         self.stop.send_replace(true);
         let _ = self.timers.await;
@@ -589,9 +606,14 @@ impl Server {
         if let Some(task) = self.metrics_http {
             let _ = task.await;
         }
+        if let Some((cluster, _)) = &self.cluster {
+            cluster.router.drain(HAND_OVER_LIMIT).await;
+        }
+        self.sockets_stop.send_replace(true);
         // Upgraded WebSockets outlive the HTTP server's graceful shutdown: wait (a while) for
-        // each to send its close frame and hand in its leaves before the pipeline drains.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // each to have its commands answered, send its close frame and hand in its leaves
+        // before the pipeline drains.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         while self.connections.get() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -63,6 +63,8 @@ pub struct SocketReply {
     pub channels: Arc<Mutex<Channels>>,
     /// Join outcomes, by reason.
     pub joins: IntCounterVec,
+    /// The connection's count of commands not answered yet: held until this one is.
+    pub unanswered: Arc<()>,
 }
 
 impl SocketReply {

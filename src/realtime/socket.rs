@@ -97,6 +97,15 @@ pub const GOING_AWAY: CloseReason = CloseReason {
     code: 1001,
     reason: "server shutting down",
 };
+/// A node of a cluster stops: its zones went on elsewhere, and the client reconnects to
+/// another node (recovering what it missed with `since`).
+pub const SERVICE_RESTART: CloseReason = CloseReason {
+    code: 1012,
+    reason: "service restart",
+};
+/// How long a stopping server waits for the answers to the commands a connection sent before it
+/// closes the connection.
+const STOP_ANSWER_WAIT: Duration = Duration::from_secs(10);
 const TOO_BIG: CloseReason = CloseReason {
     code: 1009,
     reason: "frame larger than 64 KiB",
@@ -204,6 +213,8 @@ pub struct SocketContext<W> {
     /// This run's random prefix for connection names.
     run: String,
     next_id: AtomicU64,
+    /// How connections are closed when the server stops.
+    stop_close: CloseReason,
 }
 
 impl<W: Send + 'static> SocketContext<W> {
@@ -217,6 +228,12 @@ impl<W: Send + 'static> SocketContext<W> {
     /// node's incarnation, so that the sessions of a node that dies can be told from the others.
     pub fn with_run(mut self, run: String) -> Self {
         self.run = run;
+        self
+    }
+
+    /// Closes connections with `reason` when the server stops (by default [`GOING_AWAY`]).
+    pub fn with_stop_close(mut self, reason: CloseReason) -> Self {
+        self.stop_close = reason;
         self
     }
 
@@ -253,6 +270,7 @@ impl<W: Send + 'static> SocketContext<W> {
             console: None,
             run: Uuid::new_v4().simple().to_string()[..12].to_owned(),
             next_id: AtomicU64::new(1),
+            stop_close: GOING_AWAY,
         }
     }
 }
@@ -283,6 +301,9 @@ struct Connection<W> {
     console: Option<JoinHandle<()>>,
     /// The soonest a joined channel's token expires.
     expiry: Option<Instant>,
+    /// Held by each of its commands until it is answered (or abandoned): one count per command
+    /// not answered yet, beyond this one.
+    unanswered: Arc<()>,
 }
 
 impl<W> Drop for Connection<W> {
@@ -365,6 +386,7 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
         waiting: VecDeque::new(),
         console: None,
         expiry: None,
+        unanswered: Arc::new(()),
     };
     let mut killed = kill.subscribe();
     let mut revoked = ctx.revocations.subscribe();
@@ -376,6 +398,8 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
     let mut shutdown = ctx.shutdown.clone();
     // Whether the server started the closing handshake (and should wait for the client's half).
     let mut closing = false;
+    // Whether the server is stopping: the connection is closed once its commands are answered.
+    let mut stopping = false;
     let mut reservation: Option<BoxFuture<'_, Option<PushPermit<'_, W>>>> = None;
     // One timer for the whole connection, pushed back as frames arrive.
     let idle = tokio::time::sleep(ctx.config.idle_timeout);
@@ -400,8 +424,7 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
                 break;
             }
             () = async { let _ = shutdown.wait_for(|&s| s).await; } => {
-                peer.close(GOING_AWAY);
-                closing = true;
+                stopping = true;
                 break;
             }
             permit = async { reservation.as_mut().expect("checked").await }, if reservation.is_some() => {
@@ -479,6 +502,22 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
     // A wait for room nobody will poll again would keep the room it is given, and the leaves
     // below would queue behind it forever.
     drop(reservation);
+    if stopping {
+        // Every push the client sent is answered before its socket closes: those still waiting
+        // for room are refused (an error means not applied: the client may retry them
+        // elsewhere), and those in the pipeline are waited for (their zones may be on their way
+        // to another node, which answers them).
+        conn.refuse_waiting(
+            |w| w.deadline.is_some(),
+            "unavailable",
+            "the server is restarting: try again (on another node)",
+        );
+        let deadline = Instant::now() + STOP_ANSWER_WAIT;
+        let mut poll = tokio::time::interval(Duration::from_millis(5));
+        while Arc::strong_count(&conn.unanswered) > 1 && Instant::now() < deadline {
+            poll.tick().await;
+        }
+    }
     // Leave every channel this connection held or asked for. Of what still waits for room,
     // the leaves go (their channels are already out of the map) and the rest is dropped: nobody
     // is left to answer, and a leave of a session that never began changes nothing.
@@ -508,6 +547,10 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
         if let Err(PushError::Closed(_)) = ctx.work.push(message).await {
             break;
         }
+    }
+    if stopping {
+        peer.close(ctx.stop_close);
+        closing = true;
     }
     ctx.hub.disconnect(&peer.id);
     if closing {
@@ -956,6 +999,7 @@ impl<W: Send + 'static> Connection<W> {
         since: Option<Since>,
     ) -> (PipelineMessage<W>, Arc<SocketReply>) {
         let reply = Arc::new(SocketReply {
+            unanswered: self.unanswered.clone(),
             peer: self.peer.clone(),
             zone,
             join_ref: joined.join_ref.clone(),

@@ -28,7 +28,7 @@ use std::time::Duration;
 pub use acker::ZoneAcker;
 pub use context::{Limits, command, new_epoch, now};
 pub use history::{HistoryConfig, Since, complete as history_complete};
-pub use placement::{Forwarded, NOT_OWNER, Place, Placement};
+pub use placement::{Forwarded, NOT_OWNER, Place, Placement, Settled};
 pub use registry::{Eviction, LiveZone, Loaded, ZoneRegistry};
 pub use snapshots::Snapshots;
 pub use timers::{TimerConfig, run_timers};

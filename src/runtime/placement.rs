@@ -22,6 +22,9 @@ pub enum Place {
     Here { fence: Option<u64> },
     /// On another node.
     Elsewhere,
+    /// On this node until its hand-over to the next owner is done: it takes no more commands
+    /// (they go to the next owner, and wait there for it), while what it applied is written.
+    Leaving,
 }
 
 /// A forwarded command's outcome, once its owner answered (None: no answer came in time).
@@ -44,4 +47,16 @@ pub trait Placement: Send + Sync + 'static {
     /// Whether the connection named `connection` may still be open: it belongs to a node alive
     /// now. A zone loaded here keeps the sessions of such connections, and ends the others.
     fn connection_alive(&self, connection: &str) -> bool;
+
+    /// Zone `zone` was just loaded here to be written, at `seq` of `epoch`: whatever this node
+    /// followed of it from its previous owner reaches this node's clients up to there first,
+    /// before anything the writer applies.
+    fn taken(&self, zone: Uuid, epoch: String, seq: u64) -> Settled<'_>;
+
+    /// Zone `zone` leaves this node for its next owner at `seq` of `epoch`: this node's clients
+    /// in it follow it from there on (subscribed before the lease goes).
+    fn handing(&self, zone: Uuid, epoch: String, seq: u64) -> Settled<'_>;
 }
+
+/// Done once the change of a zone's place has been seen to.
+pub type Settled<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;

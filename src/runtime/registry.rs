@@ -167,8 +167,15 @@ impl LiveZone {
 
     /// Whether the zone may leave memory now: it has had no session for `after`, and the store
     /// has its latest state (if not, it must be written first).
-    pub fn eviction(&self, state: &ZoneState, after: Duration, now: Instant) -> Eviction {
-        if state.session_count() > 0 || !self.idle_for(after, now) {
+    /// A zone handed over (`hand_over`) goes with its sessions, whenever it is written.
+    pub fn eviction(
+        &self,
+        state: &ZoneState,
+        after: Duration,
+        now: Instant,
+        hand_over: bool,
+    ) -> Eviction {
+        if !hand_over && (state.session_count() > 0 || !self.idle_for(after, now)) {
             Eviction::Keep
         } else if self.persisted() >= state.seq() {
             Eviction::Evict
@@ -404,32 +411,37 @@ mod tests {
         live.note_sessions(state.session_count(), Instant::now());
         tokio::time::advance(after * 2).await;
         assert_eq!(
-            live.eviction(&state, after, Instant::now()),
+            live.eviction(&state, after, Instant::now(), false),
             Eviction::Keep,
             "it has a session"
+        );
+        // Handed over to another node, it goes with its sessions, once written.
+        assert_eq!(
+            live.eviction(&state, after, Instant::now(), true),
+            Eviction::WriteFirst
         );
 
         command(&mut state, agent, CommandKind::Leave);
         live.note_sessions(state.session_count(), Instant::now());
         tokio::time::advance(after - Duration::from_secs(1)).await;
         assert_eq!(
-            live.eviction(&state, after, Instant::now()),
+            live.eviction(&state, after, Instant::now(), false),
             Eviction::Keep,
             "not idle long enough"
         );
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(
-            live.eviction(&state, after, Instant::now()),
+            live.eviction(&state, after, Instant::now(), false),
             Eviction::WriteFirst
         );
         live.written(state.seq() - 1);
         assert_eq!(
-            live.eviction(&state, after, Instant::now()),
+            live.eviction(&state, after, Instant::now(), false),
             Eviction::WriteFirst
         );
         live.written(state.seq());
         assert_eq!(
-            live.eviction(&state, after, Instant::now()),
+            live.eviction(&state, after, Instant::now(), false),
             Eviction::Evict
         );
         // An older snapshot written late does not count against the newer one.

@@ -73,6 +73,9 @@ pub enum Job {
     /// Let the zone leave memory if it has had no session for long enough and its snapshot is
     /// written (if it is not, write it first).
     Evict,
+    /// In a cluster, the zone goes to its next owner: it leaves memory (sessions and all) as
+    /// soon as its snapshot and every event it broadcast are written, and its lease goes.
+    HandOver,
 }
 
 /// One message of the zone pipeline.
@@ -120,9 +123,17 @@ impl ZoneWork {
     }
 
     pub fn evict(zone_id: Uuid) -> Self {
+        Self::job(zone_id, Job::Evict)
+    }
+
+    pub fn hand_over(zone_id: Uuid) -> Self {
+        Self::job(zone_id, Job::HandOver)
+    }
+
+    fn job(zone_id: Uuid, job: Job) -> Self {
         Self {
             zone_id,
-            job: Job::Evict,
+            job,
             reply: None,
             events: Arc::from([]),
             outcome: None,

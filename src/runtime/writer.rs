@@ -125,7 +125,7 @@ impl Processor<ZoneWork> for ZoneWriter {
         let zone_id = msg.data.zone_id;
         let command = match &msg.data.job {
             Job::Command(c) => c.clone(),
-            Job::Evict => {
+            Job::Evict | Job::HandOver => {
                 self.evict(&mut msg.data).await;
                 msg.put_batchers(Arc::from([]));
                 return Ok(());
@@ -136,7 +136,10 @@ impl Processor<ZoneWork> for ZoneWriter {
             None => None,
             Some(placement) => match placement.place(zone_id).await {
                 Ok(Place::Here { fence }) => fence,
-                Ok(Place::Elsewhere) => return self.elsewhere(placement, msg, &command).await,
+                Ok(Place::Elsewhere) => {
+                    return self.elsewhere(placement, msg, &command, true).await;
+                }
+                Ok(Place::Leaving) => return self.elsewhere(placement, msg, &command, false).await,
                 Err(e) => {
                     return Err(Failure::retryable(format!(
                         "cannot find zone {zone_id}'s owner: {e}"
@@ -145,6 +148,16 @@ impl Processor<ZoneWork> for ZoneWriter {
             },
         };
         let (live, fresh) = match self.registry.load(zone_id, fence).await {
+            Ok((live, Some(stale))) => {
+                if let Some(placement) = &self.placement {
+                    let (epoch, seq) = {
+                        let state = live.state();
+                        (state.epoch().to_owned(), state.seq())
+                    };
+                    placement.taken(zone_id, epoch, seq).await;
+                }
+                (live, Some(stale))
+            }
             Ok(loaded) => loaded,
             // A zone that does not exist yet: this is its creation.
             Err(StoreError::Zone(ZoneError::ZoneNotFound(_))) if creation => {
@@ -326,21 +339,28 @@ impl ZoneWriter {
 }
 
 impl ZoneWriter {
-    /// A command for a zone another node writes. A copy this node still has in memory is from
-    /// a lease it has lost (it was paused or cut off meanwhile): it goes, unwritten (the store
-    /// would refuse its writes anyway). A command another node sent here is sent back to be
-    /// routed again; one of this node's own goes to the owner, and its reply comes from there.
-    /// A service's command waits for the owner's outcome, so that its broker message is settled
-    /// by it; the others go on at once, in order.
+    /// A command for a zone another node writes (or, `lost` false, that this node is handing
+    /// over). A copy this node still has in memory of a zone it does not write is from a lease
+    /// it has lost (it was paused or cut off meanwhile): it goes, unwritten (the store would
+    /// refuse its writes anyway); a zone being handed over stays until it is written. A
+    /// command another node sent here is sent back to be routed again; one of this node's own
+    /// goes to the owner, and its reply comes from there. A service's command waits for the
+    /// owner's outcome, so that its broker message is settled by it; the others go on at once,
+    /// in order. A tick goes nowhere: the owner has its own clock.
     async fn elsewhere(
         &self,
         placement: &Arc<dyn Placement>,
         msg: &mut Message<ZoneWork>,
         command: &ZoneCommand,
+        lost: bool,
     ) -> Result<(), Failure> {
-        if self.registry.live(command.zone_id).is_some() {
+        if lost && self.registry.live(command.zone_id).is_some() {
             tracing::warn!(zone = %command.zone_id, "this node lost the zone's lease: its copy in memory is dropped");
             self.registry.remove(command.zone_id);
+        }
+        if command.kind == CommandKind::Tick {
+            msg.put_batchers(Arc::from([]));
+            return Ok(());
         }
         if msg.data.forwarded {
             self.reply_unrouted(msg, unavailable(command.id, NOT_OWNER));
@@ -381,16 +401,18 @@ fn service_refusal(command: &ZoneCommand, refusal: &ZoneError) -> Option<Failure
 }
 
 impl ZoneWriter {
-    /// Lets an idle zone leave memory once its latest state is written (closing it in the
-    /// store: everything it broadcast is in the log); asks for the write (at acknowledgement)
-    /// when it is not.
+    /// Lets an idle zone (or one handed over) leave memory once its latest state is written
+    /// (closing it in the store: everything it broadcast is in the log, so its next owner keeps
+    /// its epoch); asks for the write (at acknowledgement) when it is not.
     async fn evict(&self, work: &mut ZoneWork) {
         let Some(live) = self.registry.live(work.zone_id) else {
             return;
         };
+        let hand_over = matches!(work.job, Job::HandOver);
         let eviction = {
             let state = live.state();
-            let eviction = live.eviction(&state, self.config.evict_after, Instant::now());
+            let eviction =
+                live.eviction(&state, self.config.evict_after, Instant::now(), hand_over);
             if eviction == Eviction::WriteFirst {
                 work.snapshot = Some(Arc::new(state.snapshot()));
             }
@@ -400,6 +422,13 @@ impl ZoneWriter {
             return;
         }
         let fence = live.fence();
+        let (epoch, seq) = {
+            let state = live.state();
+            (state.epoch().to_owned(), state.seq())
+        };
+        if hand_over && let Some(placement) = &self.placement {
+            placement.handing(work.zone_id, epoch.clone(), seq).await;
+        }
         match self
             .registry
             .store()
@@ -412,9 +441,13 @@ impl ZoneWriter {
                     placement.left(work.zone_id, fence);
                 }
             }
-            // Still open in the store: it stays in memory, and the next sweep tries again.
+            // Still open in the store: it stays in memory (and written here), and the next
+            // sweep or hand-over tries again.
             Err(e) => {
-                tracing::warn!(zone = %work.zone_id, error = %e, "an idle zone could not be closed; it stays in memory")
+                tracing::warn!(zone = %work.zone_id, error = %e, "a zone could not be closed; it stays in memory");
+                if hand_over && let Some(placement) = &self.placement {
+                    placement.taken(work.zone_id, epoch, seq).await;
+                }
             }
         }
     }

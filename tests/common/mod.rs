@@ -10,6 +10,8 @@ use std::time::Duration;
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
+pub mod cluster;
+
 /// Whether `check` comes to hold within `secs` seconds, polled every 20 ms. Tests wait for the
 /// condition they assert, never for a fixed time.
 pub async fn eventually(secs: u64, mut check: impl AsyncFnMut() -> bool) -> bool {
