@@ -350,3 +350,60 @@ async fn a_rolling_restart_of_every_node_loses_no_push_no_event_and_no_epoch() {
     drop(daemons);
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_push_whose_answer_died_with_its_node_is_applied_once_when_retried_elsewhere() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let zone = a.zone(json!({"name": "retry", "capacity": 10})).await;
+    let owner_name = zone_json(&a, &zone).await["assigned_server"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (owner, other) = if owner_name == "a" { (a, b) } else { (b, a) };
+    // The client is on the owner: its node applies the push, writes it, and dies before the
+    // client reads the answer.
+    let (mut client, join_ref, _) = owner.joined(&zone, "carol", None).await;
+    let topic = format!("zone:{zone}");
+    let keyed = json!({"position": {"x": 42, "y": 0, "z": 0}, "idempotency_key": "move-42"});
+    client
+        .push(Some(&join_ref), &topic, "agent_move", keyed.clone())
+        .await;
+    let logged = common::eventually(10, async || {
+        logged_moves(&cluster, &zone, "carol").await == vec![42]
+    })
+    .await;
+    assert!(logged, "the push is in the log");
+    owner.kill_9();
+    drop(client);
+
+    // Retried through the other node, which takes the zone over: applied once, said so.
+    let (mut again, again_ref, _) = other.joined(&zone, "carol", None).await;
+    let r = again
+        .push(Some(&again_ref), &topic, "agent_move", keyed)
+        .await;
+    let retry = again.reply_to(&r).await;
+    assert_eq!(retry["status"], "ok", "{retry}");
+    assert_eq!(retry["response"]["duplicate"], true, "{retry}");
+    assert_eq!(logged_moves(&cluster, &zone, "carol").await, vec![42]);
+    // A new key is a new move.
+    let r = again
+        .push(
+            Some(&again_ref),
+            &topic,
+            "agent_move",
+            json!({"position": {"x": 43, "y": 0, "z": 0}, "idempotency_key": "move-43"}),
+        )
+        .await;
+    let fresh = again.reply_to(&r).await;
+    assert_eq!(fresh["status"], "ok", "{fresh}");
+    assert!(fresh["response"].get("duplicate").is_none(), "{fresh}");
+    let logged = common::eventually(10, async || {
+        logged_moves(&cluster, &zone, "carol").await == vec![42, 43]
+    })
+    .await;
+    assert!(logged, "{:?}", logged_moves(&cluster, &zone, "carol").await);
+    drop(other);
+    cluster.cleanup().await;
+}

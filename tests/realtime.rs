@@ -1314,3 +1314,102 @@ async fn the_admin_api_lists_agents_with_their_sessions_and_dead_letters() {
     assert_eq!(status, 401, "the admin token is needed");
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_retried_with_its_idempotency_key_is_applied_once_and_answered_as_first() {
+    let srv = server().await;
+    let zone = srv.zone(zone_body(10, 0x03)).await;
+    let id = zone["id"].as_str().unwrap().to_owned();
+    let topic = format!("zone:{id}");
+    let perms = json!(["spawn_agents", "modify_zone"]);
+    let (mut alice, a_ref) = joined(&srv, &id, "alice", perms.clone()).await;
+    let consume =
+        |key: Value| json!({"resource_type": "food", "amount": 7, "idempotency_key": key});
+
+    let r = alice
+        .push(
+            Some(&a_ref),
+            &topic,
+            "consume_resource",
+            consume(json!("k-1")),
+        )
+        .await;
+    let first = alice.reply_to(&r).await;
+    assert_eq!(first["status"], "ok", "{first}");
+    assert_eq!(first["response"]["new_resources"]["food"], 93);
+    assert!(first["response"].get("duplicate").is_none(), "{first}");
+    // Another consume moves the amount on; the retry of the first is answered as it was.
+    let r = alice
+        .push(
+            Some(&a_ref),
+            &topic,
+            "consume_resource",
+            consume(json!("k-2")),
+        )
+        .await;
+    assert_eq!(
+        alice.reply_to(&r).await["response"]["new_resources"]["food"],
+        86
+    );
+    // Retried on another connection of the same agent (a reconnect): the same key is the
+    // same command.
+    let (mut again, again_ref) = joined(&srv, &id, "alice", perms.clone()).await;
+    let r = again
+        .push(
+            Some(&again_ref),
+            &topic,
+            "consume_resource",
+            consume(json!("k-1")),
+        )
+        .await;
+    let retry = again.reply_to(&r).await;
+    assert_eq!(retry["status"], "ok", "{retry}");
+    assert_eq!(retry["response"]["duplicate"], true, "{retry}");
+    assert_eq!(
+        retry["response"]["new_resources"]["food"], 93,
+        "the first outcome"
+    );
+    // The same key of another agent is another command.
+    let (mut bob, b_ref) = joined(&srv, &id, "bob", perms).await;
+    let r = bob
+        .push(
+            Some(&b_ref),
+            &topic,
+            "consume_resource",
+            consume(json!("k-1")),
+        )
+        .await;
+    let bobs = bob.reply_to(&r).await;
+    assert!(bobs["response"].get("duplicate").is_none(), "{bobs}");
+    assert_eq!(bobs["response"]["new_resources"]["food"], 79);
+
+    // Keys that are not 1 to 64 characters are refused, and nothing is applied.
+    for bad in [json!(""), json!("x".repeat(65)), json!(7), json!(null)] {
+        let r = alice
+            .push(
+                Some(&a_ref),
+                &topic,
+                "consume_resource",
+                consume(bad.clone()),
+            )
+            .await;
+        let reply = alice.reply_to(&r).await;
+        assert_eq!(reply["status"], "error", "{bad}: {reply}");
+        assert_eq!(reply["response"]["reason"], "invalid_payload", "{reply}");
+    }
+    let r = alice
+        .push(
+            Some(&a_ref),
+            &topic,
+            "consume_resource",
+            consume(json!("é".repeat(64))),
+        )
+        .await;
+    assert_eq!(
+        alice.reply_to(&r).await["response"]["new_resources"]["food"],
+        72
+    );
+    let (_, state) = srv.api("GET", &format!("/api/zones/{id}"), None).await;
+    assert_eq!(state["resources"]["food"]["amount"], 72, "{state}");
+    srv.stop().await;
+}

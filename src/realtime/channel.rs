@@ -163,16 +163,33 @@ impl ReplyTo for SocketReply {
                 if asked == Asked::Join {
                     self.joins.with_label_values(&["ok"]).inc();
                 }
-                self.peer.send_text(protocol::reply(
-                    self.join_ref.as_deref(),
-                    self.msg_ref.as_deref(),
-                    &topic,
-                    true,
-                    &Response {
-                        answer: &accepted.answer,
-                        recovered: reply.recovered,
-                    },
-                ));
+                let response = Response {
+                    answer: &accepted.answer,
+                    recovered: reply.recovered,
+                };
+                let frame = if accepted.duplicate {
+                    // Applied before (a retry of the same idempotency key): said so.
+                    let mut response = serde_json::to_value(&response).unwrap_or_default();
+                    if let Some(fields) = response.as_object_mut() {
+                        fields.insert("duplicate".into(), true.into());
+                    }
+                    protocol::reply(
+                        self.join_ref.as_deref(),
+                        self.msg_ref.as_deref(),
+                        &topic,
+                        true,
+                        &response,
+                    )
+                } else {
+                    protocol::reply(
+                        self.join_ref.as_deref(),
+                        self.msg_ref.as_deref(),
+                        &topic,
+                        true,
+                        &response,
+                    )
+                };
+                self.peer.send_text(frame);
                 // What a rejoin missed follows its reply, before anything newer: the connection
                 // is subscribed only when the topic sink reaches the join's own event.
                 if !reply.missed.is_empty() {

@@ -38,7 +38,7 @@ use super::protocol::{self, Frame};
 use super::revocation::Revocations;
 use super::token::TokenSigner;
 use crate::pipeline::{Message as PipelineMessage, PushError, PushHandle, PushPermit};
-use crate::runtime::{ReplyTo, Since, command};
+use crate::runtime::{IDEMPOTENCY_KEY_CHARS, ReplyTo, Since, command, keyed_command_id};
 use crate::zone::{Actor, CommandKind, ZoneCommand, parse_zone_id};
 
 /// Per-connection limits.
@@ -273,6 +273,15 @@ impl<W: Send + 'static> SocketContext<W> {
             stop_close: GOING_AWAY,
         }
     }
+}
+
+/// What a command from a frame carries besides its kind: the frame's ref (to answer it), a
+/// rejoin's `since`, a push's idempotency key.
+#[derive(Default)]
+struct Carried {
+    msg_ref: Option<String>,
+    since: Option<Since>,
+    key: Option<String>,
 }
 
 /// The token bucket behind the per-connection rate limit.
@@ -538,8 +547,7 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
             CommandKind::Leave,
             Asked::Leave { reply: false },
             &joined,
-            None,
-            None,
+            Carried::default(),
         );
         leaves.push(message);
     }
@@ -861,8 +869,11 @@ impl<W: Send + 'static> Connection<W> {
             CommandKind::Join,
             Asked::Join,
             &joined,
-            frame.msg_ref,
-            since,
+            Carried {
+                msg_ref: frame.msg_ref,
+                since,
+                key: None,
+            },
         );
     }
 
@@ -883,8 +894,10 @@ impl<W: Send + 'static> Connection<W> {
                     CommandKind::Leave,
                     Asked::Leave { reply: true },
                     &joined,
-                    frame.msg_ref,
-                    None,
+                    Carried {
+                        msg_ref: frame.msg_ref,
+                        ..Carried::default()
+                    },
                 );
             }
             None => {
@@ -919,11 +932,40 @@ impl<W: Send + 'static> Connection<W> {
             ));
             return;
         };
+        let key = match frame.payload.remove("idempotency_key") {
+            None => None,
+            Some(Value::String(key))
+                if (1..=IDEMPOTENCY_KEY_CHARS).contains(&key.chars().count()) =>
+            {
+                Some(key)
+            }
+            Some(_) => {
+                self.refuse("invalid_payload");
+                self.reply_error(
+                    &frame,
+                    "invalid_payload",
+                    &format!(
+                        "idempotency_key must be a string of 1 to {IDEMPOTENCY_KEY_CHARS} characters"
+                    ),
+                );
+                return;
+            }
+        };
         let payload = Value::Object(std::mem::take(&mut frame.payload));
         match CommandKind::from_value(&frame.event, payload) {
             Ok(command) => {
                 self.ctx.metrics.pushes.inc();
-                self.submit(zone, command, Asked::Push, &joined, frame.msg_ref, None);
+                self.submit(
+                    zone,
+                    command,
+                    Asked::Push,
+                    &joined,
+                    Carried {
+                        msg_ref: frame.msg_ref,
+                        since: None,
+                        key,
+                    },
+                );
             }
             Err(refusal) => {
                 self.refuse(refusal.reason());
@@ -982,8 +1024,7 @@ impl<W: Send + 'static> Connection<W> {
             CommandKind::Leave,
             Asked::Leave { reply: false },
             joined,
-            None,
-            None,
+            Carried::default(),
         );
     }
 
@@ -995,9 +1036,13 @@ impl<W: Send + 'static> Connection<W> {
         kind: CommandKind,
         asked: Asked,
         joined: &Joined,
-        msg_ref: Option<String>,
-        since: Option<Since>,
+        carried: Carried,
     ) -> (PipelineMessage<W>, Arc<SocketReply>) {
+        let Carried {
+            msg_ref,
+            since,
+            key,
+        } = carried;
         let reply = Arc::new(SocketReply {
             unanswered: self.unanswered.clone(),
             peer: self.peer.clone(),
@@ -1013,7 +1058,16 @@ impl<W: Send + 'static> Connection<W> {
             connection: self.peer.id.to_string(),
             permissions: joined.perms,
         };
-        let command = command(zone, actor, kind);
+        // A push marked with an idempotency key is the same command whenever it is retried.
+        let command = match key {
+            Some(key) => ZoneCommand::new(
+                keyed_command_id(zone, &joined.agent_id, &key),
+                zone,
+                actor,
+                kind,
+            ),
+            None => command(zone, actor, kind),
+        };
         ((self.ctx.envelope)(command, reply.clone(), since), reply)
     }
 
@@ -1024,10 +1078,9 @@ impl<W: Send + 'static> Connection<W> {
         kind: CommandKind,
         asked: Asked,
         joined: &Joined,
-        msg_ref: Option<String>,
-        since: Option<Since>,
+        carried: Carried,
     ) {
-        let (message, reply) = self.message(zone, kind, asked, joined, msg_ref, since);
+        let (message, reply) = self.message(zone, kind, asked, joined, carried);
         let deadline = match asked {
             Asked::Leave { .. } => None,
             Asked::Join | Asked::Push => Some(Instant::now() + self.ctx.config.push_wait),

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use acker::ZoneAcker;
-pub use context::{Limits, command, new_epoch, now};
+pub use context::{IDEMPOTENCY_KEY_CHARS, Limits, command, keyed_command_id, new_epoch, now};
 pub use history::{HistoryConfig, Since, complete as history_complete};
 pub use placement::{Forwarded, NOT_OWNER, Place, Placement, Settled};
 pub use registry::{Eviction, LiveZone, Loaded, ZoneRegistry};

@@ -148,6 +148,10 @@ pub struct Outcome {
 #[derive(Clone, Debug, Default)]
 struct Recent {
     outcomes: HashMap<Uuid, Result<u64, ZoneError>>,
+    /// The first answers that said more than `Done` (a consume's amounts then), for a
+    /// redelivery to get the same. Not in the log: one remembered from it is answered as the
+    /// zone is now.
+    answers: HashMap<Uuid, Answer>,
     order: VecDeque<Uuid>,
 }
 
@@ -166,6 +170,7 @@ impl Recent {
                 && let Some(old) = self.order.pop_front()
             {
                 self.outcomes.remove(&old);
+                self.answers.remove(&old);
             }
         }
     }
@@ -916,7 +921,12 @@ impl ZoneState {
             Some(Err(refusal)) => Err(refusal),
             Some(Ok(_)) => Ok(Accepted {
                 events: Vec::new(),
-                answer: self.answer(&command.kind),
+                answer: self
+                    .recent
+                    .answers
+                    .get(&command.id)
+                    .cloned()
+                    .unwrap_or_else(|| self.answer(&command.kind)),
                 duplicate: true,
             }),
             None => match self.decide(command, ctx) {
@@ -957,9 +967,13 @@ impl ZoneState {
                     if events.is_empty() && !command.kind.is_query() {
                         self.recent.remember(command.id, Ok(self.seq));
                     }
+                    let answer = self.answer(&command.kind);
+                    if matches!(answer, Answer::Resources(_)) {
+                        self.recent.answers.insert(command.id, answer.clone());
+                    }
                     Ok(Accepted {
                         events,
-                        answer: self.answer(&command.kind),
+                        answer,
                         duplicate: false,
                     })
                 }
