@@ -407,3 +407,305 @@ async fn a_keyed_push_whose_answer_died_with_its_node_is_applied_once_when_retri
     drop(other);
     cluster.cleanup().await;
 }
+
+/// `GET /api/cluster` on `node`.
+async fn cluster_view(node: &Daemon) -> Value {
+    let (status, body) = http(node.addr, "GET", "/api/cluster", None, Some(ADMIN)).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The owner of `zone` in a cluster view.
+fn owner_in(view: &Value, zone: &str) -> Option<String> {
+    view["zones"]
+        .as_array()?
+        .iter()
+        .find(|z| z["zone_id"] == zone)
+        .and_then(|z| z["owner"].as_str().map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_drained_through_another_hands_its_zones_over_and_keeps_its_clients() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let c = cluster.node("c").await;
+    let nodes = [&a, &b, &c];
+    let zone = a.zone(json!({"name": "drained", "capacity": 10})).await;
+    let before = zone_json(&a, &zone).await;
+    let owner = before["assigned_server"].as_str().unwrap().to_owned();
+    let owner_node = match owner.as_str() {
+        "a" => &a,
+        "b" => &b,
+        _ => &c,
+    };
+    let asker = if owner == "a" { &b } else { &a };
+    // A client on the owner, and one elsewhere.
+    let (mut local, local_ref, _) = owner_node.joined(&zone, "local", None).await;
+    let (mut remote, _, _) = asker.joined(&zone, "remote", None).await;
+
+    // Every node shows itself and the others, alive.
+    let view = common::read_until(
+        10,
+        || cluster_view(asker),
+        |v| {
+            v["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["alive"] == true))
+        },
+    )
+    .await
+    .expect("three nodes alive");
+    assert_eq!(
+        owner_in(&view, &zone).as_deref(),
+        Some(owner.as_str()),
+        "{view}"
+    );
+    for n in view["nodes"].as_array().unwrap() {
+        assert!(
+            n["incarnation"].as_str().is_some_and(|i| i.len() == 32),
+            "{n}"
+        );
+        assert!(
+            n["zones_owned"].is_u64() && n["connections"].is_u64(),
+            "{n}"
+        );
+        assert!(n["forwarded_per_sec"].is_number(), "{n}");
+    }
+
+    // Drained through another node: its zone goes, the node stays, its clients stay.
+    let (status, body) = http(
+        asker.addr,
+        "POST",
+        "/api/cluster/drain",
+        Some(json!({"node": owner})),
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["zones_handed_over"], 1, "{body}");
+    let moved = common::read_until(
+        10,
+        || cluster_view(asker),
+        |v| {
+            owner_in(v, &zone).is_some_and(|o| o != owner)
+                && v["nodes"].as_array().unwrap().iter().any(|n| {
+                    n["name"] == json!(owner) && n["draining"] == true && n["zones_owned"] == 0
+                })
+        },
+    )
+    .await;
+    assert!(moved.is_ok(), "{moved:?}");
+    let after = zone_json(asker, &zone).await;
+    assert_eq!(
+        after["epoch"], before["epoch"],
+        "a zone handed over keeps its epoch"
+    );
+    assert_ne!(after["assigned_server"], json!(owner));
+    // The drained node's client pushes on (through the new owner) and hears the zone.
+    let topic = format!("zone:{zone}");
+    let r = local
+        .push(
+            Some(&local_ref),
+            &topic,
+            "agent_move",
+            json!({"position": {"x": 5, "y": 0, "z": 0}}),
+        )
+        .await;
+    assert_eq!(local.reply_to(&r).await["status"], "ok");
+    local
+        .until("its own move", |f| {
+            f[3] == "agent_moved" && f[4]["agent_id"] == "local"
+        })
+        .await;
+    remote
+        .until("the drained node's client's move", |f| {
+            f[3] == "agent_moved" && f[4]["agent_id"] == "local"
+        })
+        .await;
+    // Both agents are listed by any node (the owner's sessions).
+    for node in nodes {
+        let (status, agents) = http(
+            node.addr,
+            "GET",
+            &format!("/api/zones/{zone}/agents"),
+            None,
+            Some(ADMIN),
+        )
+        .await;
+        assert_eq!(status, 200, "{agents}");
+        let names: Vec<&str> = agents["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["agent_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["local", "remote"], "{agents}");
+    }
+    // An unknown node is refused.
+    let (status, body) = http(
+        a.addr,
+        "POST",
+        "/api/cluster/drain",
+        Some(json!({"node": "nobody"})),
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("node_not_found"))
+    );
+    drop((a, b, c));
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_node_ends_the_session_on_another_within_a_second() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let c = cluster.node("c").await;
+    let zone = a.zone(json!({"name": "revoked", "capacity": 10})).await;
+    let (mut on_c, _, _) = c.joined(&zone, "mallory", None).await;
+    let revoked_at = tokio::time::Instant::now();
+    let (status, body) = http(
+        a.addr,
+        "POST",
+        "/api/tokens/revoke",
+        Some(json!({"agent_id": "mallory", "zone_id": zone})),
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let closed = on_c
+        .until("the revoked session's close", |f| {
+            f[3] == "phx_close" && f[4]["reason"] == "token_revoked"
+        })
+        .await;
+    assert!(closed[2] == json!(format!("zone:{zone}")));
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(1),
+        "closed after {:?}",
+        revoked_at.elapsed()
+    );
+    let gone = common::eventually(5, async || {
+        zone_json(&a, &zone).await["active_session_count"] == 0
+    })
+    .await;
+    assert!(gone, "the agent left the zone");
+    drop((a, c));
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_under_load_takes_its_zones_over_and_loses_no_one() {
+    use thunderline::cluster::node::NodeId;
+    use thunderline::cluster::ownership::rendezvous;
+    let mut cluster = Cluster::new().await;
+    let names = ["a", "b", "c"];
+    let mut daemons: BTreeMap<String, Daemon> = BTreeMap::new();
+    let nodes: SharedNodes = Arc::default();
+    for name in names {
+        let d = cluster.node(name).await;
+        lock(&nodes).up.insert(name.into(), d.addr);
+        daemons.insert(name.into(), d);
+    }
+    let a = &daemons["a"];
+    // Two zones that rendezvous hashing gives the fourth node once it is there, two it does not.
+    let four: Vec<NodeId> = ["a", "b", "c", "d"]
+        .into_iter()
+        .map(NodeId::start)
+        .collect();
+    let (mut to_d, mut stay) = (Vec::new(), Vec::new());
+    while to_d.len() < 2 || stay.len() < 2 {
+        let zone = a.zone(json!({"name": "growing", "capacity": 20})).await;
+        let id: uuid::Uuid = zone.parse().unwrap();
+        let goes = rendezvous(id, four.iter()).unwrap().name == "d";
+        match (goes, to_d.len() < 2, stay.len() < 2) {
+            (true, true, _) => to_d.push(zone),
+            (false, _, true) => stay.push(zone),
+            _ => {}
+        }
+    }
+    let zones: Vec<String> = to_d.iter().chain(&stay).cloned().collect();
+    let mut epochs = Vec::new();
+    for zone in &zones {
+        epochs.push(zone_json(a, zone).await["epoch"].clone());
+    }
+    let answered = Arc::new(AtomicU64::new(0));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut runs = Vec::new();
+    for (i, zone) in zones.iter().enumerate() {
+        for name in names {
+            let agent = format!("z{i}{name}");
+            let (status, token) = http(
+                a.addr,
+                "POST",
+                "/api/tokens",
+                Some(json!({"agent_id": agent, "zone_id": zone, "permissions": 1, "ttl_seconds": 600})),
+                Some(ADMIN),
+            )
+            .await;
+            assert_eq!(status, 200, "{token}");
+            runs.push((
+                i,
+                tokio::spawn(push_until_stopped(
+                    nodes.clone(),
+                    name.into(),
+                    zone.clone(),
+                    agent,
+                    token["token"].as_str().unwrap().to_owned(),
+                    answered.clone(),
+                    stop_rx.clone(),
+                )),
+            ));
+        }
+    }
+    let progress = async |at_least: u64| {
+        let from = answered.load(Ordering::Relaxed);
+        let moved = common::eventually(30, async || {
+            answered.load(Ordering::Relaxed) >= from + at_least
+        })
+        .await;
+        assert!(moved, "the pushers are answered");
+    };
+    progress(50).await;
+    let d = cluster.node("d").await;
+    let took = common::read_until(
+        20,
+        || cluster_view(&d),
+        |v| {
+            to_d.iter().all(|z| owner_in(v, z).as_deref() == Some("d"))
+                && stay
+                    .iter()
+                    .all(|z| owner_in(v, z).is_some_and(|o| o != "d"))
+        },
+    )
+    .await;
+    assert!(took.is_ok(), "the new node owns its zones: {took:?}");
+    progress(50).await;
+    stop.send_replace(true);
+    for (i, run) in runs {
+        let run = run.await.unwrap();
+        assert!(run.wrong.is_empty(), "{}: {:#?}", run.agent, run.wrong);
+        assert!(
+            run.closed.is_empty(),
+            "{}: no client is disconnected: {:?}",
+            run.agent,
+            run.closed
+        );
+        let mut logged = logged_moves(&cluster, &zones[i], &run.agent).await;
+        logged.sort_unstable();
+        let mut ok = run.ok;
+        ok.sort_unstable();
+        assert_eq!(logged, ok, "{}'s moves in the log", run.agent);
+    }
+    for (zone, epoch) in zones.iter().zip(&epochs) {
+        assert_eq!(
+            &zone_json(&d, zone).await["epoch"],
+            epoch,
+            "a zone handed over keeps its epoch"
+        );
+    }
+    drop((daemons, d));
+    cluster.cleanup().await;
+}

@@ -10,8 +10,8 @@
 //! task runs again: until then [`Membership::wait_current`] holds whoever would act on the
 //! node's leases, so that nothing is applied by a node the others may have declared dead.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::Client;
@@ -21,8 +21,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::ClusterError;
+use super::lock;
 use super::node::{Members, NodeId};
-use super::protocol::{self, Heartbeat, Subjects};
+use super::protocol::{self, Heartbeat, Load, Subjects};
 
 /// Heartbeats of silence after which a node is dead.
 pub const SILENT_HEARTBEATS: u32 = 3;
@@ -38,7 +39,37 @@ pub struct Membership {
     heartbeat: Duration,
     /// Whether this node drains: it says so in every heartbeat from the moment it starts.
     draining: Arc<watch::Sender<bool>>,
+    /// What this node reports of itself in its heartbeats, once the daemon says.
+    report: Arc<OnceLock<Report>>,
+    /// Every node heard of lately, as the nodes report themselves.
+    views: Arc<Mutex<BTreeMap<String, NodeView>>>,
 }
+
+/// How a node reads its own load.
+pub type Report = Box<dyn Fn() -> Load + Send + Sync>;
+
+/// A node of the cluster as this node knows it (`GET /api/cluster`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub incarnation: String,
+    /// Heard within the last 3 heartbeats (a dead node stays listed a while, not alive).
+    pub alive: bool,
+    pub draining: bool,
+    pub zones_owned: u64,
+    pub connections: u64,
+    /// Commands it sent to other nodes' zones, per second over its last heartbeat.
+    pub forwarded_per_sec: f64,
+    /// Milliseconds since it was last heard.
+    pub last_heard_ms: u64,
+    #[serde(skip)]
+    heard: Instant,
+    #[serde(skip)]
+    forwarded: u64,
+}
+
+/// How long a node that fell silent (or left) stays listed.
+const LISTED_AFTER_DEATH: Duration = Duration::from_secs(300);
 
 impl Membership {
     /// Starts announcing `me` every `heartbeat` and listening to the others, until `stop`
@@ -59,7 +90,11 @@ impl Membership {
         let (joined_tx, joined) = watch::channel(false);
         let (beat_tx, beat) = watch::channel(Instant::now());
         let (draining_tx, mut draining) = watch::channel(false);
+        let report: Arc<OnceLock<Report>> = Arc::default();
+        let views: Arc<Mutex<BTreeMap<String, NodeView>>> = Arc::default();
         let view = Self {
+            report: report.clone(),
+            views: views.clone(),
             me: me.clone(),
             members,
             joined,
@@ -82,6 +117,7 @@ impl Membership {
                     node: me.clone(),
                     leaving,
                     draining,
+                    load: report.get().map(|r| r()).unwrap_or_default(),
                 })
             };
             loop {
@@ -114,14 +150,16 @@ impl Membership {
                     msg = heard.next() => {
                         let Some(msg) = msg else { return };
                         match protocol::decode::<Heartbeat>(&msg.payload) {
-                            Ok(h) if h.node == me => {}
-                            Ok(h) if h.leaving => {
-                                seen.remove(&h.node);
-                            }
                             Ok(h) => {
-                                // A new incarnation ends the old one of the same name.
-                                seen.retain(|n, _| n.name != h.node.name || *n == h.node);
-                                seen.insert(h.node, (Instant::now(), h.draining));
+                                note(&views, &h, Instant::now());
+                                if h.node == me {
+                                } else if h.leaving {
+                                    seen.remove(&h.node);
+                                } else {
+                                    // A new incarnation ends the old one of the same name.
+                                    seen.retain(|n, _| n.name != h.node.name || *n == h.node);
+                                    seen.insert(h.node, (Instant::now(), h.draining));
+                                }
                             }
                             Err(e) => tracing::warn!(error = %e, "an unreadable heartbeat was ignored"),
                         }
@@ -162,6 +200,18 @@ impl Membership {
                     }
                     alive
                 });
+                {
+                    let mut views = lock(&views);
+                    for view in views.values_mut() {
+                        view.alive = seen.keys().any(|n| {
+                            n.name == view.name
+                                && n.incarnation.simple().to_string() == view.incarnation
+                        }) || view.name == me.name;
+                    }
+                    views.retain(|_, v| {
+                        v.alive || now.saturating_duration_since(v.heard) < LISTED_AFTER_DEATH
+                    });
+                }
                 let me_draining = *draining.borrow();
                 let current = Members::new(seen.keys().cloned().chain([me.clone()])).draining(
                     seen.iter()
@@ -197,6 +247,23 @@ impl Membership {
         *self.joined.borrow()
     }
 
+    /// How this node reads its own load for its heartbeats.
+    pub fn report(&self, report: Report) {
+        let _ = self.report.set(report);
+    }
+
+    /// Every node heard of lately (this one included), by name.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let now = Instant::now();
+        lock(&self.views)
+            .values()
+            .map(|v| NodeView {
+                last_heard_ms: now.saturating_duration_since(v.heard).as_millis() as u64,
+                ..v.clone()
+            })
+            .collect()
+    }
+
     /// Starts draining: from now on this node says in its heartbeats that no zone is to be
     /// placed on it (until it stops; a drained node is started again to take zones).
     pub fn drain(&self) {
@@ -226,4 +293,37 @@ impl Membership {
             .await
             .is_ok_and(|r| r.is_ok())
     }
+}
+
+/// Notes what heartbeat `h` says of its node, its forwarding rate from the one before.
+fn note(views: &Mutex<BTreeMap<String, NodeView>>, h: &Heartbeat, now: Instant) {
+    let mut views = lock(views);
+    let incarnation = h.node.incarnation.simple().to_string();
+    let rate = match views.get(&h.node.name) {
+        Some(before) if before.incarnation == incarnation => {
+            let secs = now.saturating_duration_since(before.heard).as_secs_f64();
+            let sent = h.load.forwarded.saturating_sub(before.forwarded);
+            if secs > 0.0 {
+                sent as f64 / secs
+            } else {
+                before.forwarded_per_sec
+            }
+        }
+        _ => 0.0,
+    };
+    views.insert(
+        h.node.name.clone(),
+        NodeView {
+            name: h.node.name.clone(),
+            incarnation,
+            alive: !h.leaving,
+            draining: h.draining,
+            zones_owned: h.load.zones,
+            connections: h.load.connections,
+            forwarded_per_sec: rate,
+            last_heard_ms: 0,
+            heard: now,
+            forwarded: h.load.forwarded,
+        },
+    );
 }

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::Client;
+use futures_util::StreamExt;
 use prometheus::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -58,6 +59,8 @@ pub enum ClusterError {
     Config(String),
     #[error("this node has not joined the cluster yet")]
     NotJoined,
+    #[error("no node named {0:?} is alive in the cluster")]
+    UnknownNode(String),
     #[error(
         "invalid node id {0:?}: use 1 to 64 letters, digits, '-' or '_' (it names NATS subjects)"
     )]
@@ -228,6 +231,24 @@ impl Cluster {
             zones.registry.clone(),
         )
         .await?;
+        // Drains asked of this node through any node's admin API.
+        let mut drains = self
+            .client
+            .subscribe(subjects.drain(&self.router.me().name))
+            .await
+            .map_err(|e| ClusterError::Nats(format!("cannot subscribe to drains: {e}")))?;
+        let (router, client) = (self.router.clone(), self.client.clone());
+        tokio::spawn(async move {
+            while let Some(msg) = drains.next().await {
+                let (router, client) = (router.clone(), client.clone());
+                tokio::spawn(async move {
+                    let handed = router.drain(HAND_OVER_LIMIT).await as u64;
+                    if let Some(to) = msg.reply {
+                        let _ = client.publish(to, protocol::encode(&handed)).await;
+                    }
+                });
+            }
+        });
         let router = self.router.clone();
         let feeds = self.feeds.clone();
         let mut members = router.membership().watch();
@@ -266,6 +287,42 @@ impl Cluster {
                     }
                 }
                 before = now;
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Cluster {
+    /// Reports this node's load (its zones, `connections` open, commands forwarded) in its
+    /// heartbeats.
+    pub fn report(&self, connections: prometheus::IntGauge) {
+        let router = Arc::downgrade(&self.router);
+        self.router
+            .membership()
+            .report(Box::new(move || match router.upgrade() {
+                Some(router) => router.load(connections.get().max(0) as u64),
+                None => protocol::Load::default(),
+            }));
+    }
+
+    /// Puts in force on this node the token revocations any node announces (see
+    /// [`Router::announce_revocation`]): their sessions here end at once.
+    pub async fn share_revocations(
+        &self,
+        revocations: Arc<crate::realtime::revocation::Revocations>,
+    ) -> Result<(), ClusterError> {
+        let mut heard = self
+            .client
+            .subscribe(self.router.subjects().revocations())
+            .await
+            .map_err(|e| ClusterError::Nats(format!("cannot subscribe to revocations: {e}")))?;
+        tokio::spawn(async move {
+            while let Some(msg) = heard.next().await {
+                match protocol::decode(&msg.payload) {
+                    Ok(revocation) => revocations.revoke(revocation),
+                    Err(e) => tracing::warn!(error = %e, "an unreadable revocation was ignored"),
+                }
             }
         });
         Ok(())

@@ -232,7 +232,8 @@ impl KvLeases {
         Ok(Self { kv })
     }
 
-    /// Every change of a lease from now on: (zone, holder, revision).
+    /// Every lease as it is now, then every change of one: (zone, holder, revision). So every
+    /// node knows every zone's owner (`GET /api/zones` shows it), not only the ones it asked.
     pub async fn watch(
         &self,
     ) -> Result<impl futures_util::Stream<Item = (Uuid, Option<NodeId>, u64)> + use<>, ClusterError>
@@ -240,7 +241,7 @@ impl KvLeases {
         use futures_util::StreamExt;
         let changes = self
             .kv
-            .watch_all()
+            .watch_with_history(">")
             .await
             .map_err(|e| ClusterError::Leases(e.to_string()))?;
         Ok(changes.filter_map(|entry| async move {

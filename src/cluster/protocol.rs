@@ -36,6 +36,17 @@ impl Subjects {
         format!("{}.zone.{zone}", self.0)
     }
 
+    /// Where a node announces a token revocation it recorded, for every node to end the
+    /// sessions it covers.
+    pub fn revocations(&self) -> String {
+        format!("{}.cluster.revocations", self.0)
+    }
+
+    /// Where a node is asked to drain (`POST /api/cluster/drain` on any node).
+    pub fn drain(&self, node: &str) -> String {
+        format!("{}.node.{node}.drain", self.0)
+    }
+
     /// The JetStream KV bucket of the zones' leases.
     pub fn leases(&self) -> String {
         format!("{}_zone_leases", self.0)
@@ -50,6 +61,19 @@ pub struct Heartbeat {
     pub leaving: bool,
     #[serde(default)]
     pub draining: bool,
+    #[serde(default)]
+    pub load: Load,
+}
+
+/// What a node carries, as it says in each heartbeat (for `GET /api/cluster` and the console).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    /// Zones whose lease it holds.
+    pub zones: u64,
+    /// Its open WebSocket connections.
+    pub connections: u64,
+    /// Commands it has sent to other nodes' zones since it started.
+    pub forwarded: u64,
 }
 
 /// A command sent to its zone's owner.

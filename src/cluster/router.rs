@@ -365,6 +365,50 @@ impl Router {
             && lock(&self.held).contains_key(&zone)
     }
 
+    /// This node's load as its heartbeats report it, with `connections` open.
+    pub fn load(&self, connections: u64) -> super::protocol::Load {
+        let forwarded = ["ok", "refused", "unavailable"]
+            .iter()
+            .map(|o| self.metrics.forwarded.with_label_values(&[o]).get())
+            .sum();
+        super::protocol::Load {
+            zones: lock(&self.held).len() as u64,
+            connections,
+            forwarded,
+        }
+    }
+
+    /// Every zone whose owner this node knows, with the owner's name.
+    pub fn owners(&self) -> Vec<(Uuid, String)> {
+        let mut all: Vec<(Uuid, String)> = lock(&self.owners)
+            .iter()
+            .map(|(z, n)| (*z, n.name.clone()))
+            .collect();
+        all.extend(
+            lock(&self.held)
+                .keys()
+                .map(|z| (*z, self.me().name.clone())),
+        );
+        all.sort();
+        all
+    }
+
+    /// Tells every node of a token revocation this node recorded (each ends the sessions it
+    /// covers); this node's own are ended by the caller.
+    pub async fn announce_revocation(
+        &self,
+        revocation: &crate::realtime::revocation::Revocation,
+    ) -> Result<(), ClusterError> {
+        self.client
+            .publish(self.subjects.revocations(), protocol::encode(revocation))
+            .await
+            .map_err(|e| ClusterError::Nats(format!("cannot announce a revocation: {e}")))?;
+        self.client
+            .flush()
+            .await
+            .map_err(|e| ClusterError::Nats(format!("cannot announce a revocation: {e}")))
+    }
+
     /// Where a command for `zone` goes now: the owner as last learned, else where rendezvous
     /// hashing puts it.
     fn target(&self, zone: Uuid) -> NodeId {
@@ -455,6 +499,26 @@ impl Router {
         // this node is sent back to them, and routed again.
         let held = self.held();
         self.hand_over(&held, limit).await
+    }
+
+    /// Drains node `name` (this one or another, asked over NATS): how many zones it handed
+    /// over.
+    pub async fn drain_node(&self, name: &str) -> Result<u64, ClusterError> {
+        if name == self.me().name {
+            return Ok(self.drain(super::HAND_OVER_LIMIT).await as u64);
+        }
+        if !self.membership.members().iter().any(|n| n.name == name) {
+            return Err(ClusterError::UnknownNode(name.to_owned()));
+        }
+        let asked = self
+            .client
+            .request(self.subjects.drain(name), bytes::Bytes::new());
+        let answer = tokio::time::timeout(super::HAND_OVER_LIMIT + ANSWER_WAIT, asked)
+            .await
+            .map_err(|_| ClusterError::Nats(format!("node {name} did not answer the drain")))?
+            .map_err(|e| ClusterError::Nats(format!("cannot ask node {name} to drain: {e}")))?;
+        protocol::decode(&answer.payload)
+            .map_err(|e| ClusterError::Nats(format!("node {name} answered the drain: {e}")))
     }
 
     /// The zones this node holds that rendezvous hashing now gives another node (one that

@@ -26,8 +26,8 @@ use crate::runtime::{AskError, ZoneHandle};
 use crate::runtime::{ZoneWork, command};
 use crate::store::{DeadLetter, StoreError};
 use crate::zone::{
-    Actor, Answer, CommandKind, NewZone, Outcome, Permissions, Zone, ZoneError, ZonePatch,
-    ZoneState, ZoneView, parse_zone_id,
+    Accepted, Actor, Answer, CommandKind, NewZone, Outcome, Permissions, Zone, ZoneError,
+    ZonePatch, ZoneState, ZoneView, parse_zone_id,
 };
 
 use super::control::{self, ZonePipeline};
@@ -170,6 +170,8 @@ pub fn router(state: ApiState, with_metrics: bool) -> Router {
         .route("/api/zones/{id}/broadcast", post(broadcast))
         .route("/api/zones/{id}/agents", get(zone_agents))
         .route("/api/dead_letters", get(dead_letters))
+        .route("/api/cluster", get(cluster_view))
+        .route("/api/cluster/drain", post(drain_node))
         .route("/api/tokens", post(mint_token))
         .route("/api/tokens/revoke", post(revoke_tokens))
         .merge(control::routes())
@@ -623,21 +625,30 @@ async fn zone_agents(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = zone_id(&id)?;
-    // Through the writer first: it loads the zone if needed, and its answer comes after every
+    // Asked of the zone's writer (on whichever node it runs): its answer comes after every
     // command sent before this request.
-    let seq = view(ask(&state, id, CommandKind::GetZoneState).await?)?.seq;
-    // Sessions are keyed by connection first: gather each agent's from wherever they are.
+    let outcome = ask(&state, id, CommandKind::GetAgents).await?;
+    let Ok(Accepted {
+        answer: Answer::Sessions { seq, sessions },
+        ..
+    }) = outcome.result
+    else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the zone answered without its sessions",
+        ));
+    };
+    // Sessions are keyed by connection first: gather each agent's.
     let mut by_agent: std::collections::BTreeMap<String, Vec<SessionJson>> = Default::default();
-    if let Some(live) = state.zones.registry.live(id) {
-        for (key, joined_at) in live.state().sessions() {
-            by_agent
-                .entry(key.agent_id.clone())
-                .or_default()
-                .push(SessionJson {
-                    connection: key.connection.clone(),
-                    joined_at: *joined_at,
-                });
-        }
+    for session in sessions {
+        by_agent
+            .entry(session.agent_id)
+            .or_default()
+            .push(SessionJson {
+                connection: session.connection,
+                joined_at: session.joined_at,
+            });
     }
     let agents: Vec<AgentSessions> = by_agent
         .into_iter()
@@ -740,6 +751,7 @@ async fn revoke_tokens(
     // drops this handler): a revocation on disk must never wait for a restart to apply.
     let zones = state.zones.clone();
     let revocations = state.sockets.revocations.clone();
+    let cluster = state.cluster.clone();
     tokio::spawn(async move {
         if !zones.exists(zone).await? {
             return Err(ZoneError::ZoneNotFound(zone).into());
@@ -749,6 +761,13 @@ async fn revoke_tokens(
             .store()
             .revoke_tokens(&revocation.agent_id, zone, revocation.before_us)
             .await?;
+        // In a cluster the agent's sessions may be on any node: each is told (one that misses
+        // the announcement, NATS being away, has it from the store at its next start).
+        if let Some(cluster) = &cluster
+            && let Err(e) = cluster.announce_revocation(&revocation).await
+        {
+            tracing::warn!(error = %e, "a revocation could not be announced to the other nodes");
+        }
         revocations.revoke(revocation);
         Ok::<_, StoreError>(())
     })
@@ -759,6 +778,65 @@ async fn revoke_tokens(
         "zone_id": zone,
         "revoked_at": revoked_at,
     })))
+}
+
+/// The router of a node of a cluster; 404 on a server that is not one.
+fn clustered(state: &ApiState) -> Result<&Arc<crate::cluster::Router>, ApiError> {
+    state.cluster.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_clustered",
+            "this server does not run as a node of a cluster (serve --cluster)",
+        )
+    })
+}
+
+/// The cluster as this node sees it: its nodes (alive, incarnation, zones owned, connections,
+/// commands forwarded per second) and each zone's owner.
+async fn cluster_view(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let router = clustered(&state)?;
+    let zones: Vec<Value> = router
+        .owners()
+        .into_iter()
+        .map(|(zone, owner)| json!({"zone_id": zone, "owner": owner}))
+        .collect();
+    Ok(Json(json!({
+        "node": router.me().name,
+        "nodes": router.membership().nodes(),
+        "zones": zones,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainRequest {
+    node: String,
+}
+
+/// Hands a node's zones to the others without stopping it; it takes no zone until it is
+/// started again.
+async fn drain_node(
+    State(state): State<ApiState>,
+    ApiJson(req): ApiJson<DrainRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let router = clustered(&state)?;
+    match router.drain_node(&req.node).await {
+        Ok(handed) => Ok(Json(json!({
+            "node": req.node,
+            "draining": true,
+            "zones_handed_over": handed,
+        }))),
+        Err(e @ crate::cluster::ClusterError::UnknownNode(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "node_not_found",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )),
+    }
 }
 
 #[derive(Deserialize)]

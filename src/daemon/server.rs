@@ -517,6 +517,12 @@ impl Server {
             None => sockets,
         };
         let sockets = Arc::new(sockets);
+        if let Some(cluster) = &cluster {
+            cluster
+                .share_revocations(sockets.revocations.clone())
+                .await?;
+            cluster.report(sockets.metrics.connections.clone());
+        }
         let connections = sockets.metrics.connections.clone();
         let state = ApiState {
             zones: zones.clone(),

@@ -128,6 +128,13 @@ impl Serialize for Response<'_> {
                 }
                 .serialize(s)
             }
+            // Only the admin API asks for it; shown as it would be.
+            Answer::Sessions { seq, sessions } => {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("seq", seq)?;
+                m.serialize_entry("sessions", sessions)?;
+                m.end()
+            }
             Answer::Resources(amounts) => {
                 let mut m = s.serialize_map(Some(1))?;
                 m.serialize_entry("new_resources", amounts)?;

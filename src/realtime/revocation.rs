@@ -19,7 +19,7 @@ use super::token::Claims;
 
 /// One revocation: the tokens `agent_id` holds for `zone_id`, minted before `before_us`
 /// (microseconds since the Unix epoch).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Revocation {
     pub agent_id: String,
     pub zone_id: Uuid,

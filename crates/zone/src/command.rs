@@ -94,6 +94,9 @@ pub enum CommandKind {
     },
     /// The zone as it is now; changes nothing.
     GetZoneState,
+    /// The zone's sessions now, each with its agent and connection (the admin API's view, from
+    /// whichever node writes the zone); changes nothing.
+    GetAgents,
     /// Regenerate resources and advance the environment.
     Tick,
     UpdateZone(ZonePatch),
@@ -123,6 +126,7 @@ impl CommandKind {
             Self::ConsumeResource { .. } => "consume_resource",
             Self::BroadcastEvent { .. } => "broadcast_event",
             Self::GetZoneState => "get_zone_state",
+            Self::GetAgents => "get_agents",
             Self::Tick => "tick",
             Self::UpdateZone(_) => "update_zone",
             Self::ChangePermissions { .. } => "change_permissions",
@@ -134,7 +138,7 @@ impl CommandKind {
 
     /// Whether the command only reads: it is never remembered and never causes an event.
     pub fn is_query(&self) -> bool {
-        matches!(self, Self::GetZoneState)
+        matches!(self, Self::GetZoneState | Self::GetAgents)
     }
 }
 

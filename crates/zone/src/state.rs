@@ -125,6 +125,8 @@ pub enum Answer {
     Joined(Box<ZoneView>),
     /// Every resource's amount after a consume.
     Resources(BTreeMap<String, i64>),
+    /// The zone's sessions as of `seq` (`get_agents`).
+    Sessions { seq: u64, sessions: Vec<Session> },
 }
 
 /// An accepted command: the events it caused (each with its seq) and its answer.
@@ -259,6 +261,7 @@ fn allowed(actor: &Actor, kind: &CommandKind) -> bool {
                 | K::DeleteZone
                 | K::BroadcastEvent { .. }
                 | K::GetZoneState
+                | K::GetAgents
         ),
         Actor::Service { .. } => matches!(
             kind,
@@ -646,7 +649,7 @@ impl ZoneState {
                     payload: payload.clone(),
                 })]
             }
-            CommandKind::GetZoneState => Vec::new(),
+            CommandKind::GetZoneState | CommandKind::GetAgents => Vec::new(),
             CommandKind::Tick => {
                 let new_resources = self
                     .zone
@@ -993,6 +996,10 @@ impl ZoneState {
             | CommandKind::UpdateZone(_)
             | CommandKind::ChangePermissions { .. } => Answer::State(Box::new(self.view())),
             CommandKind::ConsumeResource { .. } => Answer::Resources(self.zone.amounts()),
+            CommandKind::GetAgents => Answer::Sessions {
+                seq: self.seq,
+                sessions: self.snapshot().sessions,
+            },
             _ => Answer::Done,
         }
     }
