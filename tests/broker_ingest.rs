@@ -16,12 +16,11 @@ use std::time::Duration;
 use common::binary;
 use common::server::{self, Client, http};
 use serde_json::{Value, json};
-use sqlx::Connection;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 mod brokers;
-use brokers::{Broker, Kind};
+use brokers::{Broker, Kind, Sent, audited, command};
 
 const TOTAL: usize = 3_000;
 const ZONES: usize = 3;
@@ -33,49 +32,6 @@ fn zone_body() -> Value {
         "permissions": 0x03,
         "resources": {"stone": {"amount": 1000000, "max": 1000000, "regen": 0}}
     })
-}
-
-/// What the test published: command id → poisoned or not.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Sent {
-    Valid,
-    InvalidPayload,
-    NotJson,
-}
-
-/// Command `i`: 1 in 50 is poisoned, half of those with an invalid payload (refused by the
-/// decoder, a position that is not one, and by the zone, an amount below 1, in turn), half not
-/// JSON.
-fn command(i: usize, zone: &str) -> (Uuid, Vec<u8>, Sent) {
-    let id = Uuid::now_v7();
-    let agent = format!("npc-{}", i % 7);
-    let (body, sent) = match (i % 50, i % 200) {
-        (0, 0) => (
-            json!({"id": id, "zone_id": zone, "agent_id": agent, "type": "agent_move", "payload": {"position": "nowhere"}}),
-            Sent::InvalidPayload,
-        ),
-        (0, 100) => (
-            json!({"id": id, "zone_id": zone, "agent_id": agent, "type": "consume_resource", "payload": {"resource_type": "stone", "amount": 0}}),
-            Sent::InvalidPayload,
-        ),
-        (0, _) => return (id, format!("garbage {i} {{").into_bytes(), Sent::NotJson),
-        _ => (
-            json!({"id": id, "zone_id": zone, "agent_id": agent, "type": "agent_move", "payload": {"position": {"x": i, "y": 0, "z": 0}}}),
-            Sent::Valid,
-        ),
-    };
-    (id, body.to_string().into_bytes(), sent)
-}
-
-async fn audited(db: &str) -> HashMap<Uuid, i64> {
-    let mut c = sqlx::PgConnection::connect(db).await.unwrap();
-    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
-        "SELECT command_id, COUNT(*) FROM audit_events WHERE command_id IS NOT NULL AND event_type = 'agent_moved' GROUP BY command_id",
-    )
-    .fetch_all(&mut c)
-    .await
-    .unwrap();
-    rows.into_iter().collect()
 }
 
 async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(kind: Kind) {

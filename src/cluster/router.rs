@@ -495,6 +495,12 @@ impl Router {
     /// handed to its next owner (see [`hand_over`](Self::hand_over)).
     pub async fn drain(&self, limit: Duration) -> usize {
         self.membership.drain();
+        // The last node able to take zones keeps them: they are written and closed when it
+        // stops, and whichever node comes next continues them in the same epoch.
+        let members = self.membership.members();
+        if members.eligible().next().is_none() {
+            return 0;
+        }
         // The others learn it from the heartbeat just sent; a command they route meanwhile to
         // this node is sent back to them, and routed again.
         let held = self.held();
@@ -543,12 +549,15 @@ impl Router {
         let zone = job.work.zone_id;
         let target = self.target(zone);
         if target == *self.me() {
-            // The zone is (or is about to be) this node's: its writer places it again.
-            let mut work = job.work;
-            let local = self.local.get().cloned();
-            let _ = job.done.send(None);
+            // The zone is (or is about to be) this node's: its writer places it again, and its
+            // answer (whoever gives it, wherever the zone turns out to be) is the outcome.
+            let Job { mut work, done, .. } = job;
             work.forwarded = false;
-            if let Some(local) = local {
+            work.reply = Some(Arc::new(Resolve {
+                done: Mutex::new(Some(done)),
+                then: work.reply.take(),
+            }));
+            if let Some(local) = self.local.get().cloned() {
                 local.push(work).await;
             }
             return;
@@ -780,6 +789,24 @@ impl Placement for Router {
         // Released from a task: the writer does not wait for NATS.
         if let Some(me) = self.this.upgrade() {
             tokio::spawn(async move { me.release(zone, fence).await });
+        }
+    }
+}
+
+/// Where the answer to a command this node routed back to itself goes: to the outcome its
+/// sender awaits, then on to whoever asked.
+struct Resolve {
+    done: Mutex<Option<oneshot::Sender<Option<Outcome>>>>,
+    then: Option<Arc<dyn ReplyTo>>,
+}
+
+impl ReplyTo for Resolve {
+    fn reply(&self, reply: &Reply) {
+        if let Some(done) = lock(&self.done).take() {
+            let _ = done.send(Some(reply.outcome.clone()));
+        }
+        if let Some(then) = &self.then {
+            then.reply(reply);
         }
     }
 }

@@ -33,8 +33,8 @@ use crate::realtime::{
     random_secret,
 };
 use crate::runtime::{
-    Limits, Replies, Snapshots, TimerConfig, WriterConfig, ZoneAcker, ZoneHandle, ZoneRegistry,
-    ZoneWork, ZoneWriter, command, run_timers,
+    Limits, OWNERS_BATCHER, OwnerOutcomes, Replies, Snapshots, TimerConfig, WriterConfig,
+    ZoneAcker, ZoneHandle, ZoneRegistry, ZoneWork, ZoneWriter, command, run_timers,
 };
 use crate::store::{AuditSink, Backend, Store};
 use crate::zone::{Actor, CommandKind};
@@ -443,8 +443,20 @@ impl Server {
             ),
             None => builder.batcher(file.batchers.broadcast.clone(), topics),
         };
+        let mut builder =
+            builder.batcher(audit_config(file, &store), AuditSink::new(store.clone()));
+        if let Some(cluster) = &cluster {
+            // Broker commands for zones other nodes own wait here for the owner's outcome: many
+            // at once, each batch as soon as a worker is free.
+            builder = builder.batcher(
+                crate::pipeline::BatcherConfig::new(OWNERS_BATCHER)
+                    .batch_size(100)
+                    .concurrency(8)
+                    .group_commit(true),
+                OwnerOutcomes::new(cluster.router.clone()),
+            );
+        }
         let mut builder = builder
-            .batcher(audit_config(file, &store), AuditSink::new(store.clone()))
             .in_flight_bound(file.in_flight_bound.get())
             .shutdown_timeout(Duration::from_millis(file.shutdown_timeout_ms.get()))
             .metrics(registry.clone(), pipeline_metrics)

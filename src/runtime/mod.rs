@@ -8,13 +8,15 @@
 //! sockets / admin API / timers ──► ZoneWork (a ZoneCommand, where to answer)
 //!   ──► zone pipeline, partitioned by zone ──► ZoneWriter: load, decide, apply (one writer per zone)
 //!         ├──► batcher "broadcast" ──► topic sink (frames, presence)
-//!         └──► batcher "audit" ──────► audit log (dead letters for what it refuses)
+//!         ├──► batcher "audit" ──────► audit log (dead letters for what it refuses)
+//!         └──► batcher "owners" (cluster) ► a broker command another node's zone answered
 //!   acknowledgement (ZoneAcker) ──► durable replies; snapshots ──► snapshot pipeline ──► zone rows
 //! ```
 
 mod acker;
 mod context;
 mod history;
+mod owners;
 mod placement;
 mod registry;
 mod snapshots;
@@ -28,6 +30,7 @@ use std::time::Duration;
 pub use acker::ZoneAcker;
 pub use context::{IDEMPOTENCY_KEY_CHARS, Limits, command, keyed_command_id, new_epoch, now};
 pub use history::{HistoryConfig, Since, complete as history_complete};
+pub use owners::{OWNERS_BATCHER, OwnerOutcomes};
 pub use placement::{Forwarded, NOT_OWNER, Place, Placement, Settled};
 pub use registry::{Eviction, LiveZone, Loaded, ZoneRegistry};
 pub use snapshots::Snapshots;

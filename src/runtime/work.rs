@@ -7,7 +7,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use futures_util::future::Shared;
+
 use super::history::Since;
+use super::placement::Forwarded;
 use crate::store::{Audited, Fence};
 use crate::zone::{Outcome, Session, ZoneCommand, ZoneEvent, ZoneSnapshot};
 
@@ -99,6 +102,9 @@ pub struct ZoneWork {
     /// In a cluster: the command came from another node, which took this node for the zone's
     /// owner. If it is not (any more), it is sent back to be routed again, never on.
     pub forwarded: bool,
+    /// In a cluster: a service's command this node sent to the zone's owner, whose outcome
+    /// settles its broker message (awaited by the `owners` batcher, not the writer).
+    pub owner_outcome: Option<Shared<Forwarded>>,
 }
 
 impl ZoneWork {
@@ -113,6 +119,7 @@ impl ZoneWork {
             since: None,
             fence: None,
             forwarded: false,
+            owner_outcome: None,
         }
     }
 
@@ -141,6 +148,7 @@ impl ZoneWork {
             since: None,
             fence: None,
             forwarded: false,
+            owner_outcome: None,
         }
     }
 }

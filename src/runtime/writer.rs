@@ -24,9 +24,10 @@ use super::history::{self, HistoryConfig, Plan, Since};
 use super::placement::{NOT_OWNER, Place, Placement};
 use super::registry::{Eviction, LiveZone, ZoneRegistry};
 use super::work::{Job, Replies, Reply, ZoneWork};
-use crate::pipeline::{BatcherName, Failure, Message, Processor};
+use crate::pipeline::{BatchMode, BatcherName, Failure, Message, Processor};
 use crate::store::StoreError;
 use crate::zone::{Actor, CommandKind, Outcome, ZoneCommand, ZoneError, ZoneEvent, ZoneState};
+use futures_util::FutureExt;
 
 /// The writer's settings.
 #[derive(Clone, Debug)]
@@ -370,26 +371,20 @@ impl ZoneWriter {
         msg.data.reply = None;
         msg.put_batchers(Arc::from([]));
         let answered = placement.forward(work);
-        if !matches!(command.actor, Actor::Service { .. }) {
-            return Ok(());
+        if matches!(command.actor, Actor::Service { .. }) {
+            // Its broker message is settled by the owner's outcome, awaited by the `owners`
+            // batcher: this worker goes on with the next command meanwhile.
+            msg.data.owner_outcome = Some(answered.shared());
+            msg.put_batchers(Arc::from([super::owners::owners_batcher()]));
+            msg.put_batch_mode(BatchMode::Flush);
         }
-        match answered.await {
-            Some(Outcome {
-                result: Err(refusal),
-                ..
-            }) => service_refusal(command, &refusal).map_or(Ok(()), Err),
-            Some(_) => Ok(()),
-            None => Err(Failure::retryable(format!(
-                "zone {}'s owner did not answer",
-                command.zone_id
-            ))),
-        }
+        Ok(())
     }
 }
 
 /// A refusal of a service's command fails its message: nobody awaits an answer, and the source
 /// dead-letters it with the reason (or, for what passes with time, gives it back for later).
-fn service_refusal(command: &ZoneCommand, refusal: &ZoneError) -> Option<Failure> {
+pub(super) fn service_refusal(command: &ZoneCommand, refusal: &ZoneError) -> Option<Failure> {
     if !matches!(command.actor, Actor::Service { .. }) {
         return None;
     }

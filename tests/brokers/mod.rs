@@ -1,5 +1,7 @@
 //! The brokers as the tests see them: a publisher, the dead letters, and a pipeline file whose
-//! source reads streams or queues of the test's own.
+//! source reads streams or queues of the test's own; the commands the ingest tests publish.
+
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,8 @@ use lapin::options::{
 };
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::json;
+use sqlx::Connection as _;
 use thunderline::daemon::config::{PipelineFile, SourceSections};
 use thunderline::sources::jetstream::JetStreamConfig;
 use thunderline::sources::rabbitmq::{RabbitMqConfig, RabbitMqSource};
@@ -280,4 +284,47 @@ impl Broker {
         let _ = self.js.delete_stream(nats.get_stream()).await;
         let _ = self.js.delete_stream(nats.get_dead_stream()).await;
     }
+}
+
+/// What the test published: command id → poisoned or not.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Sent {
+    Valid,
+    InvalidPayload,
+    NotJson,
+}
+
+/// Command `i`: 1 in 50 is poisoned, half of those with an invalid payload (refused by the
+/// decoder, a position that is not one, and by the zone, an amount below 1, in turn), half not
+/// JSON.
+pub fn command(i: usize, zone: &str) -> (Uuid, Vec<u8>, Sent) {
+    let id = Uuid::now_v7();
+    let agent = format!("npc-{}", i % 7);
+    let (body, sent) = match (i % 50, i % 200) {
+        (0, 0) => (
+            json!({"id": id, "zone_id": zone, "agent_id": agent, "type": "agent_move", "payload": {"position": "nowhere"}}),
+            Sent::InvalidPayload,
+        ),
+        (0, 100) => (
+            json!({"id": id, "zone_id": zone, "agent_id": agent, "type": "consume_resource", "payload": {"resource_type": "stone", "amount": 0}}),
+            Sent::InvalidPayload,
+        ),
+        (0, _) => return (id, format!("garbage {i} {{").into_bytes(), Sent::NotJson),
+        _ => (
+            json!({"id": id, "zone_id": zone, "agent_id": agent, "type": "agent_move", "payload": {"position": {"x": i, "y": 0, "z": 0}}}),
+            Sent::Valid,
+        ),
+    };
+    (id, body.to_string().into_bytes(), sent)
+}
+
+pub async fn audited(db: &str) -> HashMap<Uuid, i64> {
+    let mut c = sqlx::PgConnection::connect(db).await.unwrap();
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT command_id, COUNT(*) FROM audit_events WHERE command_id IS NOT NULL AND event_type = 'agent_moved' GROUP BY command_id",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    rows.into_iter().collect()
 }

@@ -37,6 +37,15 @@ impl Cluster {
 
     /// As [`node`](Self::node), with more environment variables.
     pub async fn node_with(&mut self, node: &str, envs: &[(&str, &str)]) -> Daemon {
+        self.node_full(node, &[], envs).await
+    }
+
+    /// As [`node`](Self::node), with more arguments (`--config FILE`, say).
+    pub async fn node_args(&mut self, node: &str, args: &[&str]) -> Daemon {
+        self.node_full(node, args, &[]).await
+    }
+
+    async fn node_full(&mut self, node: &str, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let dir = std::env::temp_dir().join(format!(
             "thunderline-{}-{node}-{}",
             self.name,
@@ -56,7 +65,10 @@ impl Cluster {
                 &self.name,
                 "--cluster-heartbeat-ms",
                 "100",
-            ],
+            ]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>(),
             Stdio::inherit(),
             envs,
         );
