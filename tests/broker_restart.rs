@@ -24,72 +24,11 @@ use thunderline::sources::jetstream::{JetStreamConfig, JetStreamSource};
 use thunderline::sources::rabbitmq::{RabbitMqConfig, RabbitMqSource};
 use tokio::time::Instant;
 
+mod common;
+use common::services::{NatsBack, listening, start_nats, stop_nats, wait_until};
+
 /// One broker restart at a time, across the tests of this file.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn listening(port: u16) -> bool {
-    std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(200),
-    )
-    .is_ok()
-}
-
-fn wait_until(what: &str, secs: u64, check: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn start_nats() {
-    let _ = Command::new("start-stop-daemon")
-        .args([
-            "--start",
-            "--oknodo",
-            "--background",
-            "--exec",
-            "/usr/sbin/nats-server",
-            "--",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            "4222",
-            "-js",
-            "-sd",
-            "/var/lib/nats-server",
-            "-l",
-            "/var/log/nats-server.log",
-        ])
-        .status();
-    wait_until("NATS listens again", 60, || listening(4222));
-}
-
-fn stop_nats() {
-    let stopped = Command::new("start-stop-daemon")
-        .args([
-            "--stop",
-            "--oknodo",
-            "--retry",
-            "10",
-            "--exec",
-            "/usr/sbin/nats-server",
-        ])
-        .status()
-        .expect("start-stop-daemon runs");
-    assert!(stopped.success());
-    wait_until("NATS stops listening", 20, || !listening(4222));
-}
-
-/// Starts NATS again when dropped, whatever happened.
-struct NatsBack;
-
-impl Drop for NatsBack {
-    fn drop(&mut self) {
-        start_nats();
-    }
-}
 
 #[derive(Clone, Default)]
 struct Seen(Arc<Mutex<Vec<u64>>>);

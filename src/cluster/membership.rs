@@ -107,6 +107,7 @@ impl Membership {
         tokio::spawn(async move {
             let mut started = Instant::now();
             let mut last_beat = Instant::now();
+            let mut cut_off = false;
             let dead_after = heartbeat * SILENT_HEARTBEATS;
             // When each node was last heard, and whether it said it drains.
             let mut seen: HashMap<NodeId, (Instant, bool)> = HashMap::new();
@@ -192,6 +193,26 @@ impl Membership {
                     // Only now, after `joined` says what the pause means: see `wait_current`.
                     last_beat = now;
                     beat_tx.send_replace(now);
+                }
+                // Without NATS this node hears nobody (and nobody hears it): the others' silence
+                // says nothing of them, and a NATS restart must not end every node's sessions.
+                // Its view stands still until NATS is back, then it listens for 3 heartbeats
+                // before anyone it does not hear is dead. (A node cut off alone is declared
+                // dead by the others; the store's fencing keeps it from writing what they took.)
+                if client.connection_state() != async_nats::connection::State::Connected {
+                    if !cut_off {
+                        tracing::warn!(node = %me, "the cluster's NATS connection is lost: nobody is declared dead until it is back");
+                        cut_off = true;
+                    }
+                    for (at, _) in seen.values_mut() {
+                        *at = now;
+                    }
+                } else if cut_off {
+                    tracing::info!(node = %me, "the cluster's NATS connection is back");
+                    cut_off = false;
+                    for (at, _) in seen.values_mut() {
+                        *at = now;
+                    }
                 }
                 seen.retain(|node, (at, _)| {
                     let alive = now.saturating_duration_since(*at) < dead_after;

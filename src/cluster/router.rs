@@ -43,6 +43,8 @@ const ANSWER_WAIT: Duration = Duration::from_secs(2);
 const OWNER_WAIT: Duration = Duration::from_secs(10);
 /// The pause before a command refused by a node that is not the owner is sent again.
 const REROUTE_PAUSE: Duration = Duration::from_millis(20);
+/// The pause before the leases are watched again after the watch ended.
+const REWATCH_PAUSE: Duration = Duration::from_millis(500);
 /// How often a hand-over looks whether its zones are written (and asks again for those not).
 const HAND_OVER_POLL: Duration = Duration::from_millis(20);
 
@@ -222,21 +224,29 @@ impl Router {
             }
         });
         // Leases that change under this node: a zone it held and lost, or a new owner elsewhere.
+        // Watched again whenever the watch ends (NATS restarted): from the leases as they are.
         let weak = Arc::downgrade(&router);
-        match leases.watch().await {
-            Ok(changes) => {
-                tokio::spawn(async move {
-                    let mut changes = std::pin::pin!(changes);
-                    while let Some((zone, holder, revision)) = changes.next().await {
-                        let Some(router) = weak.upgrade() else { return };
-                        router.lease_changed(zone, holder, revision);
+        tokio::spawn(async move {
+            loop {
+                match leases.watch().await {
+                    Ok(changes) => {
+                        let mut changes = std::pin::pin!(changes);
+                        while let Some((zone, holder, revision)) = changes.next().await {
+                            let Some(router) = weak.upgrade() else { return };
+                            router.lease_changed(zone, holder, revision);
+                        }
+                        tracing::warn!("the lease watch ended: watching again");
                     }
-                });
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lease changes cannot be watched (meanwhile a lost lease is noticed at the store)")
+                    }
+                }
+                if weak.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(REWATCH_PAUSE).await;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "lease changes cannot be watched: a lost lease is noticed at the store only")
-            }
-        }
+        });
         Ok(router)
     }
 

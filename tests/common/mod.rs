@@ -11,6 +11,8 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 pub mod cluster;
+pub mod pushers;
+pub mod services;
 
 /// Whether `check` comes to hold within `secs` seconds, polled every 20 ms. Tests wait for the
 /// condition they assert, never for a fixed time.
