@@ -218,14 +218,20 @@ async fn the_phoenix_client_sees_broadcasts_and_presence_across_cluster_nodes() 
         nodes.push((daemon, dir));
     }
     let url_b = nodes[1].0.url.clone();
+    // The console's view of the nodes, in Chromium, where it is (it must be under CI).
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let browser = Path::new("/usr/bin/chromium").exists();
+    assert!(browser || !ci, "Debian's chromium is required under CI=true for the console test");
+    let suites: &[&str] = if browser {
+        &["cluster.test.mjs", "console_cluster.test.mjs"]
+    } else {
+        &["cluster.test.mjs"]
+    };
     let report = {
         let a = &nodes[0].0;
-        node(
-            &js,
-            a,
-            &["--test", "--test-concurrency=1", "cluster.test.mjs"],
-            &[("THUNDERLINE_URL_B", &url_b)],
-        )
+        let mut args = vec!["--test", "--test-concurrency=1"];
+        args.extend(suites);
+        node(&js, a, &args, &[("THUNDERLINE_URL_B", &url_b)])
     };
     for (daemon, dir) in nodes {
         let (exit, printed) = daemon.terminate();

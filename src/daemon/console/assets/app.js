@@ -19,6 +19,7 @@ const state = {
   previous: null, // the one before it, for rates
   topology: null,
   zones: { q: "", offset: 0, total: 0, rows: [] },
+  cluster: null, // GET /api/cluster, on a node of a cluster
   zone: null, // the chosen zone: {id, view, agents, positions, events, series, afterSeq}
   dirty: true,
 };
@@ -91,6 +92,7 @@ function open(token) {
       $("app").hidden = false;
       refreshTopology();
       refreshZones();
+      refreshCluster();
     })
     .receive("error", () => {
       channel.leave();
@@ -270,6 +272,40 @@ async function refreshZones() {
   }
 }
 
+// ---- the cluster's nodes --------------------------------------------------------------------
+
+async function refreshCluster() {
+  if (!state.token || state.cluster === false) return;
+  const res = await fetch("/api/cluster", { headers: { authorization: `Bearer ${state.token}` } });
+  if (res.status === 404) {
+    // Not a node of a cluster: the section stays hidden, and it is not asked again.
+    state.cluster = false;
+    return;
+  }
+  if (!res.ok) return;
+  state.cluster = await res.json();
+  state.dirty = true;
+}
+
+function drawCluster() {
+  if (!state.cluster) return;
+  $("cluster-section").hidden = false;
+  const rows = state.cluster.nodes.map((n) => {
+    const tr = document.createElement("tr");
+    tr.className = "node-row" + (n.alive ? "" : " dead") + (n.draining ? " draining" : "");
+    tr.dataset.node = n.name;
+    const alive = n.alive ? (n.draining ? "draining" : "yes") : "no";
+    const cells = [n.name, alive, n.incarnation.slice(0, 12), n.zones_owned, n.connections, n.forwarded_per_sec.toFixed(1), `${(n.last_heard_ms / 1000).toFixed(1)} s ago`];
+    for (const cell of cells) {
+      const td = document.createElement("td");
+      td.textContent = cell;
+      tr.append(td);
+    }
+    return tr;
+  });
+  $("nodes").tBodies[0].replaceChildren(...rows);
+}
+
 const amounts = (resources) => Object.entries(resources ?? {}).map(([k, r]) => `${k} ${r.amount}/${r.max}`).join(", ");
 
 function drawZones() {
@@ -277,7 +313,7 @@ function drawZones() {
     const tr = document.createElement("tr");
     tr.className = "zone-row" + (state.zone?.id === z.id ? " chosen" : "");
     tr.dataset.zone = z.id;
-    for (const cell of [z.name, z.active_session_count, amounts(z.resources) || "—", z.seq]) {
+    for (const cell of [z.name, z.assigned_server ?? "—", z.active_session_count, amounts(z.resources) || "—", z.seq]) {
       const td = document.createElement("td");
       td.textContent = cell;
       tr.append(td);
@@ -408,6 +444,7 @@ function frame(now) {
     drawGraph();
     drawStages();
     drawSources();
+    drawCluster();
     drawZones();
     drawZone();
   }
@@ -451,6 +488,7 @@ $("controls").addEventListener("submit", async (e) => {
 
 setInterval(refreshTopology, 2000);
 setInterval(refreshZones, 2000);
+setInterval(refreshCluster, 1000);
 setInterval(refreshZone, 1000);
 requestAnimationFrame(frame);
 
