@@ -199,3 +199,73 @@ fn a_sweep_runs_every_rate_and_reports_the_highest_within_target() {
     assert_eq!(r["steps"][0]["within_target"], false);
     assert!(r["highest_rate_within_target"].is_null());
 }
+
+/// `--nodes 3 --rolling-restart`: the cluster steady, then again while each node restarts; the
+/// clients its node closes rejoin another and recover, and every push answered ok was applied.
+#[test]
+fn bench_ws_reports_a_rolling_restart_against_a_steady_run() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args([
+            "bench",
+            "ws",
+            "--nodes",
+            "3",
+            "--rolling-restart",
+            "--clients",
+            "30",
+            "--zones",
+            "3",
+            "--rate",
+            "150",
+            "--duration",
+            "12",
+            "--no-baseline",
+            "--json",
+        ])
+        .env_remove("THUNDERLINE_ADMIN_TOKEN")
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    let r: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    assert_eq!(r["nodes"], 3);
+    // The steady run: nobody closed, everything delivered.
+    assert_eq!(r["reconnects"], 0, "{r}");
+    assert_eq!(r["delivered"], r["expected_deliveries"], "{r}");
+    let rolling = &r["rolling_restart"];
+    assert_eq!(rolling["connected"], 30, "{rolling}");
+    assert_eq!(rolling["restarted_nodes"], 3, "{rolling}");
+    // Each node closed its clients once; each of them rejoined another node, recovered.
+    let closes = rolling["disconnects"].as_u64().unwrap();
+    assert!(
+        closes >= 30,
+        "every client was on a restarted node once: {rolling}"
+    );
+    assert_eq!(rolling["reconnects"], closes, "{rolling}");
+    assert_eq!(
+        rolling["recovered_rejoins"], rolling["reconnects"],
+        "{rolling}"
+    );
+    assert_eq!(rolling["errors"], 0, "{rolling}");
+    // A push is unanswered only if its node closed before reading it: then it was not applied,
+    // and its broadcast is the only one missing (one per member of its zone).
+    let unanswered = rolling["sent"].as_u64().unwrap() - rolling["replies"].as_u64().unwrap();
+    let missing =
+        rolling["expected_deliveries"].as_u64().unwrap() - rolling["delivered"].as_u64().unwrap();
+    assert_eq!(missing, unanswered * 10, "{rolling}");
+    assert!(stderr.contains("rolling restart"), "{stderr}");
+}
+
+#[test]
+fn bench_ws_refuses_a_rolling_restart_without_a_cluster() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args(["bench", "ws", "--rolling-restart"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--nodes 2 or more"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

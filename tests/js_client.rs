@@ -221,7 +221,10 @@ async fn the_phoenix_client_sees_broadcasts_and_presence_across_cluster_nodes() 
     // The console's view of the nodes, in Chromium, where it is (it must be under CI).
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let browser = Path::new("/usr/bin/chromium").exists();
-    assert!(browser || !ci, "Debian's chromium is required under CI=true for the console test");
+    assert!(
+        browser || !ci,
+        "Debian's chromium is required under CI=true for the console test"
+    );
     let suites: &[&str] = if browser {
         &["cluster.test.mjs", "console_cluster.test.mjs"]
     } else {

@@ -92,6 +92,11 @@ pub struct WsArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     pub database: String,
+    /// With --nodes above 1: run the cluster's load twice, steady and then while every node in
+    /// turn is stopped with SIGTERM and started again (spread over --duration); a client whose
+    /// node closes it rejoins another node with `since`. The report compares the two runs.
+    #[arg(long)]
+    pub rolling_restart: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -130,6 +135,12 @@ pub struct RunFigures {
     pub errors: u64,
     pub disconnects: u64,
     pub slow_consumer_disconnects: u64,
+    /// With --rolling-restart: rejoins on another node after a close, and of those the ones
+    /// answered `recovered: true` (every missed event replayed).
+    pub reconnects: u64,
+    pub recovered_rejoins: u64,
+    /// With --rolling-restart: the nodes restarted while the load ran.
+    pub restarted_nodes: u32,
     /// The server's resident memory once every client had joined, before the load.
     pub connected_rss_bytes: Option<u64>,
     /// (seconds since the load began, events sent, broadcasts delivered), once a second.
@@ -158,6 +169,10 @@ pub struct WsReport {
     /// The cross-node broadcast p99 over the same-node one (goal: at most 2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cross_to_same_p99: Option<f64>,
+    /// With --rolling-restart: the same load on a fresh cluster while each node is restarted
+    /// in turn (`run` is then the steady run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolling_restart: Option<RunFigures>,
     pub server_peak_rss_bytes: Option<u64>,
     pub server_idle_rss_bytes: Option<u64>,
     pub rss_per_connection_bytes: Option<f64>,
@@ -203,14 +218,42 @@ struct Daemon {
     child: Child,
     addr: SocketAddr,
     dir: PathBuf,
+    /// How it was started, to start it again (`--rolling-restart`).
+    start: DaemonStart,
+}
+
+#[derive(Clone)]
+struct DaemonStart {
+    admin: String,
+    secret: String,
+    replies: Option<Replies>,
+    extra: Vec<String>,
+}
+
+impl Daemon {
+    /// SIGTERM (its clients are closed once its zones are handed over), then the same daemon
+    /// again on the same address, ready.
+    async fn restart(&mut self) -> Result<(), BenchError> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        while self.child.try_wait()?.is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The old one has exited: replacing it (and so dropping it) signals nothing.
+        *self = start_daemon_at(&self.start, &self.addr.to_string())?;
+        ready(self.addr).await
+    }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let _ = self.child.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -227,7 +270,24 @@ fn start_daemon(
     replies: Option<Replies>,
     extra: &[String],
 ) -> Result<Daemon, BenchError> {
+    let start = DaemonStart {
+        admin: admin.to_owned(),
+        secret: secret.to_owned(),
+        replies,
+        extra: extra.to_vec(),
+    };
+    start_daemon_at(&start, "127.0.0.1:0")
+}
+
+fn start_daemon_at(start: &DaemonStart, listen: &str) -> Result<Daemon, BenchError> {
     use std::io::{BufRead, BufReader};
+    let DaemonStart {
+        admin,
+        secret,
+        replies,
+        extra,
+    } = start;
+    let replies = *replies;
     let dir = std::env::temp_dir().join(format!(
         "thunderline-bench-{}",
         uuid::Uuid::now_v7().simple()
@@ -235,7 +295,7 @@ fn start_daemon(
     let exe = std::env::current_exe()?;
     let mut command = Command::new(exe);
     command
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--listen", listen, "--data-dir"])
         .arg(&dir)
         .args(extra)
         .env_remove("THUNDERLINE_DATABASE_URL")
@@ -265,7 +325,12 @@ fn start_daemon(
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
-    Ok(Daemon { child, addr, dir })
+    Ok(Daemon {
+        child,
+        addr,
+        dir,
+        start: start.clone(),
+    })
 }
 
 /// Lets this process (and the daemon it starts) hold one descriptor per connection.
@@ -299,6 +364,8 @@ struct Shared {
     errors: AtomicU64,
     disconnects: AtomicU64,
     slow: AtomicU64,
+    reconnects: AtomicU64,
+    recovered: AtomicU64,
     /// Broadcast latencies: push → `agent_moved`.
     histogram: Mutex<Option<Histogram<u64>>>,
     /// Reply latencies: push → its `ok` `phx_reply`.
@@ -421,6 +488,92 @@ struct ClientPlan {
     period: f64,
     /// Delay before its first push, to spread clients over the period.
     phase: f64,
+    /// With --rolling-restart: every node's URL, for a client its node closes to rejoin
+    /// another (empty: it does not).
+    nodes: Arc<[String]>,
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// What a join's reply said: the zone's epoch and seq, and (for a rejoin) whether every missed
+/// event follows.
+struct Joined {
+    epoch: String,
+    seq: u64,
+    recovered: bool,
+}
+
+/// Connects to `url` and joins `plan`'s zone (from `since`, a rejoin); `None` if either fails.
+async fn connect_and_join(
+    url: &str,
+    plan: &ClientPlan,
+    since: Option<(&str, u64)>,
+) -> Option<(Ws, Joined)> {
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true)
+        .await
+        .ok()?;
+    let mut params = json!({"agent_id": plan.agent, "token": plan.token});
+    if let Some((epoch, seq)) = since {
+        params["since"] = json!({"epoch": epoch, "seq": seq});
+    }
+    let join = json!(["1", "1", plan.topic, "phx_join", params]);
+    ws.send(Message::text(join.to_string())).await.ok()?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("\"phx_reply\"") => {
+                let reply: serde_json::Value = serde_json::from_str(&t).ok()?;
+                if reply[4]["status"] != "ok" {
+                    return None;
+                }
+                let response = &reply[4]["response"];
+                let joined = Joined {
+                    epoch: response["epoch"].as_str()?.to_owned(),
+                    seq: response["seq"].as_u64()?,
+                    recovered: response["recovered"] == true,
+                };
+                return Some((ws, joined));
+            }
+            Some(Ok(_)) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// The `seq` of a zone event's frame, found without parsing it.
+fn frame_seq(frame: &str) -> Option<u64> {
+    let at = frame.rfind("\"seq\":")? + 6;
+    let digits = frame[at..].split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
+}
+
+/// How long a client closed by its node keeps trying the other nodes.
+const REJOIN_LIMIT: Duration = Duration::from_secs(20);
+
+/// Rejoins `plan`'s zone on the next node after `node` that takes it, from `last_seq` of
+/// `epoch`; `None` when the client does not rejoin, or no node took it in time.
+async fn rejoin(
+    plan: &ClientPlan,
+    node: &mut usize,
+    epoch: &str,
+    last_seq: Option<u64>,
+    shared: &Shared,
+) -> Option<(Ws, Joined)> {
+    let last = last_seq?;
+    let deadline = Instant::now() + REJOIN_LIMIT;
+    while Instant::now() < deadline {
+        *node = (*node + 1) % plan.nodes.len();
+        if let Some(joined) = connect_and_join(&plan.nodes[*node], plan, Some((epoch, last))).await
+        {
+            shared.reconnects.fetch_add(1, Ordering::Relaxed);
+            if joined.1.recovered {
+                shared.recovered.fetch_add(1, Ordering::Relaxed);
+            }
+            return Some(joined);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }
 
 /// How long after the load stops a client waits for the rest of its zone's broadcasts; a
@@ -447,6 +600,8 @@ struct Inbox {
     /// Replies to this client's pushes received, ok or not.
     answered: u64,
     remote: Option<bool>,
+    /// With --rolling-restart: the newest seq of its zone it has seen.
+    last_seq: Option<u64>,
 }
 
 impl Inbox {
@@ -454,6 +609,12 @@ impl Inbox {
     fn take(&mut self, frame: Option<Result<Message, WsError>>) -> bool {
         match frame {
             Some(Ok(Message::Text(t))) => {
+                if let Some(last) = &mut self.last_seq
+                    && !t.contains("\"phx_reply\"")
+                    && let Some(seq) = frame_seq(&t)
+                {
+                    *last = (*last).max(seq);
+                }
                 if t.contains("\"agent_moved\"") {
                     if let Some(at) = sent_at(&t) {
                         let now = self.epoch.elapsed().as_micros() as u64;
@@ -518,36 +679,15 @@ async fn client(
 ) {
     let done_pushing = DonePushing(shared.clone());
     let permit = connect_permits.acquire().await;
-    let Ok((mut ws, _)) =
-        tokio_tungstenite::connect_async_with_config(&plan.url, Some(ws_config()), true).await
-    else {
+    let Some((mut ws, joined)) = connect_and_join(&plan.url, &plan, None).await else {
         shared.errors.fetch_add(1, Ordering::Relaxed);
         return;
     };
     drop(permit);
-    let join =
-        json!(["1", "1", plan.topic, "phx_join", {"agent_id": plan.agent, "token": plan.token}]);
-    if ws.send(Message::text(join.to_string())).await.is_err() {
-        shared.errors.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    // The join reply.
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.contains("\"phx_reply\"") => {
-                if !t.contains("\"status\":\"ok\"") {
-                    shared.errors.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                break;
-            }
-            Some(Ok(_)) => {}
-            _ => {
-                shared.errors.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        }
-    }
+    // Where it is in its zone's history, for a rejoin elsewhere: the first event it is sent is
+    // its own join's.
+    let mut zone_epoch = joined.epoch;
+    let mut node = plan.nodes.iter().position(|u| *u == plan.url).unwrap_or(0);
     shared.connected.fetch_add(1, Ordering::Relaxed);
     let Ok(start) = go.wait_for(Option::is_some).await.map(|s| s.expect("set")) else {
         return;
@@ -560,6 +700,7 @@ async fn client(
         received: 0,
         answered: 0,
         remote: plan.remote,
+        last_seq: (!plan.nodes.is_empty()).then_some(joined.seq.saturating_sub(1)),
     };
     let mut next_push = tokio::time::Instant::from_std(start) + Duration::from_secs_f64(plan.phase);
     let mut seq = 0u64;
@@ -581,7 +722,17 @@ async fn client(
         tokio::select! {
             biased;
             frame = ws.next() => if !inbox.take(frame) {
-                break false;
+                // Closed by its node (restarting): it rejoins another, from where it left off.
+                match rejoin(&plan, &mut node, &zone_epoch, inbox.last_seq, &shared).await {
+                    Some((again, joined)) => {
+                        ws = again;
+                        if !joined.recovered {
+                            inbox.last_seq = Some(joined.seq.saturating_sub(1));
+                        }
+                        zone_epoch = joined.epoch;
+                    }
+                    None => break false,
+                }
             },
             () = &mut stop => break true,
             () = &mut push => {
@@ -645,6 +796,13 @@ fn latency(h: &Histogram<u64>) -> Latency {
     }
 }
 
+/// With --rolling-restart: every node's URL (for clients to rejoin another), and where the
+/// load says it has started (for the restarts to be spread over it).
+struct Rolling {
+    nodes: Arc<[String]>,
+    started: tokio::sync::oneshot::Sender<Instant>,
+}
+
 /// Connects the clients, runs the load, and gathers what they saw.
 async fn load(
     args: &WsArgs,
@@ -653,8 +811,13 @@ async fn load(
     progress: &ProgressBar,
     label: &str,
     server_pid: Option<u32>,
+    rolling: Option<Rolling>,
 ) -> RunFigures {
     let epoch = Instant::now();
+    let (nodes, started) = match rolling {
+        Some(Rolling { nodes, started }) => (nodes, Some(started)),
+        None => (Arc::from([]), None),
+    };
     let shared = Arc::new(Shared {
         clients: args.clients,
         ..Shared::default()
@@ -689,6 +852,7 @@ async fn load(
             token,
             period,
             phase: period * (i as f64 / args.clients as f64),
+            nodes: nodes.clone(),
         };
         tasks.push(tokio::spawn(client(
             plan,
@@ -722,6 +886,9 @@ async fn load(
 
     let start = Instant::now();
     let _ = go_tx.send(Some(start));
+    if let Some(started) = started {
+        let _ = started.send(start);
+    }
     let mut timeline = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
@@ -787,6 +954,9 @@ async fn load(
         errors: shared.errors.load(Ordering::Relaxed),
         disconnects: shared.disconnects.load(Ordering::Relaxed),
         slow_consumer_disconnects: shared.slow.load(Ordering::Relaxed),
+        reconnects: shared.reconnects.load(Ordering::Relaxed),
+        recovered_rejoins: shared.recovered.load(Ordering::Relaxed),
+        restarted_nodes: 0,
         connected_rss_bytes,
         timeline,
         histogram: Some(histogram),
@@ -810,6 +980,11 @@ fn check(args: &WsArgs) -> Result<(), BenchError> {
     }
     if args.sweep.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
         return bad("every --sweep rate must be above 0");
+    }
+    if args.rolling_restart && args.nodes < 2 {
+        return bad(
+            "--rolling-restart restarts the nodes of a cluster: it needs --nodes 2 or more",
+        );
     }
     if args.nodes > 1 && (args.url.is_some() || !args.sweep.is_empty()) {
         return bad("--nodes starts a cluster of its own: it goes with neither --url nor --sweep");
@@ -983,7 +1158,7 @@ async fn prepare(args: &WsArgs, setup: Setup) -> Result<Target, BenchError> {
                     "--cluster-name".to_owned(),
                     schema.name.clone(),
                     "--cluster-heartbeat-ms".to_owned(),
-                    "500".to_owned(),
+                    "250".to_owned(),
                 ];
                 daemons.push(start_daemon(&admin_token, &secret, args.replies, &extra)?);
             }
@@ -1062,9 +1237,65 @@ fn ws_url_of(addr: SocketAddr) -> String {
     format!("ws://{addr}/socket/websocket?vsn=2.0.0")
 }
 
+/// The cluster's load again, on a fresh cluster, while each node in turn is stopped with
+/// SIGTERM and started again, the restarts spread evenly over the load.
+async fn rolling_restart(args: &WsArgs) -> Result<RunFigures, BenchError> {
+    let mut target = prepare(args, Setup::Cluster).await?;
+    let nodes: Arc<[String]> = target.daemons.iter().map(|d| ws_url_of(d.addr)).collect();
+    let (started_tx, started) = tokio::sync::oneshot::channel::<Instant>();
+    let mut daemons = std::mem::take(&mut target.daemons);
+    let progress = target.progress.clone();
+    let duration = Duration::from_secs_f64(args.duration);
+    let restarts = tokio::spawn(async move {
+        let mut outcome = Ok(0);
+        if let Ok(start) = started.await {
+            let count = daemons.len() as u32;
+            for (i, daemon) in daemons.iter_mut().enumerate() {
+                let at: Instant = start + duration * (2 * i as u32 + 1) / (2 * count);
+                tokio::time::sleep_until(at.into()).await;
+                // Only while the load runs: a restart after it would measure nothing.
+                if start.elapsed() >= duration {
+                    break;
+                }
+                progress.println(format!("restarting node n{i}"));
+                match daemon.restart().await {
+                    Ok(()) => outcome = outcome.map(|n| n + 1),
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        (daemons, outcome)
+    });
+    let run = load(
+        args,
+        &target.ws_url,
+        target.plans.clone(),
+        &target.progress,
+        &format!("{} nodes, rolling restart", args.nodes),
+        None,
+        Some(Rolling {
+            nodes,
+            started: started_tx,
+        }),
+    )
+    .await;
+    let (daemons, outcome) = restarts.await.map_err(std::io::Error::other)?;
+    target.daemons = daemons;
+    target.progress.finish_and_clear();
+    target.finish().await;
+    outcome.map(|restarted| RunFigures {
+        restarted_nodes: restarted,
+        ..run
+    })
+}
+
 pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
-    // A cluster is compared with one node on the same database, in the same run, first.
-    let one_node = if args.nodes > 1 {
+    // A cluster is compared with one node on the same database, in the same run, first (or,
+    // with --rolling-restart, with itself while its nodes restart, after).
+    let one_node = if args.nodes > 1 && !args.rolling_restart {
         let target = prepare(args, Setup::OneNode).await?;
         let run = load(
             args,
@@ -1073,6 +1304,7 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
             &target.progress,
             "one node",
             target.pid(),
+            None,
         )
         .await;
         target.progress.finish_and_clear();
@@ -1101,18 +1333,24 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
         &target.progress,
         &label,
         pid,
+        None,
     )
     .await;
     let server_peak = pid.and_then(|p| rss(p, "VmHWM:"));
     let (plans, progress) = (target.plans.clone(), target.progress.clone());
     target.finish().await;
+    let rolling = if args.rolling_restart {
+        Some(rolling_restart(args).await?)
+    } else {
+        None
+    };
 
     let baseline = if args.no_baseline || args.url.is_some() {
         None
     } else {
         let server = ws_baseline::start().await?;
         let url = format!("ws://{}/socket/websocket?vsn=2.0.0", server.addr);
-        Some(load(args, &url, plans, &progress, "baseline", None).await)
+        Some(load(args, &url, plans, &progress, "baseline", None, None).await)
     };
     progress.finish_and_clear();
 
@@ -1146,6 +1384,7 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
             _ => None,
         },
         one_node,
+        rolling_restart: rolling,
         run,
     })
 }
@@ -1166,7 +1405,16 @@ pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, BenchError> {
             ..args.clone()
         };
         let label = format!("{rate} events/s");
-        let run = load(&step_args, &ws_url, plans.clone(), &progress, &label, pid).await;
+        let run = load(
+            &step_args,
+            &ws_url,
+            plans.clone(),
+            &progress,
+            &label,
+            pid,
+            None,
+        )
+        .await;
         let within_target = run.latency_ms.p99 < args.p99_target_ms
             && run.delivered == run.expected_deliveries
             && run.answered_every_push(args.clients)
@@ -1322,7 +1570,29 @@ impl WsReport {
             if let Some(one) = &self.one_node {
                 out.push_str(&row("one node (same database)", one));
             }
-            out.push_str(&row(&format!("{} nodes", self.nodes), r));
+            let steady = if self.rolling_restart.is_some() {
+                format!("{} nodes, steady", self.nodes)
+            } else {
+                format!("{} nodes", self.nodes)
+            };
+            out.push_str(&row(&steady, r));
+            if let Some(rolling) = &self.rolling_restart {
+                out.push_str(&row(
+                    &format!("{} nodes, rolling restart", self.nodes),
+                    rolling,
+                ));
+                out.push_str(&format!(
+                    "{:<30}{:>12} nodes restarted, {} rejoins ({} recovered), {} closes, {} of {} pushes answered ok, {} errors\n",
+                    "during the rolling restart",
+                    rolling.restarted_nodes,
+                    rolling.reconnects,
+                    rolling.recovered_rejoins,
+                    rolling.disconnects,
+                    rolling.replies,
+                    rolling.sent,
+                    rolling.errors,
+                ));
+            }
             if let (Some(same), Some(cross)) = (&r.same_node_latency_ms, &r.cross_node_latency_ms) {
                 out.push_str(&format!(
                     "{:<30}same node p50 {:.2}  p99 {:.2} ms; cross node p50 {:.2}  p99 {:.2} ms; ratio {:.2}\n",
