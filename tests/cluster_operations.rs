@@ -504,3 +504,101 @@ async fn a_node_that_joins_under_load_takes_its_zones_over_and_loses_no_one() {
     drop((daemons, d));
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_of_any_node_reaches_each_zone_s_owner() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let c = cluster.node("c").await;
+    let nodes = [&a, &b, &c];
+    let mut zones = Vec::new();
+    for i in 0..6 {
+        zones.push(
+            a.zone(json!({"name": format!("admin-{i}"), "capacity": 10, "permissions": 1}))
+                .await,
+        );
+    }
+    // Every node lists every zone, each with its owner.
+    let mut owners = BTreeMap::new();
+    for zone in &zones {
+        owners.insert(
+            zone.clone(),
+            zone_json(&a, zone).await["assigned_server"].clone(),
+        );
+    }
+    for node in nodes {
+        let (status, page) = http(node.addr, "GET", "/api/zones?limit=50", None, Some(ADMIN)).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["total"], 6, "{page}");
+        for z in page["zones"].as_array().unwrap() {
+            let id = z["id"].as_str().unwrap();
+            assert_eq!(z["assigned_server"], owners[id], "{z}");
+        }
+    }
+    // Each change through a node that does not own the zone: applied by the owner, seen by all.
+    for (i, zone) in zones.iter().enumerate() {
+        let owner = owners[zone].as_str().unwrap();
+        let other = [("a", &a), ("b", &b), ("c", &c)]
+            .into_iter()
+            .find(|(name, _)| *name != owner)
+            .unwrap()
+            .1;
+        let (status, patched) = http(
+            other.addr,
+            "PATCH",
+            &format!("/api/zones/{zone}"),
+            Some(json!({"name": format!("renamed-{i}")})),
+            Some(ADMIN),
+        )
+        .await;
+        assert_eq!(status, 200, "{patched}");
+        let (status, granted) = http(
+            other.addr,
+            "POST",
+            &format!("/api/zones/{zone}/permissions"),
+            Some(json!({"grant": ["broadcast_events"]})),
+            Some(ADMIN),
+        )
+        .await;
+        assert_eq!(status, 200, "{granted}");
+        let (status, sent) = http(
+            other.addr,
+            "POST",
+            &format!("/api/zones/{zone}/broadcast"),
+            Some(json!({"event_type": "storm", "payload": {"n": i}})),
+            Some(ADMIN),
+        )
+        .await;
+        assert_eq!(status, 200, "{sent}");
+        for node in nodes {
+            let z = zone_json(node, zone).await;
+            assert_eq!(z["name"], json!(format!("renamed-{i}")), "{z}");
+            assert_eq!(z["seq"], sent["seq"], "{z}");
+        }
+    }
+    // Deleted through another node: gone everywhere.
+    let zone = &zones[0];
+    let (status, _) = http(
+        b.addr,
+        "DELETE",
+        &format!("/api/zones/{zone}"),
+        None,
+        Some(ADMIN),
+    )
+    .await;
+    assert!(status == 200 || status == 204, "{status}");
+    for node in nodes {
+        let (status, _) = http(
+            node.addr,
+            "GET",
+            &format!("/api/zones/{zone}"),
+            None,
+            Some(ADMIN),
+        )
+        .await;
+        assert_eq!(status, 404);
+    }
+    drop((a, b, c));
+    cluster.cleanup().await;
+}
