@@ -517,3 +517,70 @@ async fn the_per_agent_session_cap_counts_the_whole_cluster() {
     drop((a, b));
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_joining_at_once_on_a_node_that_follows_the_zone_each_hear_it() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let zone = a.zone(json!({"name": "crowd", "capacity": 50})).await;
+    let nodes = [&a, &b];
+    let (owner, follower, _) = owner_and_other(&nodes, ["a", "b"], &zone).await;
+    // Tokens first, then every join on the follower at once: their answers may come back in
+    // any order, and the first answer starts the node's copy of the zone.
+    let mut tokens = Vec::new();
+    for n in 0..20 {
+        let (status, token) = http(
+            owner.addr,
+            "POST",
+            "/api/tokens",
+            Some(json!({"agent_id": format!("c{n}"), "zone_id": zone, "permissions": 1, "ttl_seconds": 600})),
+            Some(ADMIN),
+        )
+        .await;
+        assert_eq!(status, 200, "{token}");
+        tokens.push(token["token"].as_str().unwrap().to_owned());
+    }
+    let url = format!("ws://{}/socket/websocket?vsn=2.0.0", follower.addr);
+    let joins = tokens.into_iter().enumerate().map(|(n, token)| {
+        let (url, zone) = (url.clone(), zone.clone());
+        tokio::spawn(async move {
+            let mut client = common::server::Client::connect(&url).await;
+            let (_, reply) = client
+                .join(
+                    &format!("zone:{zone}"),
+                    json!({"agent_id": format!("c{n}"), "token": token}),
+                )
+                .await;
+            assert_eq!(reply["status"], "ok", "{reply}");
+            client
+        })
+    });
+    let mut clients = Vec::new();
+    for join in joins {
+        clients.push(join.await.unwrap());
+    }
+    // A move on the owner reaches every one of them.
+    let (mut mover, mover_ref, _) = owner.joined(&zone, "mover", None).await;
+    let r = mover
+        .push(
+            Some(&mover_ref),
+            &format!("zone:{zone}"),
+            "agent_move",
+            json!({"position": {"x": 7, "y": 0, "z": 0}}),
+        )
+        .await;
+    assert_eq!(mover.reply_to(&r).await["status"], "ok");
+    for (n, client) in clients.iter_mut().enumerate() {
+        let mut heard = false;
+        while let Some(f) = client.next().await {
+            if f[3] == "agent_moved" && f[4]["agent_id"] == "mover" {
+                heard = true;
+                break;
+            }
+        }
+        assert!(heard, "client c{n} on the following node heard the move");
+    }
+    drop((a, b));
+    cluster.cleanup().await;
+}

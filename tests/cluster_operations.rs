@@ -602,3 +602,77 @@ async fn the_admin_api_of_any_node_reaches_each_zone_s_owner() {
     drop((a, b, c));
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_s_pipelined_pushes_keep_their_order_through_a_hand_over() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let c = cluster.node("c").await;
+    let zone = a.zone(json!({"name": "ordered", "capacity": 10})).await;
+    let owner = zone_json(&a, &zone).await["assigned_server"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let client_node = [("a", &a), ("b", &b), ("c", &c)]
+        .into_iter()
+        .find(|(n, _)| *n != owner)
+        .unwrap()
+        .1;
+    let (mut client, join_ref, _) = client_node.joined(&zone, "orderly", None).await;
+    let topic = format!("zone:{zone}");
+    // Batches of 50 pushes sent without waiting, their answers read after each batch; the owner
+    // is drained (its zone handed over) through the admin API once the first batch is on its way.
+    let mut drain = None;
+    let mut ok = Vec::new();
+    let mut x = 0;
+    let mut after_drain = 0;
+    while after_drain < 3 {
+        let mut refs = Vec::new();
+        for _ in 0..50 {
+            x += 1;
+            let r = client
+                .push(
+                    Some(&join_ref),
+                    &topic,
+                    "agent_move",
+                    json!({"position": {"x": x, "y": 0, "z": 0}}),
+                )
+                .await;
+            refs.push((x, r));
+        }
+        let drain = drain.get_or_insert_with(|| {
+            let (addr, owner) = (client_node.addr, owner.clone());
+            tokio::spawn(async move {
+                http(
+                    addr,
+                    "POST",
+                    "/api/cluster/drain",
+                    Some(json!({"node": owner})),
+                    Some(ADMIN),
+                )
+                .await
+            })
+        });
+        for (x, r) in refs {
+            if client.reply_to(&r).await["status"] == "ok" {
+                ok.push(x);
+            }
+        }
+        if drain.is_finished() {
+            after_drain += 1;
+        }
+    }
+    let drain = drain.unwrap();
+    let (status, body) = drain.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["zones_handed_over"], 1, "{body}");
+    let logged = logged_moves(&cluster, &zone, "orderly").await;
+    assert_eq!(
+        logged, ok,
+        "every move answered ok, once, in the order sent"
+    );
+    assert!(ok.len() >= 150, "{ok:?}");
+    drop((a, b, c));
+    cluster.cleanup().await;
+}

@@ -526,10 +526,11 @@ async fn connect_and_join(
                 if reply[4]["status"] != "ok" {
                     return None;
                 }
+                // The bare baseline server answers `{}`: no history to rejoin.
                 let response = &reply[4]["response"];
                 let joined = Joined {
-                    epoch: response["epoch"].as_str()?.to_owned(),
-                    seq: response["seq"].as_u64()?,
+                    epoch: response["epoch"].as_str().unwrap_or_default().to_owned(),
+                    seq: response["seq"].as_u64().unwrap_or_default(),
                     recovered: response["recovered"] == true,
                 };
                 return Some((ws, joined));

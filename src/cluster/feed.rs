@@ -42,8 +42,9 @@ const TAIL_PROBE: Duration = Duration::from_millis(200);
 const TAIL_EVENTS: u64 = 1_000;
 /// How long the join's own event waits for the join's answer.
 const ANSWER_LIMIT: Duration = Duration::from_secs(2);
-/// How long a node that takes a zone over waits for what it followed of it to be delivered.
-const SETTLE_LIMIT: Duration = Duration::from_secs(2);
+/// How long a node that takes a zone over waits for what it followed of it to be delivered
+/// (joins' answers included, each waited for up to [`ANSWER_LIMIT`]).
+const SETTLE_LIMIT: Duration = Duration::from_secs(4);
 /// The most events read from the log to deliver what a feed had not yet when its node took
 /// the zone over.
 const SETTLE_EVENTS: u32 = 10_000;
@@ -235,12 +236,18 @@ impl Feeds {
     /// This node writes zone `zone` now, from `seq` of `epoch`: it stops following it, once
     /// what it followed is delivered up to there (waits a bounded time for that).
     pub async fn owned(&self, zone: Uuid, epoch: String, seq: u64) {
-        let Some(tx) = lock(&self.feeds).remove(&zone) else {
+        // The feed stays this node's way to the zone while it settles: answers to joins sent
+        // to the previous owner still come through it, ahead of their joins' events.
+        let Some(tx) = self.sender(zone) else {
             return;
         };
         let (done, settled) = oneshot::channel();
         if tx.send(Input::Stop { epoch, seq, done }).is_ok() {
             let _ = tokio::time::timeout(SETTLE_LIMIT, settled).await;
+        }
+        let mut feeds = lock(&self.feeds);
+        if feeds.get(&zone).is_some_and(|t| t.same_channel(&tx)) {
+            feeds.remove(&zone);
         }
     }
 
@@ -296,7 +303,32 @@ impl Feed {
         // topic here is theirs, not this feed's to forget.
         let mut superseded = false;
         loop {
+            // Inputs first: a join's `Expect` is queued before the join is sent, so it is taken
+            // before any broadcast of the join's own event.
             tokio::select! {
+                biased;
+                input = rx.recv() => match input {
+                    None => break,
+                    Some(Input::Stop { epoch, seq, done }) => {
+                        self.settle(&sink, &epoch, seq, &mut rx).await;
+                        {
+                            let mut feeds = lock(&self.feeds.feeds);
+                            if feeds.get(&self.zone).is_some_and(|t| t.same_channel(&self.tx)) {
+                                feeds.remove(&self.zone);
+                            }
+                        }
+                        let _ = done.send(());
+                        superseded = true;
+                        break;
+                    }
+                    Some(Input::Expect { connection, agent }) => {
+                        self.expected.insert((connection, agent), Instant::now());
+                    }
+                    Some(Input::Joined { connection, agent, reply, to }) => {
+                        self.joined(connection, agent, reply, to).await;
+                    }
+                    Some(Input::Reregister) => self.reregister(),
+                },
                 msg = sub.next() => {
                     let Some(msg) = msg else { break };
                     self.received += 1;
@@ -314,22 +346,6 @@ impl Feed {
                         Err(e) => tracing::warn!(zone = %self.zone, error = %e, "an unreadable broadcast was ignored"),
                     }
                 }
-                input = rx.recv() => match input {
-                    None => break,
-                    Some(Input::Stop { epoch, seq, done }) => {
-                        self.settle(&sink, &epoch, seq).await;
-                        let _ = done.send(());
-                        superseded = true;
-                        break;
-                    }
-                    Some(Input::Expect { connection, agent }) => {
-                        self.expected.insert((connection, agent), Instant::now());
-                    }
-                    Some(Input::Joined { connection, agent, reply, to }) => {
-                        self.joined(connection, agent, reply, to);
-                    }
-                    Some(Input::Reregister) => self.reregister(),
-                },
                 _ = tick.tick() => {}
             }
             // This node writes the zone now (its own sink serves its subscribers), or a newer
@@ -425,7 +441,13 @@ impl Feed {
         true
     }
 
-    fn joined(&mut self, connection: String, agent: String, reply: Reply, to: Arc<dyn ReplyTo>) {
+    async fn joined(
+        &mut self,
+        connection: String,
+        agent: String,
+        reply: Reply,
+        to: Arc<dyn ReplyTo>,
+    ) {
         self.expected.remove(&(connection.clone(), agent.clone()));
         let Ok(accepted) = &reply.outcome.result else {
             to.reply(&reply);
@@ -454,8 +476,32 @@ impl Feed {
             // The first join here: its own event adds the joiner.
             self.baseline(&reply, view, Some((&connection, &agent)), seq);
         } else if self.next.is_some_and(|next| seq < next) {
-            // Its event was delivered already (it waited past its bound): answer now.
+            // Its event came before this node's copy of the zone began (another join's answer,
+            // come first, started it after this one), or was delivered already (it waited past
+            // its bound): answered now, and its connection, if not subscribed, is sent its own
+            // event and what came after it here (from the owner's history), then subscribed.
             to.reply(&reply);
+            let next = self.next.unwrap_or(seq + 1);
+            let from_join = match self.feeds.history(self.zone, seq - 1, next).await {
+                Some(answer)
+                    if self.epoch.as_deref() == Some(answer.epoch.as_str())
+                        && crate::runtime::history_complete(&answer.events, seq - 1, next) =>
+                {
+                    answer.events
+                }
+                _ => {
+                    tracing::warn!(zone = %self.zone, "a join's events could not be read: its channel is closed for a rejoin");
+                    self.close_channel(&connection);
+                    return;
+                }
+            };
+            let from_join: Vec<ZoneEvent> = from_join
+                .into_iter()
+                .filter(|e| e.seq >= seq && e.seq < next)
+                .collect();
+            self.feeds
+                .hub
+                .attach(self.zone, &connection, &agent, &from_join);
             return;
         }
         self.answers.insert(seq, (reply, to));
@@ -575,7 +621,13 @@ impl Feed {
     /// This node takes the zone over at `seq` of `epoch`: what this feed has not delivered up
     /// to there is read from the log and delivered (in the same epoch only: after an owner's
     /// death the zone starts a new one, which its sessions here are taken into afresh).
-    async fn settle(&mut self, sink: &TopicSink, epoch: &str, seq: u64) {
+    async fn settle(
+        &mut self,
+        sink: &TopicSink,
+        epoch: &str,
+        seq: u64,
+        rx: &mut mpsc::UnboundedReceiver<Input>,
+    ) {
         let Some(next) = self.next else { return };
         if self.epoch.as_deref() != Some(epoch) || next > seq {
             return;
@@ -593,6 +645,34 @@ impl Feed {
             }
             Err(e) => {
                 tracing::warn!(zone = %self.zone, error = %e, "the events followed before taking a zone over could not be read");
+            }
+        }
+        // Joins sent to the previous owner and applied there may still be answered: their
+        // answers go before their events, as ever (for a bounded time).
+        let deadline = Instant::now() + ANSWER_LIMIT;
+        loop {
+            self.drain(sink);
+            // Held at a join of this node's whose answer has not come.
+            let waiting = self.buffer.first_key_value().is_some_and(|(at, e)| {
+                Some(*at) == self.next
+                    && matches!(&e.kind, EventKind::AgentEntered(p)
+                        if self.expected.contains_key(&(p.connection.clone(), p.agent_id.clone())))
+            });
+            if !waiting {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Input::Joined {
+                    connection,
+                    agent,
+                    reply,
+                    to,
+                })) => self.joined(connection, agent, reply, to).await,
+                Ok(Some(Input::Expect { connection, agent })) => {
+                    self.expected.insert((connection, agent), Instant::now());
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
             }
         }
         // Nothing newer can come from elsewhere now: joins still waiting for an answer do
@@ -651,6 +731,28 @@ impl Feed {
             self.feeds.gaps_healed.inc();
             tracing::info!(zone = %self.zone, from = next, "a dropped last broadcast was filled");
         }
+    }
+
+    /// Closes connection `connection`'s channel of the zone with an error: it cannot be given
+    /// the zone's events without a gap (its client joins again, and recovers).
+    fn close_channel(&self, connection: &str) {
+        let hub = &self.feeds.hub;
+        let Some(conn) = hub.connection(connection) else {
+            return;
+        };
+        let join_ref = {
+            let mut channels = conn.channels.lock().unwrap_or_else(|e| e.into_inner());
+            channels.remove(&self.zone).map(|j| j.join_ref)
+        };
+        let join_ref = join_ref.flatten();
+        let topic = topic_name(self.zone);
+        conn.peer.send_text(wire::encode(
+            join_ref.as_deref(),
+            join_ref.as_deref(),
+            &topic,
+            "phx_error",
+            &json!({"reason": "the zone's events could not be continued"}),
+        ));
     }
 
     /// The zone's history cannot be continued here: its channels on this node close with an

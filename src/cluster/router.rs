@@ -112,6 +112,30 @@ struct Job {
     done: oneshot::Sender<Option<Outcome>>,
     /// When it was first handed over: past [`OWNER_WAIT`], it is answered `unavailable`.
     since: Instant,
+    /// Its place in the order commands were handed over.
+    order: u64,
+}
+
+/// What the router's sender takes, in order.
+enum Queued {
+    Job(Box<Job>),
+    /// Zone's commands held back may go now.
+    Release(Uuid),
+}
+
+/// One zone's commands on their way: they reach its owner in the order they were handed
+/// over. Commands go on to the node the ones in flight went to without waiting; once the zone's
+/// owner changes (or one comes back refused), later ones are held until every one in flight is
+/// answered, and the refused ones are sent again ahead of them, in order.
+#[derive(Default)]
+struct Lane {
+    /// Where the commands in flight went.
+    to: Option<NodeId>,
+    in_flight: usize,
+    /// Held back, by order.
+    held: std::collections::BTreeMap<u64, Job>,
+    /// A release of the held ones is on its way.
+    releasing: bool,
 }
 
 /// A command sent, waiting for its answer.
@@ -134,8 +158,10 @@ pub struct Router {
     handing: Mutex<HashSet<Uuid>>,
     /// Who writes the zones this node does not, as last learned.
     owners: Mutex<HashMap<Uuid, NodeId>>,
-    queue: mpsc::UnboundedSender<Job>,
+    queue: mpsc::UnboundedSender<Queued>,
     pending: Mutex<HashMap<u64, Pending>>,
+    lanes: Mutex<HashMap<Uuid, Lane>>,
+    order: AtomicU64,
     next: AtomicU64,
     inbox: String,
     feeds: Arc<Feeds>,
@@ -172,6 +198,8 @@ impl Router {
             owners: Mutex::default(),
             queue,
             pending: Mutex::default(),
+            lanes: Mutex::default(),
+            order: AtomicU64::new(0),
             next: AtomicU64::new(1),
             inbox,
             feeds,
@@ -181,9 +209,12 @@ impl Router {
         // Sends, in order.
         let weak = Arc::downgrade(&router);
         tokio::spawn(async move {
-            while let Some(job) = jobs.recv().await {
+            while let Some(queued) = jobs.recv().await {
                 let Some(router) = weak.upgrade() else { return };
-                router.send(job).await;
+                match queued {
+                    Queued::Job(job) => router.send(*job).await,
+                    Queued::Release(zone) => router.release_held(zone).await,
+                }
             }
         });
         // Answers.
@@ -557,15 +588,60 @@ impl Router {
 
     async fn send(&self, job: Job) {
         let zone = job.work.zone_id;
-        let target = self.target(zone);
+        let mut target = self.target(zone);
         if target == *self.me() {
-            // The zone is (or is about to be) this node's: its writer places it again, and its
-            // answer (whoever gives it, wherever the zone turns out to be) is the outcome.
-            let Job { mut work, done, .. } = job;
+            // The zone is (or is about to be) this node's: it is taken now, so that the
+            // command is applied here in its turn; or whoever took it first is learned.
+            match self.locate(zone).await {
+                Ok(Place::Here { .. }) => {}
+                Ok(Place::Elsewhere | Place::Leaving) => {
+                    target = self.target(zone);
+                    if target == *self.me() {
+                        // Leaving this node: its next owner is the one rendezvous hashing
+                        // picks among the others.
+                        self.hold(job);
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%zone, error = %e, "a zone could not be placed: its command waits");
+                    self.hold(job);
+                    return;
+                }
+            }
+        }
+        let here = target == *self.me();
+        {
+            let mut lanes = lock(&self.lanes);
+            let lane = lanes.entry(zone).or_default();
+            let elsewhere = lane.in_flight > 0 && lane.to.as_ref() != Some(&target);
+            if !lane.held.is_empty() || lane.releasing || elsewhere {
+                lane.held.insert(job.order, job);
+                return;
+            }
+            lane.to = Some(target.clone());
+            lane.in_flight += 1;
+        }
+        if here {
+            // Applied by this node's writer in its turn; its answer is the outcome.
+            let Job {
+                mut work,
+                done,
+                order,
+                ..
+            } = job;
+            let in_order = Arc::new(crate::runtime::InOrder {
+                order,
+                settled: std::sync::atomic::AtomicBool::new(false),
+            });
             work.forwarded = false;
+            work.in_order = Some(in_order.clone());
             work.reply = Some(Arc::new(Resolve {
                 done: Mutex::new(Some(done)),
                 then: work.reply.take(),
+                in_order,
+                router: self.this.clone(),
+                zone,
             }));
             if let Some(local) = self.local.get().cloned() {
                 local.push(work).await;
@@ -614,9 +690,11 @@ impl Router {
         }
     }
 
-    /// Sends a command again (after a pause), or answers `unavailable` once it has waited for
-    /// its owner long enough.
+    /// A command in flight came back unanswered or refused by a node that is not the owner:
+    /// it is sent again (after a pause, ahead of its zone's later commands), or answered
+    /// `unavailable` once it has waited for its owner long enough.
     fn retry(&self, job: Job) {
+        let zone = job.work.zone_id;
         if job.since.elapsed() >= OWNER_WAIT {
             let command_id = match &job.work.job {
                 crate::runtime::Job::Command(c) => c.id,
@@ -628,13 +706,72 @@ impl Router {
                 .inc();
             let outcome = unavailable(command_id, "the zone's owner did not answer in time");
             self.finish(job, outcome.into());
+            self.landed(zone, None);
             return;
         }
+        self.landed(zone, Some(job));
+    }
+
+    /// A command of `zone` in flight is settled (`again`: to be sent again). Once none is in
+    /// flight, the ones held back go, in order (after a pause if one is a retry).
+    fn landed(&self, zone: Uuid, again: Option<Job>) {
+        let mut lanes = lock(&self.lanes);
+        let Some(lane) = lanes.get_mut(&zone) else {
+            return;
+        };
+        lane.in_flight = lane.in_flight.saturating_sub(1);
+        let pause = again.is_some();
+        if let Some(job) = again {
+            lane.held.insert(job.order, job);
+        }
+        if lane.in_flight > 0 || lane.releasing {
+            return;
+        }
+        if lane.held.is_empty() {
+            lanes.remove(&zone);
+            return;
+        }
+        lane.releasing = true;
         let queue = self.queue.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(REROUTE_PAUSE).await;
-            let _ = queue.send(job);
-        });
+        if pause {
+            tokio::spawn(async move {
+                tokio::time::sleep(REROUTE_PAUSE).await;
+                let _ = queue.send(Queued::Release(zone));
+            });
+        } else {
+            let _ = queue.send(Queued::Release(zone));
+        }
+    }
+
+    /// Holds `job` (not on its way) until its zone's commands go again, after a pause.
+    fn hold(&self, job: Job) {
+        let zone = job.work.zone_id;
+        let mut lanes = lock(&self.lanes);
+        let lane = lanes.entry(zone).or_default();
+        lane.held.insert(job.order, job);
+        if lane.in_flight == 0 && !lane.releasing {
+            lane.releasing = true;
+            let queue = self.queue.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(REROUTE_PAUSE).await;
+                let _ = queue.send(Queued::Release(zone));
+            });
+        }
+    }
+
+    /// Sends `zone`'s held commands, in order.
+    async fn release_held(&self, zone: Uuid) {
+        let held = {
+            let mut lanes = lock(&self.lanes);
+            let Some(lane) = lanes.get_mut(&zone) else {
+                return;
+            };
+            lane.releasing = false;
+            std::mem::take(&mut lane.held)
+        };
+        for job in held.into_values() {
+            self.send(job).await;
+        }
     }
 
     /// The node command `id` went to does not take commands (any more).
@@ -678,7 +815,9 @@ impl Router {
             missed: answered.missed.into(),
             presence: answered.presence.map(Into::into),
         };
+        let zone = job.work.zone_id;
         self.finish(job, reply);
+        self.landed(zone, None);
     }
 
     /// Answers whoever asked. A join's answer goes through the zone's feed, which sends it
@@ -765,12 +904,26 @@ impl Placement for Router {
 
     fn forward(&self, work: ZoneWork) -> Forwarded {
         let (done, answer) = oneshot::channel();
+        // One this node's writer was given in its turn and sends on after all keeps its place,
+        // and is no longer counted as on its way (it is again, from here).
+        let order = match &work.in_order {
+            Some(in_order) => {
+                if !in_order.settled.swap(true, Ordering::AcqRel) {
+                    self.landed(work.zone_id, None);
+                }
+                in_order.order
+            }
+            None => self.order.fetch_add(1, Ordering::Relaxed),
+        };
         let job = Job {
             work,
             done,
             since: Instant::now(),
+            order,
         };
-        if let Err(mpsc::error::SendError(job)) = self.queue.send(job) {
+        if let Err(mpsc::error::SendError(Queued::Job(job))) =
+            self.queue.send(Queued::Job(Box::new(job)))
+        {
             let _ = job.done.send(None);
         }
         Box::pin(async move { answer.await.ok().flatten() })
@@ -794,6 +947,10 @@ impl Placement for Router {
         Box::pin(async move { self.feeds.follow(zone, epoch, seq + 1).await })
     }
 
+    fn queued(&self, zone: Uuid) -> bool {
+        lock(&self.lanes).contains_key(&zone)
+    }
+
     fn left(&self, zone: Uuid, fence: Option<u64>) {
         let Some(fence) = fence else { return };
         // Released from a task: the writer does not wait for NATS.
@@ -803,11 +960,24 @@ impl Placement for Router {
     }
 }
 
-/// Where the answer to a command this node routed back to itself goes: to the outcome its
-/// sender awaits, then on to whoever asked.
+/// Where the answer to a command this node routed to its own writer goes: to the outcome its
+/// sender awaits, then on to whoever asked; and its zone's next commands may go.
 struct Resolve {
     done: Mutex<Option<oneshot::Sender<Option<Outcome>>>>,
     then: Option<Arc<dyn ReplyTo>>,
+    in_order: Arc<crate::runtime::InOrder>,
+    router: std::sync::Weak<Router>,
+    zone: Uuid,
+}
+
+impl Resolve {
+    fn settle(&self) {
+        if !self.in_order.settled.swap(true, Ordering::AcqRel)
+            && let Some(router) = self.router.upgrade()
+        {
+            router.landed(self.zone, None);
+        }
+    }
 }
 
 impl ReplyTo for Resolve {
@@ -818,6 +988,14 @@ impl ReplyTo for Resolve {
         if let Some(then) = &self.then {
             then.reply(reply);
         }
+        self.settle();
+    }
+}
+
+impl Drop for Resolve {
+    /// Dropped unanswered (the pipeline closed): its zone's next commands must not wait for it.
+    fn drop(&mut self) {
+        self.settle();
     }
 }
 

@@ -379,6 +379,53 @@ impl Hub {
         }
     }
 
+    /// Subscribes connection `connection`, joined to `zone` as `agent`, to the zone's topic and
+    /// sends it the zone's presence, then `since` (the zone's events after its join that this
+    /// node delivered before), as delivering its join's own event would have: for a join whose
+    /// event this node never delivers (it came before this node's copy of the zone began, which
+    /// another join's answer started). Nothing if it is subscribed already or left meanwhile.
+    pub fn attach(
+        &self,
+        zone: Uuid,
+        connection: &str,
+        agent: &str,
+        since: &[crate::zone::ZoneEvent],
+    ) {
+        let Some(conn) = self.connection(connection) else {
+            return;
+        };
+        let join_ref = {
+            let channels = conn.channels.lock().unwrap_or_else(|e| e.into_inner());
+            channels
+                .get(&zone)
+                .filter(|j| j.agent_id == agent)
+                .map(|j| j.join_ref.clone())
+        };
+        let Some(join_ref) = join_ref else {
+            return;
+        };
+        let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        let topic = topics.entry(zone).or_default();
+        if topic.subscribers.contains_key(connection) {
+            return;
+        }
+        conn.peer.send_text(super::protocol::encode(
+            join_ref.as_deref(),
+            None,
+            &topic_name(zone),
+            "presence_state",
+            &topic.state(),
+        ));
+        if !since.is_empty() {
+            let frames: Vec<Utf8Bytes> = since
+                .iter()
+                .map(|e| Utf8Bytes::from(super::topic::event_frame(e)))
+                .collect();
+            conn.peer.send_replay(Arc::from(frames));
+        }
+        topic.subscribe(self, conn.peer.clone());
+    }
+
     /// Replaces this node's copy of a zone's presence with the sessions its owner (another node
     /// of a cluster) reported, and sends every subscriber here the new `presence_state`: after
     /// the zone changed owners, some agents may have left without an event this node heard.

@@ -31,7 +31,7 @@ pub use acker::ZoneAcker;
 pub use context::{IDEMPOTENCY_KEY_CHARS, Limits, command, keyed_command_id, new_epoch, now};
 pub use history::{HistoryConfig, Since, complete as history_complete};
 pub use owners::{OWNERS_BATCHER, OwnerOutcomes};
-pub use placement::{Forwarded, NOT_OWNER, Place, Placement, Settled};
+pub use placement::{Forwarded, InOrder, NOT_OWNER, Place, Placement, Settled};
 pub use registry::{Eviction, LiveZone, Loaded, ZoneRegistry};
 pub use snapshots::Snapshots;
 pub use timers::{TimerConfig, run_timers};

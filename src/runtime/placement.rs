@@ -56,6 +56,21 @@ pub trait Placement: Send + Sync + 'static {
     /// Zone `zone` leaves this node for its next owner at `seq` of `epoch`: this node's clients
     /// in it follow it from there on (subscribed before the lease goes).
     fn handing(&self, zone: Uuid, epoch: String, seq: u64) -> Settled<'_>;
+
+    /// Whether commands of `zone` handed to [`forward`](Self::forward) are still on their way:
+    /// one of this node's own that comes now goes behind them, even if the zone is written here.
+    fn queued(&self, zone: Uuid) -> bool;
+}
+
+/// A command the placement handed to this node's own writer in its turn among its zone's
+/// commands on their way (the zone became this node's meanwhile): the writer applies it without
+/// queueing it behind them again, and if it must go elsewhere after all, it keeps its place.
+#[derive(Debug)]
+pub struct InOrder {
+    /// Its place among its zone's commands.
+    pub order: u64,
+    /// Whether the placement has stopped counting it as on its way.
+    pub settled: std::sync::atomic::AtomicBool,
 }
 
 /// Done once the change of a zone's place has been seen to.

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use futures_util::future::Shared;
 
 use super::history::Since;
-use super::placement::Forwarded;
+use super::placement::{Forwarded, InOrder};
 use crate::store::{Audited, Fence};
 use crate::zone::{Outcome, Session, ZoneCommand, ZoneEvent, ZoneSnapshot};
 
@@ -105,6 +105,8 @@ pub struct ZoneWork {
     /// In a cluster: a service's command this node sent to the zone's owner, whose outcome
     /// settles its broker message (awaited by the `owners` batcher, not the writer).
     pub owner_outcome: Option<Shared<Forwarded>>,
+    /// In a cluster: handed back to this node's writer in its zone's order (see [`InOrder`]).
+    pub in_order: Option<Arc<InOrder>>,
 }
 
 impl ZoneWork {
@@ -120,6 +122,7 @@ impl ZoneWork {
             fence: None,
             forwarded: false,
             owner_outcome: None,
+            in_order: None,
         }
     }
 
@@ -149,6 +152,7 @@ impl ZoneWork {
             fence: None,
             forwarded: false,
             owner_outcome: None,
+            in_order: None,
         }
     }
 }

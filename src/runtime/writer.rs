@@ -136,6 +136,16 @@ impl Processor<ZoneWork> for ZoneWriter {
         let fence = match &self.placement {
             None => None,
             Some(placement) => match placement.place(zone_id).await {
+                // This node's own commands of the zone still on their way to an owner go
+                // first: a new one queues behind them (one from another node has no order
+                // with them to keep).
+                Ok(Place::Here { .. })
+                    if msg.data.in_order.is_none()
+                        && !msg.data.forwarded
+                        && placement.queued(zone_id) =>
+                {
+                    return self.elsewhere(placement, msg, &command, false).await;
+                }
                 Ok(Place::Here { fence }) => fence,
                 Ok(Place::Elsewhere) => {
                     return self.elsewhere(placement, msg, &command, true).await;

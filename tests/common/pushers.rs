@@ -51,6 +51,8 @@ struct Pusher {
     epoch: String,
     seq: u64,
     next_ref: u64,
+    /// How it joined last: for what a gap right after a rejoin says.
+    joined: String,
 }
 
 impl Pusher {
@@ -75,17 +77,29 @@ impl Pusher {
         }
         let frame = json!(["1", "1", topic, "phx_join", params]);
         ws.send(Message::text(frame.to_string())).await.unwrap();
+        // What comes before the reply: nothing of the zone's history may (a join's reply goes
+        // before its own event and anything it missed).
+        let mut early = Vec::new();
         let reply = loop {
             let f = next_frame(&mut ws).await.expect("the join is answered");
             if f[1] == "1" && f[3] == "phx_reply" {
                 break f[4].clone();
             }
+            if f[4]["seq"].is_u64() {
+                early.push(f);
+            }
         };
+        if !early.is_empty() {
+            run.wrong.push(format!(
+                "events before the join's reply on {node}: {early:?}"
+            ));
+        }
         assert_eq!(reply["status"], "ok", "{agent} joins on {node}: {reply}");
         let response = &reply["response"];
         let epoch = response["epoch"].as_str().unwrap().to_owned();
         // The first event it is sent is its join's own, the zone's seq in the reply.
         let mut seq = response["seq"].as_u64().unwrap() - 1;
+        let since_seq = since.as_ref().map(|(_, s)| *s);
         if let Some((before, last)) = since {
             run.rejoins.push(response["recovered"] == true);
             if epoch != before {
@@ -96,6 +110,7 @@ impl Pusher {
             // What it missed follows the reply: it goes on from where it left off.
             seq = last;
         }
+        let joined = format!("joined {node} with since {since_seq:?}: {response}");
         Self {
             ws,
             node: node.to_owned(),
@@ -104,6 +119,7 @@ impl Pusher {
             epoch,
             seq,
             next_ref: 1,
+            joined,
         }
     }
 
@@ -121,8 +137,8 @@ impl Pusher {
         {
             if seq != self.seq + 1 {
                 run.wrong.push(format!(
-                    "seq {seq} after {} on {} ({f})",
-                    self.seq, self.node
+                    "seq {seq} after {} on {} ({f}); {}",
+                    self.seq, self.node, self.joined
                 ));
             }
             self.seq = self.seq.max(seq);
