@@ -676,3 +676,53 @@ async fn a_client_s_pipelined_pushes_keep_their_order_through_a_hand_over() {
     drop((a, b, c));
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_stopped_at_once_and_started_again_keeps_every_epoch() {
+    let mut cluster = Cluster::new().await;
+    let mut daemons = Vec::new();
+    for name in ["a", "b", "c"] {
+        daemons.push(cluster.node(name).await);
+    }
+    let mut zones = Vec::new();
+    for i in 0..6 {
+        zones.push(
+            daemons[0]
+                .zone(json!({"name": format!("all-{i}"), "capacity": 10}))
+                .await,
+        );
+    }
+    let mut before = Vec::new();
+    for (i, zone) in zones.iter().enumerate() {
+        // A session and a move in each, through different nodes.
+        let (mut client, join_ref, _) = daemons[i % 3].joined(zone, "walker", None).await;
+        let r = client
+            .push(
+                Some(&join_ref),
+                &format!("zone:{zone}"),
+                "agent_move",
+                json!({"position": {"x": i, "y": 0, "z": 0}}),
+            )
+            .await;
+        assert_eq!(client.reply_to(&r).await["status"], "ok");
+        before.push(zone_json(&daemons[0], zone).await["epoch"].clone());
+    }
+    // SIGTERM to all three at once (a whole deployment stopped), then all started again.
+    let stops: Vec<_> = daemons
+        .into_iter()
+        .map(|d| tokio::task::spawn_blocking(move || d.terminate().0))
+        .collect();
+    for stop in stops {
+        assert!(stop.await.unwrap().success());
+    }
+    let mut again = Vec::new();
+    for name in ["a", "b", "c"] {
+        again.push(cluster.node(name).await);
+    }
+    for (zone, epoch) in zones.iter().zip(&before) {
+        let now = zone_json(&again[1], zone).await;
+        assert_eq!(&now["epoch"], epoch, "a clean stop keeps the epoch: {now}");
+    }
+    drop(again);
+    cluster.cleanup().await;
+}

@@ -253,9 +253,14 @@ impl Membership {
         Ok(view)
     }
 
-    /// The nodes alive now, this one included.
+    /// The nodes alive now, this one included (draining from the moment it starts to).
     pub fn members(&self) -> Members {
-        self.members.borrow().clone()
+        let members = self.members.borrow().clone();
+        if self.is_draining() {
+            members.with_draining(&self.me)
+        } else {
+            members
+        }
     }
 
     /// Changes of the members.

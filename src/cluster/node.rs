@@ -54,6 +54,14 @@ impl Members {
         self.0.contains(node)
     }
 
+    /// These members, with `node` among the draining ones.
+    pub fn with_draining(mut self, node: &NodeId) -> Self {
+        if self.0.contains(node) {
+            self.1.insert(node.clone());
+        }
+        self
+    }
+
     /// Whether `node` is draining.
     pub fn is_draining(&self, node: &NodeId) -> bool {
         self.1.contains(node)
