@@ -6,12 +6,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::binary::{ADMIN, Daemon};
 use common::cluster::{Cluster, logged_moves, zone_json};
-use common::pushers::{SharedNodes, lock, push_until_stopped};
+use common::pushers::{Crowd, SharedNodes, lock};
 use common::server::http;
 use serde_json::{Value, json};
 
@@ -39,41 +38,10 @@ async fn a_rolling_restart_of_every_node_loses_no_push_no_event_and_no_epoch() {
         epochs.push(zone_json(a, zone).await["epoch"].clone());
     }
     // A pusher on every node in every zone.
-    let answered = Arc::new(AtomicU64::new(0));
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let mut runs = Vec::new();
-    for (i, zone) in zones.iter().enumerate() {
-        for name in names {
-            let agent = format!("z{i}{name}");
-            let (status, token) = http(
-                a.addr,
-                "POST",
-                "/api/tokens",
-                Some(json!({"agent_id": agent, "zone_id": zone, "permissions": 1, "ttl_seconds": 600})),
-                Some(ADMIN),
-            )
-            .await;
-            assert_eq!(status, 200, "{token}");
-            runs.push(tokio::spawn(push_until_stopped(
-                nodes.clone(),
-                name.into(),
-                zone.clone(),
-                agent,
-                token["token"].as_str().unwrap().to_owned(),
-                answered.clone(),
-                stop_rx.clone(),
-            )));
-        }
-    }
-    let progress = async |at_least: u64| {
-        let from = answered.load(Ordering::Relaxed);
-        let moved = common::eventually(30, async || {
-            answered.load(Ordering::Relaxed) >= from + at_least
-        })
-        .await;
-        assert!(moved, "the pushers are answered");
-    };
-    progress(50).await;
+    let crowd = Crowd::start(&nodes, a.addr, &zones, &names).await;
+    crowd.progress(50).await;
+
+    // Each node in turn    progress(50).await;
 
     // Each node in turn: SIGTERM, and started again under the same name.
     for name in names {
@@ -88,19 +56,15 @@ async fn a_rolling_restart_of_every_node_loses_no_push_no_event_and_no_epoch() {
             n.up.remove(name);
             n.stopping = None;
         }
-        progress(30).await;
+        crowd.progress(30).await;
         let again = cluster.node(name).await;
         lock(&nodes).up.insert(name.into(), again.addr);
         daemons.insert(name.into(), again);
-        progress(30).await;
+        crowd.progress(30).await;
     }
-    stop.send_replace(true);
-    let mut finished = Vec::new();
-    for run in runs {
-        finished.push(run.await.unwrap());
-    }
+    let finished = crowd.finish().await;
 
-    for run in &finished {
+    for (_, run) in &finished {
         assert!(run.wrong.is_empty(), "{}: {:#?}", run.agent, run.wrong);
         assert!(
             run.rejoins.iter().all(|r| *r),
@@ -128,7 +92,8 @@ async fn a_rolling_restart_of_every_node_loses_no_push_no_event_and_no_epoch() {
     }
     // Every move answered ok is in the log once; none that was refused or unanswered is.
     let b = &daemons["b"];
-    for (run, i) in finished.iter().zip((0..3).flat_map(|i| [i; 3])) {
+    for (i, run) in &finished {
+        let i = *i;
         let mut logged = logged_moves(&cluster, &zones[i], &run.agent).await;
         logged.sort_unstable();
         let mut ok = run.ok.clone();
@@ -426,44 +391,8 @@ async fn a_node_that_joins_under_load_takes_its_zones_over_and_loses_no_one() {
     for zone in &zones {
         epochs.push(zone_json(a, zone).await["epoch"].clone());
     }
-    let answered = Arc::new(AtomicU64::new(0));
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let mut runs = Vec::new();
-    for (i, zone) in zones.iter().enumerate() {
-        for name in names {
-            let agent = format!("z{i}{name}");
-            let (status, token) = http(
-                a.addr,
-                "POST",
-                "/api/tokens",
-                Some(json!({"agent_id": agent, "zone_id": zone, "permissions": 1, "ttl_seconds": 600})),
-                Some(ADMIN),
-            )
-            .await;
-            assert_eq!(status, 200, "{token}");
-            runs.push((
-                i,
-                tokio::spawn(push_until_stopped(
-                    nodes.clone(),
-                    name.into(),
-                    zone.clone(),
-                    agent,
-                    token["token"].as_str().unwrap().to_owned(),
-                    answered.clone(),
-                    stop_rx.clone(),
-                )),
-            ));
-        }
-    }
-    let progress = async |at_least: u64| {
-        let from = answered.load(Ordering::Relaxed);
-        let moved = common::eventually(30, async || {
-            answered.load(Ordering::Relaxed) >= from + at_least
-        })
-        .await;
-        assert!(moved, "the pushers are answered");
-    };
-    progress(50).await;
+    let crowd = Crowd::start(&nodes, a.addr, &zones, &names).await;
+    crowd.progress(50).await;
     let d = cluster.node("d").await;
     let took = common::read_until(
         20,
@@ -477,10 +406,8 @@ async fn a_node_that_joins_under_load_takes_its_zones_over_and_loses_no_one() {
     )
     .await;
     assert!(took.is_ok(), "the new node owns its zones: {took:?}");
-    progress(50).await;
-    stop.send_replace(true);
-    for (i, run) in runs {
-        let run = run.await.unwrap();
+    crowd.progress(50).await;
+    for (i, run) in crowd.finish().await {
         assert!(run.wrong.is_empty(), "{}: {:#?}", run.agent, run.wrong);
         assert!(
             run.closed.is_empty(),

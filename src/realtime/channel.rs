@@ -144,6 +144,16 @@ impl Serialize for Response<'_> {
     }
 }
 
+/// A response as sent: `"duplicate": true` added when the command had been applied before (a
+/// retry of the same idempotency key).
+#[derive(Serialize)]
+struct Answered<'a> {
+    #[serde(flatten)]
+    response: Response<'a>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+}
+
 impl ReplyTo for SocketReply {
     fn reply(&self, reply: &Reply) {
         let topic = topic_name(self.zone);
@@ -170,32 +180,19 @@ impl ReplyTo for SocketReply {
                 if asked == Asked::Join {
                     self.joins.with_label_values(&["ok"]).inc();
                 }
-                let response = Response {
-                    answer: &accepted.answer,
-                    recovered: reply.recovered,
-                };
-                let frame = if accepted.duplicate {
-                    // Applied before (a retry of the same idempotency key): said so.
-                    let mut response = serde_json::to_value(&response).unwrap_or_default();
-                    if let Some(fields) = response.as_object_mut() {
-                        fields.insert("duplicate".into(), true.into());
-                    }
-                    protocol::reply(
-                        self.join_ref.as_deref(),
-                        self.msg_ref.as_deref(),
-                        &topic,
-                        true,
-                        &response,
-                    )
-                } else {
-                    protocol::reply(
-                        self.join_ref.as_deref(),
-                        self.msg_ref.as_deref(),
-                        &topic,
-                        true,
-                        &response,
-                    )
-                };
+                let frame = protocol::reply(
+                    self.join_ref.as_deref(),
+                    self.msg_ref.as_deref(),
+                    &topic,
+                    true,
+                    &Answered {
+                        response: Response {
+                            answer: &accepted.answer,
+                            recovered: reply.recovered,
+                        },
+                        duplicate: accepted.duplicate,
+                    },
+                );
                 self.peer.send_text(frame);
                 // What a rejoin missed follows its reply, before anything newer: the connection
                 // is subscribed only when the topic sink reaches the join's own event.

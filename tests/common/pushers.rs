@@ -214,21 +214,89 @@ pub async fn push_until_stopped(
         }
         // Its node closed the connection: rejoin on another one, from where it left off.
         let since = (pusher.epoch.clone(), pusher.seq);
-        let (node, addr) = loop {
-            let other = {
-                let nodes = lock(&nodes);
-                nodes
-                    .up
-                    .iter()
-                    .find(|(n, _)| **n != pusher.node && nodes.stopping.as_ref() != Some(*n))
-                    .map(|(n, a)| (n.clone(), *a))
-            };
-            if let Some(other) = other {
-                break other;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let other = || {
+            let nodes = lock(&nodes);
+            nodes
+                .up
+                .iter()
+                .find(|(n, _)| **n != pusher.node && nodes.stopping.as_ref() != Some(*n))
+                .map(|(n, a)| (n.clone(), *a))
         };
+        let (node, addr) = super::read_until(60, || std::future::ready(other()), Option::is_some)
+            .await
+            .expect("another node takes connections")
+            .expect("checked");
         pusher = Pusher::join(&node, addr, &zone, &agent, &token, Some(since), &mut run).await;
     }
     run
+}
+
+/// A pusher on each of `names`' nodes in each of `zones` (agent `z<zone index><node>`), with
+/// tokens minted through `admin`, until [`finish`](Self::finish).
+pub struct Crowd {
+    answered: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
+    runs: Vec<(usize, tokio::task::JoinHandle<Run>)>,
+}
+
+impl Crowd {
+    pub async fn start(
+        nodes: &SharedNodes,
+        admin: SocketAddr,
+        zones: &[String],
+        names: &[&str],
+    ) -> Self {
+        let answered = Arc::new(AtomicU64::new(0));
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut runs = Vec::new();
+        for (i, zone) in zones.iter().enumerate() {
+            for name in names {
+                let agent = format!("z{i}{name}");
+                let (status, token) = super::server::http(
+                    admin,
+                    "POST",
+                    "/api/tokens",
+                    Some(json!({"agent_id": agent, "zone_id": zone, "permissions": 1, "ttl_seconds": 600})),
+                    Some(super::binary::ADMIN),
+                )
+                .await;
+                assert_eq!(status, 200, "{token}");
+                let run = tokio::spawn(push_until_stopped(
+                    nodes.clone(),
+                    (*name).into(),
+                    zone.clone(),
+                    agent,
+                    token["token"].as_str().unwrap().to_owned(),
+                    answered.clone(),
+                    stop_rx.clone(),
+                ));
+                runs.push((i, run));
+            }
+        }
+        Self {
+            answered,
+            stop,
+            runs,
+        }
+    }
+
+    /// Waits (up to 60 s) until `at_least` more pushes are answered `ok`.
+    pub async fn progress(&self, at_least: u64) {
+        let from = self.answered.load(Ordering::Relaxed);
+        let moved = super::eventually(60, async || {
+            self.answered.load(Ordering::Relaxed) >= from + at_least
+        })
+        .await;
+        assert!(moved, "the pushers are answered");
+    }
+
+    /// Stops the pushers; what each saw, with its zone's index.
+    pub async fn finish(self) -> Vec<(usize, Run)> {
+        self.stop.send_replace(true);
+        let mut finished = Vec::new();
+        for (i, run) in self.runs {
+            finished.push((i, run.await.unwrap()));
+        }
+        finished
+    }
 }
