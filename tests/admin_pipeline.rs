@@ -106,7 +106,7 @@ async fn resizes_and_rate_limits_apply_under_load_and_show_in_metrics() {
             .api("GET", &format!("/api/zones/{zone}/events?limit=1000"), None)
             .await;
         assert_eq!(status, 200);
-        let xs: Vec<u64> = events
+        let xs: Vec<u64> = events["events"]
             .as_array()
             .unwrap()
             .iter()

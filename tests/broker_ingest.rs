@@ -41,6 +41,9 @@ async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(kind: Kind) {
     let broker = Broker::new(kind).await;
     let dir = std::env::temp_dir().join(format!("thunderline-broker-{}", Uuid::now_v7().simple()));
     std::fs::create_dir_all(&dir).unwrap();
+    // A data directory: its owner's only, or serve refuses it.
+    #[cfg(unix)]
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let config = dir.join("pipeline.toml");
     std::fs::write(&config, broker.pipeline_file()).unwrap();
     let args = ["--config", config.to_str().unwrap(), "--database", &db.url];

@@ -125,7 +125,7 @@ async fn a_socket_push_and_a_broker_command_get_the_same_answer(kind: Kind) {
     let (_, events) = srv
         .api("GET", &format!("/api/zones/{zone}/events"), None)
         .await;
-    assert_eq!(events.as_array().unwrap().len(), 2, "{events}");
+    assert_eq!(events["events"].as_array().unwrap().len(), 2, "{events}");
     tokio::time::timeout(Duration::from_secs(30), srv.stop())
         .await
         .expect("the server stops");

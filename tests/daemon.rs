@@ -158,7 +158,7 @@ async fn sigterm_mid_stream_loses_no_accepted_event() {
         admin,
     )
     .await;
-    let events = events.as_array().unwrap();
+    let events = events["events"].as_array().unwrap();
     let moves = events.iter().filter(|e| e["type"] == "agent_moved").count() as u64;
     assert!(
         moves >= accepted,
@@ -201,6 +201,29 @@ async fn a_fresh_start_generates_and_keeps_its_secrets() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a UUID"));
+    // `token` never makes a server: only `serve` generates the secrets, on its first start.
+    assert!(!dir.exists(), "a refused token created nothing");
+    let fresh_start = || {
+        use std::io::BufRead;
+        let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_thunderline"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .env_remove("THUNDERLINE_SECRET")
+            .env_remove("THUNDERLINE_ADMIN_TOKEN")
+            .env_remove("THUNDERLINE_DATABASE_URL")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let listening = std::io::BufReader::new(serve.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("thunderline listening on "));
+        let _ = serve.kill();
+        let _ = serve.wait();
+        assert!(listening, "serve started");
+    };
+    fresh_start();
     let zone = uuid::Uuid::now_v7().to_string();
     let mint = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_thunderline"))
@@ -211,9 +234,9 @@ async fn a_fresh_start_generates_and_keeps_its_secrets() {
                 "--zone",
                 &zone,
                 "--perms",
-                "0x03",
+                "spawn_agents,modify_zone",
                 "--ttl",
-                "60",
+                "1h",
                 "--data-dir",
             ])
             .arg(&dir)
@@ -241,11 +264,18 @@ async fn a_fresh_start_generates_and_keeps_its_secrets() {
             .permissions()
             .mode();
         assert_eq!(mode & 0o077, 0, "readable by its owner only");
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o700,
+            "a created data directory is its owner's only"
+        );
     }
     let signer = thunderline::realtime::TokenSigner::new(secret.as_bytes()).unwrap();
     let token = String::from_utf8(first.stdout).unwrap();
     let claims = signer.verify(token.trim(), chrono::Utc::now()).unwrap();
     assert_eq!(claims.perms.bits(), 3);
+    fresh_start();
     assert!(mint().status.success());
     assert_eq!(
         std::fs::read_to_string(dir.join("secret")).unwrap(),

@@ -148,11 +148,32 @@ fn the_console_shows_the_pipeline_and_the_zones_in_a_real_browser() {
     // With the NATS source, so that the console has a broker source to show.
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/nats.toml");
     let daemon = common::binary::start(&dir, &["--config", config.to_str().unwrap()]);
+    // Dead letters for the console to count: one command the decoder refuses, one for a zone
+    // that does not exist (refused by the zone).
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect("127.0.0.1:4222").await.unwrap());
+        let missing = uuid::Uuid::now_v7();
+        for body in [
+            "not a command {".to_owned(),
+            serde_json::json!({"id": uuid::Uuid::now_v7(), "zone_id": missing, "agent_id": "npc",
+                "type": "agent_move", "payload": {"position": {"x": 1, "y": 0, "z": 0}}})
+            .to_string(),
+        ] {
+            js.publish(format!("thunderline.commands.{missing}"), body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
     let (ok, report) = node(
         &js,
         &daemon,
         &["--test", "--test-concurrency=1", "console.test.mjs"],
-        &[("CONSOLE_SCREENSHOT", shot.to_str().expect("a UTF-8 path"))],
+        &[
+            ("CONSOLE_SCREENSHOT", shot.to_str().expect("a UTF-8 path")),
+            ("CONSOLE_DEAD_LETTERS", "2"),
+        ],
     );
     let (exit, printed) = daemon.terminate();
     let _ = std::fs::remove_dir_all(&dir);

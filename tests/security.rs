@@ -225,14 +225,21 @@ fn secrets_are_private_and_a_shared_or_short_one_is_refused_at_start() {
         return;
     }
     let secrets = load_secrets(&data).unwrap();
-    assert!(secrets.admin_token_generated);
+    let kept = std::path::absolute(data.join("admin_token")).unwrap();
+    assert_eq!(
+        secrets.admin_token_origin,
+        thunderline::daemon::server::SecretOrigin::Generated(kept.clone())
+    );
     assert_eq!(mode(&data), 0o700, "the data directory");
     assert_eq!(mode(&data.join("secret")), 0o600);
     assert_eq!(mode(&data.join("admin_token")), 0o600);
     // Read again: the same, nothing generated.
     let again = load_secrets(&data).unwrap();
     assert_eq!(again.admin_token, secrets.admin_token);
-    assert!(!again.admin_token_generated);
+    assert_eq!(
+        again.admin_token_origin,
+        thunderline::daemon::server::SecretOrigin::File(kept)
+    );
 
     // Readable by the group: refused, saying how to fix it.
     let token = data.join("admin_token");
@@ -242,7 +249,7 @@ fn secrets_are_private_and_a_shared_or_short_one_is_refused_at_start() {
     };
     let err = err.to_string();
     assert!(
-        err.contains("readable by others") && err.contains("chmod 600"),
+        err.contains("readable by its group") && err.contains("chmod 600"),
         "{err}"
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_thunderline"))

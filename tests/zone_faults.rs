@@ -147,7 +147,7 @@ impl Admin {
             .call("GET", &format!("/api/zones/{id}/events?limit=1000"), None)
             .await;
         assert_eq!(status, 200, "GET events of {id}: {events}");
-        events.as_array().cloned().unwrap_or_default()
+        events["events"].as_array().cloned().unwrap_or_default()
     }
 
     /// Polls the audit log until `done` holds or `secs` pass; returns the last read (the

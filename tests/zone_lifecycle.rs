@@ -150,7 +150,7 @@ async fn after_a_crash_the_sessions_of_the_dead_run_end_and_the_history_goes_on(
         admin,
     )
     .await;
-    let events: Vec<&Value> = events.as_array().unwrap().iter().collect();
+    let events: Vec<&Value> = events["events"].as_array().unwrap().iter().collect();
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(
         seqs,
@@ -206,7 +206,7 @@ async fn a_zones_log_holds_its_whole_life_from_zone_created_to_zone_deleted() {
                     )
                     .await;
                 assert_eq!(status, 200, "{body}");
-                serde_json::from_value::<Vec<ZoneEvent>>(body).unwrap()
+                serde_json::from_value::<Vec<ZoneEvent>>(body["events"].clone()).unwrap()
             }
         };
         let log = events(0).await;
@@ -400,7 +400,7 @@ async fn broadcasts_ahead_of_the_log_lost_in_a_crash_start_a_new_epoch() {
         eventually(10, async || {
             let (_, logged) =
                 http(addr, "GET", &format!("/api/zones/{id}/events"), None, admin).await;
-            logged.as_array().unwrap().len() >= 3
+            logged["events"].as_array().unwrap().len() >= 3
         })
         .await,
         "its creation and both joins are logged"
@@ -435,7 +435,7 @@ async fn broadcasts_ahead_of_the_log_lost_in_a_crash_start_a_new_epoch() {
     let last_seen = *seen.keys().last().unwrap();
     // The log's end: nothing can be committed while the lock is held (reads go on).
     let (_, logged) = http(addr, "GET", &format!("/api/zones/{id}/events"), None, admin).await;
-    let log_end = logged.as_array().unwrap().last().unwrap()["seq"]
+    let log_end = logged["events"].as_array().unwrap().last().unwrap()["seq"]
         .as_u64()
         .unwrap();
     assert!(
@@ -479,7 +479,7 @@ async fn broadcasts_ahead_of_the_log_lost_in_a_crash_start_a_new_epoch() {
         admin,
     )
     .await;
-    for e in log.as_array().unwrap() {
+    for e in log["events"].as_array().unwrap() {
         let seq = e["seq"].as_u64().unwrap();
         if seq <= log_end
             && let Some(position) = seen.get(&seq)

@@ -1,23 +1,20 @@
 // A zone client with the official `phoenix` package: joins a zone and prints what happens.
 //
-//   cd tests/js && npm ci && cd ../..            # installs phoenix and ws (pinned)
-//   cargo run --release -- serve                 # prints the admin token on first start
-//   THUNDERLINE_ADMIN_TOKEN=... node examples/js/zone_client.mjs [http://127.0.0.1:4000]
+//   (cd examples/js && npm ci)                   # installs phoenix and ws (pinned here)
+//   thunderline serve                            # keeps its admin token in data/admin_token
+//   THUNDERLINE_ADMIN_TOKEN=$(cat data/admin_token) [THUNDERLINE_ZONE=<id>] node examples/js/zone_client.mjs [http://127.0.0.1:4000]
 //
-// It creates a zone over the admin API, mints a token for agent "example-agent", joins
+// It creates a zone over the admin API (or uses THUNDERLINE_ZONE's), mints a token for agent "example-agent", joins
 // `zone:<id>`, moves, consumes some food, drops its connection while the zone announces three
 // notices, rejoins with what it last saw and gets them (`recovered: true`), and prints every
 // event, presence change and reply.
-import { createRequire } from "node:module";
-
-const require = createRequire(new URL("../../tests/js/package.json", import.meta.url));
-const { Socket, Presence } = require("phoenix");
-const WebSocket = require("ws");
+import { Socket, Presence } from "phoenix";
+import WebSocket from "ws";
 
 const base = process.argv[2] ?? process.env.THUNDERLINE_URL ?? "http://127.0.0.1:4000";
 const admin = process.env.THUNDERLINE_ADMIN_TOKEN;
 if (!admin) {
-  console.error("set THUNDERLINE_ADMIN_TOKEN (serve prints it on first start; it is kept in data/admin_token)");
+  console.error("set THUNDERLINE_ADMIN_TOKEN (serve says where it is kept: data/admin_token by default)");
   process.exit(2);
 }
 
@@ -32,13 +29,17 @@ async function api(method, path, body) {
   return json;
 }
 
-const zone = await api("POST", "/api/zones", {
-  name: "Example glade",
-  permissions: 0x07, // spawn_agents, modify_zone, broadcast_events
-  resources: { food: { amount: 100, max: 100, regen: 2 } },
-  properties: { biome: "forest" },
-});
-console.log("created zone", zone.id);
+// The zone THUNDERLINE_ZONE names, or a new one. It needs spawn_agents, modify_zone and
+// broadcast_events for everything below.
+const zone = process.env.THUNDERLINE_ZONE
+  ? await api("GET", `/api/zones/${process.env.THUNDERLINE_ZONE}`)
+  : await api("POST", "/api/zones", {
+      name: "Example glade",
+      permissions: ["spawn_agents", "modify_zone", "broadcast_events"],
+      resources: { food: { amount: 100, max: 100, regen: 2 } },
+      properties: { biome: "forest" },
+    });
+console.log(process.env.THUNDERLINE_ZONE ? "zone" : "created zone", zone.id, JSON.stringify(zone.name));
 const { token } = await api("POST", "/api/tokens", {
   agent_id: "example-agent",
   zone_id: zone.id,

@@ -99,34 +99,67 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 async fn serve(args: daemon::server::ServeArgs) -> Result<(), daemon::error::DaemonError> {
     let file = args.pipeline()?;
     let server = daemon::server::Server::start(&args, &file).await?;
-    let addr = server.addr;
-    tracing::info!(%addr, store = %redact_url(&args.db.url()), "thunderline listening");
-    println!("thunderline listening on http://{addr}");
-    println!("  WebSocket (Phoenix Channels V2): ws://{addr}/socket/websocket?vsn=2.0.0");
-    println!("  admin API: http://{addr}/api/zones  (Authorization: Bearer <admin token>)");
-    let metrics = server.metrics_addr.unwrap_or(addr);
-    println!("  metrics: http://{metrics}/metrics   health: http://{addr}/healthz");
-    println!("  store: {}", redact_url(&args.db.url()));
-    if server.secrets.admin_token_generated {
-        let kept = args.db.data_dir.join(daemon::server::ADMIN_TOKEN_FILE);
-        // Shown once, to the person who started the server; never to a log file or pipe.
-        if std::io::stdout().is_terminal() {
-            println!(
-                "  admin token (generated now, shown only this once; kept in {}): {}",
-                kept.display(),
-                server.secrets.admin_token
-            );
-        } else {
-            println!(
-                "  admin token: generated now and written to {} (readable by you only); not \
-                 printed, since this output is not a terminal",
-                kept.display()
-            );
-        }
-    }
+    banner(&args, &server);
     wait_for_signal().await;
     tracing::info!("shutting down: draining the pipeline into the audit log");
     server.shutdown().await
+}
+
+/// Where a started server is reached, and where its admin token is kept: printed for people
+/// (text logs), or one log line for machines (`--log-format json`).
+fn banner(args: &daemon::server::ServeArgs, server: &daemon::server::Server) {
+    let addr = server.addr;
+    let url = format!("http://{addr}");
+    let console = format!("{url}/");
+    let websocket = format!("ws://{addr}/socket/websocket?vsn=2.0.0");
+    let admin_api = format!("{url}/api/zones");
+    let openapi = format!("{url}/api/openapi.json");
+    let metrics = format!("http://{}/metrics", server.metrics_addr.unwrap_or(addr));
+    let health = format!("{url}/healthz");
+    let store = redact_url(&args.db.url());
+    let admin_token = server.secrets.admin_token_origin.to_string();
+    let on_terminal = std::io::stdout().is_terminal();
+    match args.log_format {
+        daemon::server::LogFormat::Json => {
+            tracing::info!(
+                %url, %console, %websocket, %admin_api, %openapi, %metrics, %health, %store,
+                %admin_token, "thunderline listening"
+            );
+            // The token itself is never logged: only a person at a terminal sees it, once.
+            if let daemon::server::SecretOrigin::Generated(_) = server.secrets.admin_token_origin
+                && on_terminal
+            {
+                println!(
+                    "admin token (generated now, shown only this once): {}",
+                    server.secrets.admin_token
+                );
+            }
+        }
+        daemon::server::LogFormat::Text => {
+            tracing::info!(%addr, %store, "thunderline listening");
+            println!("thunderline listening on {url}");
+            println!("  console: {console}");
+            println!("  WebSocket (Phoenix Channels V2): {websocket}");
+            println!("  admin API: {admin_api}  (Authorization: Bearer <admin token>)");
+            println!("  API description (OpenAPI): {openapi}");
+            println!("  metrics: {metrics}   health: {health}");
+            println!("  store: {store}");
+            match &server.secrets.admin_token_origin {
+                // Shown once, to the person who started the server; never to a log file or a
+                // pipe.
+                daemon::server::SecretOrigin::Generated(path) if on_terminal => println!(
+                    "  admin token (generated now, shown only this once; kept in {}): {}",
+                    path.display(),
+                    server.secrets.admin_token
+                ),
+                daemon::server::SecretOrigin::Generated(_) => println!(
+                    "  admin token: {admin_token} (not printed, since this output is not a \
+                     terminal)"
+                ),
+                _ => println!("  admin token: {admin_token}"),
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -151,12 +184,17 @@ async fn wait_for_signal() {
     }
 }
 
-/// Logs through `tracing`: readable by default, JSON lines for machines; `RUST_LOG` filters.
-fn init_logs(format: daemon::server::LogFormat, default: &str) {
+/// Logs through `tracing` to standard error: readable by default, JSON lines for machines;
+/// `level` for every module, with `RUST_LOG`'s directives on top. Colour only on a terminal, so
+/// that a log file holds no escape codes.
+fn init_logs(format: daemon::server::LogFormat, level: tracing::Level) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::builder()
+        .with_default_directive(tracing::level_filters::LevelFilter::from_level(level).into())
+        .from_env_lossy();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         daemon::server::LogFormat::Json => builder.json().try_init(),
@@ -169,7 +207,7 @@ fn main() -> ExitCode {
     if let Command::Bench { .. } = cli.command {
         // What goes wrong during a run (a stalled round, a lost connection) is said; the
         // servers a benchmark starts in process keep their routine lines to themselves.
-        init_logs(daemon::server::LogFormat::Text, "warn");
+        init_logs(daemon::server::LogFormat::Text, tracing::Level::WARN);
     }
     match cli.command {
         Command::Bench { which: None } => {
@@ -232,7 +270,7 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Serve(args) => {
-            init_logs(args.log_format, "info");
+            init_logs(args.log_format, args.log_level);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

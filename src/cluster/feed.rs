@@ -49,6 +49,10 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(4);
 /// the zone over.
 const SETTLE_EVENTS: u32 = 10_000;
 
+/// How long a backlog waits for its clients' queues to make room before it is sent anyway (a
+/// client that has not read it by then is a slow consumer, closed as any other).
+const BACKLOG_WAIT: Duration = Duration::from_secs(2);
+
 /// Fault injection for tests: drop every n-th broadcast a feed receives.
 const DROP_BROADCASTS_ENV: &str = "THUNDERLINE_FAULT_DROP_BROADCASTS";
 
@@ -187,6 +191,7 @@ impl Feeds {
             answers: HashMap::new(),
             expected: HashMap::new(),
             gap_since: None,
+            backlog_since: None,
             received: 0,
             last_heard: None,
             resync: false,
@@ -282,6 +287,8 @@ struct Feed {
     /// Joins sent, not answered yet.
     expected: HashMap<(String, String), Instant>,
     gap_since: Option<Instant>,
+    /// Since when events ready to deliver wait for room in the clients' queues.
+    backlog_since: Option<Instant>,
     received: u64,
     /// When the last broadcast came, until the tail after it has been checked.
     last_heard: Option<Instant>,
@@ -354,7 +361,7 @@ impl Feed {
                 superseded = true;
                 break;
             }
-            self.drain(&sink);
+            self.drain(&sink, true);
             if let Some(since) = self.gap_since
                 && since.elapsed() >= GAP_GRACE
             {
@@ -367,7 +374,7 @@ impl Feed {
                     superseded = true;
                     break;
                 }
-                self.drain(&sink);
+                self.drain(&sink, true);
             } else if self.next.is_some()
                 && self.buffer.is_empty()
                 && self.last_heard.is_some_and(|at| at.elapsed() >= TAIL_PROBE)
@@ -380,7 +387,7 @@ impl Feed {
                     superseded = true;
                     break;
                 }
-                self.drain(&sink);
+                self.drain(&sink, true);
             }
             if self.idle() {
                 let mut feeds = lock(&self.feeds.feeds);
@@ -583,12 +590,30 @@ impl Feed {
         }
     }
 
-    /// Delivers what is next in seq order, up to a gap or a join whose answer has not come.
-    fn drain(&mut self, sink: &TopicSink) {
+    /// Delivers what is next in seq order, up to a gap or a join whose answer has not come, and,
+    /// `paced`, as much as the clients' queues take now: a backlog (what NATS held back during
+    /// an outage, a filled gap) goes out as the clients read it, rather than all at once into
+    /// queues that would count them as slow consumers. The rest goes at the next call (at most
+    /// [`GAP_GRACE`] later); after [`BACKLOG_WAIT`], whatever the queues say.
+    fn drain(&mut self, sink: &TopicSink, paced: bool) {
         let Some(mut next) = self.next else { return };
+        // An event is at most two frames (with its presence diff); half the room is left for
+        // what else the clients are sent meanwhile.
+        let mut budget = if paced
+            && self
+                .backlog_since
+                .is_none_or(|t| t.elapsed() < BACKLOG_WAIT)
+        {
+            self.feeds.hub.room(self.zone) / 4
+        } else {
+            usize::MAX
+        };
         let mut run: Vec<ZoneEvent> = Vec::new();
         while let Some(entry) = self.buffer.first_entry() {
             if *entry.key() != next {
+                break;
+            }
+            if budget == 0 {
                 break;
             }
             if let EventKind::AgentEntered(p) = &entry.get().kind {
@@ -608,13 +633,21 @@ impl Feed {
             }
             run.push(event);
             next += 1;
+            budget -= 1;
         }
         sink.deliver(run.iter());
         self.next = Some(next);
-        self.gap_since = match (self.buffer.first_key_value(), self.gap_since) {
-            (Some(_), Some(since)) => Some(since),
-            (Some(_), None) => Some(Instant::now()),
-            (None, _) => None,
+        let first = self.buffer.first_key_value().map(|(seq, _)| *seq);
+        self.backlog_since = match (first == Some(next) && budget == 0, self.backlog_since) {
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(Instant::now()),
+            (false, _) => None,
+        };
+        // Held back for room or for a join's answer is no gap: nothing is missing.
+        self.gap_since = match (first.is_some_and(|seq| seq != next), self.gap_since) {
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(Instant::now()),
+            (false, _) => None,
         };
     }
 
@@ -651,7 +684,7 @@ impl Feed {
         // answers go before their events, as ever (for a bounded time).
         let deadline = Instant::now() + ANSWER_LIMIT;
         loop {
-            self.drain(sink);
+            self.drain(sink, false);
             // Held at a join of this node's whose answer has not come.
             let waiting = self.buffer.first_key_value().is_some_and(|(at, e)| {
                 Some(*at) == self.next
@@ -678,7 +711,7 @@ impl Feed {
         // Nothing newer can come from elsewhere now: joins still waiting for an answer do
         // not hold their events back any more.
         self.expected.clear();
-        self.drain(sink);
+        self.drain(sink, false);
     }
 
     /// Asks the owner for the events of the gap.

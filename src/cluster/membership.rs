@@ -49,7 +49,7 @@ pub struct Membership {
 pub type Report = Box<dyn Fn() -> Load + Send + Sync>;
 
 /// A node of the cluster as this node knows it (`GET /api/cluster`).
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct NodeView {
     pub name: String,
     pub incarnation: String,

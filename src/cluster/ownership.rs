@@ -244,6 +244,10 @@ impl KvLeases {
             .watch_with_history(">")
             .await
             .map_err(|e| ClusterError::Leases(e.to_string()))?;
+        // The watch ends at its first error (the caller watches again, from the leases as they
+        // are): async-nats 0.51's ordered consumer, polled again after it reported one (its
+        // client gone), panics with "async fn resumed after completion".
+        let changes = changes.take_while(|entry| std::future::ready(entry.is_ok()));
         Ok(changes.filter_map(|entry| async move {
             let entry = entry.ok()?;
             let zone = Uuid::parse_str(&entry.key).ok()?;

@@ -491,15 +491,16 @@ impl Router {
         let mut wait = tokio::time::interval(HAND_OVER_POLL);
         loop {
             wait.tick().await;
-            let still: Vec<(Uuid, u64)> = {
+            let still: Vec<Uuid> = {
                 let held = lock(&self.held);
                 mine.iter()
-                    .filter_map(|z| held.get(z).map(|f| (*z, *f)))
+                    .filter(|z| held.contains_key(z))
+                    .copied()
                     .collect()
             };
             // A zone handed over is loaded by its next owner now, not at its next command: a
             // zone without one would otherwise have no owner (and no ticks) until then.
-            for zone in mine.iter().filter(|z| !still.iter().any(|(s, _)| s == *z)) {
+            for zone in mine.iter().filter(|z| !still.contains(z)) {
                 if nudged.insert(*zone) {
                     let load = crate::runtime::command(
                         *zone,
@@ -522,12 +523,10 @@ impl Router {
                 }
                 return mine.len() - still.len();
             }
-            for (zone, fence) in still {
-                if local.registry.live(zone).is_none() {
-                    self.release(zone, fence).await;
-                } else {
-                    local.push(ZoneWork::hand_over(zone)).await;
-                }
+            // Through the zone's writer even when it is not loaded: it may be loading it right
+            // now, for a command this node took the zone for.
+            for zone in still {
+                local.push(ZoneWork::hand_over(zone)).await;
             }
         }
     }
@@ -951,12 +950,13 @@ impl Placement for Router {
         lock(&self.lanes).contains_key(&zone)
     }
 
-    fn left(&self, zone: Uuid, fence: Option<u64>) {
-        let Some(fence) = fence else { return };
-        // Released from a task: the writer does not wait for NATS.
-        if let Some(me) = self.this.upgrade() {
-            tokio::spawn(async move { me.release(zone, fence).await });
-        }
+    fn left(&self, zone: Uuid, fence: Option<u64>) -> crate::runtime::Settled<'_> {
+        Box::pin(async move {
+            let held = lock(&self.held).get(&zone).copied();
+            if let Some(fence) = fence.or(held) {
+                self.release(zone, fence).await;
+            }
+        })
     }
 }
 

@@ -13,11 +13,14 @@ use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::{Encoder, Registry, TextEncoder};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::realtime::revocation::Revocation;
@@ -151,44 +154,96 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
                     "payload_too_large",
                     format!("the body is over the admin API's limit of {ADMIN_BODY_LIMIT} bytes"),
                 ),
+                // A permission the body names that does not exist keeps its own code, as when
+                // it came through a query or the command line.
+                _ if e.body_text().contains("unknown permission") => {
+                    ApiError::new(StatusCode::BAD_REQUEST, "unknown_permission", e.body_text())
+                }
                 _ => ApiError::bad_request(e.body_text()),
             })
     }
 }
 
+/// The admin routes, each registered with its description ([`super::openapi`]): one list for
+/// both, so that the router and `GET /api/openapi.json` cannot differ.
+pub(super) fn admin_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_zone, list_zones))
+        .routes(routes!(get_zone, patch_zone, delete_zone))
+        .routes(routes!(change_permissions))
+        .routes(routes!(zone_events))
+        .routes(routes!(broadcast))
+        .routes(routes!(zone_agents))
+        .routes(routes!(dead_letters))
+        .routes(routes!(cluster_view))
+        .routes(routes!(drain_node))
+        .routes(routes!(mint_token))
+        .routes(routes!(revoke_tokens))
+        .merge(control::routes())
+}
+
+/// The described routes that need no token: the description itself and the health checks.
+pub(super) fn public_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(super::openapi::openapi_json))
+        .routes(routes!(healthz))
+        .routes(routes!(ready))
+}
+
 /// The server's routes; `/metrics` among them unless it is served elsewhere
 /// ([`metrics_router`] on `serve --metrics-listen`).
 pub fn router(state: ApiState, with_metrics: bool) -> Router {
-    let admin = Router::new()
-        .route("/api/zones", post(create_zone).get(list_zones))
-        .route(
-            "/api/zones/{id}",
-            get(get_zone).patch(patch_zone).delete(delete_zone),
-        )
-        .route("/api/zones/{id}/permissions", post(change_permissions))
-        .route("/api/zones/{id}/events", get(zone_events))
-        .route("/api/zones/{id}/broadcast", post(broadcast))
-        .route("/api/zones/{id}/agents", get(zone_agents))
-        .route("/api/dead_letters", get(dead_letters))
-        .route("/api/cluster", get(cluster_view))
-        .route("/api/cluster/drain", post(drain_node))
-        .route("/api/tokens", post(mint_token))
-        .route("/api/tokens/revoke", post(revoke_tokens))
-        .merge(control::routes())
+    let (admin, _) = admin_routes().split_for_parts();
+    let admin = admin
         .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    let (described, _) = public_routes().split_for_parts();
     let public = Router::new()
         .merge(admin)
+        .merge(described)
         .route("/socket/websocket", get(websocket))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(ready))
         .merge(super::console::routes());
     let public = if with_metrics {
         public.route("/metrics", get(metrics))
     } else {
         public
     };
-    public.with_state(state)
+    public
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(state)
+}
+
+#[derive(Serialize, ToSchema)]
+struct Health {
+    /// `ok`, or `ready`.
+    status: String,
+}
+
+/// Whether the process answers at all.
+#[utoipa::path(get, path = "/healthz", tag = "server",
+    responses((status = 200, description = "The server answers", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// What no route serves: answered as every other error, `{"error", "details"}`.
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("nothing is served at {method} {}", uri.path()),
+    )
+}
+
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not take {method}", uri.path()),
+    )
 }
 
 /// `/metrics` alone, for its own address.
@@ -251,16 +306,26 @@ fn valid_websocket_key(headers: &HeaderMap) -> bool {
 async fn websocket(
     State(state): State<ApiState>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
-    Query(query): Query<SocketQuery>,
+    query: Result<Query<SocketQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    // Refusals before the upgrade are plain HTTP answers, in the API's JSON like every other.
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(e) => {
+            return ApiError::new(e.status(), "not_a_websocket", e.body_text()).into_response();
+        }
+    };
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    };
     if !valid_websocket_key(&headers) {
-        return (
-            StatusCode::BAD_REQUEST,
+        return ApiError::bad_request(
             "Sec-WebSocket-Key must be the base64 of 16 bytes (RFC 6455 §4.2.1)",
         )
-            .into_response();
+        .into_response();
     }
     // A missing vsn means 1.0.0; only the V2 serializer is spoken here.
     let major = query
@@ -271,21 +336,23 @@ async fn websocket(
         .next()
         .unwrap_or("");
     if major != "2" {
-        return (
+        return ApiError::new(
             StatusCode::FORBIDDEN,
+            "unsupported_version",
             "unsupported protocol version: connect with vsn=2.0.0",
         )
-            .into_response();
+        .into_response();
     }
     let slot = match state.sockets.admission.admit(client.ip()) {
         Ok(slot) => slot,
         Err(full) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::RETRY_AFTER, "5")],
-                full.to_string(),
-            )
-                .into_response();
+            let mut refused =
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "full", full.to_string())
+                    .into_response();
+            refused
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            return refused;
         }
     };
     let max = state.sockets.config.max_frame_bytes;
@@ -301,6 +368,12 @@ async fn websocket(
         .on_upgrade(move |ws| socket::serve(ws, sockets, slot))
 }
 
+/// Whether the server takes work: its store answers, it is not shutting down, and (in a cluster)
+/// it has joined.
+#[utoipa::path(get, path = "/readyz", tag = "server",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Not ready: not joined, shutting down, or the store away", body = super::openapi::ApiErrorBody)))]
 async fn ready(State(state): State<ApiState>) -> Response {
     if let Some(router) = &state.cluster
         && !router.membership().joined()
@@ -364,11 +437,13 @@ fn zone_id(raw: &str) -> Result<Uuid, ApiError> {
 }
 
 /// A zone as the API shows it: its settings and state, and where it stands in its history.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ZoneJson {
     #[serde(flatten)]
     zone: Zone,
+    /// The seq of the zone's latest event.
     seq: u64,
+    /// Its history's epoch: a client's `since` holds within one epoch.
     epoch: String,
 }
 
@@ -427,8 +502,33 @@ fn view(outcome: Outcome) -> Result<ZoneJson, ApiError> {
     }
 }
 
+/// The first `limit` (1 to `max`; `default` when absent) of a list, from its `offset`th: every
+/// list the API answers is paged alike.
+fn page(
+    limit: Option<u32>,
+    offset: Option<u64>,
+    default: u32,
+    max: u32,
+) -> Result<(u32, u64), ApiError> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {max}"
+        )));
+    }
+    Ok((limit, offset.unwrap_or(0)))
+}
+
+/// A query's rejection, as our error.
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
 /// A zone is created by its writer like any change: its `zone_created` is the first event of
 /// its log. The answer comes once the zone and that event are stored.
+#[utoipa::path(post, path = "/api/zones", tag = "zones", request_body = NewZone,
+    responses((status = 201, description = "The zone, created (its `zone_created` is logged)", body = ZoneJson)))]
 async fn create_zone(
     State(state): State<ApiState>,
     ApiJson(mut spec): ApiJson<NewZone>,
@@ -440,11 +540,14 @@ async fn create_zone(
     Ok((StatusCode::CREATED, Json(zone.placed(&state))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct Page {
+    /// 1 to 500; 50 when absent.
     #[serde(default)]
     limit: Option<u32>,
+    /// How many to skip; 0 when absent.
     #[serde(default)]
     offset: Option<u64>,
     /// Only zones whose name contains this (any case).
@@ -452,7 +555,7 @@ struct Page {
     q: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ZonePage {
     zones: Vec<ZoneJson>,
     limit: u32,
@@ -460,16 +563,16 @@ struct ZonePage {
     total: u64,
 }
 
+/// The zones, by name (those whose name contains `q`, if given), in pages.
+#[utoipa::path(get, path = "/api/zones", tag = "zones", params(Page),
+    responses((status = 200, description = "A page of zones", body = ZonePage)))]
 async fn list_zones(
     State(state): State<ApiState>,
-    query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ZonePage>, ApiError> {
-    let Query(page) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let limit = page.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be between 1 and 500"));
-    }
-    let offset = page.offset.unwrap_or(0);
+    let asked = query(q)?;
+    let (limit, offset) = page(asked.limit, asked.offset, 50, 500)?;
+    let page = asked;
     let store = state.zones.registry.store();
     let zones = store
         .list_zones(limit, offset, page.q.as_deref())
@@ -498,6 +601,8 @@ async fn list_zones(
     }))
 }
 
+#[utoipa::path(get, path = "/api/zones/{id}", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)")),
+    responses((status = 200, description = "The zone as its writer has it now", body = ZoneJson)))]
 async fn get_zone(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -508,6 +613,9 @@ async fn get_zone(
     ))
 }
 
+/// Changes a zone's name, capacity, properties or server; what is absent stays.
+#[utoipa::path(patch, path = "/api/zones/{id}", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)")), request_body = ZonePatch,
+    responses((status = 200, description = "The zone, changed (its `zone_updated` is logged)", body = ZoneJson)))]
 async fn patch_zone(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -519,6 +627,9 @@ async fn patch_zone(
     ))
 }
 
+/// Deletes a zone: its sessions end, its channels close, `zone_deleted` is logged.
+#[utoipa::path(delete, path = "/api/zones/{id}", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)")),
+    responses((status = 204, description = "Deleted")))]
 async fn delete_zone(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -530,38 +641,18 @@ async fn delete_zone(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A permission by name (`"modify_zone"`) or bits (`2`, `"0x02"`).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum PermissionName {
-    Bits(u32),
-    Name(String),
-}
-
-impl PermissionName {
-    fn parse(&self) -> Result<Permissions, ZoneError> {
-        match self {
-            Self::Bits(b) => Permissions::from_bits_checked(*b),
-            Self::Name(n) => n.parse(),
-        }
-    }
-}
-
-fn parse_all(names: &[PermissionName]) -> Result<Permissions, ZoneError> {
-    names
-        .iter()
-        .try_fold(Permissions::empty(), |acc, n| Ok(acc | n.parse()?))
-}
-
-#[derive(Deserialize)]
+/// Permissions to add and to remove (bits or names); at least one of the two.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PermissionChange {
     #[serde(default)]
-    grant: Option<Vec<PermissionName>>,
+    grant: Option<Permissions>,
     #[serde(default)]
-    revoke: Option<Vec<PermissionName>>,
+    revoke: Option<Permissions>,
 }
 
+#[utoipa::path(post, path = "/api/zones/{id}/permissions", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)")), request_body = PermissionChange,
+    responses((status = 200, description = "The zone with its new permissions", body = ZoneJson)))]
 async fn change_permissions(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -573,27 +664,38 @@ async fn change_permissions(
             "send {\"grant\": [...]} or {\"revoke\": [...]}",
         ));
     }
-    let grant = parse_all(change.grant.as_deref().unwrap_or_default())?;
-    let revoke = parse_all(change.revoke.as_deref().unwrap_or_default())?;
+    let grant = change.grant.unwrap_or_default();
+    let revoke = change.revoke.unwrap_or_default();
     let kind = CommandKind::ChangePermissions { grant, revoke };
     Ok(Json(view(ask(&state, id, kind).await?)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BroadcastRequest {
+    /// The event's name as subscribers see it.
     event_type: String,
+    /// Any JSON object; `{}` when absent.
     #[serde(default)]
+    #[schema(value_type = Object)]
     payload: serde_json::Map<String, Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Broadcast {
+    /// The event's seq in the zone's history.
+    seq: Option<u64>,
 }
 
 /// `Zone.broadcast_zone_event(zone_id, event_type, payload)`: a custom event to every
 /// subscriber of the zone, audited with its seq.
+#[utoipa::path(post, path = "/api/zones/{id}/broadcast", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)")), request_body = BroadcastRequest,
+    responses((status = 200, description = "Sent to the zone's subscribers and logged", body = Broadcast)))]
 async fn broadcast(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<BroadcastRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Broadcast>, ApiError> {
     let id = zone_id(&id)?;
     let kind = CommandKind::BroadcastEvent {
         event_type: req.event_type,
@@ -604,27 +706,54 @@ async fn broadcast(
         .result
         .ok()
         .and_then(|a| a.events.last().map(|e| e.seq));
-    Ok(Json(json!({"seq": seq})))
+    Ok(Json(Broadcast { seq }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct AgentSessions {
     agent_id: String,
     sessions: Vec<SessionJson>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct SessionJson {
     connection: String,
     joined_at: chrono::DateTime<chrono::Utc>,
 }
 
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    /// 1 to 1000; 100 when absent.
+    limit: Option<u32>,
+    /// How many to skip; 0 when absent.
+    offset: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct AgentPage {
+    zone_id: Uuid,
+    /// The zone's seq when it answered.
+    seq: u64,
+    /// By agent id.
+    agents: Vec<AgentSessions>,
+    limit: u32,
+    offset: u64,
+    total: u64,
+}
+
 /// `Presence.get_zone_agents`: the agents present, with their sessions.
+#[utoipa::path(get, path = "/api/zones/{id}/agents", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)"), PageQuery),
+    responses((status = 200, description = "A page of the agents present, with their sessions", body = AgentPage)))]
 async fn zone_agents(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AgentPage>, ApiError> {
     let id = zone_id(&id)?;
+    let asked = query(q)?;
+    let (limit, offset) = page(asked.limit, asked.offset, 100, 1000)?;
     // Asked of the zone's writer (on whichever node it runs): its answer comes after every
     // command sent before this request.
     let outcome = ask(&state, id, CommandKind::GetAgents).await?;
@@ -650,20 +779,92 @@ async fn zone_agents(
                 joined_at: session.joined_at,
             });
     }
+    let total = by_agent.len() as u64;
     let agents: Vec<AgentSessions> = by_agent
         .into_iter()
+        .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        .take(limit as usize)
         .map(|(agent_id, sessions)| AgentSessions { agent_id, sessions })
         .collect();
-    Ok(Json(json!({"zone_id": id, "seq": seq, "agents": agents})))
+    Ok(Json(AgentPage {
+        zone_id: id,
+        seq,
+        agents,
+        limit,
+        offset,
+        total,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TokenRequest {
+    /// 1 to 200 bytes.
     agent_id: String,
     zone_id: String,
-    permissions: Value,
-    ttl_seconds: i64,
+    /// Bits, a name, or a list of them; `spawn_agents` when absent (as the CLI).
+    #[serde(default = "default_token_permissions")]
+    permissions: Permissions,
+    /// Seconds (`3600`), or a number with a unit (`"90m"`, `"1h"`, `"7d"`), as the CLI takes
+    /// them; an hour when absent (as the CLI).
+    #[serde(default = "default_token_ttl", deserialize_with = "duration_seconds")]
+    #[schema(schema_with = duration_schema)]
+    ttl_seconds: u64,
+}
+
+/// Seconds above 0, or a number with a unit (`s`, `m`, `h`, `d`).
+fn duration_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(1)),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[0-9]+[smhd]?$"))
+                .examples(["90m", "1h", "7d"]),
+        )
+        .description(Some(
+            "Seconds, or a number with a unit (\"90m\", \"1h\", \"7d\"); an hour when absent",
+        ))
+        .into()
+}
+
+#[derive(Serialize, ToSchema)]
+struct MintedToken {
+    /// What the agent joins with (`{"token": …}` in the join's payload).
+    token: String,
+    expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+fn default_token_permissions() -> Permissions {
+    Permissions::SPAWN_AGENTS
+}
+
+fn default_token_ttl() -> u64 {
+    3600
+}
+
+/// A span of time in seconds, or a string in one of the CLI's forms ([`super::seconds`]).
+fn duration_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Span {
+        Seconds(u64),
+        Text(String),
+    }
+    const EXPECTED: &str = "ttl_seconds must be a whole number of seconds above 0, or a string such as \"90m\", \"1h\" or \"7d\"";
+    let seconds = match Span::deserialize(d).map_err(|_| serde::de::Error::custom(EXPECTED))? {
+        Span::Seconds(n) => n,
+        Span::Text(t) => super::seconds(t.trim()).map_err(serde::de::Error::custom)?,
+    };
+    if seconds == 0 {
+        return Err(serde::de::Error::custom(EXPECTED));
+    }
+    Ok(seconds)
 }
 
 fn check_agent_id(agent_id: &str) -> Result<(), ApiError> {
@@ -678,25 +879,17 @@ fn check_agent_id(agent_id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A join token for one agent in one zone, with its permissions there.
+#[utoipa::path(post, path = "/api/tokens", tag = "tokens", request_body = TokenRequest,
+    responses((status = 200, description = "The token", body = MintedToken)))]
 async fn mint_token(
     State(state): State<ApiState>,
     ApiJson(req): ApiJson<TokenRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<MintedToken>, ApiError> {
     let zone = zone_id(&req.zone_id)?;
     check_agent_id(&req.agent_id)?;
-    let perms = match &req.permissions {
-        Value::Array(items) => {
-            let names: Vec<PermissionName> = serde_json::from_value(Value::Array(items.clone()))
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            parse_all(&names)?
-        }
-        other => serde_json::from_value::<PermissionName>(other.clone())
-            .map_err(|_| {
-                ApiError::bad_request("permissions must be bits, a name, or a list of them")
-            })?
-            .parse()?,
-    };
-    if u64::try_from(req.ttl_seconds).is_ok_and(|ttl| ttl > state.max_token_ttl) {
+    let perms = req.permissions;
+    if req.ttl_seconds > state.max_token_ttl {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "ttl_too_long",
@@ -715,29 +908,40 @@ async fn mint_token(
             &req.agent_id,
             zone,
             perms,
-            req.ttl_seconds,
+            i64::try_from(req.ttl_seconds).unwrap_or(i64::MAX),
             chrono::Utc::now(),
         )
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(Json(
-        json!({"token": token, "expires_at": claims.expires_at()}),
-    ))
+    Ok(Json(MintedToken {
+        token,
+        expires_at: claims.expires_at(),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RevokeRequest {
     agent_id: String,
     zone_id: String,
 }
 
+#[derive(Serialize, ToSchema)]
+struct Revoked {
+    agent_id: String,
+    zone_id: Uuid,
+    /// Tokens minted before this no longer open sessions.
+    revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// Revokes every token `agent_id` holds for the zone: they open no more sessions, and the
 /// sessions they opened end now. Tokens minted afterwards work. Recorded before it takes
 /// effect, so it outlives a restart.
+#[utoipa::path(post, path = "/api/tokens/revoke", tag = "tokens", request_body = RevokeRequest,
+    responses((status = 200, description = "Revoked, on every node of a cluster", body = Revoked)))]
 async fn revoke_tokens(
     State(state): State<ApiState>,
     ApiJson(req): ApiJson<RevokeRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Revoked>, ApiError> {
     let zone = zone_id(&req.zone_id)?;
     check_agent_id(&req.agent_id)?;
     let revocation = Revocation {
@@ -773,11 +977,11 @@ async fn revoke_tokens(
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
-    Ok(Json(json!({
-        "agent_id": agent_id,
-        "zone_id": zone,
-        "revoked_at": revoked_at,
-    })))
+    Ok(Json(Revoked {
+        agent_id,
+        zone_id: zone,
+        revoked_at,
+    }))
 }
 
 /// The router of a node of a cluster; 404 on a server that is not one.
@@ -791,41 +995,68 @@ fn clustered(state: &ApiState) -> Result<&Arc<crate::cluster::Router>, ApiError>
     })
 }
 
-/// The cluster as this node sees it: its nodes (alive, incarnation, zones owned, connections,
-/// commands forwarded per second) and each zone's owner.
-async fn cluster_view(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let router = clustered(&state)?;
-    let zones: Vec<Value> = router
-        .owners()
-        .into_iter()
-        .map(|(zone, owner)| json!({"zone_id": zone, "owner": owner}))
-        .collect();
-    Ok(Json(json!({
-        "node": router.me().name,
-        "nodes": router.membership().nodes(),
-        "zones": zones,
-    })))
+#[derive(Serialize, ToSchema)]
+struct ClusterView {
+    /// The node that answered.
+    node: String,
+    nodes: Vec<crate::cluster::membership::NodeView>,
+    /// Each zone in memory on a node, with the node that writes it.
+    zones: Vec<ZoneOwner>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, ToSchema)]
+struct ZoneOwner {
+    zone_id: Uuid,
+    owner: String,
+}
+
+/// The cluster as this node sees it: its nodes (alive, incarnation, zones owned, connections,
+/// commands forwarded per second) and each zone's owner.
+#[utoipa::path(get, path = "/api/cluster", tag = "cluster",
+    responses((status = 200, description = "The nodes and the zones' owners", body = ClusterView)))]
+async fn cluster_view(State(state): State<ApiState>) -> Result<Json<ClusterView>, ApiError> {
+    let router = clustered(&state)?;
+    let zones = router
+        .owners()
+        .into_iter()
+        .map(|(zone_id, owner)| ZoneOwner { zone_id, owner })
+        .collect();
+    Ok(Json(ClusterView {
+        node: router.me().name.clone(),
+        nodes: router.membership().nodes(),
+        zones,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DrainRequest {
+    /// The node's name (`serve --node-name`).
     node: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Drained {
+    node: String,
+    draining: bool,
+    zones_handed_over: u64,
 }
 
 /// Hands a node's zones to the others without stopping it; it takes no zone until it is
 /// started again.
+#[utoipa::path(post, path = "/api/cluster/drain", tag = "cluster", request_body = DrainRequest,
+    responses((status = 200, description = "The node's zones are handed to the others", body = Drained)))]
 async fn drain_node(
     State(state): State<ApiState>,
     ApiJson(req): ApiJson<DrainRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Drained>, ApiError> {
     let router = clustered(&state)?;
     match router.drain_node(&req.node).await {
-        Ok(handed) => Ok(Json(json!({
-            "node": req.node,
-            "draining": true,
-            "zones_handed_over": handed,
-        }))),
+        Ok(handed) => Ok(Json(Drained {
+            node: req.node,
+            draining: true,
+            zones_handed_over: handed,
+        })),
         Err(e @ crate::cluster::ClusterError::UnknownNode(_)) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "node_not_found",
@@ -839,21 +1070,41 @@ async fn drain_node(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
+    /// Only events at or after this time (RFC 3339).
     since: Option<String>,
+    /// Only events after this seq.
     after_seq: Option<u64>,
+    /// 1 to 1000; 100 when absent.
     limit: Option<u32>,
+    /// How many of those that match to skip; 0 when absent.
+    offset: Option<u64>,
 }
 
+#[derive(Serialize, ToSchema)]
+struct EventPage {
+    /// In seq order.
+    #[schema(value_type = Vec<crate::zone::WireEvent>)]
+    events: Vec<crate::zone::ZoneEvent>,
+    limit: u32,
+    offset: u64,
+    /// How many events match `since` and `after_seq`.
+    total: u64,
+}
+
+/// A zone's audit log, in seq order.
+#[utoipa::path(get, path = "/api/zones/{id}/events", tag = "audit", params(("id" = String, Path, description = "The zone's id (a UUID)"), EventsQuery),
+    responses((status = 200, description = "A page of the zone's logged events", body = EventPage)))]
 async fn zone_events(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<crate::zone::ZoneEvent>>, ApiError> {
+    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<EventPage>, ApiError> {
     let id = zone_id(&id)?;
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let q = query(q)?;
     let since = q
         .since
         .as_deref()
@@ -863,38 +1114,59 @@ async fn zone_events(
                 .map_err(|_| ApiError::bad_request(format!("since {s:?} is not an RFC 3339 time")))
         })
         .transpose()?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let (limit, offset) = page(q.limit, q.offset, 100, 1000)?;
     let store = state.zones.registry.store();
     let events = store
-        .zone_events(id, since, q.after_seq, Some(limit))
+        .zone_events_from(id, since, q.after_seq, Some(limit), offset)
         .await?;
-    if events.is_empty() && !state.zones.exists(id).await? {
+    let total = store.count_zone_events(id, since, q.after_seq).await?;
+    if total == 0 && !state.zones.exists(id).await? {
         // None: say so if the zone does not exist at all.
         return Err(ZoneError::ZoneNotFound(id).into());
     }
-    Ok(Json(events))
+    Ok(Json(EventPage {
+        events,
+        limit,
+        offset,
+        total,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct DeadLetterQuery {
+    /// Only this zone's.
     zone_id: Option<String>,
+    /// 1 to 1000; 100 when absent.
     limit: Option<u32>,
+    /// How many to skip; 0 when absent.
     offset: Option<u64>,
 }
 
+#[derive(Serialize, ToSchema)]
+struct DeadLetterPage {
+    dead_letters: Vec<DeadLetter>,
+    limit: u32,
+    offset: u64,
+    total: u64,
+}
+
 /// Events the audit log refused as data, oldest first, with the database's reason.
+#[utoipa::path(get, path = "/api/dead_letters", tag = "audit", params(DeadLetterQuery),
+    responses((status = 200, description = "A page of dead letters", body = DeadLetterPage)))]
 async fn dead_letters(
     State(state): State<ApiState>,
-    query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<DeadLetter>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    q: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeadLetterPage>, ApiError> {
+    let q = query(q)?;
     let zone = q.zone_id.as_deref().map(zone_id).transpose()?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let (limit, offset) = page(q.limit, q.offset, 100, 1000)?;
     let store = state.zones.registry.store();
-    Ok(Json(
-        store
-            .dead_letters(zone, limit, q.offset.unwrap_or(0))
-            .await?,
-    ))
+    Ok(Json(DeadLetterPage {
+        dead_letters: store.dead_letters(zone, limit, offset).await?,
+        limit,
+        offset,
+        total: store.count_dead_letters(zone).await?,
+    }))
 }

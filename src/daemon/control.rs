@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::api::{ApiError, ApiJson, ApiState};
 use crate::pipeline::{ConfigError, Pipeline, Topology};
@@ -26,24 +27,32 @@ use crate::runtime::ZoneWork;
 /// The daemon's zone pipeline, shared by the server (which drains it) and the admin API.
 pub type ZonePipeline = Arc<Pipeline<ZoneWork>>;
 
-pub fn routes() -> Router<ApiState> {
-    Router::new()
-        .route("/api/pipeline", get(show))
-        .route("/api/pipeline/processors", post(resize_processors))
-        .route("/api/pipeline/batchers/{name}", post(resize_batcher))
-        .route("/api/pipeline/rate_limit", post(set_rate_limit))
+/// The most workers a stage can be given here: each is a task (or, for the processors, a lane
+/// of zones), and a number from a request must not be able to exhaust the process.
+pub const MAX_CONCURRENCY: usize = 256;
+
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(show))
+        .routes(routes!(resize_processors))
+        .routes(routes!(resize_batcher))
+        .routes(routes!(set_rate_limit))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PipelineView {
+    /// The stages: the producer, the processors and each batcher with their concurrency and
+    /// load.
+    #[schema(value_type = Object)]
     topology: Topology,
     /// None when there is no limit.
     rate_limit: Option<RateLimitView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct RateLimitView {
     allowed: usize,
+    #[schema(value_type = u64)]
     interval_ms: u128,
 }
 
@@ -59,20 +68,43 @@ fn view(pipeline: &ZonePipeline) -> Json<PipelineView> {
     })
 }
 
+#[utoipa::path(get, path = "/api/pipeline", tag = "pipeline",
+    responses((status = 200, description = "The stages, their concurrency and load, and the rate limit", body = PipelineView)))]
 async fn show(State(state): State<ApiState>) -> Json<PipelineView> {
     view(&state.pipeline)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Concurrency {
+    /// 1 to 256 workers.
+    #[schema(minimum = 1, maximum = 256)]
     concurrency: usize,
 }
 
-#[derive(Deserialize)]
+impl Concurrency {
+    /// The workers asked for, within what a request may ask.
+    fn checked(&self) -> Result<usize, ApiError> {
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "refused",
+                format!(
+                    "concurrency must be between 1 and {MAX_CONCURRENCY}, not {}",
+                    self.concurrency
+                ),
+            ));
+        }
+        Ok(self.concurrency)
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RateLimit {
+    /// Messages let through per interval (at least 1).
     allowed: usize,
+    /// The interval, in milliseconds (at least 1).
     interval_ms: u64,
 }
 
@@ -94,21 +126,31 @@ fn change(
     Ok(view(&state.pipeline))
 }
 
+/// Resizes the zone writers.
+#[utoipa::path(post, path = "/api/pipeline/processors", tag = "pipeline", request_body = Concurrency,
+    responses((status = 200, description = "The pipeline, resized", body = PipelineView)))]
 async fn resize_processors(
     State(state): State<ApiState>,
     ApiJson(req): ApiJson<Concurrency>,
 ) -> Result<Json<PipelineView>, ApiError> {
-    change(&state, |p| p.resize_processors(req.concurrency))
+    let concurrency = req.checked()?;
+    change(&state, |p| p.resize_processors(concurrency))
 }
 
+/// Resizes one batcher's sink workers.
+#[utoipa::path(post, path = "/api/pipeline/batchers/{name}", tag = "pipeline",
+    params(("name" = String, Path, description = "The batcher's name (`audit`, `broadcast`…)")),
+    request_body = Concurrency,
+    responses((status = 200, description = "The pipeline, resized", body = PipelineView)))]
 async fn resize_batcher(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<Concurrency>,
 ) -> Result<Json<PipelineView>, ApiError> {
+    let concurrency = req.checked()?;
     // The broadcast batcher's single worker is what keeps each zone's events in seq order on
     // the sockets (the pipeline file refuses anything else for the same reason).
-    if name == "broadcast" && req.concurrency != 1 {
+    if name == "broadcast" && concurrency != 1 {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "refused",
@@ -116,9 +158,12 @@ async fn resize_batcher(
              events in seq order, which one worker keeps",
         ));
     }
-    change(&state, |p| p.resize_batcher(&name, req.concurrency))
+    change(&state, |p| p.resize_batcher(&name, concurrency))
 }
 
+/// Sets the producer's rate limit.
+#[utoipa::path(post, path = "/api/pipeline/rate_limit", tag = "pipeline", request_body = RateLimit,
+    responses((status = 200, description = "The pipeline with its new rate limit", body = PipelineView)))]
 async fn set_rate_limit(
     State(state): State<ApiState>,
     ApiJson(req): ApiJson<RateLimit>,

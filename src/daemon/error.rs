@@ -36,9 +36,29 @@ pub enum DaemonError {
     #[error("{env} must be at least 32 characters: a short token can be guessed")]
     WeakSecret { env: String },
     #[error(
-        "{path} is readable by others (mode {mode:o}): it holds a secret; run `chmod 600 {path}` and start again"
+        "{path} is readable by {who} (mode {mode:o}): it holds a secret; run `chmod 600 {path}` and start again"
     )]
-    SharedSecret { path: PathBuf, mode: u32 },
+    SharedSecret {
+        path: PathBuf,
+        mode: u32,
+        who: &'static str,
+    },
+    #[error(
+        "the data directory {path} is open to {who} (mode {mode:o}): it holds the server's secrets and database; run `chmod 700 {path}` and start again"
+    )]
+    SharedDataDir {
+        path: PathBuf,
+        mode: u32,
+        who: &'static str,
+    },
+    #[error(
+        "no data directory at {path}: `thunderline serve` creates it, with the server's secret and database, on first start; run this where the server runs, or point at its data directory with --data-dir DIR (or THUNDERLINE_DATA_DIR)"
+    )]
+    NoDataDir { path: PathBuf },
+    #[error(
+        "no signing secret at {path}: `thunderline serve` creates it on first start; point at the server's data directory with --data-dir DIR, or set THUNDERLINE_SECRET"
+    )]
+    NoSecret { path: PathBuf },
     #[error("cannot read or write {path}: {source}")]
     Secret {
         path: PathBuf,

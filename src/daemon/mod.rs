@@ -8,6 +8,7 @@ pub mod console;
 pub mod control;
 pub mod error;
 pub mod ingest;
+pub mod openapi;
 pub mod replay;
 pub mod server;
 pub mod token;

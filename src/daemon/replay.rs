@@ -36,7 +36,11 @@ pub async fn replay(args: &ReplayArgs, out: &mut impl Write) -> Result<u64, Daem
                 .map_err(|_| DaemonError::BadSince(s.to_owned()))
         })
         .transpose()?;
-    let store = Store::connect(&args.db.url()).await?;
+    // The server's store as it is: nothing is created where none exists.
+    if args.db.database.is_none() {
+        super::server::existing_data_dir(&args.db.data_dir)?;
+    }
+    let store = Store::open_existing(&args.db.url()).await?;
     let mut written = 0u64;
     let mut after = None;
     loop {

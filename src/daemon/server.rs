@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// Log format: `text` for people, `json` for machines.
     #[arg(long, env = "THUNDERLINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// The least severe log lines written: error, warn, info, debug or trace. `RUST_LOG`, when
+    /// set, adds per-module levels on top (e.g. `RUST_LOG=thunderline::cluster=debug`).
+    #[arg(long, env = "THUNDERLINE_LOG_LEVEL", default_value = "info")]
+    pub log_level: tracing::Level,
     /// When a client's `ok` is sent: `applied` (once its zone applied the command) or `durable`
     /// (once the events it caused are committed to the audit log, so that a crash loses nothing
     /// answered ok). Default: the pipeline file's `[replies] after`, else `durable`.
@@ -124,6 +128,7 @@ impl ServeArgs {
             db: DatabaseArgs { database, data_dir },
             config: None,
             log_format: LogFormat::Text,
+            log_level: tracing::Level::INFO,
             replies: None,
             history_max: None,
             max_token_ttl: DEFAULT_MAX_TOKEN_TTL,
@@ -207,16 +212,42 @@ impl ServeArgs {
 pub struct Secrets {
     pub signing: String,
     pub admin_token: String,
-    /// Whether the admin token was generated just now (print it once).
-    pub admin_token_generated: bool,
+    /// Where the admin token came from: the banner says where it is kept.
+    pub admin_token_origin: SecretOrigin,
+}
+
+/// Where a secret came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretOrigin {
+    /// The environment variable named.
+    Env(String),
+    /// A file of the data directory, written on an earlier start.
+    File(PathBuf),
+    /// A file of the data directory, generated on this start.
+    Generated(PathBuf),
+}
+
+impl std::fmt::Display for SecretOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Env(var) => write!(f, "from {var}"),
+            Self::File(path) => write!(f, "kept in {}", path.display()),
+            Self::Generated(path) => write!(f, "generated now, kept in {}", path.display()),
+        }
+    }
 }
 
 /// The shortest secret or admin token taken from the environment.
 const MIN_SECRET_CHARS: usize = 32;
 
 /// Reads a secret from the environment, or from `data_dir/name`, generating it there on first
-/// start (readable by the owner only).
-fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), DaemonError> {
+/// start (readable by the owner only) when `create`.
+fn secret(
+    env: &str,
+    data_dir: &Path,
+    name: &str,
+    create: bool,
+) -> Result<(String, SecretOrigin), DaemonError> {
     if let Ok(v) = std::env::var(env)
         && !v.is_empty()
     {
@@ -225,9 +256,9 @@ fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), Daem
                 env: env.to_owned(),
             });
         }
-        return Ok((v, false));
+        return Ok((v, SecretOrigin::Env(env.to_owned())));
     }
-    let path = data_dir.join(name);
+    let path = shown(&data_dir.join(name));
     let io = |source| DaemonError::Secret {
         path: path.clone(),
         source,
@@ -235,15 +266,18 @@ fn secret(env: &str, data_dir: &Path, name: &str) -> Result<(String, bool), Daem
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => {
             refuse_if_shared(&path)?;
-            return Ok((s.trim().to_owned(), false));
+            return Ok((s.trim().to_owned(), SecretOrigin::File(path)));
         }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
+    if !create {
+        return Err(DaemonError::NoSecret { path });
+    }
     let value = random_secret();
     write_private(data_dir, &path, &value).map_err(io)?;
-    Ok((value, true))
+    Ok((value, SecretOrigin::Generated(path)))
 }
 
 /// A secret file others can read is a leaked secret: refuse it and say how to fix it.
@@ -258,14 +292,70 @@ fn refuse_if_shared(path: &Path) -> Result<(), DaemonError> {
             })?
             .permissions()
             .mode();
-        if mode & 0o077 != 0 {
+        if let Some(who) = open_to(mode) {
             return Err(DaemonError::SharedSecret {
                 path: path.to_owned(),
                 mode: mode & 0o777,
+                who,
             });
         }
     }
     Ok(())
+}
+
+/// Who besides its owner a file mode lets in, if anyone.
+fn open_to(mode: u32) -> Option<&'static str> {
+    match (mode & 0o070 != 0, mode & 0o007 != 0) {
+        (true, true) => Some("its group and others"),
+        (true, false) => Some("its group"),
+        (false, true) => Some("others"),
+        (false, false) => None,
+    }
+}
+
+/// A path as an error shows it: absolute, so that a command run from the wrong directory says
+/// where it looked.
+fn shown(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// Refuses a data directory its owner shares: it holds the secrets and the database. One that
+/// does not exist yet is fine (`serve` creates it, mode 0700).
+pub fn check_data_dir(data_dir: &Path) -> Result<(), DaemonError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = match std::fs::metadata(data_dir) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(DaemonError::Secret {
+                    path: shown(data_dir),
+                    source,
+                });
+            }
+        };
+        let mode = meta.permissions().mode();
+        if let Some(who) = open_to(mode) {
+            return Err(DaemonError::SharedDataDir {
+                path: shown(data_dir),
+                mode: mode & 0o777,
+                who,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The data directory of a server that has run here: the commands around `serve` read it and
+/// never create one (a new secret would make a second, different server).
+pub fn existing_data_dir(data_dir: &Path) -> Result<(), DaemonError> {
+    if !data_dir.is_dir() {
+        return Err(DaemonError::NoDataDir {
+            path: shown(data_dir),
+        });
+    }
+    check_data_dir(data_dir)
 }
 
 /// Creates `path` holding `value`, readable by its owner only from the first byte on (never
@@ -273,34 +363,78 @@ fn refuse_if_shared(path: &Path) -> Result<(), DaemonError> {
 /// is created here. An existing file is not overwritten.
 fn write_private(data_dir: &Path, path: &Path, value: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let mut dir = std::fs::DirBuilder::new();
-    dir.recursive(true);
     let mut file = std::fs::OpenOptions::new();
     file.write(true).create_new(true);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        dir.mode(0o700);
+        use std::os::unix::fs::OpenOptionsExt;
         file.mode(0o600);
     }
-    dir.create(data_dir)?;
+    create_data_dir(data_dir)?;
     let mut file = file.open(path)?;
     file.write_all(value.as_bytes())?;
     file.sync_all()
 }
 
+/// Creates the data directory (and its parents) if it is missing, only its owner may enter it:
+/// whatever else writes there later (the SQLite database) finds it private.
+fn create_data_dir(data_dir: &Path) -> std::io::Result<()> {
+    let mut dir = std::fs::DirBuilder::new();
+    dir.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        dir.mode(0o700);
+    }
+    dir.create(data_dir)
+}
+
 /// The generated admin token's file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin_token";
 
+/// The server's secrets, generated in `data_dir` on its first start.
 pub fn load_secrets(data_dir: &Path) -> Result<Secrets, DaemonError> {
-    let (signing, _) = secret("THUNDERLINE_SECRET", data_dir, "secret")?;
-    let (admin_token, admin_token_generated) =
-        secret("THUNDERLINE_ADMIN_TOKEN", data_dir, ADMIN_TOKEN_FILE)?;
+    check_data_dir(data_dir)?;
+    create_data_dir(data_dir).map_err(|source| DaemonError::Secret {
+        path: shown(data_dir),
+        source,
+    })?;
+    let (signing, _) = secret("THUNDERLINE_SECRET", data_dir, "secret", true)?;
+    let (admin_token, admin_token_origin) =
+        secret("THUNDERLINE_ADMIN_TOKEN", data_dir, ADMIN_TOKEN_FILE, true)?;
     Ok(Secrets {
         signing,
         admin_token,
-        admin_token_generated,
+        admin_token_origin,
     })
+}
+
+/// The token-signing secret of the server whose data directory is `data_dir` (or
+/// `THUNDERLINE_SECRET`), never generated: for the commands around `serve`.
+pub fn signing_secret(data_dir: &Path) -> Result<String, DaemonError> {
+    if std::env::var("THUNDERLINE_SECRET").is_ok_and(|v| !v.is_empty()) {
+        return secret("THUNDERLINE_SECRET", data_dir, "secret", false).map(|(s, _)| s);
+    }
+    existing_data_dir(data_dir)?;
+    secret("THUNDERLINE_SECRET", data_dir, "secret", false).map(|(s, _)| s)
+}
+
+/// What every exporter of a daemon is expected to show: the process's CPU, memory and file
+/// descriptors (`process_*`, read from /proc), and which build is running.
+fn register_process_metrics(registry: &Registry) -> Result<(), prometheus::Error> {
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    let build = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "thunderline_build_info",
+            "Always 1; its label says which version of thunderline is running.",
+        ),
+        &["version"],
+    )?;
+    build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    registry.register(Box::new(build))
 }
 
 /// The audit batcher's settings. SQLite takes one writer at a time: more sink workers would only
@@ -367,6 +501,23 @@ pub struct Server {
 impl Server {
     /// Opens the store, builds the pipelines and starts listening.
     pub async fn start(args: &ServeArgs, file: &PipelineFile) -> Result<Self, DaemonError> {
+        // Nothing is created (data directory, secrets, database) before the addresses are held:
+        // a server that cannot listen leaves no trace.
+        let listener =
+            TcpListener::bind(args.listen)
+                .await
+                .map_err(|source| DaemonError::Listen {
+                    addr: args.listen,
+                    source,
+                })?;
+        let metrics_listener = match args.metrics_listen {
+            None => None,
+            Some(at) => Some(
+                TcpListener::bind(at)
+                    .await
+                    .map_err(|source| DaemonError::Listen { addr: at, source })?,
+            ),
+        };
         let secrets = load_secrets(&args.db.data_dir)?;
         if args
             .metrics_token
@@ -380,6 +531,7 @@ impl Server {
         let signer = TokenSigner::new(secrets.signing.as_bytes())?;
         let store = Store::connect(&args.db.url()).await?;
         let registry = Registry::new();
+        register_process_metrics(&registry)?;
         let hub = Arc::new(Hub::new(HubMetrics::register(&registry)?));
         let zone_registry = Arc::new(ZoneRegistry::new(store.clone()));
         // A node of a cluster: announced from now on, until the server has stopped.
@@ -552,13 +704,6 @@ impl Server {
             max_token_ttl: args.max_token_ttl,
             metrics_token: args.metrics_token.as_deref().map(Arc::from),
         };
-        let listener =
-            TcpListener::bind(args.listen)
-                .await
-                .map_err(|source| DaemonError::Listen {
-                    addr: args.listen,
-                    source,
-                })?;
         let addr = listener.local_addr().map_err(DaemonError::Http)?;
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             // Frames are small and latency matters: no Nagle delay on replies and broadcasts.
@@ -572,12 +717,9 @@ impl Server {
                 tracing::warn!(error = %e, "cannot set SO_SNDBUF");
             }
         });
-        let metrics_http = match args.metrics_listen {
+        let metrics_http = match metrics_listener {
             None => None,
-            Some(at) => {
-                let listener = TcpListener::bind(at)
-                    .await
-                    .map_err(|source| DaemonError::Listen { addr: at, source })?;
+            Some(listener) => {
                 let bound = listener.local_addr().map_err(DaemonError::Http)?;
                 let app = api::metrics_router(state.clone());
                 Some((bound, serve_until(listener, app, stop_rx.clone())))

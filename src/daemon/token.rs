@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 
 use super::DatabaseArgs;
 use super::error::DaemonError;
-use super::server::{DEFAULT_MAX_TOKEN_TTL, load_secrets};
+use super::server::{DEFAULT_MAX_TOKEN_TTL, signing_secret};
 use crate::realtime::{TokenError, TokenSigner};
 use crate::zone::{Permissions, parse_zone_id};
 
@@ -16,8 +16,8 @@ pub struct TokenArgs {
     /// The zone it lets the agent join.
     #[arg(long)]
     pub zone: String,
-    /// Permission bits (5, 0x05) or a name (spawn_agents, modify_zone, broadcast_events,
-    /// admin_zone).
+    /// Permission names (spawn_agents, modify_zone, broadcast_events, admin_zone), several
+    /// separated by commas (spawn_agents,modify_zone), or bits (5, 0x05).
     #[arg(long, default_value = "spawn_agents")]
     pub perms: String,
     /// How long until it expires, in seconds (or 90m, 24h, 7d).
@@ -32,7 +32,8 @@ pub struct TokenArgs {
 }
 
 /// The token and when it expires. Uses `THUNDERLINE_SECRET`, or the secret `serve` keeps in the
-/// data directory.
+/// data directory (which must exist: a token signed with a secret made up here would be no
+/// server's).
 pub fn mint(args: &TokenArgs) -> Result<(String, DateTime<Utc>), DaemonError> {
     if args.ttl > args.max_token_ttl {
         return Err(DaemonError::TtlTooLong {
@@ -42,8 +43,8 @@ pub fn mint(args: &TokenArgs) -> Result<(String, DateTime<Utc>), DaemonError> {
     }
     let zone = parse_zone_id(&args.zone)?;
     let perms: Permissions = args.perms.parse()?;
-    let secrets = load_secrets(&args.db.data_dir)?;
-    let signer = TokenSigner::new(secrets.signing.as_bytes())?;
+    let signing = signing_secret(&args.db.data_dir)?;
+    let signer = TokenSigner::new(signing.as_bytes())?;
     let (token, claims) = signer.mint(
         &args.agent,
         zone,

@@ -201,6 +201,13 @@ impl Peer {
         false
     }
 
+    /// How many more frames its queue takes now before the client counts as a slow consumer.
+    fn room(&self) -> usize {
+        self.out
+            .frame_limit
+            .saturating_sub(self.out.queued.frames.load(Ordering::Relaxed))
+    }
+
     pub fn send_text(&self, text: String) -> bool {
         self.send(Utf8Bytes::from(text))
     }
@@ -503,6 +510,18 @@ impl Hub {
             .unwrap_or_else(|e| e.into_inner())
             .get(&zone)
             .is_some_and(|t| !t.subscribers.is_empty())
+    }
+
+    /// How many more frames every subscriber of `zone` here takes now (the fewest of them; no
+    /// limit without subscribers): what a backlog of the zone's events may send at once without
+    /// making a client that reads as fast as it can a slow consumer.
+    pub fn room(&self, zone: Uuid) -> usize {
+        self.topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&zone)
+            .and_then(|t| t.subscribers.values().map(Peer::room).min())
+            .unwrap_or(usize::MAX)
     }
 
     /// Sends the same frames, in order, to every subscriber: one queue item each.

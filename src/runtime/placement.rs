@@ -41,8 +41,11 @@ pub trait Placement: Send + Sync + 'static {
     /// the owner's outcome.
     fn forward(&self, work: ZoneWork) -> Forwarded;
 
-    /// Zone `zone` left this node's memory with everything written: its lease may go.
-    fn left(&self, zone: Uuid, fence: Option<u64>);
+    /// Zone `zone` left this node's memory with everything written (`fence` the lease it was
+    /// written under), or, `fence` None, a hand-over found it not in memory at all: its lease
+    /// may go. The writer waits for it, so that a next command of the zone finds it released
+    /// (and takes it anew) rather than racing the release.
+    fn left(&self, zone: Uuid, fence: Option<u64>) -> Settled<'_>;
 
     /// Whether the connection named `connection` may still be open: it belongs to a node alive
     /// now. A zone loaded here keeps the sessions of such connections, and ends the others.

@@ -79,6 +79,10 @@ impl ZoneWriter {
             &["outcome"],
         )?;
         metrics.register(Box::new(rejoins.clone()))?;
+        // Both series exist from the start, so a dashboard's rate over them is 0, not "no data".
+        for outcome in ["recovered", "fresh"] {
+            rejoins.with_label_values(&[outcome]);
+        }
         Ok(Self {
             registry,
             routes,
@@ -410,10 +414,15 @@ impl ZoneWriter {
     /// (closing it in the store: everything it broadcast is in the log, so its next owner keeps
     /// its epoch); asks for the write (at acknowledgement) when it is not.
     async fn evict(&self, work: &mut ZoneWork) {
+        let hand_over = matches!(work.job, Job::HandOver);
         let Some(live) = self.registry.live(work.zone_id) else {
+            // Held but never loaded (taken for a command still on its way here): nothing to
+            // write, and the lease goes from here, after whatever this writer did before.
+            if hand_over && let Some(placement) = &self.placement {
+                placement.left(work.zone_id, None).await;
+            }
             return;
         };
-        let hand_over = matches!(work.job, Job::HandOver);
         let eviction = {
             let state = live.state();
             let eviction =
@@ -443,7 +452,7 @@ impl ZoneWriter {
             Ok(()) => {
                 self.registry.remove(work.zone_id);
                 if let Some(placement) = &self.placement {
-                    placement.left(work.zone_id, fence);
+                    placement.left(work.zone_id, fence).await;
                 }
             }
             // Still open in the store: it stays in memory (and written here), and the next

@@ -46,7 +46,7 @@ impl TryFrom<EventRow> for ZoneEvent {
 }
 
 /// An event the log refused as data, kept with the reason.
-#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct DeadLetter {
     pub id: Uuid,
     pub zone_id: Uuid,
@@ -62,6 +62,22 @@ pub struct DeadLetter {
 const SQLITE_ROWS_PER_STATEMENT: usize = 4_000;
 
 const EVENT_COLUMNS: &str = "id, zone_id, seq, command_id, event_type, payload, occurred_at";
+
+/// The condition on a zone's events (`$1` its id, then `since` and `after_seq` where given), and
+/// the number of the last parameter it binds.
+fn event_filter(since: Option<DateTime<Utc>>, after_seq: Option<u64>) -> (String, usize) {
+    let mut filter = "zone_id = $1".to_owned();
+    let mut n = 1;
+    if since.is_some() {
+        n += 1;
+        filter.push_str(&format!(" AND occurred_at >= ${n}"));
+    }
+    if after_seq.is_some() {
+        n += 1;
+        filter.push_str(&format!(" AND seq > ${n}"));
+    }
+    (filter, n)
+}
 
 /// Whether the database refused the statement because of the data in it: retrying the same
 /// data cannot help.
@@ -281,6 +297,22 @@ impl Store {
         Ok(rows)
     }
 
+    /// How many dead letters there are: one zone's, or all.
+    pub async fn count_dead_letters(&self, zone_id: Option<Uuid>) -> Result<u64, StoreError> {
+        let n: i64 = match zone_id {
+            Some(zone) => on_pool!(self.db(), pool => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM audit_dead_letters WHERE zone_id = $1")
+                .bind(zone)
+                .fetch_one(pool)
+                .await)?,
+            None => on_pool!(self.db(), pool => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM audit_dead_letters")
+                .fetch_one(pool)
+                .await)?,
+        };
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// One zone's events in seq order: those at or after `since`, after seq `after_seq`, at
     /// most `limit`.
     pub async fn zone_events(
@@ -290,18 +322,25 @@ impl Store {
         after_seq: Option<u64>,
         limit: Option<u32>,
     ) -> Result<Vec<ZoneEvent>, StoreError> {
-        // Built once as text; each backend binds the same values.
-        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM audit_events WHERE zone_id = $1");
-        let mut n = 1;
-        if since.is_some() {
-            n += 1;
-            sql.push_str(&format!(" AND occurred_at >= ${n}"));
-        }
-        if after_seq.is_some() {
-            n += 1;
-            sql.push_str(&format!(" AND seq > ${n}"));
-        }
-        sql.push_str(&format!(" ORDER BY seq LIMIT ${}", n + 1));
+        self.zone_events_from(zone_id, since, after_seq, limit, 0)
+            .await
+    }
+
+    /// [`zone_events`](Self::zone_events) from the `offset`th of those that match on.
+    pub async fn zone_events_from(
+        &self,
+        zone_id: Uuid,
+        since: Option<DateTime<Utc>>,
+        after_seq: Option<u64>,
+        limit: Option<u32>,
+        offset: u64,
+    ) -> Result<Vec<ZoneEvent>, StoreError> {
+        let (filter, n) = event_filter(since, after_seq);
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM audit_events WHERE {filter} ORDER BY seq LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2
+        );
         let limit = limit.map_or(i64::MAX, i64::from);
         let rows: Vec<EventRow> = on_pool!(self.db(), pool => {
             let mut q = sqlx::query_as(&sql).bind(zone_id);
@@ -311,9 +350,31 @@ impl Store {
             if let Some(after) = after_seq {
                 q = q.bind(big(after));
             }
-            q.bind(limit).fetch_all(pool).await
+            q.bind(limit).bind(big(offset)).fetch_all(pool).await
         })?;
         rows.into_iter().map(ZoneEvent::try_from).collect()
+    }
+
+    /// How many of one zone's events [`zone_events`](Self::zone_events) would page through.
+    pub async fn count_zone_events(
+        &self,
+        zone_id: Uuid,
+        since: Option<DateTime<Utc>>,
+        after_seq: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let (filter, _) = event_filter(since, after_seq);
+        let sql = format!("SELECT COUNT(*) FROM audit_events WHERE {filter}");
+        let n: i64 = on_pool!(self.db(), pool => {
+            let mut q = sqlx::query_scalar(&sql).bind(zone_id);
+            if let Some(since) = since {
+                q = q.bind(since);
+            }
+            if let Some(after) = after_seq {
+                q = q.bind(big(after));
+            }
+            q.fetch_one(pool).await
+        })?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// The ids of the last `limit` commands whose events are logged at or before `seq`, with

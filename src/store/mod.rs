@@ -10,7 +10,7 @@ mod audit;
 mod revocations;
 mod zones;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +44,10 @@ pub enum StoreError {
     InvalidUrl { url: String, reason: String },
     #[error("cannot open the database at {url}: {source}")]
     Connect { url: String, source: sqlx::Error },
+    #[error(
+        "no database at {0}: `thunderline serve` creates it on first start; point at an existing one with --database or --data-dir"
+    )]
+    NoDatabase(PathBuf),
     #[error("cannot bring the schema up to date: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
@@ -115,8 +119,18 @@ impl Store {
         Self::connect_with(url, 10).await
     }
 
+    /// Opens a database that exists already: a SQLite file that is not there is an error, not
+    /// created (for the commands that read a server's store, e.g. `replay`).
+    pub async fn open_existing(url: &str) -> Result<Self, StoreError> {
+        Self::open(url, 10, false).await
+    }
+
     /// As [`connect`](Self::connect), with at most `max_connections` connections.
     pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::open(url, max_connections, true).await
+    }
+
+    async fn open(url: &str, max_connections: u32, create: bool) -> Result<Self, StoreError> {
         let invalid = |e: sqlx::Error| StoreError::InvalidUrl {
             url: redact_url(url),
             reason: e.to_string(),
@@ -147,13 +161,17 @@ impl Store {
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(invalid)?
-                .create_if_missing(true)
+                .create_if_missing(create)
                 .journal_mode(SqliteJournalMode::Wal)
                 // An acknowledged event is on disk: FULL syncs the WAL at every commit.
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
+            if !create && !options.get_filename().exists() {
+                return Err(StoreError::NoDatabase(options.get_filename().to_owned()));
+            }
             if let Some(dir) = options.get_filename().parent()
+                && create
                 && !dir.as_os_str().is_empty()
             {
                 std::fs::create_dir_all(dir).map_err(|e| connect(sqlx::Error::Io(e)))?;

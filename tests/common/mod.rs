@@ -418,11 +418,16 @@ pub mod server {
 
         /// The next frame, or None after 2 s or when the socket closes.
         pub async fn next(&mut self) -> Option<Value> {
+            self.next_within(Duration::from_secs(2)).await
+        }
+
+        /// The next frame, or None after `wait` or when the socket closes.
+        pub async fn next_within(&mut self, wait: Duration) -> Option<Value> {
             if let Some(f) = self.early.pop_front() {
                 return Some(f);
             }
             loop {
-                match tokio::time::timeout(Duration::from_secs(2), self.ws.next()).await {
+                match tokio::time::timeout(wait, self.ws.next()).await {
                     Ok(Some(Ok(Message::Text(t)))) => {
                         return Some(serde_json::from_str(&t).unwrap());
                     }

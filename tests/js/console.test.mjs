@@ -92,6 +92,28 @@ test("with the token: stage counters and a zone's agents change on the page as t
   await page.waitForFunction(() => document.querySelector("#sources tbody").textContent.startsWith("jetstream"));
   assert.match(await page.textContent("#sources tbody tr"), /^jetstream\d+/);
 
+  // Dead letters agree: the pipeline's box counts what the sources' and the stages' tables count
+  // (tests/js_client.rs publishes CONSOLE_DEAD_LETTERS commands the source dead-letters), and
+  // every count is a whole number.
+  const wanted = Number(process.env.CONSOLE_DEAD_LETTERS ?? 0);
+  await page.waitForFunction((wanted) => {
+    const row = document.querySelector("#sources tbody tr");
+    return row && row.cells.length > 7 && Number(row.cells[6].textContent) + Number(row.cells[7].textContent) >= wanted;
+  }, wanted, { timeout: 30_000 });
+  const seen = await page.evaluate(() => {
+    const texts = [...document.querySelectorAll("#graph text")].map((t) => t.textContent);
+    return {
+      box: texts[texts.indexOf("dead letters") + 1],
+      sources: [...document.querySelectorAll("#sources tbody tr")].flatMap((r) => [r.cells[6].textContent, r.cells[7].textContent]),
+      stages: [...document.querySelectorAll("#stages tbody tr")].map((r) => r.cells[7].textContent),
+    };
+  });
+  const counts = [...seen.sources, ...seen.stages];
+  for (const n of counts) assert.match(n, /^\d+$/, `a count is a whole number: ${JSON.stringify(seen)}`);
+  const sum = counts.reduce((all, n) => all + Number(n), 0);
+  assert.ok(sum >= wanted, JSON.stringify(seen));
+  assert.equal(seen.box, `${sum} in all`, JSON.stringify(seen));
+
   // The zone list, then the zone: its agents change as agents come.
   await page.fill("#zone-q", "console glade");
   await page.click("#zone-search button");

@@ -326,7 +326,7 @@ test("broadcast_event reaches every member with its seq; forbidden without the b
   await eventually(async () => {
     const { status, body } = await api("GET", `/api/zones/${z.id}/events?limit=1000`);
     assert.equal(status, 200);
-    const logged = body.find((e) => e.type === "storm");
+    const logged = body.events.find((e) => e.type === "storm");
     assert.ok(logged, "the storm is in the audit log");
     assert.equal(logged.seq, seq);
     assert.deepEqual(logged.payload, { agent_id: "ann", payload });
@@ -562,8 +562,10 @@ test("the admin API pages a zone's events by seq", async () => {
   await eventually(async () => {
     const { status, body } = await api("GET", `/api/zones/${z.id}/events?after_seq=2&limit=3`);
     assert.equal(status, 200);
-    assert.deepEqual(body.map((e) => e.seq), [3, 4, 5]);
-    assert.ok(body.every((e) => e.type === "agent_moved" && e.zone_id === z.id));
+    assert.deepEqual(body.events.map((e) => e.seq), [3, 4, 5]);
+    assert.equal(body.limit, 3);
+    assert.ok(body.total >= 5, JSON.stringify(body));
+    assert.ok(body.events.every((e) => e.type === "agent_moved" && e.zone_id === z.id));
   }, "a page of three after seq 2");
 });
 

@@ -48,6 +48,7 @@ impl Actor {
 
 /// Changes to a zone's settings; what is absent stays as it is.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ZonePatch {
     #[serde(default)]

@@ -348,6 +348,7 @@ pub struct ZoneEvent {
 
 /// The wire shape: the type as a name, the payload as plain JSON.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WireEvent {
     pub id: Uuid,

@@ -15,6 +15,7 @@ use super::permissions::Permissions;
 
 /// One resource's stock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Resource {
     pub amount: i64,
@@ -25,6 +26,7 @@ pub struct Resource {
 
 /// A zone, as the admin API shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Zone {
     pub id: Uuid,
     pub name: String,
@@ -46,6 +48,7 @@ pub struct Zone {
 /// What a new zone is made from; everything but the name and the server has a default (the
 /// admin API fills in its own server when none is given).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewZone {
     pub name: String,

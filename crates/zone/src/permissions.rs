@@ -25,10 +25,44 @@ impl Serialize for Permissions {
     }
 }
 
+/// Bits (`5`), a name or names (`"modify_zone"`, `"spawn_agents,modify_zone"`, `"0x05"`), or a
+/// list of either (`["spawn_agents", "modify_zone"]`): the same everywhere permissions are taken.
 impl<'de> Deserialize<'de> for Permissions {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let bits = u32::deserialize(d)?;
-        Self::from_bits_checked(bits).map_err(serde::de::Error::custom)
+        d.deserialize_any(PermissionsVisitor)
+    }
+}
+
+struct PermissionsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PermissionsVisitor {
+    type Value = Permissions;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("permission bits, a permission's name, or a list of them")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Permissions, E> {
+        let bits =
+            u32::try_from(v).map_err(|_| E::custom(format!("unknown permission: {v:#x}")))?;
+        Permissions::from_bits_checked(bits).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Permissions, E> {
+        let v = u64::try_from(v).map_err(|_| E::custom(format!("unknown permission: {v}")))?;
+        self.visit_u64(v)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Permissions, E> {
+        v.parse().map_err(E::custom)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Permissions, A::Error> {
+        let mut all = Permissions::empty();
+        while let Some(one) = seq.next_element::<Permissions>()? {
+            all |= one;
+        }
+        Ok(all)
     }
 }
 
@@ -63,8 +97,14 @@ impl Permissions {
 impl FromStr for Permissions {
     type Err = ZoneError;
 
-    /// A name (`spawn_agents`), or a number (`5`, `0x05`).
+    /// A name (`spawn_agents`), a number (`5`, `0x05`), or several of them separated by commas
+    /// (`spawn_agents,modify_zone`).
     fn from_str(s: &str) -> Result<Self, ZoneError> {
+        if s.contains(',') {
+            return s
+                .split(',')
+                .try_fold(Self::empty(), |all, one| Ok(all | one.parse::<Self>()?));
+        }
         let s = s.trim();
         if let Some((_, p)) = Self::NAMED.iter().find(|(n, _)| *n == s) {
             return Ok(*p);
@@ -98,6 +138,45 @@ mod tests {
         assert_eq!("5".parse::<Permissions>().unwrap().bits(), 5);
         assert!("0x10".parse::<Permissions>().is_err());
         assert!("fly".parse::<Permissions>().is_err());
+        assert_eq!(
+            "spawn_agents, modify_zone"
+                .parse::<Permissions>()
+                .unwrap()
+                .bits(),
+            3
+        );
+        assert!("spawn_agents,".parse::<Permissions>().is_err());
+        assert!("spawn_agents,fly".parse::<Permissions>().is_err());
+        for (json, bits) in [
+            ("5", 5),
+            ("\"modify_zone\"", 2),
+            ("\"0x05\"", 5),
+            ("[\"spawn_agents\", \"modify_zone\"]", 3),
+            ("[1, \"broadcast_events\"]", 5),
+            ("[]", 0),
+        ] {
+            let p: Permissions = serde_json::from_str(json).unwrap();
+            assert_eq!(p.bits(), bits, "{json}");
+        }
+        for bad in [
+            "16",
+            "-1",
+            "\"fly\"",
+            "[\"fly\"]",
+            "4294967296",
+            "1.5",
+            "{}",
+            "null",
+        ] {
+            assert!(serde_json::from_str::<Permissions>(bad).is_err(), "{bad}");
+        }
+        let packed = rmp_serde::to_vec(&Permissions::from_bits_truncate(5)).unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<Permissions>(&packed)
+                .unwrap()
+                .bits(),
+            5
+        );
         assert!(Permissions::ADMIN_ZONE.allows(Permissions::MODIFY_ZONE));
         assert!(!Permissions::SPAWN_AGENTS.allows(Permissions::MODIFY_ZONE));
         assert_eq!(
@@ -106,3 +185,41 @@ mod tests {
         );
     }
 }
+
+/// What the admin API takes and shows: bits, a name or a comma list of names, or a list of
+/// either (it shows the bits).
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Permissions {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        let bits = || {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0))
+                .maximum(Some(Permissions::all().bits()))
+        };
+        let names = Permissions::NAMED.map(|(name, _)| name);
+        let one = || {
+            OneOfBuilder::new().item(bits()).item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .examples(names)
+                    .description(Some(
+                        "a permission's name, names separated by commas, or bits as a number \
+                         (\"0x05\")",
+                    )),
+            )
+        };
+        OneOfBuilder::new()
+            .item(one())
+            .item(ArrayBuilder::new().items(one()))
+            .description(Some(
+                "Permission bits (spawn_agents 1, modify_zone 2, broadcast_events 4, admin_zone \
+                 8), a name, or a list of them; shown as the bits.",
+            ))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Permissions {}

@@ -122,7 +122,16 @@ function rate(name, labels) {
   return Math.max(0, (sample(stats, name, labels) - sample(previous, name, labels)) / seconds);
 }
 
+// Rates: short, one decimal below 10/s. Counts: whole numbers, as exported.
 const fmt = (n) => (n >= 1000 ? `${(n / 1000).toFixed(1)}k` : n >= 10 || n === 0 ? Math.round(n).toString() : n.toFixed(1));
+const whole = (n) => Math.round(n).toString();
+
+// Dead letters kept by the sources: refused by their zone (dead_lettered) or by the decoder
+// (undecodable); each is one row of /api/dead_letters.
+function sourceDeadLetters() {
+  const m = "thunderline_source_messages_total";
+  return sample(state.stats, m, { outcome: "dead_lettered" }) + sample(state.stats, m, { outcome: "undecodable" });
+}
 
 function stageFigures(stage) {
   const l = { pipeline: PIPELINE, stage };
@@ -145,7 +154,7 @@ function batchSizes(batcher) {
     const count = sample(state.stats, "thunderline_pipeline_batch_size_count", l);
     if (count > 0) {
       const mean = sample(state.stats, "thunderline_pipeline_batch_size_sum", l) / count;
-      parts.push(`${trigger}: ${fmt(count)} × ${mean.toFixed(1)}`);
+      parts.push(`${trigger}: ${whole(count)} × ${mean.toFixed(1)}`);
     }
   }
   return parts.join(", ") || "—";
@@ -193,7 +202,7 @@ function drawGraph() {
     const f = stageFigures(stage);
     // A producer only hands messages out.
     const through = stage === "producer" ? `${fmt(f.outRate)}/s out` : `${fmt(f.inRate)}/s in`;
-    return [`${through} · ${fmt(f.inFlight)} in flight`, `failed ${fmt(f.failed)} · retried ${fmt(f.retried)}`];
+    return [`${through} · ${whole(f.inFlight)} in flight`, `failed ${whole(f.failed)} · retried ${whole(f.retried)}`];
   };
   const producers = ["sockets · timers · API", ...sources.map((s) => `source: ${s}`)];
   producers.forEach((p, i) => box(0, 10 + i * 58, p, i === 0 ? figures("producer") : [`${fmt(rate("thunderline_source_messages_total", { source: sources[i - 1], outcome: "received" }))}/s`]));
@@ -206,8 +215,13 @@ function drawGraph() {
     arrow(590, y + 30, 640, y + 30);
     box(640, y, `sink: ${b}`, figures(`sink:${b}`));
   });
-  const dead = stages.reduce((n, s) => n + stageFigures(s.name).dead, 0);
-  box(840, 10, "dead letters", [`${fmt(dead)} in all`], "dead");
+  // The pipeline's own dead letters and the sources', so that the box agrees with the sources'
+  // table below it.
+  const pipelineDead = stages.reduce((n, s) => n + stageFigures(s.name).dead, 0);
+  const sourcesDead = sourceDeadLetters();
+  const lines = [`${whole(pipelineDead + sourcesDead)} in all`];
+  if (sources.length > 0) lines.push(`sources ${whole(sourcesDead)} · stages ${whole(pipelineDead)}`);
+  box(840, 10, "dead letters", lines, "dead");
 }
 
 function drawStages() {
@@ -216,7 +230,7 @@ function drawStages() {
     const batcher = s.name.startsWith("batcher:") ? batchSizes(s.name.slice(8)) : "";
     const tr = document.createElement("tr");
     tr.dataset.stage = s.name;
-    for (const cell of [s.name, s.concurrency, fmt(f.inRate), fmt(f.outRate), fmt(f.inFlight), fmt(f.failed), fmt(f.retried), fmt(f.dead), batcher]) {
+    for (const cell of [s.name, s.concurrency, fmt(f.inRate), fmt(f.outRate), whole(f.inFlight), whole(f.failed), whole(f.retried), whole(f.dead), batcher]) {
       const td = document.createElement("td");
       td.textContent = cell;
       tr.append(td);
@@ -238,8 +252,8 @@ function drawSources() {
   const m = "thunderline_source_messages_total";
   const rows = sources.map((source) => {
     const tr = document.createElement("tr");
-    const count = (outcome) => fmt(sample(state.stats, m, { source, outcome }));
-    for (const cell of [source, fmt(sample(state.stats, "thunderline_source_lag", { source })), fmt(rate(m, { source, outcome: "received" })), count("acked"), count("redelivered"), count("retried"), count("dead_lettered"), count("undecodable")]) {
+    const count = (outcome) => whole(sample(state.stats, m, { source, outcome }));
+    for (const cell of [source, whole(sample(state.stats, "thunderline_source_lag", { source })), fmt(rate(m, { source, outcome: "received" })), count("acked"), count("redelivered"), count("retried"), count("dead_lettered"), count("undecodable")]) {
       const td = document.createElement("td");
       td.textContent = cell;
       tr.append(td);
@@ -344,7 +358,7 @@ async function refreshZone() {
     zone.agents = agents.agents.map((a) => a.agent_id);
     // Recent events: the last ones on first sight, then what came after.
     const after = zone.afterSeq ?? Math.max(0, view.seq - 50);
-    const events = await api("GET", `/api/zones/${zone.id}/events?after_seq=${after}&limit=1000`);
+    const { events } = await api("GET", `/api/zones/${zone.id}/events?after_seq=${after}&limit=1000`);
     if (state.zone !== zone) return;
     for (const e of events) {
       zone.events.push(e);
