@@ -374,14 +374,14 @@ async fn serve_with_a_config_and_postgres_and_json_logs() {
     )
     .await;
     drop(c);
-    let mut daemon = daemon;
-    let stderr = daemon.child.stderr.take().unwrap();
-    let (status, _) = daemon.terminate();
+    let (status, logs) = daemon.terminate();
     assert!(status.success());
-    let logs = std::io::read_to_string(stderr).unwrap();
     let first: Value =
-        serde_json::from_str(logs.lines().next().expect("it logged")).expect("JSON log lines");
+        serde_json::from_str(logs.first().expect("it logged")).expect("JSON log lines");
     assert_eq!(first["fields"]["message"], "thunderline listening");
+    for line in &logs {
+        serde_json::from_str::<Value>(line).expect("every log line is JSON");
+    }
     // Everything reached the Postgres audit log.
     let store = thunderline::store::Store::connect(&db.url).await.unwrap();
     let events = store

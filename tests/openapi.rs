@@ -263,6 +263,20 @@ async fn answers_have_the_fields_the_description_promises() {
     assert_eq!(events["total"], 2, "created, then the storm: {events}");
     assert_eq!(events["events"][0]["type"], "storm");
 
+    // A body is an object: an array of the fields is not read as one (serde would).
+    for body in [json!([]), json!(["renamed"]), json!("x"), json!(null)] {
+        let (status, answer) = srv
+            .api("PATCH", &format!("/api/zones/{id}"), Some(body.clone()))
+            .await;
+        assert_eq!(
+            (status, answer["error"].clone()),
+            (400, json!("bad_request")),
+            "{body}"
+        );
+    }
+    let (_, unchanged) = srv.api("GET", &format!("/api/zones/{id}"), None).await;
+    assert_eq!(unchanged["name"], "described");
+
     // The WebSocket endpoint's refusals before an upgrade are JSON errors too.
     let (status, answer) = http(srv.server.addr, "GET", "/socket/websocket", None, None).await;
     assert!((400..500).contains(&status), "{status}");

@@ -145,21 +145,47 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        Json::<T>::from_request(req, state)
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .is_some_and(|v| {
+                v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+            });
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON, with `Content-Type: application/json`",
+            ));
+        }
+        let body = axum::body::Bytes::from_request(req, state)
             .await
-            .map(|Json(v)| Self(v))
             .map_err(|e| match e.status() {
                 StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
                     format!("the body is over the admin API's limit of {ADMIN_BODY_LIMIT} bytes"),
                 ),
+                _ => ApiError::bad_request(e.body_text()),
+            })?;
+        // Every body the API takes is an object: serde would also read a struct from an array
+        // of its fields in order (`[]` as an empty patch), which no one means.
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
+        }
+        Json::<T>::from_bytes(&body)
+            .map(|Json(v)| Self(v))
+            .map_err(|e| {
                 // A permission the body names that does not exist keeps its own code, as when
                 // it came through a query or the command line.
-                _ if e.body_text().contains("unknown permission") => {
+                if e.body_text().contains("unknown permission") {
                     ApiError::new(StatusCode::BAD_REQUEST, "unknown_permission", e.body_text())
+                } else {
+                    ApiError::bad_request(e.body_text())
                 }
-                _ => ApiError::bad_request(e.body_text()),
             })
     }
 }
@@ -516,8 +542,18 @@ fn page(
             "limit must be between 1 and {max}"
         )));
     }
-    Ok((limit, offset.unwrap_or(0)))
+    let offset = offset.unwrap_or(0);
+    if offset > MAX_POSITION {
+        return Err(ApiError::bad_request(format!(
+            "offset must be at most {MAX_POSITION}"
+        )));
+    }
+    Ok((limit, offset))
 }
+
+/// The largest offset or seq a query takes: what the store counts in (a signed 64-bit integer),
+/// and what the description's `int64` promises.
+const MAX_POSITION: u64 = i64::MAX as u64;
 
 /// A query's rejection, as our error.
 fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
@@ -601,7 +637,7 @@ async fn list_zones(
     }))
 }
 
-#[utoipa::path(get, path = "/api/zones/{id}", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)")),
+#[utoipa::path(get, path = "/api/zones/{id}", tag = "zones", params(("id" = uuid::Uuid, Path, description = "The zone's id (a UUID)")),
     responses((status = 200, description = "The zone as its writer has it now", body = ZoneJson)))]
 async fn get_zone(
     State(state): State<ApiState>,
@@ -614,7 +650,7 @@ async fn get_zone(
 }
 
 /// Changes a zone's name, capacity, properties or server; what is absent stays.
-#[utoipa::path(patch, path = "/api/zones/{id}", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)")), request_body = ZonePatch,
+#[utoipa::path(patch, path = "/api/zones/{id}", tag = "zones", params(("id" = uuid::Uuid, Path, description = "The zone's id (a UUID)")), request_body = ZonePatch,
     responses((status = 200, description = "The zone, changed (its `zone_updated` is logged)", body = ZoneJson)))]
 async fn patch_zone(
     State(state): State<ApiState>,
@@ -628,7 +664,7 @@ async fn patch_zone(
 }
 
 /// Deletes a zone: its sessions end, its channels close, `zone_deleted` is logged.
-#[utoipa::path(delete, path = "/api/zones/{id}", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)")),
+#[utoipa::path(delete, path = "/api/zones/{id}", tag = "zones", params(("id" = uuid::Uuid, Path, description = "The zone's id (a UUID)")),
     responses((status = 204, description = "Deleted")))]
 async fn delete_zone(
     State(state): State<ApiState>,
@@ -651,7 +687,7 @@ struct PermissionChange {
     revoke: Option<Permissions>,
 }
 
-#[utoipa::path(post, path = "/api/zones/{id}/permissions", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)")), request_body = PermissionChange,
+#[utoipa::path(post, path = "/api/zones/{id}/permissions", tag = "zones", params(("id" = uuid::Uuid, Path, description = "The zone's id (a UUID)")), request_body = PermissionChange,
     responses((status = 200, description = "The zone with its new permissions", body = ZoneJson)))]
 async fn change_permissions(
     State(state): State<ApiState>,
@@ -689,7 +725,7 @@ struct Broadcast {
 
 /// `Zone.broadcast_zone_event(zone_id, event_type, payload)`: a custom event to every
 /// subscriber of the zone, audited with its seq.
-#[utoipa::path(post, path = "/api/zones/{id}/broadcast", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)")), request_body = BroadcastRequest,
+#[utoipa::path(post, path = "/api/zones/{id}/broadcast", tag = "zones", params(("id" = uuid::Uuid, Path, description = "The zone's id (a UUID)")), request_body = BroadcastRequest,
     responses((status = 200, description = "Sent to the zone's subscribers and logged", body = Broadcast)))]
 async fn broadcast(
     State(state): State<ApiState>,
@@ -744,7 +780,7 @@ struct AgentPage {
 }
 
 /// `Presence.get_zone_agents`: the agents present, with their sessions.
-#[utoipa::path(get, path = "/api/zones/{id}/agents", tag = "zones", params(("id" = String, Path, description = "The zone's id (a UUID)"), PageQuery),
+#[utoipa::path(get, path = "/api/zones/{id}/agents", tag = "zones", params(("id" = uuid::Uuid, Path, description = "The zone's id (a UUID)"), PageQuery),
     responses((status = 200, description = "A page of the agents present, with their sessions", body = AgentPage)))]
 async fn zone_agents(
     State(state): State<ApiState>,
@@ -1096,7 +1132,7 @@ struct EventPage {
 }
 
 /// A zone's audit log, in seq order.
-#[utoipa::path(get, path = "/api/zones/{id}/events", tag = "audit", params(("id" = String, Path, description = "The zone's id (a UUID)"), EventsQuery),
+#[utoipa::path(get, path = "/api/zones/{id}/events", tag = "audit", params(("id" = uuid::Uuid, Path, description = "The zone's id (a UUID)"), EventsQuery),
     responses((status = 200, description = "A page of the zone's logged events", body = EventPage)))]
 async fn zone_events(
     State(state): State<ApiState>,
@@ -1115,6 +1151,11 @@ async fn zone_events(
         })
         .transpose()?;
     let (limit, offset) = page(q.limit, q.offset, 100, 1000)?;
+    if q.after_seq.is_some_and(|after| after > MAX_POSITION) {
+        return Err(ApiError::bad_request(format!(
+            "after_seq must be at most {MAX_POSITION}"
+        )));
+    }
     let store = state.zones.registry.store();
     let events = store
         .zone_events_from(id, since, q.after_seq, Some(limit), offset)

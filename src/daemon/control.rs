@@ -102,11 +102,17 @@ impl Concurrency {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RateLimit {
-    /// Messages let through per interval (at least 1).
-    allowed: usize,
-    /// The interval, in milliseconds (at least 1).
+    /// Messages let through per interval.
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
+    allowed: u64,
+    /// The interval, in milliseconds (at most a day).
+    #[schema(minimum = 1, maximum = 86_400_000)]
     interval_ms: u64,
 }
+
+/// The bounds [`RateLimit`] describes: past them a limit means nothing a pipeline could use.
+const MAX_ALLOWED: u64 = 1_000_000_000;
+const MAX_INTERVAL_MS: u64 = 86_400_000;
 
 fn refused(e: ConfigError) -> ApiError {
     let (status, error) = match &e {
@@ -139,7 +145,7 @@ async fn resize_processors(
 
 /// Resizes one batcher's sink workers.
 #[utoipa::path(post, path = "/api/pipeline/batchers/{name}", tag = "pipeline",
-    params(("name" = String, Path, description = "The batcher's name (`audit`, `broadcast`…)")),
+    params(("name" = String, Path, description = "The batcher's name (`audit`, `broadcast`…)", example = "broadcast")),
     request_body = Concurrency,
     responses((status = 200, description = "The pipeline, resized", body = PipelineView)))]
 async fn resize_batcher(
@@ -168,6 +174,15 @@ async fn set_rate_limit(
     State(state): State<ApiState>,
     ApiJson(req): ApiJson<RateLimit>,
 ) -> Result<Json<PipelineView>, ApiError> {
+    if !(1..=MAX_ALLOWED).contains(&req.allowed)
+        || !(1..=MAX_INTERVAL_MS).contains(&req.interval_ms)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "refused",
+            format!("allowed must be 1 to {MAX_ALLOWED} and interval_ms 1 to {MAX_INTERVAL_MS}"),
+        ));
+    }
     let interval = Duration::from_millis(req.interval_ms);
-    change(&state, |p| p.set_rate_limit(req.allowed, interval))
+    change(&state, |p| p.set_rate_limit(req.allowed as usize, interval))
 }

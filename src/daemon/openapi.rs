@@ -100,6 +100,7 @@ fn admin_operation(op: &mut Operation) {
     let mut errors = vec![
         ("400", "Bad input: a malformed id, query or body"),
         ("401", "No admin token, or the wrong one"),
+        ("403", "The zone does not hold the permission this needs"),
         (
             "404",
             "No such zone (or batcher, or node; or this server is not a node of a cluster)",
@@ -113,6 +114,7 @@ fn admin_operation(op: &mut Operation) {
     ];
     if op.request_body.is_some() {
         errors.push(("413", "The body is over the admin API's limit (128 KiB)"));
+        errors.push(("415", "The body is not sent as `application/json`"));
     }
     for (status, description) in errors {
         op.responses

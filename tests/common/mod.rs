@@ -507,7 +507,8 @@ pub mod binary {
         start_with(data_dir, extra, Stdio::inherit())
     }
 
-    /// As [`start`], choosing where its standard error (the logs) goes.
+    /// As [`start`], choosing where its standard error (the logs) goes; with
+    /// `--log-format json` the logs are read instead, and [`Daemon::terminate`] returns them.
     pub fn start_with(data_dir: &Path, extra: &[&str], stderr: Stdio) -> Daemon {
         start_env(data_dir, extra, stderr, &[])
     }
@@ -519,6 +520,9 @@ pub mod binary {
         stderr: Stdio,
         envs: &[(&str, &str)],
     ) -> Daemon {
+        // With JSON logs the address is in the "thunderline listening" log line (standard
+        // error) and nothing is printed; with text logs, in the banner's first line.
+        let json = extra.windows(2).any(|w| w == ["--log-format", "json"]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_thunderline"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -527,24 +531,42 @@ pub mod binary {
             .env_remove("THUNDERLINE_DATABASE_URL")
             .env("THUNDERLINE_ADMIN_TOKEN", ADMIN)
             .env("THUNDERLINE_SECRET", SECRET)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
+            .stdout(if json { Stdio::null() } else { Stdio::piped() })
+            .stderr(if json { Stdio::piped() } else { stderr })
             .spawn()
             .expect("the daemon starts");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let read: Box<dyn std::io::Read + Send> = if json {
+            Box::new(child.stderr.take().unwrap())
+        } else {
+            Box::new(child.stdout.take().unwrap())
+        };
+        let mut lines = BufReader::new(read).lines();
         let mut seen = Vec::new();
         let url = loop {
             let Some(Ok(line)) = lines.next() else {
                 panic!("the daemon exited before listening; it printed {seen:?}");
             };
-            if let Some(url) = line.strip_prefix("thunderline listening on ") {
-                break url.trim().to_owned();
-            }
+            let listening = if json {
+                serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .filter(|l| l["fields"]["message"] == "thunderline listening")
+                    .and_then(|l| l["fields"]["url"].as_str().map(str::to_owned))
+            } else {
+                line.strip_prefix("thunderline listening on ")
+                    .map(|url| url.trim().to_owned())
+            };
             seen.push(line);
+            if let Some(url) = listening {
+                break url;
+            }
         };
         let addr = url.trim_start_matches("http://").parse().unwrap();
-        // Keep reading its output so it never blocks on a full pipe.
-        let output = std::thread::spawn(move || lines.map_while(Result::ok).collect());
+        // Keep reading its output so it never blocks on a full pipe; what it printed (or, with
+        // JSON logs, logged) is kept for `terminate`.
+        let output = std::thread::spawn(move || {
+            seen.extend(lines.map_while(Result::ok));
+            seen
+        });
         Daemon {
             child,
             url,

@@ -52,12 +52,17 @@ impl Actor {
 #[serde(deny_unknown_fields)]
 pub struct ZonePatch {
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200))]
     pub name: Option<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2_147_483_647))]
     pub capacity: Option<u32>,
     #[serde(default)]
+    /// A JSON object, at most 64 KiB.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub properties: Option<Value>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200))]
     pub assigned_server: Option<String>,
 }
 

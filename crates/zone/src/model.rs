@@ -51,16 +51,23 @@ pub struct Zone {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewZone {
+    /// 1 to 200 characters (trimmed), without NUL.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200))]
     pub name: String,
+    /// How many sessions it holds (100 when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2_147_483_647))]
     pub capacity: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permissions: Option<Permissions>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub resources: BTreeMap<String, Resource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A JSON object, at most 64 KiB.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub properties: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200))]
     pub assigned_server: Option<String>,
 }
 
