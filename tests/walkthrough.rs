@@ -5,7 +5,7 @@
 //! `127.0.0.1:4000` is a free port, so that the test never takes a port someone uses.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const README: &str = include_str!("../README.md");
@@ -100,12 +100,14 @@ fn the_readme_walkthrough_runs_as_written() {
     let server_out = dir.join("serve.out");
     let mut server = shell(here(&blocks[0]))
         .stdout(std::fs::File::create(&server_out).unwrap())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("serve.err")).unwrap())
         .spawn()
         .unwrap();
     let stop = |server: &mut std::process::Child| {
         let _ = Command::new("kill")
-            .args(["-TERM", &format!("-{}", server.id())])
+            // `--` before the group: procps-ng 4.0's kill takes `-TERM -PGID` without an
+            // error and signals nothing.
+            .args(["-TERM", "--", &format!("-{}", server.id())])
             .status();
         let _ = server.wait();
     };
@@ -132,10 +134,11 @@ fn the_readme_walkthrough_runs_as_written() {
     stop(&mut server);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let logs = std::fs::read_to_string(dir.join("serve.err")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
-        "the walkthrough failed:\n{stdout}\n{stderr}"
+        "the walkthrough failed:\n{stdout}\n{stderr}\nthe server's log:\n{logs}"
     );
     // The client joined, dropped, and came back with what it missed.
     assert!(stdout.contains("recovered: true"), "{stdout}");
