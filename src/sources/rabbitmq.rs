@@ -78,11 +78,14 @@
 //! [`Producer::drain`] cancels the consumer and hands over everything the broker delivered
 //! before the cancel took effect. The connection stays open until the acknowledger (shared by
 //! the source and its messages) is dropped, so that messages still in the pipeline can be
-//! settled after the drain.
+//! settled after the drain; [`RabbitMqSource::settled`] waits for that at shutdown, so that a
+//! process that exits does not take the last acks with it (the broker would deliver those
+//! messages again, or, with no consumer left, keep them).
 //!
 //! Outcomes counted in [`SourceMetrics`]: `received` and `redelivered` for each delivery
 //! `produce` (or the drain) takes, then one of `acked`, `dead_lettered`, `undecodable`,
-//! `retried` (a dead letter that was not confirmed: requeued instead) or `settle_failed` (a
+//! `given_back` (failed with [`Redeliver`](super::Redeliver): requeued), `retried` (a dead
+//! letter that was not confirmed: requeued instead) or `settle_failed` (a
 //! delivery of a lost channel, dropped without being handed out, included).
 //!
 //! [`SourceMetrics`]: super::SourceMetrics
@@ -381,7 +384,29 @@ pub struct RabbitMqSource<T> {
     generation: Arc<AtomicU64>,
     /// Tells the consuming task to cancel the consumer; dropped (the same) with the source.
     stop: Option<oneshot::Sender<()>>,
+    /// The consuming task, which ends once everything is settled and the connection closed.
+    driver: Option<JoinHandle<()>>,
     metrics: SourceMetrics,
+}
+
+/// Waits for a source's last settlements to reach the broker, once its pipeline has finished.
+pub struct Settled {
+    driver: Option<JoinHandle<()>>,
+}
+
+impl Settled {
+    /// Waits (at most `timeout`) until every settlement has been sent and the connection is
+    /// closed. Call it after the pipeline's `join`, which drops the source and its messages.
+    pub async fn wait(self, timeout: Duration) {
+        let Some(driver) = self.driver else {
+            return;
+        };
+        if tokio::time::timeout(timeout, driver).await.is_err() {
+            tracing::warn!(
+                "RabbitMQ settlements were still being sent at shutdown: the broker delivers those messages again"
+            );
+        }
+    }
 }
 
 impl RabbitMqSource<()> {
@@ -435,7 +460,7 @@ impl<T: Send + 'static> RabbitMqSource<T> {
             stop: stop_rx,
             settled,
         };
-        tokio::spawn(driver.run(link));
+        let driver = tokio::spawn(driver.run(link));
         Ok(Self {
             deliveries,
             buf: Vec::new(),
@@ -443,12 +468,20 @@ impl<T: Send + 'static> RabbitMqSource<T> {
             settler,
             generation,
             stop: Some(stop),
+            driver: Some(driver),
             metrics,
         })
     }
 
     pub fn metrics(&self) -> &SourceMetrics {
         &self.metrics
+    }
+
+    /// What to wait on at shutdown, after the pipeline has finished: see [`Settled::wait`].
+    pub fn settled(&mut self) -> Settled {
+        Settled {
+            driver: self.driver.take(),
+        }
     }
 
     /// Has `acker` told how each message ended, after the broker's settlement is decided: how a
