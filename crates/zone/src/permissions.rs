@@ -124,6 +124,44 @@ impl fmt::Display for Permissions {
     }
 }
 
+/// What the admin API takes and shows: bits, a name or a comma list of names, or a list of
+/// either (it shows the bits).
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Permissions {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        let bits = || {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0))
+                .maximum(Some(Permissions::all().bits()))
+        };
+        let names = Permissions::NAMED.map(|(name, _)| name);
+        let one = || {
+            OneOfBuilder::new().item(bits()).item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .examples(names)
+                    .description(Some(
+                        "a permission's name, names separated by commas, or bits as a number \
+                         (\"0x05\")",
+                    )),
+            )
+        };
+        OneOfBuilder::new()
+            .item(one())
+            .item(ArrayBuilder::new().items(one()))
+            .description(Some(
+                "Permission bits (spawn_agents 1, modify_zone 2, broadcast_events 4, admin_zone \
+                 8), a name, or a list of them; shown as the bits.",
+            ))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Permissions {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,41 +223,3 @@ mod tests {
         );
     }
 }
-
-/// What the admin API takes and shows: bits, a name or a comma list of names, or a list of
-/// either (it shows the bits).
-#[cfg(feature = "openapi")]
-impl utoipa::PartialSchema for Permissions {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
-        let bits = || {
-            ObjectBuilder::new()
-                .schema_type(Type::Integer)
-                .minimum(Some(0))
-                .maximum(Some(Permissions::all().bits()))
-        };
-        let names = Permissions::NAMED.map(|(name, _)| name);
-        let one = || {
-            OneOfBuilder::new().item(bits()).item(
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .examples(names)
-                    .description(Some(
-                        "a permission's name, names separated by commas, or bits as a number \
-                         (\"0x05\")",
-                    )),
-            )
-        };
-        OneOfBuilder::new()
-            .item(one())
-            .item(ArrayBuilder::new().items(one()))
-            .description(Some(
-                "Permission bits (spawn_agents 1, modify_zone 2, broadcast_events 4, admin_zone \
-                 8), a name, or a list of them; shown as the bits.",
-            ))
-            .into()
-    }
-}
-
-#[cfg(feature = "openapi")]
-impl utoipa::ToSchema for Permissions {}
