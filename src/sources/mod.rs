@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | succeeded | `+ACK` | `basic.ack` |
 //! | failed (permanently, or retryably with its attempts used up) | dead-letter stream, then `+TERM` | dead-letter exchange, then `basic.ack` |
-//! | failed with [`Redeliver`]: it could not be decided there and then | `-NAK` after the source's backoff | `basic.nack` with requeue |
+//! | failed with [`Redeliver`] (it could not be decided there and then), or abandoned by a pipeline that stopped before finishing it | `-NAK` after the source's backoff | `basic.nack` with requeue |
 //! | failed, and its dead letter could not be stored | `-NAK` after the source's backoff | `basic.nack` with requeue |
 //!
 //! Retries happen in one place: in process, under the pipeline stage's

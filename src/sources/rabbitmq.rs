@@ -384,24 +384,24 @@ pub struct RabbitMqSource<T> {
     generation: Arc<AtomicU64>,
     /// Tells the consuming task to cancel the consumer; dropped (the same) with the source.
     stop: Option<oneshot::Sender<()>>,
-    /// The consuming task, which ends once everything is settled and the connection closed.
-    driver: Option<JoinHandle<()>>,
+    /// Told by the consuming task once everything is settled (or nothing more can be).
+    all_settled: Option<oneshot::Receiver<()>>,
     metrics: SourceMetrics,
 }
 
 /// Waits for a source's last settlements to reach the broker, once its pipeline has finished.
 pub struct Settled {
-    driver: Option<JoinHandle<()>>,
+    all_settled: Option<oneshot::Receiver<()>>,
 }
 
 impl Settled {
-    /// Waits (at most `timeout`) until every settlement has been sent and the connection is
-    /// closed. Call it after the pipeline's `join`, which drops the source and its messages.
+    /// Waits (at most `timeout`) until every settlement has been sent. Call it after the
+    /// pipeline's `join`, which drops the source and its messages.
     pub async fn wait(self, timeout: Duration) {
-        let Some(driver) = self.driver else {
+        let Some(all_settled) = self.all_settled else {
             return;
         };
-        if tokio::time::timeout(timeout, driver).await.is_err() {
+        if tokio::time::timeout(timeout, all_settled).await.is_err() {
             tracing::warn!(
                 "RabbitMQ settlements were still being sent at shutdown: the broker delivers those messages again"
             );
@@ -450,6 +450,7 @@ impl<T: Send + 'static> RabbitMqSource<T> {
         let (settler, settled) = Settler::start(io, settings.reconnect.clone(), metrics.clone());
         let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
         let (stop, stop_rx) = oneshot::channel();
+        let (all_settled_tx, all_settled) = oneshot::channel();
         let generation = Arc::new(AtomicU64::new(link.generation));
         let driver = Driver {
             settings,
@@ -459,8 +460,9 @@ impl<T: Send + 'static> RabbitMqSource<T> {
             deliveries: Some(deliveries_tx),
             stop: stop_rx,
             settled,
+            all_settled: Some(all_settled_tx),
         };
-        let driver = tokio::spawn(driver.run(link));
+        tokio::spawn(driver.run(link));
         Ok(Self {
             deliveries,
             buf: Vec::new(),
@@ -468,7 +470,7 @@ impl<T: Send + 'static> RabbitMqSource<T> {
             settler,
             generation,
             stop: Some(stop),
-            driver: Some(driver),
+            all_settled: Some(all_settled),
             metrics,
         })
     }
@@ -480,7 +482,7 @@ impl<T: Send + 'static> RabbitMqSource<T> {
     /// What to wait on at shutdown, after the pipeline has finished: see [`Settled::wait`].
     pub fn settled(&mut self) -> Settled {
         Settled {
-            driver: self.driver.take(),
+            all_settled: self.all_settled.take(),
         }
     }
 
@@ -1065,6 +1067,8 @@ struct Driver {
     stop: oneshot::Receiver<()>,
     /// The settling task, which ends once the acknowledger is gone and all is settled.
     settled: JoinHandle<()>,
+    /// Told once it has ended (dropped, should nothing more be settled: the source gave up).
+    all_settled: Option<oneshot::Sender<()>>,
 }
 
 impl Driver {
@@ -1091,6 +1095,9 @@ impl Driver {
                     }
                 }
             }
+        }
+        if let Some(all_settled) = self.all_settled.take() {
+            let _ = all_settled.send(());
         }
         close(&link.connection).await;
     }

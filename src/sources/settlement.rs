@@ -1,17 +1,18 @@
 //! The settlement both broker sources share, so that a message ends the same way whichever
 //! broker it came from: which delivery each pipeline message is (a table keyed by the
 //! message's `ack_data`), how each ended — acknowledged, or dead-lettered with its reason and
-//! attempts, or given back to the broker (a [`Redeliver`] failure, or a dead letter that
-//! cannot be stored) — the user's acknowledger told after, and the counts. A broker brings only
-//! its I/O ([`BrokerIo`]).
+//! attempts, or given back to the broker (a [`Redeliver`] failure, an abandoned message, or a
+//! dead letter that cannot be stored) — the user's acknowledger told after, and the counts. A
+//! broker brings only its I/O ([`BrokerIo`]).
 //!
 //! Retries are not decided here: the pipeline's stages retry a failed message in process under
 //! their retry policy, so a message that reaches the acknowledger failed has used its attempts
 //! (or failed permanently). A source asks for a redelivery only where a dead letter would lose
 //! a message that is not at fault: one that failed with [`Redeliver`] (it could not be decided
 //! where and when it was handled: its zone's lease moved on, its zone's owner did not answer),
-//! and one whose dead letter could not be stored. JetStream's comes back after the source's
-//! backoff, RabbitMQ's at once (a requeue carries no delay).
+//! one the pipeline abandoned (it stopped before finishing it), and one whose dead letter could
+//! not be stored. JetStream's comes back after the source's backoff, RabbitMQ's at once (a
+//! requeue carries no delay).
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -51,6 +52,13 @@ impl From<Redeliver> for Failure {
 /// Whether `failure` is a [`Redeliver`]: its message goes back to the broker.
 pub fn redelivers(failure: &Failure) -> bool {
     failure.reason().starts_with(REDELIVER_PREFIX)
+}
+
+/// Whether a message that failed so goes back to the broker: a [`Redeliver`], or a message the
+/// pipeline abandoned (it stopped before finishing it: nothing was decided, and a node that
+/// stops must not dead-letter what another would handle).
+fn gives_back(failure: &Failure) -> bool {
+    redelivers(failure) || failure.is_abandoned()
 }
 
 /// Why a message is dead-lettered.
@@ -98,7 +106,7 @@ pub(crate) struct Held<H> {
 enum Settlement<H> {
     Ack(H),
     DeadLetter(Held<H>, DeadLetter),
-    /// A [`Redeliver`] failure: back to the broker.
+    /// A [`Redeliver`] failure, or an abandoned message: back to the broker.
     GiveBack(Held<H>),
 }
 
@@ -190,7 +198,7 @@ impl<T: Send + 'static, H: Send + 'static> Acknowledger<T> for Settler<T, H> {
             }
             for m in &failed {
                 match held.remove(&m.ack_data()) {
-                    Some(h) if m.failure().is_some_and(redelivers) => {
+                    Some(h) if m.failure().is_some_and(gives_back) => {
                         job.push(Settlement::GiveBack(h));
                     }
                     Some(h) => {
@@ -411,7 +419,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_message_that_could_not_be_decided_is_given_back_not_dead_lettered() {
+    async fn a_message_not_decided_or_abandoned_is_given_back_not_dead_lettered() {
         let io = Recorded {
             stores: true,
             ..Recorded::default()
@@ -430,7 +438,10 @@ mod tests {
         refused.fail(Failure::permanent(
             "invalid_payload: amount must be at least 1",
         ));
-        settler.ack(Vec::new(), vec![fenced, refused]);
+        // One the pipeline stopped before finishing.
+        let mut abandoned = settler.message(3, "abandoned", 1);
+        abandoned.fail(Failure::abandoned());
+        settler.ack(Vec::new(), vec![fenced, refused, abandoned]);
         drop(settler);
         task.await.unwrap();
         let calls = calls.lock().unwrap().clone();
@@ -439,11 +450,12 @@ mod tests {
             [
                 // The second delivery waits the backoff's second delay.
                 "give back fenced 200",
+                "give back abandoned 100",
                 "dead refused \"invalid_payload: amount must be at least 1\" Some(0)",
                 "finish refused",
             ]
         );
-        assert_eq!(metrics.messages("given_back"), 1);
+        assert_eq!(metrics.messages("given_back"), 2);
         assert_eq!(metrics.messages("dead_lettered"), 1);
         assert_eq!(metrics.messages("retried"), 0);
     }
