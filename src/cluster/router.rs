@@ -928,6 +928,17 @@ impl Placement for Router {
         Box::pin(async move { answer.await.ok().flatten() })
     }
 
+    fn fenced(&self, zone: Uuid, fence: u64) {
+        let mut held = lock(&self.held);
+        // A lease taken again since (a higher token) is not the one that moved on.
+        if held.get(&zone).is_some_and(|held| *held <= fence) {
+            tracing::warn!(%zone, fence, "this node's lease on the zone has moved on (the store refused its write)");
+            held.remove(&zone);
+            self.metrics.owned_zones.set(held.len() as i64);
+            lock(&self.owners).remove(&zone);
+        }
+    }
+
     fn connection_alive(&self, connection: &str) -> bool {
         let run = connection
             .split_once('.')

@@ -25,8 +25,8 @@ use super::config::PipelineFile;
 use super::error::DaemonError;
 use crate::pipeline::{Acknowledger, Failure};
 use crate::runtime::{ZoneAcker, ZoneWork};
-use crate::sources::jetstream::{JetStreamSource, Settled};
-use crate::sources::rabbitmq::RabbitMqSource;
+use crate::sources::jetstream::{self, JetStreamSource};
+use crate::sources::rabbitmq::{self, RabbitMqSource};
 use crate::sources::{Delivery, SourceMetrics};
 use crate::zone::{Actor, CommandKind, ZoneCommand, ZoneError};
 
@@ -151,14 +151,24 @@ pub struct Sources {
 
 /// Waits for the sources' last settlements at shutdown.
 pub struct SourcesSettled {
-    jetstream: Option<Settled>,
+    jetstream: Option<jetstream::Settled>,
+    rabbitmq: Option<rabbitmq::Settled>,
 }
 
 impl SourcesSettled {
+    /// Waits for both at once, each at most `timeout`.
     pub async fn wait(self, timeout: Duration) {
-        if let Some(settled) = self.jetstream {
-            settled.wait(timeout).await;
-        }
+        let jetstream = async {
+            if let Some(settled) = self.jetstream {
+                settled.wait(timeout).await;
+            }
+        };
+        let rabbitmq = async {
+            if let Some(settled) = self.rabbitmq {
+                settled.wait(timeout).await;
+            }
+        };
+        tokio::join!(jetstream, rabbitmq);
     }
 }
 
@@ -219,6 +229,7 @@ impl Sources {
     pub fn settled(&mut self) -> SourcesSettled {
         SourcesSettled {
             jetstream: self.jetstream.as_mut().map(JetStreamSource::settled),
+            rabbitmq: self.rabbitmq.as_mut().map(RabbitMqSource::settled),
         }
     }
 }

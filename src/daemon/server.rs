@@ -556,7 +556,11 @@ impl Server {
             registry.clone(),
             pipeline_metrics.clone(),
         )?);
-        let acker = Arc::new(ZoneAcker::new(zone_registry.clone(), snapshots.clone()));
+        let mut acker = ZoneAcker::new(zone_registry.clone(), snapshots.clone());
+        if let Some(cluster) = &cluster {
+            acker = acker.placed(cluster.router.clone());
+        }
+        let acker = Arc::new(acker);
         let processors = file.processors.config.get_concurrency();
         let mut sources = Sources::connect(file, acker.clone(), &registry, processors).await?;
         let settled = sources.settled();

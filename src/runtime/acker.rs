@@ -7,18 +7,29 @@
 //! and a message that failed before its zone could answer (the zone could not be loaded, the
 //! pipeline was shutting down) is answered `unavailable`, so every command gets exactly one
 //! answer.
+//!
+//! In a cluster, a message whose events the audit log refused because this node's lease on the
+//! zone moved on (fenced off) drops the zone's copy from memory, and tells the placement: that
+//! copy applied what is not in the log and is no longer this node's to write, so it must not
+//! answer another command (a redelivery of the same one would be told it is done).
 
 use std::sync::Arc;
 
+use uuid::Uuid;
+
+use super::placement::Placement;
 use super::registry::ZoneRegistry;
 use super::snapshots::Snapshots;
 use super::work::{Job, ZoneWork};
 use super::writer::unavailable;
 use crate::pipeline::{Acknowledger, Message};
+use crate::sources::redelivers;
 
 pub struct ZoneAcker {
     registry: Arc<ZoneRegistry>,
     snapshots: Arc<Snapshots>,
+    /// In a cluster: told when a zone's lease is found to have moved on.
+    placement: Option<Arc<dyn Placement>>,
 }
 
 impl ZoneAcker {
@@ -26,6 +37,23 @@ impl ZoneAcker {
         Self {
             registry,
             snapshots,
+            placement: None,
+        }
+    }
+
+    /// In a cluster: tells `placement` of the leases found to have moved on.
+    pub fn placed(mut self, placement: Arc<dyn Placement>) -> Self {
+        self.placement = Some(placement);
+        self
+    }
+
+    /// Zone `zone`'s events made under lease `fence` were refused by the log: its copy goes.
+    fn fenced(&self, zone: Uuid, fence: u64) {
+        if self.registry.drop_fenced(zone, fence) {
+            tracing::warn!(%zone, fence, "this node's lease on the zone moved on before its events were logged: its copy in memory is dropped");
+        }
+        if let Some(placement) = &self.placement {
+            placement.fenced(zone, fence);
         }
     }
 }
@@ -55,7 +83,13 @@ impl Acknowledger<ZoneWork> for ZoneAcker {
         }
         for m in failed {
             let why = m.failure().map_or("", |f| f.reason()).to_owned();
+            // Applied here, and given back: the writer fails no message that caused events, so
+            // these were refused by the log, under a lease that has moved on.
+            let refused_by_log = m.failure().is_some_and(redelivers) && !m.data.events.is_empty();
             let work = m.data;
+            if refused_by_log && let Some(fence) = work.fence {
+                self.fenced(work.zone_id, fence);
+            }
             let (Some(reply), Job::Command(command)) = (&work.reply, &work.job) else {
                 continue;
             };

@@ -2,7 +2,9 @@
 //! the writer, whose worker would otherwise sit idle, and, two nodes waiting on each other's
 //! writers, for ever) for the owner's outcome, and its message is acknowledged by it: done when
 //! the owner applied it (durably, with durable replies), failed as the zone refused it
-//! (dead-lettered, or given back for what passes with time), given back when no owner answered.
+//! (dead-lettered), given back to the broker ([`Redeliver`]) when no owner answered or the owner
+//! could not decide it yet (`unavailable`): nothing was decided, so a dead letter would lose a
+//! valid command. It comes again, to whichever node then owns the zone.
 
 use std::sync::Arc;
 
@@ -12,6 +14,7 @@ use super::placement::Placement;
 use super::work::{Job, ZoneWork};
 use super::writer::service_refusal;
 use crate::pipeline::{BatchInfo, BatchSink, BatcherName, Failure, Message};
+use crate::sources::Redeliver;
 use crate::zone::{Outcome, ZoneError};
 
 /// The batcher forwarded service commands wait in.
@@ -70,10 +73,9 @@ impl BatchSink<ZoneWork> for OwnerOutcomes {
             let failure = match outcome {
                 // Nothing was waited for: nothing to settle here.
                 None => None,
-                Some(None) => Some(Failure::retryable(format!(
-                    "zone {}'s owner did not answer",
-                    command.zone_id
-                ))),
+                Some(None) => Some(
+                    Redeliver(format!("zone {}'s owner did not answer", command.zone_id)).into(),
+                ),
                 Some(Some(outcome)) => match &outcome.result {
                     Err(refusal) => service_refusal(command, refusal),
                     Ok(_) => None,

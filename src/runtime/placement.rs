@@ -47,6 +47,11 @@ pub trait Placement: Send + Sync + 'static {
     /// (and takes it anew) rather than racing the release.
     fn left(&self, zone: Uuid, fence: Option<u64>) -> Settled<'_>;
 
+    /// This node's lease `fence` on zone `zone` has moved on, as the store found when it
+    /// refused a write under it (the lease watch may not have told yet): the zone is no longer
+    /// this node's under that lease, and where it is written is to be learned again.
+    fn fenced(&self, zone: Uuid, fence: u64);
+
     /// Whether the connection named `connection` may still be open: it belongs to a node alive
     /// now. A zone loaded here keeps the sessions of such connections, and ends the others.
     fn connection_alive(&self, connection: &str) -> bool;

@@ -3,7 +3,8 @@
 //! session for a while and its latest state is written.
 //!
 //! Only the writer that owns a zone's partition loads it, changes it or removes it; everyone
-//! else only reads.
+//! else only reads, except that a copy whose lease has moved on is dropped as soon as the audit
+//! log refuses its events ([`ZoneRegistry::drop_fenced`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,6 +126,14 @@ impl LiveZone {
         } else {
             None
         }
+    }
+
+    /// Every event up to this seq is in the audit log.
+    pub fn logged_through(&self) -> u64 {
+        self.logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .through
     }
 
     /// Notes that a snapshot at `seq` is in the store.
@@ -316,6 +325,18 @@ impl ZoneRegistry {
     /// Forgets a zone (deleted and its row removed, or idle and written).
     pub fn remove(&self, id: Uuid) {
         self.map().remove(&id);
+    }
+
+    /// Forgets the zone's copy held under lease `fence`, whose events the log refused (the
+    /// lease moved on): it applied what is not in the log, and would answer from it. A copy
+    /// loaded since under a newer lease stays. Says whether one went.
+    pub fn drop_fenced(&self, id: Uuid, fence: u64) -> bool {
+        let mut map = self.map();
+        let stale = map.get(&id).is_some_and(|z| z.fence == Some(fence));
+        if stale {
+            map.remove(&id);
+        }
+        stale
     }
 
     /// The zones in memory.

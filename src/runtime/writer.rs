@@ -25,6 +25,7 @@ use super::placement::{NOT_OWNER, Place, Placement};
 use super::registry::{Eviction, LiveZone, ZoneRegistry};
 use super::work::{Job, Replies, Reply, ZoneWork};
 use crate::pipeline::{BatchMode, BatcherName, Failure, Message, Processor};
+use crate::sources::Redeliver;
 use crate::store::StoreError;
 use crate::zone::{Actor, CommandKind, Outcome, ZoneCommand, ZoneError, ZoneEvent, ZoneState};
 use futures_util::FutureExt;
@@ -156,12 +157,21 @@ impl Processor<ZoneWork> for ZoneWriter {
                 }
                 Ok(Place::Leaving) => return self.elsewhere(placement, msg, &command, false).await,
                 Err(e) => {
-                    return Err(Failure::retryable(format!(
-                        "cannot find zone {zone_id}'s owner: {e}"
-                    )));
+                    return Err(undecided(
+                        &command,
+                        format!("cannot find zone {zone_id}'s owner: {e}"),
+                    ));
                 }
             },
         };
+        // A copy in memory from an earlier lease of this node's (lost, then taken again) may
+        // miss what the holders in between applied: the zone is loaded anew under this lease.
+        if let Some(live) = self.registry.live(zone_id)
+            && live.fence() != fence
+        {
+            tracing::warn!(zone = %zone_id, "a copy of the zone from an earlier lease is dropped: it is loaded again");
+            self.registry.remove(zone_id);
+        }
         let (live, fresh) = match self.registry.load(zone_id, fence).await {
             Ok((live, Some(stale))) => {
                 if let Some(placement) = &self.placement {
@@ -202,6 +212,23 @@ impl Processor<ZoneWork> for ZoneWriter {
                 self.reply_unrouted(msg, unavailable(command.id, &e.to_string()));
                 return Ok(());
             }
+            // The lease this node placed the zone by has moved on (it has not heard yet): nothing
+            // was applied, and the zone's owner now is elsewhere.
+            Err(StoreError::Fenced {
+                zone,
+                fence,
+                current,
+            }) => {
+                if let Some(placement) = &self.placement {
+                    placement.fenced(zone, fence);
+                }
+                return Err(undecided(
+                    &command,
+                    format!(
+                        "cannot load zone {zone}: this node's lease (token {fence}) has moved on (token {current})"
+                    ),
+                ));
+            }
             // Nothing was applied: the command can be retried.
             Err(e) => {
                 return Err(Failure::retryable(format!(
@@ -231,7 +258,19 @@ impl Processor<ZoneWork> for ZoneWriter {
                     }
                 }
             }
-            let outcome = state.execute(&command, &limits.context(now));
+            let mut outcome = state.execute(&command, &limits.context(now));
+            // A command applied before whose events are not in the log yet is not done yet
+            // for an answer that promises durability: they may never be (this node's lease
+            // may have moved on, and the log refuse them). Answered `unavailable`, it is asked
+            // again, and then answered from the log, or applied by whoever owns the zone then.
+            if self.config.replies == Replies::Durable
+                && outcome.result.as_ref().is_ok_and(|a| a.duplicate)
+                && state
+                    .applied_at(&command.id)
+                    .is_some_and(|seq| seq > live.logged_through())
+            {
+                outcome = unavailable(command.id, NOT_LOGGED_YET);
+            }
             if let Ok(accepted) = &outcome.result {
                 events.extend(accepted.events.iter().cloned());
             }
@@ -396,17 +435,34 @@ impl ZoneWriter {
     }
 }
 
+/// The `unavailable` details of a command applied before whose events are not logged yet.
+const NOT_LOGGED_YET: &str = "the command's first application is not in the audit log yet";
+
 /// A refusal of a service's command fails its message: nobody awaits an answer, and the source
-/// dead-letters it with the reason (or, for what passes with time, gives it back for later).
+/// dead-letters it with the reason (or, for what passes with time, retries it first). One that
+/// says the command could not be decided yet (`unavailable`) is not a refusal of the command:
+/// it goes back to its broker ([`Redeliver`]), to be decided later, perhaps by another node.
 pub(super) fn service_refusal(command: &ZoneCommand, refusal: &ZoneError) -> Option<Failure> {
     if !matches!(command.actor, Actor::Service { .. }) {
         return None;
     }
     let reason = format!("{}: {refusal}", refusal.reason());
     Some(match refusal {
-        ZoneError::RateLimited { .. } | ZoneError::Unavailable(_) => Failure::retryable(reason),
+        ZoneError::Unavailable(_) => Redeliver(reason).into(),
+        ZoneError::RateLimited { .. } => Failure::retryable(reason),
         _ => Failure::permanent(reason),
     })
+}
+
+/// A command this node could not decide here and now (nothing was applied): a service's goes
+/// back to its broker ([`Redeliver`]), perhaps to another node; anyone else's is retried in
+/// process, then answered `unavailable`.
+fn undecided(command: &ZoneCommand, reason: String) -> Failure {
+    if matches!(command.actor, Actor::Service { .. }) {
+        Redeliver(reason).into()
+    } else {
+        Failure::retryable(reason)
+    }
 }
 
 impl ZoneWriter {

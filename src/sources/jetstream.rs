@@ -22,7 +22,10 @@
 //!   bytes the decoder refused); once the stream has confirmed it, `+TERM`. If it cannot be
 //!   stored, the message is given back with `-NAK` after the [`reconnect`](JetStreamConfig::reconnect)
 //!   policy's delay for its delivery count (JetStream's consumer `backoff` list applies to ack
-//!   timeouts only, not to naks, so the delay travels with the nak), and comes back.
+//!   timeouts only, not to naks, so the delay travels with the nak), and comes back;
+//! - failure with [`Redeliver`](super::Redeliver) (it could not be decided where and when it
+//!   was handled), or abandoned by a pipeline that stopped before finishing it: `-NAK` after
+//!   the same delay, and no dead letter.
 //!
 //! A message held longer than half the ack wait gets progress acks (`+WPI`) until it is settled,
 //! so a slow batch is not redelivered while it is still being handled. The client reconnects by

@@ -10,15 +10,18 @@
 //! |---|---|---|
 //! | succeeded | `+ACK` | `basic.ack` |
 //! | failed (permanently, or retryably with its attempts used up) | dead-letter stream, then `+TERM` | dead-letter exchange, then `basic.ack` |
+//! | failed with [`Redeliver`] (it could not be decided there and then), or abandoned by a pipeline that stopped before finishing it | `-NAK` after the source's backoff | `basic.nack` with requeue |
 //! | failed, and its dead letter could not be stored | `-NAK` after the source's backoff | `basic.nack` with requeue |
 //!
 //! Retries happen in one place: in process, under the pipeline stage's
 //! [`RetryPolicy`](crate::pipeline::RetryPolicy) (the daemon's `[processors.retry]`). A message
 //! that reaches the acknowledger failed has used its attempts, and is dead-lettered once, with
 //! its reason ([`REASON_HEADER`]) and its [`attempts`](crate::pipeline::Message::attempts)
-//! ([`ATTEMPTS_HEADER`]). The give-back of the last row is the only redelivery a source asks for,
-//! so that nothing is lost. The settlement is one piece of code for both brokers: each brings
-//! only its I/O.
+//! ([`ATTEMPTS_HEADER`]). The give-backs of the last two rows are the only redeliveries a source
+//! asks for, so that nothing is lost: a message that is not at fault, and that this node could
+//! not decide (in a cluster, its zone's lease moved on before its events were logged, or the
+//! zone's owner did not answer), goes back to the broker rather than to the dead letters. The
+//! settlement is one piece of code for both brokers: each brings only its I/O.
 //!
 //! A message the [`Decoder`] refuses never enters the pipeline: it is dead-lettered at once,
 //! with its reason and without an attempts header. Sources know messages, not what is in them:
@@ -38,6 +41,8 @@
 pub mod jetstream;
 pub mod rabbitmq;
 mod settlement;
+
+pub use settlement::{Redeliver, redelivers};
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -77,8 +82,9 @@ where
 ///
 /// `thunderline_source_messages_total{source, outcome}` counts each settlement once, with
 /// outcome `received`, `redelivered` (received again: the broker's delivery count was above
-/// 1), `acked`, `retried` (given back to the broker because its dead letter could not be
-/// stored), `dead_lettered`, `undecodable` (refused by the decoder, and dead-lettered instead
+/// 1), `acked`, `given_back` (failed with [`Redeliver`], and given back to the broker),
+/// `retried` (given back to the broker because its dead letter could not be stored),
+/// `dead_lettered`, `undecodable` (refused by the decoder, and dead-lettered instead
 /// of entering the pipeline) and `settle_failed` (the broker did not take an ack, nak or dead
 /// letter: it will deliver the message again);
 /// `thunderline_source_events_total{source, event}` counts connection events (`reconnected`,
@@ -146,6 +152,7 @@ impl SourceMetrics {
             "received",
             "acked",
             "redelivered",
+            "given_back",
             "retried",
             "dead_lettered",
         ] {

@@ -78,11 +78,14 @@
 //! [`Producer::drain`] cancels the consumer and hands over everything the broker delivered
 //! before the cancel took effect. The connection stays open until the acknowledger (shared by
 //! the source and its messages) is dropped, so that messages still in the pipeline can be
-//! settled after the drain.
+//! settled after the drain; [`RabbitMqSource::settled`] waits for that at shutdown, so that a
+//! process that exits does not take the last acks with it (the broker would deliver those
+//! messages again, or, with no consumer left, keep them).
 //!
 //! Outcomes counted in [`SourceMetrics`]: `received` and `redelivered` for each delivery
 //! `produce` (or the drain) takes, then one of `acked`, `dead_lettered`, `undecodable`,
-//! `retried` (a dead letter that was not confirmed: requeued instead) or `settle_failed` (a
+//! `given_back` (failed with [`Redeliver`](super::Redeliver): requeued), `retried` (a dead
+//! letter that was not confirmed: requeued instead) or `settle_failed` (a
 //! delivery of a lost channel, dropped without being handed out, included).
 //!
 //! [`SourceMetrics`]: super::SourceMetrics
@@ -381,7 +384,29 @@ pub struct RabbitMqSource<T> {
     generation: Arc<AtomicU64>,
     /// Tells the consuming task to cancel the consumer; dropped (the same) with the source.
     stop: Option<oneshot::Sender<()>>,
+    /// Told by the consuming task once everything is settled (or nothing more can be).
+    all_settled: Option<oneshot::Receiver<()>>,
     metrics: SourceMetrics,
+}
+
+/// Waits for a source's last settlements to reach the broker, once its pipeline has finished.
+pub struct Settled {
+    all_settled: Option<oneshot::Receiver<()>>,
+}
+
+impl Settled {
+    /// Waits (at most `timeout`) until every settlement has been sent. Call it after the
+    /// pipeline's `join`, which drops the source and its messages.
+    pub async fn wait(self, timeout: Duration) {
+        let Some(all_settled) = self.all_settled else {
+            return;
+        };
+        if tokio::time::timeout(timeout, all_settled).await.is_err() {
+            tracing::warn!(
+                "RabbitMQ settlements were still being sent at shutdown: the broker delivers those messages again"
+            );
+        }
+    }
 }
 
 impl RabbitMqSource<()> {
@@ -425,6 +450,7 @@ impl<T: Send + 'static> RabbitMqSource<T> {
         let (settler, settled) = Settler::start(io, settings.reconnect.clone(), metrics.clone());
         let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
         let (stop, stop_rx) = oneshot::channel();
+        let (all_settled_tx, all_settled) = oneshot::channel();
         let generation = Arc::new(AtomicU64::new(link.generation));
         let driver = Driver {
             settings,
@@ -434,6 +460,7 @@ impl<T: Send + 'static> RabbitMqSource<T> {
             deliveries: Some(deliveries_tx),
             stop: stop_rx,
             settled,
+            all_settled: Some(all_settled_tx),
         };
         tokio::spawn(driver.run(link));
         Ok(Self {
@@ -443,12 +470,20 @@ impl<T: Send + 'static> RabbitMqSource<T> {
             settler,
             generation,
             stop: Some(stop),
+            all_settled: Some(all_settled),
             metrics,
         })
     }
 
     pub fn metrics(&self) -> &SourceMetrics {
         &self.metrics
+    }
+
+    /// What to wait on at shutdown, after the pipeline has finished: see [`Settled::wait`].
+    pub fn settled(&mut self) -> Settled {
+        Settled {
+            all_settled: self.all_settled.take(),
+        }
     }
 
     /// Has `acker` told how each message ended, after the broker's settlement is decided: how a
@@ -1032,6 +1067,8 @@ struct Driver {
     stop: oneshot::Receiver<()>,
     /// The settling task, which ends once the acknowledger is gone and all is settled.
     settled: JoinHandle<()>,
+    /// Told once it has ended (dropped, should nothing more be settled: the source gave up).
+    all_settled: Option<oneshot::Sender<()>>,
 }
 
 impl Driver {
@@ -1058,6 +1095,9 @@ impl Driver {
                     }
                 }
             }
+        }
+        if let Some(all_settled) = self.all_settled.take() {
+            let _ = all_settled.send(());
         }
         close(&link.connection).await;
     }

@@ -1,14 +1,18 @@
 //! The settlement both broker sources share, so that a message ends the same way whichever
 //! broker it came from: which delivery each pipeline message is (a table keyed by the
 //! message's `ack_data`), how each ended — acknowledged, or dead-lettered with its reason and
-//! attempts, or given back to the broker when its dead letter cannot be stored — the user's
-//! acknowledger told after, and the counts. A broker brings only its I/O ([`BrokerIo`]).
+//! attempts, or given back to the broker (a [`Redeliver`] failure, an abandoned message, or a
+//! dead letter that cannot be stored) — the user's acknowledger told after, and the counts. A
+//! broker brings only its I/O ([`BrokerIo`]).
 //!
 //! Retries are not decided here: the pipeline's stages retry a failed message in process under
 //! their retry policy, so a message that reaches the acknowledger failed has used its attempts
-//! (or failed permanently). The only redelivery a source asks for is the give-back of a message
-//! whose dead letter could not be stored, so that nothing is lost; JetStream's comes back after
-//! the source's backoff, RabbitMQ's at once (a requeue carries no delay).
+//! (or failed permanently). A source asks for a redelivery only where a dead letter would lose
+//! a message that is not at fault: one that failed with [`Redeliver`] (it could not be decided
+//! where and when it was handled: its zone's lease moved on, its zone's owner did not answer),
+//! one the pipeline abandoned (it stopped before finishing it), and one whose dead letter could
+//! not be stored. JetStream's comes back after the source's backoff, RabbitMQ's at once (a
+//! requeue carries no delay).
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -21,6 +25,41 @@ use tokio::task::JoinHandle;
 
 use super::{Decoder, Delivery, SourceMetrics};
 use crate::pipeline::{Acknowledger, Failure, Message, RetryPolicy};
+
+/// A message that could not be decided where and when it was handled, through no fault of its
+/// own: given back to its broker, to be delivered again (perhaps to another node), rather than
+/// dead-lettered. What it is for: the node lost the zone's lease before the command's events
+/// were logged (fenced off), or the zone's owner on another node did not answer, or answered
+/// that it could not decide yet (`unavailable`). A refusal of the command itself is not one: it
+/// fails as it is, and is dead-lettered.
+///
+/// As a [`Failure`] it is permanent: the stage does not retry it in process (the broker's
+/// delivery is the retry, after the source's backoff where the broker can wait), and its
+/// reason starts with `redeliver: `, which is how the settlement knows it ([`redelivers`]).
+#[derive(Debug, thiserror::Error)]
+#[error("redeliver: {0}")]
+pub struct Redeliver(pub String);
+
+/// What the reason of a [`Redeliver`] failure starts with.
+const REDELIVER_PREFIX: &str = "redeliver: ";
+
+impl From<Redeliver> for Failure {
+    fn from(redeliver: Redeliver) -> Self {
+        Failure::permanent(redeliver.to_string())
+    }
+}
+
+/// Whether `failure` is a [`Redeliver`]: its message goes back to the broker.
+pub fn redelivers(failure: &Failure) -> bool {
+    failure.reason().starts_with(REDELIVER_PREFIX)
+}
+
+/// Whether a message that failed so goes back to the broker: a [`Redeliver`], or a message the
+/// pipeline abandoned (it stopped before finishing it: nothing was decided, and a node that
+/// stops must not dead-letter what another would handle).
+fn gives_back(failure: &Failure) -> bool {
+    redelivers(failure) || failure.is_abandoned()
+}
 
 /// Why a message is dead-lettered.
 pub(crate) struct DeadLetter {
@@ -67,6 +106,8 @@ pub(crate) struct Held<H> {
 enum Settlement<H> {
     Ack(H),
     DeadLetter(Held<H>, DeadLetter),
+    /// A [`Redeliver`] failure, or an abandoned message: back to the broker.
+    GiveBack(Held<H>),
 }
 
 /// A source's acknowledger, shared by the source and every message it handed out.
@@ -157,6 +198,9 @@ impl<T: Send + 'static, H: Send + 'static> Acknowledger<T> for Settler<T, H> {
             }
             for m in &failed {
                 match held.remove(&m.ack_data()) {
+                    Some(h) if m.failure().is_some_and(gives_back) => {
+                        job.push(Settlement::GiveBack(h));
+                    }
                     Some(h) => {
                         let dead = DeadLetter {
                             reason: m.failure().map_or("failed", Failure::reason).to_owned(),
@@ -193,11 +237,13 @@ async fn settle<B: BrokerIo>(
 ) {
     while let Some(job) = jobs.recv().await {
         let mut acks = Vec::new();
+        let mut back = Vec::new();
         let mut dead = Vec::new();
         let mut why = Vec::new();
         for settlement in job {
             match settlement {
                 Settlement::Ack(h) => acks.push(h),
+                Settlement::GiveBack(h) => back.push(h),
                 Settlement::DeadLetter(h, letter) => {
                     why.push((h.delivery, letter.attempts.is_some()));
                     dead.push((h.io, letter));
@@ -209,6 +255,15 @@ async fn settle<B: BrokerIo>(
             let taken = io.ack(acks).await;
             metrics.message("acked", taken);
             metrics.message("settle_failed", asked.saturating_sub(taken));
+        }
+        for h in back {
+            let delay = backoff.delay(h.delivery.saturating_sub(1));
+            let outcome = if io.give_back(h.io, delay).await {
+                "given_back"
+            } else {
+                "settle_failed"
+            };
+            metrics.message(outcome, 1);
         }
         if dead.is_empty() {
             continue;
@@ -361,6 +416,62 @@ mod tests {
         assert!(!calls.iter().any(|c| c.starts_with("finish")), "{calls:?}");
         assert_eq!(metrics.messages("retried"), 2);
         assert_eq!(metrics.messages("dead_lettered"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_message_not_decided_or_abandoned_is_given_back_not_dead_lettered() {
+        let io = Recorded {
+            stores: true,
+            ..Recorded::default()
+        };
+        let calls = io.calls.clone();
+        let metrics = SourceMetrics::unregistered("test");
+        let backoff =
+            RetryPolicy::unlimited(Duration::from_millis(100), 2.0, Duration::from_secs(1))
+                .with_jitter(Jitter::None);
+        let (settler, task) = Settler::<u32, &'static str>::start(io, backoff, metrics.clone());
+        // The second delivery of a command whose zone's lease moved on before it was logged,
+        // beside one its zone refused.
+        let mut fenced = settler.message(1, "fenced", 2);
+        fenced.fail(Redeliver("zone 7's lease has moved on".into()).into());
+        let mut refused = settler.message(2, "refused", 2);
+        refused.fail(Failure::permanent(
+            "invalid_payload: amount must be at least 1",
+        ));
+        // One the pipeline stopped before finishing.
+        let mut abandoned = settler.message(3, "abandoned", 1);
+        abandoned.fail(Failure::abandoned());
+        settler.ack(Vec::new(), vec![fenced, refused, abandoned]);
+        drop(settler);
+        task.await.unwrap();
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            [
+                // The second delivery waits the backoff's second delay.
+                "give back fenced 200",
+                "give back abandoned 100",
+                "dead refused \"invalid_payload: amount must be at least 1\" Some(0)",
+                "finish refused",
+            ]
+        );
+        assert_eq!(metrics.messages("given_back"), 2);
+        assert_eq!(metrics.messages("dead_lettered"), 1);
+        assert_eq!(metrics.messages("retried"), 0);
+    }
+
+    #[test]
+    fn a_redeliver_failure_is_known_by_its_reason_and_not_retried_in_process() {
+        let failure = Failure::from(Redeliver("the zone's owner did not answer".into()));
+        assert!(redelivers(&failure));
+        assert!(!failure.is_retryable());
+        assert_eq!(
+            failure.reason(),
+            "redeliver: the zone's owner did not answer"
+        );
+        assert!(!redelivers(&Failure::retryable(
+            "unavailable: the zone's owner did not answer"
+        )));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::zones::big;
 use super::{Backend, Db, Fence, Store, StoreError, on_pool};
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
+use crate::sources::Redeliver;
 use crate::zone::{EventKind, ZoneEvent};
 
 #[derive(sqlx::FromRow)]
@@ -525,8 +526,9 @@ impl Audited for ZoneEvent {
 /// its batcher a retry policy with enough attempts to outlast a database restart. Events the
 /// database refuses as data are dead-lettered, so they never hold their batch-mates back.
 /// Events of a writer that has been fenced off (its zone's lease moved on) are not written:
-/// their messages fail for good, and the rest of the batch lands. Nothing is acknowledged until
-/// it is committed.
+/// their messages fail with [`Redeliver`] (not retried here, where they would be refused again:
+/// a broker delivers them again, to be applied by the zone's owner now), and the rest of the
+/// batch lands. Nothing is acknowledged until it is committed.
 #[derive(Clone)]
 pub struct AuditSink {
     store: Store,
@@ -574,9 +576,12 @@ impl<T: Audited> BatchSink<T> for AuditSink {
                             .fence()
                             .is_some_and(|(z, f)| z == zone && f < current)
                         {
-                            m.fail(Failure::permanent(format!(
-                                "fenced: zone {zone}'s lease has moved on to another node"
-                            )));
+                            m.fail(
+                                Redeliver(format!(
+                                    "fenced: zone {zone}'s lease has moved on to another node"
+                                ))
+                                .into(),
+                            );
                         }
                     }
                 }

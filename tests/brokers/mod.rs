@@ -213,54 +213,48 @@ impl Broker {
         }
     }
 
-    /// Nothing is left unsettled or undelivered.
+    /// Nothing is left unsettled or undelivered (waiting a while for the last settlements).
     pub async fn assert_settled(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Some(left) = self.unsettled().await {
+            assert!(tokio::time::Instant::now() < deadline, "{left}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// What the broker still holds for the consumer, unsettled or undelivered; None when
+    /// nothing.
+    pub async fn unsettled(&self) -> Option<String> {
         if self.amqp.is_some() {
             let rabbit = self.rabbit();
             let queue = rabbit.get_queue();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let out = std::process::Command::new("rabbitmqctl")
-                    .args([
-                        "list_queues",
-                        "-q",
-                        "--no-table-headers",
-                        "name",
-                        "messages",
-                    ])
-                    .output()
-                    .expect("rabbitmqctl runs");
-                let listing = String::from_utf8_lossy(&out.stdout).into_owned();
-                let left = listing.lines().find_map(|l| {
-                    let mut f = l.split_whitespace();
-                    (f.next() == Some(queue)).then(|| f.next()?.parse::<u64>().ok())?
-                });
-                if left == Some(0) {
-                    return;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "queue {queue} still holds {left:?} messages"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            let out = std::process::Command::new("rabbitmqctl")
+                .args([
+                    "list_queues",
+                    "-q",
+                    "--no-table-headers",
+                    "name",
+                    "messages",
+                ])
+                .output()
+                .expect("rabbitmqctl runs");
+            let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+            let left = listing.lines().find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(queue)).then(|| f.next()?.parse::<u64>().ok())?
+            });
+            return (left != Some(0))
+                .then(|| format!("queue {queue} still holds {left:?} messages"));
         }
         let nats = self.nats();
         let stream = self.js.get_stream(nats.get_stream()).await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let info = stream.consumer_info(nats.get_consumer()).await.unwrap();
-            if info.num_ack_pending == 0 && info.num_pending == 0 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
+        let info = stream.consumer_info(nats.get_consumer()).await.unwrap();
+        (info.num_ack_pending != 0 || info.num_pending != 0).then(|| {
+            format!(
                 "the consumer still has {} unacknowledged and {} undelivered messages",
-                info.num_ack_pending,
-                info.num_pending
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+                info.num_ack_pending, info.num_pending
+            )
+        })
     }
 
     pub async fn cleanup(&self) {

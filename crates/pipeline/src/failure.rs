@@ -73,7 +73,24 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
+/// Why an abandoned message failed. Tests and operators look for the word.
+const ABANDONED: &str = "abandoned by the pipeline before it finished (a stage was aborted at \
+                         the drain deadline, or failed)";
+
 impl Failure {
+    /// A message the pipeline dropped before it finished (a stage aborted at the drain
+    /// deadline): permanent, since the pipeline is going away, though nothing was wrong with the
+    /// message. A source that can give a message back (a broker) may, rather than treat it as
+    /// refused: see [`is_abandoned`](Self::is_abandoned).
+    pub fn abandoned() -> Self {
+        Self::permanent(ABANDONED)
+    }
+
+    /// Whether this is the failure of a message the pipeline abandoned ([`Failure::abandoned`]).
+    pub fn is_abandoned(&self) -> bool {
+        self.reason() == ABANDONED
+    }
+
     /// `what` panicked (a handler, a sink, a decoder: the payload is what `catch_unwind` gave):
     /// permanent, since the same input would panic again, with the panic's message as the
     /// reason.

@@ -33,10 +33,6 @@ pub(crate) struct Shared<T> {
     pub held: AtomicUsize,
 }
 
-/// Why an abandoned message failed. Tests and operators look for the word.
-const ABANDONED: &str = "abandoned by the pipeline before it finished (a stage was aborted at \
-                         the drain deadline, or failed)";
-
 impl<T: Send + 'static> Shared<T> {
     pub fn new(
         pipeline: String,
@@ -130,7 +126,7 @@ impl<T: Send + 'static> Shared<T> {
         );
         for m in &mut messages {
             if !m.is_failed() {
-                m.fail(Failure::permanent(ABANDONED));
+                m.fail(Failure::abandoned());
             }
         }
         if !permits {

@@ -912,6 +912,15 @@ impl ZoneState {
         self.recent.remember(command_id, Ok(seq));
     }
 
+    /// The seq the zone was at once command `id` was applied (its last event's), if it
+    /// remembers the command applied.
+    pub fn applied_at(&self, id: &Uuid) -> Option<u64> {
+        match self.recent.get(id) {
+            Some(Ok(seq)) => Some(*seq),
+            _ => None,
+        }
+    }
+
     /// Decides `command`, numbers and applies the events it causes, and remembers its id. A
     /// command whose id was seen before gets its first outcome again and changes nothing.
     pub fn execute(&mut self, command: &ZoneCommand, ctx: &Context) -> Outcome {

@@ -253,7 +253,7 @@ function drawSources() {
   const rows = sources.map((source) => {
     const tr = document.createElement("tr");
     const count = (outcome) => whole(sample(state.stats, m, { source, outcome }));
-    for (const cell of [source, whole(sample(state.stats, "thunderline_source_lag", { source })), fmt(rate(m, { source, outcome: "received" })), count("acked"), count("redelivered"), count("retried"), count("dead_lettered"), count("undecodable")]) {
+    for (const cell of [source, whole(sample(state.stats, "thunderline_source_lag", { source })), fmt(rate(m, { source, outcome: "received" })), count("acked"), count("redelivered"), count("given_back"), count("retried"), count("dead_lettered"), count("undecodable")]) {
       const td = document.createElement("td");
       td.textContent = cell;
       tr.append(td);
