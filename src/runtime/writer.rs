@@ -259,11 +259,14 @@ impl Processor<ZoneWork> for ZoneWriter {
                 }
             }
             let mut outcome = state.execute(&command, &limits.context(now));
-            // A command applied before whose events are not in the log yet is not done yet
-            // for an answer that promises durability: they may never be (this node's lease
-            // may have moved on, and the log refuse them). Answered `unavailable`, it is asked
-            // again, and then answered from the log, or applied by whoever owns the zone then.
+            // A service's command applied before whose events are not in the log yet is not
+            // done yet for a broker that settles by durable outcomes: they may never be (this
+            // node's lease may have moved on, and the log refuse them). Answered `unavailable`,
+            // its message goes back to the broker, and comes again to be answered from the
+            // log, or applied by whoever owns the zone then. (A socket client's retry keeps
+            // its first outcome, `duplicate` added, as it was.)
             if self.config.replies == Replies::Durable
+                && matches!(command.actor, Actor::Service { .. })
                 && outcome.result.as_ref().is_ok_and(|a| a.duplicate)
                 && state
                     .applied_at(&command.id)
