@@ -96,15 +96,21 @@ test("with the token: stage counters and a zone's agents change on the page as t
   // (tests/js_client.rs publishes CONSOLE_DEAD_LETTERS commands the source dead-letters), and
   // every count is a whole number.
   const wanted = Number(process.env.CONSOLE_DEAD_LETTERS ?? 0);
+  // The sources' dead-letter columns are found by their headings.
   await page.waitForFunction((wanted) => {
+    const heads = [...document.querySelectorAll("#sources thead th")].map((th) => th.textContent);
+    const columns = [heads.indexOf("dead letters: refused"), heads.indexOf("dead letters: undecodable")];
     const row = document.querySelector("#sources tbody tr");
-    return row && row.cells.length > 7 && Number(row.cells[6].textContent) + Number(row.cells[7].textContent) >= wanted;
+    return columns.every((i) => i >= 0) && row && row.cells.length > Math.max(...columns)
+      && columns.reduce((n, i) => n + Number(row.cells[i].textContent), 0) >= wanted;
   }, wanted, { timeout: 30_000 });
   const seen = await page.evaluate(() => {
+    const heads = [...document.querySelectorAll("#sources thead th")].map((th) => th.textContent);
+    const columns = [heads.indexOf("dead letters: refused"), heads.indexOf("dead letters: undecodable")];
     const texts = [...document.querySelectorAll("#graph text")].map((t) => t.textContent);
     return {
       box: texts[texts.indexOf("dead letters") + 1],
-      sources: [...document.querySelectorAll("#sources tbody tr")].flatMap((r) => [r.cells[6].textContent, r.cells[7].textContent]),
+      sources: [...document.querySelectorAll("#sources tbody tr")].flatMap((r) => columns.map((i) => r.cells[i].textContent)),
       stages: [...document.querySelectorAll("#stages tbody tr")].map((r) => r.cells[7].textContent),
     };
   });
