@@ -232,6 +232,36 @@ async fn a_node_drained_through_another_hands_its_zones_over_and_keeps_its_clien
         );
         assert!(n["forwarded_per_sec"].is_number(), "{n}");
     }
+    // The zones' owners are paged as every list is.
+    assert_eq!(
+        (view["limit"].clone(), view["offset"].clone()),
+        (json!(1000), json!(0))
+    );
+    let total = view["total"].as_u64().expect("a total");
+    assert!(
+        total >= 1 && view["zones"].as_array().unwrap().len() as u64 == total,
+        "{view}"
+    );
+    let (_, paged) = http(
+        asker.addr,
+        "GET",
+        &format!("/api/cluster?limit=1&offset={total}"),
+        None,
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(
+        (paged["zones"].clone(), paged["limit"].clone()),
+        (json!([]), json!(1)),
+        "{paged}"
+    );
+    let (status, refused) =
+        http(asker.addr, "GET", "/api/cluster?limit=0", None, Some(ADMIN)).await;
+    assert_eq!(
+        (status, refused["error"].clone()),
+        (400, json!("bad_request")),
+        "{refused}"
+    );
 
     // Drained through another node: its zone goes, the node stays, its clients stay.
     let (status, body) = http(

@@ -1036,8 +1036,12 @@ struct ClusterView {
     /// The node that answered.
     node: String,
     nodes: Vec<crate::cluster::membership::NodeView>,
-    /// Each zone in memory on a node, with the node that writes it.
+    /// A page of the zones in memory on a node, by id, each with the node that writes it.
     zones: Vec<ZoneOwner>,
+    limit: u32,
+    offset: u64,
+    /// How many zones are in memory on the nodes.
+    total: u64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -1046,21 +1050,42 @@ struct ZoneOwner {
     owner: String,
 }
 
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct ClusterQuery {
+    /// Zones per page, 1 to 10000; 1000 when absent.
+    limit: Option<u32>,
+    /// How many zones to skip; 0 when absent.
+    offset: Option<u64>,
+}
+
 /// The cluster as this node sees it: its nodes (alive, incarnation, zones owned, connections,
-/// commands forwarded per second) and each zone's owner.
-#[utoipa::path(get, path = "/api/cluster", tag = "cluster",
-    responses((status = 200, description = "The nodes and the zones' owners", body = ClusterView)))]
-async fn cluster_view(State(state): State<ApiState>) -> Result<Json<ClusterView>, ApiError> {
+/// commands forwarded per second) and a page of the zones' owners.
+#[utoipa::path(get, path = "/api/cluster", tag = "cluster", params(ClusterQuery),
+    responses((status = 200, description = "The nodes and a page of the zones' owners", body = ClusterView)))]
+async fn cluster_view(
+    State(state): State<ApiState>,
+    q: Result<Query<ClusterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ClusterView>, ApiError> {
+    let q = query(q)?;
+    let (limit, offset) = page(q.limit, q.offset, 1000, 10_000)?;
     let router = clustered(&state)?;
-    let zones = router
-        .owners()
+    let owners = router.owners();
+    let total = owners.len() as u64;
+    let zones = owners
         .into_iter()
+        .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        .take(limit as usize)
         .map(|(zone_id, owner)| ZoneOwner { zone_id, owner })
         .collect();
     Ok(Json(ClusterView {
         node: router.me().name.clone(),
         nodes: router.membership().nodes(),
         zones,
+        limit,
+        offset,
+        total,
     }))
 }
 
