@@ -6,7 +6,6 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 const ZONE: &str = "01939e3a-7c4e-7b8e-9c2d-1a2b3c4d5e6f";
 
@@ -25,10 +24,7 @@ fn run_in(dir: &Path, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the binary runs");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("waits").is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::eventually_blocking(20, || child.try_wait().expect("waits").is_some());
     if child.try_wait().expect("waits").is_none() {
         let _ = child.kill();
     }
@@ -166,14 +162,10 @@ fn serve_until(dir: &Path, extra: &[&str], ready: impl Fn(&str, &str) -> bool) -
             std::fs::read_to_string(&err_path).unwrap_or_default(),
         )
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+    common::eventually_blocking(30, || {
         let (out, err) = read();
-        if ready(&out, &err) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        child.try_wait().unwrap().is_some() || ready(&out, &err)
+    });
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();

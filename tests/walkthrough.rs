@@ -4,9 +4,10 @@
 //! in order in one shell, as in the second terminal. The one change: the server's address
 //! `127.0.0.1:4000` is a free port, so that the test never takes a port someone uses.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 const README: &str = include_str!("../README.md");
 const SECTION: &str = "## Five minutes: from `serve` to a connected client";
@@ -111,14 +112,10 @@ fn the_readme_walkthrough_runs_as_written() {
             .status();
         let _ = server.wait();
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let banner = loop {
-        let out = std::fs::read_to_string(&server_out).unwrap_or_default();
-        if out.contains("admin token:") || Instant::now() > deadline {
-            break out;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    common::eventually_blocking(30, || {
+        std::fs::read_to_string(&server_out).is_ok_and(|out| out.contains("admin token:"))
+    });
+    let banner = std::fs::read_to_string(&server_out).unwrap_or_default();
     if !banner.contains("admin token:") {
         stop(&mut server);
         panic!("the server did not start: {banner}");

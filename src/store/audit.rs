@@ -300,17 +300,24 @@ impl Store {
 
     /// How many dead letters there are: one zone's, or all.
     pub async fn count_dead_letters(&self, zone_id: Option<Uuid>) -> Result<u64, StoreError> {
-        let n: i64 = match zone_id {
-            Some(zone) => on_pool!(self.db(), pool => sqlx::query_scalar(
-                "SELECT COUNT(*) FROM audit_dead_letters WHERE zone_id = $1")
-                .bind(zone)
-                .fetch_one(pool)
-                .await)?,
-            None => on_pool!(self.db(), pool => sqlx::query_scalar(
-                "SELECT COUNT(*) FROM audit_dead_letters")
-                .fetch_one(pool)
-                .await)?,
+        self.count_rows("audit_dead_letters", zone_id).await
+    }
+
+    /// The rows of `table` (one with a `zone_id` column): one zone's, or all.
+    async fn count_rows(&self, table: &str, zone_id: Option<Uuid>) -> Result<u64, StoreError> {
+        let filter = if zone_id.is_some() {
+            " WHERE zone_id = $1"
+        } else {
+            ""
         };
+        let sql = format!("SELECT COUNT(*) FROM {table}{filter}");
+        let n: i64 = on_pool!(self.db(), pool => {
+            let mut q = sqlx::query_scalar(&sql);
+            if let Some(zone) = zone_id {
+                q = q.bind(zone);
+            }
+            q.fetch_one(pool).await
+        })?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -440,19 +447,7 @@ impl Store {
 
     /// Rows in the audit log, for one zone or all.
     pub async fn count_events(&self, zone_id: Option<Uuid>) -> Result<u64, StoreError> {
-        let n: i64 = match zone_id {
-            Some(z) => on_pool!(self.db(), pool => sqlx::query_scalar(
-                "SELECT COUNT(*) FROM audit_events WHERE zone_id = $1")
-                .bind(z)
-                .fetch_one(pool)
-                .await)?,
-            None => {
-                on_pool!(self.db(), pool => sqlx::query_scalar("SELECT COUNT(*) FROM audit_events")
-                .fetch_one(pool)
-                .await)?
-            }
-        };
-        Ok(u64::try_from(n).unwrap_or(0))
+        self.count_rows("audit_events", zone_id).await
     }
 
     /// Appends `events`; those the database refuses as data are split out and dead-lettered

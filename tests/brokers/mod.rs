@@ -215,10 +215,10 @@ impl Broker {
 
     /// Nothing is left unsettled or undelivered (waiting a while for the last settlements).
     pub async fn assert_settled(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while let Some(left) = self.unsettled().await {
-            assert!(tokio::time::Instant::now() < deadline, "{left}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Err(Some(left)) =
+            crate::common::read_until(10, || self.unsettled(), Option::is_none).await
+        {
+            panic!("{left}");
         }
     }
 

@@ -14,6 +14,21 @@ pub mod cluster;
 pub mod pushers;
 pub mod services;
 
+/// As [`eventually`], for a test without a runtime (one that drives processes): whether `check`
+/// comes to hold within `secs` seconds, polled every 20 ms.
+pub fn eventually_blocking(secs: u64, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Whether `check` comes to hold within `secs` seconds, polled every 20 ms. Tests wait for the
 /// condition they assert, never for a fixed time.
 pub async fn eventually(secs: u64, mut check: impl AsyncFnMut() -> bool) -> bool {
