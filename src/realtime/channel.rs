@@ -135,6 +135,14 @@ impl Serialize for Response<'_> {
                 m.serialize_entry("sessions", sessions)?;
                 m.end()
             }
+            // The runtime's own questions during a migration; shown as they are.
+            Answer::Located(located) => located.serialize(s),
+            Answer::Reservation(held) => held.serialize(s),
+            Answer::Applied(applied) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("applied", applied)?;
+                m.end()
+            }
             Answer::Resources(amounts) => {
                 let mut m = s.serialize_map(Some(1))?;
                 m.serialize_entry("new_resources", amounts)?;

@@ -13,7 +13,9 @@ use uuid::Uuid;
 
 use super::{Backend, Store, StoreError, fence_value, on_pool};
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
-use crate::zone::{Permissions, Resource, Session, Zone, ZoneError, ZoneEvent, ZoneSnapshot};
+use crate::zone::{
+    Permissions, Position, Reservation, Resource, Session, Zone, ZoneError, ZoneEvent, ZoneSnapshot,
+};
 
 #[derive(sqlx::FromRow)]
 struct ZoneRow {
@@ -30,6 +32,8 @@ struct ZoneRow {
     seq: i64,
     epoch: String,
     sessions: Json<Vec<Session>>,
+    positions: Json<BTreeMap<String, Position>>,
+    reservations: Json<Vec<Reservation>>,
 }
 
 impl TryFrom<ZoneRow> for ZoneSnapshot {
@@ -59,6 +63,8 @@ impl TryFrom<ZoneRow> for ZoneSnapshot {
             epoch: r.epoch,
             sessions,
             deleted: false,
+            positions: r.positions.0,
+            reservations: r.reservations.0,
         })
     }
 }
@@ -73,7 +79,8 @@ pub(super) fn big(v: u64) -> i64 {
 }
 
 const COLUMNS: &str = "id, name, permissions, assigned_server, active_session_count, capacity, \
-                       resources, properties, tick, seq, epoch, sessions, inserted_at, updated_at";
+                       resources, properties, tick, seq, epoch, sessions, inserted_at, updated_at, \
+                       positions, reservations";
 
 /// Binds a snapshot's columns in `COLUMNS` order, `inserted_at` and `updated_at` excepted.
 macro_rules! bind_snapshot {
@@ -120,7 +127,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let insert = format!(
             "INSERT INTO zones ({COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
         );
         let log = "INSERT INTO audit_events \
                    (id, zone_id, seq, command_id, event_type, payload, occurred_at, recorded_at) \
@@ -132,6 +139,8 @@ impl Store {
             bind_snapshot!(sqlx::query(&insert), snapshot)
                 .bind(snapshot.zone.inserted_at)
                 .bind(snapshot.zone.updated_at)
+                .bind(Json(&snapshot.positions))
+                .bind(Json(&snapshot.reservations))
                 .execute(&mut *tx)
                 .await?;
             if !events.is_empty() {
@@ -208,7 +217,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let update = "UPDATE zones SET name = $2, permissions = $3, assigned_server = $4, \
                       active_session_count = $5, capacity = $6, resources = $7, properties = $8, \
-                      tick = $9, seq = $10, epoch = $11, sessions = $12, updated_at = $13 \
+                      tick = $9, seq = $10, epoch = $11, sessions = $12, updated_at = $13, \
+                      positions = $15, reservations = $16 \
                       WHERE id = $1 AND (seq < $10 OR (seq = $10 AND epoch <> $11)) AND fence <= $14";
         let remove = "DELETE FROM zones WHERE id = $1 AND fence <= $2";
         let _turn = self.write_turn().await;
@@ -225,6 +235,8 @@ impl Store {
                     bind_snapshot!(sqlx::query(update), s)
                         .bind(s.zone.updated_at)
                         .bind(fence_value(*fence))
+                        .bind(Json(&s.positions))
+                        .bind(Json(&s.reservations))
                         .execute(&mut *tx)
                         .await?;
                 }

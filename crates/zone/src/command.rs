@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::event::Position;
+use super::migration::Reservation;
 use super::model::NewZone;
 use super::permissions::Permissions;
 
@@ -118,6 +119,34 @@ pub enum CommandKind {
     EndConnections {
         prefix: String,
     },
+    /// Where `agent_id` is in the zone (its sessions and last position): a migration's first
+    /// look. Changes nothing.
+    Locate { agent_id: String },
+    /// The reservation with this id, if the zone holds it. Changes nothing.
+    GetReservation { reservation: Uuid },
+    /// Whether the zone applied command `command` (and remembers it). Changes nothing.
+    Applied { command: Uuid },
+    /// Hold places for an agent coming from another zone: a migration's first step.
+    Reserve(Box<Reservation>),
+    /// End the agent's sessions here (the actor's own, or a service's agent's `connections`):
+    /// it moves to zone `to`, where `reservation` holds its place. A migration's second step.
+    Depart {
+        agent_id: String,
+        to: Uuid,
+        reservation: Uuid,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        connections: Vec<String>,
+    },
+    /// Turn a reservation into the agent's session: a ticket's join (the actor's connection),
+    /// or a service's agent's arrival (the reservation's connections). A migration's last step.
+    Arrive {
+        reservation: Uuid,
+        /// For the runtime: which of the reservation's connections arrive (all when empty).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        connections: Vec<String>,
+    },
+    /// Give a reservation's places back: its migration did not happen.
+    Release { reservation: Uuid },
 }
 
 impl CommandKind {
@@ -139,12 +168,31 @@ impl CommandKind {
             Self::DeleteZone => "delete_zone",
             Self::ExpireSessions => "expire_sessions",
             Self::EndConnections { .. } => "end_connections",
+            Self::Locate { .. } => "locate",
+            Self::GetReservation { .. } => "get_reservation",
+            Self::Applied { .. } => "applied",
+            Self::Reserve(_) => "reserve",
+            Self::Depart { .. } => "depart",
+            Self::Arrive { .. } => "arrive",
+            Self::Release { .. } => "release",
         }
     }
 
     /// Whether the command only reads: it is never remembered and never causes an event.
     pub fn is_query(&self) -> bool {
-        matches!(self, Self::GetZoneState | Self::GetAgents)
+        matches!(
+            self,
+            Self::GetZoneState
+                | Self::GetAgents
+                | Self::Locate { .. }
+                | Self::GetReservation { .. }
+                | Self::Applied { .. }
+        )
+    }
+
+    /// Whether the command makes a session for the agent that asks: a join, or a ticket's.
+    pub fn is_join(&self) -> bool {
+        matches!(self, Self::Join | Self::Arrive { .. })
     }
 }
 

@@ -39,6 +39,14 @@ pub enum ZoneError {
     TooManySessions { agent_id: String, max: u32 },
     #[error("agent {agent_id} has no session on this connection in this zone: join it first")]
     NotJoined { agent_id: String },
+    #[error("agent {agent_id} has no session in this zone to move")]
+    NotInZone { agent_id: String },
+    #[error("an agent moves to another zone, not to the zone it is in")]
+    SameZone,
+    #[error("a migration of this session is already under way")]
+    MigrationPending,
+    #[error("the ticket is refused: {0}")]
+    InvalidTicket(String),
     #[error("this needs the {needed} permission, which {holder} does not hold")]
     Forbidden { needed: Permissions, holder: Holder },
     #[error("the zone has no resource {0:?}")]
@@ -109,6 +117,10 @@ impl ZoneError {
             Self::TooManySessions { .. } => "too_many_sessions",
             // Phoenix's own reason for a push to a channel the connection has not joined.
             Self::NotJoined { .. } => "unmatched topic",
+            Self::NotInZone { .. } => "not_joined",
+            Self::SameZone => "same_zone",
+            Self::MigrationPending => "migration_pending",
+            Self::InvalidTicket(_) => "invalid_ticket",
             Self::Forbidden { .. } | Self::NotAllowed { .. } => "forbidden",
             Self::UnknownResource(_) => "unknown_resource",
             Self::InsufficientResources { .. } => "insufficient_resources",

@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::error::ZoneError;
+use super::migration::{Released, Reservation};
 use super::model::Resource;
 use super::permissions::Permissions;
 
@@ -32,10 +33,12 @@ pub enum EventType {
     EnvironmentTick,
     ZoneUpdated,
     ZoneDeleted,
+    MigrationReserved,
+    MigrationReleased,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 11] = [
         Self::ZoneCreated,
         Self::AgentEntered,
         Self::AgentLeft,
@@ -45,6 +48,8 @@ impl EventType {
         Self::EnvironmentTick,
         Self::ZoneUpdated,
         Self::ZoneDeleted,
+        Self::MigrationReserved,
+        Self::MigrationReleased,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +63,8 @@ impl EventType {
             Self::EnvironmentTick => "environment_tick",
             Self::ZoneUpdated => "zone_updated",
             Self::ZoneDeleted => "zone_deleted",
+            Self::MigrationReserved => "migration_reserved",
+            Self::MigrationReleased => "migration_released",
         }
     }
 }
@@ -118,7 +125,7 @@ pub struct Position {
 }
 
 /// `agent_entered` / `agent_left`: one session (a connection of an agent) came or went.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Presence {
     pub agent_id: String,
     /// The connection holding the session; also the presence meta's `phx_ref`. (Events logged
@@ -128,6 +135,83 @@ pub struct Presence {
     /// Sessions in the zone after this event.
     pub session_count: u32,
     pub timestamp: DateTime<Utc>,
+    /// Why the session ended, when it ended for a reason besides a leave: `migrated`.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The zone a migrated agent left for.
+    #[serde(default)]
+    pub to: Option<Uuid>,
+    /// The zone a migrated agent came from.
+    #[serde(default)]
+    pub from: Option<Uuid>,
+    /// A migrated agent's last position in the zone it came from (none if it had none).
+    #[serde(default)]
+    pub position: Option<Position>,
+    /// The reservation a migrated agent's session was made from.
+    #[serde(default)]
+    pub reservation: Option<Uuid>,
+}
+
+impl Presence {
+    /// A session of `agent_id` on `connection`, leaving `session_count` sessions, at `timestamp`.
+    pub fn new(
+        agent_id: &str,
+        connection: &str,
+        session_count: u32,
+        timestamp: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            agent_id: agent_id.to_owned(),
+            connection: connection.to_owned(),
+            session_count,
+            timestamp,
+            reason: None,
+            to: None,
+            from: None,
+            position: None,
+            reservation: None,
+        }
+    }
+}
+
+/// The migration fields appear only on a migration's events; an arrival's `position` is there
+/// (`null` when the agent had none) whenever its `from` is.
+impl Serialize for Presence {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            agent_id: &'a str,
+            connection: &'a str,
+            session_count: u32,
+            timestamp: DateTime<Utc>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reason: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            to: Option<Uuid>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            from: Option<Uuid>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            position: Option<Option<Position>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reservation: Option<Uuid>,
+        }
+        Wire {
+            agent_id: &self.agent_id,
+            connection: &self.connection,
+            session_count: self.session_count,
+            timestamp: self.timestamp,
+            reason: self.reason.as_deref(),
+            to: self.to,
+            from: self.from,
+            position: if self.from.is_some() {
+                Some(self.position)
+            } else {
+                self.position.map(Some)
+            },
+            reservation: self.reservation,
+        }
+        .serialize(s)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -232,6 +316,8 @@ pub enum EventKind {
     EnvironmentTick(Tick),
     ZoneUpdated(ZoneUpdate),
     ZoneDeleted(Deleted),
+    MigrationReserved(Reservation),
+    MigrationReleased(Released),
     Custom(Custom),
 }
 
@@ -248,6 +334,8 @@ impl EventKind {
             Self::EnvironmentTick(_) => EventType::EnvironmentTick.as_str(),
             Self::ZoneUpdated(_) => EventType::ZoneUpdated.as_str(),
             Self::ZoneDeleted(_) => EventType::ZoneDeleted.as_str(),
+            Self::MigrationReserved(_) => EventType::MigrationReserved.as_str(),
+            Self::MigrationReleased(_) => EventType::MigrationReleased.as_str(),
             Self::Custom(c) => &c.event_type,
         }
     }
@@ -260,6 +348,8 @@ impl EventKind {
             Self::AgentInteraction(i) => Some(&i.agent_id),
             Self::ResourceChanged(r) => r.agent_id.as_deref(),
             Self::Custom(c) => c.agent_id.as_deref(),
+            Self::MigrationReserved(r) => Some(&r.agent_id),
+            Self::MigrationReleased(r) => Some(&r.agent_id),
             Self::ZoneCreated(_)
             | Self::EnvironmentTick(_)
             | Self::ZoneUpdated(_)
@@ -311,6 +401,12 @@ impl EventKind {
             EventType::ZoneDeleted => {
                 Self::ZoneDeleted(serde_json::from_value(payload).map_err(invalid)?)
             }
+            EventType::MigrationReserved => {
+                Self::MigrationReserved(serde_json::from_value(payload).map_err(invalid)?)
+            }
+            EventType::MigrationReleased => {
+                Self::MigrationReleased(serde_json::from_value(payload).map_err(invalid)?)
+            }
         })
     }
 }
@@ -327,6 +423,8 @@ impl Serialize for EventKind {
             Self::EnvironmentTick(t) => t.serialize(s),
             Self::ZoneUpdated(u) => u.serialize(s),
             Self::ZoneDeleted(d) => d.serialize(s),
+            Self::MigrationReserved(r) => r.serialize(s),
+            Self::MigrationReleased(r) => r.serialize(s),
             Self::Custom(c) => c.serialize(s),
         }
     }

@@ -12,6 +12,7 @@ mod command;
 mod error;
 mod event;
 pub mod limits;
+mod migration;
 mod model;
 mod permissions;
 mod request;
@@ -24,6 +25,7 @@ pub use event::{
     Moved, Position, Presence, ResourceChange, Tick, WireEvent, ZoneEvent, ZoneUpdate,
     check_custom_event_type,
 };
+pub use migration::{Located, Migrated, Migration, Mover, Released, Reservation, step_id};
 pub use model::{DEFAULT_CAPACITY, DEFAULT_PERMISSIONS, NewZone, Resource, Zone};
 pub use permissions::Permissions;
 pub use request::CLIENT_COMMANDS;

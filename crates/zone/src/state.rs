@@ -31,10 +31,11 @@ use uuid::Uuid;
 use super::command::{Actor, CommandKind, ZoneCommand, ZonePatch};
 use super::error::ZoneError;
 use super::event::{
-    Created, Custom, Deleted, EventKind, Interaction, Moved, Presence, ResourceChange, Tick,
-    ZoneEvent, ZoneUpdate, check_custom_event_type,
+    Created, Custom, Deleted, EventKind, Interaction, Moved, Position, Presence, ResourceChange,
+    Tick, ZoneEvent, ZoneUpdate, check_custom_event_type,
 };
 use super::limits;
+use super::migration::{Located, Released, Reservation};
 use super::model::{Zone, check_capacity, check_name, check_properties, check_server};
 use super::permissions::Permissions;
 
@@ -127,6 +128,12 @@ pub enum Answer {
     Resources(BTreeMap<String, i64>),
     /// The zone's sessions as of `seq` (`get_agents`).
     Sessions { seq: u64, sessions: Vec<Session> },
+    /// Where an agent is (`locate`), or what a departure ended (`depart`).
+    Located(Located),
+    /// A reservation the zone holds (`reserve`, `get_reservation`), if it still does.
+    Reservation(Option<Box<Reservation>>),
+    /// Whether the zone applied a command (`applied`).
+    Applied(bool),
 }
 
 /// An accepted command: the events it caused (each with its seq) and its answer.
@@ -188,6 +195,12 @@ pub struct ZoneSnapshot {
     pub sessions: Vec<Session>,
     #[serde(default)]
     pub deleted: bool,
+    /// Each agent's last position here (kept after it leaves).
+    #[serde(default)]
+    pub positions: BTreeMap<String, Position>,
+    /// Places held for agents on their way in.
+    #[serde(default)]
+    pub reservations: Vec<Reservation>,
 }
 
 /// Where a zone is in its life.
@@ -210,6 +223,11 @@ pub struct ZoneState {
     seq: u64,
     epoch: String,
     sessions: BTreeMap<SessionKey, DateTime<Utc>>,
+    /// Each agent's last position here, kept after it leaves (a migration carries it on).
+    positions: BTreeMap<String, Position>,
+    /// Places held for agents on their way in from other zones, by id; an expired one is
+    /// forgotten by the next event.
+    reservations: BTreeMap<Uuid, Reservation>,
     lifecycle: Lifecycle,
     recent: Recent,
     /// The current broadcast window: when it started and how many it has allowed.
@@ -224,6 +242,8 @@ impl PartialEq for ZoneState {
             && self.seq == other.seq
             && self.epoch == other.epoch
             && self.sessions == other.sessions
+            && self.positions == other.positions
+            && self.reservations == other.reservations
             && self.lifecycle == other.lifecycle
     }
 }
@@ -252,6 +272,8 @@ fn allowed(actor: &Actor, kind: &CommandKind) -> bool {
                 | K::ConsumeResource { .. }
                 | K::BroadcastEvent { .. }
                 | K::GetZoneState
+                | K::Depart { .. }
+                | K::Arrive { .. }
         ),
         Actor::Admin => matches!(
             kind,
@@ -272,9 +294,21 @@ fn allowed(actor: &Actor, kind: &CommandKind) -> bool {
                 | K::Tick
                 | K::GetZoneState
         ),
+        // The runtime, for itself or carrying out a migration it has authorised.
         Actor::System => matches!(
             kind,
-            K::Tick | K::ExpireSessions | K::EndConnections { .. } | K::GetZoneState
+            K::Tick
+                | K::ExpireSessions
+                | K::EndConnections { .. }
+                | K::GetZoneState
+                | K::GetAgents
+                | K::Locate { .. }
+                | K::GetReservation { .. }
+                | K::Applied { .. }
+                | K::Reserve(_)
+                | K::Depart { .. }
+                | K::Arrive { .. }
+                | K::Release { .. }
         ),
     }
 }
@@ -300,6 +334,8 @@ impl ZoneState {
             seq: 0,
             epoch: String::new(),
             sessions: BTreeMap::new(),
+            positions: BTreeMap::new(),
+            reservations: BTreeMap::new(),
             lifecycle: Lifecycle::Absent,
             recent: Recent::default(),
             broadcasts: None,
@@ -339,6 +375,12 @@ impl ZoneState {
             seq: snapshot.seq,
             epoch: snapshot.epoch,
             sessions,
+            positions: snapshot.positions,
+            reservations: snapshot
+                .reservations
+                .into_iter()
+                .map(|r| (r.reservation, r))
+                .collect(),
             lifecycle: if snapshot.deleted {
                 Lifecycle::Deleted
             } else {
@@ -364,6 +406,8 @@ impl ZoneState {
                 })
                 .collect(),
             deleted: self.lifecycle == Lifecycle::Deleted,
+            positions: self.positions.clone(),
+            reservations: self.reservations.values().cloned().collect(),
         }
     }
 
@@ -405,6 +449,27 @@ impl ZoneState {
 
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The places taken at `now`: sessions, and the places reservations hold until they expire.
+    pub fn places_taken(&self, now: DateTime<Utc>) -> usize {
+        self.sessions.len()
+            + self
+                .reservations
+                .values()
+                .filter(|r| r.live_at(now))
+                .map(Reservation::places)
+                .sum::<usize>()
+    }
+
+    /// The reservations held (an expired one until the next event).
+    pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
+        self.reservations.values()
+    }
+
+    /// An agent's last position here, if it has moved (or arrived with one).
+    pub fn position(&self, agent_id: &str) -> Option<Position> {
+        self.positions.get(agent_id).copied()
     }
 
     /// The agents present, each once, in order.
@@ -470,7 +535,13 @@ impl ZoneState {
                     connection: connection.clone(),
                     agent_id: agent_id.clone(),
                 };
-                if !matches!(kind, CommandKind::Join | CommandKind::Leave) {
+                if !matches!(
+                    kind,
+                    CommandKind::Join
+                        | CommandKind::Leave
+                        | CommandKind::Arrive { .. }
+                        | CommandKind::Depart { .. }
+                ) {
                     // No event, and no answer, for an agent without a session here.
                     if !self.sessions.contains_key(&key) {
                         return Err(ZoneError::NotJoined {
@@ -518,11 +589,8 @@ impl ZoneState {
             _ => agent.as_ref().map(|k| k.agent_id.clone()),
         };
         let now = ctx.now;
-        let presence = |key: &SessionKey, session_count: usize| Presence {
-            agent_id: key.agent_id.clone(),
-            connection: key.connection.clone(),
-            session_count: session_count as u32,
-            timestamp: now,
+        let presence = |key: &SessionKey, session_count: usize| {
+            Presence::new(&key.agent_id, &key.connection, session_count as u32, now)
         };
         Ok(match kind {
             CommandKind::CreateZone(spec) => {
@@ -554,7 +622,7 @@ impl ZoneState {
                         agent_id: key.agent_id.clone(),
                         max,
                     });
-                } else if self.sessions.len() >= self.zone.capacity as usize {
+                } else if self.places_taken(now) >= self.zone.capacity as usize {
                     return Err(ZoneError::ZoneFull {
                         capacity: self.zone.capacity,
                     });
@@ -687,7 +755,170 @@ impl ZoneState {
             CommandKind::DeleteZone => vec![EventKind::ZoneDeleted(Deleted { timestamp: now })],
             CommandKind::ExpireSessions => self.leave_all(now, ""),
             CommandKind::EndConnections { prefix } => self.leave_all(now, prefix),
+            CommandKind::Locate { .. }
+            | CommandKind::GetReservation { .. }
+            | CommandKind::Applied { .. } => Vec::new(),
+            CommandKind::Reserve(reservation) => self.reserve(reservation, now)?,
+            CommandKind::Depart {
+                agent_id,
+                to,
+                connections,
+                ..
+            } => self.depart(agent.as_ref(), agent_id, *to, connections, now)?,
+            CommandKind::Arrive {
+                reservation,
+                connections,
+            } => self.arrive(agent.as_ref(), *reservation, connections, ctx)?,
+            CommandKind::Release { reservation } => match self.reservations.get(reservation) {
+                Some(r) => vec![EventKind::MigrationReleased(Released {
+                    reservation: r.reservation,
+                    agent_id: r.agent_id.clone(),
+                })],
+                None => Vec::new(),
+            },
         })
+    }
+
+    /// Holds places for an agent on its way in, if the zone has them free at `now`.
+    fn reserve(
+        &self,
+        reservation: &Reservation,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<EventKind>, ZoneError> {
+        let e = "reserve";
+        limits::text(e, "agent_id", &reservation.agent_id, limits::MAX_AGENT_ID_BYTES)?;
+        for connection in &reservation.connections {
+            limits::text(e, "connection", connection, limits::MAX_CONNECTION_BYTES)?;
+        }
+        if reservation.from == self.zone.id {
+            return Err(ZoneError::SameZone);
+        }
+        if reservation
+            .position
+            .is_some_and(|p| ![p.x, p.y, p.z].iter().all(|c| c.is_finite()))
+        {
+            return Err(ZoneError::invalid(e, "position coordinates must be finite numbers"));
+        }
+        if !reservation.live_at(now) {
+            return Err(ZoneError::invalid(e, "the reservation has expired already"));
+        }
+        if self.reservations.contains_key(&reservation.reservation) {
+            return Ok(Vec::new());
+        }
+        if self.places_taken(now) + reservation.places() > self.zone.capacity as usize {
+            return Err(ZoneError::ZoneFull {
+                capacity: self.zone.capacity,
+            });
+        }
+        Ok(vec![EventKind::MigrationReserved(reservation.clone())])
+    }
+
+    /// Ends an agent's sessions for a move to zone `to`: the acting agent's own session, or
+    /// the runtime's pick among `agent_id`'s (every one when `connections` is empty).
+    fn depart(
+        &self,
+        actor: Option<&SessionKey>,
+        agent_id: &str,
+        to: Uuid,
+        connections: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<EventKind>, ZoneError> {
+        if to == self.zone.id {
+            return Err(ZoneError::SameZone);
+        }
+        let leaving: Vec<&SessionKey> = match actor {
+            Some(key) if key.agent_id == agent_id && self.sessions.contains_key(key) => vec![key],
+            Some(_) => Vec::new(),
+            None => self
+                .sessions
+                .keys()
+                .filter(|k| {
+                    k.agent_id == agent_id
+                        && (connections.is_empty() || connections.contains(&k.connection))
+                })
+                .collect(),
+        };
+        if leaving.is_empty() {
+            return Err(ZoneError::NotInZone {
+                agent_id: agent_id.to_owned(),
+            });
+        }
+        let mut left = self.sessions.len();
+        Ok(leaving
+            .into_iter()
+            .map(|key| {
+                left -= 1;
+                EventKind::AgentLeft(Presence {
+                    reason: Some("migrated".to_owned()),
+                    to: Some(to),
+                    ..Presence::new(&key.agent_id, &key.connection, left as u32, now)
+                })
+            })
+            .collect())
+    }
+
+    /// Turns a live reservation into sessions: the acting agent's (a ticket's join), or the
+    /// reservation's connections (a service's agent, moved by the runtime).
+    fn arrive(
+        &self,
+        actor: Option<&SessionKey>,
+        id: Uuid,
+        only: &[String],
+        ctx: &Context,
+    ) -> Result<Vec<EventKind>, ZoneError> {
+        let invalid = |why: &str| Err(ZoneError::InvalidTicket(why.to_owned()));
+        let Some(reservation) = self.reservations.get(&id) else {
+            return invalid("no place is held for it here (used, released or never made)");
+        };
+        if !reservation.live_at(ctx.now) {
+            return invalid("it has expired");
+        }
+        let keys: Vec<SessionKey> = match actor {
+            Some(key) => {
+                if key.agent_id != reservation.agent_id {
+                    return invalid("it was issued to another agent");
+                }
+                if !reservation.connections.is_empty() {
+                    return invalid("the place is held for a service's agent");
+                }
+                if self.sessions.contains_key(key) {
+                    return invalid("this connection has a session here already");
+                }
+                if let Some(max) = ctx.max_sessions_per_agent {
+                    let held = self.sessions.keys().filter(|k| k.agent_id == key.agent_id);
+                    if held.count() >= max as usize {
+                        return Err(ZoneError::TooManySessions {
+                            agent_id: key.agent_id.clone(),
+                            max,
+                        });
+                    }
+                }
+                vec![key.clone()]
+            }
+            None => reservation
+                .connections
+                .iter()
+                .filter(|connection| only.is_empty() || only.contains(connection))
+                .map(|connection| SessionKey {
+                    connection: connection.clone(),
+                    agent_id: reservation.agent_id.clone(),
+                })
+                .filter(|key| !self.sessions.contains_key(key))
+                .collect(),
+        };
+        let mut count = self.sessions.len();
+        Ok(keys
+            .into_iter()
+            .map(|key| {
+                count += 1;
+                EventKind::AgentEntered(Presence {
+                    from: Some(reservation.from),
+                    position: reservation.position,
+                    reservation: Some(reservation.reservation),
+                    ..Presence::new(&key.agent_id, &key.connection, count as u32, ctx.now)
+                })
+            })
+            .collect())
     }
 
     fn consume(
@@ -735,10 +966,12 @@ impl ZoneState {
         }
         if let Some(capacity) = patch.capacity {
             check_capacity(capacity)?;
-            if (capacity as usize) < self.sessions.len() {
+            // Sessions and the places held for agents on their way in.
+            let taken = self.sessions.len()
+                + self.reservations.values().map(Reservation::places).sum::<usize>();
+            if (capacity as usize) < taken {
                 return Err(ZoneError::Conflict(format!(
-                    "{} sessions are in the zone: capacity cannot go below that",
-                    self.sessions.len()
+                    "{taken} places are taken (sessions and reservations): capacity cannot go below that"
                 )));
             }
             if capacity != self.zone.capacity {
@@ -768,12 +1001,12 @@ impl ZoneState {
             .filter(|key| key.connection.starts_with(prefix))
             .map(|key| {
                 left -= 1;
-                EventKind::AgentLeft(Presence {
-                    agent_id: key.agent_id.clone(),
-                    connection: key.connection.clone(),
-                    session_count: left as u32,
-                    timestamp: now,
-                })
+                EventKind::AgentLeft(Presence::new(
+                    &key.agent_id,
+                    &key.connection,
+                    left as u32,
+                    now,
+                ))
             })
             .collect()
     }
@@ -853,6 +1086,12 @@ impl ZoneState {
                     },
                     p.timestamp,
                 );
+                if let Some(id) = p.reservation {
+                    self.reservations.remove(&id);
+                }
+                if let Some(position) = p.position {
+                    self.positions.insert(p.agent_id.clone(), position);
+                }
             }
             EventKind::AgentLeft(p) => {
                 self.sessions.remove(&SessionKey {
@@ -885,10 +1124,24 @@ impl ZoneState {
             }
             EventKind::ZoneDeleted(_) => {
                 self.sessions.clear();
+                self.reservations.clear();
                 self.lifecycle = Lifecycle::Deleted;
             }
-            EventKind::AgentMoved(_) | EventKind::AgentInteraction(_) | EventKind::Custom(_) => {}
+            EventKind::AgentMoved(m) => {
+                self.positions.insert(m.agent_id.clone(), m.position);
+            }
+            EventKind::MigrationReserved(r) => {
+                self.reservations.insert(r.reservation, r.clone());
+            }
+            EventKind::MigrationReleased(r) => {
+                self.reservations.remove(&r.reservation);
+            }
+            EventKind::AgentInteraction(_) | EventKind::Custom(_) => {}
         }
+        // Expired reservations hold nothing: forgotten at the first event after their expiry,
+        // live and in replay alike.
+        self.reservations
+            .retain(|_, r| r.live_at(event.occurred_at));
         self.zone.active_session_count = self.sessions.len() as u32;
         self.zone.updated_at = event.occurred_at;
         self.seq = event.seq;
@@ -979,8 +1232,21 @@ impl ZoneState {
                     if events.is_empty() && !command.kind.is_query() {
                         self.recent.remember(command.id, Ok(self.seq));
                     }
-                    let answer = self.answer(&command.kind);
-                    if matches!(answer, Answer::Resources(_)) {
+                    let answer = match &command.kind {
+                        // What it ended, for a retry to be told the same.
+                        CommandKind::Depart { agent_id, .. } => Answer::Located(Located {
+                            connections: events
+                                .iter()
+                                .filter_map(|e| match &e.kind {
+                                    EventKind::AgentLeft(p) => Some(p.connection.clone()),
+                                    _ => None,
+                                })
+                                .collect(),
+                            position: self.position(agent_id),
+                        }),
+                        kind => self.answer(kind),
+                    };
+                    if matches!(answer, Answer::Resources(_) | Answer::Located(_)) {
                         self.recent.answers.insert(command.id, answer.clone());
                     }
                     Ok(Accepted {
@@ -999,7 +1265,33 @@ impl ZoneState {
 
     fn answer(&self, kind: &CommandKind) -> Answer {
         match kind {
-            CommandKind::Join => Answer::Joined(Box::new(self.view())),
+            CommandKind::Join | CommandKind::Arrive { .. } => Answer::Joined(Box::new(self.view())),
+            // A departure remembered from the log: what it ended is in its reservation.
+            CommandKind::Depart { agent_id, .. } => Answer::Located(Located {
+                connections: Vec::new(),
+                position: self.position(agent_id),
+            }),
+            CommandKind::Locate { agent_id } => {
+                Answer::Located(Located {
+                    connections: self
+                        .sessions
+                        .keys()
+                        .filter(|k| &k.agent_id == agent_id)
+                        .map(|k| k.connection.clone())
+                        .collect(),
+                    position: self.position(agent_id),
+                })
+            }
+            CommandKind::GetReservation { reservation } => {
+                Answer::Reservation(self.reservations.get(reservation).cloned().map(Box::new))
+            }
+            CommandKind::Reserve(r) => Answer::Reservation(
+                self.reservations
+                    .get(&r.reservation)
+                    .cloned()
+                    .map(Box::new),
+            ),
+            CommandKind::Applied { command } => Answer::Applied(self.applied_at(command).is_some()),
             CommandKind::GetZoneState
             | CommandKind::CreateZone(_)
             | CommandKind::UpdateZone(_)
