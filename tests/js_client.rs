@@ -96,6 +96,54 @@ fn the_phoenix_client_works_with_replies_applied() {
     }
 }
 
+/// Runs tests/js/migration.test.mjs against the binary whose tickets last `ticket_ms`
+/// (`[zones] migration_ticket_ms`; None: the default, 10 s).
+fn run_migrations(js: &Path, name: &str, ticket_ms: Option<u64>) {
+    let dir = std::env::temp_dir().join(format!("thunderline-js-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    #[cfg(unix)]
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let config = dir.join("pipeline.toml");
+    let mut args = Vec::new();
+    if let Some(ms) = ticket_ms {
+        // The shipped pipeline, its ticket shortened.
+        let shipped = include_str!("../pipelines/zones.toml");
+        let file = shipped.replace(
+            "migration_ticket_ms = 10000",
+            &format!("migration_ticket_ms = {ms}"),
+        );
+        assert_ne!(
+            file, shipped,
+            "the shipped pipeline sets migration_ticket_ms"
+        );
+        std::fs::write(&config, file).unwrap();
+        args = vec!["--config", config.to_str().unwrap()];
+    }
+    let daemon = common::binary::start(&dir, &args);
+    let ticket = ticket_ms.unwrap_or(10_000).to_string();
+    let (ok, report) = node(
+        js,
+        &daemon,
+        &["--test", "--test-concurrency=1", "migration.test.mjs"],
+        &[("TICKET_MS", &ticket)],
+    );
+    let (exit, printed) = daemon.terminate();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("{name}:\n{report}");
+    assert!(ok, "the migration tests failed ({name}):\n{report}");
+    assert!(exit.success(), "{printed:?}");
+}
+
+/// Agents moving between zones, with the default ticket (10 s) and with one short enough to
+/// wait out.
+#[test]
+fn the_phoenix_client_moves_agents_between_zones() {
+    if let Some(js) = prepared() {
+        run_migrations(&js, "migration", None);
+        run_migrations(&js, "migration-short", Some(1_500));
+    }
+}
+
 /// Runs one phase of tests/js/recovery_restart.mjs against `daemon`.
 fn recovery_phase(js: &Path, daemon: &common::binary::Daemon, phase: &str, state: &Path) {
     let state = state.to_str().expect("a UTF-8 path");

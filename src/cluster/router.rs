@@ -651,7 +651,7 @@ impl Router {
         let crate::runtime::Job::Command(command) = &work.job else {
             return;
         };
-        if command.kind == CommandKind::Join
+        if command.kind.is_join()
             && let crate::zone::Actor::Agent {
                 agent_id,
                 connection,
@@ -825,7 +825,7 @@ impl Router {
         let Job { work, done, .. } = job;
         let outcome = reply.outcome.clone();
         if let (crate::runtime::Job::Command(command), Some(to)) = (&work.job, work.reply) {
-            if command.kind == CommandKind::Join {
+            if command.kind.is_join() && matches!(command.actor, crate::zone::Actor::Agent { .. }) {
                 self.feeds.joined(work.zone_id, command, reply, to);
             } else {
                 to.reply(&reply);

@@ -51,6 +51,8 @@ pub struct ApiState {
     pub metrics_token: Option<Arc<str>>,
     /// In a cluster: who writes which zone.
     pub cluster: Option<Arc<crate::cluster::Router>>,
+    /// What moves agents between zones.
+    pub migrations: Arc<crate::runtime::Migrations>,
 }
 
 /// An API error: status, a short machine-readable name, and details for a person.
@@ -97,6 +99,12 @@ impl From<ZoneError> for ApiError {
                 (StatusCode::FORBIDDEN, "forbidden")
             }
             ZoneError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ZoneError::ZoneFull { .. }
+            | ZoneError::NotInZone { .. }
+            | ZoneError::MigrationPending => (StatusCode::CONFLICT, e.reason()),
+            ZoneError::SameZone | ZoneError::InvalidTicket(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, e.reason())
+            }
             ZoneError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ZoneError::InvalidPayload { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_payload")
@@ -200,6 +208,7 @@ pub(super) fn admin_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(zone_events))
         .routes(routes!(broadcast))
         .routes(routes!(zone_agents))
+        .routes(routes!(migrate_agent))
         .routes(routes!(dead_letters))
         .routes(routes!(cluster_view))
         .routes(routes!(drain_node))
@@ -743,6 +752,74 @@ async fn broadcast(
         .ok()
         .and_then(|a| a.events.last().map(|e| e.seq));
     Ok(Json(Broadcast { seq }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct MigrateRequest {
+    /// The zone the agent moves to.
+    to: String,
+    /// The same key (1 to 64 characters) makes a retry the same migration: it moves the agent
+    /// at most once, and is answered as the first was.
+    #[schema(min_length = 1, max_length = 64)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct MigrationJson {
+    agent_id: String,
+    from: Uuid,
+    /// The zone the agent is in now.
+    zone: Uuid,
+    /// The migration had been carried out before (a retry with the same key).
+    duplicate: bool,
+}
+
+/// Moves a service's agent (every session it has in the zone) to another zone at once: the
+/// other zone holds its places first (`migration_reserved`), this one ends its sessions
+/// (`agent_left` with `reason: "migrated"` and `to`), and they begin there (`agent_entered`
+/// with `from` and the agent's last `position`).
+#[utoipa::path(post, path = "/api/zones/{id}/agents/{agent_id}/migrate", tag = "zones",
+    params(("id" = uuid::Uuid, Path, description = "The zone the agent is in (a UUID)"),
+           ("agent_id" = String, Path, description = "The agent to move")),
+    request_body = MigrateRequest,
+    responses((status = 200, description = "The agent is in the other zone", body = MigrationJson)))]
+async fn migrate_agent(
+    State(state): State<ApiState>,
+    Path((id, agent_id)): Path<(String, String)>,
+    ApiJson(req): ApiJson<MigrateRequest>,
+) -> Result<Json<MigrationJson>, ApiError> {
+    let from = zone_id(&id)?;
+    let to = zone_id(&req.to)?;
+    let id = match &req.idempotency_key {
+        Some(key) if (1..=crate::runtime::IDEMPOTENCY_KEY_CHARS).contains(&key.chars().count()) => {
+            crate::runtime::keyed_command_id(from, &agent_id, key)
+        }
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_payload",
+                "idempotency_key must be a string of 1 to 64 characters",
+            ));
+        }
+        None => Uuid::now_v7(),
+    };
+    let migrated = state
+        .migrations
+        .migrate(crate::runtime::MigrationRequest {
+            id,
+            from,
+            to,
+            agent_id: agent_id.clone(),
+            mover: crate::zone::Mover::Service,
+        })
+        .await?;
+    Ok(Json(MigrationJson {
+        agent_id,
+        from,
+        zone: to,
+        duplicate: migrated.duplicate,
+    }))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -116,6 +116,9 @@ pub struct ZonesSection {
     /// The most events a rejoin may have missed and still get them all (from memory and the
     /// audit log); `serve --history-max` overrides it.
     pub history_max: u64,
+    /// How long the place a `migrate` reserves in the zone it moves to is held for the agent
+    /// to join with its ticket (`expires_in_ms`).
+    pub migration_ticket_ms: NonZeroU64,
 }
 
 impl Default for ZonesSection {
@@ -129,6 +132,7 @@ impl Default for ZonesSection {
             history_events: HistoryConfig::default().events,
             history_ms: HistoryConfig::default().age.as_millis() as u64,
             history_max: HistoryConfig::default().max,
+            migration_ticket_ms: NonZeroU64::new(10_000).expect("nonzero"),
         }
     }
 }

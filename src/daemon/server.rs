@@ -33,8 +33,8 @@ use crate::realtime::{
     random_secret,
 };
 use crate::runtime::{
-    Limits, OWNERS_BATCHER, OwnerOutcomes, Replies, Snapshots, TimerConfig, WriterConfig,
-    ZoneAcker, ZoneHandle, ZoneRegistry, ZoneWork, ZoneWriter, command, run_timers,
+    Limits, Migrations, OWNERS_BATCHER, OwnerOutcomes, Replies, Snapshots, TimerConfig,
+    WriterConfig, ZoneAcker, ZoneHandle, ZoneRegistry, ZoneWork, ZoneWriter, command, run_timers,
 };
 use crate::store::{AuditSink, Backend, Store};
 use crate::zone::{Actor, CommandKind};
@@ -648,6 +648,10 @@ impl Server {
             Some(cluster) => cluster.serve(zones.clone()).await?,
         }
 
+        let migrations = Migrations::new(
+            zones.clone(),
+            Duration::from_millis(file.zones.migration_ticket_ms.get()),
+        );
         let (stop, stop_rx) = watch::channel(false);
         // The WebSockets stop on a signal of their own: in a cluster, only once this node's
         // zones are handed over.
@@ -669,6 +673,7 @@ impl Server {
                 sockets_stop_rx,
             )
             .with_console(console::feed(secrets.admin_token.clone(), registry.clone()))
+            .with_migrations(migrations.clone())
             .with_revocations(Arc::new(Revocations::new(
                 store.token_revocations().await?.into_iter().map(
                     |(agent_id, zone_id, before_us)| Revocation {
@@ -698,6 +703,7 @@ impl Server {
             signer,
             admin_token: Arc::from(secrets.admin_token.as_str()),
             sockets,
+            migrations,
             registry: registry.clone(),
             server_name: match &file.cluster {
                 Some(c) => c.node_id.clone(),

@@ -36,6 +36,9 @@ pub struct Joined {
     ///
     /// [`Claims::minted_us`]: super::token::Claims::minted_us
     pub minted_us: i64,
+    /// A `migrate` it asked for is under way: a second is refused, and the channel closes when
+    /// it succeeds.
+    pub migrating: bool,
 }
 
 /// A connection's channels by zone.

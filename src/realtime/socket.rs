@@ -38,7 +38,9 @@ use super::protocol::{self, Frame};
 use super::revocation::Revocations;
 use super::token::TokenSigner;
 use crate::pipeline::{Message as PipelineMessage, PushError, PushHandle, PushPermit};
-use crate::runtime::{IDEMPOTENCY_KEY_CHARS, ReplyTo, Since, command, keyed_command_id};
+use crate::runtime::{
+    IDEMPOTENCY_KEY_CHARS, Migrations, ReplyTo, Since, command, keyed_command_id,
+};
 use crate::zone::{Actor, CommandKind, ZoneCommand, parse_zone_id};
 
 /// Per-connection limits.
@@ -210,6 +212,8 @@ pub struct SocketContext<W> {
     pub admission: Admission,
     /// Revoked tokens: refused at join, and their sessions ended.
     pub revocations: Arc<Revocations>,
+    /// What carries out `migrate` pushes (none: they are refused `unavailable`).
+    pub migrations: Option<Arc<Migrations>>,
     /// This run's random prefix for connection names.
     run: String,
     next_id: AtomicU64,
@@ -238,6 +242,12 @@ impl<W: Send + 'static> SocketContext<W> {
     }
 
     /// Refuses and ends what `revocations` revokes (by default, nothing is revoked).
+    /// Moves agents between zones with `migrations`.
+    pub fn with_migrations(mut self, migrations: Arc<Migrations>) -> Self {
+        self.migrations = Some(migrations);
+        self
+    }
+
     pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
         self.revocations = revocations;
         self
@@ -260,6 +270,7 @@ impl<W: Send + 'static> SocketContext<W> {
         Self {
             admission,
             revocations: Arc::default(),
+            migrations: None,
             hub,
             signer,
             work,
@@ -708,6 +719,7 @@ impl<W: Send + 'static> Connection<W> {
             ),
             (_, "phx_join") => self.join(frame),
             (_, "phx_leave") => self.leave(frame),
+            (_, "migrate") => self.migrate(frame),
             _ => self.event(frame),
         }
     }
@@ -785,14 +797,16 @@ impl<W: Send + 'static> Connection<W> {
         };
         let text =
             |p: &Map<String, Value>, k: &str| p.get(k).and_then(Value::as_str).map(str::to_owned);
-        let (Some(agent_id), Some(token)) = (
-            text(&frame.payload, "agent_id"),
+        let agent_id = text(&frame.payload, "agent_id");
+        let (token, ticket) = (
             text(&frame.payload, "token"),
-        ) else {
+            text(&frame.payload, "ticket"),
+        );
+        let (Some(agent_id), true) = (agent_id, token.is_some() != ticket.is_some()) else {
             return self.refuse_join(
                 &frame,
                 "unauthorized",
-                "join params need agent_id and token",
+                "join params need agent_id and a token (or, after a migrate, its ticket)",
             );
         };
         let since = match frame.payload.get("since") {
@@ -810,11 +824,40 @@ impl<W: Send + 'static> Connection<W> {
                 }
             },
         };
-        let claims = match self.ctx.signer.verify(&token, chrono::Utc::now()) {
-            Ok(c) => c,
-            Err(e) => {
-                return self.refuse_join(&frame, "unauthorized", &e.to_string());
-            }
+        // A ticket stands for the join token its migration was asked with, for one agent, one
+        // zone and one place there: the zone takes the place (once) or refuses the ticket.
+        let (claims, arrival) = match (token, ticket) {
+            (_, Some(ticket)) => match self.ctx.signer.verify_ticket(&ticket, chrono::Utc::now()) {
+                Ok(c) if c.agent_id != agent_id => {
+                    return self.refuse_join(
+                        &frame,
+                        "invalid_ticket",
+                        "the ticket was issued to another agent",
+                    );
+                }
+                Ok(c) if c.zone_id != zone => {
+                    return self.refuse_join(
+                        &frame,
+                        "invalid_ticket",
+                        "the ticket is for another zone",
+                    );
+                }
+                Ok(c) => (c.token(), Some(c.ticket)),
+                Err(e) => {
+                    return self.refuse_join(
+                        &frame,
+                        "invalid_ticket",
+                        &format!("the ticket is refused: {e}"),
+                    );
+                }
+            },
+            (Some(token), None) => match self.ctx.signer.verify(&token, chrono::Utc::now()) {
+                Ok(c) => (c, None),
+                Err(e) => {
+                    return self.refuse_join(&frame, "unauthorized", &e.to_string());
+                }
+            },
+            (None, None) => unreachable!("one of them, checked above"),
         };
         if claims.agent_id != agent_id || claims.zone_id != zone {
             return self.refuse_join(
@@ -842,6 +885,7 @@ impl<W: Send + 'static> Connection<W> {
             perms: claims.perms,
             expires_at,
             minted_us: claims.minted_us,
+            migrating: false,
         };
         let (previous, too_many) = {
             let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
@@ -864,9 +908,16 @@ impl<W: Send + 'static> Connection<W> {
             );
         }
         self.expiry = Some(self.expiry.map_or(expires_at, |e| e.min(expires_at)));
+        let kind = match arrival {
+            Some(reservation) => CommandKind::Arrive {
+                reservation,
+                connections: Vec::new(),
+            },
+            None => CommandKind::Join,
+        };
         self.submit(
             zone,
-            CommandKind::Join,
+            kind,
             Asked::Join,
             &joined,
             Carried {
@@ -875,6 +926,59 @@ impl<W: Send + 'static> Connection<W> {
                 key: None,
             },
         );
+    }
+
+    /// A `migrate` push: see [`super::migrate`].
+    fn migrate(&mut self, mut frame: Frame) {
+        let zone = match Self::zone_of(&frame.topic) {
+            Ok(zone) => zone,
+            Err((reason, details)) => {
+                self.refuse("unmatched_topic");
+                return self.reply_error(&frame, reason, &details);
+            }
+        };
+        let Some(key) = self.idempotency_key(&mut frame) else {
+            return;
+        };
+        self.ctx.metrics.pushes.inc();
+        super::migrate::start(
+            super::migrate::Asker {
+                peer: &self.peer,
+                channels: &self.channels,
+                hub: &self.ctx.hub,
+                signer: &self.ctx.signer,
+                revocations: &self.ctx.revocations,
+                migrations: self.ctx.migrations.as_ref(),
+                unanswered: self.unanswered.clone(),
+            },
+            zone,
+            frame,
+            key,
+        );
+    }
+
+    /// Takes a push's `idempotency_key` out of its payload: `Some(None)` without one, `None`
+    /// (answered `invalid_payload`) for one that is not a string of 1 to 64 characters.
+    fn idempotency_key(&mut self, frame: &mut Frame) -> Option<Option<String>> {
+        match frame.payload.remove("idempotency_key") {
+            None => Some(None),
+            Some(Value::String(key))
+                if (1..=IDEMPOTENCY_KEY_CHARS).contains(&key.chars().count()) =>
+            {
+                Some(Some(key))
+            }
+            Some(_) => {
+                self.refuse("invalid_payload");
+                self.reply_error(
+                    frame,
+                    "invalid_payload",
+                    &format!(
+                        "idempotency_key must be a string of 1 to {IDEMPOTENCY_KEY_CHARS} characters"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn leave(&mut self, frame: Frame) {
@@ -932,24 +1036,8 @@ impl<W: Send + 'static> Connection<W> {
             ));
             return;
         };
-        let key = match frame.payload.remove("idempotency_key") {
-            None => None,
-            Some(Value::String(key))
-                if (1..=IDEMPOTENCY_KEY_CHARS).contains(&key.chars().count()) =>
-            {
-                Some(key)
-            }
-            Some(_) => {
-                self.refuse("invalid_payload");
-                self.reply_error(
-                    &frame,
-                    "invalid_payload",
-                    &format!(
-                        "idempotency_key must be a string of 1 to {IDEMPOTENCY_KEY_CHARS} characters"
-                    ),
-                );
-                return;
-            }
+        let Some(key) = self.idempotency_key(&mut frame) else {
+            return;
         };
         let payload = Value::Object(std::mem::take(&mut frame.payload));
         match CommandKind::from_value(&frame.event, payload) {

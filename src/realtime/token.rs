@@ -127,6 +127,82 @@ impl TokenSigner {
     }
 }
 
+/// What a migration's ticket lets its holder do: join zone `zone_id` as `agent_id` into the
+/// place reservation `reservation` holds, with the bits and the lifetime of the join token the
+/// migration was asked with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketClaims {
+    pub ticket: Uuid,
+    pub agent_id: String,
+    pub zone_id: Uuid,
+    pub perms: Permissions,
+    /// When the place stops being held, in milliseconds since the Unix epoch.
+    pub exp_ms: i64,
+    /// The join token's expiry (seconds) and minting (microseconds): the session's.
+    pub token_exp: i64,
+    pub minted_us: i64,
+}
+
+impl TicketClaims {
+    /// The join token's claims, which the session it opens keeps to.
+    pub fn token(&self) -> Claims {
+        Claims {
+            agent_id: self.agent_id.clone(),
+            zone_id: self.zone_id,
+            perms: self.perms,
+            exp: self.token_exp,
+            minted_us: self.minted_us,
+        }
+    }
+}
+
+/// Signed apart from join tokens, so that neither passes for the other.
+const TICKET_DOMAIN: &[u8] = b"thunderline ticket\0";
+
+impl TokenSigner {
+    /// A ticket with `claims`: the same claims give the same ticket (a retried migration is
+    /// told the same ticket again).
+    pub fn mint_ticket(&self, claims: &TicketClaims) -> String {
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialise"));
+        let mut mac = self.key.clone();
+        mac.update(TICKET_DOMAIN);
+        mac.update(body.as_bytes());
+        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{body}.{sig}")
+    }
+
+    /// The claims of a ticket this signer minted whose place has not expired at `now`.
+    pub fn verify_ticket(
+        &self,
+        ticket: &str,
+        now: DateTime<Utc>,
+    ) -> Result<TicketClaims, TokenError> {
+        let (body, sig) = ticket.split_once('.').ok_or(TokenError::Malformed)?;
+        let sig = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| TokenError::Malformed)?;
+        let mut mac = self.key.clone();
+        mac.update(TICKET_DOMAIN);
+        mac.update(body.as_bytes());
+        mac.verify_slice(&sig)
+            .map_err(|_| TokenError::BadSignature)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Malformed)?;
+        let claims: TicketClaims =
+            serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
+        if claims.exp_ms <= now.timestamp_millis() {
+            let at = Utc
+                .timestamp_millis_opt(claims.exp_ms)
+                .single()
+                .unwrap_or(DateTime::<Utc>::MIN_UTC);
+            return Err(TokenError::Expired(at));
+        }
+        Ok(claims)
+    }
+}
+
 /// Constant-time comparison, so a token cannot be guessed a byte at a time.
 pub fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -142,6 +218,46 @@ pub fn random_secret() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tickets_and_tokens_do_not_pass_for_each_other() {
+        let signer = TokenSigner::new(&[7u8; 32]).unwrap();
+        let now = Utc::now();
+        let claims = TicketClaims {
+            ticket: Uuid::nil(),
+            agent_id: "a".into(),
+            zone_id: Uuid::nil(),
+            perms: Permissions::all(),
+            exp_ms: now.timestamp_millis() + 10_000,
+            token_exp: now.timestamp() + 60,
+            minted_us: 0,
+        };
+        let ticket = signer.mint_ticket(&claims);
+        assert_eq!(
+            ticket,
+            signer.mint_ticket(&claims),
+            "the same claims, the same ticket"
+        );
+        assert_eq!(signer.verify_ticket(&ticket, now), Ok(claims.clone()));
+        assert!(signer.verify(&ticket, now).is_err(), "a ticket is no token");
+        let (token, _) = signer
+            .mint("a", Uuid::nil(), Permissions::all(), 60, now)
+            .unwrap();
+        assert!(
+            signer.verify_ticket(&token, now).is_err(),
+            "a token is no ticket"
+        );
+        let later = now + chrono::Duration::milliseconds(10_000);
+        assert!(matches!(
+            signer.verify_ticket(&ticket, later),
+            Err(TokenError::Expired(_))
+        ));
+        let other = TokenSigner::new(&[8u8; 32]).unwrap();
+        assert_eq!(
+            other.verify_ticket(&ticket, now),
+            Err(TokenError::BadSignature)
+        );
+    }
 
     #[test]
     fn tokens_verify_only_untampered_unexpired_and_ours() {

@@ -16,6 +16,7 @@ use axum::extract::ws::Utf8Bytes;
 use serde_json::json;
 use uuid::Uuid;
 
+use super::channel::Joined;
 use super::hub::{Hub, ZoneTopic, topic_name};
 use super::protocol;
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
@@ -50,6 +51,20 @@ pub fn event_frame(event: &ZoneEvent) -> String {
         event.name(),
         &event.broadcast_payload(),
     )
+}
+
+/// The channel of a connection whose agent a service moved into a zone: no join of its own (no
+/// `join_ref`, no token bits), for as long as the connection lasts.
+fn moved_in(agent_id: &str) -> Joined {
+    Joined {
+        join_ref: None,
+        agent_id: agent_id.to_owned(),
+        perms: crate::zone::Permissions::empty(),
+        expires_at: tokio::time::Instant::now()
+            + std::time::Duration::from_secs(100 * 365 * 24 * 3600),
+        minted_us: 0,
+        migrating: false,
+    }
 }
 
 /// Broadcasts each processed event to its zone's subscribers; see the module documentation.
@@ -106,7 +121,12 @@ impl TopicSink {
                     return;
                 };
                 let join_ref = {
-                    let channels = conn.channels.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut channels = conn.channels.lock().unwrap_or_else(|e| e.into_inner());
+                    // A service moved this connection's agent here: the connection holds the
+                    // session, and leaves it when it goes, as for a channel it joined.
+                    if p.from.is_some() && !channels.contains_key(&event.zone_id) {
+                        channels.insert(event.zone_id, moved_in(&p.agent_id));
+                    }
                     channels
                         .get(&event.zone_id)
                         .filter(|j| j.agent_id == p.agent_id)
@@ -131,6 +151,28 @@ impl TopicSink {
             EventKind::AgentLeft(p) => {
                 if topic.unsubscribe(hub, &p.connection).is_some() {
                     run.flush(hub, topic);
+                }
+                if let (Some(to), Some(conn)) = (p.to, hub.connection(&p.connection)) {
+                    // Moved away by a service: its client is told where. (A migration the
+                    // connection asked for itself closes its channel with its answer.)
+                    let closed = {
+                        let mut channels = conn.channels.lock().unwrap_or_else(|e| e.into_inner());
+                        match channels.get(&event.zone_id) {
+                            Some(j) if j.agent_id == p.agent_id && !j.migrating => {
+                                channels.remove(&event.zone_id).map(|j| j.join_ref)
+                            }
+                            _ => None,
+                        }
+                    };
+                    if let Some(join_ref) = closed {
+                        conn.peer.send_text(protocol::encode(
+                            join_ref.as_deref(),
+                            join_ref.as_deref(),
+                            &name,
+                            "phx_close",
+                            &json!({"reason": "migrated", "to": to.to_string()}),
+                        ));
+                    }
                 }
                 if let Some(payload) = topic.untrack(hub, &p.agent_id, &p.connection) {
                     run.push(diff(payload));

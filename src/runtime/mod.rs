@@ -16,6 +16,7 @@
 mod acker;
 mod context;
 mod history;
+mod migration;
 mod owners;
 mod placement;
 mod registry;
@@ -30,6 +31,7 @@ use std::time::Duration;
 pub use acker::ZoneAcker;
 pub use context::{IDEMPOTENCY_KEY_CHARS, Limits, command, keyed_command_id, new_epoch, now};
 pub use history::{HistoryConfig, Since, complete as history_complete};
+pub use migration::{MigrationRequest, Migrations};
 pub use owners::{OWNERS_BATCHER, OwnerOutcomes};
 pub use placement::{Forwarded, InOrder, NOT_OWNER, Place, Placement, Settled};
 pub use registry::{Eviction, LiveZone, Loaded, ZoneRegistry};

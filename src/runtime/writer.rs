@@ -106,7 +106,7 @@ impl ZoneWriter {
     /// A join is answered at once either way: what it missed must follow its reply before the
     /// topic sink sends it anything newer, and a session does not outlive a crash anyway.
     fn answer(&self, work: &mut ZoneWork, reply: Reply) {
-        let join = matches!(&work.job, Job::Command(c) if c.kind == CommandKind::Join);
+        let join = matches!(&work.job, Job::Command(c) if c.kind.is_join());
         let durable = self.config.replies == Replies::Durable
             && !work.events.is_empty()
             && reply.outcome.result.is_ok()
@@ -240,7 +240,7 @@ impl Processor<ZoneWork> for ZoneWriter {
         // What a rejoin missed before memory's reach is read from the log now, before the
         // zone is held (nothing else changes the zone meanwhile: this is its only writer).
         let rejoin = match work.since.take() {
-            Some(since) if command.kind == CommandKind::Join => {
+            Some(since) if command.kind.is_join() => {
                 Some((since.seq, self.missed_in_log(zone_id, &live, &since).await))
             }
             _ => None,
@@ -297,7 +297,7 @@ impl Processor<ZoneWork> for ZoneWriter {
                 };
                 self.rejoins.with_label_values(&[label]).inc();
             }
-            if work.forwarded && command.kind == CommandKind::Join && reply.outcome.result.is_ok() {
+            if work.forwarded && command.kind.is_join() && reply.outcome.result.is_ok() {
                 reply.presence = Some(state.snapshot().sessions.into());
             }
             live.note_sessions(state.session_count(), Instant::now());

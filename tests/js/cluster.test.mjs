@@ -4,9 +4,9 @@
 // THUNDERLINE_URL_B and THUNDERLINE_ADMIN_TOKEN.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { Socket, Presence } from "phoenix";
-import WebSocket from "ws";
+import { Presence } from "phoenix";
 import { adminApi } from "./admin.mjs";
+import { closeAll, connect, eventually, join, next, push } from "./channels.mjs";
 
 const [urlA, urlB] = [process.env.THUNDERLINE_URL, process.env.THUNDERLINE_URL_B];
 const admin = process.env.THUNDERLINE_ADMIN_TOKEN;
@@ -14,58 +14,7 @@ assert.ok(urlA && urlB && admin, "THUNDERLINE_URL, THUNDERLINE_URL_B and THUNDER
 const apiA = adminApi(urlA, admin);
 const apiB = adminApi(urlB, admin);
 
-const sockets = [];
-after(() => sockets.forEach((s) => s.disconnect()));
-
-function connect(base) {
-  const socket = new Socket(base.replace(/^http/, "ws") + "/socket", { transport: WebSocket });
-  socket.connect();
-  sockets.push(socket);
-  return socket;
-}
-
-function join(channel) {
-  return new Promise((resolve, reject) => {
-    channel
-      .join()
-      .receive("ok", resolve)
-      .receive("error", (e) => reject(Object.assign(new Error("join refused"), { response: e })))
-      .receive("timeout", () => reject(new Error("join timed out")));
-  });
-}
-
-function push(channel, event, payload) {
-  return new Promise((resolve) => {
-    channel
-      .push(event, payload)
-      .receive("ok", (r) => resolve({ status: "ok", response: r }))
-      .receive("error", (r) => resolve({ status: "error", response: r }))
-      .receive("timeout", () => resolve({ status: "timeout" }));
-  });
-}
-
-function next(channel, event, pred = () => true) {
-  return new Promise((resolve) => {
-    const ref = channel.on(event, (payload) => {
-      if (pred(payload)) {
-        channel.off(event, ref);
-        resolve(payload);
-      }
-    });
-  });
-}
-
-async function eventually(check, what, ms = 5000) {
-  const until = Date.now() + ms;
-  for (;;) {
-    try {
-      return await check();
-    } catch (e) {
-      if (Date.now() > until) throw new Error(`${what}: ${e.message}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
-}
+after(closeAll);
 
 test("clients on two nodes share one zone: broadcasts, presence and the session count", async () => {
   const zone = await apiA("POST", "/api/zones", { name: "cluster", capacity: 10, permissions: 3 });

@@ -3,111 +3,18 @@
 // THUNDERLINE_URL and THUNDERLINE_ADMIN_TOKEN.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { Socket, Presence } from "phoenix";
-import WebSocket from "ws";
+import { Presence } from "phoenix";
+import { adminClient } from "./admin.mjs";
+import { closeAll, connect as connectTo, eventually, join, next, push, refusal } from "./channels.mjs";
 
 const base = process.env.THUNDERLINE_URL;
 const admin = process.env.THUNDERLINE_ADMIN_TOKEN;
 assert.ok(base && admin, "THUNDERLINE_URL and THUNDERLINE_ADMIN_TOKEN must be set");
-const wsUrl = base.replace(/^http/, "ws") + "/socket";
 
-const sockets = [];
-after(() => sockets.forEach((s) => s.disconnect()));
+after(closeAll);
 
-async function api(method, path, body) {
-  const res = await fetch(base + path, {
-    method,
-    headers: { authorization: `Bearer ${admin}`, "content-type": "application/json" },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.text();
-  return { status: res.status, body: text ? JSON.parse(text) : null };
-}
-
-async function zone(overrides = {}) {
-  const { status, body } = await api("POST", "/api/zones", {
-    name: "JS zone",
-    capacity: 10,
-    permissions: 0x03,
-    resources: { food: { amount: 100, max: 100, regen: 1 } },
-    ...overrides,
-  });
-  assert.equal(status, 201, JSON.stringify(body));
-  return body;
-}
-
-async function token(agent, zoneId, permissions = ["spawn_agents", "modify_zone"]) {
-  const { status, body } = await api("POST", "/api/tokens", {
-    agent_id: agent,
-    zone_id: zoneId,
-    permissions,
-    ttl_seconds: 600,
-  });
-  assert.equal(status, 200, JSON.stringify(body));
-  return body.token;
-}
-
-function connect(opts = {}) {
-  const socket = new Socket(wsUrl, { transport: WebSocket, ...opts });
-  socket.connect();
-  sockets.push(socket);
-  return socket;
-}
-
-function join(channel) {
-  return new Promise((resolve, reject) => {
-    channel
-      .join()
-      .receive("ok", resolve)
-      .receive("error", (e) => reject(Object.assign(new Error("join refused"), { response: e })))
-      .receive("timeout", () => reject(new Error("join timed out")));
-  });
-}
-
-function refusal(channel) {
-  return new Promise((resolve, reject) => {
-    channel
-      .join()
-      .receive("ok", () => reject(new Error("join should have been refused")))
-      .receive("error", (e) => {
-        channel.leave(); // stop the client's automatic rejoin attempts
-        resolve(e);
-      });
-  });
-}
-
-function push(channel, event, payload) {
-  return new Promise((resolve) => {
-    channel
-      .push(event, payload)
-      .receive("ok", (r) => resolve({ status: "ok", response: r }))
-      .receive("error", (r) => resolve({ status: "error", response: r }))
-      .receive("timeout", () => resolve({ status: "timeout" }));
-  });
-}
-
-function next(channel, event, pred = () => true) {
-  return new Promise((resolve) => {
-    const ref = channel.on(event, (payload) => {
-      if (pred(payload)) {
-        channel.off(event, ref);
-        resolve(payload);
-      }
-    });
-  });
-}
-
-async function eventually(check, what, ms = 3000) {
-  const until = Date.now() + ms;
-  for (;;) {
-    try {
-      return await check();
-    } catch (e) {
-      if (Date.now() > until) throw new Error(`${what}: ${e.message}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
-}
+const { api, zone, token } = adminClient(base, admin);
+const connect = (opts) => connectTo(base, opts);
 
 test("join ok, and each join error", async () => {
   const z = await zone({ capacity: 1 });

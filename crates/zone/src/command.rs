@@ -121,11 +121,17 @@ pub enum CommandKind {
     },
     /// Where `agent_id` is in the zone (its sessions and last position): a migration's first
     /// look. Changes nothing.
-    Locate { agent_id: String },
+    Locate {
+        agent_id: String,
+    },
     /// The reservation with this id, if the zone holds it. Changes nothing.
-    GetReservation { reservation: Uuid },
+    GetReservation {
+        reservation: Uuid,
+    },
     /// Whether the zone applied command `command` (and remembers it). Changes nothing.
-    Applied { command: Uuid },
+    Applied {
+        command: Uuid,
+    },
     /// Hold places for an agent coming from another zone: a migration's first step.
     Reserve(Box<Reservation>),
     /// End the agent's sessions here (the actor's own, or a service's agent's `connections`):
@@ -146,7 +152,9 @@ pub enum CommandKind {
         connections: Vec<String>,
     },
     /// Give a reservation's places back: its migration did not happen.
-    Release { reservation: Uuid },
+    Release {
+        reservation: Uuid,
+    },
 }
 
 impl CommandKind {

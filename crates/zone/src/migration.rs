@@ -327,7 +327,9 @@ impl Migration {
 }
 
 fn unexpected(step: &str) -> ZoneError {
-    ZoneError::Unavailable(format!("the zone answered the migration's {step} unexpectedly"))
+    ZoneError::Unavailable(format!(
+        "the zone answered the migration's {step} unexpectedly"
+    ))
 }
 
 #[cfg(test)]

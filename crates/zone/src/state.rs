@@ -786,7 +786,12 @@ impl ZoneState {
         now: DateTime<Utc>,
     ) -> Result<Vec<EventKind>, ZoneError> {
         let e = "reserve";
-        limits::text(e, "agent_id", &reservation.agent_id, limits::MAX_AGENT_ID_BYTES)?;
+        limits::text(
+            e,
+            "agent_id",
+            &reservation.agent_id,
+            limits::MAX_AGENT_ID_BYTES,
+        )?;
         for connection in &reservation.connections {
             limits::text(e, "connection", connection, limits::MAX_CONNECTION_BYTES)?;
         }
@@ -797,7 +802,10 @@ impl ZoneState {
             .position
             .is_some_and(|p| ![p.x, p.y, p.z].iter().all(|c| c.is_finite()))
         {
-            return Err(ZoneError::invalid(e, "position coordinates must be finite numbers"));
+            return Err(ZoneError::invalid(
+                e,
+                "position coordinates must be finite numbers",
+            ));
         }
         if !reservation.live_at(now) {
             return Err(ZoneError::invalid(e, "the reservation has expired already"));
@@ -968,7 +976,11 @@ impl ZoneState {
             check_capacity(capacity)?;
             // Sessions and the places held for agents on their way in.
             let taken = self.sessions.len()
-                + self.reservations.values().map(Reservation::places).sum::<usize>();
+                + self
+                    .reservations
+                    .values()
+                    .map(Reservation::places)
+                    .sum::<usize>();
             if (capacity as usize) < taken {
                 return Err(ZoneError::Conflict(format!(
                     "{taken} places are taken (sessions and reservations): capacity cannot go below that"
@@ -1271,26 +1283,21 @@ impl ZoneState {
                 connections: Vec::new(),
                 position: self.position(agent_id),
             }),
-            CommandKind::Locate { agent_id } => {
-                Answer::Located(Located {
-                    connections: self
-                        .sessions
-                        .keys()
-                        .filter(|k| &k.agent_id == agent_id)
-                        .map(|k| k.connection.clone())
-                        .collect(),
-                    position: self.position(agent_id),
-                })
-            }
+            CommandKind::Locate { agent_id } => Answer::Located(Located {
+                connections: self
+                    .sessions
+                    .keys()
+                    .filter(|k| &k.agent_id == agent_id)
+                    .map(|k| k.connection.clone())
+                    .collect(),
+                position: self.position(agent_id),
+            }),
             CommandKind::GetReservation { reservation } => {
                 Answer::Reservation(self.reservations.get(reservation).cloned().map(Box::new))
             }
-            CommandKind::Reserve(r) => Answer::Reservation(
-                self.reservations
-                    .get(&r.reservation)
-                    .cloned()
-                    .map(Box::new),
-            ),
+            CommandKind::Reserve(r) => {
+                Answer::Reservation(self.reservations.get(&r.reservation).cloned().map(Box::new))
+            }
             CommandKind::Applied { command } => Answer::Applied(self.applied_at(command).is_some()),
             CommandKind::GetZoneState
             | CommandKind::CreateZone(_)

@@ -22,17 +22,36 @@ const TTL: i64 = 10_000;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Join { agent: usize, zone: usize },
-    Leave { agent: usize },
-    Disconnect { agent: usize },
+    Join {
+        agent: usize,
+        zone: usize,
+    },
+    Leave {
+        agent: usize,
+    },
+    Disconnect {
+        agent: usize,
+    },
     /// Starts a migration of `agent` (by itself, or as a service's agent) to `to`; `retry`
     /// picks an earlier migration's id to use again.
-    Migrate { agent: usize, to: usize, service: bool, retry: Option<usize> },
+    Migrate {
+        agent: usize,
+        to: usize,
+        service: bool,
+        retry: Option<usize>,
+    },
     /// One step of the `n`th migration under way.
-    Step { n: usize },
+    Step {
+        n: usize,
+    },
     /// A ticket join with the `n`th ticket issued, by `agent` (perhaps not the ticket's).
-    Ticket { n: usize, agent: usize },
-    Advance { ms: i64 },
+    Ticket {
+        n: usize,
+        agent: usize,
+    },
+    Advance {
+        ms: i64,
+    },
     Crash,
 }
 
@@ -116,7 +135,10 @@ impl World {
     }
 
     fn zone_of(&self, id: Uuid) -> usize {
-        self.zones.iter().position(|z| z.state.id() == id).expect("a zone of the world")
+        self.zones
+            .iter()
+            .position(|z| z.state.id() == id)
+            .expect("a zone of the world")
     }
 
     fn connection(&self, agent: usize) -> String {
@@ -151,7 +173,12 @@ impl World {
     fn sessions_of(&self, agent: usize) -> Vec<usize> {
         let id = agent_id(agent);
         (0..self.zones.len())
-            .filter(|&z| self.zones[z].state.sessions().any(|(k, _)| k.agent_id == id))
+            .filter(|&z| {
+                self.zones[z]
+                    .state
+                    .sessions()
+                    .any(|(k, _)| k.agent_id == id)
+            })
             .collect()
     }
 
@@ -182,7 +209,12 @@ impl World {
                 }
                 self.incarnation[agent] += 1;
             }
-            Op::Migrate { agent, to, service, retry } => {
+            Op::Migrate {
+                agent,
+                to,
+                service,
+                retry,
+            } => {
                 let (id, agent, to, service) = match retry.and_then(|n| self.ids.get(n)).copied() {
                     Some((id, agent, to, service)) => (id, agent, to, service == 1),
                     None => (self.fresh(), agent, to, service),
@@ -208,7 +240,11 @@ impl World {
                 if retry.is_none() {
                     self.ids.push((id, agent, to, usize::from(service)));
                 }
-                self.running.push(Running { migration, agent, to });
+                self.running.push(Running {
+                    migration,
+                    agent,
+                    to,
+                });
             }
             Op::Step { n } => {
                 if n >= self.running.len() {
@@ -219,8 +255,12 @@ impl World {
                 if let Some(end) = self.running[n].migration.advance(outcome) {
                     let done = self.running.remove(n);
                     if let (Ok(migrated), Mover::Agent { .. }) = (end, done.migration.mover()) {
-                        self.tickets
-                            .push((migrated.reservation, done.to, done.agent, migrated.expires_at));
+                        self.tickets.push((
+                            migrated.reservation,
+                            done.to,
+                            done.agent,
+                            migrated.expires_at,
+                        ));
                     }
                 }
             }
@@ -253,7 +293,10 @@ impl World {
                 for zone in 0..self.zones.len() {
                     let id = self.zones[zone].state.id();
                     let rebuilt = ZoneState::replay(id, &self.zones[zone].log).expect("replays");
-                    assert_eq!(rebuilt, self.zones[zone].state, "the log rebuilds zone {zone}");
+                    assert_eq!(
+                        rebuilt, self.zones[zone].state,
+                        "the log rebuilds zone {zone}"
+                    );
                     let mut state = ZoneState::from_snapshot(rebuilt.snapshot());
                     for e in &self.zones[zone].log {
                         if let Some(c) = e.command_id {
@@ -273,7 +316,10 @@ impl World {
     fn check(&self) {
         for agent in 0..AGENTS {
             let zones = self.sessions_of(agent);
-            assert!(zones.len() <= 1, "agent {agent} holds sessions in zones {zones:?}");
+            assert!(
+                zones.len() <= 1,
+                "agent {agent} holds sessions in zones {zones:?}"
+            );
         }
         let mut used = BTreeSet::new();
         for (i, z) in self.zones.iter().enumerate() {
@@ -284,14 +330,20 @@ impl World {
                 "zone {i}: {} places taken of {capacity}",
                 state.places_taken(self.now)
             );
-            assert_eq!(state.zone().active_session_count as usize, state.session_count());
+            assert_eq!(
+                state.zone().active_session_count as usize,
+                state.session_count()
+            );
             let mut sessions = 0i64;
             for e in &z.log {
                 match &e.kind {
                     EventKind::AgentEntered(p) => {
                         sessions += 1;
                         if let Some(r) = p.reservation {
-                            assert!(used.insert((r, p.connection.clone())), "reservation {r} used twice");
+                            assert!(
+                                used.insert((r, p.connection.clone())),
+                                "reservation {r} used twice"
+                            );
                         }
                     }
                     EventKind::AgentLeft(_) => sessions -= 1,
@@ -299,14 +351,21 @@ impl World {
                     _ => {}
                 }
             }
-            assert_eq!(sessions as usize, state.session_count(), "zone {i}: its log's count");
+            assert_eq!(
+                sessions as usize,
+                state.session_count(),
+                "zone {i}: its log's count"
+            );
         }
         // An agent that left for a zone whose place is valid and unused has the place.
         for (reservation, zone, _, expires_at) in &self.tickets {
             let arrived = used.iter().any(|(r, _)| r == reservation);
             if !arrived && *expires_at > self.now {
                 assert!(
-                    self.zones[*zone].state.reservations().any(|r| r.reservation == *reservation),
+                    self.zones[*zone]
+                        .state
+                        .reservations()
+                        .any(|r| r.reservation == *reservation),
                     "the place of a ticket still valid is held"
                 );
             }
@@ -358,7 +417,11 @@ fn a_migration_reserves_then_departs_then_arrives_with_the_position() {
             0,
             world.actor(0),
             CommandKind::AgentMove {
-                position: Position { x: 1.0, y: 2.0, z: 3.0 },
+                position: Position {
+                    x: 1.0,
+                    y: 2.0,
+                    z: 3.0,
+                },
                 sent_at: None,
             },
         )
@@ -387,7 +450,9 @@ fn a_migration_reserves_then_departs_then_arrives_with_the_position() {
     let reserved = world.zones[1].log.last().unwrap();
     assert_eq!(reserved.name(), "migration_reserved");
     let left = world.zones[0].log.last().unwrap();
-    let EventKind::AgentLeft(p) = &left.kind else { panic!("{left:?}") };
+    let EventKind::AgentLeft(p) = &left.kind else {
+        panic!("{left:?}")
+    };
     assert_eq!((p.reason.as_deref(), p.to), (Some("migrated"), Some(b)));
     assert_eq!(world.zones[0].state.session_count(), 0);
     // The one place of B is held: a plain join is refused.
@@ -407,9 +472,18 @@ fn a_migration_reserves_then_departs_then_arrives_with_the_position() {
             },
         )
         .unwrap();
-    let EventKind::AgentEntered(p) = &accepted.events[0].kind else { panic!() };
+    let EventKind::AgentEntered(p) = &accepted.events[0].kind else {
+        panic!()
+    };
     assert_eq!(p.from, Some(a));
-    assert_eq!(p.position, Some(Position { x: 1.0, y: 2.0, z: 3.0 }));
+    assert_eq!(
+        p.position,
+        Some(Position {
+            x: 1.0,
+            y: 2.0,
+            z: 3.0
+        })
+    );
     let payload = serde_json::to_value(&accepted.events[0].kind).unwrap();
     assert_eq!(payload["from"], serde_json::json!(a.to_string()));
     assert_eq!(payload["position"]["y"], 2.0);
@@ -447,7 +521,10 @@ fn a_migration_reserves_then_departs_then_arrives_with_the_position() {
         }
     };
     assert!(end.unwrap().duplicate);
-    assert_eq!(before, world.zones.iter().map(|z| z.log.len()).collect::<Vec<_>>());
+    assert_eq!(
+        before,
+        world.zones.iter().map(|z| z.log.len()).collect::<Vec<_>>()
+    );
 
     // To a full zone (C holds one place, taken): refused, and A is as it was.
     world.apply(&Op::Join { agent: 2, zone: 2 });
