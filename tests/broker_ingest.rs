@@ -195,6 +195,95 @@ async fn broker_commands_are_broadcast_to_the_zone(kind: Kind) {
     broker.cleanup().await;
 }
 
+/// A service moves its agent with the broker command `migrate`: the agent's session in A ends
+/// (its channel closed as `migrated`), it begins in B (`agent_entered` with `from`); the same
+/// message again moves nothing; one for an agent not in A is dead-lettered `not_joined`.
+async fn broker_migrate_moves_a_services_agent(kind: Kind) {
+    let broker = Broker::new(kind).await;
+    let file: thunderline::daemon::config::PipelineFile =
+        toml::from_str(&broker.pipeline_file()).unwrap();
+    let srv = server::start_with(None, file).await;
+    let a = srv.zone(zone_body()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = srv.zone(zone_body()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut rover = Client::connect(&srv.ws_url()).await;
+    let token = srv.token("rover", &a, json!(["spawn_agents"])).await;
+    let (_, reply) = rover
+        .join(
+            &format!("zone:{a}"),
+            json!({"agent_id": "rover", "token": token}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let mut watcher = Client::connect(&srv.ws_url()).await;
+    let token = srv.token("watcher", &b, json!(["spawn_agents"])).await;
+    let (_, reply) = watcher
+        .join(
+            &format!("zone:{b}"),
+            json!({"agent_id": "watcher", "token": token}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+
+    let id = Uuid::now_v7();
+    let body = json!({"id": id, "zone_id": a, "agent_id": "rover", "type": "migrate", "payload": {"to": b}});
+    broker.publish(&a, id, body.to_string().as_bytes()).await;
+    let entered = watcher
+        .until("rover's arrival", |f| {
+            f[3] == "agent_entered" && f[4]["agent_id"] == "rover"
+        })
+        .await;
+    assert_eq!(entered[4]["from"], json!(a));
+    let closed = rover.until("phx_close", |f| f[3] == "phx_close").await;
+    assert_eq!(closed[4]["reason"], "migrated");
+    assert_eq!(closed[4]["to"], json!(b));
+    // Delivered again: the same migration, done already.
+    broker.publish(&a, id, body.to_string().as_bytes()).await;
+    let stray = Uuid::now_v7();
+    let body = json!({"id": stray, "zone_id": a, "agent_id": "nobody", "type": "migrate", "payload": {"to": b}});
+    broker.publish(&a, stray, body.to_string().as_bytes()).await;
+    let dead = common::read_until(10, || broker.dead_letters(), |d| d.contains_key(&stray))
+        .await
+        .expect("the stray migrate is dead-lettered");
+    assert!(dead[&stray].starts_with("not_joined"), "{}", dead[&stray]);
+    assert!(
+        !dead.contains_key(&id),
+        "the migration is not dead-lettered"
+    );
+    broker.assert_settled().await;
+    let (_, events) = srv
+        .api("GET", &format!("/api/zones/{b}/events?limit=1000"), None)
+        .await;
+    let reserved = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "migration_reserved")
+        .count();
+    assert_eq!(reserved, 1, "moved once");
+    let (_, zone_b) = srv.api("GET", &format!("/api/zones/{b}"), None).await;
+    assert_eq!(zone_b["active_session_count"], 2);
+    let (_, zone_a) = srv.api("GET", &format!("/api/zones/{a}"), None).await;
+    assert_eq!(zone_a["active_session_count"], 0);
+    srv.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_migrate_moves_a_services_agent() {
+    broker_migrate_moves_a_services_agent(Kind::Nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_migrate_moves_a_services_agent() {
+    broker_migrate_moves_a_services_agent(Kind::Rabbitmq).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
     kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(Kind::Nats).await;

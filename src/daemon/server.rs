@@ -586,6 +586,8 @@ impl Server {
         if let Some(cluster) = &cluster {
             writer = writer.placed(cluster.router.clone());
         }
+        let migrations_slot: Arc<std::sync::OnceLock<Arc<Migrations>>> = Arc::default();
+        let writer = writer.migrating(migrations_slot.clone());
         // One writer per zone: all of a zone's commands go to one worker, in order.
         let builder = Pipeline::builder("zones")
             .producer(producer)
@@ -601,17 +603,20 @@ impl Server {
         };
         let mut builder =
             builder.batcher(audit_config(file, &store), AuditSink::new(store.clone()));
-        if let Some(cluster) = &cluster {
-            // Broker commands for zones other nodes own wait here for the owner's outcome: many
-            // at once, each batch as soon as a worker is free.
-            builder = builder.batcher(
-                crate::pipeline::BatcherConfig::new(OWNERS_BATCHER)
-                    .batch_size(100)
-                    .concurrency(8)
-                    .group_commit(true),
-                OwnerOutcomes::new(cluster.router.clone()),
-            );
-        }
+        // Broker commands for zones other nodes own wait here for the owner's outcome, and
+        // services' migrations for their end: many at once, each batch as soon as a worker is
+        // free.
+        builder = builder.batcher(
+            crate::pipeline::BatcherConfig::new(OWNERS_BATCHER)
+                .batch_size(100)
+                .concurrency(8)
+                .group_commit(true),
+            OwnerOutcomes::new(
+                cluster
+                    .as_ref()
+                    .map(|c| c.router.clone() as Arc<dyn crate::runtime::Placement>),
+            ),
+        );
         let mut builder = builder
             .in_flight_bound(file.in_flight_bound.get())
             .shutdown_timeout(Duration::from_millis(file.shutdown_timeout_ms.get()))
@@ -652,6 +657,7 @@ impl Server {
             zones.clone(),
             Duration::from_millis(file.zones.migration_ticket_ms.get()),
         );
+        let _ = migrations_slot.set(migrations.clone());
         let (stop, stop_rx) = watch::channel(false);
         // The WebSockets stop on a signal of their own: in a cluster, only once this node's
         // zones are handed over.

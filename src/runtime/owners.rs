@@ -5,6 +5,8 @@
 //! (dead-lettered), given back to the broker ([`Redeliver`]) when no owner answered or the owner
 //! could not decide it yet (`unavailable`): nothing was decided, so a dead letter would lose a
 //! valid command. It comes again, to whichever node then owns the zone.
+//!
+//! A service's `migrate` waits here too (on a single node as well), for its migration's end.
 
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ use super::work::{Job, ZoneWork};
 use super::writer::service_refusal;
 use crate::pipeline::{BatchInfo, BatchSink, BatcherName, Failure, Message};
 use crate::sources::Redeliver;
-use crate::zone::{Outcome, ZoneError};
+use crate::zone::{CommandKind, Outcome, ZoneError};
 
 /// The batcher forwarded service commands wait in.
 pub const OWNERS_BATCHER: &str = "owners";
@@ -31,17 +33,26 @@ const SENDS: usize = 3;
 
 /// The `owners` batcher's sink: see the module documentation.
 pub struct OwnerOutcomes {
-    placement: Arc<dyn Placement>,
+    /// In a cluster: where a command no owner answered is sent again.
+    placement: Option<Arc<dyn Placement>>,
 }
 
 impl OwnerOutcomes {
-    pub fn new(placement: Arc<dyn Placement>) -> Self {
+    /// `placement`: in a cluster, where commands for zones of other nodes go.
+    pub fn new(placement: Option<Arc<dyn Placement>>) -> Self {
         Self { placement }
     }
 
     /// The owner's outcome for `work`, sent again while no owner answers.
     async fn settled(&self, work: &ZoneWork) -> Option<Option<Outcome>> {
         let mut outcome = work.owner_outcome.clone()?.await;
+        // A migration is not sent anywhere: it ended as it did (one cut short is its
+        // broker's to send again, as the same migration).
+        let forwarded =
+            matches!(&work.job, Job::Command(c) if !matches!(c.kind, CommandKind::Migrate { .. }));
+        let Some(placement) = self.placement.as_ref().filter(|_| forwarded) else {
+            return Some(outcome);
+        };
         for _ in 1..SENDS {
             let answered = matches!(
                 &outcome,
@@ -53,7 +64,7 @@ impl OwnerOutcomes {
             let mut again = work.clone();
             again.owner_outcome = None;
             again.reply = None;
-            outcome = self.placement.forward(again).await;
+            outcome = placement.forward(again).await;
         }
         Some(outcome)
     }

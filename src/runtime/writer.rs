@@ -13,7 +13,7 @@
 //! a deletion leaves the zone in memory, refusing everything, until its snapshot (which, for a
 //! deleted zone, removes the row) is written once `zone_deleted` is in the log.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
@@ -21,13 +21,17 @@ use tokio::time::Instant;
 
 use super::context::{self, Limits, now};
 use super::history::{self, HistoryConfig, Plan, Since};
-use super::placement::{NOT_OWNER, Place, Placement};
+use super::migration::{MigrationRequest, Migrations};
+use super::placement::{Forwarded, NOT_OWNER, Place, Placement};
 use super::registry::{Eviction, LiveZone, ZoneRegistry};
 use super::work::{Job, Replies, Reply, ZoneWork};
 use crate::pipeline::{BatchMode, BatcherName, Failure, Message, Processor};
 use crate::sources::Redeliver;
 use crate::store::StoreError;
-use crate::zone::{Actor, CommandKind, Outcome, ZoneCommand, ZoneError, ZoneEvent, ZoneState};
+use crate::zone::{
+    Accepted, Actor, Answer, CommandKind, Mover, Outcome, ZoneCommand, ZoneError, ZoneEvent,
+    ZoneState,
+};
 use futures_util::FutureExt;
 
 /// The writer's settings.
@@ -53,6 +57,8 @@ pub struct ZoneWriter {
     rejoins: IntCounterVec,
     /// In a cluster: which zones this node writes, and how the others' commands reach them.
     placement: Option<Arc<dyn Placement>>,
+    /// What carries out a service's `migrate` (set once the pipeline it drives is running).
+    migrations: Arc<OnceLock<Arc<Migrations>>>,
 }
 
 impl ZoneWriter {
@@ -91,7 +97,14 @@ impl ZoneWriter {
             latency,
             rejoins,
             placement: None,
+            migrations: Arc::default(),
         })
+    }
+
+    /// Carries out services' `migrate` commands with the [`Migrations`] set here later.
+    pub fn migrating(mut self, migrations: Arc<OnceLock<Arc<Migrations>>>) -> Self {
+        self.migrations = migrations;
+        self
     }
 
     /// Writes only the zones `placement` gives this node, and forwards the others' commands.
@@ -137,6 +150,9 @@ impl Processor<ZoneWork> for ZoneWriter {
                 return Ok(());
             }
         };
+        if let CommandKind::Migrate { to } = command.kind {
+            return self.migrate(msg, &command, to);
+        }
         let creation = matches!(command.kind, CommandKind::CreateZone(_));
         let fence = match &self.placement {
             None => None,
@@ -434,6 +450,66 @@ impl ZoneWriter {
             msg.put_batchers(Arc::from([super::owners::owners_batcher()]));
             msg.put_batch_mode(BatchMode::Flush);
         }
+        Ok(())
+    }
+}
+
+impl ZoneWriter {
+    /// A service's `migrate`: a migration of its agent, whose steps are commands to both
+    /// zones' writers (this one's among them), so it is not awaited here: it runs on its own,
+    /// and its message waits in the `owners` batcher, settled by how it ends (a retry of the
+    /// broker message is the same migration, under the message's id).
+    fn migrate(
+        &self,
+        msg: &mut Message<ZoneWork>,
+        command: &ZoneCommand,
+        to: uuid::Uuid,
+    ) -> Result<(), Failure> {
+        let agent = match &command.actor {
+            Actor::Service {
+                agent_id: Some(agent_id),
+            } => agent_id.clone(),
+            _ => {
+                let refusal = ZoneError::InvalidPayload {
+                    event_type: "migrate".to_owned(),
+                    reason: "only a service moves an agent this way, naming it in agent_id"
+                        .to_owned(),
+                };
+                self.reply_unrouted(
+                    msg,
+                    Outcome {
+                        command_id: command.id,
+                        result: Err(refusal),
+                    },
+                );
+                return Ok(());
+            }
+        };
+        let Some(migrations) = self.migrations.get().cloned() else {
+            return Err(undecided(
+                command,
+                "migrations are not running yet".to_owned(),
+            ));
+        };
+        let request = MigrationRequest {
+            id: command.id,
+            from: command.zone_id,
+            to,
+            agent_id: agent,
+            mover: Mover::Service,
+        };
+        let command_id = command.id;
+        let ended: Forwarded = Box::pin(async move {
+            let result = migrations.migrate(request).await.map(|migrated| Accepted {
+                events: Vec::new(),
+                answer: Answer::Done,
+                duplicate: migrated.duplicate,
+            });
+            Some(Outcome { command_id, result })
+        });
+        msg.data.owner_outcome = Some(ended.shared());
+        msg.put_batchers(Arc::from([super::owners::owners_batcher()]));
+        msg.put_batch_mode(BatchMode::Flush);
         Ok(())
     }
 }

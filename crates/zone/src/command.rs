@@ -155,6 +155,11 @@ pub enum CommandKind {
     Release {
         reservation: Uuid,
     },
+    /// Move the service's agent (every session it has here) to zone `to`: carried out by the
+    /// runtime, step by step ([`Migration`](crate::Migration)), never decided by one zone.
+    Migrate {
+        to: Uuid,
+    },
 }
 
 impl CommandKind {
@@ -183,6 +188,7 @@ impl CommandKind {
             Self::Depart { .. } => "depart",
             Self::Arrive { .. } => "arrive",
             Self::Release { .. } => "release",
+            Self::Migrate { .. } => "migrate",
         }
     }
 

@@ -72,7 +72,7 @@ pub enum ZoneError {
     #[error("unknown event type {0:?}")]
     UnknownEventType(String),
     #[error(
-        "{0:?} is not a command (agent_move, agent_interact, consume_resource, broadcast_event, get_zone_state, tick)"
+        "{0:?} is not a command (agent_move, agent_interact, consume_resource, broadcast_event, get_zone_state, tick, migrate)"
     )]
     UnknownCommand(String),
     #[error("the {event_type} payload is refused: {reason}")]

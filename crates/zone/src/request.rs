@@ -15,13 +15,14 @@ use super::error::ZoneError;
 use super::event::Position;
 
 /// The commands a client may name, by the names sockets and brokers use.
-pub const CLIENT_COMMANDS: [&str; 6] = [
+pub const CLIENT_COMMANDS: [&str; 7] = [
     "agent_move",
     "agent_interact",
     "consume_resource",
     "broadcast_event",
     "get_zone_state",
     "tick",
+    "migrate",
 ];
 
 #[derive(Deserialize)]
@@ -54,6 +55,14 @@ struct Broadcast {
     event_type: String,
     #[serde(default)]
     payload: Map<String, Value>,
+}
+
+/// `{"to": "<zone id>"}`: where a service's agent moves. (A socket's `migrate` also carries
+/// the join token for it, and is checked by the socket.)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Migrate {
+    to: uuid::Uuid,
 }
 
 /// `{}`: the commands that take nothing.
@@ -123,6 +132,9 @@ fn decode(name: &str, payload: Payload<'_>) -> Result<CommandKind, ZoneError> {
             }),
         "get_zone_state" => payload.read().map(|Nothing {}| CommandKind::GetZoneState),
         "tick" => payload.read().map(|Nothing {}| CommandKind::Tick),
+        "migrate" => payload
+            .read()
+            .map(|m: Migrate| CommandKind::Migrate { to: m.to }),
         _ => return Err(ZoneError::UnknownCommand(name.to_owned())),
     };
     kind.map_err(|reason| ZoneError::invalid(name, reason))

@@ -769,6 +769,13 @@ impl ZoneState {
                 reservation,
                 connections,
             } => self.arrive(agent.as_ref(), *reservation, connections, ctx)?,
+            // The runtime carries a migration out step by step; no zone decides it whole.
+            CommandKind::Migrate { .. } => {
+                return Err(ZoneError::NotAllowed {
+                    command: kind.name().to_owned(),
+                    actor: "one zone".to_owned(),
+                });
+            }
             CommandKind::Release { reservation } => match self.reservations.get(reservation) {
                 Some(r) => vec![EventKind::MigrationReleased(Released {
                     reservation: r.reservation,
