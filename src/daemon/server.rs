@@ -608,7 +608,8 @@ impl Server {
         // free.
         builder = builder.batcher(
             crate::pipeline::BatcherConfig::new(OWNERS_BATCHER)
-                .batch_size(100)
+                // Never more than the pipeline lets in at once, or a batch could never fill.
+                .batch_size(100.min(file.in_flight_bound.get()))
                 .concurrency(8)
                 .group_commit(true),
             OwnerOutcomes::new(
