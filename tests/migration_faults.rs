@@ -68,7 +68,6 @@ async fn a_crash_between_the_steps_leaves_every_agent_in_exactly_one_place() {
     let zone = json!({"name": "z", "capacity": 100, "permissions": 3});
     let a = daemon.zone(zone.clone()).await;
     let b = daemon.zone(zone).await;
-    let url = format!("ws://{}/socket/websocket?vsn=2.0.0", daemon.addr);
 
     let mut clients = Vec::new();
     for i in 0..AGENTS {
