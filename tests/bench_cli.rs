@@ -121,3 +121,22 @@ fn bench_recovery_recovers_every_rejoin_from_memory_and_from_the_log() {
         assert!(c["plain_join"]["p99_ms"].as_f64().unwrap() > 0.0, "{c}");
     }
 }
+
+/// `bench migrate`, small, on one node and across two: every move ends with the agent in the
+/// other zone, and the report has the plain leave-and-join beside it.
+#[test]
+fn bench_migrate_moves_every_agent_on_one_node_and_across_two() {
+    for nodes in ["1", "2"] {
+        let report = json_report(&[
+            "bench", "migrate", "--agents", "5", "--rounds", "4", "--nodes", nodes, "--json",
+        ]);
+        assert_eq!(report["nodes"].as_u64().unwrap().to_string(), nodes);
+        for way in ["migrate", "leave_and_join"] {
+            let m = &report[way];
+            assert_eq!(m["completed"], 20, "{way}: {report}");
+            assert_eq!(m["failed"], 0, "{way}: {report}");
+            assert!(m["p99_ms"].as_f64().unwrap() > 0.0, "{way}: {report}");
+            assert!(m["per_sec"].as_f64().unwrap() > 0.0, "{way}: {report}");
+        }
+    }
+}

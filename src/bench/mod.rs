@@ -6,6 +6,7 @@ mod admin_client;
 pub mod audit;
 pub mod broker;
 mod error;
+pub mod migrate;
 pub mod pipeline;
 pub mod recovery;
 pub mod ws;

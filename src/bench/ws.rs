@@ -214,9 +214,9 @@ pub struct SweepReport {
 }
 
 /// The daemon under test, as a child process.
-struct Daemon {
+pub(super) struct Daemon {
     child: Child,
-    addr: SocketAddr,
+    pub(super) addr: SocketAddr,
     dir: PathBuf,
     /// How it was started, to start it again (`--rolling-restart`).
     start: DaemonStart,
@@ -264,7 +264,7 @@ fn rss(pid: u32, field: &str) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn start_daemon(
+pub(super) fn start_daemon(
     admin: &str,
     secret: &str,
     replies: Option<Replies>,
@@ -334,7 +334,7 @@ fn start_daemon_at(start: &DaemonStart, listen: &str) -> Result<Daemon, BenchErr
 }
 
 /// Lets this process (and the daemon it starts) hold one descriptor per connection.
-fn raise_fd_limit() {
+pub(super) fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
     unsafe {
         let mut limit = libc::rlimit {
@@ -1030,13 +1030,13 @@ enum Setup {
 }
 
 /// A PostgreSQL schema a run keeps its zones in, dropped afterwards.
-struct Schema {
+pub(super) struct Schema {
     base: String,
-    name: String,
+    pub(super) name: String,
 }
 
 impl Schema {
-    async fn create(base: &str) -> Result<Self, BenchError> {
+    pub(super) async fn create(base: &str) -> Result<Self, BenchError> {
         use sqlx::Connection;
         let name = format!("bench_{}", uuid::Uuid::now_v7().simple());
         let mut db = sqlx::PgConnection::connect(base).await?;
@@ -1050,12 +1050,12 @@ impl Schema {
     }
 
     /// The URL whose connections use the schema.
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         let sep = if self.base.contains('?') { '&' } else { '?' };
         format!("{}{sep}options[search_path]={}", self.base, self.name)
     }
 
-    async fn drop_now(self) {
+    pub(super) async fn drop_now(self) {
         use sqlx::Connection;
         if let Ok(mut db) = sqlx::PgConnection::connect(&self.base).await {
             let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
@@ -1093,7 +1093,7 @@ impl Target {
 }
 
 /// Waits until a daemon says it is ready (a cluster node: it has joined).
-async fn ready(addr: SocketAddr) -> Result<(), BenchError> {
+pub(super) async fn ready(addr: SocketAddr) -> Result<(), BenchError> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(mut probe) = AdminClient::connect(addr, "").await
@@ -1234,7 +1234,7 @@ async fn prepare(args: &WsArgs, setup: Setup) -> Result<Target, BenchError> {
     })
 }
 
-fn ws_url_of(addr: SocketAddr) -> String {
+pub(super) fn ws_url_of(addr: SocketAddr) -> String {
     format!("ws://{addr}/socket/websocket?vsn=2.0.0")
 }
 

@@ -57,6 +57,9 @@ enum Bench {
     /// Time from a rejoin with `since` to the last missed event, from memory and from the audit
     /// log, against a plain join.
     Recovery(bench::recovery::RecoveryArgs),
+    /// Agents moving between two zones (`migrate`, then a join with the ticket), on one node or
+    /// across two, against a plain leave and join.
+    Migrate(bench::migrate::MigrateArgs),
 }
 
 const BENCHMARKS: &str = "available benchmarks (each takes --json):
@@ -64,7 +67,8 @@ const BENCHMARKS: &str = "available benchmarks (each takes --json):
   audit      zone events into the audit log vs. a raw COPY (needs --database)
   ws         WebSocket clients through the zone server vs. a bare broadcast server
   broker     commands from NATS or RabbitMQ into the audit log vs. raw consume + ack (--kind)
-  recovery   a rejoin's missed events (from memory, from the audit log) vs. a plain join";
+  recovery   a rejoin's missed events (from memory, from the audit log) vs. a plain join
+  migrate    agents moving between zones (migrate + ticket) vs. leave + join (--nodes 1|2)";
 
 /// Prints a report as JSON or as a table; the exit code says whether it met its invariants.
 fn report<R: Serialize>(
@@ -247,6 +251,18 @@ fn main() -> ExitCode {
                 r.table(),
                 r.complete(),
                 "not every rejoin recovered every missed event, in order, once",
+            ),
+            Err(e) => fail(e),
+        },
+        Command::Bench {
+            which: Some(Bench::Migrate(args)),
+        } => match bench::migrate::run(&args) {
+            Ok(r) => report(
+                args.json,
+                &r,
+                r.table(),
+                r.complete(),
+                "not every move ended with the agent in the other zone",
             ),
             Err(e) => fail(e),
         },
