@@ -116,10 +116,11 @@ impl ZoneWriter {
     /// Answers now, or keeps the reply for the acknowledgement when it must wait for the events
     /// to be durable.
     ///
-    /// A join is answered at once either way: what it missed must follow its reply before the
-    /// topic sink sends it anything newer, and a session does not outlive a crash anyway.
+    /// A client's join is answered at once either way: what it missed must follow its reply
+    /// before the topic sink sends it anything newer, and a session does not outlive a crash
+    /// anyway. (A service's agent's arrival, the end of a migration, waits like any command.)
     fn answer(&self, work: &mut ZoneWork, reply: Reply) {
-        let join = matches!(&work.job, Job::Command(c) if c.kind.is_join());
+        let join = matches!(&work.job, Job::Command(c) if c.kind.is_join() && matches!(c.actor, Actor::Agent { .. }));
         let durable = self.config.replies == Replies::Durable
             && !work.events.is_empty()
             && reply.outcome.result.is_ok()
