@@ -94,6 +94,8 @@ pub enum Mover {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Migrated {
     pub reservation: Uuid,
+    /// When the place held for the agent runs out (already past when it is gone: used by the
+    /// ticket, or expired).
     pub expires_at: DateTime<Utc>,
     pub duplicate: bool,
 }
@@ -295,10 +297,10 @@ impl Migration {
                     None
                 }
                 (Answer::Reservation(Some(r)), Mover::Agent { .. }) => done(&r, true),
-                // Used (or expired) since.
+                // Used or expired since: done before, and its ticket ended already.
                 _ => Some(Ok(Migrated {
                     reservation: self.reservation_id(),
-                    expires_at: self.expires_at,
+                    expires_at: DateTime::<Utc>::UNIX_EPOCH,
                     duplicate: true,
                 })),
             },
