@@ -198,8 +198,12 @@ async fn a_crash_between_the_steps_leaves_every_agent_in_exactly_one_place() {
     }
     eprintln!("{answered} answered before the kill; {moved} moved, {stayed} stayed");
     assert_eq!(moved + stayed, AGENTS);
-    // Each arrival in B once, after its departure from A.
-    let log_b = events(daemon.addr, &b).await;
+    // Each arrival in B once, after its departure from A (a join is answered before its
+    // event is logged: read until the last is there).
+    let entered = |log: &Vec<Value>| log.iter().filter(|e| e["type"] == "agent_entered").count();
+    let log_b = common::read_until(10, || events(daemon.addr, &b), |log| entered(log) >= moved)
+        .await
+        .unwrap_or_else(|log| log);
     let arrived = by_agent(&log_b, "agent_entered");
     assert_eq!(arrived.values().map(Vec::len).sum::<usize>(), moved);
     for (agent, entries) in &arrived {

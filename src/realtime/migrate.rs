@@ -54,16 +54,16 @@ pub fn start(asker: Asker<'_>, zone: Uuid, frame: Frame, key: Option<String>) {
             &details,
         ));
     };
-    let checked = check(&asker, zone, &frame, key);
-    let (request, claims, join_ref) = match checked {
-        Ok(checked) => checked,
-        Err(refusal) => return reply_error(refusal),
-    };
     let Some(migrations) = asker.migrations.cloned() else {
         return reply_error((
             "unavailable",
             "this server does not move agents between zones".into(),
         ));
+    };
+    let checked = check(&asker, zone, &frame, key);
+    let (request, claims, join_ref) = match checked {
+        Ok(checked) => checked,
+        Err(refusal) => return reply_error(refusal),
     };
     let peer = asker.peer.clone();
     let channels = asker.channels.clone();
@@ -92,7 +92,9 @@ pub fn start(asker: Asker<'_>, zone: Uuid, frame: Frame, key: Option<String>) {
         };
         match result {
             Ok(migrated) => {
-                let closed = finish(true);
+                // A retry told how it ended before ends no session now: a channel this
+                // connection joined since stays.
+                let closed = finish(!migrated.duplicate);
                 if closed {
                     hub.unsubscribe_now(from, &peer.id);
                 }
@@ -105,12 +107,16 @@ pub fn start(asker: Asker<'_>, zone: Uuid, frame: Frame, key: Option<String>) {
                     token_exp: claims.exp,
                     minted_us: claims.minted_us,
                 });
-                let expires_in_ms = if migrated.duplicate {
-                    (migrated.expires_at - crate::runtime::now())
-                        .num_milliseconds()
-                        .max(0)
+                // What is left of the place's time: the whole of it when the steps took less
+                // than a second (it was reserved a moment ago).
+                let ttl = i64::try_from(migrations.ticket_ttl().as_millis()).unwrap_or(i64::MAX);
+                let left = (migrated.expires_at - crate::runtime::now())
+                    .num_milliseconds()
+                    .clamp(0, ttl);
+                let expires_in_ms = if !migrated.duplicate && ttl - left < 1_000 {
+                    ttl
                 } else {
-                    i64::try_from(migrations.ticket_ttl().as_millis()).unwrap_or(i64::MAX)
+                    left
                 };
                 let mut response = Map::new();
                 response.insert("zone".into(), json!(to.to_string()));

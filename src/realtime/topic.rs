@@ -121,12 +121,7 @@ impl TopicSink {
                     return;
                 };
                 let join_ref = {
-                    let mut channels = conn.channels.lock().unwrap_or_else(|e| e.into_inner());
-                    // A service moved this connection's agent here: the connection holds the
-                    // session, and leaves it when it goes, as for a channel it joined.
-                    if p.from.is_some() && !channels.contains_key(&event.zone_id) {
-                        channels.insert(event.zone_id, moved_in(&p.agent_id));
-                    }
+                    let channels = conn.channels.lock().unwrap_or_else(|e| e.into_inner());
                     channels
                         .get(&event.zone_id)
                         .filter(|j| j.agent_id == p.agent_id)
@@ -159,7 +154,12 @@ impl TopicSink {
                         let mut channels = conn.channels.lock().unwrap_or_else(|e| e.into_inner());
                         match channels.get(&event.zone_id) {
                             Some(j) if j.agent_id == p.agent_id && !j.migrating => {
-                                channels.remove(&event.zone_id).map(|j| j.join_ref)
+                                let closed = channels.remove(&event.zone_id).map(|j| j.join_ref);
+                                // Its session begins in `to` at once: the connection holds
+                                // it, and leaves it when it goes, as for a channel it joined
+                                // (this node hears `to`'s events only if it follows `to`).
+                                channels.entry(to).or_insert_with(|| moved_in(&p.agent_id));
+                                closed
                             }
                             _ => None,
                         }

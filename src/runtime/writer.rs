@@ -280,10 +280,11 @@ impl Processor<ZoneWork> for ZoneWriter {
             // done yet for a broker that settles by durable outcomes: they may never be (this
             // node's lease may have moved on, and the log refuse them). Answered `unavailable`,
             // its message goes back to the broker, and comes again to be answered from the
-            // log, or applied by whoever owns the zone then. (A socket client's retry keeps
-            // its first outcome, `duplicate` added, as it was.)
+            // log, or applied by whoever owns the zone then. A migration's step is held to the
+            // same: the next step must not rest on one a crash could still undo. (A socket
+            // client's retry keeps its first outcome, `duplicate` added, as it was.)
             if self.config.replies == Replies::Durable
-                && matches!(command.actor, Actor::Service { .. })
+                && matches!(command.actor, Actor::Service { .. } | Actor::System)
                 && outcome.result.as_ref().is_ok_and(|a| a.duplicate)
                 && state
                     .applied_at(&command.id)

@@ -142,6 +142,9 @@ pub enum CommandKind {
         reservation: Uuid,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         connections: Vec<String>,
+        /// When the place held in `to` runs out: a departure after it is refused (the agent
+        /// would leave for a place that is gone).
+        until: chrono::DateTime<chrono::Utc>,
     },
     /// Turn a reservation into the agent's session: a ticket's join (the actor's connection),
     /// or a service's agent's arrival (the reservation's connections). A migration's last step.

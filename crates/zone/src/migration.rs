@@ -133,6 +133,9 @@ pub struct Migration {
     mover: Mover,
     expires_at: DateTime<Utc>,
     step: Step,
+    /// The agent was found in the zone it leaves (so a departure that did not happen was not
+    /// for want of it).
+    located: bool,
 }
 
 impl Migration {
@@ -154,6 +157,7 @@ impl Migration {
             mover,
             expires_at,
             step: Step::Locate,
+            located: false,
         }
     }
 
@@ -196,6 +200,7 @@ impl Migration {
                     to: self.to,
                     reservation,
                     connections: r.connections.clone(),
+                    until: r.expires_at,
                 };
                 let actor = match &self.mover {
                     Mover::Agent {
@@ -269,6 +274,7 @@ impl Migration {
                     }
                     Mover::Service => located.connections,
                 };
+                self.located = true;
                 self.step = Step::Reserve(Box::new(Reservation {
                     reservation: self.reservation_id(),
                     agent_id: self.agent_id.clone(),
@@ -285,6 +291,11 @@ impl Migration {
                 if accepted.answer == Answer::Applied(true) {
                     self.step = Step::Held;
                     None
+                } else if self.located {
+                    // Reserved under this id before, and the place ran out unused.
+                    Some(Err(ZoneError::Unavailable(
+                        "the place this migration held ran out before the agent left: ask again under another key".to_owned(),
+                    )))
                 } else {
                     Some(Err(ZoneError::NotInZone {
                         agent_id: self.agent_id.clone(),

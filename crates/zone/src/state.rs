@@ -733,7 +733,7 @@ impl ZoneState {
                 })]
             }
             CommandKind::UpdateZone(patch) => {
-                let update = self.patch(patch)?;
+                let update = self.patch(patch, now)?;
                 if update.is_empty() {
                     Vec::new()
                 } else {
@@ -763,8 +763,16 @@ impl ZoneState {
                 agent_id,
                 to,
                 connections,
+                until,
                 ..
-            } => self.depart(agent.as_ref(), agent_id, *to, connections, now)?,
+            } => {
+                if now >= *until {
+                    return Err(ZoneError::Unavailable(
+                        "the place held in the other zone ran out before the agent could leave: ask again".to_owned(),
+                    ));
+                }
+                self.depart(agent.as_ref(), agent_id, *to, connections, now)?
+            }
             CommandKind::Arrive {
                 reservation,
                 connections,
@@ -921,6 +929,13 @@ impl ZoneState {
                 .filter(|key| !self.sessions.contains_key(key))
                 .collect(),
         };
+        // Nothing left to arrive (its sessions are here already): the place goes back now.
+        if keys.is_empty() {
+            return Ok(vec![EventKind::MigrationReleased(Released {
+                reservation: reservation.reservation,
+                agent_id: reservation.agent_id.clone(),
+            })]);
+        }
         let mut count = self.sessions.len();
         Ok(keys
             .into_iter()
@@ -971,7 +986,7 @@ impl ZoneState {
         })
     }
 
-    fn patch(&self, patch: &ZonePatch) -> Result<ZoneUpdate, ZoneError> {
+    fn patch(&self, patch: &ZonePatch, now: DateTime<Utc>) -> Result<ZoneUpdate, ZoneError> {
         let mut update = ZoneUpdate::default();
         if let Some(name) = &patch.name {
             let name = check_name(name)?;
@@ -982,12 +997,7 @@ impl ZoneState {
         if let Some(capacity) = patch.capacity {
             check_capacity(capacity)?;
             // Sessions and the places held for agents on their way in.
-            let taken = self.sessions.len()
-                + self
-                    .reservations
-                    .values()
-                    .map(Reservation::places)
-                    .sum::<usize>();
+            let taken = self.places_taken(now);
             if (capacity as usize) < taken {
                 return Err(ZoneError::Conflict(format!(
                     "{taken} places are taken (sessions and reservations): capacity cannot go below that"
@@ -1210,7 +1220,7 @@ impl ZoneState {
                     .answers
                     .get(&command.id)
                     .cloned()
-                    .unwrap_or_else(|| self.answer(&command.kind)),
+                    .unwrap_or_else(|| self.answer(&command.kind, ctx.now)),
                 duplicate: true,
             }),
             None => match self.decide(command, ctx) {
@@ -1263,7 +1273,7 @@ impl ZoneState {
                                 .collect(),
                             position: self.position(agent_id),
                         }),
-                        kind => self.answer(kind),
+                        kind => self.answer(kind, ctx.now),
                     };
                     if matches!(answer, Answer::Resources(_) | Answer::Located(_)) {
                         self.recent.answers.insert(command.id, answer.clone());
@@ -1282,7 +1292,16 @@ impl ZoneState {
         }
     }
 
-    fn answer(&self, kind: &CommandKind) -> Answer {
+    /// What an accepted `kind` is answered, at `now` (a reservation expired by then is no
+    /// longer held, even before an event forgets it).
+    fn answer(&self, kind: &CommandKind, now: DateTime<Utc>) -> Answer {
+        let held = |id: &Uuid| {
+            self.reservations
+                .get(id)
+                .filter(|r| r.live_at(now))
+                .cloned()
+                .map(Box::new)
+        };
         match kind {
             CommandKind::Join | CommandKind::Arrive { .. } => Answer::Joined(Box::new(self.view())),
             // A departure remembered from the log: what it ended is in its reservation.
@@ -1299,12 +1318,8 @@ impl ZoneState {
                     .collect(),
                 position: self.position(agent_id),
             }),
-            CommandKind::GetReservation { reservation } => {
-                Answer::Reservation(self.reservations.get(reservation).cloned().map(Box::new))
-            }
-            CommandKind::Reserve(r) => {
-                Answer::Reservation(self.reservations.get(&r.reservation).cloned().map(Box::new))
-            }
+            CommandKind::GetReservation { reservation } => Answer::Reservation(held(reservation)),
+            CommandKind::Reserve(r) => Answer::Reservation(held(&r.reservation)),
             CommandKind::Applied { command } => Answer::Applied(self.applied_at(command).is_some()),
             CommandKind::GetZoneState
             | CommandKind::CreateZone(_)

@@ -592,3 +592,50 @@ fn a_reservation_expires_without_an_event_and_frees_its_place() {
     world.apply(&Op::Join { agent: 1, zone: 1 });
     assert_eq!(world.sessions_of(1), vec![1], "the place is free");
 }
+
+/// A departure whose place ran out meanwhile (the first steps were slow) is refused: the agent
+/// stays where it is rather than leave for a place that is gone; a retry is told so too.
+#[test]
+fn no_agent_leaves_for_a_place_that_ran_out() {
+    let mut world = World::new(&[2, 2, 1]);
+    let (a, b) = (world.zones[0].state.id(), world.zones[1].state.id());
+    world.apply(&Op::Join { agent: 0, zone: 0 });
+    let id = world.fresh();
+    let migration = |world: &World| {
+        Migration::new(
+            id,
+            a,
+            b,
+            agent_id(0),
+            Mover::Agent {
+                connection: world.connection(0),
+                permissions: Permissions::all(),
+            },
+            world.now + Duration::milliseconds(TTL),
+        )
+    };
+    let mut m = migration(&world);
+    for _ in 0..2 {
+        let command = m.next();
+        let outcome = world.execute(&command);
+        assert!(m.advance(outcome).is_none(), "located, then reserved");
+    }
+    world.now += Duration::milliseconds(TTL);
+    let command = m.next();
+    let outcome = world.execute(&command);
+    assert!(matches!(
+        m.advance(outcome),
+        Some(Err(ZoneError::Unavailable(_)))
+    ));
+    assert_eq!(world.sessions_of(0), vec![0], "still in A");
+    let mut again = migration(&world);
+    let end = loop {
+        let command = again.next();
+        let outcome = world.execute(&command);
+        if let Some(end) = again.advance(outcome) {
+            break end;
+        }
+    };
+    assert!(matches!(end, Err(ZoneError::Unavailable(_))), "{end:?}");
+    assert_eq!(world.sessions_of(0), vec![0], "still in A");
+}
