@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::binary::{ADMIN, Daemon};
 use common::cluster::{Cluster, zone_json};
 use common::server::{Client, http};
@@ -24,19 +22,6 @@ async fn zone_owned_by(node: &Daemon, owner: &str) -> String {
         }
     }
     panic!("no zone went to node {owner}");
-}
-
-async fn token(node: &Daemon, agent: &str, zone: &str) -> String {
-    let (status, body) = http(
-        node.addr,
-        "POST",
-        "/api/tokens",
-        Some(json!({"agent_id": agent, "zone_id": zone, "permissions": 1, "ttl_seconds": 600})),
-        Some(ADMIN),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    body["token"].as_str().unwrap().to_owned()
 }
 
 fn ws(node: &Daemon) -> String {
@@ -76,7 +61,7 @@ async fn an_agent_moves_between_zones_of_two_nodes_and_its_place_outlives_its_ow
         &mut alice,
         &alice_ref,
         &za,
-        json!({"to": zb, "token": token(&a, "alice", &zb).await}),
+        json!({"to": zb, "token": a.token("alice", &zb).await}),
     )
     .await;
     assert_eq!(reply["status"], "ok", "{reply}");
@@ -103,22 +88,23 @@ async fn an_agent_moves_between_zones_of_two_nodes_and_its_place_outlives_its_ow
     // B's owner dies before alice joins with her ticket: the place is in B's log, and the
     // next owner (node a) holds it.
     b.kill_9();
-    let mut alice = Client::connect(&ws(&a)).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let joined = loop {
-        let (_, reply) = alice
+    // Refused `unavailable` only while the zone changes owners (a refused ticket would be
+    // final): joined again until it is taken.
+    let join = || async {
+        let mut client = Client::connect(&ws(&a)).await;
+        let (_, reply) = client
             .join(
                 &format!("zone:{zb}"),
                 json!({"agent_id": "alice", "ticket": ticket}),
             )
             .await;
-        if reply["status"] == "ok" || tokio::time::Instant::now() > deadline {
-            break reply;
-        }
-        // Only while the zone changes owners: a refused ticket would be final.
-        assert_eq!(reply["response"]["reason"], "unavailable", "{reply}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        (client, reply)
     };
+    let (mut alice, joined) = common::read_until(20, join, |(_, reply)| {
+        reply["status"] == "ok" || reply["response"]["reason"] != "unavailable"
+    })
+    .await
+    .unwrap_or_else(|last| last);
     assert_eq!(joined["status"], "ok", "{joined}");
     let entered = watch_b
         .until("alice's arrival", |f| {

@@ -22,19 +22,6 @@ use serde_json::{Value, json};
 
 const AGENTS: usize = 20;
 
-async fn token(addr: std::net::SocketAddr, agent: &str, zone: &str) -> String {
-    let (status, body) = http(
-        addr,
-        "POST",
-        "/api/tokens",
-        Some(json!({"agent_id": agent, "zone_id": zone, "permissions": 1, "ttl_seconds": 600})),
-        Some(ADMIN),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    body["token"].as_str().unwrap().to_owned()
-}
-
 async fn events(addr: std::net::SocketAddr, zone: &str) -> Vec<Value> {
     let (status, body) = http(
         addr,
@@ -73,7 +60,7 @@ async fn a_crash_between_the_steps_leaves_every_agent_in_exactly_one_place() {
     for i in 0..AGENTS {
         let agent = format!("agent-{i}");
         let (client, join_ref, _) = daemon.joined(&a, &agent, None).await;
-        let token_b = token(daemon.addr, &agent, &b).await;
+        let token_b = daemon.token(&agent, &b).await;
         clients.push((agent, client, join_ref, token_b));
     }
     // Every migrate sent at once; the daemon dies when the first is answered.

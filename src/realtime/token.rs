@@ -98,28 +98,12 @@ impl TokenSigner {
             exp: now.timestamp() + ttl_secs + i64::from(now.timestamp_subsec_nanos() > 0),
             minted_us: now.timestamp_micros(),
         };
-        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialise"));
-        let mut mac = self.key.clone();
-        mac.update(body.as_bytes());
-        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-        Ok((format!("{body}.{sig}"), claims))
+        Ok((self.sealed(&claims, b""), claims))
     }
 
     /// The claims of a token this signer minted that has not expired at `now`.
     pub fn verify(&self, token: &str, now: DateTime<Utc>) -> Result<Claims, TokenError> {
-        let (body, sig) = token.split_once('.').ok_or(TokenError::Malformed)?;
-        let sig = URL_SAFE_NO_PAD
-            .decode(sig)
-            .map_err(|_| TokenError::Malformed)?;
-        let mut mac = self.key.clone();
-        mac.update(body.as_bytes());
-        // Constant-time comparison.
-        mac.verify_slice(&sig)
-            .map_err(|_| TokenError::BadSignature)?;
-        let json = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|_| TokenError::Malformed)?;
-        let claims: Claims = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
+        let claims: Claims = self.opened(token, b"")?;
         if claims.exp <= now.timestamp() {
             return Err(TokenError::Expired(claims.expires_at()));
         }
@@ -157,6 +141,41 @@ impl TicketClaims {
     }
 }
 
+impl TokenSigner {
+    /// `<claims>.<mac>`: the claims as base64url JSON and the HMAC, under `domain`, of that
+    /// text.
+    fn sealed<T: Serialize>(&self, claims: &T, domain: &[u8]) -> String {
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialise"));
+        let mut mac = self.key.clone();
+        mac.update(domain);
+        mac.update(body.as_bytes());
+        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{body}.{sig}")
+    }
+
+    /// The claims of what [`sealed`](Self::sealed) made under `domain`, its MAC checked in
+    /// constant time.
+    fn opened<T: serde::de::DeserializeOwned>(
+        &self,
+        text: &str,
+        domain: &[u8],
+    ) -> Result<T, TokenError> {
+        let (body, sig) = text.split_once('.').ok_or(TokenError::Malformed)?;
+        let sig = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| TokenError::Malformed)?;
+        let mut mac = self.key.clone();
+        mac.update(domain);
+        mac.update(body.as_bytes());
+        mac.verify_slice(&sig)
+            .map_err(|_| TokenError::BadSignature)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Malformed)?;
+        serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)
+    }
+}
+
 /// Signed apart from join tokens, so that neither passes for the other.
 const TICKET_DOMAIN: &[u8] = b"thunderline ticket\0";
 
@@ -164,12 +183,7 @@ impl TokenSigner {
     /// A ticket with `claims`: the same claims give the same ticket (a retried migration is
     /// told the same ticket again).
     pub fn mint_ticket(&self, claims: &TicketClaims) -> String {
-        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialise"));
-        let mut mac = self.key.clone();
-        mac.update(TICKET_DOMAIN);
-        mac.update(body.as_bytes());
-        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-        format!("{body}.{sig}")
+        self.sealed(claims, TICKET_DOMAIN)
     }
 
     /// The claims of a ticket this signer minted whose place has not expired at `now`.
@@ -178,20 +192,7 @@ impl TokenSigner {
         ticket: &str,
         now: DateTime<Utc>,
     ) -> Result<TicketClaims, TokenError> {
-        let (body, sig) = ticket.split_once('.').ok_or(TokenError::Malformed)?;
-        let sig = URL_SAFE_NO_PAD
-            .decode(sig)
-            .map_err(|_| TokenError::Malformed)?;
-        let mut mac = self.key.clone();
-        mac.update(TICKET_DOMAIN);
-        mac.update(body.as_bytes());
-        mac.verify_slice(&sig)
-            .map_err(|_| TokenError::BadSignature)?;
-        let json = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|_| TokenError::Malformed)?;
-        let claims: TicketClaims =
-            serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
+        let claims: TicketClaims = self.opened(ticket, TICKET_DOMAIN)?;
         if claims.exp_ms <= now.timestamp_millis() {
             let at = Utc
                 .timestamp_millis_opt(claims.exp_ms)

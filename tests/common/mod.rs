@@ -634,6 +634,20 @@ pub mod binary {
             zone["id"].as_str().unwrap().to_owned()
         }
 
+        /// A join token (bit 1, ten minutes) for `agent` in `zone`, minted by the admin API.
+        pub async fn token(&self, agent: &str, zone: &str) -> String {
+            let (status, body) = super::server::http(
+                self.addr,
+                "POST",
+                "/api/tokens",
+                Some(serde_json::json!({"agent_id": agent, "zone_id": zone, "permissions": 1, "ttl_seconds": 600})),
+                Some(ADMIN),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            body["token"].as_str().unwrap().to_owned()
+        }
+
         /// A client of `agent` joined to `zone` (with `since`, if given, in its params): the
         /// client, its join ref and the join's reply.
         pub async fn joined(
