@@ -29,17 +29,33 @@ impl Serialize for Permissions {
 /// list of either (`["spawn_agents", "modify_zone"]`): the same everywhere permissions are taken.
 impl<'de> Deserialize<'de> for Permissions {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(PermissionsVisitor)
+        d.deserialize_any(PermissionsVisitor { list: true })
     }
 }
 
-struct PermissionsVisitor;
+/// `list` is false inside a list: its items are bits or names, never lists of their own.
+struct PermissionsVisitor {
+    list: bool,
+}
+
+/// One item of a permission list.
+struct PermissionItem(Permissions);
+
+impl<'de> Deserialize<'de> for PermissionItem {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PermissionsVisitor { list: false }).map(PermissionItem)
+    }
+}
 
 impl<'de> serde::de::Visitor<'de> for PermissionsVisitor {
     type Value = Permissions;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("permission bits, a permission's name, or a list of them")
+        if self.list {
+            f.write_str("permission bits, a permission's name, or a list of them")
+        } else {
+            f.write_str("permission bits or a permission's name")
+        }
     }
 
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Permissions, E> {
@@ -58,8 +74,11 @@ impl<'de> serde::de::Visitor<'de> for PermissionsVisitor {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Permissions, A::Error> {
+        if !self.list {
+            return Err(serde::de::Error::invalid_type(serde::de::Unexpected::Seq, &self));
+        }
         let mut all = Permissions::empty();
-        while let Some(one) = seq.next_element::<Permissions>()? {
+        while let Some(PermissionItem(one)) = seq.next_element()? {
             all |= one;
         }
         Ok(all)
@@ -205,6 +224,8 @@ mod tests {
             "1.5",
             "{}",
             "null",
+            "[[]]",
+            "[[1]]",
         ] {
             assert!(serde_json::from_str::<Permissions>(bad).is_err(), "{bad}");
         }
