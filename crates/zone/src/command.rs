@@ -65,6 +65,14 @@ pub struct ZonePatch {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200))]
     pub assigned_server: Option<String>,
+    /// Above 0 sets it; `null` removes it (every move reaches everyone again).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::event::present"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<f64>, exclusive_minimum = 0))]
+    pub interest_radius: Option<Option<f64>>,
 }
 
 /// What is asked. The names are the socket's event names.

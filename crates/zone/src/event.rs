@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::error::ZoneError;
+use super::interest::View;
 use super::migration::{Released, Reservation};
 use super::model::Resource;
 use super::permissions::Permissions;
@@ -266,6 +267,22 @@ pub struct ZoneUpdate {
     pub assigned_server: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permissions: Option<Permissions>,
+    /// `Some(None)`: the radius was removed (`null`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub interest_radius: Option<Option<f64>>,
+}
+
+/// A field that is there, `null` or not: `Some`, so that `null` differs from absent.
+pub(crate) fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 impl ZoneUpdate {
@@ -286,6 +303,8 @@ pub struct Created {
     pub resources: BTreeMap<String, Resource>,
     pub properties: Value,
     pub epoch: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interest_radius: Option<f64>,
 }
 
 /// `zone_deleted`: the zone is gone, and every session in it ended with it.
@@ -442,6 +461,9 @@ pub struct ZoneEvent {
     pub command_id: Option<Uuid>,
     pub kind: EventKind,
     pub occurred_at: DateTime<Utc>,
+    /// Whom it reaches and whose views it changes, in a zone that filters by interest; none
+    /// for an event for everyone that changes no view.
+    pub view: Option<Box<View>>,
 }
 
 /// The wire shape: the type as a name, the payload as plain JSON.
@@ -458,6 +480,9 @@ pub struct WireEvent {
     pub event_type: String,
     pub payload: Value,
     pub occurred_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub view: Option<View>,
 }
 
 impl TryFrom<WireEvent> for ZoneEvent {
@@ -471,6 +496,7 @@ impl TryFrom<WireEvent> for ZoneEvent {
             command_id: w.command_id,
             kind: EventKind::from_parts(&w.event_type, w.payload)?,
             occurred_at: w.occurred_at,
+            view: w.view.map(Box::new),
         })
     }
 }
@@ -485,6 +511,7 @@ impl From<ZoneEvent> for WireEvent {
             event_type: e.kind.name().to_owned(),
             payload: e.kind.payload(),
             occurred_at: e.occurred_at,
+            view: e.view.map(|v| *v),
         }
     }
 }
@@ -522,6 +549,7 @@ impl ZoneEvent {
             command_id: None,
             kind,
             occurred_at,
+            view: None,
         }
     }
 

@@ -11,6 +11,7 @@
 mod command;
 mod error;
 mod event;
+mod interest;
 pub mod limits;
 mod migration;
 mod model;
@@ -25,11 +26,12 @@ pub use event::{
     Moved, Position, Presence, ResourceChange, Tick, WireEvent, ZoneEvent, ZoneUpdate,
     check_custom_event_type,
 };
+pub use interest::{Received, Regrid, Seen, Sight, Unseen, View, check_radius, received, within};
 pub use migration::{Located, Migrated, Migration, Mover, Released, Reservation, step_id};
 pub use model::{DEFAULT_CAPACITY, DEFAULT_PERMISSIONS, NewZone, Resource, Zone};
 pub use permissions::Permissions;
 pub use request::CLIENT_COMMANDS;
 pub use state::{
-    Accepted, Answer, ApplyError, BroadcastLimit, Context, EventIds, Outcome, REMEMBERED_COMMANDS,
+    Accepted, Answer, ApplyError, BroadcastLimit, Context, EventIds, InView, Outcome, REMEMBERED_COMMANDS,
     Session, SessionKey, ZoneSnapshot, ZoneState, ZoneView,
 };

@@ -38,6 +38,9 @@ pub struct Zone {
     pub resources: BTreeMap<String, Resource>,
     /// Free JSON (always an object).
     pub properties: Value,
+    /// Set: each agent hears only the moves within this distance of it (see
+    /// [`interest`](crate::View)); `null`: every move reaches everyone.
+    pub interest_radius: Option<f64>,
     /// Environment ticks so far.
     #[serde(skip)]
     pub tick: u64,
@@ -69,6 +72,11 @@ pub struct NewZone {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200))]
     pub assigned_server: Option<String>,
+    /// Above 0: each agent hears only the moves within this distance (absent: every move
+    /// reaches everyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0))]
+    pub interest_radius: Option<f64>,
 }
 
 /// A zone holds this many sessions unless told otherwise.
@@ -129,6 +137,13 @@ pub(crate) fn check_capacity(capacity: u32) -> Result<(), ZoneError> {
     Ok(())
 }
 
+pub(crate) fn check_interest_radius(radius: Option<f64>) -> Result<(), ZoneError> {
+    match radius {
+        Some(r) => super::interest::check_radius(r).map_err(ZoneError::InvalidZone),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn check_properties(properties: &Value) -> Result<(), ZoneError> {
     if !properties.is_object() {
         return Err(ZoneError::InvalidZone(
@@ -153,6 +168,7 @@ impl Zone {
         let properties = spec.properties.unwrap_or_else(|| Value::Object(Map::new()));
         check_properties(&properties)?;
         let assigned_server = check_server(spec.assigned_server.as_deref().unwrap_or_default())?;
+        check_interest_radius(spec.interest_radius)?;
         Ok(Self {
             id,
             name,
@@ -162,6 +178,7 @@ impl Zone {
             capacity,
             resources: spec.resources,
             properties,
+            interest_radius: spec.interest_radius,
             tick: 0,
             inserted_at: now,
             updated_at: now,

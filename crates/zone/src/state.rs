@@ -36,7 +36,10 @@ use super::event::{
 };
 use super::limits;
 use super::migration::{Located, Released, Reservation};
-use super::model::{Zone, check_capacity, check_name, check_properties, check_server};
+use super::interest::{Grid, Regrid, Seen, Unseen, View};
+use super::model::{
+    Zone, check_capacity, check_interest_radius, check_name, check_properties, check_server,
+};
 use super::permissions::Permissions;
 
 /// One session: an agent on a connection.
@@ -113,6 +116,17 @@ pub struct ZoneView {
     pub agents: Vec<String>,
     pub seq: u64,
     pub epoch: String,
+    /// A join's answer in a zone with an interest radius: the agents within the radius of the
+    /// joining agent's position, in agent order (none when it has none yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_view: Option<Vec<InView>>,
+}
+
+/// An agent in view, and where it is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InView {
+    pub agent_id: String,
+    pub position: Position,
 }
 
 /// The answer to an accepted command, beside the events it caused.
@@ -228,6 +242,9 @@ pub struct ZoneState {
     /// Places held for agents on their way in from other zones, by id; an expired one is
     /// forgotten by the next event.
     reservations: BTreeMap<Uuid, Reservation>,
+    /// The agents in the zone with a position, by place: derived from the sessions, positions
+    /// and radius, never stored.
+    grid: Grid,
     lifecycle: Lifecycle,
     recent: Recent,
     /// The current broadcast window: when it started and how many it has allowed.
@@ -327,6 +344,7 @@ impl ZoneState {
                 capacity: 0,
                 resources: BTreeMap::new(),
                 properties: serde_json::Value::Object(serde_json::Map::new()),
+                interest_radius: None,
                 tick: 0,
                 inserted_at: DateTime::<Utc>::UNIX_EPOCH,
                 updated_at: DateTime::<Utc>::UNIX_EPOCH,
@@ -336,6 +354,7 @@ impl ZoneState {
             sessions: BTreeMap::new(),
             positions: BTreeMap::new(),
             reservations: BTreeMap::new(),
+            grid: Grid::default(),
             lifecycle: Lifecycle::Absent,
             recent: Recent::default(),
             broadcasts: None,
@@ -370,11 +389,19 @@ impl ZoneState {
             .collect();
         let mut zone = snapshot.zone;
         zone.active_session_count = sessions.len() as u32;
+        let mut grid = Grid::default();
+        grid.set_radius(zone.interest_radius);
+        for key in sessions.keys() {
+            if let Some(p) = snapshot.positions.get(&key.agent_id) {
+                grid.place(&key.agent_id, *p);
+            }
+        }
         Self {
             zone,
             seq: snapshot.seq,
             epoch: snapshot.epoch,
             sessions,
+            grid,
             positions: snapshot.positions,
             reservations: snapshot
                 .reservations
@@ -484,6 +511,124 @@ impl ZoneState {
             agents: self.agents(),
             seq: self.seq,
             epoch: self.epoch.clone(),
+            in_view: None,
+        }
+    }
+
+    /// Whether `agent` holds a session here.
+    fn present(&self, agent: &str) -> bool {
+        self.grid.position(agent).is_some() || self.sessions.keys().any(|k| k.agent_id == agent)
+    }
+
+    /// The agents within the radius of `agent` (none if it has no position), or `None` in a zone
+    /// without a radius.
+    pub fn in_view(&self, agent: &str) -> Option<Vec<InView>> {
+        self.zone.interest_radius?;
+        let Some(position) = self.grid.position(agent) else {
+            return Some(Vec::new());
+        };
+        Some(
+            self.grid
+                .near(position, agent)
+                .into_iter()
+                .map(|(a, p)| InView {
+                    agent_id: a.to_owned(),
+                    position: p,
+                })
+                .collect(),
+        )
+    }
+
+    /// Whom `kind` reaches and whose views it changes, decided on the state before it applies;
+    /// `None` when it is for everyone and changes no view.
+    fn view_of(&self, kind: &EventKind) -> Option<View> {
+        let radius = self.zone.interest_radius;
+        let names = |near: &[(&str, Position)]| near.iter().map(|(a, _)| (*a).to_owned()).collect();
+        match kind {
+            EventKind::ZoneUpdated(u) => {
+                let to = u.interest_radius?;
+                Some(View {
+                    regrid: Some(Regrid {
+                        from: radius,
+                        to,
+                        placed: self.grid.placed(),
+                    }),
+                    ..View::default()
+                })
+            }
+            _ if radius.is_none() => None,
+            EventKind::AgentMoved(m) => {
+                let x = m.agent_id.as_str();
+                let after = self.grid.near(m.position, x);
+                let mut view = View {
+                    audience: Some(names(&after)),
+                    ..View::default()
+                };
+                if self.present(x) {
+                    let before = match self.grid.position(x) {
+                        Some(old) => self.grid.near(old, x),
+                        None => Vec::new(),
+                    };
+                    let was: BTreeSet<&str> = before.iter().map(|(a, _)| *a).collect();
+                    let is: BTreeSet<&str> = after.iter().map(|(a, _)| *a).collect();
+                    for (y, at) in after.iter().filter(|(y, _)| !was.contains(y)) {
+                        view.entered.push(Seen {
+                            watcher: x.to_owned(),
+                            agent_id: (*y).to_owned(),
+                            position: *at,
+                        });
+                        view.entered.push(Seen {
+                            watcher: (*y).to_owned(),
+                            agent_id: x.to_owned(),
+                            position: m.position,
+                        });
+                    }
+                    for (y, _) in before.iter().filter(|(y, _)| !is.contains(y)) {
+                        view.left.push(Unseen {
+                            watcher: x.to_owned(),
+                            agent_id: (*y).to_owned(),
+                        });
+                        view.left.push(Unseen {
+                            watcher: (*y).to_owned(),
+                            agent_id: x.to_owned(),
+                        });
+                    }
+                }
+                Some(view)
+            }
+            EventKind::AgentInteraction(i) => {
+                let near = match self.grid.position(&i.agent_id) {
+                    Some(p) => self.grid.near(p, &i.agent_id),
+                    None => Vec::new(),
+                };
+                Some(View {
+                    audience: Some(names(&near)),
+                    ..View::default()
+                })
+            }
+            EventKind::AgentEntered(p) => {
+                if self.grid.position(&p.agent_id).is_some() {
+                    // Another session of an agent already seen.
+                    return None;
+                }
+                let position = p.position.or_else(|| self.position(&p.agent_id))?;
+                let near = self.grid.near(position, &p.agent_id);
+                if near.is_empty() {
+                    return None;
+                }
+                Some(View {
+                    entered: near
+                        .iter()
+                        .map(|(y, _)| Seen {
+                            watcher: (*y).to_owned(),
+                            agent_id: p.agent_id.clone(),
+                            position,
+                        })
+                        .collect(),
+                    ..View::default()
+                })
+            }
+            _ => None,
         }
     }
 
@@ -604,6 +749,7 @@ impl ZoneState {
                     properties: zone.properties,
                     // The history it starts is named after its first event.
                     epoch: ctx.ids.nth(0).simple().to_string(),
+                    interest_radius: zone.interest_radius,
                 })]
             }
             CommandKind::Join => {
@@ -1019,6 +1165,12 @@ impl ZoneState {
                 update.assigned_server = Some(server);
             }
         }
+        if let Some(radius) = patch.interest_radius {
+            check_interest_radius(radius)?;
+            if radius != self.zone.interest_radius {
+                update.interest_radius = Some(radius);
+            }
+        }
         Ok(update)
     }
 
@@ -1100,11 +1252,13 @@ impl ZoneState {
                     capacity: c.capacity,
                     resources: c.resources.clone(),
                     properties: c.properties.clone(),
+                    interest_radius: c.interest_radius,
                     tick: 0,
                     inserted_at: event.occurred_at,
                     updated_at: event.occurred_at,
                 };
                 self.epoch.clone_from(&c.epoch);
+                self.grid.set_radius(c.interest_radius);
                 self.lifecycle = Lifecycle::Live;
             }
             EventKind::AgentEntered(p) => {
@@ -1121,12 +1275,18 @@ impl ZoneState {
                 if let Some(position) = p.position {
                     self.positions.insert(p.agent_id.clone(), position);
                 }
+                if let Some(position) = self.position(&p.agent_id) {
+                    self.grid.place(&p.agent_id, position);
+                }
             }
             EventKind::AgentLeft(p) => {
                 self.sessions.remove(&SessionKey {
                     connection: p.connection.clone(),
                     agent_id: p.agent_id.clone(),
                 });
+                if !self.sessions.keys().any(|k| k.agent_id == p.agent_id) {
+                    self.grid.remove(&p.agent_id);
+                }
             }
             EventKind::ResourceChanged(c) => self.set_amounts(&c.new_resources),
             EventKind::EnvironmentTick(t) => {
@@ -1150,14 +1310,22 @@ impl ZoneState {
                 if let Some(permissions) = u.permissions {
                     z.permissions = permissions;
                 }
+                if let Some(radius) = u.interest_radius {
+                    z.interest_radius = radius;
+                    self.grid.set_radius(radius);
+                }
             }
             EventKind::ZoneDeleted(_) => {
+                self.grid.clear();
                 self.sessions.clear();
                 self.reservations.clear();
                 self.lifecycle = Lifecycle::Deleted;
             }
             EventKind::AgentMoved(m) => {
                 self.positions.insert(m.agent_id.clone(), m.position);
+                if self.present(&m.agent_id) {
+                    self.grid.place(&m.agent_id, m.position);
+                }
             }
             EventKind::MigrationReserved(r) => {
                 self.reservations.insert(r.reservation, r.clone());
@@ -1215,12 +1383,14 @@ impl ZoneState {
             Some(Err(refusal)) => Err(refusal),
             Some(Ok(_)) => Ok(Accepted {
                 events: Vec::new(),
-                answer: self
-                    .recent
-                    .answers
-                    .get(&command.id)
-                    .cloned()
-                    .unwrap_or_else(|| self.answer(&command.kind, ctx.now)),
+                answer: self.with_in_view(
+                    self.recent
+                        .answers
+                        .get(&command.id)
+                        .cloned()
+                        .unwrap_or_else(|| self.answer(&command.kind, ctx.now)),
+                    &command.actor,
+                ),
                 duplicate: true,
             }),
             None => match self.decide(command, ctx) {
@@ -1235,21 +1405,22 @@ impl ZoneState {
                     Err(refusal)
                 }
                 Ok(kinds) => {
-                    let events: Vec<ZoneEvent> = kinds
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, kind)| ZoneEvent {
+                    let mut events: Vec<ZoneEvent> = Vec::with_capacity(kinds.len());
+                    for (i, kind) in kinds.into_iter().enumerate() {
+                        // Each event's audience is decided on the state the events before it
+                        // left.
+                        let event = ZoneEvent {
                             id: ctx.ids.nth(i),
                             zone_id: self.zone.id,
-                            seq: self.seq + 1 + i as u64,
+                            seq: self.seq + 1,
                             command_id: Some(command.id),
+                            view: self.view_of(&kind).map(Box::new),
                             kind,
                             occurred_at: ctx.now,
-                        })
-                        .collect();
-                    for event in &events {
-                        self.apply(event)
+                        };
+                        self.apply(&event)
                             .expect("decide only produces events that apply accepts");
+                        events.push(event);
                     }
                     if let (CommandKind::BroadcastEvent { .. }, Some(limit)) =
                         (&command.kind, ctx.broadcast_limit)
@@ -1275,6 +1446,7 @@ impl ZoneState {
                         }),
                         kind => self.answer(kind, ctx.now),
                     };
+                    let answer = self.with_in_view(answer, &command.actor);
                     if matches!(answer, Answer::Resources(_) | Answer::Located(_)) {
                         self.recent.answers.insert(command.id, answer.clone());
                     }
@@ -1289,6 +1461,17 @@ impl ZoneState {
         Outcome {
             command_id: command.id,
             result,
+        }
+    }
+
+    /// A join's answer with what its agent sees.
+    fn with_in_view(&self, answer: Answer, actor: &Actor) -> Answer {
+        match (answer, actor) {
+            (Answer::Joined(mut view), Actor::Agent { agent_id, .. }) => {
+                view.in_view = self.in_view(agent_id);
+                Answer::Joined(view)
+            }
+            (answer, _) => answer,
         }
     }
 
