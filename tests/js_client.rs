@@ -62,14 +62,14 @@ fn node(
 
 /// Runs the suite against the binary started with `extra` flags.
 fn run_suite(js: &Path, name: &str, extra: &[&str]) {
+    run_file(js, name, extra, "zone.test.mjs");
+}
+
+/// Runs one test file against the binary started with `extra` flags.
+fn run_file(js: &Path, name: &str, extra: &[&str], file: &str) {
     let dir = std::env::temp_dir().join(format!("thunderline-js-{name}-{}", std::process::id()));
     let daemon = common::binary::start(&dir, extra);
-    let (ok, report) = node(
-        js,
-        &daemon,
-        &["--test", "--test-concurrency=1", "zone.test.mjs"],
-        &[],
-    );
+    let (ok, report) = node(js, &daemon, &["--test", "--test-concurrency=1", file], &[]);
     let (exit, printed) = daemon.terminate();
     let _ = std::fs::remove_dir_all(&dir);
     println!("{name}:\n{report}");
@@ -132,6 +132,21 @@ fn run_migrations(js: &Path, name: &str, ticket_ms: Option<u64>) {
     println!("{name}:\n{report}");
     assert!(ok, "the migration tests failed ({name}):\n{report}");
     assert!(exit.success(), "{printed:?}");
+}
+
+/// Interest management: moves reach only the agents within a zone's radius, views open and
+/// close, the radius changes, and a zone without one is unchanged.
+#[test]
+fn the_phoenix_client_hears_only_the_moves_within_the_radius() {
+    if let Some(js) = prepared() {
+        run_file(&js, "interest", &[], "interest.test.mjs");
+        run_file(
+            &js,
+            "interest-applied",
+            &["--replies", "applied"],
+            "interest.test.mjs",
+        );
+    }
 }
 
 /// Agents moving between zones, with the default ticket (10 s) and with one short enough to

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::hub::{Peer, topic_name};
 use super::protocol;
-use super::topic::event_frame;
+use super::topic::frames_for;
 use crate::runtime::{Reply, ReplyTo};
 use crate::zone::{Answer, Permissions, ZoneView};
 
@@ -207,13 +207,24 @@ impl ReplyTo for SocketReply {
                 self.peer.send_text(frame);
                 // What a rejoin missed follows its reply, before anything newer: the connection
                 // is subscribed only when the topic sink reaches the join's own event.
+                // Only what its client would have received: an event filtered by interest
+                // reaches the agent, or is not replayed.
                 if !reply.missed.is_empty() {
-                    let frames: Vec<Utf8Bytes> = reply
-                        .missed
-                        .iter()
-                        .map(|e| Utf8Bytes::from(event_frame(e)))
-                        .collect();
-                    self.peer.send_replay(Arc::from(frames));
+                    let agent = {
+                        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+                        channels.get(&self.zone).map(|j| j.agent_id.clone())
+                    };
+                    let frames: Vec<Utf8Bytes> = match agent {
+                        Some(agent) => reply
+                            .missed
+                            .iter()
+                            .flat_map(|e| frames_for(e, &agent))
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    if !frames.is_empty() {
+                        self.peer.send_replay(Arc::from(frames));
+                    }
                 }
             }
             (asked, Err(refusal)) => {

@@ -426,7 +426,7 @@ impl Hub {
         if !since.is_empty() {
             let frames: Vec<Utf8Bytes> = since
                 .iter()
-                .map(|e| Utf8Bytes::from(super::topic::event_frame(e)))
+                .flat_map(|e| super::topic::frames_for(e, agent))
                 .collect();
             conn.peer.send_replay(Arc::from(frames));
         }
@@ -524,6 +524,15 @@ impl Hub {
             .unwrap_or(usize::MAX)
     }
 
+    /// Sends frames to one subscriber (if it is subscribed here): one queue item.
+    pub(crate) fn send_to(&self, topic: &ZoneTopic, conn: &str, frames: Arc<[Utf8Bytes]>) {
+        if let Some(peer) = topic.subscribers.get(conn)
+            && peer.queue(Outbound::Frames(frames.clone()))
+        {
+            self.metrics.deliveries.inc_by(frames.len() as u64);
+        }
+    }
+
     /// Sends the same frames, in order, to every subscriber: one queue item each.
     pub(crate) fn fan_out(&self, topic: &ZoneTopic, frames: Arc<[Utf8Bytes]>) {
         let mut sent = 0;
@@ -578,6 +587,20 @@ impl ZoneTopic {
             })
             .collect();
         Value::Object(map)
+    }
+
+    /// The connections here subscribed with a session of `agent`.
+    pub(crate) fn local_connections(&self, agent: &str) -> Vec<ConnId> {
+        self.presence
+            .get(agent)
+            .map(|metas| {
+                metas
+                    .iter()
+                    .filter(|m| self.subscribers.contains_key(&m.conn))
+                    .map(|m| m.conn.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub(crate) fn subscribe(&mut self, hub: &Hub, peer: Peer) {

@@ -8,8 +8,14 @@
 //! change before the events that happened before it. `zone_deleted` closes every channel of the
 //! zone (`phx_close`) and forgets its presence. Between such changes, a zone's frames from one batch travel to each
 //! subscriber as one queue item, written with one system call.
+//!
+//! In a zone with an interest radius, an event carries whom it reaches and whose views it
+//! changes (its [`View`], decided by the zone's writer): a move goes only to the sessions of the
+//! agents it reaches, after the `agent_entered_view` / `agent_left_view` frames it causes for
+//! them ([`received`] is the order); each frame is encoded once per event, whoever receives it.
 
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
@@ -17,11 +23,11 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::channel::Joined;
-use super::hub::{Hub, ZoneTopic, topic_name};
+use super::hub::{ConnId, Hub, ZoneTopic, topic_name};
 use super::protocol;
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
 use crate::runtime::ZoneWork;
-use crate::zone::{EventKind, ZoneEvent};
+use crate::zone::{EventKind, Received, Sight, View, ZoneEvent, received};
 
 /// A pipeline message that may carry zone events to broadcast.
 pub trait Broadcasts: Send + Sync + 'static {
@@ -53,6 +59,34 @@ pub fn event_frame(event: &ZoneEvent) -> String {
     )
 }
 
+/// A view change's frame: `agent_entered_view` `{agent_id, position}` or `agent_left_view`
+/// `{agent_id}`, with no `seq` (it is not an event of the zone's history but a consequence of
+/// one).
+pub fn sight_frame(zone: Uuid, sight: &Sight) -> String {
+    protocol::encode(
+        None,
+        None,
+        &topic_name(zone),
+        sight.name(),
+        &sight.payload(),
+    )
+}
+
+/// What a session of `agent` receives of `event`, in order, as frames: what a rejoin recovers
+/// of the events it missed (only what its client would have received).
+pub fn frames_for(event: &ZoneEvent, agent: &str) -> Vec<Utf8Bytes> {
+    if event.view.is_none() {
+        return vec![Utf8Bytes::from(event_frame(event))];
+    }
+    received(event, agent)
+        .into_iter()
+        .map(|r| match r {
+            Received::Event => Utf8Bytes::from(event_frame(event)),
+            Received::Sight(sight) => Utf8Bytes::from(sight_frame(event.zone_id, &sight)),
+        })
+        .collect()
+}
+
 /// The channel of a connection whose agent a service moved into a zone: no join of its own (no
 /// `join_ref`, no token bits), for as long as the connection lasts.
 fn moved_in(agent_id: &str) -> Joined {
@@ -78,27 +112,98 @@ impl TopicSink {
     }
 }
 
-/// Frames waiting for a zone's current subscribers.
+/// Frames waiting for a zone's current subscribers: for all of them, or (an interest-filtered
+/// event's) for some. One of the two is empty at any time, so each subscriber receives them in
+/// the order they were pushed.
 #[derive(Default)]
 struct Run {
     frames: Vec<Utf8Bytes>,
+    personal: HashMap<ConnId, Vec<Utf8Bytes>>,
 }
 
 impl Run {
-    fn push(&mut self, frame: String) {
+    fn push(&mut self, hub: &Hub, topic: &ZoneTopic, frame: String) {
+        if !self.personal.is_empty() {
+            self.flush(hub, topic);
+        }
         self.frames.push(Utf8Bytes::from(frame));
+    }
+
+    fn push_to(&mut self, hub: &Hub, topic: &ZoneTopic, conn: &ConnId, frame: Utf8Bytes) {
+        if !self.frames.is_empty() {
+            self.flush(hub, topic);
+        }
+        self.personal.entry(conn.clone()).or_default().push(frame);
     }
 
     fn flush(&mut self, hub: &Hub, topic: &ZoneTopic) {
         if !self.frames.is_empty() {
             hub.fan_out(topic, Arc::from(std::mem::take(&mut self.frames)));
         }
+        for (conn, frames) in self.personal.drain() {
+            hub.send_to(topic, &conn, Arc::from(frames));
+        }
     }
 }
 
 impl TopicSink {
-    /// Applies one event to its zone's topic, queuing or sending what it causes.
+    /// Applies one event to its zone's topic, queuing or sending what it causes: for everyone,
+    /// then the view changes it causes; or, filtered by interest, to the agents it reaches.
     fn event(&self, topic: &mut ZoneTopic, run: &mut Run, event: &ZoneEvent) {
+        match event.view.as_deref() {
+            Some(view) if view.audience.is_some() => self.filtered(topic, run, event, view),
+            view => {
+                self.zone_wide(topic, run, event);
+                if let Some(view) = view {
+                    self.sights(topic, run, event.zone_id, view);
+                }
+            }
+        }
+    }
+
+    /// Queues each watcher's view changes to its sessions here, each frame encoded once.
+    fn sights(&self, topic: &ZoneTopic, run: &mut Run, zone: Uuid, view: &View) {
+        let hub = &*self.hub;
+        let mut encoded: HashMap<(&'static str, String), Utf8Bytes> = HashMap::new();
+        for (watcher, sights) in view.sights() {
+            let conns = topic.local_connections(watcher);
+            if conns.is_empty() {
+                continue;
+            }
+            for sight in &sights {
+                // Within one event an agent is in one place: its frame is the same for all.
+                let frame = encoded
+                    .entry((sight.name(), sight.agent_id().to_owned()))
+                    .or_insert_with(|| Utf8Bytes::from(sight_frame(zone, sight)))
+                    .clone();
+                for conn in &conns {
+                    run.push_to(hub, topic, conn, frame.clone());
+                }
+            }
+        }
+    }
+
+    /// An event for some agents only: the view changes it causes, then the event itself to the
+    /// agents it reaches (its own agent, an interaction's target, and its audience).
+    fn filtered(&self, topic: &ZoneTopic, run: &mut Run, event: &ZoneEvent, view: &View) {
+        let hub = &*self.hub;
+        self.sights(topic, run, event.zone_id, view);
+        let (actor, target) = event.kind.audience_agents();
+        let reached: BTreeSet<&str> = actor
+            .into_iter()
+            .chain(target)
+            .chain(view.audience.iter().flatten().map(String::as_str))
+            .collect();
+        let frame = Utf8Bytes::from(event_frame(event));
+        for agent in reached {
+            for conn in topic.local_connections(agent) {
+                run.push_to(hub, topic, &conn, frame.clone());
+            }
+        }
+    }
+
+    /// Applies an event for everyone to its zone's topic, queuing or sending what it causes.
+    fn zone_wide(&self, topic: &mut ZoneTopic, run: &mut Run, event: &ZoneEvent) {
         let hub = &*self.hub;
         let name = topic_name(event.zone_id);
         let frame = event_frame(event);
@@ -111,13 +216,14 @@ impl TopicSink {
                 let online_at = p.timestamp.timestamp_millis();
                 let Some(conn) = conn else {
                     // The connection is already gone; its leave follows.
-                    run.push(diff(topic.track(
+                    let tracked = diff(topic.track(
                         hub,
                         &p.agent_id,
                         &p.connection.as_str().into(),
                         online_at,
-                    )));
-                    run.push(frame);
+                    ));
+                    run.push(hub, topic, tracked);
+                    run.push(hub, topic, frame);
                     return;
                 };
                 let join_ref = {
@@ -140,8 +246,8 @@ impl TopicSink {
                         &topic.state(),
                     ));
                 }
-                run.push(diff_frame);
-                run.push(frame);
+                run.push(hub, topic, diff_frame);
+                run.push(hub, topic, frame);
             }
             EventKind::AgentLeft(p) => {
                 if topic.unsubscribe(hub, &p.connection).is_some() {
@@ -175,12 +281,12 @@ impl TopicSink {
                     }
                 }
                 if let Some(payload) = topic.untrack(hub, &p.agent_id, &p.connection) {
-                    run.push(diff(payload));
+                    run.push(hub, topic, diff(payload));
                 }
-                run.push(frame);
+                run.push(hub, topic, frame);
             }
             EventKind::ZoneDeleted(_) => {
-                run.push(frame);
+                run.push(hub, topic, frame);
                 run.flush(hub, topic);
                 for peer in topic.close(hub) {
                     let join_ref = hub.connection(&peer.id).and_then(|c| {
@@ -197,7 +303,7 @@ impl TopicSink {
                     ));
                 }
             }
-            _ => run.push(frame),
+            _ => run.push(hub, topic, frame),
         }
     }
 }

@@ -16,7 +16,7 @@ use super::zones::big;
 use super::{Backend, Db, Fence, Store, StoreError, on_pool};
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
 use crate::sources::Redeliver;
-use crate::zone::{EventKind, ZoneEvent};
+use crate::zone::{EventKind, View, ZoneEvent};
 
 #[derive(sqlx::FromRow)]
 struct EventRow {
@@ -27,6 +27,7 @@ struct EventRow {
     event_type: String,
     payload: Json<Value>,
     occurred_at: DateTime<Utc>,
+    view: Option<Json<View>>,
 }
 
 impl TryFrom<EventRow> for ZoneEvent {
@@ -42,6 +43,7 @@ impl TryFrom<EventRow> for ZoneEvent {
             kind: EventKind::from_parts(&r.event_type, r.payload.0)
                 .map_err(|e| corrupt(e.to_string()))?,
             occurred_at: r.occurred_at,
+            view: r.view.map(|v| Box::new(v.0)),
         })
     }
 }
@@ -59,10 +61,10 @@ pub struct DeadLetter {
     pub failed_at: DateTime<Utc>,
 }
 
-/// SQLite allows 32,766 bound parameters per statement; eight per row.
-const SQLITE_ROWS_PER_STATEMENT: usize = 4_000;
+/// SQLite allows 32,766 bound parameters per statement; nine per row.
+const SQLITE_ROWS_PER_STATEMENT: usize = 3_600;
 
-const EVENT_COLUMNS: &str = "id, zone_id, seq, command_id, event_type, payload, occurred_at";
+const EVENT_COLUMNS: &str = "id, zone_id, seq, command_id, event_type, payload, occurred_at, view";
 
 /// The condition on a zone's events (`$1` its id, then `since` and `after_seq` where given), and
 /// the number of the last parameter it binds.
@@ -135,7 +137,7 @@ fn sqlite_insert<'a>(
     recorded_at: DateTime<Utc>,
 ) -> sqlx::QueryBuilder<'a, sqlx::Sqlite> {
     let mut insert = sqlx::QueryBuilder::new(
-        "INSERT INTO audit_events (id, zone_id, seq, command_id, event_type, payload, occurred_at, recorded_at) ",
+        "INSERT INTO audit_events (id, zone_id, seq, command_id, event_type, payload, occurred_at, recorded_at, view) ",
     );
     insert.push_values(events, |mut row, e| {
         row.push_bind(e.id)
@@ -145,7 +147,8 @@ fn sqlite_insert<'a>(
             .push_bind(e.name())
             .push_bind(Json(&e.kind))
             .push_bind(e.occurred_at)
-            .push_bind(recorded_at);
+            .push_bind(recorded_at)
+            .push_bind(e.view.as_deref().map(Json));
     });
     insert.push(" ON CONFLICT (id) DO NOTHING");
     insert
@@ -183,11 +186,19 @@ impl Store {
                     .map(|e| serde_json::to_string(&e.kind).expect("payloads serialise"))
                     .collect();
                 let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
+                let views: Vec<Option<String>> = events
+                    .iter()
+                    .map(|e| {
+                        e.view
+                            .as_ref()
+                            .map(|v| serde_json::to_string(v).expect("views serialise"))
+                    })
+                    .collect();
                 let insert = sqlx::query(
-                    "INSERT INTO audit_events (id, zone_id, seq, command_id, event_type, payload, occurred_at) \
-                     SELECT id, zone_id, seq, command_id, event_type, payload::jsonb, occurred_at \
-                     FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::timestamptz[]) \
-                       AS t(id, zone_id, seq, command_id, event_type, payload, occurred_at) \
+                    "INSERT INTO audit_events (id, zone_id, seq, command_id, event_type, payload, occurred_at, view) \
+                     SELECT id, zone_id, seq, command_id, event_type, payload::jsonb, occurred_at, view::jsonb \
+                     FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::timestamptz[], $8::text[]) \
+                       AS t(id, zone_id, seq, command_id, event_type, payload, occurred_at, view) \
                      ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(&ids)
@@ -196,7 +207,8 @@ impl Store {
                 .bind(&commands)
                 .bind(&types)
                 .bind(&payloads)
-                .bind(&times);
+                .bind(&times)
+                .bind(&views);
                 if fences.is_empty() {
                     return Ok(insert.execute(pool).await?.rows_affected());
                 }

@@ -34,6 +34,7 @@ struct ZoneRow {
     sessions: Json<Vec<Session>>,
     positions: Json<BTreeMap<String, Position>>,
     reservations: Json<Vec<Reservation>>,
+    interest_radius: Option<f64>,
 }
 
 impl TryFrom<ZoneRow> for ZoneSnapshot {
@@ -55,6 +56,7 @@ impl TryFrom<ZoneRow> for ZoneSnapshot {
                 capacity: u32::try_from(r.capacity).map_err(|_| corrupt("negative capacity"))?,
                 resources: r.resources.0,
                 properties: r.properties.0,
+                interest_radius: r.interest_radius,
                 tick: u64::try_from(r.tick).map_err(|_| corrupt("negative tick"))?,
                 inserted_at: r.inserted_at,
                 updated_at: r.updated_at,
@@ -80,7 +82,7 @@ pub(super) fn big(v: u64) -> i64 {
 
 const COLUMNS: &str = "id, name, permissions, assigned_server, active_session_count, capacity, \
                        resources, properties, tick, seq, epoch, sessions, inserted_at, updated_at, \
-                       positions, reservations";
+                       positions, reservations, interest_radius";
 
 /// Binds a snapshot's columns in `COLUMNS` order, `inserted_at` and `updated_at` excepted.
 macro_rules! bind_snapshot {
@@ -127,11 +129,11 @@ impl Store {
     ) -> Result<(), StoreError> {
         let insert = format!(
             "INSERT INTO zones ({COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         );
         let log = "INSERT INTO audit_events \
-                   (id, zone_id, seq, command_id, event_type, payload, occurred_at, recorded_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING";
+                   (id, zone_id, seq, command_id, event_type, payload, occurred_at, recorded_at, view) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING";
         let recorded_at = Utc::now();
         let _turn = self.write_turn().await;
         on_pool!(self.db(), pool => {
@@ -141,6 +143,7 @@ impl Store {
                 .bind(snapshot.zone.updated_at)
                 .bind(Json(&snapshot.positions))
                 .bind(Json(&snapshot.reservations))
+                .bind(snapshot.zone.interest_radius)
                 .execute(&mut *tx)
                 .await?;
             if !events.is_empty() {
@@ -161,6 +164,7 @@ impl Store {
                     .bind(Json(&e.kind))
                     .bind(e.occurred_at)
                     .bind(recorded_at)
+                    .bind(e.view.as_deref().map(Json))
                     .execute(&mut *tx)
                     .await?;
             }
@@ -218,7 +222,7 @@ impl Store {
         let update = "UPDATE zones SET name = $2, permissions = $3, assigned_server = $4, \
                       active_session_count = $5, capacity = $6, resources = $7, properties = $8, \
                       tick = $9, seq = $10, epoch = $11, sessions = $12, updated_at = $13, \
-                      positions = $15, reservations = $16 \
+                      positions = $15, reservations = $16, interest_radius = $17 \
                       WHERE id = $1 AND (seq < $10 OR (seq = $10 AND epoch <> $11)) AND fence <= $14";
         let remove = "DELETE FROM zones WHERE id = $1 AND fence <= $2";
         let _turn = self.write_turn().await;
@@ -237,6 +241,7 @@ impl Store {
                         .bind(fence_value(*fence))
                         .bind(Json(&s.positions))
                         .bind(Json(&s.reservations))
+                        .bind(s.zone.interest_radius)
                         .execute(&mut *tx)
                         .await?;
                 }

@@ -134,6 +134,12 @@ test("with the token: stage counters and a zone's agents change on the page as t
   await page.waitForFunction(() => document.querySelectorAll("#events li").length > 0);
   const newest = await page.locator("#events li").first().getAttribute("value");
   assert.ok(Number(newest) > 1, `events carry their seq: ${newest}`);
+  // The zone's interest radius is shown, and follows a change.
+  await page.waitForFunction(() => document.getElementById("zone-title").textContent.includes("every move to everyone"));
+  await api("PATCH", `/api/zones/${zone.id}`, { interest_radius: 25 });
+  await page.waitForFunction(() => document.getElementById("zone-title").textContent.includes("interest radius 25"), null, { timeout: 10_000 });
+  await page.click("#zone-search button");
+  await page.waitForFunction((id) => document.querySelector(`#zones tr[data-zone='${id}']`)?.cells[3].textContent === "25", zone.id, { timeout: 10_000 });
 
   // Under traffic it draws at most twice a second.
   const draws = async () => Number(await page.evaluate(() => document.body.dataset.draws ?? 0));

@@ -154,10 +154,14 @@ impl View {
             sights
                 .entry(watcher)
                 .or_default()
-                .extend(agents.into_iter().map(|(a, position)| Sight::AgentEnteredView {
-                    agent_id: a.to_owned(),
-                    position,
-                }));
+                .extend(
+                    agents
+                        .into_iter()
+                        .map(|(a, position)| Sight::AgentEnteredView {
+                            agent_id: a.to_owned(),
+                            position,
+                        }),
+                );
         }
         sights
     }
@@ -191,8 +195,11 @@ impl Regrid {
             after.place(agent, *position);
         }
         // The grids' names, as this regrid's own (which the maps borrow).
-        let own: HashMap<&str, &'a str> =
-            self.placed.iter().map(|(a, _)| (a.as_str(), a.as_str())).collect();
+        let own: HashMap<&str, &'a str> = self
+            .placed
+            .iter()
+            .map(|(a, _)| (a.as_str(), a.as_str()))
+            .collect();
         for (agent, position) in &self.placed {
             let was: BTreeSet<&'a str> = before
                 .near(*position, agent)
@@ -401,11 +408,19 @@ mod tests {
         grid.place("c", at(10.0001, 0.0));
         grid.place("d", at(-6.0, -8.0));
         grid.place("e", at(25.0, 25.0));
-        let near: Vec<&str> = grid.near(at(0.0, 0.0), "a").into_iter().map(|n| n.0).collect();
+        let near: Vec<&str> = grid
+            .near(at(0.0, 0.0), "a")
+            .into_iter()
+            .map(|n| n.0)
+            .collect();
         assert_eq!(near, ["b", "d"]);
         grid.place("c", at(5.0, 5.0));
         grid.remove("b");
-        let near: Vec<&str> = grid.near(at(0.0, 0.0), "a").into_iter().map(|n| n.0).collect();
+        let near: Vec<&str> = grid
+            .near(at(0.0, 0.0), "a")
+            .into_iter()
+            .map(|n| n.0)
+            .collect();
         assert_eq!(near, ["c", "d"]);
         grid.set_radius(None);
         assert_eq!(grid.near(at(0.0, 0.0), "a").len(), 3);
@@ -418,10 +433,18 @@ mod tests {
         grid.place("a", at(1e300, 0.0));
         grid.place("b", at(1e300, 0.0));
         grid.place("c", at(-1e300, 0.0));
-        let near: Vec<&str> = grid.near(at(1e300, 0.0), "a").into_iter().map(|n| n.0).collect();
+        let near: Vec<&str> = grid
+            .near(at(1e300, 0.0), "a")
+            .into_iter()
+            .map(|n| n.0)
+            .collect();
         assert_eq!(near, ["b"]);
         grid.set_radius(Some(1e300));
-        let near: Vec<&str> = grid.near(at(-1.7e308, 0.0), "x").into_iter().map(|n| n.0).collect();
+        let near: Vec<&str> = grid
+            .near(at(-1.7e308, 0.0), "x")
+            .into_iter()
+            .map(|n| n.0)
+            .collect();
         assert!(near.is_empty());
     }
 }

@@ -32,6 +32,6 @@ pub use model::{DEFAULT_CAPACITY, DEFAULT_PERMISSIONS, NewZone, Resource, Zone};
 pub use permissions::Permissions;
 pub use request::CLIENT_COMMANDS;
 pub use state::{
-    Accepted, Answer, ApplyError, BroadcastLimit, Context, EventIds, InView, Outcome, REMEMBERED_COMMANDS,
-    Session, SessionKey, ZoneSnapshot, ZoneState, ZoneView,
+    Accepted, Answer, ApplyError, BroadcastLimit, Context, EventIds, InView, Outcome,
+    REMEMBERED_COMMANDS, Session, SessionKey, ZoneSnapshot, ZoneState, ZoneView,
 };

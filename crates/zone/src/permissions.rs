@@ -43,7 +43,8 @@ struct PermissionItem(Permissions);
 
 impl<'de> Deserialize<'de> for PermissionItem {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(PermissionsVisitor { list: false }).map(PermissionItem)
+        d.deserialize_any(PermissionsVisitor { list: false })
+            .map(PermissionItem)
     }
 }
 
@@ -75,7 +76,10 @@ impl<'de> serde::de::Visitor<'de> for PermissionsVisitor {
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Permissions, A::Error> {
         if !self.list {
-            return Err(serde::de::Error::invalid_type(serde::de::Unexpected::Seq, &self));
+            return Err(serde::de::Error::invalid_type(
+                serde::de::Unexpected::Seq,
+                &self,
+            ));
         }
         let mut all = Permissions::empty();
         while let Some(PermissionItem(one)) = seq.next_element()? {

@@ -34,9 +34,9 @@ use super::event::{
     Created, Custom, Deleted, EventKind, Interaction, Moved, Position, Presence, ResourceChange,
     Tick, ZoneEvent, ZoneUpdate, check_custom_event_type,
 };
+use super::interest::{Grid, Regrid, Seen, Unseen, View};
 use super::limits;
 use super::migration::{Located, Released, Reservation};
-use super::interest::{Grid, Regrid, Seen, Unseen, View};
 use super::model::{
     Zone, check_capacity, check_interest_radius, check_name, check_properties, check_server,
 };

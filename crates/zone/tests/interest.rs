@@ -17,12 +17,28 @@ const AGENTS: usize = 6;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Join { agent: usize, conn: usize },
-    Leave { agent: usize, conn: usize },
-    Move { agent: usize, x: i32, y: i32, z: i32 },
-    Interact { agent: usize, target: usize },
+    Join {
+        agent: usize,
+        conn: usize,
+    },
+    Leave {
+        agent: usize,
+        conn: usize,
+    },
+    Move {
+        agent: usize,
+        x: i32,
+        y: i32,
+        z: i32,
+    },
+    Interact {
+        agent: usize,
+        target: usize,
+    },
     Radius(Option<u8>),
-    Crash { snapshot: bool },
+    Crash {
+        snapshot: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -130,7 +146,8 @@ struct Zone {
 impl Zone {
     fn run(&mut self, actor: Actor, kind: CommandKind) -> Result<Accepted, ZoneError> {
         self.n += 1;
-        let now = Utc.timestamp_opt(1_700_000_000, 0).unwrap() + chrono::Duration::seconds(self.n as i64);
+        let now =
+            Utc.timestamp_opt(1_700_000_000, 0).unwrap() + chrono::Duration::seconds(self.n as i64);
         let id = Uuid::from_u128(self.n);
         let ctx = Context::new(now, Uuid::from_u128(self.n << 32));
         let command = ZoneCommand::new(id, self.state.id(), actor, kind);
@@ -209,7 +226,9 @@ fn check(ops: Vec<Op>, radius: Option<u8>) -> Result<(), TestCaseError> {
             Op::Join { agent: a, conn } => {
                 let accepted = zone.run(actor(a, conn), CommandKind::Join).expect("joins");
                 let joined_before = oracle.present(&agent(a));
-                oracle.sessions.insert((agent(a), format!("conn-{a}-{conn}")));
+                oracle
+                    .sessions
+                    .insert((agent(a), format!("conn-{a}-{conn}")));
                 let after = oracle.views();
                 listeners = oracle.agents();
                 if oracle.radius.is_some() && !joined_before {
@@ -237,8 +256,12 @@ fn check(ops: Vec<Op>, radius: Option<u8>) -> Result<(), TestCaseError> {
             }
             Op::Leave { agent: a, conn } => {
                 // No view changes: an agent that leaves is announced by agent_left.
-                oracle.sessions.remove(&(agent(a), format!("conn-{a}-{conn}")));
-                zone.run(actor(a, conn), CommandKind::Leave).expect("leaves").events
+                oracle
+                    .sessions
+                    .remove(&(agent(a), format!("conn-{a}-{conn}")));
+                zone.run(actor(a, conn), CommandKind::Leave)
+                    .expect("leaves")
+                    .events
             }
             Op::Move { agent: a, x, y, z } => {
                 let position = Position {
@@ -263,7 +286,9 @@ fn check(ops: Vec<Op>, radius: Option<u8>) -> Result<(), TestCaseError> {
                 for listener in &listeners {
                     let mut heard = Vec::new();
                     if oracle.radius.is_some() {
-                        heard = changes(&before, &after, None).remove(listener).unwrap_or_default();
+                        heard = changes(&before, &after, None)
+                            .remove(listener)
+                            .unwrap_or_default();
                     }
                     let reached = oracle.radius.is_none()
                         || *listener == mover
@@ -293,9 +318,12 @@ fn check(ops: Vec<Op>, radius: Option<u8>) -> Result<(), TestCaseError> {
                     let reached = oracle.radius.is_none()
                         || *listener == actor_id
                         || *listener == agent(target)
-                        || before.get(&actor_id).is_some_and(|v| v.contains_key(listener));
+                        || before
+                            .get(&actor_id)
+                            .is_some_and(|v| v.contains_key(listener));
                     if reached {
-                        expected.insert(listener.clone(), vec![Heard::Interaction(actor_id.clone())]);
+                        expected
+                            .insert(listener.clone(), vec![Heard::Interaction(actor_id.clone())]);
                     }
                 }
                 accepted.events
@@ -407,7 +435,7 @@ fn radii_that_are_not_above_zero_are_refused_and_change_nothing() {
                 name: "z".into(),
                 interest_radius: Some(bad),
                 assigned_server: Some("node".into()),
-            ..NewZone::default()
+                ..NewZone::default()
             })),
         );
         assert!(matches!(refused, Err(ZoneError::InvalidZone(_))), "{bad}");

@@ -327,7 +327,7 @@ function drawZones() {
     const tr = document.createElement("tr");
     tr.className = "zone-row" + (state.zone?.id === z.id ? " chosen" : "");
     tr.dataset.zone = z.id;
-    for (const cell of [z.name, z.assigned_server ?? "—", z.active_session_count, amounts(z.resources) || "—", z.seq]) {
+    for (const cell of [z.name, z.assigned_server ?? "—", z.active_session_count, z.interest_radius ?? "—", amounts(z.resources) || "—", z.seq]) {
       const td = document.createElement("td");
       td.textContent = cell;
       tr.append(td);
@@ -381,7 +381,8 @@ async function refreshZone() {
 function drawZone() {
   const zone = state.zone;
   if (!zone?.view) return;
-  $("zone-title").textContent = `Zone ${zone.view.name} (seq ${zone.view.seq}, ${zone.view.active_session_count} sessions)`;
+  const interest = zone.view.interest_radius == null ? "every move to everyone" : `interest radius ${zone.view.interest_radius}`;
+  $("zone-title").textContent = `Zone ${zone.view.name} (seq ${zone.view.seq}, ${zone.view.active_session_count} sessions, ${interest})`;
   // The plan: present agents at their last known position (from the events seen).
   const plan = $("plan");
   const ctx = plan.getContext("2d");

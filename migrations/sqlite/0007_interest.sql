@@ -1,0 +1,5 @@
+-- Interest management: a zone's radius (NULL: every move reaches everyone), and beside each
+-- logged event whom it reached and whose views it changed (NULL: everyone, no view changed), so
+-- that a rejoin recovers only what its client would have received.
+ALTER TABLE zones ADD COLUMN interest_radius REAL;
+ALTER TABLE audit_events ADD COLUMN view TEXT;
