@@ -42,6 +42,7 @@ fn spec(name: &str) -> NewZone {
         resources,
         properties: Some(json!({"biome": "forest", "weather": {"rain": true}})),
         assigned_server: Some("node-a".into()),
+        interest_radius: Some(25.0),
     }
 }
 
