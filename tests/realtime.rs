@@ -503,6 +503,7 @@ async fn the_admin_api_needs_its_token_and_answers_in_json() {
             "epoch",
             "id",
             "inserted_at",
+            "interest_radius",
             "name",
             "permissions",
             "properties",

@@ -5,6 +5,7 @@
 mod admin_client;
 pub mod audit;
 pub mod broker;
+pub mod crowd;
 mod error;
 pub mod migrate;
 pub mod pipeline;

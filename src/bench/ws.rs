@@ -37,8 +37,12 @@ pub struct WsArgs {
     /// WebSocket clients.
     #[arg(long, default_value_t = 1000)]
     pub clients: usize,
-    /// Zones the clients are spread over.
-    #[arg(long, default_value_t = 10)]
+    /// Zones the clients are spread over (with --agents-per-zone: 1 unless given).
+    #[arg(
+        long,
+        default_value_t = 10,
+        default_value_if("agents_per_zone", clap::builder::ArgPredicate::IsPresent, "1")
+    )]
     pub zones: usize,
     /// `agent_move` events per second, all clients together.
     #[arg(long, default_value_t = 2000.0)]
@@ -69,9 +73,28 @@ pub struct WsArgs {
     /// every broadcast delivered. No baseline.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["rate", "report"])]
     pub sweep: Vec<f64>,
-    /// The p99 latency a sweep step must stay under.
-    #[arg(long, default_value_t = 25.0)]
+    /// The p99 latency a sweep step must stay under (with --agents-per-zone: 100 unless given).
+    #[arg(
+        long,
+        default_value_t = 25.0,
+        default_value_if("agents_per_zone", clap::builder::ArgPredicate::IsPresent, "100")
+    )]
     pub p99_target_ms: f64,
+    /// Crowds instead of --clients and --rate: this many agents in each zone, spread uniformly
+    /// over a --world square, each moving --move-hz times a second in a random walk. Reports
+    /// the load with --aoi-radius as each zone's interest radius and, in the same run, the same
+    /// load with no radius at the largest agent count whose p99 stays under --p99-target-ms.
+    #[arg(long, conflicts_with_all = ["clients", "rate", "sweep", "nodes", "report"])]
+    pub agents_per_zone: Option<usize>,
+    /// With --agents-per-zone: moves per second of each agent.
+    #[arg(long, default_value_t = 5.0)]
+    pub move_hz: f64,
+    /// With --agents-per-zone: the side of the square the agents walk in.
+    #[arg(long, default_value_t = 1000.0)]
+    pub world: f64,
+    /// With --agents-per-zone: each zone's interest radius (none: every move to everyone).
+    #[arg(long)]
+    pub aoi_radius: Option<f64>,
     /// When the server answers a push `ok`: once the event is applied, or once it is durable.
     /// Passed to the daemon the harness starts as `THUNDERLINE_REPLIES`; refused with --url.
     #[arg(long, value_enum)]
@@ -124,6 +147,8 @@ pub struct RunFigures {
     pub delivered: u64,
     pub delivered_per_sec: f64,
     pub latency_ms: Latency,
+    /// `agent_entered_view` and `agent_left_view` frames received (a zone with a radius).
+    pub view_frames: u64,
     /// From sending a push to reading its `ok` reply.
     pub reply_latency_ms: Latency,
     /// In a cluster: the broadcast latency seen by clients on the zone owner's node, and by
@@ -366,6 +391,7 @@ struct Shared {
     slow: AtomicU64,
     reconnects: AtomicU64,
     recovered: AtomicU64,
+    view_frames: AtomicU64,
     /// Broadcast latencies: push → `agent_moved`.
     histogram: Mutex<Option<Histogram<u64>>>,
     /// Reply latencies: push → its `ok` `phx_reply`.
@@ -491,6 +517,45 @@ struct ClientPlan {
     /// With --rolling-restart: every node's URL, for a client its node closes to rejoin
     /// another (empty: it does not).
     nodes: Arc<[String]>,
+    /// With --agents-per-zone: where its random walk is.
+    walk: Option<Walk>,
+    /// Whether its zone filters by interest: then it cannot know how many of its zone's
+    /// broadcasts are for it, and stops once its own pushes are answered.
+    filtered: bool,
+}
+
+/// An agent's random walk over a square: a uniform start, then steps of up to `step` each way.
+struct Walk {
+    rng: fastrand::Rng,
+    world: f64,
+    step: f64,
+    x: f64,
+    y: f64,
+}
+
+impl Walk {
+    fn new(seed: u64, world: f64) -> Self {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let (x, y) = (rng.f64() * world, rng.f64() * world);
+        Self {
+            rng,
+            world,
+            step: world / 200.0,
+            x,
+            y,
+        }
+    }
+
+    /// Where it is now; the next call takes a step.
+    fn next(&mut self) -> (f64, f64) {
+        let here = (self.x, self.y);
+        let stride = |v: f64, rng: &mut fastrand::Rng| {
+            (v + (rng.f64() * 2.0 - 1.0) * self.step).clamp(0.0, self.world)
+        };
+        self.x = stride(self.x, &mut self.rng);
+        self.y = stride(self.y, &mut self.rng);
+        here
+    }
 }
 
 type Ws =
@@ -616,7 +681,9 @@ impl Inbox {
                 {
                     *last = (*last).max(seq);
                 }
-                if t.contains("\"agent_moved\"") {
+                if t.contains("_view\"") {
+                    self.shared.view_frames.fetch_add(1, Ordering::Relaxed);
+                } else if t.contains("\"agent_moved\"") {
                     if let Some(at) = sent_at(&t) {
                         let now = self.epoch.elapsed().as_micros() as u64;
                         self.received += 1;
@@ -671,7 +738,7 @@ impl Drop for Inbox {
 /// One client: connect, join, push on its schedule until `stop`, time every broadcast, then
 /// read until its zone's last broadcast is in.
 async fn client(
-    plan: ClientPlan,
+    mut plan: ClientPlan,
     epoch: Instant,
     shared: Arc<Shared>,
     mut go: watch::Receiver<Option<Instant>>,
@@ -704,6 +771,7 @@ async fn client(
         last_seq: (!plan.nodes.is_empty()).then_some(joined.seq.saturating_sub(1)),
     };
     let mut next_push = tokio::time::Instant::from_std(start) + Duration::from_secs_f64(plan.phase);
+    let mut walk = plan.walk.take();
     let mut seq = 0u64;
     let mut sent_by_me = 0u64;
     // Both built once, not per frame read: a fresh timer and watch registration for every
@@ -739,8 +807,12 @@ async fn client(
             () = &mut push => {
                 seq += 1;
                 let stamp = epoch.elapsed().as_micros() as u64;
+                let (x, y) = match walk.as_mut() {
+                    Some(w) => w.next(),
+                    None => (seq as f64, 0.0),
+                };
                 let frame = format!(
-                    r#"["1","{}","{}","agent_move",{{"position":{{"x":{seq},"y":0,"z":0}},"sent_at":{stamp}}}]"#,
+                    r#"["1","{}","{}","agent_move",{{"position":{{"x":{x:.2},"y":{y:.2},"z":0}},"sent_at":{stamp}}}]"#,
                     push_ref(seq, stamp),
                     plan.topic
                 );
@@ -768,7 +840,7 @@ async fn client(
     let mut check = tokio::time::interval(Duration::from_millis(20));
     loop {
         if shared.done_pushing.load(Ordering::Relaxed) >= shared.clients
-            && inbox.received >= sent_in_zone.load(Ordering::Relaxed)
+            && (plan.filtered || inbox.received >= sent_in_zone.load(Ordering::Relaxed))
             && inbox.answered >= sent_by_me
         {
             break;
@@ -799,13 +871,14 @@ fn latency(h: &Histogram<u64>) -> Latency {
 
 /// With --rolling-restart: every node's URL (for clients to rejoin another), and where the
 /// load says it has started (for the restarts to be spread over it).
-struct Rolling {
+pub(super) struct Rolling {
     nodes: Arc<[String]>,
     started: tokio::sync::oneshot::Sender<Instant>,
 }
 
-/// Connects the clients, runs the load, and gathers what they saw.
-async fn load(
+/// Connects the clients, runs the load, and gathers what they saw (`plans` from
+/// [`Target::plans`]).
+pub(super) async fn load(
     args: &WsArgs,
     ws_url: &str,
     plans: Vec<Plan>,
@@ -854,6 +927,10 @@ async fn load(
             period,
             phase: period * (i as f64 / args.clients as f64),
             nodes: nodes.clone(),
+            walk: args
+                .agents_per_zone
+                .map(|_| Walk::new(i as u64 + 1, args.world)),
+            filtered: args.aoi_radius.is_some(),
         };
         tasks.push(tokio::spawn(client(
             plan,
@@ -919,11 +996,16 @@ async fn load(
     }
     let sent = shared.sent.load(Ordering::Relaxed);
     let delivered = shared.delivered.load(Ordering::Relaxed);
-    let expected: u64 = zone_sent
-        .iter()
-        .zip(&members)
-        .map(|(s, m)| s.load(Ordering::Relaxed) * m)
-        .sum();
+    // With a radius nobody knows ahead how many broadcasts are due: none are counted.
+    let expected: u64 = if args.aoi_radius.is_some() {
+        0
+    } else {
+        zone_sent
+            .iter()
+            .zip(&members)
+            .map(|(s, m)| s.load(Ordering::Relaxed) * m)
+            .sum()
+    };
     let take = |h: &Mutex<Option<Histogram<u64>>>| {
         h.lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -947,6 +1029,7 @@ async fn load(
         delivered,
         delivered_per_sec: delivered as f64 / load_seconds,
         latency_ms: latency(&histogram),
+        view_frames: shared.view_frames.load(Ordering::Relaxed),
         reply_latency_ms: latency(&reply_histogram),
         same_node_latency_ms: split(&shared.same_node),
         cross_node_latency_ms: split(&shared.cross_node),
@@ -1002,7 +1085,7 @@ fn check(args: &WsArgs) -> Result<(), BenchError> {
 /// One client's part of the load: its zone, topic, agent and token, and in a cluster which
 /// node it talks to.
 #[derive(Clone)]
-struct Plan {
+pub(super) struct Plan {
     zone: usize,
     topic: String,
     agent: String,
@@ -1020,7 +1103,7 @@ struct NodePlan {
 
 /// How the harness runs the server it loads.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Setup {
+pub(super) enum Setup {
     /// `--url`, or one daemon on a throwaway SQLite store.
     Default,
     /// One daemon on a schema of its own in `--database` (the cluster's single-node twin).
@@ -1066,25 +1149,29 @@ impl Schema {
 }
 
 /// The server under test, its zones, and a token for every client.
-struct Target {
+pub(super) struct Target {
     daemons: Vec<Daemon>,
-    ws_url: String,
+    pub(super) ws_url: String,
     plans: Vec<Plan>,
-    progress: ProgressBar,
+    pub(super) progress: ProgressBar,
     schema: Option<Schema>,
 }
 
 impl Target {
     /// The daemon's process id, when the harness started one.
-    fn pid(&self) -> Option<u32> {
+    pub(super) fn pid(&self) -> Option<u32> {
         match self.daemons.as_slice() {
             [one] => Some(one.child.id()),
             _ => None,
         }
     }
 
+    pub(super) fn plans(&self) -> Vec<Plan> {
+        self.plans.clone()
+    }
+
     /// Stops the daemons and drops the schema.
-    async fn finish(mut self) {
+    pub(super) async fn finish(mut self) {
         self.daemons.clear();
         if let Some(schema) = self.schema.take() {
             schema.drop_now().await;
@@ -1113,7 +1200,7 @@ pub(super) async fn ready(addr: SocketAddr) -> Result<(), BenchError> {
     }
 }
 
-async fn prepare(args: &WsArgs, setup: Setup) -> Result<Target, BenchError> {
+pub(super) async fn prepare(args: &WsArgs, setup: Setup) -> Result<Target, BenchError> {
     check(args)?;
     raise_fd_limit();
     let progress = if args.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -1191,13 +1278,12 @@ async fn prepare(args: &WsArgs, setup: Setup) -> Result<Target, BenchError> {
     let mut zone_ids = Vec::new();
     let mut owners = Vec::new();
     for i in 0..args.zones {
-        let z = admin
-            .call(
-                Method::POST,
-                "/api/zones",
-                &json!({"name": format!("bench-{i}"), "capacity": per_zone + 1, "permissions": 1}),
-            )
-            .await?;
+        let mut spec =
+            json!({"name": format!("bench-{i}"), "capacity": per_zone + 1, "permissions": 1});
+        if let Some(radius) = args.aoi_radius {
+            spec["interest_radius"] = json!(radius);
+        }
+        let z = admin.call(Method::POST, "/api/zones", &spec).await?;
         zone_ids.push(z["id"].as_str().unwrap_or_default().to_owned());
         owners.push(z["assigned_server"].as_str().unwrap_or_default().to_owned());
     }

@@ -309,6 +309,25 @@ fn main() -> ExitCode {
         },
         Command::Bench {
             which: Some(Bench::Ws(args)),
+        } if args.agents_per_zone.is_some() => match bench::crowd::run(&args) {
+            Ok(r) => {
+                if args.json {
+                    eprint!("{}", r.table());
+                }
+                report(
+                    args.json,
+                    &r,
+                    r.table(),
+                    r.asked
+                        .run
+                        .answered_every_push(r.asked.agents_per_zone * r.zones),
+                    "some clients failed to connect, or the server refused or dropped events",
+                )
+            }
+            Err(e) => fail(e),
+        },
+        Command::Bench {
+            which: Some(Bench::Ws(args)),
         } if !args.sweep.is_empty() => match bench::ws::sweep(&args) {
             Ok(r) => {
                 if args.json {

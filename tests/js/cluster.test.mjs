@@ -53,3 +53,34 @@ test("clients on two nodes share one zone: broadcasts, presence and the session 
   await eventually(() => assert.deepEqual(presenceA.list((id) => id), ["alice"]), "bob left A's presence");
   assert.equal((await apiB("GET", `/api/zones/${zone.id}`)).active_session_count, 1);
 });
+
+test("interest across nodes: a zone with a radius filters moves for clients on either node", async () => {
+  const zone = await apiA("POST", "/api/zones", { name: "crowd", capacity: 10, permissions: 7, interest_radius: 10 });
+  assert.equal(zone.interest_radius, 10, JSON.stringify(zone));
+  const tokenFor = async (agent) =>
+    (await apiA("POST", "/api/tokens", { agent_id: agent, zone_id: zone.id, permissions: ["spawn_agents"], ttl_seconds: 600 })).token;
+  // a on node A, b and c on node B; each records what it hears of movement.
+  const member = async (agent, url) => {
+    const channel = connect(url).channel(`zone:${zone.id}`, { agent_id: agent, token: await tokenFor(agent) });
+    const heard = [];
+    for (const event of ["agent_moved", "agent_entered_view", "agent_left_view"]) {
+      channel.on(event, (p) => heard.push(`${event} ${p.agent_id}`));
+    }
+    const marks = [];
+    channel.on("mark", (p) => marks.push(p.payload.n));
+    await join(channel);
+    return { channel, heard, marks };
+  };
+  const [a, b, c] = [await member("a", urlA), await member("b", urlB), await member("c", urlB)];
+  const moveTo = async (m, x) => assert.equal((await push(m.channel, "agent_move", { position: { x, y: 0, z: 0 } })).status, "ok");
+  await moveTo(a, 0);
+  await moveTo(b, 5);
+  await moveTo(c, 50);
+  await moveTo(b, 45); // out of a's view, into c's
+  // A mark to the whole zone: once everyone has it, everything before it has arrived.
+  await apiB("POST", `/api/zones/${zone.id}/broadcast`, { event_type: "mark", payload: { n: 1 } });
+  await eventually(() => [a, b, c].forEach((m) => assert.ok(m.marks.includes(1))), "the mark on both nodes");
+  assert.deepEqual(a.heard, ["agent_moved a", "agent_entered_view b", "agent_moved b", "agent_left_view b"]);
+  assert.deepEqual(b.heard, ["agent_entered_view a", "agent_moved b", "agent_left_view a", "agent_entered_view c", "agent_moved b"]);
+  assert.deepEqual(c.heard, ["agent_moved c", "agent_entered_view b", "agent_moved b"]);
+});

@@ -131,6 +131,11 @@ test("changing the radius recomputes every view at once; bad radii are refused a
     assert.ok("details" in body, JSON.stringify(body));
   }
   assert.equal((await api("GET", `/api/zones/${z.id}`)).body.interest_radius, 10);
+  for (const bad of [0, -2, "ten"]) {
+    const created = await api("POST", "/api/zones", { name: "bad radius", interest_radius: bad });
+    assert.ok(created.status >= 400 && created.status < 500, `create with ${JSON.stringify(bad)}: ${created.status}`);
+    assert.equal(typeof created.body.error, "string");
+  }
 
   // 20: a–c (16.5), b–c (10.5) and b–d (19) come into view.
   const updated = next(a.channel, "zone_updated");
@@ -177,4 +182,59 @@ test("a zone without a radius is unchanged: every move to everyone, no view even
   await move(b, 3);
   await settle(z.id, [a, b, far]);
   for (const m of [a, b, far]) assert.deepEqual(m.take(), ["moved a 0", "moved far 1000", "moved b 3"], m.agent);
+});
+
+test("a rejoin with since recovers only what its client would have received", async () => {
+  const z = await zone({ interest_radius: 10, permissions: 0x07 });
+  const topic = `zone:${z.id}`;
+  // x's steady session, y near it, far away from both.
+  const [x, y, far] = [await member("x", z.id), await member("y", z.id), await member("far", z.id)];
+  await move(x, 0);
+  await move(y, 5);
+  await move(far, 100);
+
+  // x's second connection tracks the last seq it saw, drops, and rejoins a second later.
+  const flaky = connectTo(base, { reconnectAfterMs: () => 1000 });
+  const tok = await token("x", z.id);
+  const t = { last: null, epoch: null, heard: [], replies: [] };
+  const channel = flaky.channel(topic, () => ({ agent_id: "x", token: tok, ...(t.last === null ? {} : { since: { seq: t.last, epoch: t.epoch } }) }));
+  for (const event of MOVEMENT) {
+    channel.on(event, (p) => {
+      if (p.seq !== undefined && (t.last === null || p.seq > t.last)) t.last = p.seq;
+      const what = event.replace("agent_", "").replace("_view", "");
+      t.heard.push(p.position ? `${what} ${p.agent_id} ${p.position.x}` : `${what} ${p.agent_id}`);
+    });
+  }
+  for (const event of ["agent_entered", "agent_left", "mark"]) {
+    channel.on(event, (p) => {
+      if (t.last === null || p.seq > t.last) t.last = p.seq;
+    });
+  }
+  await new Promise((resolve, reject) =>
+    channel
+      .join()
+      .receive("ok", (reply) => {
+        t.replies.push(reply);
+        t.epoch = reply.epoch;
+        if (!reply.recovered) t.last = reply.seq;
+        resolve();
+      })
+      .receive("error", reject),
+  );
+  assert.deepEqual(t.replies[0].in_view, [{ agent_id: "y", position: { x: 5, y: 0, z: 0 } }]);
+  await settle(z.id, [x, y, far]);
+  x.take();
+
+  flaky.conn.close(4000, "test drop");
+  await eventually(() => assert.notEqual(channel.state, "joined"), "the drop noticed");
+  await move(y, 6); // near x: x hears it
+  await move(far, 50); // far from x: x does not
+  await move(far, 8); // into x's view
+  await eventually(() => assert.equal(t.replies.length, 2), "the rejoin", 8000);
+  assert.equal(t.replies[1].recovered, true, JSON.stringify(t.replies[1]));
+  await settle(z.id, [x, y, far]);
+  // The steady session heard exactly this; the rejoined one got the same back, and no more.
+  const heardSteady = ["moved y 6", "entered far 8", "moved far 8"];
+  assert.deepEqual(x.take(), heardSteady);
+  assert.deepEqual(t.heard, heardSteady, "recovered: what x's sessions were sent while it was away");
 });
