@@ -269,3 +269,89 @@ fn bench_ws_refuses_a_rolling_restart_without_a_cluster() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Crowds: one zone of agents on random walks with an interest radius, then the same load
+/// without one, in the same run; the report says what each delivered and the model.
+#[test]
+fn bench_ws_crowds_with_and_without_an_interest_radius() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args([
+            "bench",
+            "ws",
+            "--agents-per-zone",
+            "40",
+            "--move-hz",
+            "4",
+            "--world",
+            "100",
+            "--aoi-radius",
+            "20",
+            "--duration",
+            "1",
+            "--json",
+        ])
+        .env_remove("THUNDERLINE_ADMIN_TOKEN")
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    assert!(
+        stderr.contains("crowd benchmark"),
+        "the table goes to stderr"
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let asked = &r["asked"];
+    assert_eq!(asked["agents_per_zone"], 40, "{r}");
+    assert_eq!(asked["interest_radius"], 20.0);
+    assert_eq!(r["zones"], 1, "one zone unless --zones is given");
+    assert_eq!(asked["connected"], 40);
+    assert_eq!(asked["replies"], asked["sent"], "every move answered");
+    assert!(asked["moves_per_sec"].as_f64().unwrap() > 0.0);
+    // Spread over a 100 × 100 square with a radius of 20, each agent sees some of the others:
+    // moves reach fewer than all, and views open and close.
+    let sent = asked["sent"].as_u64().unwrap();
+    let delivered = asked["delivered"].as_u64().unwrap();
+    assert!(
+        delivered >= sent,
+        "each mover hears itself: {delivered} of {sent}"
+    );
+    assert!(
+        delivered < sent * 40,
+        "not every agent hears every move: {delivered}"
+    );
+    assert!(asked["view_frames"].as_u64().unwrap() > 0, "{asked}");
+    // Without a radius: every move to everyone, at one or more agent counts.
+    let without = r["without_radius"].as_array().unwrap();
+    assert!(!without.is_empty());
+    for run in without {
+        assert_eq!(run["interest_radius"], Value::Null);
+        assert_eq!(run["view_frames"], 0);
+        assert_eq!(run["delivered"], run["expected_deliveries"], "{run}");
+    }
+    assert_eq!(r["model"]["agents"], 10_000);
+    assert!(
+        r["model"]["frames_per_sec_without_radius"]
+            .as_f64()
+            .unwrap()
+            > r["model"]["frames_per_sec_with_radius"].as_f64().unwrap()
+    );
+    // Crowds replace --clients and --rate.
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args(["bench", "ws", "--agents-per-zone", "10", "--clients", "5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
+        .args([
+            "bench",
+            "ws",
+            "--agents-per-zone",
+            "10",
+            "--aoi-radius",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--aoi-radius"));
+}

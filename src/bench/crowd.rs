@@ -49,6 +49,12 @@ pub struct CrowdReport {
     pub p99_target_ms: f64,
     /// The load as asked (with --aoi-radius, if given).
     pub asked: CrowdRun,
+    /// When the asked load missed the target with the radius: the same load with the radius
+    /// at fewer agents, each count tried.
+    pub with_radius: Vec<CrowdRun>,
+    /// The largest agent count with the radius whose p99 held the target (the asked one, or
+    /// one of `with_radius`).
+    pub largest_with_radius_within_target: Option<usize>,
     /// The same load without a radius, at each agent count tried.
     pub without_radius: Vec<CrowdRun>,
     /// The largest agent count without a radius whose p99 held the target.
@@ -56,8 +62,10 @@ pub struct CrowdReport {
     pub model: CrowdModel,
 }
 
-/// The agent counts tried without a radius, at most.
-const TRIES: usize = 4;
+/// The agent counts one search tries, at most: enough to go up by half from a tenth of the
+/// asked count to all of it, then halve the gap between the last that held and the first
+/// that did not three times.
+const TRIES: usize = 10;
 
 /// Runs `agents` agents per zone with `radius` on a daemon of its own.
 async fn crowd(args: &WsArgs, agents: usize, radius: Option<f64>) -> Result<CrowdRun, BenchError> {
@@ -65,6 +73,11 @@ async fn crowd(args: &WsArgs, agents: usize, radius: Option<f64>) -> Result<Crow
         clients: agents * args.zones,
         rate: (agents * args.zones) as f64 * args.move_hz,
         aoi_radius: radius,
+        // Each join is broadcast to every member: a pace that keeps those frames near 200,000
+        // a second.
+        connect_rate: args
+            .connect_rate
+            .min((200_000 / (agents * args.zones)).max(20) as f64),
         ..args.clone()
     };
     let target = prepare(&run_args, Setup::Default).await?;
@@ -117,44 +130,81 @@ fn check(args: &WsArgs, agents: usize) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Runs the load at agent counts from `first` on, with `radius`, to find the largest that
+/// holds the target (at most `agents`): up by half while it holds, down by a third until it
+/// does, then between the two; every run in the order made. `known` is a run already made.
+async fn search(
+    args: &WsArgs,
+    radius: Option<f64>,
+    first: usize,
+    agents: usize,
+    known: Option<&CrowdRun>,
+) -> Result<Vec<CrowdRun>, BenchError> {
+    let mut runs: Vec<CrowdRun> = Vec::new();
+    // The largest count that held, and the smallest that did not.
+    let (mut held, mut failed): (Option<usize>, Option<usize>) = (None, None);
+    let note = |run: &CrowdRun, held: &mut Option<usize>, failed: &mut Option<usize>| {
+        if run.within_target {
+            *held = (*held).max(Some(run.agents_per_zone));
+        } else {
+            *failed = Some(failed.map_or(run.agents_per_zone, |f| f.min(run.agents_per_zone)));
+        }
+    };
+    if let Some(run) = known {
+        note(run, &mut held, &mut failed);
+    }
+    let mut n = first;
+    for _ in 0..TRIES {
+        let run = crowd(args, n, radius).await?;
+        note(&run, &mut held, &mut failed);
+        runs.push(run);
+        n = match (held, failed) {
+            (Some(lo), Some(hi)) if hi <= lo + (lo / 10).max(1) => break,
+            (Some(lo), Some(hi)) => (lo + hi) / 2,
+            (Some(lo), None) if lo >= agents => break,
+            (Some(lo), None) => (lo + lo / 2).min(agents),
+            (None, Some(hi)) if hi <= 2 => break,
+            (None, Some(hi)) => (hi * 2 / 3).max(2),
+            (None, None) => unreachable!("each run holds or fails"),
+        };
+    }
+    Ok(runs)
+}
+
+fn largest(runs: &[CrowdRun]) -> Option<usize> {
+    runs.iter()
+        .filter(|r| r.within_target)
+        .map(|r| r.agents_per_zone)
+        .max()
+}
+
 pub async fn run_async(args: &WsArgs) -> Result<CrowdReport, BenchError> {
     let agents = args.agents_per_zone.unwrap_or_default();
     check(args, agents)?;
     let asked = crowd(args, agents, args.aoi_radius).await?;
-    // Without a radius every move goes to every agent: n agents make n² × hz frames a second.
-    // The first try is the count whose frames match what the asked run delivered; then up by
-    // half while the target holds, or down by a third until it does.
-    let mut without = Vec::new();
-    let mut n = ((asked.frames_per_sec / args.move_hz).sqrt() as usize).clamp(2, agents);
-    if args.aoi_radius.is_none() {
-        without.push(asked.clone());
-    } else {
-        // The largest count that held, and the smallest that did not.
-        let (mut held, mut failed): (Option<usize>, Option<usize>) = (None, None);
-        for _ in 0..TRIES {
-            let run = crowd(args, n, None).await?;
-            if run.within_target {
-                held = held.max(Some(n));
-            } else {
-                failed = Some(failed.map_or(n, |f| f.min(n)));
-            }
-            without.push(run);
-            n = match (held, failed) {
-                (Some(lo), Some(hi)) if hi - lo <= (lo / 10).max(1) => break,
-                (Some(lo), Some(hi)) => (lo + hi) / 2,
-                (Some(lo), None) if lo >= agents => break,
-                (Some(lo), None) => (lo + lo / 2).min(agents),
-                (None, Some(hi)) if hi <= 2 => break,
-                (None, Some(hi)) => (hi * 2 / 3).max(2),
-                (None, None) => unreachable!("each run holds or fails"),
-            };
-        }
+    // Past the target with the radius (the machine's limit, not the radius's): the largest
+    // count that holds it with the radius too, for a like-for-like comparison.
+    let mut with_radius = Vec::new();
+    if args.aoi_radius.is_some() && !asked.within_target && agents > 2 {
+        with_radius = search(
+            args,
+            args.aoi_radius,
+            (agents * 2 / 3).max(2),
+            agents,
+            Some(&asked),
+        )
+        .await?;
     }
-    let largest = without
-        .iter()
-        .filter(|r| r.within_target)
-        .map(|r| r.agents_per_zone)
-        .max();
+    // Without a radius every move goes to every agent: n agents make n² × hz frames a second.
+    // The first try is the count whose frames match what the asked run delivered.
+    let without = if args.aoi_radius.is_none() {
+        vec![asked.clone()]
+    } else {
+        let first = ((asked.frames_per_sec / args.move_hz).sqrt() as usize).clamp(2, agents);
+        search(args, None, first, agents, None).await?
+    };
+    let mut held_with_radius: Vec<CrowdRun> = with_radius.clone();
+    held_with_radius.push(asked.clone());
     let model = model(10_000, args);
     Ok(CrowdReport {
         zones: args.zones,
@@ -162,9 +212,11 @@ pub async fn run_async(args: &WsArgs) -> Result<CrowdReport, BenchError> {
         world: args.world,
         duration: args.duration,
         p99_target_ms: args.p99_target_ms,
+        largest_with_radius_within_target: args.aoi_radius.and(largest(&held_with_radius)),
+        largest_without_radius_within_target: largest(&without),
         asked,
+        with_radius,
         without_radius: without,
-        largest_without_radius_within_target: largest,
         model,
     })
 }
@@ -207,11 +259,15 @@ impl CrowdReport {
             "view frames",
             "within target"
         );
-        for r in std::iter::once(&self.asked).chain(
-            self.without_radius
-                .iter()
-                .filter(|r| r.interest_radius.is_none() && self.asked.interest_radius.is_some()),
-        ) {
+        // Without a radius, the asked run is the first of `without_radius`: shown once.
+        let without = self
+            .without_radius
+            .iter()
+            .filter(|_| self.asked.interest_radius.is_some());
+        for r in std::iter::once(&self.asked)
+            .chain(&self.with_radius)
+            .chain(without)
+        {
             out.push_str(&format!(
                 "{:>8} {:>8} {:>12.0} {:>14.0} {:>10.2} {:>10.2} {:>12}  {}\n",
                 r.agents_per_zone,
@@ -225,10 +281,35 @@ impl CrowdReport {
                 if r.within_target { "yes" } else { "no" },
             ));
         }
-        out.push_str(&match self.largest_without_radius_within_target {
-            Some(n) => format!("without a radius, at most {n} agents per zone held the target\n"),
-            None => "without a radius, no agent count tried held the target\n".to_owned(),
-        });
+        // The largest count that held, and what bounds it: the first count above it that did
+        // not, or the asked count itself.
+        let verdict = |runs: &[&CrowdRun], largest: Option<usize>| match largest {
+            None => "no agent count tried held the target".to_owned(),
+            Some(n) => match runs
+                .iter()
+                .filter(|r| !r.within_target && r.agents_per_zone > n)
+                .map(|r| r.agents_per_zone)
+                .min()
+            {
+                Some(m) => format!("{n} agents per zone held the target, {m} did not"),
+                None if n >= self.asked.agents_per_zone => {
+                    format!("{n} agents per zone (all asked) held the target")
+                }
+                None => format!("{n} agents per zone held the target (the most tried)"),
+            },
+        };
+        if let Some(r) = self.asked.interest_radius {
+            let runs: Vec<&CrowdRun> = self.with_radius.iter().chain([&self.asked]).collect();
+            out.push_str(&format!(
+                "with radius {r}: {}\n",
+                verdict(&runs, self.largest_with_radius_within_target)
+            ));
+        }
+        let runs: Vec<&CrowdRun> = self.without_radius.iter().collect();
+        out.push_str(&format!(
+            "without a radius: {}\n",
+            verdict(&runs, self.largest_without_radius_within_target)
+        ));
         let m = &self.model;
         out.push_str(&format!(
             "model of {} agents in one zone: {:.1} neighbours each, {:.0} frames/s with the radius, {:.0} without\n",

@@ -392,6 +392,8 @@ struct Shared {
     reconnects: AtomicU64,
     recovered: AtomicU64,
     view_frames: AtomicU64,
+    /// `agent_entered` frames received: each client is sent its own join's and those after it.
+    entered: AtomicU64,
     /// Broadcast latencies: push → `agent_moved`.
     histogram: Mutex<Option<Histogram<u64>>>,
     /// Reply latencies: push → its `ok` `phx_reply`.
@@ -683,6 +685,8 @@ impl Inbox {
                 }
                 if t.contains("_view\"") {
                     self.shared.view_frames.fetch_add(1, Ordering::Relaxed);
+                } else if t.contains("\"agent_entered\"") {
+                    self.shared.entered.fetch_add(1, Ordering::Relaxed);
                 } else if t.contains("\"agent_moved\"") {
                     if let Some(at) = sent_at(&t) {
                         let now = self.epoch.elapsed().as_micros() as u64;
@@ -757,9 +761,6 @@ async fn client(
     let mut zone_epoch = joined.epoch;
     let mut node = plan.nodes.iter().position(|u| *u == plan.url).unwrap_or(0);
     shared.connected.fetch_add(1, Ordering::Relaxed);
-    let Ok(start) = go.wait_for(Option::is_some).await.map(|s| s.expect("set")) else {
-        return;
-    };
     let mut inbox = Inbox {
         epoch,
         shared: shared.clone(),
@@ -769,6 +770,20 @@ async fn client(
         answered: 0,
         remote: plan.remote,
         last_seq: (!plan.nodes.is_empty()).then_some(joined.seq.saturating_sub(1)),
+    };
+    // It reads while the others join (each join is broadcast to it): a client that did not
+    // would fill its outbound queue in a crowded zone and be closed as a slow consumer.
+    let start = loop {
+        tokio::select! {
+            biased;
+            started = go.wait_for(Option::is_some) => match started {
+                Ok(s) => break (*s).expect("set"),
+                Err(_) => return,
+            },
+            frame = ws.next() => if !inbox.take(frame) {
+                return;
+            },
+        }
     };
     let mut next_push = tokio::time::Instant::from_std(start) + Duration::from_secs_f64(plan.phase);
     let mut walk = plan.walk.take();
@@ -956,8 +971,17 @@ pub(super) async fn load(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let connect_seconds = connect_started.elapsed().as_secs_f64();
     let connected = shared.connected.load(Ordering::Relaxed);
+    if args.agents_per_zone.is_some() && connected == args.clients {
+        // A crowded zone's joins cost its members N²/2 frames: the load starts once they are
+        // all in (each member is sent its own join and every later one), at most a minute.
+        let due: u64 = members.iter().map(|&m| m * (m + 1) / 2).sum();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while shared.entered.load(Ordering::Relaxed) < due && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
     // Idle memory: everyone joined, nothing sent yet.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let connected_rss_bytes = server_pid.and_then(|p| rss(p, "VmRSS:"));

@@ -276,7 +276,8 @@ type Cell = [i64; 3];
 pub(crate) struct Grid {
     radius: Option<f64>,
     placed: HashMap<String, Position>,
-    cells: HashMap<Cell, Vec<String>>,
+    /// Each cell's agents and where they are (read without a second lookup).
+    cells: HashMap<Cell, Vec<(String, Position)>>,
 }
 
 /// A coordinate's cell (saturating far out: cells there only grow, never miss a neighbour).
@@ -309,7 +310,7 @@ impl Grid {
                 self.cells
                     .entry(cell_of(*p, r))
                     .or_default()
-                    .push(agent.clone());
+                    .push((agent.clone(), *p));
             }
         }
     }
@@ -323,11 +324,21 @@ impl Grid {
         if let Some(old) = before {
             let was = cell_of(old, r);
             if was == cell {
+                if let Some(entry) = self
+                    .cells
+                    .get_mut(&cell)
+                    .and_then(|agents| agents.iter_mut().find(|(a, _)| a == agent))
+                {
+                    entry.1 = position;
+                }
                 return;
             }
             self.unfile(was, agent);
         }
-        self.cells.entry(cell).or_default().push(agent.to_owned());
+        self.cells
+            .entry(cell)
+            .or_default()
+            .push((agent.to_owned(), position));
     }
 
     pub(crate) fn remove(&mut self, agent: &str) {
@@ -343,7 +354,7 @@ impl Grid {
 
     fn unfile(&mut self, cell: Cell, agent: &str) {
         if let Some(agents) = self.cells.get_mut(&cell) {
-            if let Some(i) = agents.iter().position(|a| a == agent) {
+            if let Some(i) = agents.iter().position(|(a, _)| a == agent) {
                 agents.swap_remove(i);
             }
             if agents.is_empty() {
@@ -353,18 +364,17 @@ impl Grid {
     }
 
     /// The placed agents within the radius of `position` but `except`, in agent order.
-    pub(crate) fn near(&self, position: Position, except: &str) -> Vec<(&str, Position)> {
+    pub(crate) fn near<'a>(&'a self, position: Position, except: &str) -> Vec<(&'a str, Position)> {
         let mut found: Vec<(&str, Position)> = Vec::new();
-        let mut take = |agent: &str| {
-            if agent != except
-                && let Some((a, p)) = self.placed.get_key_value(agent)
-                && within(position, *p, self.radius)
-            {
-                found.push((a.as_str(), *p));
+        let radius = self.radius;
+        let mut take = |item: (&'a str, Position)| {
+            if item.0 != except && within(position, item.1, radius) {
+                found.push(item);
             }
         };
+        let everyone = || self.placed.iter().map(|(a, p)| (a.as_str(), *p));
         match self.radius {
-            None => self.placed.keys().for_each(|a| take(a)),
+            None => everyone().for_each(&mut take),
             Some(r) => {
                 // A hair past the radius each way: rounding never hides a neighbour's cell.
                 let reach = r * (1.0 + 1e-9);
@@ -372,13 +382,16 @@ impl Grid {
                 let spans = [span(position.x), span(position.y), span(position.z)];
                 if spans.iter().any(|(lo, hi)| hi.saturating_sub(*lo) > 3) {
                     // Far out, where cells saturate: look at everyone.
-                    self.placed.keys().for_each(|a| take(a));
+                    everyone().for_each(&mut take);
                 } else {
                     for x in spans[0].0..=spans[0].1 {
                         for y in spans[1].0..=spans[1].1 {
                             for z in spans[2].0..=spans[2].1 {
                                 if let Some(agents) = self.cells.get(&[x, y, z]) {
-                                    agents.iter().for_each(|a| take(a));
+                                    agents
+                                        .iter()
+                                        .map(|(a, p)| (a.as_str(), *p))
+                                        .for_each(&mut take);
                                 }
                             }
                         }
