@@ -25,19 +25,6 @@ fn zone_body(capacity: u32, permissions: u32) -> Value {
     })
 }
 
-async fn joined(srv: &TestServer, zone: &str, agent: &str, perms: Value) -> (Client, String) {
-    let token = srv.token(agent, zone, perms).await;
-    let mut c = Client::connect(&srv.ws_url()).await;
-    let (join_ref, reply) = c
-        .join(
-            &format!("zone:{zone}"),
-            json!({"agent_id": agent, "token": token}),
-        )
-        .await;
-    assert_eq!(reply["status"], "ok", "{reply}");
-    (c, join_ref)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_replies_with_the_zone_then_presence_and_refuses_precisely() {
     let srv = server().await;
@@ -98,16 +85,17 @@ async fn pushes_reply_and_broadcast_to_the_zone_only() {
     let other = srv.zone(zone_body(10, 0x03)).await;
     let id = zone["id"].as_str().unwrap();
     let topic = format!("zone:{id}");
-    let (mut alice, alice_ref) =
-        joined(&srv, id, "alice", json!(["spawn_agents", "modify_zone"])).await;
-    let (mut bob, _) = joined(&srv, id, "bob", json!(["spawn_agents"])).await;
-    let (mut carol, _) = joined(
-        &srv,
-        other["id"].as_str().unwrap(),
-        "carol",
-        json!(["spawn_agents"]),
-    )
-    .await;
+    let (mut alice, alice_ref) = srv
+        .joined(id, "alice", json!(["spawn_agents", "modify_zone"]))
+        .await;
+    let (mut bob, _) = srv.joined(id, "bob", json!(["spawn_agents"])).await;
+    let (mut carol, _) = srv
+        .joined(
+            other["id"].as_str().unwrap(),
+            "carol",
+            json!(["spawn_agents"]),
+        )
+        .await;
 
     // Alice sees Bob arrive: his presence at once, then the zone's agent_entered event.
     let diff = alice
@@ -212,7 +200,7 @@ async fn permissions_are_checked_on_every_push() {
     let zone = srv.zone(zone_body(10, 0x03)).await;
     let id = zone["id"].as_str().unwrap();
     let topic = format!("zone:{id}");
-    let (mut bob, bob_ref) = joined(&srv, id, "bob", json!(["spawn_agents"])).await;
+    let (mut bob, bob_ref) = srv.joined(id, "bob", json!(["spawn_agents"])).await;
 
     let r = bob
         .push(
@@ -265,7 +253,7 @@ async fn permissions_are_checked_on_every_push() {
     );
 
     // admin_zone in the token allows everything the zone allows.
-    let (mut root, root_ref) = joined(&srv, id, "root", json!(["admin_zone"])).await;
+    let (mut root, root_ref) = srv.joined(id, "root", json!(["admin_zone"])).await;
     let r = root
         .push(
             Some(&root_ref),
@@ -284,7 +272,7 @@ async fn leave_duplicate_join_and_disconnect_keep_presence_and_counts_exact() {
     let zone = srv.zone(zone_body(10, 0x01)).await;
     let id = zone["id"].as_str().unwrap();
     let topic = format!("zone:{id}");
-    let (mut alice, _) = joined(&srv, id, "alice", json!(1)).await;
+    let (mut alice, _) = srv.joined(id, "alice", json!(1)).await;
     let token = srv.token("bob", id, json!(1)).await;
     let mut bob = Client::connect(&srv.ws_url()).await;
     let (first_ref, _) = bob
@@ -382,7 +370,7 @@ async fn bad_input_gets_clear_errors_and_the_connection_stays_usable() {
     // An unknown event on a joined channel.
     let zone = srv.zone(zone_body(10, 0x01)).await;
     let id = zone["id"].as_str().unwrap();
-    let (mut a, a_ref) = joined(&srv, id, "a", json!(1)).await;
+    let (mut a, a_ref) = srv.joined(id, "a", json!(1)).await;
     let r = a
         .push(Some(&a_ref), &format!("zone:{id}"), "teleport", json!({}))
         .await;
@@ -707,7 +695,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     let zone = srv.zone(zone_body(10, 0x03)).await;
     let id = zone["id"].as_str().unwrap();
     let topic = format!("zone:{id}");
-    let (mut a, a_ref) = joined(&srv, id, "a", json!(3)).await;
+    let (mut a, a_ref) = srv.joined(id, "a", json!(3)).await;
     let r = a
         .push(
             Some(&a_ref),
@@ -799,7 +787,7 @@ async fn zones_with_agents_tick_through_the_pipeline() {
         .await;
     let id = zone["id"].as_str().unwrap();
     let idle = srv.zone(json!({"name": "Empty"})).await;
-    let (mut a, _) = joined(&srv, id, "a", json!(1)).await;
+    let (mut a, _) = srv.joined(id, "a", json!(1)).await;
     let first = a.event("environment_tick").await;
     assert_eq!(first[4]["tick"], 1);
     assert_eq!(first[4]["properties"], json!({"season": "spring"}));
@@ -853,12 +841,13 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_zone_goes_on() {
     let zone = srv.zone(zone_body(20, 0x03)).await;
     let id = zone["id"].as_str().unwrap().to_owned();
     let topic = format!("zone:{id}");
-    let (mut slow, _) = joined(&srv, &id, "slow", json!(["spawn_agents"])).await;
+    let (mut slow, _) = srv.joined(&id, "slow", json!(["spawn_agents"])).await;
 
     let mut pushers = Vec::new();
     for p in 0..PUSHERS {
-        let (c, join_ref) =
-            joined(&srv, &id, &format!("pusher-{p}"), json!(["spawn_agents"])).await;
+        let (c, join_ref) = srv
+            .joined(&id, &format!("pusher-{p}"), json!(["spawn_agents"]))
+            .await;
         pushers.push((c, join_ref));
     }
     let mut tasks = Vec::new();
@@ -965,9 +954,9 @@ async fn broadcast_event_and_its_refusals_over_raw_frames() {
     let id = zone["id"].as_str().unwrap();
     let topic = format!("zone:{id}");
     let with_bit = json!(["spawn_agents", "broadcast_events"]);
-    let (mut ann, ann_ref) = joined(&srv, id, "ann", with_bit.clone()).await;
-    let (mut ben, ben_ref) = joined(&srv, id, "ben", with_bit).await;
-    let (mut cy, cy_ref) = joined(&srv, id, "cy", json!(["spawn_agents"])).await;
+    let (mut ann, ann_ref) = srv.joined(id, "ann", with_bit.clone()).await;
+    let (mut ben, ben_ref) = srv.joined(id, "ben", with_bit).await;
+    let (mut cy, cy_ref) = srv.joined(id, "cy", json!(["spawn_agents"])).await;
     // Every frame Ann reads goes through `ann_seen`, to check the seqs at the end.
     let mut ann_seen: Vec<Value> = Vec::new();
 
@@ -1328,9 +1317,9 @@ async fn the_admin_api_lists_agents_with_their_sessions_and_dead_letters() {
     let id = zone["id"].as_str().unwrap();
     let topic = format!("zone:{id}");
     // Joined in this order: a, b, then a again on another connection.
-    let (mut a1, a1_ref) = joined(&srv, id, "a", json!(1)).await;
-    let (_b, _) = joined(&srv, id, "b", json!(1)).await;
-    let (_a2, _) = joined(&srv, id, "a", json!(1)).await;
+    let (mut a1, a1_ref) = srv.joined(id, "a", json!(1)).await;
+    let (_b, _) = srv.joined(id, "b", json!(1)).await;
+    let (_a2, _) = srv.joined(id, "a", json!(1)).await;
 
     let (status, body) = srv
         .api("GET", &format!("/api/zones/{id}/agents"), None)
@@ -1448,7 +1437,7 @@ async fn a_push_retried_with_its_idempotency_key_is_applied_once_and_answered_as
     let id = zone["id"].as_str().unwrap().to_owned();
     let topic = format!("zone:{id}");
     let perms = json!(["spawn_agents", "modify_zone"]);
-    let (mut alice, a_ref) = joined(&srv, &id, "alice", perms.clone()).await;
+    let (mut alice, a_ref) = srv.joined(&id, "alice", perms.clone()).await;
     let consume =
         |key: Value| json!({"resource_type": "food", "amount": 7, "idempotency_key": key});
 
@@ -1479,7 +1468,7 @@ async fn a_push_retried_with_its_idempotency_key_is_applied_once_and_answered_as
     );
     // Retried on another connection of the same agent (a reconnect): the same key is the
     // same command.
-    let (mut again, again_ref) = joined(&srv, &id, "alice", perms.clone()).await;
+    let (mut again, again_ref) = srv.joined(&id, "alice", perms.clone()).await;
     let r = again
         .push(
             Some(&again_ref),
@@ -1496,7 +1485,7 @@ async fn a_push_retried_with_its_idempotency_key_is_applied_once_and_answered_as
         "the first outcome"
     );
     // The same key of another agent is another command.
-    let (mut bob, b_ref) = joined(&srv, &id, "bob", perms).await;
+    let (mut bob, b_ref) = srv.joined(&id, "bob", perms).await;
     let r = bob
         .push(
             Some(&b_ref),

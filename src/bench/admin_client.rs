@@ -33,6 +33,31 @@ impl AdminClient {
         })
     }
 
+    /// GETs `path` as text (`/metrics`), expecting a 2xx status.
+    pub async fn text(&mut self, path: &str) -> Result<String, BenchError> {
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header("host", &self.host)
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::new()))
+            .expect("a well-formed request");
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let body = String::from_utf8_lossy(&bytes).into_owned();
+        if !(200..300).contains(&status) {
+            return Err(BenchError::Status {
+                method: Method::GET,
+                path: path.to_owned(),
+                status,
+                body,
+            });
+        }
+        Ok(body)
+    }
+
     /// Sends JSON, expects JSON and a 2xx status.
     pub async fn call(
         &mut self,

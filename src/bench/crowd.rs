@@ -91,7 +91,7 @@ async fn crowd(args: &WsArgs, agents: usize, radius: Option<f64>) -> Result<Crow
         target.plans(),
         &target.progress,
         &label,
-        target.pid(),
+        &target.observed(),
         None,
     )
     .await;

@@ -4,6 +4,7 @@
 
 mod admin_client;
 pub mod audit;
+pub mod batches;
 pub mod broker;
 pub mod crowd;
 mod error;

@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::BenchError;
 use super::admin_client::AdminClient;
+use super::batches::{self, BroadcastBatches};
 use super::ws_baseline;
 use crate::runtime::Replies;
 
@@ -168,6 +169,10 @@ pub struct RunFigures {
     pub restarted_nodes: u32,
     /// The server's resident memory once every client had joined, before the load.
     pub connected_rss_bytes: Option<u64>,
+    /// The daemons' broadcast batches during the load, by what sent each out (none against
+    /// `--url`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broadcast_batches: Option<BroadcastBatches>,
     /// (seconds since the load began, events sent, broadcasts delivered), once a second.
     pub timeline: Vec<(f64, u64, u64)>,
     #[serde(skip)]
@@ -899,7 +904,7 @@ pub(super) async fn load(
     plans: Vec<Plan>,
     progress: &ProgressBar,
     label: &str,
-    server_pid: Option<u32>,
+    server: &Observed,
     rolling: Option<Rolling>,
 ) -> RunFigures {
     let epoch = Instant::now();
@@ -984,7 +989,8 @@ pub(super) async fn load(
     let connect_seconds = connect_started.elapsed().as_secs_f64();
     // Idle memory: everyone joined, nothing sent yet.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let connected_rss_bytes = server_pid.and_then(|p| rss(p, "VmRSS:"));
+    let connected_rss_bytes = server.pid.and_then(|p| rss(p, "VmRSS:"));
+    let batches_before = batches::scrape(&server.metrics, &server.token).await;
 
     let start = Instant::now();
     let _ = go_tx.send(Some(start));
@@ -1018,6 +1024,12 @@ pub(super) async fn load(
     for t in tasks {
         let _ = t.await;
     }
+    let broadcast_batches = match batches_before {
+        Some(before) => batches::scrape(&server.metrics, &server.token)
+            .await
+            .map(|after| after.since(&before)),
+        None => None,
+    };
     let sent = shared.sent.load(Ordering::Relaxed);
     let delivered = shared.delivered.load(Ordering::Relaxed);
     // With a radius nobody knows ahead how many broadcasts are due: none are counted.
@@ -1066,6 +1078,7 @@ pub(super) async fn load(
         recovered_rejoins: shared.recovered.load(Ordering::Relaxed),
         restarted_nodes: 0,
         connected_rss_bytes,
+        broadcast_batches,
         timeline,
         histogram: Some(histogram),
         reply_histogram: Some(reply_histogram),
@@ -1175,6 +1188,7 @@ impl Schema {
 /// The server under test, its zones, and a token for every client.
 pub(super) struct Target {
     daemons: Vec<Daemon>,
+    admin_token: String,
     pub(super) ws_url: String,
     plans: Vec<Plan>,
     pub(super) progress: ProgressBar,
@@ -1190,6 +1204,15 @@ impl Target {
         }
     }
 
+    /// What a load run watches of these daemons.
+    pub(super) fn observed(&self) -> Observed {
+        Observed {
+            pid: self.pid(),
+            metrics: self.daemons.iter().map(|d| d.addr).collect(),
+            token: self.admin_token.clone(),
+        }
+    }
+
     pub(super) fn plans(&self) -> Vec<Plan> {
         self.plans.clone()
     }
@@ -1201,6 +1224,15 @@ impl Target {
             schema.drop_now().await;
         }
     }
+}
+
+/// What a load run watches of the servers it loads: the memory of the one daemon, and the
+/// broadcast batches of every daemon (none for the bare baseline or `--url`).
+#[derive(Clone, Default)]
+pub(super) struct Observed {
+    pid: Option<u32>,
+    metrics: Vec<SocketAddr>,
+    token: String,
 }
 
 /// Waits until a daemon says it is ready (a cluster node: it has joined).
@@ -1337,6 +1369,7 @@ pub(super) async fn prepare(args: &WsArgs, setup: Setup) -> Result<Target, Bench
     }
     Ok(Target {
         daemons,
+        admin_token,
         ws_url,
         plans,
         progress,
@@ -1386,7 +1419,8 @@ async fn rolling_restart(args: &WsArgs) -> Result<RunFigures, BenchError> {
         target.plans.clone(),
         &target.progress,
         &format!("{} nodes, rolling restart", args.nodes),
-        None,
+        // Restarted daemons start their counts again: their batches are not summed.
+        &Observed::default(),
         Some(Rolling {
             nodes,
             started: started_tx,
@@ -1414,7 +1448,7 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
             target.plans.clone(),
             &target.progress,
             "one node",
-            target.pid(),
+            &target.observed(),
             None,
         )
         .await;
@@ -1431,6 +1465,7 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
     };
     let target = prepare(args, setup).await?;
     let pid = target.pid();
+    let observed = target.observed();
     let rss_before = pid.and_then(|p| rss(p, "VmRSS:"));
     let label = if args.nodes > 1 {
         format!("{} nodes", args.nodes)
@@ -1443,7 +1478,7 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
         target.plans.clone(),
         &target.progress,
         &label,
-        pid,
+        &observed,
         None,
     )
     .await;
@@ -1461,7 +1496,18 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
     } else {
         let server = ws_baseline::start().await?;
         let url = format!("ws://{}/socket/websocket?vsn=2.0.0", server.addr);
-        Some(load(args, &url, plans, &progress, "baseline", None, None).await)
+        Some(
+            load(
+                args,
+                &url,
+                plans,
+                &progress,
+                "baseline",
+                &Observed::default(),
+                None,
+            )
+            .await,
+        )
     };
     progress.finish_and_clear();
 
@@ -1503,7 +1549,7 @@ pub async fn run_async(args: &WsArgs) -> Result<WsReport, BenchError> {
 /// Runs the load at each of `args.sweep`'s rates against one server, in order.
 pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, BenchError> {
     let target = prepare(args, Setup::Default).await?;
-    let pid = target.pid();
+    let observed = target.observed();
     let (ws_url, plans, progress) = (
         target.ws_url.clone(),
         target.plans.clone(),
@@ -1522,7 +1568,7 @@ pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, BenchError> {
             plans.clone(),
             &progress,
             &label,
-            pid,
+            &observed,
             None,
         )
         .await;
@@ -1536,7 +1582,7 @@ pub async fn sweep_async(args: &WsArgs) -> Result<SweepReport, BenchError> {
             run,
         });
     }
-    let server_peak_rss_bytes = pid.and_then(|p| rss(p, "VmHWM:"));
+    let server_peak_rss_bytes = target.pid().and_then(|p| rss(p, "VmHWM:"));
     target.finish().await;
     progress.finish_and_clear();
     let mut by_rate: Vec<&SweepStep> = steps.iter().collect();
@@ -1715,6 +1761,13 @@ impl WsReport {
                     self.cross_to_same_p99.unwrap_or(f64::NAN),
                 ));
             }
+        }
+        if let Some(b) = &r.broadcast_batches {
+            out.push_str(&format!(
+                "{:<30}{}\n",
+                "broadcast batches (trigger)",
+                b.summary()
+            ));
         }
         if let Some(peak) = self.server_peak_rss_bytes {
             out.push_str(&format!(

@@ -303,7 +303,9 @@ impl Feed {
         mut sub: async_nats::Subscriber,
         mut rx: mpsc::UnboundedReceiver<Input>,
     ) {
-        let sink = TopicSink::new(self.feeds.hub.clone());
+        // Delivers as events arrive from the owner, never as a batch sink: nothing waits for
+        // its writers.
+        let sink = TopicSink::new(self.feeds.hub.clone(), Duration::ZERO);
         let mut tick = tokio::time::interval(GAP_GRACE);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Ended because this node writes the zone now, or a newer feed follows it: the zone's
@@ -850,10 +852,10 @@ impl PublishSink {
 impl BatchSink<ZoneWork> for PublishSink {
     async fn handle_batch(
         &self,
-        batch: &BatchInfo,
+        _batch: &BatchInfo,
         messages: &mut [Message<ZoneWork>],
     ) -> Result<(), Failure> {
-        self.local.handle_batch(batch, messages).await?;
+        let written = self.local.deliver_batch(messages);
         let mut zones: Vec<(Uuid, Vec<ZoneEvent>)> = Vec::new();
         for event in messages.iter().flat_map(|m| m.data.events.iter()) {
             match zones.iter_mut().find(|(z, _)| *z == event.zone_id) {
@@ -872,6 +874,8 @@ impl BatchSink<ZoneWork> for PublishSink {
                 tracing::warn!(%zone, error = %e, "a zone's events could not be published");
             }
         }
+        // Published first: the other nodes' subscribers do not wait for this node's writers.
+        self.local.written(written).await;
         Ok(())
     }
 }

@@ -592,7 +592,15 @@ impl Server {
         let builder = Pipeline::builder("zones")
             .producer(producer)
             .processor(writer, file.processors.config.clone());
-        let topics = TopicSink::new(hub.clone());
+        // The wait for the writers only lets a busy server's next batch grow: never longer
+        // than the batch timeout, nor than a few milliseconds (a client whose socket is full
+        // holds its frames until it is cut off, and must not hold everyone's next batch).
+        let write_wait = file
+            .batchers
+            .broadcast
+            .get_batch_timeout()
+            .min(Duration::from_millis(5));
+        let topics = TopicSink::new(hub.clone(), write_wait);
         // In a cluster, the zones' events also go to the other nodes that follow them.
         let builder = match &cluster {
             Some(cluster) => builder.batcher(

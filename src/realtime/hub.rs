@@ -88,6 +88,32 @@ pub fn outbound_queue(frames: usize, bytes: usize) -> (OutboundTx, OutboundRx) {
     )
 }
 
+/// Held by every queue item of one delivery until a connection's writer takes it: once every
+/// copy is gone, the delivery is on its way to the sockets (see [`written`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Written {
+    _ticket: mpsc::Sender<()>,
+}
+
+/// Waits until every queue item of one delivery has been taken by its connection's writer.
+#[derive(Debug)]
+pub struct WrittenWait(mpsc::Receiver<()>);
+
+/// A ticket for the items of one delivery, and the wait for all of them to be taken.
+pub(crate) fn written() -> (Written, WrittenWait) {
+    let (tx, rx) = mpsc::channel(1);
+    (Written { _ticket: tx }, WrittenWait(rx))
+}
+
+impl WrittenWait {
+    /// Returns once every item is taken, or after `at_most` (a connection that does not read
+    /// holds its items until it is cut off as a slow consumer).
+    pub async fn within(mut self, at_most: std::time::Duration) {
+        // Nothing is ever sent: the channel ends when the last ticket is dropped.
+        let _ = tokio::time::timeout(at_most, self.0.recv()).await;
+    }
+}
+
 /// What waits in a queue.
 #[derive(Debug, Default)]
 struct Backlog {
@@ -102,6 +128,8 @@ struct Weighed {
     out: Outbound,
     frames: usize,
     bytes: usize,
+    /// Dropped when the writer takes the item.
+    _written: Option<Written>,
 }
 
 impl Backlog {
@@ -168,12 +196,12 @@ impl Peer {
 
     pub(crate) fn queue(&self, out: Outbound) -> bool {
         let bytes = out.bytes();
-        self.queue_weighing(out, bytes)
+        self.queue_weighing(out, bytes, None)
     }
 
     /// As [`queue`](Self::queue), for an item already known to weigh `size` bytes (a broadcast
     /// batch is measured once for all its subscribers).
-    fn queue_weighing(&self, out: Outbound, size: usize) -> bool {
+    fn queue_weighing(&self, out: Outbound, size: usize, written: Option<&Written>) -> bool {
         // A connection whose writer is gone is not a slow consumer, whatever it left queued.
         if self.out.tx.is_closed() {
             return false;
@@ -188,6 +216,7 @@ impl Peer {
                 out,
                 frames: n,
                 bytes: size,
+                _written: written.cloned(),
             }) {
                 Ok(()) => return true,
                 Err(mpsc::error::TrySendError::Full(_)) => true,
@@ -525,20 +554,32 @@ impl Hub {
     }
 
     /// Sends frames to one subscriber (if it is subscribed here): one queue item.
-    pub(crate) fn send_to(&self, topic: &ZoneTopic, conn: &str, frames: Arc<[Utf8Bytes]>) {
+    pub(crate) fn send_to(
+        &self,
+        topic: &ZoneTopic,
+        conn: &str,
+        frames: Arc<[Utf8Bytes]>,
+        written: Option<&Written>,
+    ) {
+        let size = frames.iter().map(|f| f.len()).sum();
         if let Some(peer) = topic.subscribers.get(conn)
-            && peer.queue(Outbound::Frames(frames.clone()))
+            && peer.queue_weighing(Outbound::Frames(frames.clone()), size, written)
         {
             self.metrics.deliveries.inc_by(frames.len() as u64);
         }
     }
 
     /// Sends the same frames, in order, to every subscriber: one queue item each.
-    pub(crate) fn fan_out(&self, topic: &ZoneTopic, frames: Arc<[Utf8Bytes]>) {
+    pub(crate) fn fan_out(
+        &self,
+        topic: &ZoneTopic,
+        frames: Arc<[Utf8Bytes]>,
+        written: Option<&Written>,
+    ) {
         let mut sent = 0;
         let size = frames.iter().map(|f| f.len()).sum();
         for peer in topic.subscribers.values() {
-            if peer.queue_weighing(Outbound::Frames(frames.clone()), size) {
+            if peer.queue_weighing(Outbound::Frames(frames.clone()), size, written) {
                 sent += 1;
             }
         }
@@ -689,6 +730,7 @@ mod tests {
                     Utf8Bytes::from_static("[null,null,\"t\",\"e\",{}]"),
                     Utf8Bytes::from_static("[null,null,\"t\",\"e\",{}]"),
                 ]),
+                None,
             );
         }
         assert!(killed.has_changed().unwrap());

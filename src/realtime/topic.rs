@@ -13,17 +13,22 @@
 //! changes (its [`View`], decided by the zone's writer): a move goes only to the sessions of the
 //! agents it reaches, after the `agent_entered_view` / `agent_left_view` frames it causes for
 //! them ([`received`] is the order); each frame is encoded once per event, whoever receives it.
+//!
+//! A batch is done once the connections' writers have taken its frames (or after a few
+//! milliseconds): with the broadcast batcher's group commit, an idle server sends each event at
+//! once, and a busy one gathers into the next batch what arrives while the last is written.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::json;
 use uuid::Uuid;
 
 use super::channel::Joined;
-use super::hub::{ConnId, Hub, ZoneTopic, topic_name};
+use super::hub::{ConnId, Hub, Written, WrittenWait, ZoneTopic, topic_name, written};
 use super::protocol;
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
 use crate::runtime::ZoneWork;
@@ -104,24 +109,36 @@ fn moved_in(agent_id: &str) -> Joined {
 /// Broadcasts each processed event to its zone's subscribers; see the module documentation.
 pub struct TopicSink {
     hub: Arc<Hub>,
+    /// How long a batch waits, at most, for the connections' writers to take its frames.
+    write_wait: Duration,
 }
 
 impl TopicSink {
-    pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+    /// `write_wait`: at most the broadcast batcher's timeout (see [`TopicSink::written`]).
+    pub fn new(hub: Arc<Hub>, write_wait: Duration) -> Self {
+        Self { hub, write_wait }
     }
 }
 
 /// Frames waiting for a zone's current subscribers: for all of them, or (an interest-filtered
 /// event's) for some. One of the two is empty at any time, so each subscriber receives them in
 /// the order they were pushed.
-#[derive(Default)]
 struct Run {
     frames: Vec<Utf8Bytes>,
     personal: HashMap<ConnId, Vec<Utf8Bytes>>,
+    /// Held by every queue item the run makes.
+    written: Written,
 }
 
 impl Run {
+    fn new(written: Written) -> Self {
+        Self {
+            frames: Vec::new(),
+            personal: HashMap::default(),
+            written,
+        }
+    }
+
     fn push(&mut self, hub: &Hub, topic: &ZoneTopic, frame: String) {
         if !self.personal.is_empty() {
             self.flush(hub, topic);
@@ -138,10 +155,14 @@ impl Run {
 
     fn flush(&mut self, hub: &Hub, topic: &ZoneTopic) {
         if !self.frames.is_empty() {
-            hub.fan_out(topic, Arc::from(std::mem::take(&mut self.frames)));
+            hub.fan_out(
+                topic,
+                Arc::from(std::mem::take(&mut self.frames)),
+                Some(&self.written),
+            );
         }
         for (conn, frames) in self.personal.drain() {
-            hub.send_to(topic, &conn, Arc::from(frames));
+            hub.send_to(topic, &conn, Arc::from(frames), Some(&self.written));
         }
     }
 }
@@ -311,9 +332,11 @@ impl TopicSink {
 impl TopicSink {
     /// Delivers events (each zone's in seq order) to their zones' subscribers, and keeps the
     /// zones' subscribers and presence as they say. Also how a node of a cluster delivers the
-    /// events of a zone another node writes.
-    pub fn deliver<'a>(&self, events: impl Iterator<Item = &'a ZoneEvent>) {
+    /// events of a zone another node writes. The frames are queued, not yet written: the wait
+    /// returned ends once the connections' writers have taken them all.
+    pub fn deliver<'a>(&self, events: impl Iterator<Item = &'a ZoneEvent>) -> WrittenWait {
         let hub = &*self.hub;
+        let (written, wait) = written();
         let mut topics = hub.topics.lock().unwrap_or_else(|e| e.into_inner());
         // A batch holds few zones: their runs in a short list beat a map.
         let mut runs: Vec<(Uuid, Run)> = Vec::new();
@@ -327,7 +350,7 @@ impl TopicSink {
             let run = match runs.iter().position(|(z, _)| *z == event.zone_id) {
                 Some(i) => &mut runs[i].1,
                 None => {
-                    runs.push((event.zone_id, Run::default()));
+                    runs.push((event.zone_id, Run::new(written.clone())));
                     &mut runs.last_mut().expect("just pushed").1
                 }
             };
@@ -342,6 +365,35 @@ impl TopicSink {
                 }
             }
         }
+        // Only the queued items hold tickets now.
+        drop(written);
+        wait
+    }
+}
+
+impl TopicSink {
+    /// Delivers a batch's broadcasts and records how long they took to get here; the returned
+    /// wait is for [`written`](Self::written).
+    pub fn deliver_batch<T: Broadcasts>(&self, messages: &[Message<T>]) -> WrittenWait {
+        let written = self.deliver(messages.iter().flat_map(|m| m.data.broadcasts()));
+        let now = chrono::Utc::now();
+        for event in messages.iter().flat_map(|m| m.data.broadcasts()) {
+            let waited = now - event.occurred_at;
+            self.hub
+                .metrics
+                .broadcast_latency
+                .observe(waited.to_std().unwrap_or_default().as_secs_f64());
+        }
+        written
+    }
+
+    /// The frames are queued, not written: the connections' writers now do the costly part.
+    /// The sink stays busy until they have taken them, so that on a busy server the next batch
+    /// gathers what arrives meanwhile (with group commit) instead of leaving one event at a
+    /// time, each costing every subscriber a system call. At most `write_wait`: a client that
+    /// stops reading must not hold everyone's broadcasts.
+    pub async fn written(&self, wait: WrittenWait) {
+        wait.within(self.write_wait).await;
     }
 }
 
@@ -351,15 +403,8 @@ impl<T: Broadcasts> BatchSink<T> for TopicSink {
         _batch: &BatchInfo,
         messages: &mut [Message<T>],
     ) -> Result<(), Failure> {
-        self.deliver(messages.iter().flat_map(|m| m.data.broadcasts()));
-        let now = chrono::Utc::now();
-        for event in messages.iter().flat_map(|m| m.data.broadcasts()) {
-            let waited = now - event.occurred_at;
-            self.hub
-                .metrics
-                .broadcast_latency
-                .observe(waited.to_std().unwrap_or_default().as_secs_f64());
-        }
+        let written = self.deliver_batch(messages);
+        self.written(written).await;
         Ok(())
     }
 }

@@ -272,6 +272,20 @@ pub mod server {
             zone
         }
 
+        /// A client joined to `zone` as `agent` with `perms`; returns it with its join_ref.
+        pub async fn joined(&self, zone: &str, agent: &str, perms: Value) -> (Client, String) {
+            let token = self.token(agent, zone, perms).await;
+            let mut c = Client::connect(&self.ws_url()).await;
+            let (join_ref, reply) = c
+                .join(
+                    &format!("zone:{zone}"),
+                    json!({"agent_id": agent, "token": token}),
+                )
+                .await;
+            assert_eq!(reply["status"], "ok", "{reply}");
+            (c, join_ref)
+        }
+
         pub async fn token(&self, agent: &str, zone: &str, perms: Value) -> String {
             let (status, body) = self
                 .api("POST", "/api/tokens", Some(json!({"agent_id": agent, "zone_id": zone, "permissions": perms, "ttl_seconds": 600})))

@@ -177,7 +177,13 @@ pub async fn push_until_stopped(
     let addr = lock(&nodes).up[&first];
     let mut pusher = Pusher::join(&first, addr, &zone, &agent, &token, None, &mut run).await;
     let mut x = 0;
+    // A client that pushes again as soon as it is answered would pass the server's rate limit
+    // (200 frames a second) whenever replies take under 5 ms, and be closed for flooding: a
+    // pusher keeps to 100 a second.
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !*stop.borrow() {
+        pace.tick().await;
         x += 1;
         pusher.next_ref += 1;
         let r = pusher.next_ref.to_string();

@@ -227,6 +227,10 @@ impl BatcherConfig {
         self.batch_size
     }
 
+    pub fn get_batch_timeout(&self) -> Duration {
+        self.batch_timeout
+    }
+
     pub fn get_retry(&self) -> &RetryPolicy {
         &self.retry
     }
