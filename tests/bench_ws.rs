@@ -166,30 +166,28 @@ fn bench_ws_refuses_impossible_loads() {
     assert!(!out.status.success(), "an unknown mode is refused");
 }
 
-fn sweep(extra: &[&str]) -> Value {
+/// Runs `thunderline bench ws --json` with `args`; checks it succeeded and printed its table
+/// (headed `table`) to stderr; returns its JSON.
+fn bench_ws_json(args: &[&str], table: &str) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
-        .args([
-            "bench",
-            "ws",
-            "--clients",
-            "20",
-            "--zones",
-            "2",
-            "--duration",
-            "1",
-            "--json",
-        ])
-        .args(extra)
+        .args(["bench", "ws", "--json"])
+        .args(args)
         .env_remove("THUNDERLINE_ADMIN_TOKEN")
         .output()
         .expect("the binary runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
-    assert!(
-        stderr.contains("websocket sweep"),
-        "the table goes to stderr"
-    );
+    assert!(stderr.contains(table), "the table goes to stderr");
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+fn sweep(extra: &[&str]) -> Value {
+    let args = [
+        &["--clients", "20", "--zones", "2", "--duration", "1"],
+        extra,
+    ]
+    .concat();
+    bench_ws_json(&args, "websocket sweep")
 }
 
 #[test]
@@ -296,10 +294,8 @@ fn bench_ws_refuses_a_rolling_restart_without_a_cluster() {
 /// without one, in the same run; the report says what each delivered and the model.
 #[test]
 fn bench_ws_crowds_with_and_without_an_interest_radius() {
-    let out = Command::new(env!("CARGO_BIN_EXE_thunderline"))
-        .args([
-            "bench",
-            "ws",
+    let r = bench_ws_json(
+        &[
             "--agents-per-zone",
             "40",
             "--move-hz",
@@ -310,18 +306,9 @@ fn bench_ws_crowds_with_and_without_an_interest_radius() {
             "20",
             "--duration",
             "1",
-            "--json",
-        ])
-        .env_remove("THUNDERLINE_ADMIN_TOKEN")
-        .output()
-        .expect("the binary runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
-    assert!(
-        stderr.contains("crowd benchmark"),
-        "the table goes to stderr"
+        ],
+        "crowd benchmark",
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
     let asked = &r["asked"];
     assert_eq!(asked["agents_per_zone"], 40, "{r}");
     assert_eq!(asked["interest_radius"], 20.0);

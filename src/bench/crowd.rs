@@ -171,6 +171,7 @@ async fn search(
     Ok(runs)
 }
 
+/// The largest agent count of `runs` that held the target.
 fn largest(runs: &[CrowdRun]) -> Option<usize> {
     runs.iter()
         .filter(|r| r.within_target)
@@ -203,8 +204,7 @@ pub async fn run_async(args: &WsArgs) -> Result<CrowdReport, BenchError> {
         let first = ((asked.frames_per_sec / args.move_hz).sqrt() as usize).clamp(2, agents);
         search(args, None, first, agents, None).await?
     };
-    let mut held_with_radius: Vec<CrowdRun> = with_radius.clone();
-    held_with_radius.push(asked.clone());
+    let largest_with_radius = largest(&with_radius).max(asked.within_target.then_some(agents));
     let model = model(10_000, args);
     Ok(CrowdReport {
         zones: args.zones,
@@ -212,7 +212,7 @@ pub async fn run_async(args: &WsArgs) -> Result<CrowdReport, BenchError> {
         world: args.world,
         duration: args.duration,
         p99_target_ms: args.p99_target_ms,
-        largest_with_radius_within_target: args.aoi_radius.and(largest(&held_with_radius)),
+        largest_with_radius_within_target: args.aoi_radius.and(largest_with_radius),
         largest_without_radius_within_target: largest(&without),
         asked,
         with_radius,
