@@ -327,6 +327,108 @@ async fn a_stale_owner_resumed_after_its_lease_was_taken_over_writes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_paused_inside_its_audit_transaction_does_not_hold_the_zone_from_its_next_owner() {
+    use sqlx::Connection;
+    let mut cluster = Cluster::new().await;
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let zone = a.zone(json!({"name": "locked", "capacity": 10})).await;
+    let nodes = [&a, &b];
+    let (owner, other, _) = owner_and_other(&nodes, ["a", "b"], &zone).await;
+    let (mut local, local_ref, _) = owner.joined(&zone, "local", None).await;
+    let (mut remote, remote_ref, _) = other.joined(&zone, "remote", None).await;
+    // The owner's next audit write takes the zone's row, then waits for this lock on the log.
+    let mut blocker = db(&cluster).await;
+    let mut lock = blocker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE audit_events IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let stalled = local
+        .push(
+            Some(&local_ref),
+            &format!("zone:{zone}"),
+            "agent_move",
+            json!({"position": {"x": 1, "y": 0, "z": 0}}),
+        )
+        .await;
+    let backends = |state: &'static str| {
+        let tag = cluster.db.tag.clone();
+        let url = cluster.db.url.clone();
+        async move {
+            let mut watch = sqlx::PgConnection::connect(&url).await.unwrap();
+            let column = if state == "waiting" {
+                "wait_event_type"
+            } else {
+                "state"
+            };
+            let value = if state == "waiting" { "Lock" } else { state };
+            let n: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND {column} = $2 AND pid <> pg_backend_pid()"
+            ))
+            .bind(&tag)
+            .bind(value)
+            .fetch_one(&mut watch)
+            .await
+            .unwrap();
+            n
+        }
+    };
+    assert!(
+        common::eventually(10, async || backends("waiting").await >= 1).await,
+        "the owner's audit write waits for the lock"
+    );
+    {
+        // Paused with its transaction open: once the lock goes, its insert is done and its
+        // connection sits idle in the transaction, the zone's row still locked by it.
+        owner.signal("-STOP");
+        let _resume = Stopped(owner);
+        lock.commit().await.unwrap();
+        assert!(
+            common::eventually(10, async || backends("idle in transaction").await >= 1).await,
+            "the paused owner's transaction stays open"
+        );
+        // The other node declares it dead and takes the zone over, while it is still paused.
+        let took = common::eventually(20, async || {
+            let r = remote
+                .push(
+                    Some(&remote_ref),
+                    &format!("zone:{zone}"),
+                    "agent_move",
+                    json!({"position": {"x": 2, "y": 0, "z": 0}}),
+                )
+                .await;
+            remote.reply_within(&r, Duration::from_secs(20)).await["status"] == "ok"
+        })
+        .await;
+        assert!(
+            took,
+            "the other node took the zone over while its owner was paused"
+        );
+    }
+    // Resumed: the stalled write is not the log's any more; nothing it answered ok is lost.
+    let answer = local.reply_within(&stalled, Duration::from_secs(20)).await;
+    let logged = logged_moves(&cluster, &zone, "local").await;
+    if answer["status"] == "ok" {
+        assert_eq!(logged, [1], "{answer}");
+    }
+    assert_eq!(
+        logged_moves(&cluster, &zone, "remote").await.last(),
+        Some(&2)
+    );
+    let seqs: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM audit_events WHERE zone_id = $1::uuid ORDER BY seq")
+            .bind(&zone)
+            .fetch_all(&mut db(&cluster).await)
+            .await
+            .unwrap();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    drop((a, b));
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observers_on_three_nodes_see_one_order_while_senders_on_two_push_without_waiting() {
     let mut cluster = Cluster::new().await;
     let a = cluster.node("a").await;

@@ -69,6 +69,14 @@ enum Input {
     /// The zone's owner died: take this node's sessions in to the next one, and start again
     /// from where it continues.
     Reregister,
+    /// The owner's answer to a request for the events after `after`, before `upto` (`None`:
+    /// none came in time); `tail`: asked by a quiet feed, not for a gap.
+    History {
+        after: u64,
+        upto: u64,
+        tail: bool,
+        answer: Option<HistoryAnswer>,
+    },
     /// This node writes the zone now, from `seq` of `epoch`: what it followed up to there is
     /// delivered first (from the log, where the previous owner wrote it all before letting the
     /// zone go), then `done` is told.
@@ -195,6 +203,7 @@ impl Feeds {
             received: 0,
             last_heard: None,
             resync: false,
+            asking: false,
         };
         tokio::spawn(feed.run(sub, rx));
     }
@@ -295,6 +304,8 @@ struct Feed {
     /// The zone changed owners: the next baseline replaces this node's presence, and every
     /// subscriber here is sent it.
     resync: bool,
+    /// A request to the owner for events is on its way.
+    asking: bool,
 }
 
 impl Feed {
@@ -337,6 +348,9 @@ impl Feed {
                         self.joined(connection, agent, reply, to).await;
                     }
                     Some(Input::Reregister) => self.reregister(),
+                    Some(Input::History { after, upto, tail, answer }) => {
+                        self.answered(after, upto, tail, answer);
+                    }
                 },
                 msg = sub.next() => {
                     let Some(msg) = msg else { break };
@@ -371,12 +385,7 @@ impl Feed {
                     self.lost("a gap in its broadcasts could not be filled");
                     break;
                 }
-                self.heal().await;
-                if !self.current() {
-                    superseded = true;
-                    break;
-                }
-                self.drain(&sink, true);
+                self.heal();
             } else if self.next.is_some()
                 && self.buffer.is_empty()
                 && self.last_heard.is_some_and(|at| at.elapsed() >= TAIL_PROBE)
@@ -384,12 +393,7 @@ impl Feed {
                 // Quiet since the last broadcast: if it was the one dropped, no later event
                 // shows the gap, so the owner is asked once for anything after it.
                 self.last_heard = None;
-                self.probe_tail().await;
-                if !self.current() {
-                    superseded = true;
-                    break;
-                }
-                self.drain(&sink, true);
+                self.probe_tail();
             }
             if self.idle() {
                 let mut feeds = lock(&self.feeds.feeds);
@@ -572,6 +576,8 @@ impl Feed {
         self.early.clear();
         self.gap_since = None;
         self.resync = true;
+        // An answer still on its way is of the owner that died: it changes nothing now.
+        self.asking = false;
         for (_, (reply, to)) in self.answers.drain() {
             to.reply(&reply);
         }
@@ -717,20 +723,58 @@ impl Feed {
     }
 
     /// Asks the owner for the events of the gap.
-    async fn heal(&mut self) {
+    fn heal(&mut self) {
         let (Some(next), Some((&upto, _))) = (self.next, self.buffer.first_key_value()) else {
             return;
         };
-        if upto <= next {
+        if upto > next {
+            self.ask(next - 1, upto, false);
+        }
+    }
+
+    /// Asks the owner for events after the last one delivered: a dropped last broadcast has no
+    /// later event to reveal it.
+    fn probe_tail(&mut self) {
+        if let Some(next) = self.next {
+            self.ask(next - 1, next + TAIL_EVENTS, true);
+        }
+    }
+
+    /// Asks the owner for the events after `after`, before `upto`, one request at a time. The
+    /// answer comes back as an input: an owner that does not answer (paused, dying) holds
+    /// nothing else up, its death and the next owner's taking over included.
+    fn ask(&mut self, after: u64, upto: u64, tail: bool) {
+        if self.asking {
             return;
         }
-        let Some(answer) = self.feeds.history(self.zone, next - 1, upto).await else {
+        self.asking = true;
+        let (feeds, zone, tx) = (self.feeds.clone(), self.zone, self.tx.clone());
+        tokio::spawn(async move {
+            let answer = feeds.history(zone, after, upto).await;
+            let _ = tx.send(Input::History {
+                after,
+                upto,
+                tail,
+                answer,
+            });
+        });
+    }
+
+    /// What the owner answered to [`ask`](Self::ask): the events of the epoch followed that
+    /// are not delivered yet wait in order with the rest.
+    fn answered(&mut self, after: u64, upto: u64, tail: bool, answer: Option<HistoryAnswer>) {
+        self.asking = false;
+        let (Some(next), Some(answer)) = (self.next, answer) else {
             return;
         };
         if self.epoch.as_deref() != Some(answer.epoch.as_str()) {
             return;
         }
-        let filled = crate::runtime::history_complete(&answer.events, next - 1, upto);
+        let filled = if tail {
+            answer.events.iter().any(|e| e.seq == after + 1)
+        } else {
+            crate::runtime::history_complete(&answer.events, after, upto)
+        };
         for e in answer.events {
             if e.seq >= next {
                 self.buffer.insert(e.seq, e);
@@ -738,33 +782,11 @@ impl Feed {
         }
         if filled {
             self.feeds.gaps_healed.inc();
-            tracing::info!(zone = %self.zone, from = next, to = upto - 1, "a gap in a zone's broadcasts was filled");
-        }
-    }
-
-    /// Asks the owner for events after the last one delivered: a dropped last broadcast has no
-    /// later event to reveal it.
-    async fn probe_tail(&mut self) {
-        let Some(next) = self.next else { return };
-        let Some(answer) = self
-            .feeds
-            .history(self.zone, next - 1, next + TAIL_EVENTS)
-            .await
-        else {
-            return;
-        };
-        if self.epoch.as_deref() != Some(answer.epoch.as_str()) {
-            return;
-        }
-        let found = answer.events.iter().any(|e| e.seq == next);
-        for e in answer.events {
-            if e.seq >= next {
-                self.buffer.insert(e.seq, e);
+            if tail {
+                tracing::info!(zone = %self.zone, from = after + 1, "a dropped last broadcast was filled");
+            } else {
+                tracing::info!(zone = %self.zone, from = after + 1, to = upto - 1, "a gap in a zone's broadcasts was filled");
             }
-        }
-        if found {
-            self.feeds.gaps_healed.inc();
-            tracing::info!(zone = %self.zone, from = next, "a dropped last broadcast was filled");
         }
     }
 

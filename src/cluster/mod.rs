@@ -84,6 +84,13 @@ pub struct ClusterConfig {
     pub name: String,
 }
 
+impl ClusterConfig {
+    /// How long a node may be silent before the others declare it dead and take its zones.
+    pub fn dead_after(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.max(1)) * membership::SILENT_HEARTBEATS
+    }
+}
+
 fn default_heartbeat_ms() -> u64 {
     1_000
 }

@@ -529,7 +529,12 @@ impl Server {
             });
         }
         let signer = TokenSigner::new(secrets.signing.as_bytes())?;
-        let store = Store::connect(&args.db.url()).await?;
+        let store = match &file.cluster {
+            Some(config) => {
+                Store::connect_with_stall_limit(&args.db.url(), config.dead_after()).await?
+            }
+            None => Store::connect(&args.db.url()).await?,
+        };
         let registry = Registry::new();
         register_process_metrics(&registry)?;
         let hub = Arc::new(Hub::new(HubMetrics::register(&registry)?));

@@ -122,15 +122,33 @@ impl Store {
     /// Opens a database that exists already: a SQLite file that is not there is an error, not
     /// created (for the commands that read a server's store, e.g. `replay`).
     pub async fn open_existing(url: &str) -> Result<Self, StoreError> {
-        Self::open(url, 10, false).await
+        Self::open(url, 10, false, None).await
     }
 
     /// As [`connect`](Self::connect), with at most `max_connections` connections.
     pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        Self::open(url, max_connections, true).await
+        Self::open(url, max_connections, true, None).await
     }
 
-    async fn open(url: &str, max_connections: u32, create: bool) -> Result<Self, StoreError> {
+    /// As [`connect`](Self::connect), for a writer whose zones others take over once it has
+    /// been silent for `stall_limit` (a node of a cluster). On PostgreSQL a transaction of its
+    /// left idle longer than that (the process paused or stalled between two statements) is
+    /// ended by the server: the zone rows it locked would otherwise hold the next owner's
+    /// claim back for as long as the stall lasts. The stalled write fails, and once retried
+    /// its fencing token is refused.
+    pub async fn connect_with_stall_limit(
+        url: &str,
+        stall_limit: Duration,
+    ) -> Result<Self, StoreError> {
+        Self::open(url, 10, true, Some(stall_limit)).await
+    }
+
+    async fn open(
+        url: &str,
+        max_connections: u32,
+        create: bool,
+        stall_limit: Option<Duration>,
+    ) -> Result<Self, StoreError> {
         let invalid = |e: sqlx::Error| StoreError::InvalidUrl {
             url: redact_url(url),
             reason: e.to_string(),
@@ -140,7 +158,11 @@ impl Store {
             source: e,
         };
         let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let options = PgConnectOptions::from_str(url).map_err(invalid)?;
+            let mut options = PgConnectOptions::from_str(url).map_err(invalid)?;
+            if let Some(limit) = stall_limit {
+                let ms = limit.as_millis().max(1).to_string();
+                options = options.options([("idle_in_transaction_session_timeout", ms)]);
+            }
             // One direct connection first: a pool would retry a refused connection until its
             // acquire timeout, and a wrong URL deserves an answer now.
             options

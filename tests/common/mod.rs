@@ -482,8 +482,13 @@ pub mod server {
 
         /// The reply to `r`; the frames before it stay to be read next.
         pub async fn reply_to(&mut self, r: &str) -> Value {
+            self.reply_within(r, Duration::from_secs(2)).await
+        }
+
+        /// As [`reply_to`](Self::reply_to), waiting up to `wait` for each frame.
+        pub async fn reply_within(&mut self, r: &str, wait: Duration) -> Value {
             let mut before = Vec::new();
-            while let Some(f) = self.next().await {
+            while let Some(f) = self.next_within(wait).await {
                 if f[1] == json!(r) && f[3] == "phx_reply" {
                     // Put back what came first, ahead of anything still buffered.
                     for f in before.into_iter().rev() {
