@@ -91,20 +91,24 @@ fn bench_ws_delivers_every_broadcast_and_reports_it() {
         "the table shows reply latency: {stderr}"
     );
     assert!(r["ratio"].as_f64().unwrap() > 0.0);
-    // The run's broadcast batches by trigger: every move went through one.
+    // The run's broadcast batches by trigger: every move went through one, and at this light
+    // load they leave because the sink is free, not by timeout.
     let batches = &r["broadcast_batches"];
     let count = |t: &str, k: &str| {
         batches[t][k]
             .as_u64()
             .unwrap_or_else(|| panic!("{t}.{k}: {r}"))
     };
-    let triggers = ["idle", "size", "timeout", "flush"];
-    let events: u64 = triggers.iter().map(|t| count(t, "events")).sum();
+    let events: u64 = ["idle", "size", "timeout", "flush"]
+        .iter()
+        .map(|t| count(t, "events"))
+        .sum();
     assert!(
         events >= r["sent"].as_u64().unwrap(),
         "every move was batched: {batches}"
     );
-    assert!(triggers.iter().map(|t| count(t, "batches")).sum::<u64>() > 0);
+    assert!(count("idle", "batches") > 0, "{batches}");
+    assert!(batches["idle"]["mean_size"].as_f64().unwrap() >= 1.0);
     assert!(
         stderr.contains("broadcast batches (trigger)   idle "),
         "the table shows them: {stderr}"

@@ -10,16 +10,10 @@ use serde_json::{Value, json};
 use thunderline::bench::batches::BroadcastBatches;
 use thunderline::daemon::config::PipelineFile;
 
-/// A server whose broadcast batches leave when the sink is free (group commit), or wait up to
-/// `timeout` to fill.
+/// A server whose broadcast batches wait up to `timeout` to fill.
 async fn server(timeout: Duration) -> TestServer {
     let mut file = PipelineFile::default();
-    file.batchers.broadcast = file
-        .batchers
-        .broadcast
-        .clone()
-        .batch_timeout(timeout)
-        .group_commit(true);
+    file.batchers.broadcast = file.batchers.broadcast.clone().batch_timeout(timeout);
     start_with(None, file).await
 }
 

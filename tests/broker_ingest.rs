@@ -253,7 +253,8 @@ async fn broker_migrate_moves_a_services_agent(kind: Kind) {
     assert!(dead[&stray].starts_with("not_joined"), "{}", dead[&stray]);
     assert!(
         !dead.contains_key(&id),
-        "the migration is not dead-lettered"
+        "the migration is not dead-lettered: {:?}",
+        dead.get(&id)
     );
     broker.assert_settled().await;
     let (_, events) = srv

@@ -201,3 +201,62 @@ async fn a_crash_between_the_steps_leaves_every_agent_in_exactly_one_place() {
     assert!(exit.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A retry under the same key that arrives while the first is still under way (a client that
+/// timed out, a broker that redelivered) is the same migration: it waits for it and is answered
+/// as it is, never refused `migration_pending`, and the agent moves once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_under_the_same_key_while_the_first_is_under_way_is_answered_as_the_first() {
+    let srv = common::server::start(None).await;
+    let zone = json!({"name": "z", "capacity": 100, "permissions": 3});
+    let a = srv.zone(zone.clone()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = srv.zone(zone).await["id"].as_str().unwrap().to_owned();
+    let mut clients = Vec::new();
+    for i in 0..AGENTS {
+        clients.push(srv.joined(&a, &format!("agent-{i}"), json!(3)).await);
+    }
+    let migrate = |agent: String| {
+        let (a, b) = (a.clone(), b.clone());
+        let srv = &srv;
+        async move {
+            let body = json!({"to": b, "idempotency_key": format!("move-{agent}")});
+            srv.api(
+                "POST",
+                &format!("/api/zones/{a}/agents/{agent}/migrate"),
+                Some(body),
+            )
+            .await
+        }
+    };
+    // Each agent's migration sent twice at once.
+    let answers = futures_util::future::join_all((0..AGENTS).map(|i| {
+        let agent = format!("agent-{i}");
+        let (first, retry) = (migrate(agent.clone()), migrate(agent));
+        async move { tokio::join!(first, retry) }
+    }))
+    .await;
+    for ((status, first), (again, retry)) in &answers {
+        assert_eq!((*status, *again), (200, 200), "{first} / {retry}");
+        assert_eq!(first["zone"], json!(b));
+        assert_eq!(first["agent_id"], retry["agent_id"]);
+    }
+    let (_, log) = srv
+        .api("GET", &format!("/api/zones/{b}/events?limit=1000"), None)
+        .await;
+    let reserved = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "migration_reserved")
+        .count();
+    let (_, zone_a) = srv.api("GET", &format!("/api/zones/{a}"), None).await;
+    let (_, zone_b) = srv.api("GET", &format!("/api/zones/{b}"), None).await;
+    assert_eq!(reserved, AGENTS, "each agent moved once");
+    assert_eq!(zone_a["active_session_count"], 0);
+    assert_eq!(zone_b["active_session_count"], AGENTS);
+    drop(clients);
+    srv.stop().await;
+}

@@ -3,13 +3,16 @@
 //! The zones may be written on this node or on others (a cluster forwards each step to its
 //! zone's owner like any command), and no writer ever waits on another: the steps are awaited
 //! here. One migration of a session (or of a service's agent) runs at a time; a second is
-//! refused `migration_pending` while it does.
+//! refused `migration_pending` while it does, but a retry of the one under way (the same id and
+//! destination: a client that timed out, a broker that redelivered) waits for it and is answered
+//! as it is.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{AskError, ZoneHandle, now};
@@ -36,22 +39,41 @@ pub struct Migrations {
     zones: ZoneHandle,
     /// How long a place is held for the agent in the zone it moves to.
     ticket_ttl: Duration,
-    /// The sessions (zone, agent, connection; a service's agent with none) being moved now.
-    pending: Mutex<HashSet<(Uuid, String, Option<String>)>>,
+    /// The sessions being moved now, and their migrations.
+    pending: Mutex<HashMap<Session, UnderWay>>,
 }
 
-/// Takes a session out of the pending set however its migration ends.
+/// A session moved by a migration: its zone, its agent and its connection (a service's agent
+/// has none).
+type Session = (Uuid, String, Option<String>);
+
+/// How a migration ended, once it has.
+type Ending = Option<Result<Migrated, ZoneError>>;
+
+/// A migration under way.
+struct UnderWay {
+    id: Uuid,
+    to: Uuid,
+    ended: watch::Receiver<Ending>,
+}
+
+/// Takes a session out of the pending set however its migration ends (its caller gone
+/// included: a retry waiting for it then carries it on).
 struct PendingGuard<'a> {
-    pending: &'a Mutex<HashSet<(Uuid, String, Option<String>)>>,
-    key: (Uuid, String, Option<String>),
+    pending: &'a Mutex<HashMap<Session, UnderWay>>,
+    key: Session,
+    ended: watch::Sender<Ending>,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending
+            .get(&self.key)
+            .is_some_and(|w| w.ended.same_channel(&self.ended.subscribe()))
+        {
+            pending.remove(&self.key);
+        }
     }
 }
 
@@ -82,18 +104,45 @@ impl Migrations {
             Mover::Service => None,
         };
         let key = (request.from, request.agent_id.clone(), connection);
-        if !self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone())
-        {
-            return Err(ZoneError::MigrationPending);
-        }
-        let _guard = PendingGuard {
-            pending: &self.pending,
-            key,
+        let guard = loop {
+            let mut under_way = {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                match pending.get(&key) {
+                    Some(w) if w.id == request.id && w.to == request.to => w.ended.clone(),
+                    Some(_) => return Err(ZoneError::MigrationPending),
+                    None => {
+                        let (ended, watch) = watch::channel(None);
+                        pending.insert(
+                            key.clone(),
+                            UnderWay {
+                                id: request.id,
+                                to: request.to,
+                                ended: watch,
+                            },
+                        );
+                        break PendingGuard {
+                            pending: &self.pending,
+                            key,
+                            ended,
+                        };
+                    }
+                }
+            };
+            // The same migration, under way: its ending is this one's. Dropped part way (its
+            // caller went away), it is carried on from here.
+            if let Ok(ending) = under_way.wait_for(Option::is_some).await
+                && let Some(ending) = ending.clone()
+            {
+                return ending;
+            }
         };
+        let ending = self.run(request).await;
+        guard.ended.send_replace(Some(ending.clone()));
+        ending
+    }
+
+    /// Drives the migration's steps to their end.
+    async fn run(&self, request: MigrationRequest) -> Result<Migrated, ZoneError> {
         let expires_at = expiry(now(), self.ticket_ttl);
         let mut migration = Migration::new(
             request.id,
