@@ -832,6 +832,53 @@ async fn zones_with_agents_tick_through_the_pipeline() {
     srv.stop().await;
 }
 
+/// Zones tick once per interval each, but not all at the same instant: a hundred zones' ticks
+/// to every session at once would be a burst every other broadcast queues behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zones_tick_once_an_interval_each_spread_over_the_interval() {
+    const ZONES: usize = 10;
+    let srv = common::server::start_ticking(None, 1_000).await;
+    let mut clients = Vec::new();
+    for i in 0..ZONES {
+        let zone = srv.zone(json!({"name": format!("z{i}")})).await;
+        clients.push(
+            srv.joined(zone["id"].as_str().unwrap(), "a", json!(1))
+                .await
+                .0,
+        );
+    }
+    let at = |frame: &Value| {
+        chrono::DateTime::parse_from_rfc3339(frame[4]["timestamp"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis()
+    };
+    let mut firsts = Vec::new();
+    for client in &mut clients {
+        let first = client.event("environment_tick").await;
+        let second = client.event("environment_tick").await;
+        assert_eq!(second[4]["tick"], first[4]["tick"].as_u64().unwrap() + 1);
+        let apart = at(&second) - at(&first);
+        assert!(
+            (700..=1_300).contains(&apart),
+            "a zone ticks once a second: {apart} ms"
+        );
+        firsts.push(at(&first));
+    }
+    // Each zone's place in the second, from its first tick.
+    let mut phases: Vec<i64> = firsts.iter().map(|t| t.rem_euclid(1_000)).collect();
+    phases.sort_unstable();
+    let widest_gap = phases
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .chain([phases[0] + 1_000 - phases[ZONES - 1]])
+        .max()
+        .unwrap();
+    // All at one instant, the rest of the circle is one gap of nearly a second; spread over
+    // fifty phases, ten zones leave no gap near that.
+    assert!(widest_gap < 800, "the zones' ticks are spread: {phases:?}");
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off_and_the_zone_goes_on() {
     const PUSHERS: usize = 10;

@@ -345,10 +345,10 @@ impl ZoneRegistry {
     }
 
     /// Zones in memory with agents in them.
-    pub fn active(&self) -> Vec<Uuid> {
+    pub fn active(&self, pick: impl Fn(Uuid) -> bool) -> Vec<Uuid> {
         self.zones()
             .into_iter()
-            .filter(|(_, z)| z.state().session_count() > 0)
+            .filter(|(id, z)| pick(*id) && z.state().session_count() > 0)
             .map(|(id, _)| id)
             .collect()
     }
