@@ -122,34 +122,47 @@ struct Backlog {
 }
 
 /// A queue item with the weight it was counted at, so that it is taken off the backlog at the
-/// same weight without measuring it again.
+/// same weight without measuring it again. Queued behind an `Arc`: one pointer per slot keeps
+/// the queue's blocks (32 slots each, kept while the connection lives) small, and a broadcast
+/// batch is one allocation shared by all its subscribers' queues.
 #[derive(Debug)]
 struct Weighed {
     out: Outbound,
     frames: usize,
     bytes: usize,
-    /// Dropped when the writer takes the item.
+    /// Dropped when the last of its subscribers' writers takes the item.
     _written: Option<Written>,
 }
 
+impl Weighed {
+    fn new(out: Outbound, bytes: usize, written: Option<&Written>) -> Arc<Self> {
+        Arc::new(Self {
+            frames: out.frames(),
+            out,
+            bytes,
+            _written: written.cloned(),
+        })
+    }
+}
+
 impl Backlog {
-    fn remove(&self, item: Weighed) -> Outbound {
+    fn remove(&self, item: Arc<Weighed>) -> Outbound {
         self.frames.fetch_sub(item.frames, Ordering::Relaxed);
         self.bytes.fetch_sub(item.bytes, Ordering::Relaxed);
-        item.out
+        item.out.clone()
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct OutboundTx {
-    tx: mpsc::Sender<Weighed>,
+    tx: mpsc::Sender<Arc<Weighed>>,
     queued: Arc<Backlog>,
     frame_limit: usize,
     byte_limit: usize,
 }
 
 pub struct OutboundRx {
-    rx: mpsc::Receiver<Weighed>,
+    rx: mpsc::Receiver<Arc<Weighed>>,
     queued: Arc<Backlog>,
 }
 
@@ -196,28 +209,23 @@ impl Peer {
 
     pub(crate) fn queue(&self, out: Outbound) -> bool {
         let bytes = out.bytes();
-        self.queue_weighing(out, bytes, None)
+        self.queue_weighed(Weighed::new(out, bytes, None))
     }
 
-    /// As [`queue`](Self::queue), for an item already known to weigh `size` bytes (a broadcast
-    /// batch is measured once for all its subscribers).
-    fn queue_weighing(&self, out: Outbound, size: usize, written: Option<&Written>) -> bool {
+    /// As [`queue`](Self::queue), for an item already weighed (a broadcast batch is measured
+    /// once for all its subscribers, and queued to each as the same item).
+    fn queue_weighed(&self, item: Arc<Weighed>) -> bool {
         // A connection whose writer is gone is not a slow consumer, whatever it left queued.
         if self.out.tx.is_closed() {
             return false;
         }
-        let n = out.frames();
+        let (n, size) = (item.frames, item.bytes);
         let queued = &self.out.queued;
         let backlog = queued.frames.fetch_add(n, Ordering::Relaxed) + n;
         let bytes_before = queued.bytes.fetch_add(size, Ordering::Relaxed);
         let full = backlog > self.out.frame_limit
             || bytes_before >= self.out.byte_limit
-            || match self.out.tx.try_send(Weighed {
-                out,
-                frames: n,
-                bytes: size,
-                _written: written.cloned(),
-            }) {
+            || match self.out.tx.try_send(item) {
                 Ok(()) => return true,
                 Err(mpsc::error::TrySendError::Full(_)) => true,
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -562,10 +570,11 @@ impl Hub {
         written: Option<&Written>,
     ) {
         let size = frames.iter().map(|f| f.len()).sum();
+        let n = frames.len() as u64;
         if let Some(peer) = topic.subscribers.get(conn)
-            && peer.queue_weighing(Outbound::Frames(frames.clone()), size, written)
+            && peer.queue_weighed(Weighed::new(Outbound::Frames(frames), size, written))
         {
-            self.metrics.deliveries.inc_by(frames.len() as u64);
+            self.metrics.deliveries.inc_by(n);
         }
     }
 
@@ -578,12 +587,14 @@ impl Hub {
     ) {
         let mut sent = 0;
         let size = frames.iter().map(|f| f.len()).sum();
+        let n = frames.len() as u64;
+        let item = Weighed::new(Outbound::Frames(frames), size, written);
         for peer in topic.subscribers.values() {
-            if peer.queue_weighing(Outbound::Frames(frames.clone()), size, written) {
+            if peer.queue_weighed(item.clone()) {
                 sent += 1;
             }
         }
-        self.metrics.deliveries.inc_by(sent * frames.len() as u64);
+        self.metrics.deliveries.inc_by(sent * n);
     }
 }
 
