@@ -269,9 +269,19 @@ async fn a_stale_owner_resumed_after_its_lease_was_taken_over_writes_nothing() {
     {
         owner.signal("-STOP");
         let _resume = Stopped(owner);
-        // The other node declares it dead and takes the zone over on the next push.
+        // The other node declares it dead and takes the zone over on the next push (stopped
+        // inside an audit write, the owner holds the zone's row until the server ends that
+        // transaction, 15 heartbeats later).
         let took = common::eventually(15, async || {
-            push_move(&mut remote, &remote_ref, &zone, 2).await["status"] == "ok"
+            let r = remote
+                .push(
+                    Some(&remote_ref),
+                    &format!("zone:{zone}"),
+                    "agent_move",
+                    json!({"position": {"x": 2, "y": 0, "z": 0}}),
+                )
+                .await;
+            remote.reply_within(&r, Duration::from_secs(10)).await["status"] == "ok"
         })
         .await;
         assert!(took, "the other node took the zone over");
@@ -313,15 +323,23 @@ async fn a_stale_owner_resumed_after_its_lease_was_taken_over_writes_nothing() {
         dead, 0,
         "no stale write reached the log, not even as a refused row"
     );
-    // The log holds one history: consecutive seqs, and the moves after the takeover are the new
-    // owner's (those the resumed node answered, if any, went through the new owner).
+    // The log holds one history: each seq once, in order, and the moves after the takeover are
+    // the new owner's (those the resumed node answered, if any, went through the new owner).
+    // Consecutive, but for one hole at most: an audit write the owner was inside of when it
+    // stopped is ended by the server (it would hold the zone's row from the next owner), and
+    // a later batch of its, written by another of its audit writers, may be in: a crash's
+    // hole, after which the next owner begins a new epoch.
     let seqs: Vec<i64> =
         sqlx::query_scalar("SELECT seq FROM audit_events WHERE zone_id = $1::uuid ORDER BY seq")
             .bind(&zone)
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let holes = seqs.windows(2).filter(|w| w[1] != w[0] + 1).count();
+    assert!(
+        seqs.windows(2).all(|w| w[1] > w[0]) && holes <= 1,
+        "{seqs:?}"
+    );
     drop((a, b));
     cluster.cleanup().await;
 }
@@ -352,42 +370,36 @@ async fn an_owner_paused_inside_its_audit_transaction_does_not_hold_the_zone_fro
             json!({"position": {"x": 1, "y": 0, "z": 0}}),
         )
         .await;
-    let backends = |state: &'static str| {
+    // This test's connections (other than the one asking) waiting for a lock.
+    let waiting = || {
         let tag = cluster.db.tag.clone();
         let url = cluster.db.url.clone();
         async move {
             let mut watch = sqlx::PgConnection::connect(&url).await.unwrap();
-            let column = if state == "waiting" {
-                "wait_event_type"
-            } else {
-                "state"
-            };
-            let value = if state == "waiting" { "Lock" } else { state };
-            let n: i64 = sqlx::query_scalar(&format!(
+            sqlx::query_scalar::<_, i64>(
                 "SELECT count(*) FROM pg_stat_activity \
-                 WHERE application_name = $1 AND {column} = $2 AND pid <> pg_backend_pid()"
-            ))
+                 WHERE application_name = $1 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+            )
             .bind(&tag)
-            .bind(value)
             .fetch_one(&mut watch)
             .await
-            .unwrap();
-            n
+            .unwrap()
         }
     };
     assert!(
-        common::eventually(10, async || backends("waiting").await >= 1).await,
+        common::eventually(10, async || waiting().await >= 1).await,
         "the owner's audit write waits for the lock"
     );
     {
         // Paused with its transaction open: once the lock goes, its insert is done and its
-        // connection sits idle in the transaction, the zone's row still locked by it.
+        // connection sits idle in the transaction, the zone's row still locked by it (until
+        // the server ends a transaction idle that long: too soon to watch for it here).
         owner.signal("-STOP");
         let _resume = Stopped(owner);
         lock.commit().await.unwrap();
         assert!(
-            common::eventually(10, async || backends("idle in transaction").await >= 1).await,
-            "the paused owner's transaction stays open"
+            common::eventually(10, async || waiting().await == 0).await,
+            "the paused owner's insert is done"
         );
         // The other node declares it dead and takes the zone over, while it is still paused.
         let took = common::eventually(20, async || {

@@ -89,6 +89,15 @@ impl ClusterConfig {
     pub fn dead_after(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms.max(1)) * membership::SILENT_HEARTBEATS
     }
+
+    /// How long a transaction of this node's may sit idle before PostgreSQL ends it (see
+    /// [`Store::connect_with_stall_limit`](crate::store::Store::connect_with_stall_limit)):
+    /// five times [`dead_after`](Self::dead_after). A node that is only slow keeps its writes
+    /// (ended, a write of a zone taken over may leave a hole in its log, as a crash does); a
+    /// stopped one holds the rows of its zones from their next owners for a bounded time.
+    pub fn stall_limit(&self) -> Duration {
+        self.dead_after() * 5
+    }
 }
 
 fn default_heartbeat_ms() -> u64 {

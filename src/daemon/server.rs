@@ -531,7 +531,7 @@ impl Server {
         let signer = TokenSigner::new(secrets.signing.as_bytes())?;
         let store = match &file.cluster {
             Some(config) => {
-                Store::connect_with_stall_limit(&args.db.url(), config.dead_after()).await?
+                Store::connect_with_stall_limit(&args.db.url(), config.stall_limit()).await?
             }
             None => Store::connect(&args.db.url()).await?,
         };

@@ -130,12 +130,12 @@ impl Store {
         Self::open(url, max_connections, true, None).await
     }
 
-    /// As [`connect`](Self::connect), for a writer whose zones others take over once it has
-    /// been silent for `stall_limit` (a node of a cluster). On PostgreSQL a transaction of its
-    /// left idle longer than that (the process paused or stalled between two statements) is
-    /// ended by the server: the zone rows it locked would otherwise hold the next owner's
-    /// claim back for as long as the stall lasts. The stalled write fails, and once retried
-    /// its fencing token is refused.
+    /// As [`connect`](Self::connect), for a writer whose zones others take over when it falls
+    /// silent (a node of a cluster). On PostgreSQL a transaction of its left idle longer than
+    /// `stall_limit` (the process paused or stalled between two statements) is ended by the
+    /// server: the zone rows it locked would otherwise hold the next owner's claim back for as
+    /// long as the stall lasts. The stalled write fails, and once retried its fencing token is
+    /// refused.
     pub async fn connect_with_stall_limit(
         url: &str,
         stall_limit: Duration,
