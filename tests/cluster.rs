@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::binary::{self, ADMIN, Daemon};
-use common::cluster::{Cluster, NATS, Stopped, db, logged_moves, zone_json};
+use common::cluster::{Cluster, NATS, Stopped, db, logged_moves, logged_seqs, zone_json};
 use common::server::http;
 use serde_json::{Value, json};
 
@@ -126,6 +126,17 @@ async fn push_move(
     zone: &str,
     x: i64,
 ) -> Value {
+    push_move_within(client, join_ref, zone, x, Duration::from_secs(2)).await
+}
+
+/// As [`push_move`], waiting up to `wait` for the answer.
+async fn push_move_within(
+    client: &mut common::server::Client,
+    join_ref: &str,
+    zone: &str,
+    x: i64,
+    wait: Duration,
+) -> Value {
     let r = client
         .push(
             Some(join_ref),
@@ -134,7 +145,7 @@ async fn push_move(
             json!({"position": {"x": x, "y": 0, "z": 0}}),
         )
         .await;
-    client.reply_to(&r).await
+    client.reply_within(&r, wait).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,15 +284,8 @@ async fn a_stale_owner_resumed_after_its_lease_was_taken_over_writes_nothing() {
         // inside an audit write, the owner holds the zone's row until the server ends that
         // transaction, 15 heartbeats later).
         let took = common::eventually(15, async || {
-            let r = remote
-                .push(
-                    Some(&remote_ref),
-                    &format!("zone:{zone}"),
-                    "agent_move",
-                    json!({"position": {"x": 2, "y": 0, "z": 0}}),
-                )
-                .await;
-            remote.reply_within(&r, Duration::from_secs(10)).await["status"] == "ok"
+            let wait = Duration::from_secs(10);
+            push_move_within(&mut remote, &remote_ref, &zone, 2, wait).await["status"] == "ok"
         })
         .await;
         assert!(took, "the other node took the zone over");
@@ -329,12 +333,7 @@ async fn a_stale_owner_resumed_after_its_lease_was_taken_over_writes_nothing() {
     // stopped is ended by the server (it would hold the zone's row from the next owner), and
     // a later batch of its, written by another of its audit writers, may be in: a crash's
     // hole, after which the next owner begins a new epoch.
-    let seqs: Vec<i64> =
-        sqlx::query_scalar("SELECT seq FROM audit_events WHERE zone_id = $1::uuid ORDER BY seq")
-            .bind(&zone)
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
+    let seqs = logged_seqs(&cluster, &zone).await;
     let holes = seqs.windows(2).filter(|w| w[1] != w[0] + 1).count();
     assert!(
         seqs.windows(2).all(|w| w[1] > w[0]) && holes <= 1,
@@ -403,15 +402,8 @@ async fn an_owner_paused_inside_its_audit_transaction_does_not_hold_the_zone_fro
         );
         // The other node declares it dead and takes the zone over, while it is still paused.
         let took = common::eventually(20, async || {
-            let r = remote
-                .push(
-                    Some(&remote_ref),
-                    &format!("zone:{zone}"),
-                    "agent_move",
-                    json!({"position": {"x": 2, "y": 0, "z": 0}}),
-                )
-                .await;
-            remote.reply_within(&r, Duration::from_secs(20)).await["status"] == "ok"
+            let wait = Duration::from_secs(20);
+            push_move_within(&mut remote, &remote_ref, &zone, 2, wait).await["status"] == "ok"
         })
         .await;
         assert!(
@@ -429,12 +421,7 @@ async fn an_owner_paused_inside_its_audit_transaction_does_not_hold_the_zone_fro
         logged_moves(&cluster, &zone, "remote").await.last(),
         Some(&2)
     );
-    let seqs: Vec<i64> =
-        sqlx::query_scalar("SELECT seq FROM audit_events WHERE zone_id = $1::uuid ORDER BY seq")
-            .bind(&zone)
-            .fetch_all(&mut db(&cluster).await)
-            .await
-            .unwrap();
+    let seqs = logged_seqs(&cluster, &zone).await;
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     drop((a, b));
     cluster.cleanup().await;

@@ -94,6 +94,15 @@ pub async fn db(cluster: &Cluster) -> sqlx::PgConnection {
     sqlx::PgConnection::connect(&cluster.db.url).await.unwrap()
 }
 
+/// The seqs in zone `zone`'s audit log, in order.
+pub async fn logged_seqs(cluster: &Cluster, zone: &str) -> Vec<i64> {
+    sqlx::query_scalar("SELECT seq FROM audit_events WHERE zone_id = $1::uuid ORDER BY seq")
+        .bind(zone)
+        .fetch_all(&mut db(cluster).await)
+        .await
+        .unwrap()
+}
+
 /// The x of every `agent_moved` of `agent` in zone `zone`'s audit log, in seq order.
 pub async fn logged_moves(cluster: &Cluster, zone: &str, agent: &str) -> Vec<i64> {
     let rows: Vec<(f64,)> = sqlx::query_as(
