@@ -1575,3 +1575,84 @@ async fn a_push_retried_with_its_idempotency_key_is_applied_once_and_answered_as
     assert_eq!(state["resources"]["food"]["amount"], 72, "{state}");
     srv.stop().await;
 }
+
+/// A client frame as RFC 6455 wants it: final, masked.
+fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    frame.extend(mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// The server's frames on the wire: (opcode, payload), in order, up to the end of the stream.
+fn server_frames(mut wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while !wire.is_empty() {
+        assert_eq!(wire[1] & 0x80, 0, "server frames are not masked");
+        let (len, at) = match wire[1] & 0x7f {
+            126 => (u16::from_be_bytes([wire[2], wire[3]]) as usize, 4),
+            127 => panic!("no frame here is that long"),
+            n => (n as usize, 2),
+        };
+        frames.push((wire[0] & 0x0f, wire[at..at + len].to_vec()));
+        wire = &wire[at + len..];
+    }
+    frames
+}
+
+/// The socket is served on the upgraded connection itself: what a client sends right behind its
+/// upgrade request is read, a ping is answered with its payload before what follows it, and a
+/// client's close is answered with exactly one close frame (its code), then the server hangs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_are_answered_in_order_and_a_client_s_close_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = server().await;
+    let mut tcp = tokio::net::TcpStream::connect(srv.server.addr)
+        .await
+        .unwrap();
+    let mut out = b"GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: localhost\r\n\
+        Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: chat, phoenix\r\n\r\n"
+        .to_vec();
+    out.extend(masked(0x9, b"ping-1"));
+    out.extend(masked(0x1, br#"["1","1","phoenix","heartbeat",{}]"#));
+    out.extend(masked(0x8, &[0x03, 0xe8, b'o', b'k']));
+    tcp.write_all(&out).await.unwrap();
+    let mut wire = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut wire))
+        .await
+        .expect("the server hangs up after the close")
+        .unwrap();
+    let head_end = wire
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer")
+        + 4;
+    let head = String::from_utf8_lossy(&wire[..head_end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "RFC 6455's example key and answer: {head}"
+    );
+    assert!(head.contains("sec-websocket-protocol: phoenix"), "{head}");
+    let frames = server_frames(&wire[head_end..]);
+    let reply: Value = serde_json::from_slice(&frames[1].1).unwrap();
+    assert_eq!(
+        (frames[0].0, &frames[0].1[..]),
+        (0xa, &b"ping-1"[..]),
+        "the pong first: {frames:?}"
+    );
+    assert_eq!(
+        (frames[1].0, &reply[3], &reply[4]["status"]),
+        (0x1, &json!("phx_reply"), &json!("ok"))
+    );
+    assert_eq!(frames.len(), 3, "one close, nothing after it: {frames:?}");
+    assert_eq!(frames[2].0, 0x8);
+    assert_eq!(
+        &frames[2].1[..2],
+        &[0x03, 0xe8],
+        "the client's code, answered"
+    );
+    srv.stop().await;
+}

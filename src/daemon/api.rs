@@ -14,10 +14,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, Registry, TextEncoder};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -343,6 +346,9 @@ async fn websocket(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     query: Result<Query<SocketQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
+    // Taken before `WebSocketUpgrade` takes it: the connection is served on the upgraded socket
+    // itself (see `realtime::outlet` for why not through axum's WebSocket).
+    on_upgrade: Option<Extension<OnUpgrade>>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     // Refusals before the upgrade are plain HTTP answers, in the API's JSON like every other.
@@ -390,17 +396,44 @@ async fn websocket(
             return refused;
         }
     };
-    let max = state.sockets.config.max_frame_bytes;
+    // `WebSocketUpgrade` checked the request (and chose the subprotocol); the answer and the
+    // socket are ours.
+    let (Some(Extension(on_upgrade)), Some(key)) =
+        (on_upgrade, headers.get(header::SEC_WEBSOCKET_KEY))
+    else {
+        return ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "not_a_websocket",
+            "WebSocket request couldn't be upgraded since no upgrade state was present",
+        )
+        .into_response();
+    };
+    let upgrade = upgrade.protocols(["phoenix"]);
+    let mut response = Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let answer = response.headers_mut();
+    answer.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    answer.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    if let Ok(accept) = header::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        answer.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(protocol) = upgrade.selected_protocol() {
+        answer.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+    }
     let sockets = state.sockets.clone();
-    upgrade
-        .max_message_size(max)
-        .max_frame_size(max)
-        // tungstenite's defaults (128 KiB each way) would cost most of a connection's memory;
-        // frames here are small, and the writer batches them before a flush.
-        .read_buffer_size(1024)
-        .write_buffer_size(2 * 1024)
-        .protocols(["phoenix"])
-        .on_upgrade(move |ws| socket::serve(ws, sockets, slot))
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => socket::serve(TokioIo::new(upgraded), sockets, slot).await,
+            Err(e) => tracing::debug!(error = %e, "a WebSocket upgrade failed"),
+        }
+    });
+    response
 }
 
 /// Whether the server takes work: its store answers, it is not shutting down, and (in a cluster)

@@ -11,195 +11,31 @@
 //! is disconnected with a close code its client reconnects after, and never slows the zone.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use axum::extract::ws::Utf8Bytes;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 use super::channel::Channels;
+pub use super::outlet::{CloseReason, SLOW_CONSUMER};
+use super::outlet::{Outbound, Outlet, Weighed, Written};
 
 /// A connection's name: unique across the server's runs (a random prefix per run), since
 /// sessions and presence metas (`phx_ref`) are keyed by it.
 pub type ConnId = Arc<str>;
 
-/// Why the server closes a connection: a WebSocket close code and reason.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CloseReason {
-    pub code: u16,
-    pub reason: &'static str,
-}
-
-/// The outbound queue was full: the client reads too slowly. 1011 makes clients reconnect.
-pub const SLOW_CONSUMER: CloseReason = CloseReason {
-    code: 1011,
-    reason: "slow consumer",
-};
-
-/// One item of a connection's outbound queue: a frame, or a zone's broadcasts from one batch,
-/// which its writer sends with one system call.
-#[derive(Clone, Debug)]
-pub enum Outbound {
-    Frame(Utf8Bytes),
-    Frames(Arc<[Utf8Bytes]>),
-    /// What a rejoining client missed: counted as one frame against the queue's bound, since
-    /// the client asked for all of it at once and its size is bounded by the history's depth;
-    /// what comes after it is bounded as usual.
-    Replay(Arc<[Utf8Bytes]>),
-}
-
-impl Outbound {
-    fn frames(&self) -> usize {
-        match self {
-            Self::Frame(_) | Self::Replay(_) => 1,
-            Self::Frames(f) => f.len(),
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        match self {
-            Self::Frame(f) => f.len(),
-            Self::Frames(f) | Self::Replay(f) => f.iter().map(|f| f.len()).sum(),
-        }
-    }
-}
-
-/// A connection's outbound queue, bounded in frames rather than items (an item may hold many
-/// frames, and the bound is about how far behind a client may fall) and in bytes (a few large
-/// replies weigh more than many broadcasts).
-///
-/// The byte bound refuses an item once the bytes already waiting reach it, so one item larger
-/// than the bound (a rejoin's replay) still goes to a client that is keeping up, and a client
-/// that is not holds at most the bound plus one item.
-pub fn outbound_queue(frames: usize, bytes: usize) -> (OutboundTx, OutboundRx) {
-    let (tx, rx) = mpsc::channel(frames.max(1));
-    let queued = Arc::new(Backlog::default());
-    (
-        OutboundTx {
-            tx,
-            queued: queued.clone(),
-            frame_limit: frames,
-            byte_limit: bytes,
-        },
-        OutboundRx { rx, queued },
-    )
-}
-
-/// Held by every queue item of one delivery until a connection's writer takes it: once every
-/// copy is gone, the delivery is on its way to the sockets (see [`written`]).
-#[derive(Clone, Debug)]
-pub(crate) struct Written {
-    _ticket: mpsc::Sender<()>,
-}
-
-/// Waits until every queue item of one delivery has been taken by its connection's writer.
-#[derive(Debug)]
-pub struct WrittenWait(mpsc::Receiver<()>);
-
-/// A ticket for the items of one delivery, and the wait for all of them to be taken.
-pub(crate) fn written() -> (Written, WrittenWait) {
-    let (tx, rx) = mpsc::channel(1);
-    (Written { _ticket: tx }, WrittenWait(rx))
-}
-
-impl WrittenWait {
-    /// Returns once every item is taken, or after `at_most` (a connection that does not read
-    /// holds its items until it is cut off as a slow consumer).
-    pub async fn within(mut self, at_most: std::time::Duration) {
-        // Nothing is ever sent: the channel ends when the last ticket is dropped.
-        let _ = tokio::time::timeout(at_most, self.0.recv()).await;
-    }
-}
-
-/// What waits in a queue.
-#[derive(Debug, Default)]
-struct Backlog {
-    frames: AtomicUsize,
-    bytes: AtomicUsize,
-}
-
-/// A queue item with the weight it was counted at, so that it is taken off the backlog at the
-/// same weight without measuring it again. Queued behind an `Arc`: one pointer per slot keeps
-/// the queue's blocks (32 slots each, kept while the connection lives) small, and a broadcast
-/// batch is one allocation shared by all its subscribers' queues.
-#[derive(Debug)]
-struct Weighed {
-    out: Outbound,
-    frames: usize,
-    bytes: usize,
-    /// Dropped when the last of its subscribers' writers takes the item.
-    _written: Option<Written>,
-}
-
-impl Weighed {
-    fn new(out: Outbound, bytes: usize, written: Option<&Written>) -> Arc<Self> {
-        Arc::new(Self {
-            frames: out.frames(),
-            out,
-            bytes,
-            _written: written.cloned(),
-        })
-    }
-}
-
-impl Backlog {
-    fn remove(&self, item: Arc<Weighed>) -> Outbound {
-        self.frames.fetch_sub(item.frames, Ordering::Relaxed);
-        self.bytes.fetch_sub(item.bytes, Ordering::Relaxed);
-        item.out.clone()
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct OutboundTx {
-    tx: mpsc::Sender<Arc<Weighed>>,
-    queued: Arc<Backlog>,
-    frame_limit: usize,
-    byte_limit: usize,
-}
-
-pub struct OutboundRx {
-    rx: mpsc::Receiver<Arc<Weighed>>,
-    queued: Arc<Backlog>,
-}
-
-impl OutboundRx {
-    pub async fn recv(&mut self) -> Option<Outbound> {
-        let item = self.rx.recv().await?;
-        Some(self.queued.remove(item))
-    }
-
-    pub fn try_recv(&mut self) -> Option<Outbound> {
-        let item = self.rx.try_recv().ok()?;
-        Some(self.queued.remove(item))
-    }
-}
-
 /// One connection, as the rest of the server reaches it.
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub id: ConnId,
-    out: OutboundTx,
-    kill: Arc<watch::Sender<Option<CloseReason>>>,
-    slow: IntCounter,
+    out: Arc<Outlet>,
 }
 
 impl Peer {
-    pub fn new(
-        id: impl Into<ConnId>,
-        out: OutboundTx,
-        kill: Arc<watch::Sender<Option<CloseReason>>>,
-        slow: IntCounter,
-    ) -> Self {
-        Self {
-            id: id.into(),
-            out,
-            kill,
-            slow,
-        }
+    pub fn new(id: impl Into<ConnId>, out: Arc<Outlet>) -> Self {
+        Self { id: id.into(), out }
     }
 
     /// Queues a frame; a full queue disconnects the client instead of waiting for it.
@@ -209,40 +45,12 @@ impl Peer {
 
     pub(crate) fn queue(&self, out: Outbound) -> bool {
         let bytes = out.bytes();
-        self.queue_weighed(Weighed::new(out, bytes, None))
-    }
-
-    /// As [`queue`](Self::queue), for an item already weighed (a broadcast batch is measured
-    /// once for all its subscribers, and queued to each as the same item).
-    fn queue_weighed(&self, item: Arc<Weighed>) -> bool {
-        // A connection whose writer is gone is not a slow consumer, whatever it left queued.
-        if self.out.tx.is_closed() {
-            return false;
-        }
-        let (n, size) = (item.frames, item.bytes);
-        let queued = &self.out.queued;
-        let backlog = queued.frames.fetch_add(n, Ordering::Relaxed) + n;
-        let bytes_before = queued.bytes.fetch_add(size, Ordering::Relaxed);
-        let full = backlog > self.out.frame_limit
-            || bytes_before >= self.out.byte_limit
-            || match self.out.tx.try_send(item) {
-                Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Full(_)) => true,
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            };
-        queued.frames.fetch_sub(n, Ordering::Relaxed);
-        queued.bytes.fetch_sub(size, Ordering::Relaxed);
-        if full && self.kill.send_replace(Some(SLOW_CONSUMER)).is_none() {
-            self.slow.inc();
-        }
-        false
+        self.out.queue(Weighed::new(out, bytes, None))
     }
 
     /// How many more frames its queue takes now before the client counts as a slow consumer.
     fn room(&self) -> usize {
-        self.out
-            .frame_limit
-            .saturating_sub(self.out.queued.frames.load(Ordering::Relaxed))
+        self.out.room()
     }
 
     pub fn send_text(&self, text: String) -> bool {
@@ -254,15 +62,9 @@ impl Peer {
         self.queue(Outbound::Replay(frames))
     }
 
-    /// Closes the connection with `reason`.
+    /// Closes the connection with `reason` (the first reason asked for wins).
     pub fn close(&self, reason: CloseReason) {
-        self.kill.send_if_modified(|r| {
-            let first = r.is_none();
-            if first {
-                *r = Some(reason);
-            }
-            first
-        });
+        self.out.close(reason);
     }
 }
 
@@ -572,7 +374,9 @@ impl Hub {
         let size = frames.iter().map(|f| f.len()).sum();
         let n = frames.len() as u64;
         if let Some(peer) = topic.subscribers.get(conn)
-            && peer.queue_weighed(Weighed::new(Outbound::Frames(frames), size, written))
+            && peer
+                .out
+                .queue(Weighed::new(Outbound::Frames(frames), size, written))
         {
             self.metrics.deliveries.inc_by(n);
         }
@@ -590,7 +394,7 @@ impl Hub {
         let n = frames.len() as u64;
         let item = Weighed::new(Outbound::Frames(frames), size, written);
         for peer in topic.subscribers.values() {
-            if peer.queue_weighed(item.clone()) {
+            if peer.out.queue(item.clone()) {
                 sent += 1;
             }
         }
@@ -687,50 +491,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_outbound_bound_counts_frames_not_queue_items() {
-        let metrics = HubMetrics::register(&Registry::new()).unwrap();
-        let (tx, mut rx) = outbound_queue(4, usize::MAX);
-        let (kill, killed) = watch::channel(None);
-        let peer = Peer::new("c1", tx, Arc::new(kill), metrics.slow_consumers.clone());
-        let frames = |n| Outbound::Frames(Arc::from(vec![Utf8Bytes::from_static("f"); n]));
-        assert!(peer.queue(frames(3)));
-        // Once the writer has taken them, they no longer count against the bound.
-        assert_eq!(rx.try_recv().map(|o| o.frames()), Some(3));
-        assert!(peer.queue(frames(3)));
-        assert!(peer.send(Utf8Bytes::from_static("the fourth frame")));
-        assert!(killed.borrow().is_none());
-        // Two items are queued, well under four, but five frames would be.
-        assert!(!peer.queue(frames(1)));
-        assert_eq!(*killed.borrow(), Some(SLOW_CONSUMER));
-        assert_eq!(metrics.slow_consumers.get(), 1);
-    }
-
-    #[test]
-    fn the_outbound_bound_counts_bytes_too_and_lets_one_large_item_into_a_short_queue() {
-        let metrics = HubMetrics::register(&Registry::new()).unwrap();
-        let (tx, mut rx) = outbound_queue(1000, 100);
-        let (kill, killed) = watch::channel(None);
-        let peer = Peer::new("c1", tx, Arc::new(kill), metrics.slow_consumers.clone());
-        let big = || Utf8Bytes::from(vec!["x"; 150].concat());
-        // A replay larger than the bound goes to a client with nothing waiting...
-        assert!(peer.send_replay(Arc::from(vec![big()])));
-        assert_eq!(rx.try_recv().map(|o| o.bytes()), Some(150));
-        assert!(peer.send(Utf8Bytes::from(vec!["y"; 60].concat())));
-        assert!(peer.send(Utf8Bytes::from(vec!["y"; 30].concat())));
-        assert!(killed.borrow().is_none());
-        // ...but not past 100 bytes already waiting, whatever the frame count.
-        assert!(peer.send(Utf8Bytes::from_static("0123456789")));
-        assert!(!peer.send(Utf8Bytes::from_static("z")));
-        assert_eq!(*killed.borrow(), Some(SLOW_CONSUMER));
-    }
-
-    #[test]
     fn a_full_queue_disconnects_the_slow_consumer_once_and_counts_it() {
         let registry = Registry::new();
         let metrics = HubMetrics::register(&registry).unwrap();
-        let (tx, _rx) = outbound_queue(2, usize::MAX);
-        let (kill, mut killed) = watch::channel(None);
-        let peer = Peer::new("c1", tx, Arc::new(kill), metrics.slow_consumers.clone());
+        let outlet = Outlet::new(2, usize::MAX, metrics.slow_consumers.clone());
+        let peer = Peer::new("c1", outlet.clone());
         let hub = Hub::new(metrics.clone());
         let mut topic = ZoneTopic::default();
         topic.subscribe(&hub, peer.clone());
@@ -744,8 +509,7 @@ mod tests {
                 None,
             );
         }
-        assert!(killed.has_changed().unwrap());
-        assert_eq!(*killed.borrow_and_update(), Some(SLOW_CONSUMER));
+        assert_eq!(outlet.close_reason(), Some(SLOW_CONSUMER));
         assert_eq!(metrics.slow_consumers.get(), 1, "counted once");
         assert_eq!(metrics.deliveries.get(), 2, "the first fit, nothing after");
         assert_ne!(SLOW_CONSUMER.code, 1000, "clients reconnect after it");

@@ -11,6 +11,7 @@ pub mod channel;
 pub mod console;
 pub mod hub;
 mod migrate;
+pub mod outlet;
 pub mod protocol;
 pub mod revocation;
 pub mod socket;

@@ -19,21 +19,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use uuid::Uuid;
 
 use super::admission::{Admission, Slot};
 use super::channel::{Asked, Channels, Joined, SocketReply};
 use super::console::{CONSOLE_TOPIC, ConsoleFeed};
-use super::hub::{CloseReason, Hub, Outbound, Peer, outbound_queue, topic_name};
+use super::hub::{CloseReason, Hub, Peer, topic_name};
+use super::outlet::{self, ANSWERED, Answering, Outlet};
 use super::protocol::{self, Frame};
 use super::revocation::Revocations;
 use super::token::TokenSigner;
@@ -336,61 +340,37 @@ impl<W> Drop for Connection<W> {
 
 /// Serves one upgraded WebSocket until either side closes it, holding its admission `slot`
 /// until then.
-pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>, slot: Slot) {
+pub async fn serve<W, S>(socket: S, ctx: Arc<SocketContext<W>>, slot: Slot)
+where
+    W: Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let n = ctx.next_id.fetch_add(1, Ordering::Relaxed);
     let id = format!("{}.{n:x}", ctx.run);
-    let (mut sink, mut stream) = ws.split();
-    let (tx, mut rx) = outbound_queue(ctx.config.outbound_queue, ctx.config.outbound_bytes);
-    let (kill_tx, mut kill_rx) = watch::channel(None::<CloseReason>);
-    let kill = Arc::new(kill_tx);
-    let peer = Peer::new(id, tx, kill.clone(), ctx.hub.metrics.slow_consumers.clone());
+    let (read, write) = tokio::io::split(socket);
+    let outlet = Outlet::new(
+        ctx.config.outbound_queue,
+        ctx.config.outbound_bytes,
+        ctx.hub.metrics.slow_consumers.clone(),
+    );
+    let peer = Peer::new(id, outlet.clone());
     ctx.metrics.connections.inc();
-
-    let writer = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                biased;
-                _ = kill_rx.changed() => {
-                    let reason = (*kill_rx.borrow()).unwrap_or(GOING_AWAY);
-                    // What is already queued (error replies, say) goes out first, unless the
-                    // queue is the problem.
-                    if reason != super::hub::SLOW_CONSUMER {
-                        while let Some(out) = rx.try_recv() {
-                            if feed(&mut sink, out).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code: reason.code,
-                            reason: Utf8Bytes::from_static(reason.reason),
-                        })))
-                        .await;
-                    break;
-                }
-                out = rx.recv() => {
-                    let Some(out) = out else { break };
-                    if feed(&mut sink, out).await.is_err() {
-                        break;
-                    }
-                    // A broadcast batch is usually still being fanned out: let it land, then
-                    // write everything that is waiting with one flush (one system call).
-                    tokio::task::yield_now().await;
-                    let mut failed = false;
-                    while let Some(out) = rx.try_recv() {
-                        if feed(&mut sink, out).await.is_err() {
-                            failed = true;
-                            break;
-                        }
-                    }
-                    if failed || sink.flush().await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
+    let writer = tokio::spawn(outlet::write_out(write, outlet.clone()));
+    let max = ctx.config.max_frame_bytes;
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+        // What a client sends is small (pushes, heartbeats): reads of up to 1 KiB at a time
+        // into a buffer that starts there and grows only for a larger frame.
+        .read_buffer_size(1024)
+        // Its writes are the answers to pings and closes, handed to the outlet at once.
+        .write_buffer_size(0);
+    let mut stream = WebSocketStream::from_raw_socket(
+        Answering::new(read, outlet.clone()),
+        Role::Server,
+        Some(config),
+    )
+    .await;
 
     let channels = Arc::new(Mutex::new(Channels::new()));
     ctx.hub.connect(&peer, channels.clone());
@@ -408,7 +388,6 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
         expiry: None,
         unanswered: Arc::new(()),
     };
-    let mut killed = kill.subscribe();
     let mut revoked = ctx.revocations.subscribe();
     let mut listening = true;
     // One timer for the soonest token expiry, moved only when that changes.
@@ -418,6 +397,8 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
     let mut shutdown = ctx.shutdown.clone();
     // Whether the server started the closing handshake (and should wait for the client's half).
     let mut closing = false;
+    // Whether the client did (and tungstenite answered).
+    let mut answered = false;
     // Whether the server is stopping: the connection is closed once its commands are answered.
     let mut stopping = false;
     let mut reservation: Option<BoxFuture<'_, Option<PushPermit<'_, W>>>> = None;
@@ -439,7 +420,7 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
         }
         tokio::select! {
             biased;
-            _ = killed.changed() => {
+            () = outlet.closed() => {
                 closing = true;
                 break;
             }
@@ -492,7 +473,13 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
             next = stream.next() => {
                 idle.as_mut().reset(Instant::now() + ctx.config.idle_timeout);
                 match next {
-                    None | Some(Ok(Message::Close(_))) => break,
+                    None => break,
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite has answered it: this hands the answer to the outlet.
+                        let _ = stream.flush().await;
+                        answered = true;
+                        break;
+                    }
                     Some(Err(e)) => {
                         if is_too_big(&e) {
                             peer.close(TOO_BIG);
@@ -514,6 +501,8 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
                         conn.charge();
                     }
+                    // Only a client of ours would make tungstenite read a raw frame.
+                    Some(Ok(Message::Frame(_))) => {}
                 }
             }
         }
@@ -589,32 +578,20 @@ pub async fn serve<W: Send + 'static>(ws: WebSocket, ctx: Arc<SocketContext<W>>,
         })
         .await;
     }
-    peer.close(CloseReason {
-        code: 1000,
-        reason: "bye",
+    peer.close(if answered {
+        ANSWERED
+    } else {
+        CloseReason {
+            code: 1000,
+            reason: "bye",
+        }
     });
     let _ = writer.await;
     ctx.metrics.connections.dec();
     drop(slot);
 }
 
-/// Hands a queue item's frames to the socket's write buffer, without flushing.
-async fn feed(
-    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
-    out: Outbound,
-) -> Result<(), axum::Error> {
-    match out {
-        Outbound::Frame(frame) => sink.feed(Message::Text(frame)).await,
-        Outbound::Frames(frames) | Outbound::Replay(frames) => {
-            for frame in frames.iter() {
-                sink.feed(Message::Text(frame.clone())).await?;
-            }
-            Ok(())
-        }
-    }
-}
-
-fn is_too_big(e: &axum::Error) -> bool {
+fn is_too_big(e: &WsError) -> bool {
     let text = e.to_string();
     text.contains("too long") || text.contains("too big") || text.contains("Space limit")
 }

@@ -23,12 +23,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 use super::channel::Joined;
-use super::hub::{ConnId, Hub, Written, WrittenWait, ZoneTopic, topic_name, written};
+use super::hub::{ConnId, Hub, ZoneTopic, topic_name};
+use super::outlet::{Written, WrittenWait, written};
 use super::protocol;
 use crate::pipeline::{BatchInfo, BatchSink, Failure, Message};
 use crate::runtime::ZoneWork;
