@@ -8,7 +8,6 @@
 //! Whether a channel is joined is the zone's to say: it holds the sessions, and sees a
 //! channel's pushes after its join, in order, so a push behind a refused join is refused too.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use prometheus::IntCounterVec;
@@ -41,8 +40,86 @@ pub struct Joined {
     pub migrating: bool,
 }
 
-/// A connection's channels by zone.
-pub type Channels = HashMap<Uuid, Joined>;
+/// A connection's channels by zone: a few at most (Phoenix allows 100, a client holds one or
+/// two), so a list, looked through; a hash map would take ~470 bytes for its first one.
+#[derive(Debug, Default)]
+pub struct Channels(Vec<(Uuid, Joined)>);
+
+impl Channels {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn position(&self, zone: &Uuid) -> Option<usize> {
+        self.0.iter().position(|(z, _)| z == zone)
+    }
+
+    pub fn get(&self, zone: &Uuid) -> Option<&Joined> {
+        self.0.iter().find(|(z, _)| z == zone).map(|(_, j)| j)
+    }
+
+    pub fn get_mut(&mut self, zone: &Uuid) -> Option<&mut Joined> {
+        self.0.iter_mut().find(|(z, _)| z == zone).map(|(_, j)| j)
+    }
+
+    /// Sets `zone`'s channel; returns the one it replaced.
+    pub fn insert(&mut self, zone: Uuid, joined: Joined) -> Option<Joined> {
+        match self.get_mut(&zone) {
+            Some(held) => Some(std::mem::replace(held, joined)),
+            None => {
+                self.0.push((zone, joined));
+                None
+            }
+        }
+    }
+
+    /// `zone`'s channel, made with `joined` if there is none.
+    pub fn get_or_insert_with(
+        &mut self,
+        zone: Uuid,
+        joined: impl FnOnce() -> Joined,
+    ) -> &mut Joined {
+        let at = match self.position(&zone) {
+            Some(at) => at,
+            None => {
+                self.0.push((zone, joined()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[at].1
+    }
+
+    pub fn remove(&mut self, zone: &Uuid) -> Option<Joined> {
+        let at = self.position(zone)?;
+        let (_, joined) = self.0.swap_remove(at);
+        if self.0.is_empty() {
+            // A connection that left its channels holds nothing for them.
+            self.0 = Vec::new();
+        }
+        Some(joined)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Uuid, &Joined)> {
+        self.0.iter().map(|(z, j)| (z, j))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Joined> {
+        self.0.iter().map(|(_, j)| j)
+    }
+
+    /// Every channel, leaving none.
+    pub fn drain(&mut self) -> impl Iterator<Item = (Uuid, Joined)> {
+        std::mem::take(&mut self.0).into_iter()
+    }
+}
 
 /// What the client asked, as far as answering it goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,5 +312,50 @@ impl ReplyTo for SocketReply {
                 self.send_error(refusal.reason(), &refusal.to_string());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(join_ref: &str) -> Joined {
+        Joined {
+            join_ref: Some(join_ref.to_owned()),
+            agent_id: "a".to_owned(),
+            perms: Permissions::default(),
+            expires_at: tokio::time::Instant::now(),
+            minted_us: 0,
+            migrating: false,
+        }
+    }
+
+    fn r(joined: Option<Joined>) -> Option<String> {
+        joined.and_then(|j| j.join_ref)
+    }
+
+    #[test]
+    fn a_zone_holds_one_channel_and_an_emptied_map_holds_nothing() {
+        let (one, two) = (Uuid::now_v7(), Uuid::now_v7());
+        let s = |x: &str| Some(x.to_owned());
+        let mut channels = Channels::new();
+        assert_eq!(r(channels.insert(one, joined("1"))), None);
+        assert_eq!(r(channels.insert(two, joined("2"))), None);
+        assert_eq!(r(channels.insert(one, joined("3"))), s("1"), "replaced");
+        assert_eq!(channels.len(), 2);
+        assert_eq!(r(channels.get(&one).cloned()), s("3"));
+        let kept = channels.get_or_insert_with(two, || joined("4"));
+        assert_eq!(kept.join_ref, s("2"));
+        assert_eq!(r(channels.remove(&one)), s("3"));
+        assert_eq!(r(channels.remove(&one)), None);
+        assert_eq!(r(channels.remove(&two)), s("2"));
+        assert!(channels.is_empty());
+        assert_eq!(channels.0.capacity(), 0);
+        channels.get_or_insert_with(one, || joined("5"));
+        assert_eq!(
+            channels.drain().map(|(z, _)| z).collect::<Vec<_>>(),
+            vec![one]
+        );
+        assert!(channels.is_empty());
     }
 }

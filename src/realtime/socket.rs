@@ -360,9 +360,9 @@ where
     let config = WebSocketConfig::default()
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
-        // What a client sends is small (pushes, heartbeats): reads of up to 1 KiB at a time
+        // What a client sends is small (pushes, heartbeats): reads of up to 512 bytes at a time
         // into a buffer that starts there and grows only for a larger frame.
-        .read_buffer_size(1024)
+        .read_buffer_size(512)
         // Its writes are the answers to pings and closes, handed to the outlet at once.
         .write_buffer_size(0);
     let mut stream = WebSocketStream::from_raw_socket(
@@ -552,7 +552,9 @@ where
         leaves.push(message);
     }
     for message in leaves {
-        if let Err(PushError::Closed(_)) = ctx.work.push(message).await {
+        // Boxed: the wait for room is 1.5 KiB, and inline it would be in every connection's
+        // task for the connection's whole life, not just for its last moments.
+        if let Err(PushError::Closed(_)) = Box::pin(ctx.work.push(message)).await {
             break;
         }
     }

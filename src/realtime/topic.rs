@@ -286,7 +286,7 @@ impl TopicSink {
                                 // Its session begins in `to` at once: the connection holds
                                 // it, and leaves it when it goes, as for a channel it joined
                                 // (this node hears `to`'s events only if it follows `to`).
-                                channels.entry(to).or_insert_with(|| moved_in(&p.agent_id));
+                                channels.get_or_insert_with(to, || moved_in(&p.agent_id));
                                 closed
                             }
                             _ => None,
