@@ -67,7 +67,7 @@ impl Channels {
         match self.get_mut(&zone) {
             Some(held) => Some(std::mem::replace(held, joined)),
             None => {
-                self.0.push((zone, joined));
+                self.push(zone, joined);
                 None
             }
         }
@@ -82,11 +82,17 @@ impl Channels {
         let at = match self.position(&zone) {
             Some(at) => at,
             None => {
-                self.0.push((zone, joined()));
+                self.push(zone, joined());
                 self.0.len() - 1
             }
         };
         &mut self.0[at].1
+    }
+
+    fn push(&mut self, zone: Uuid, joined: Joined) {
+        // Room for one more, not the four a vector takes at first.
+        self.0.reserve_exact(1);
+        self.0.push((zone, joined));
     }
 
     pub fn remove(&mut self, zone: &Uuid) -> Option<Joined> {
