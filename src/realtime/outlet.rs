@@ -246,50 +246,60 @@ impl Outlet {
         self.closing.notified().await;
     }
 
-    /// Takes what is waiting off the backlog. The items' tickets go with them (see [`Written`]):
-    /// a delivery counts as written once its frames are in the writer's hands.
-    fn take(queue: &mut Queue) -> Vec<Outbound> {
+    /// Takes what is waiting off the backlog, and the queue's memory with it: an idle connection
+    /// holds none.
+    fn take(queue: &mut Queue) -> VecDeque<Arc<Weighed>> {
         queue.frames = 0;
         queue.bytes = 0;
-        // The queue's memory goes too: an idle connection holds none.
         std::mem::take(&mut queue.items)
-            .into_iter()
-            .map(|item| item.out.clone())
-            .collect()
+    }
+
+    /// The taken items' frames, for the writer, outside the lock the fan-out queues under. The
+    /// items' tickets go with them (see [`Written`]): a delivery counts as written once its
+    /// frames are in the writer's hands.
+    fn frames_of(items: VecDeque<Arc<Weighed>>) -> Vec<Outbound> {
+        items.into_iter().map(|item| item.out.clone()).collect()
     }
 
     fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Next> {
         self.writer.register(cx.waker());
         let mut queue = self.lock();
-        if let Some(reason) = queue.close {
+        let close = queue.close;
+        if close.is_some() {
             queue.stopped = true;
-            return Poll::Ready(Next::Close(reason, Self::take(&mut queue)));
-        }
-        if queue.items.is_empty() {
+        } else if queue.items.is_empty() {
             return Poll::Pending;
         }
-        Poll::Ready(Next::Items(Self::take(&mut queue)))
+        let items = Self::take(&mut queue);
+        drop(queue);
+        let items = Self::frames_of(items);
+        Poll::Ready(match close {
+            Some(reason) => Next::Close(reason, items),
+            None => Next::Items(items),
+        })
     }
 
     /// What was queued since the writer last looked, without waiting (and without the close:
     /// the next wait sees it).
     fn take_more(&self) -> Vec<Outbound> {
-        let mut queue = self.lock();
-        if queue.close.is_some() {
-            return Vec::new();
-        }
-        Self::take(&mut queue)
+        let items = {
+            let mut queue = self.lock();
+            if queue.close.is_some() {
+                return Vec::new();
+            }
+            Self::take(&mut queue)
+        };
+        Self::frames_of(items)
     }
 
     /// The writer is done: what is still queued, and whatever comes, is dropped (with their
     /// tickets, so no delivery waits for this connection).
     fn stop(&self) {
-        let mut queue = self.lock();
-        queue.stopped = true;
-        let items = std::mem::take(&mut queue.items);
-        queue.frames = 0;
-        queue.bytes = 0;
-        drop(queue);
+        let items = {
+            let mut queue = self.lock();
+            queue.stopped = true;
+            Self::take(&mut queue)
+        };
         drop(items);
     }
 }
@@ -470,7 +480,7 @@ mod tests {
         assert!(out.queue(item(frames(3))));
         // Once the writer has taken them, they no longer count against the bound.
         let taken = Outlet::take(&mut out.lock());
-        assert_eq!(taken.iter().map(Outbound::frames).sum::<usize>(), 3);
+        assert_eq!(taken.iter().map(|item| item.frames).sum::<usize>(), 3);
         assert!(out.queue(item(frames(3))));
         assert!(out.queue(item(Outbound::Frame(Utf8Bytes::from_static("fourth")))));
         assert_eq!(out.close_reason(), None);
@@ -490,7 +500,7 @@ mod tests {
         // A replay larger than the bound goes to a client with nothing waiting...
         assert!(out.queue(item(Outbound::Replay(Arc::from(vec![big()])))));
         let taken = Outlet::take(&mut out.lock());
-        assert_eq!(taken.iter().map(Outbound::bytes).sum::<usize>(), 150);
+        assert_eq!(taken.iter().map(|item| item.bytes).sum::<usize>(), 150);
         assert!(out.queue(item(Outbound::Frame(Utf8Bytes::from(
             vec!["y"; 60].concat()
         )))));
